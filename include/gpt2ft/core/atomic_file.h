@@ -1,0 +1,40 @@
+// Crash-safe file writing: bytes go to a temporary name beside the target, are fsync'd,
+// and only then renamed over it, so a reader never sees a half-written file.
+#pragma once
+
+#include <cstddef>
+#include <filesystem>
+#include <string>
+
+namespace gpt2ft {
+
+class AtomicFileWriter {
+ public:
+  // Opens "<dir>/.<name>.tmp.<pid>" for writing; the target is untouched until commit().
+  explicit AtomicFileWriter(const std::filesystem::path& target);
+  // Without commit() the temporary file is removed.
+  ~AtomicFileWriter();
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
+
+  void write(const void* data, size_t size);
+  void write(const std::string& text) { write(text.data(), text.size()); }
+  // fsyncs the data, renames the temporary file to the target and fsyncs the directory.
+  void commit();
+
+ private:
+  std::filesystem::path target_;
+  std::filesystem::path temp_;
+  int fd_ = -1;
+};
+
+// Writes a whole file atomically.
+void write_file_atomic(const std::filesystem::path& target, const std::string& contents);
+
+// fsyncs a directory so that renames inside it survive a crash.
+void fsync_directory(const std::filesystem::path& dir);
+
+// Reads a whole (small) file; an Error naming the path if it cannot.
+std::string read_text_file(const std::filesystem::path& path);
+
+}  // namespace gpt2ft

@@ -1,0 +1,32 @@
+// Evaluation: mean next-token loss of a model over token shards.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <vector>
+
+#include <c10/core/Device.h>
+
+#include "gpt2ft/model/gpt2.h"
+
+namespace gpt2ft {
+
+struct EvalOptions {
+  int64_t seq_len = 1024;   // T: each window holds T+1 tokens, stride T
+  int64_t batch_size = 8;   // windows per forward pass
+  int64_t max_batches = 0;  // 0 = all windows
+};
+
+struct EvalResult {
+  double loss = 0;         // mean cross-entropy (nats) over all predicted tokens
+  int64_t tokens = 0;      // predicted tokens
+  double perplexity = 0;   // exp(loss)
+  int64_t batches = 0;
+};
+
+// Cuts each shard into windows k = tokens[kT .. kT+T] (the incomplete tail is dropped) and
+// averages the loss of predicting tokens 1..T of each window from tokens 0..T-1.
+EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shards,
+                    const EvalOptions& options, c10::Device device);
+
+}  // namespace gpt2ft

@@ -1,0 +1,42 @@
+// Hugging Face model folders in and out: config.json + model.safetensors (or a sharded
+// model.safetensors.index.json), plus the tokenizer files carried through.
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <string>
+
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include "gpt2ft/io/safetensors.h"
+#include "gpt2ft/model/gpt2.h"
+
+namespace gpt2ft {
+
+// Loads config.json and the weights of `dir` into a new model on `device`. Accepts keys with
+// or without the "transformer." prefix and F32/F16/BF16 storage (converted to float32).
+GPT2 load_model_folder(const std::filesystem::path& dir, c10::Device device = c10::kCPU);
+
+struct SaveModelOptions {
+  c10::ScalarType dtype = c10::kFloat;  // storage dtype of model.safetensors
+  // A folder whose tokenizer files (vocab.json, merges.txt, ...) are copied alongside.
+  std::optional<std::filesystem::path> tokenizer_from;
+};
+
+// Writes a folder transformers.GPT2LMHeadModel.from_pretrained loads. Each file is written
+// to a temporary name and renamed into place.
+void save_model_folder(GPT2& model, const std::filesystem::path& dir,
+                       const SaveModelOptions& options = {});
+
+// The model's parameters under their checkpoint names, in checkpoint layout (Conv1D
+// weights transposed to (in, out)), tied lm_head omitted. The one place that knows the layout.
+NamedTensors to_checkpoint_tensors(GPT2& model, c10::ScalarType dtype);
+
+// One parameter (or its gradient) in checkpoint layout: Conv1D weights transposed.
+torch::Tensor to_checkpoint_layout(const std::string& name, const torch::Tensor& tensor);
+
+// Names of the tokenizer files that travel with a model folder.
+const std::vector<std::string>& tokenizer_file_names();
+
+}  // namespace gpt2ft

@@ -1,0 +1,98 @@
+// The GPT-2 language model as a torch::nn::Module whose parameter names are Hugging Face's
+// (transformer.h.0.attn.c_attn.weight, ...), so loading weights is a plain name map.
+//
+// Shape legend: B batch, T sequence length, C channels (n_embd), NH heads, HD head size
+// (C / NH), I MLP width (n_inner), V vocabulary.
+//
+// Linear weights are stored (out, in) like torch::nn::Linear; Hugging Face's Conv1D stores
+// them (in, out), and io/model_folder.cpp transposes them in one place on load and save.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+
+#include "gpt2ft/model/config.h"
+
+namespace gpt2ft {
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const GPT2Config& config);
+  torch::Tensor forward(const torch::Tensor& x);  // (B, T, C) -> (B, T, C)
+
+  torch::nn::Linear c_attn{nullptr};  // C -> 3C (query, key, value)
+  torch::nn::Linear c_proj{nullptr};  // C -> C
+
+ private:
+  int64_t n_head_;
+  double attn_pdrop_;
+  double resid_pdrop_;
+};
+TORCH_MODULE(Attention);
+
+class MLPImpl : public torch::nn::Module {
+ public:
+  explicit MLPImpl(const GPT2Config& config);
+  torch::Tensor forward(const torch::Tensor& x);  // (B, T, C) -> (B, T, C)
+
+  torch::nn::Linear c_fc{nullptr};    // C -> I
+  torch::nn::Linear c_proj{nullptr};  // I -> C
+
+ private:
+  Activation activation_;
+  double resid_pdrop_;
+};
+TORCH_MODULE(MLP);
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  explicit BlockImpl(const GPT2Config& config);
+  torch::Tensor forward(const torch::Tensor& x);  // (B, T, C) -> (B, T, C)
+
+  torch::nn::LayerNorm ln_1{nullptr};
+  Attention attn{nullptr};
+  torch::nn::LayerNorm ln_2{nullptr};
+  MLP mlp{nullptr};
+};
+TORCH_MODULE(Block);
+
+// The trunk, registered as "transformer" to match GPT2LMHeadModel.
+class TransformerImpl : public torch::nn::Module {
+ public:
+  explicit TransformerImpl(const GPT2Config& config);
+
+  torch::nn::Embedding wte{nullptr};  // (V, C) token embeddings
+  torch::nn::Embedding wpe{nullptr};  // (n_positions, C) position embeddings
+  torch::nn::ModuleList h{nullptr};   // n_layer Blocks
+  torch::nn::LayerNorm ln_f{nullptr};
+};
+TORCH_MODULE(Transformer);
+
+class GPT2Impl : public torch::nn::Module {
+ public:
+  explicit GPT2Impl(const GPT2Config& config);
+
+  // idx (B, T) int64 token ids -> final hidden states (B, T, C).
+  torch::Tensor forward_hidden(const torch::Tensor& idx);
+  // idx (B, T) -> logits (B, T, V).
+  torch::Tensor forward(const torch::Tensor& idx);
+  // The output projection's weight (V, C): wte's when tied.
+  torch::Tensor lm_head_weight() const;
+
+  const GPT2Config& config() const { return config_; }
+
+  Transformer transformer{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // C -> V; registered only when embeddings are untied
+
+ private:
+  GPT2Config config_;
+};
+TORCH_MODULE(GPT2);
+
+// Mean cross-entropy of logits (B, T, V) against targets (B, T), computed in float32.
+torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& targets);
+
+}  // namespace gpt2ft

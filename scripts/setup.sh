@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs everything the project needs and builds it into build/. Idempotent: when nothing
+# changed it only runs an incremental build (seconds).
+#   GPT2FT_SKIP_APT=1    skip the Debian package step (e.g. no root)
+#   GPT2FT_BUILD_DIR     build folder (default build)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+build_dir="${GPT2FT_BUILD_DIR:-build}"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+# 1. Debian packages: compilers' helpers and the C++ libraries.
+apt_packages=(cmake ninja-build ccache pkg-config g++ python3-venv
+  libsentencepiece-dev nlohmann-json3-dev libcli11-dev libspdlog-dev
+  libgtest-dev libgmock-dev libpcre2-dev)
+if [[ "${GPT2FT_SKIP_APT:-0}" != 1 ]]; then
+  missing=()
+  for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    sudo_cmd=()
+    [[ $(id -u) -ne 0 ]] && sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
+
+# 2. The project venv: libtorch (inside the torch wheel) and the Python references.
+python_bin="${PYTHON:-python3}"
+req="scripts/requirements.txt"
+stamp=".venv/.requirements.sha256"
+want="$(sha256sum "$req" | cut -d' ' -f1)"
+if [[ ! -x .venv/bin/python ]]; then
+  log "creating .venv"
+  "$python_bin" -m venv .venv
+fi
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+  log "installing Python packages from $req (torch is large: a few minutes the first time)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -r "$req"
+  echo "$want" > "$stamp"
+fi
+
+# 3. Configure and build.
+if [[ ! -f "$build_dir/CMakeCache.txt" ]]; then
+  torch_prefix="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+  log "configuring $build_dir"
+  cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_PREFIX_PATH="$torch_prefix" \
+    -DCUDAToolkit_ROOT=/usr/local/cuda -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc \
+    -DPython3_EXECUTABLE="$root/.venv/bin/python" >/dev/null
+fi
+jobs="${GPT2FT_BUILD_JOBS:-$(nproc)}"
+log "building $build_dir ($jobs jobs)"
+cmake --build "$build_dir" -j "$jobs"

@@ -1,0 +1,94 @@
+// Temporary-name-then-rename file writing.
+#include "gpt2ft/core/atomic_file.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "gpt2ft/core/error.h"
+
+namespace gpt2ft {
+namespace {
+
+std::string errno_text() { return std::strerror(errno); }
+
+}  // namespace
+
+AtomicFileWriter::AtomicFileWriter(const std::filesystem::path& target) : target_(target) {
+  std::filesystem::path dir = target.parent_path();
+  if (dir.empty()) dir = ".";
+  temp_ = dir / ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()));
+  fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd_ < 0) {
+    throw Error(target.string() + ": cannot create temporary file " + temp_.string() + " (" +
+                errno_text() + ")");
+  }
+}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    ::unlink(temp_.c_str());
+  }
+}
+
+void AtomicFileWriter::write(const void* data, size_t size) {
+  const auto* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::write(fd_, p, size);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw Error(target_.string() + ": write failed (" + errno_text() + ")");
+    }
+    p += n;
+    size -= static_cast<size_t>(n);
+  }
+}
+
+void AtomicFileWriter::commit() {
+  if (::fsync(fd_) != 0) throw Error(target_.string() + ": fsync failed (" + errno_text() + ")");
+  if (::close(fd_) != 0) {
+    fd_ = -1;
+    ::unlink(temp_.c_str());
+    throw Error(target_.string() + ": close failed (" + errno_text() + ")");
+  }
+  fd_ = -1;
+  if (::rename(temp_.c_str(), target_.c_str()) != 0) {
+    const std::string why = errno_text();
+    ::unlink(temp_.c_str());
+    throw Error(target_.string() + ": cannot rename the temporary file into place (" + why + ")");
+  }
+  std::filesystem::path dir = target_.parent_path();
+  fsync_directory(dir.empty() ? std::filesystem::path(".") : dir);
+}
+
+void write_file_atomic(const std::filesystem::path& target, const std::string& contents) {
+  AtomicFileWriter writer(target);
+  writer.write(contents);
+  writer.commit();
+}
+
+void fsync_directory(const std::filesystem::path& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;  // best effort: some filesystems do not allow opening directories
+  ::fsync(fd);
+  ::close(fd);
+}
+
+std::string read_text_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw Error(path.string() + ": cannot open for reading (" +
+                (std::filesystem::exists(path) ? "permission or I/O error" : "no such file") + ")");
+  }
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
+
+}  // namespace gpt2ft

@@ -1,0 +1,120 @@
+// Token shard reading and writing.
+#include "gpt2ft/data/shard.h"
+
+#include <glob.h>
+
+#include <cstring>
+#include <limits>
+
+#include <c10/util/Exception.h>
+
+#include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/error.h"
+
+namespace gpt2ft {
+
+int shard_token_bytes(int64_t vocab_size) { return vocab_size <= 65536 ? 2 : 4; }
+
+ShardReader::ShardReader(const std::filesystem::path& path) : file_(path) {
+  const std::string where = path.string();
+  if (file_.size() < kShardHeaderBytes) {
+    throw Error(where + ": not a token shard: " + std::to_string(file_.size()) +
+                " bytes is shorter than the 1024-byte header");
+  }
+  int32_t header[3];
+  std::memcpy(header, file_.data(), sizeof(header));
+  if (header[0] == kShardMagicU16) {
+    token_bytes_ = 2;
+    if (header[1] != kShardVersionU16) {
+      throw Error(where + ": shard version " + std::to_string(header[1]) + " with magic " +
+                  std::to_string(kShardMagicU16) + " (expected version 1, uint16 tokens)");
+    }
+  } else if (header[0] == kShardMagicU32) {
+    token_bytes_ = 4;
+    if (header[1] != kShardVersionU32) {
+      throw Error(where + ": shard version " + std::to_string(header[1]) + " with magic " +
+                  std::to_string(kShardMagicU32) + " (expected version 7, uint32 tokens)");
+    }
+  } else {
+    throw Error(where + ": bad magic number " + std::to_string(header[0]) + " (expected " +
+                std::to_string(kShardMagicU16) + " or " + std::to_string(kShardMagicU32) +
+                "); not a token shard, or corrupt");
+  }
+  if (header[2] < 0) throw Error(where + ": negative token count " + std::to_string(header[2]) + " in the header");
+  num_tokens_ = header[2];
+  const uint64_t expected = kShardHeaderBytes + static_cast<uint64_t>(num_tokens_) * token_bytes_;
+  if (file_.size() != expected) {
+    throw Error(where + ": the header says " + std::to_string(num_tokens_) + " tokens (" +
+                std::to_string(expected) + " bytes) but the file has " + std::to_string(file_.size()) +
+                " bytes; truncated or corrupt");
+  }
+}
+
+uint32_t ShardReader::token(int64_t i) const {
+  const uint8_t* p = file_.data() + kShardHeaderBytes + i * token_bytes_;
+  if (token_bytes_ == 2) {
+    uint16_t v;
+    std::memcpy(&v, p, 2);
+    return v;
+  }
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+void ShardReader::read(int64_t begin, int64_t count, int64_t* out) const {
+  TORCH_CHECK(begin >= 0 && count >= 0 && begin + count <= num_tokens_, "shard read out of range");
+  const uint8_t* p = file_.data() + kShardHeaderBytes + begin * token_bytes_;
+  if (token_bytes_ == 2) {
+    const auto* t = reinterpret_cast<const uint16_t*>(p);
+    for (int64_t i = 0; i < count; ++i) out[i] = t[i];
+  } else {
+    const auto* t = reinterpret_cast<const uint32_t*>(p);
+    for (int64_t i = 0; i < count; ++i) out[i] = t[i];
+  }
+}
+
+void write_shard(const std::filesystem::path& path, const std::vector<uint32_t>& tokens,
+                 int token_bytes) {
+  if (token_bytes != 2 && token_bytes != 4) throw Error(path.string() + ": token width must be 2 or 4 bytes");
+  if (tokens.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
+    throw Error(path.string() + ": " + std::to_string(tokens.size()) +
+                " tokens exceed the format's limit of 2^31-1 per shard; use smaller shards");
+  }
+  int32_t header[kShardHeaderInts] = {};
+  header[0] = token_bytes == 2 ? kShardMagicU16 : kShardMagicU32;
+  header[1] = token_bytes == 2 ? kShardVersionU16 : kShardVersionU32;
+  header[2] = static_cast<int32_t>(tokens.size());
+  AtomicFileWriter writer(path);
+  writer.write(header, sizeof(header));
+  if (token_bytes == 4) {
+    writer.write(tokens.data(), tokens.size() * 4);
+  } else {
+    std::vector<uint16_t> narrow(tokens.size());
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      if (tokens[i] > 0xFFFF) {
+        throw Error(path.string() + ": token id " + std::to_string(tokens[i]) + " at position " +
+                    std::to_string(i) + " does not fit in uint16; write a uint32 shard");
+      }
+      narrow[i] = static_cast<uint16_t>(tokens[i]);
+    }
+    writer.write(narrow.data(), narrow.size() * 2);
+  }
+  writer.commit();
+}
+
+std::vector<std::filesystem::path> expand_glob(const std::string& pattern, const std::string& what) {
+  glob_t g{};
+  const int rc = ::glob(pattern.c_str(), GLOB_ERR, nullptr, &g);
+  std::vector<std::filesystem::path> out;
+  if (rc == 0) {
+    for (size_t i = 0; i < g.gl_pathc; ++i) out.emplace_back(g.gl_pathv[i]);
+  }
+  ::globfree(&g);
+  if (out.empty()) {
+    throw Error(what + ": the pattern \"" + pattern + "\" matches no file");
+  }
+  return out;  // glob() sorts its results
+}
+
+}  // namespace gpt2ft

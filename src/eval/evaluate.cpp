@@ -1,0 +1,90 @@
+// Evaluation loop.
+#include "gpt2ft/eval/evaluate.h"
+
+#include <cmath>
+#include <memory>
+
+#include <torch/torch.h>
+
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/data/shard.h"
+
+namespace gpt2ft {
+namespace {
+
+struct Window {
+  const ShardReader* shard;
+  int64_t begin;
+};
+
+}  // namespace
+
+EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shards,
+                    const EvalOptions& options, c10::Device device) {
+  const GPT2Config& config = model->config();
+  const int64_t T = options.seq_len;
+  if (T < 1) throw Error("--seq-len: expected an integer >= 1, got " + std::to_string(T));
+  if (T > config.n_positions) {
+    throw Error("--seq-len " + std::to_string(T) + " exceeds the model's n_positions (" +
+                std::to_string(config.n_positions) + ")");
+  }
+  if (options.batch_size < 1) throw Error("--batch-size: expected an integer >= 1");
+
+  std::vector<std::unique_ptr<ShardReader>> readers;
+  std::vector<Window> windows;
+  for (const auto& path : shards) {
+    readers.push_back(std::make_unique<ShardReader>(path));
+    const ShardReader& r = *readers.back();
+    const int64_t count = r.num_tokens() > T ? (r.num_tokens() - 1) / T : 0;
+    for (int64_t k = 0; k < count; ++k) windows.push_back({&r, k * T});
+  }
+  if (windows.empty()) {
+    throw Error("no complete window of seq_len+1 = " + std::to_string(T + 1) +
+                " tokens in the given shards; use a smaller --seq-len or more data");
+  }
+
+  const int64_t B = options.batch_size;
+  int64_t num_batches = (static_cast<int64_t>(windows.size()) + B - 1) / B;
+  if (options.max_batches > 0) num_batches = std::min(num_batches, options.max_batches);
+
+  torch::NoGradGuard no_grad;
+  const bool was_training = model->is_training();
+  model->eval();
+  double loss_sum = 0;
+  int64_t tokens = 0;
+  torch::Tensor host = torch::empty({B, T + 1}, torch::kLong);  // (B, T+1)
+  for (int64_t b = 0; b < num_batches; ++b) {
+    const int64_t first = b * B;
+    const int64_t rows = std::min<int64_t>(B, static_cast<int64_t>(windows.size()) - first);
+    int64_t* data = host.data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows; ++i) {
+      const Window& w = windows[first + i];
+      w.shard->read(w.begin, T + 1, data + i * (T + 1));
+      for (int64_t j = 0; j <= T; ++j) {
+        if (data[i * (T + 1) + j] >= config.vocab_size) {
+          throw Error(w.shard->path().string() + ": token id " + std::to_string(data[i * (T + 1) + j]) +
+                      " at position " + std::to_string(w.begin + j) + " is outside the model's vocabulary of " +
+                      std::to_string(config.vocab_size) + "; were these shards made with another tokenizer?");
+        }
+      }
+    }
+    torch::Tensor batch = host.narrow(0, 0, rows).to(device);                   // (b, T+1)
+    torch::Tensor x = batch.narrow(1, 0, T), y = batch.narrow(1, 1, T);         // (b, T)
+    torch::Tensor logits = model->forward(x);                                     // (b, T, V)
+    torch::Tensor loss = torch::nn::functional::cross_entropy(
+        logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), y.reshape({-1}),
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+    loss_sum += loss.item<double>();
+    tokens += rows * T;
+  }
+  if (was_training) model->train();
+
+  EvalResult result;
+  result.tokens = tokens;
+  result.batches = num_batches;
+  result.loss = loss_sum / static_cast<double>(tokens);
+  result.perplexity = std::exp(result.loss);
+  return result;
+}
+
+}  // namespace gpt2ft

@@ -1,0 +1,205 @@
+// Loading and saving Hugging Face GPT-2 model folders.
+#include "gpt2ft/io/model_folder.h"
+
+#include <map>
+#include <memory>
+#include <set>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/error.h"
+
+namespace gpt2ft {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr const char* kPrefix = "transformer.";
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Hugging Face's GPT-2 uses Conv1D, which stores weights (in, out); ours are (out, in).
+bool is_conv1d_weight(const std::string& name) {
+  return ends_with(name, "attn.c_attn.weight") || ends_with(name, "attn.c_proj.weight") ||
+         ends_with(name, "mlp.c_fc.weight") || ends_with(name, "mlp.c_proj.weight");
+}
+
+// Checkpoint keys a file may use for one of our parameter names: the full name, then the
+// bare one that the original OpenAI conversions (and GPT2Model) use.
+std::vector<std::string> checkpoint_keys(const std::string& param) {
+  std::vector<std::string> keys = {param};
+  if (param.rfind(kPrefix, 0) == 0) keys.push_back(param.substr(std::string(kPrefix).size()));
+  return keys;
+}
+
+// Buffers old checkpoints carry that are not parameters.
+bool is_ignorable_key(const std::string& key) {
+  return ends_with(key, ".attn.bias") || ends_with(key, ".attn.masked_bias");
+}
+
+std::string shape_text(c10::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// All tensors of a folder, from one file or from the shards an index names.
+class CheckpointFiles {
+ public:
+  explicit CheckpointFiles(const fs::path& dir) {
+    const fs::path single = dir / "model.safetensors";
+    const fs::path index = dir / "model.safetensors.index.json";
+    if (fs::exists(single)) {
+      add(single);
+    } else if (fs::exists(index)) {
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(read_text_file(index));
+      } catch (const nlohmann::json::exception& e) {
+        throw Error(index.string() + ": not valid JSON (" + e.what() + ")");
+      }
+      if (!j.contains("weight_map") || !j["weight_map"].is_object()) {
+        throw Error(index.string() + ": expected a \"weight_map\" object");
+      }
+      std::set<std::string> files;
+      for (const auto& [name, file] : j["weight_map"].items()) {
+        if (!file.is_string()) throw Error(index.string() + ": weight_map." + name + " is not a file name");
+        files.insert(file.get<std::string>());
+      }
+      for (const auto& file : files) add(dir / file);
+    } else if (fs::exists(dir / "pytorch_model.bin")) {
+      throw Error(dir.string() +
+                  ": has only pytorch_model.bin; convert it to safetensors first, e.g. "
+                  "python -c \"from transformers import GPT2LMHeadModel as M; "
+                  "M.from_pretrained('DIR').save_pretrained('DIR')\"");
+    } else {
+      throw Error(dir.string() + ": no model.safetensors (or model.safetensors.index.json) found");
+    }
+  }
+
+  const SafetensorsReader* find(const std::string& key) const {
+    const auto it = owner_.find(key);
+    return it == owner_.end() ? nullptr : it->second;
+  }
+  std::vector<std::string> keys() const {
+    std::vector<std::string> out;
+    for (const auto& [key, reader] : owner_) out.push_back(key);
+    return out;
+  }
+
+ private:
+  void add(const fs::path& file) {
+    readers_.push_back(std::make_unique<SafetensorsReader>(file));
+    for (const auto& [name, entry] : readers_.back()->entries()) owner_[name] = readers_.back().get();
+  }
+
+  std::vector<std::unique_ptr<SafetensorsReader>> readers_;
+  std::map<std::string, const SafetensorsReader*> owner_;
+};
+
+}  // namespace
+
+const std::vector<std::string>& tokenizer_file_names() {
+  static const std::vector<std::string> names = {
+      "vocab.json",   "merges.txt",  "tokenizer.json",  "tokenizer_config.json",
+      "special_tokens_map.json", "encoder.json", "vocab.bpe", "tokenizer.model",
+      "generation_config.json"};
+  return names;
+}
+
+GPT2 load_model_folder(const fs::path& dir, c10::Device device) {
+  return with_context("loading model folder " + dir.string(), [&] {
+    if (!fs::is_directory(dir)) throw Error(dir.string() + ": not a directory");
+    const GPT2Config config = GPT2Config::from_file(dir / "config.json");
+    GPT2 model(config);
+    CheckpointFiles files(dir);
+
+    torch::NoGradGuard no_grad;
+    std::set<std::string> used;
+    for (auto& item : model->named_parameters()) {
+      const std::string& name = item.key();
+      torch::Tensor& param = item.value();
+      const SafetensorsReader* reader = nullptr;
+      std::string key;
+      for (const auto& candidate : checkpoint_keys(name)) {
+        if ((reader = files.find(candidate))) {
+          key = candidate;
+          break;
+        }
+      }
+      if (!reader) {
+        const auto keys = checkpoint_keys(name);
+        throw Error("missing tensor \"" + name + "\"" +
+                    (keys.size() > 1 ? " (also looked for \"" + keys[1] + "\")" : "") +
+                    "; is this a GPT-2 checkpoint matching config.json?");
+      }
+      used.insert(key);
+      const SafetensorsEntry& entry = reader->entry(key);
+      const bool transpose = is_conv1d_weight(name);
+      std::vector<int64_t> expected = param.sizes().vec();
+      if (transpose) std::swap(expected[0], expected[1]);
+      if (entry.shape != expected) {
+        throw Error(reader->path().string() + ": tensor \"" + key + "\": expected shape " +
+                    shape_text(expected) + " from config.json, found " + shape_text(entry.shape));
+      }
+      if (!c10::isFloatingType(entry.scalar_type)) {
+        throw Error(reader->path().string() + ": tensor \"" + key + "\": expected a floating dtype (F32, F16, BF16), found " +
+                    entry.dtype);
+      }
+      torch::Tensor value = reader->load(key, param.scalar_type());
+      param.copy_(transpose ? value.t() : value);
+    }
+    std::vector<std::string> unexpected;
+    for (const auto& key : files.keys()) {
+      const bool tied_head = key == "lm_head.weight" && config.tie_word_embeddings;
+      if (!used.count(key) && !tied_head && !is_ignorable_key(key)) unexpected.push_back(key);
+    }
+    if (!unexpected.empty()) {
+      std::string list;
+      for (size_t i = 0; i < unexpected.size() && i < 5; ++i) list += (i ? ", " : "") + unexpected[i];
+      spdlog::warn("{}: ignoring {} tensor(s) that are not GPT-2 parameters: {}{}", dir.string(),
+                   unexpected.size(), list, unexpected.size() > 5 ? ", ..." : "");
+    }
+    model->to(device);
+    return model;
+  });
+}
+
+torch::Tensor to_checkpoint_layout(const std::string& name, const torch::Tensor& tensor) {
+  return is_conv1d_weight(name) ? tensor.t() : tensor;
+}
+
+NamedTensors to_checkpoint_tensors(GPT2& model, c10::ScalarType dtype) {
+  NamedTensors out;
+  for (const auto& item : model->named_parameters()) {
+    torch::Tensor t = to_checkpoint_layout(item.key(), item.value().detach());
+    out.emplace_back(item.key(), t.to(torch::kCPU, dtype).contiguous());
+  }
+  return out;
+}
+
+void save_model_folder(GPT2& model, const fs::path& dir, const SaveModelOptions& options) {
+  with_context("saving model folder " + dir.string(), [&] {
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec) throw Error(dir.string() + ": cannot create directory (" + ec.message() + ")");
+    save_safetensors(dir / "model.safetensors", to_checkpoint_tensors(model, options.dtype));
+    nlohmann::json config = model->config().to_json();
+    config["torch_dtype"] = options.dtype == c10::kBFloat16 ? "bfloat16"
+                            : options.dtype == c10::kHalf   ? "float16"
+                                                            : "float32";
+    write_file_atomic(dir / "config.json", config.dump(2) + "\n");
+    if (options.tokenizer_from && fs::absolute(*options.tokenizer_from) != fs::absolute(dir)) {
+      for (const auto& name : tokenizer_file_names()) {
+        const fs::path src = *options.tokenizer_from / name;
+        if (fs::exists(src)) write_file_atomic(dir / name, read_text_file(src));
+      }
+    }
+  });
+}
+
+}  // namespace gpt2ft

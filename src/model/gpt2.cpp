@@ -1,0 +1,121 @@
+// GPT-2 forward pass. See the header for the shape legend.
+#include "gpt2ft/model/gpt2.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/functional.h>
+
+namespace gpt2ft {
+namespace F = torch::nn::functional;
+namespace {
+
+torch::nn::Linear make_linear(int64_t in, int64_t out) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(true));
+}
+
+torch::nn::LayerNorm make_layer_norm(const GPT2Config& c) {
+  return torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.n_embd}).eps(c.layer_norm_epsilon));
+}
+
+torch::Tensor maybe_dropout(const torch::Tensor& x, double p, bool training) {
+  if (!training || p == 0.0) return x;
+  return torch::dropout(x, p, /*train=*/true);
+}
+
+torch::Tensor activate(const torch::Tensor& x, Activation a) {
+  switch (a) {
+    case Activation::kGeluNew: return torch::gelu(x, "tanh");
+    case Activation::kGelu: return torch::gelu(x);
+    case Activation::kRelu: return torch::relu(x);
+    case Activation::kSilu: return torch::silu(x);
+    case Activation::kQuickGelu: return x * torch::sigmoid(1.702 * x);
+    case Activation::kTanh: return torch::tanh(x);
+  }
+  return x;
+}
+
+}  // namespace
+
+AttentionImpl::AttentionImpl(const GPT2Config& c)
+    : n_head_(c.n_head), attn_pdrop_(c.attn_pdrop), resid_pdrop_(c.resid_pdrop) {
+  c_attn = register_module("c_attn", make_linear(c.n_embd, 3 * c.n_embd));
+  c_proj = register_module("c_proj", make_linear(c.n_embd, c.n_embd));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  const int64_t NH = n_head_, HD = C / NH;
+  auto qkv = c_attn(x).split(C, /*dim=*/2);                // 3 x (B, T, C)
+  auto heads = [&](const torch::Tensor& t) {                 // (B, T, C) -> (B, NH, T, HD)
+    return t.view({B, T, NH, HD}).transpose(1, 2);
+  };
+  torch::Tensor y = at::scaled_dot_product_attention(
+      heads(qkv[0]), heads(qkv[1]), heads(qkv[2]), /*attn_mask=*/{},
+      is_training() ? attn_pdrop_ : 0.0, /*is_causal=*/true);  // (B, NH, T, HD)
+  y = y.transpose(1, 2).contiguous().view({B, T, C});          // (B, T, C)
+  return maybe_dropout(c_proj(y), resid_pdrop_, is_training());
+}
+
+MLPImpl::MLPImpl(const GPT2Config& c) : activation_(c.activation()), resid_pdrop_(c.resid_pdrop) {
+  c_fc = register_module("c_fc", make_linear(c.n_embd, c.inner_dim()));
+  c_proj = register_module("c_proj", make_linear(c.inner_dim(), c.n_embd));
+}
+
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
+  torch::Tensor h = activate(c_fc(x), activation_);  // (B, T, I)
+  return maybe_dropout(c_proj(h), resid_pdrop_, is_training());  // (B, T, C)
+}
+
+BlockImpl::BlockImpl(const GPT2Config& c) {
+  ln_1 = register_module("ln_1", make_layer_norm(c));
+  attn = register_module("attn", Attention(c));
+  ln_2 = register_module("ln_2", make_layer_norm(c));
+  mlp = register_module("mlp", MLP(c));
+}
+
+torch::Tensor BlockImpl::forward(const torch::Tensor& x) {
+  torch::Tensor h = x + attn(ln_1(x));  // (B, T, C)
+  return h + mlp(ln_2(h));             // (B, T, C)
+}
+
+TransformerImpl::TransformerImpl(const GPT2Config& c) {
+  wte = register_module("wte", torch::nn::Embedding(c.vocab_size, c.n_embd));
+  wpe = register_module("wpe", torch::nn::Embedding(c.n_positions, c.n_embd));
+  h = register_module("h", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.n_layer; ++i) h->push_back(Block(c));
+  ln_f = register_module("ln_f", make_layer_norm(c));
+}
+
+GPT2Impl::GPT2Impl(const GPT2Config& config) : config_(config) {
+  config_.validate("model config");
+  transformer = register_module("transformer", Transformer(config_));
+  if (!config_.tie_word_embeddings) {
+    lm_head = register_module(
+        "lm_head", torch::nn::Linear(torch::nn::LinearOptions(config_.n_embd, config_.vocab_size).bias(false)));
+  }
+}
+
+torch::Tensor GPT2Impl::lm_head_weight() const {
+  return config_.tie_word_embeddings ? transformer->wte->weight : lm_head->weight;
+}
+
+torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx) {
+  const int64_t T = idx.size(1);
+  TORCH_CHECK(T <= config_.n_positions, "sequence length ", T, " exceeds n_positions ",
+              config_.n_positions);
+  torch::Tensor pos = torch::arange(T, idx.options().dtype(torch::kLong));  // (T)
+  torch::Tensor x = transformer->wte(idx) + transformer->wpe(pos);         // (B, T, C)
+  x = maybe_dropout(x, config_.embd_pdrop, is_training());
+  for (const auto& block : *transformer->h) x = block->as<Block>()->forward(x);
+  return transformer->ln_f(x);  // (B, T, C)
+}
+
+torch::Tensor GPT2Impl::forward(const torch::Tensor& idx) {
+  return torch::linear(forward_hidden(idx), lm_head_weight());  // (B, T, V)
+}
+
+torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& targets) {
+  const int64_t V = logits.size(-1);
+  return F::cross_entropy(logits.reshape({-1, V}).to(torch::kFloat), targets.reshape({-1}));
+}
+
+}  // namespace gpt2ft

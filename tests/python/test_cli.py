@@ -1,0 +1,282 @@
+"""End-to-end tests of the gpt2-finetune command line against transformers.
+
+Run by ctest (`cli`), which sets GPT2FT_BIN (the executable) and GPT2FT_GOLDEN_DIR (the
+models make_golden.py wrote).
+"""
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import unittest
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import GPT2LMHeadModel
+
+BIN = os.environ.get("GPT2FT_BIN", "")
+GOLDEN = os.environ.get("GPT2FT_GOLDEN_DIR", "")
+
+
+def write_shard(path, tokens, width=2):
+    """llm.c's shard format, written independently of the C++ writer."""
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = (20240520, 1, len(tokens)) if width == 2 else (20240801, 7, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16 if width == 2 else np.uint32).tobytes())
+
+
+def run(*args):
+    return subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+class CliTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        if not BIN or not GOLDEN:
+            raise RuntimeError("GPT2FT_BIN and GPT2FT_GOLDEN_DIR must be set (run through ctest)")
+        cls.tmp = tempfile.mkdtemp(prefix="gpt2ft-cli-")
+        cls.model = os.path.join(GOLDEN, "tiny", "model")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def path(self, *parts):
+        p = os.path.join(self.tmp, self._testMethodName, *parts)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        return p
+
+    # --- eval -------------------------------------------------------------------------------
+
+    def reference_eval(self, model_dir, shards, T, B, max_batches=0):
+        """Windows k = tokens[kT .. kT+T] per shard, tail dropped; mean loss over predictions."""
+        model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+        windows = []
+        for tokens in shards:
+            for k in range((len(tokens) - 1) // T):
+                windows.append(tokens[k * T: k * T + T + 1])
+        if max_batches:
+            windows = windows[: max_batches * B]
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(windows), B):
+                batch = torch.tensor(np.stack(windows[i:i + B]), dtype=torch.long)
+                logits = model(input_ids=batch[:, :-1]).logits
+                total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).double(),
+                                         batch[:, 1:].reshape(-1), reduction="sum").item()
+                count += batch[:, 1:].numel()
+        return total / count, count
+
+    def test_eval_matches_transformers(self):
+        rng = np.random.default_rng(5)
+        shards = [rng.integers(0, 1000, size=n) for n in (203, 150, 16)]  # the last has no full window
+        for i, tokens in enumerate(shards):
+            write_shard(self.path(f"val_{i:06d}.bin"), tokens)
+        pattern = self.path("val_*.bin")
+        for T, B, max_batches in ((16, 3, 0), (40, 2, 0), (16, 4, 2)):
+            with self.subTest(T=T, B=B, max_batches=max_batches):
+                r = run("eval", "--model", self.model, "--data", pattern, "--seq-len", T,
+                        "--batch-size", B, "--max-batches", max_batches, "--device", "cpu", "--json")
+                self.assertEqual(r.returncode, 0, r.stderr)
+                got = json.loads(r.stdout.strip().splitlines()[-1])
+                ref_loss, ref_tokens = self.reference_eval(self.model, shards, T, B, max_batches)
+                print(f"[eval] T={T} B={B} max_batches={max_batches}: loss {got['loss']:.7f} vs "
+                      f"transformers {ref_loss:.7f}, tokens {got['tokens']} vs {ref_tokens}")
+                self.assertEqual(got["tokens"], ref_tokens)
+                self.assertLess(abs(got["loss"] - ref_loss) / ref_loss, 1e-6)
+                self.assertAlmostEqual(got["perplexity"], float(np.exp(got["loss"])), places=6)
+
+    def test_eval_reads_uint32_shards(self):
+        rng = np.random.default_rng(6)
+        tokens = rng.integers(0, 1000, size=100)
+        write_shard(self.path("a.bin"), tokens, width=2)
+        write_shard(self.path("b.bin"), tokens, width=4)
+        outs = [json.loads(run("eval", "--model", self.model, "--data", self.path(f"{n}.bin"), "--seq-len", 16,
+                               "--device", "cpu", "--json").stdout.strip().splitlines()[-1]) for n in "ab"]
+        self.assertEqual(outs[0], outs[1])
+
+    # --- init -------------------------------------------------------------------------------
+
+    def test_init_writes_a_gpt2_initialised_model_transformers_loads(self):
+        cfg = self.path("cfg.json")
+        with open(cfg, "w") as f:
+            json.dump({"n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 3000, "n_positions": 128}, f)
+        out = self.path("model")
+        r = run("init", "--config-json", cfg, "--output", out, "--seed", 3)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        model, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+        self.assertFalse(any(info.values()), info)
+        params = dict(model.named_parameters())
+        residual = 0.02 / (2 * 4) ** 0.5
+        for name, p in params.items():
+            if "ln_" in name:
+                expected = torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)
+                self.assertTrue(torch.equal(p, expected), name)
+            elif name.endswith(".bias"):
+                self.assertTrue(torch.equal(p, torch.zeros_like(p)), name)
+            else:
+                want = residual if name.endswith("c_proj.weight") else 0.02
+                self.assertLess(abs(p.std().item() - want) / want, 0.1, name)
+                self.assertLess(abs(p.mean().item()), want / 10, name)
+        # The same seed gives the same bytes; another seed does not.
+        again = self.path("again")
+        run("init", "--config-json", cfg, "--output", again, "--seed", 3)
+        other = self.path("other")
+        run("init", "--config-json", cfg, "--output", other, "--seed", 4)
+        def read(d):
+            with open(os.path.join(d, "model.safetensors"), "rb") as f:
+                return f.read()
+        self.assertEqual(read(out), read(again))
+        self.assertNotEqual(read(out), read(other))
+
+    # --- bad input --------------------------------------------------------------------------
+
+    def copy_model(self, name="model"):
+        dst = self.path(name)
+        shutil.copytree(self.model, dst)
+        return dst
+
+    def edit_config(self, model_dir, **changes):
+        p = os.path.join(model_dir, "config.json")
+        with open(p) as f:
+            cfg = json.load(f)
+        cfg.update(changes)
+        with open(p, "w") as f:
+            json.dump(cfg, f)
+
+    def edit_weights(self, model_dir, fn):
+        p = os.path.join(model_dir, "model.safetensors")
+        tensors = load_file(p)
+        fn(tensors)
+        save_file(tensors, p, metadata={"format": "pt"})
+
+    def test_bad_input_gives_a_clear_error_and_a_plain_exit(self):
+        rng = np.random.default_rng(1)
+        good_shard = self.path("good.bin")
+        write_shard(good_shard, rng.integers(0, 1000, size=300))
+        st = lambda d: os.path.join(d, "model.safetensors")
+
+        def missing_config():
+            d = self.copy_model("no_config")
+            os.remove(os.path.join(d, "config.json"))
+            return d, ["config.json", "cannot open"]
+
+        def missing_weights():
+            d = self.copy_model("no_weights")
+            os.remove(st(d))
+            return d, ["no model.safetensors"]
+
+        def truncated():
+            d = self.copy_model("truncated")
+            size = os.path.getsize(st(d))
+            with open(st(d), "r+b") as f:
+                f.truncate(size // 2)
+            return d, [st(d), "outside the data section"]
+
+        def offsets_out_of_range():
+            d = self.copy_model("offsets")
+            with open(st(d), "rb") as f:
+                raw = f.read()
+            n = struct.unpack("<Q", raw[:8])[0]
+            header = json.loads(raw[8:8 + n])
+            header["transformer.ln_f.bias"]["data_offsets"][1] += 10 ** 9
+            text = json.dumps(header).encode()
+            text += b" " * ((8 - len(text) % 8) % 8)
+            with open(st(d), "wb") as f:
+                f.write(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+            return d, ["transformer.ln_f.bias", "data_offsets"]
+
+        def wrong_dtype():
+            d = self.copy_model("dtype")
+            self.edit_weights(d, lambda t: t.__setitem__("transformer.ln_f.weight", t["transformer.ln_f.weight"].to(torch.int32)))
+            return d, ["transformer.ln_f.weight", "floating dtype", "I32"]
+
+        def wrong_shape():
+            d = self.copy_model("shape")
+            self.edit_weights(d, lambda t: t.__setitem__("transformer.wpe.weight", t["transformer.wpe.weight"][:10]))
+            return d, ["transformer.wpe.weight", "expected shape [64, 64]", "found [10, 64]"]
+
+        def missing_tensor():
+            d = self.copy_model("missing")
+            self.edit_weights(d, lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
+            return d, ["missing tensor", "transformer.h.1.mlp.c_fc.bias"]
+
+        def unknown_activation():
+            d = self.copy_model("activation")
+            self.edit_config(d, activation_function="gelu_magic")
+            return d, ["config.json", "activation_function", "gelu_magic"]
+
+        def indivisible_heads():
+            d = self.copy_model("heads")
+            self.edit_config(d, n_head=5)
+            return d, ["config.json", "n_embd (64) must be divisible by n_head (5)"]
+
+        def garbled_config():
+            d = self.copy_model("garbled")
+            with open(os.path.join(d, "config.json"), "w") as f:
+                f.write("{ not json")
+            return d, ["config.json", "not valid JSON"]
+
+        model_cases = [missing_config, missing_weights, truncated, offsets_out_of_range, wrong_dtype,
+                       wrong_shape, missing_tensor, unknown_activation, indivisible_heads, garbled_config]
+        cases = []
+        for make in model_cases:
+            d, fragments = make()
+            cases.append((make.__name__, ["eval", "--model", d, "--data", good_shard, "--seq-len", 16,
+                                          "--device", "cpu"], fragments))
+
+        bad_magic = self.path("bad_magic.bin")
+        with open(bad_magic, "wb") as f:
+            f.write(b"\x00" * 2048)
+        short = self.path("short.bin")
+        write_shard(short, rng.integers(0, 1000, size=100))
+        with open(short, "r+b") as f:
+            f.truncate(1024 + 150)
+        big_ids = self.path("big_ids.bin")
+        write_shard(big_ids, [5] * 40 + [1000] + [5] * 40)
+        eval_args = lambda data, *extra: ["eval", "--model", self.model, "--data", data, "--device", "cpu", *extra]
+        cases += [
+            ("missing_folder", eval_args(good_shard)[:2] + [self.path("nope")] + eval_args(good_shard)[3:],
+             ["nope", "not a directory"]),
+            ("seq_len_beyond_positions", eval_args(good_shard, "--seq-len", 65), ["--seq-len 65", "n_positions (64)"]),
+            ("shard_bad_magic", eval_args(bad_magic, "--seq-len", 16), [bad_magic, "bad magic"]),
+            ("shard_truncated", eval_args(short, "--seq-len", 16), [short, "header says 100 tokens"]),
+            ("token_out_of_vocab", eval_args(big_ids, "--seq-len", 16), [big_ids, "token id 1000", "vocabulary of 1000"]),
+            ("glob_matches_nothing", eval_args(self.path("none_*.bin"), "--seq-len", 16), ["--data", "matches no file"]),
+            ("bad_device", ["eval", "--model", self.model, "--data", good_shard, "--device", "tpu"],
+             ["--device", "\"tpu\""]),
+            ("unknown_preset", ["init", "--preset", "gpt5", "--output", self.path("x")], ["gpt5", "distilgpt2"]),
+            ("init_bad_config_json", ["init", "--config-json", self.path("nope.json"), "--output", self.path("y")],
+             ["nope.json"]),
+        ]
+        for name, args, fragments in cases:
+            with self.subTest(case=name):
+                r = run(*args)
+                self.assertEqual(r.returncode, 1, f"{name}: exit {r.returncode}\n{r.stderr}")
+                lines = [line for line in r.stderr.strip().splitlines() if line]
+                self.assertEqual(len(lines), 1, f"{name}: expected one error line, got:\n{r.stderr}")
+                self.assertTrue(lines[0].startswith("gpt2-finetune: error: "), lines[0])
+                for fragment in fragments:
+                    self.assertIn(fragment, lines[0], name)
+                print(f"[bad input] {name}: {lines[0]}")
+
+    def test_usage_errors_exit_2_and_help_exits_0(self):
+        r = run("eval", "--data", "x")
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("--model", r.stderr)
+        for sub in ([], ["init"], ["eval"]):
+            r = run(*sub, "--help")
+            self.assertEqual(r.returncode, 0)
+            self.assertIn("Usage", r.stdout)
+        r = run("--version")
+        self.assertEqual(r.returncode, 0)
+        self.assertIn("gpt2-finetune", r.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()
