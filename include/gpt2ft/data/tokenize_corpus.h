@@ -1,0 +1,44 @@
+// `gpt2-finetune tokenize`: text files (.txt = one document, .jsonl = one document per line)
+// to token shards and a manifest.json, streamed with bounded memory on all cores.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "gpt2ft/tokenizer/tokenizer.h"
+
+namespace gpt2ft {
+
+struct TokenizeOptions {
+  std::vector<std::filesystem::path> inputs;
+  std::filesystem::path output_dir;
+  std::string jsonl_field = "text";
+  double val_fraction = 0.01;       // share of documents sent to val shards, spread evenly
+  int64_t shard_tokens = 100000000;  // tokens per shard (the last one may be shorter)
+  int workers = 0;                   // 0 = all cores
+  bool overwrite = false;            // replace shards already in output_dir
+  bool progress = true;              // a progress line on a terminal
+};
+
+struct TokenizeSummary {
+  int64_t documents[2] = {0, 0};  // train, val
+  int64_t tokens[2] = {0, 0};
+  std::vector<std::string> shards[2];
+  int64_t bytes_read = 0;
+  double seconds = 0;
+};
+
+// Every document is preceded by the tokenizer's end-of-text id. Shards are written under a
+// temporary folder and moved into output_dir only when all are complete; manifest.json last.
+TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOptions& options);
+
+// The safe place to cut a long text so that tokenizing the parts gives the same ids as the
+// whole: before a '\n' that an ASCII non-space follows, or else before a ' ' that an ASCII
+// non-space precedes and an ASCII letter or digit follows. Returns 0 when there is none.
+size_t safe_text_cut(std::string_view text);
+
+}  // namespace gpt2ft

@@ -1,0 +1,49 @@
+// gpt2-finetune eval: loss and perplexity of a model folder on token shards.
+#include <cstdio>
+#include <iostream>
+#include <memory>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "gpt2ft/core/device.h"
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/data/shard.h"
+#include "gpt2ft/eval/evaluate.h"
+#include "gpt2ft/io/model_folder.h"
+
+namespace gpt2ft::cli {
+
+void add_eval_command(CLI::App& app, Runner& run) {
+  struct Args {
+    std::string model, data, device = "auto";
+    EvalOptions options;
+    bool json = false;
+  };
+  auto args = std::make_shared<Args>();
+  CLI::App* cmd = app.add_subcommand("eval", "Mean next-token loss and perplexity of a model on token shards");
+  cmd->add_option("--model", args->model, "Hugging Face model folder")->required();
+  cmd->add_option("--data", args->data, "Glob of token shards, e.g. 'data/val_*.bin'")->required();
+  cmd->add_option("--seq-len", args->options.seq_len, "Tokens predicted per window (T)")->capture_default_str();
+  cmd->add_option("--batch-size", args->options.batch_size, "Windows per forward pass")->capture_default_str();
+  cmd->add_option("--max-batches", args->options.max_batches, "Stop after N batches (0 = all)")->capture_default_str();
+  cmd->add_option("--device", args->device, "auto | cpu | cuda | cuda:N")->capture_default_str();
+  cmd->add_flag("--json", args->json, "Print one JSON object as the last line");
+  cmd->callback([args, &run] {
+    run = [args] {
+      const c10::Device device = parse_device(args->device);
+      GPT2 model = load_model_folder(args->model, device);
+      const EvalResult r = evaluate(model, expand_glob(args->data, "--data"), args->options, device);
+      if (args->json) {
+        std::cout << nlohmann::json{{"loss", r.loss}, {"tokens", r.tokens}, {"perplexity", r.perplexity}}.dump()
+                  << std::endl;
+      } else {
+        std::printf("loss %.6f over %lld tokens (%lld batches), perplexity %.4f\n", r.loss,
+                    static_cast<long long>(r.tokens), static_cast<long long>(r.batches), r.perplexity);
+      }
+      return kExitOk;
+    };
+  });
+}
+
+}  // namespace gpt2ft::cli

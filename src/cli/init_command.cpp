@@ -1,0 +1,42 @@
+// gpt2-finetune init: a randomly initialised model folder.
+#include <memory>
+
+#include <spdlog/spdlog.h>
+
+#include "commands.h"
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/io/model_folder.h"
+#include "gpt2ft/model/init.h"
+
+namespace gpt2ft::cli {
+
+void add_init_command(CLI::App& app, Runner& run) {
+  struct Args {
+    std::string preset, config_json, output;
+    uint64_t seed = 1337;
+  };
+  auto args = std::make_shared<Args>();
+  CLI::App* cmd = app.add_subcommand("init", "Write a randomly initialised model folder (Hugging Face format)");
+  auto* preset = cmd->add_option("--preset", args->preset, "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | distilgpt2");
+  auto* config = cmd->add_option("--config-json", args->config_json, "A Hugging Face config.json giving the shape");
+  preset->excludes(config);
+  cmd->add_option("--output", args->output, "Folder to write (created if missing)")->required();
+  cmd->add_option("--seed", args->seed, "Initialisation seed")->capture_default_str();
+  cmd->callback([args, &run] {
+    if (args->preset.empty() && args->config_json.empty()) {
+      throw CLI::RequiredError("init needs --preset NAME or --config-json FILE");
+    }
+    run = [args] {
+      const GPT2Config config = args->preset.empty() ? GPT2Config::from_file(args->config_json)
+                                                     : GPT2Config::preset(args->preset);
+      GPT2 model(config);
+      init_gpt2_weights(model, args->seed);
+      save_model_folder(model, args->output);
+      spdlog::info("wrote a {}-parameter model ({} layers, {} heads, {} channels) to {}", config.num_parameters(),
+                   config.n_layer, config.n_head, config.n_embd, args->output);
+      return kExitOk;
+    };
+  });
+}
+
+}  // namespace gpt2ft::cli

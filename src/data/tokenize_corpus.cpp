@@ -1,0 +1,375 @@
+// Streaming corpus tokenization into shards.
+#include "gpt2ft/data/tokenize_corpus.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <thread>
+
+#include <spdlog/spdlog.h>
+
+#include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/data/shard.h"
+
+namespace gpt2ft {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr size_t kBlockBytes = 1 << 20;        // a long document is tokenized in ~1 MiB parts
+constexpr size_t kMaxBlockBytes = 64u << 20;   // ... unless no safe cut exists within this
+constexpr size_t kBatchBytes = 32u << 20;      // text tokenized in parallel per round
+
+bool is_ascii_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+bool is_ascii_alnum(char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
+
+// A piece of one document; starts_document marks the first piece.
+struct Unit {
+  std::string text;
+  bool starts_document = false;
+  int split = 0;  // 0 train, 1 val
+  std::vector<uint32_t> ids;
+};
+
+// Accumulates one split's tokens and writes full shards into a folder.
+class ShardSink {
+ public:
+  ShardSink(fs::path dir, std::string prefix, int token_bytes, int64_t shard_tokens)
+      : dir_(std::move(dir)), prefix_(std::move(prefix)), token_bytes_(token_bytes), shard_tokens_(shard_tokens) {}
+
+  void append(const std::vector<uint32_t>& ids) {
+    size_t i = 0;
+    while (i < ids.size()) {
+      const size_t room = static_cast<size_t>(shard_tokens_) - buffer_.size();
+      const size_t n = std::min(room, ids.size() - i);
+      buffer_.insert(buffer_.end(), ids.begin() + i, ids.begin() + i + n);
+      i += n;
+      if (buffer_.size() == static_cast<size_t>(shard_tokens_)) flush();
+    }
+  }
+  void flush() {
+    if (buffer_.empty()) return;
+    char name[64];
+    std::snprintf(name, sizeof(name), "%s_%06zu.bin", prefix_.c_str(), files_.size());
+    write_shard(dir_ / name, buffer_, token_bytes_);
+    files_.push_back({name, static_cast<int64_t>(buffer_.size())});
+    buffer_.clear();
+  }
+  const std::vector<std::pair<std::string, int64_t>>& files() const { return files_; }
+
+ private:
+  fs::path dir_;
+  std::string prefix_;
+  int token_bytes_;
+  int64_t shard_tokens_;
+  std::vector<uint32_t> buffer_;
+  std::vector<std::pair<std::string, int64_t>> files_;
+};
+
+// Reads documents from the inputs in order and hands them out in parts.
+class DocumentReader {
+ public:
+  DocumentReader(const TokenizeOptions& options) : options_(options) {}
+
+  // Fills `units` with up to ~kBatchBytes of text; false when the inputs are exhausted.
+  bool next_batch(std::vector<Unit>& units) {
+    units.clear();
+    size_t bytes = 0;
+    while (bytes < kBatchBytes) {
+      Unit unit;
+      if (!next_unit(unit)) break;
+      bytes += unit.text.size();
+      units.push_back(std::move(unit));
+    }
+    return !units.empty();
+  }
+
+  int64_t bytes_read() const { return bytes_read_; }
+
+ private:
+  bool open_next_file() {
+    while (file_index_ < options_.inputs.size()) {
+      path_ = options_.inputs[file_index_++];
+      in_.close();
+      in_.clear();
+      in_.open(path_, std::ios::binary);
+      if (!in_) throw Error(path_.string() + ": cannot open for reading");
+      jsonl_ = path_.extension() == ".jsonl";
+      line_no_ = 0;
+      pending_.clear();
+      in_document_ = false;
+      eof_ = false;
+      return true;
+    }
+    return false;
+  }
+
+  int assign_split() {
+    const double f = options_.val_fraction;
+    const int64_t d = documents_++;
+    return std::floor((d + 1) * f) > std::floor(d * f) ? 1 : 0;
+  }
+
+  bool next_unit(Unit& unit) {
+    for (;;) {
+      if (!in_.is_open() && !open_next_file()) return false;
+      if (jsonl_) {
+        std::string line;
+        if (!std::getline(in_, line)) {
+          in_.close();
+          continue;
+        }
+        ++line_no_;
+        bytes_read_ += static_cast<int64_t>(line.size()) + 1;
+        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+        nlohmann::json j;
+        try {
+          j = nlohmann::json::parse(line);
+        } catch (const nlohmann::json::exception& e) {
+          throw Error(path_.string() + ":" + std::to_string(line_no_) + ": not valid JSON (" + e.what() + ")");
+        }
+        if (!j.is_object() || !j.contains(options_.jsonl_field) || !j[options_.jsonl_field].is_string()) {
+          throw Error(path_.string() + ":" + std::to_string(line_no_) + ": expected an object with a string field \"" +
+                      options_.jsonl_field + "\" (set another with --jsonl-field)");
+        }
+        unit.text = j[options_.jsonl_field].get<std::string>();
+        unit.starts_document = true;
+        unit.split = assign_split();
+        return true;
+      }
+      // A text file is one document, read in blocks cut where tokenization is unaffected.
+      while (pending_.size() < kBlockBytes && read_block()) {
+      }
+      if (pending_.empty()) {  // end of file
+        const bool empty_file = !in_document_;
+        in_.close();
+        if (!empty_file) continue;
+        unit.starts_document = true;  // an empty file is still a document
+        unit.split = assign_split();
+        return true;
+      }
+      size_t cut = pending_.size();
+      if (!eof_) {
+        cut = safe_text_cut(pending_);
+        while (cut == 0 && pending_.size() < kMaxBlockBytes && read_block()) cut = safe_text_cut(pending_);
+        if (eof_) {
+          cut = pending_.size();
+        } else if (cut == 0) {
+          spdlog::warn("{}: no safe place to split {} MiB of text; the ids at this cut may differ from "
+                       "tokenizing the whole file at once",
+                       path_.string(), pending_.size() >> 20);
+          cut = pending_.size() - 1;  // start of the last (maybe incomplete) character
+          while (cut > 0 && (static_cast<uint8_t>(pending_[cut]) & 0xC0) == 0x80) --cut;
+          if (cut == 0) cut = pending_.size();
+        }
+      }
+      unit.text = pending_.substr(0, cut);
+      pending_.erase(0, cut);
+      unit.starts_document = !in_document_;
+      if (!in_document_) {
+        in_document_ = true;
+        current_split_ = assign_split();
+      }
+      unit.split = current_split_;
+      return true;
+    }
+  }
+
+  // Appends up to kBlockBytes to pending_; false at the end of the file.
+  bool read_block() {
+    if (eof_) return false;
+    std::string block(kBlockBytes, '\0');
+    in_.read(block.data(), static_cast<std::streamsize>(block.size()));
+    block.resize(static_cast<size_t>(in_.gcount()));
+    bytes_read_ += static_cast<int64_t>(block.size());
+    pending_ += block;
+    if (!in_) eof_ = true;
+    return !block.empty();
+  }
+
+  const TokenizeOptions& options_;
+  bool eof_ = false;
+  size_t file_index_ = 0;
+  fs::path path_;
+  std::ifstream in_;
+  bool jsonl_ = false;
+  int64_t line_no_ = 0;
+  std::string pending_;
+  bool in_document_ = false;
+  int current_split_ = 0;
+  int64_t documents_ = 0;
+  int64_t bytes_read_ = 0;
+};
+
+class Progress {
+ public:
+  Progress(int64_t total_bytes, bool enabled)
+      : total_(total_bytes), enabled_(enabled && ::isatty(STDERR_FILENO)), start_(Clock::now()) {}
+  void update(int64_t bytes, int64_t tokens) {
+    if (!enabled_) return;
+    const auto now = Clock::now();
+    if (now - last_ < std::chrono::milliseconds(200)) return;
+    last_ = now;
+    const double secs = std::chrono::duration<double>(now - start_).count();
+    const double rate = bytes / std::max(secs, 1e-9);
+    const double pct = total_ > 0 ? 100.0 * bytes / total_ : 100.0;
+    const double eta = rate > 0 ? (total_ - bytes) / rate : 0;
+    std::fprintf(stderr, "\r[tokenize] %5.1f%%  %.1f/%.1f MB  %.1f MB/s  %lld tokens  ETA %.0fs   ", pct,
+                 bytes / 1e6, total_ / 1e6, rate / 1e6, static_cast<long long>(tokens), eta);
+    std::fflush(stderr);
+  }
+  void finish() {
+    if (enabled_) std::fprintf(stderr, "\n");
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  int64_t total_;
+  bool enabled_;
+  Clock::time_point start_, last_{};
+};
+
+bool is_shard_name(const std::string& name) {
+  return (name.rfind("train_", 0) == 0 || name.rfind("val_", 0) == 0) && fs::path(name).extension() == ".bin";
+}
+
+}  // namespace
+
+size_t safe_text_cut(std::string_view text) {
+  // Before the '\n' that ends a whitespace run followed by a non-space: in the whole text that
+  // '\n' is a piece of its own (the run's lookahead (?!\S) fails there), and what precedes it
+  // splits the same at the end of a text as before a whitespace character.
+  for (size_t p = text.size(); p-- > 2;) {
+    if (text[p - 1] == '\n' && static_cast<uint8_t>(text[p]) < 0x80 && !is_ascii_space(text[p])) return p - 1;
+  }
+  for (size_t p = text.size() - (text.empty() ? 0 : 1); p-- > 1;) {
+    if (text[p] == ' ' && is_ascii_alnum(text[p + 1]) && static_cast<uint8_t>(text[p - 1]) < 0x80 &&
+        !is_ascii_space(text[p - 1])) {
+      return p;
+    }
+  }
+  return 0;
+}
+
+TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  if (options.inputs.empty()) throw Error("--input: no input files");
+  if (!(options.val_fraction >= 0 && options.val_fraction <= 1)) {
+    throw Error("--val-fraction: expected a number in [0, 1], got " + std::to_string(options.val_fraction));
+  }
+  if (options.shard_tokens < 1) throw Error("--shard-tokens: expected an integer >= 1");
+  int64_t total_bytes = 0;
+  for (const auto& in : options.inputs) {
+    if (!fs::is_regular_file(in)) throw Error(in.string() + ": no such file (--input)");
+    total_bytes += static_cast<int64_t>(fs::file_size(in));
+  }
+  const uint32_t eot = tokenizer.require_eot_id();
+  const int token_bytes = shard_token_bytes(tokenizer.vocab_size());
+
+  std::error_code ec;
+  fs::create_directories(options.output_dir, ec);
+  if (ec) throw Error(options.output_dir.string() + ": cannot create directory (" + ec.message() + ")");
+  std::vector<fs::path> existing;
+  for (const auto& entry : fs::directory_iterator(options.output_dir)) {
+    const std::string name = entry.path().filename().string();
+    if (is_shard_name(name) || name == "manifest.json") existing.push_back(entry.path());
+  }
+  if (!existing.empty() && !options.overwrite) {
+    throw Error(options.output_dir.string() + ": already holds shards or a manifest.json; pass --overwrite to "
+                                              "replace them, or choose another --output-dir");
+  }
+  const fs::path temp = options.output_dir / (".tokenize-tmp-" + std::to_string(::getpid()));
+  fs::remove_all(temp);
+  fs::create_directories(temp);
+
+  TokenizeSummary summary;
+  try {
+    ShardSink sinks[2] = {{temp, "train", token_bytes, options.shard_tokens},
+                          {temp, "val", token_bytes, options.shard_tokens}};
+    DocumentReader reader(options);
+    Progress progress(total_bytes, options.progress);
+    const int workers = options.workers > 0 ? options.workers
+                                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    std::vector<Unit> units;
+    while (reader.next_batch(units)) {
+      // Tokenize the batch on all workers, then append in input order.
+      std::vector<std::thread> threads;
+      std::vector<std::exception_ptr> errors(static_cast<size_t>(workers));
+      for (int w = 0; w < workers; ++w) {
+        threads.emplace_back([&, w] {
+          try {
+            for (size_t i = static_cast<size_t>(w); i < units.size(); i += static_cast<size_t>(workers)) {
+              units[i].ids.clear();
+              tokenizer.encode(units[i].text, units[i].ids);
+            }
+          } catch (...) {
+            errors[static_cast<size_t>(w)] = std::current_exception();
+          }
+        });
+      }
+      for (auto& t : threads) t.join();
+      for (auto& e : errors) {
+        if (e) std::rethrow_exception(e);
+      }
+      for (const Unit& u : units) {
+        if (u.starts_document) {
+          sinks[u.split].append({eot});
+          ++summary.documents[u.split];
+          ++summary.tokens[u.split];
+        }
+        sinks[u.split].append(u.ids);
+        summary.tokens[u.split] += static_cast<int64_t>(u.ids.size());
+      }
+      progress.update(reader.bytes_read(), summary.tokens[0] + summary.tokens[1]);
+    }
+    progress.finish();
+    summary.bytes_read = reader.bytes_read();
+
+    nlohmann::json shards = {{"train", nlohmann::json::array()}, {"val", nlohmann::json::array()}};
+    for (int s = 0; s < 2; ++s) {
+      sinks[s].flush();
+      for (const auto& [name, count] : sinks[s].files()) {
+        shards[s == 0 ? "train" : "val"].push_back({{"file", name}, {"tokens", count}});
+        summary.shards[s].push_back(name);
+      }
+    }
+    // All shards are complete: move them in, drop stale ones, then write the manifest.
+    for (int s = 0; s < 2; ++s) {
+      for (const auto& name : summary.shards[s]) fs::rename(temp / name, options.output_dir / name);
+    }
+    for (const auto& old : existing) {
+      const std::string name = old.filename().string();
+      const bool kept = std::find(summary.shards[0].begin(), summary.shards[0].end(), name) != summary.shards[0].end() ||
+                        std::find(summary.shards[1].begin(), summary.shards[1].end(), name) != summary.shards[1].end();
+      if (!kept && name != "manifest.json") fs::remove(old);
+    }
+    fsync_directory(options.output_dir);
+    nlohmann::json inputs = nlohmann::json::array();
+    for (const auto& in : options.inputs) inputs.push_back(in.string());
+    const nlohmann::json manifest = {
+        {"format", "gpt2ft-shards"},
+        {"version", 1},
+        {"tokenizer", {{"kind", tokenizer.kind()}, {"identity", tokenizer.identity()},
+                       {"vocab_size", tokenizer.vocab_size()}, {"eot_id", eot},
+                       {"source", fs::absolute(tokenizer.source()).string()}}},
+        {"token_bytes", token_bytes},
+        {"inputs", inputs},
+        {"jsonl_field", options.jsonl_field},
+        {"val_fraction", options.val_fraction},
+        {"documents", {{"train", summary.documents[0]}, {"val", summary.documents[1]}}},
+        {"tokens", {{"train", summary.tokens[0]}, {"val", summary.tokens[1]}}},
+        {"shards", shards}};
+    write_file_atomic(options.output_dir / "manifest.json", manifest.dump(2) + "\n");
+  } catch (...) {
+    fs::remove_all(temp, ec);
+    throw;
+  }
+  fs::remove_all(temp, ec);
+  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return summary;
+}
+
+}  // namespace gpt2ft

@@ -1,0 +1,395 @@
+// GPT-2 byte-level BPE with a merge hash table and a per-thread piece cache.
+#include "gpt2ft/tokenizer/byte_level_bpe.h"
+
+#include <algorithm>
+#include <fstream>
+#include <queue>
+#include <sstream>
+#include <unordered_map>
+
+#include <nlohmann/json.hpp>
+
+#include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/error.h"
+
+namespace gpt2ft {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr uint32_t kNoRank = 0xFFFFFFFFu;
+constexpr const char* kEndOfText = "<|endoftext|>";
+
+void append_utf8(std::string& out, uint32_t cp) {
+  if (cp < 0x80) {
+    out += static_cast<char>(cp);
+  } else if (cp < 0x800) {
+    out += static_cast<char>(0xC0 | (cp >> 6));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else {
+    out += static_cast<char>(0xE0 | (cp >> 12));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+}
+
+// Per-thread cache of piece -> ids. Keys and values live in flat arenas; the table is
+// open-addressed. Cleared when it grows past its budget.
+class PieceCache {
+ public:
+  const uint32_t* find(const void* owner, std::string_view piece, uint64_t hash, uint32_t& count) {
+    if (owner != owner_) reset(owner);
+    for (size_t i = hash & mask_;; i = (i + 1) & mask_) {
+      const Slot& s = slots_[i];
+      if (s.key_len == kEmpty) return nullptr;
+      if (s.hash == hash && s.key_len == piece.size() &&
+          std::equal(piece.begin(), piece.end(), keys_.begin() + s.key_offset)) {
+        count = s.ids_count;
+        return ids_.data() + s.ids_offset;
+      }
+    }
+  }
+
+  void insert(std::string_view piece, uint64_t hash, const uint32_t* ids, uint32_t count) {
+    if (used_ * 2 >= slots_.size() || keys_.size() > kMaxArenaBytes) reset(owner_);
+    size_t i = hash & mask_;
+    while (slots_[i].key_len != kEmpty) i = (i + 1) & mask_;
+    slots_[i] = Slot{hash, static_cast<uint32_t>(keys_.size()), static_cast<uint32_t>(piece.size()),
+                     static_cast<uint32_t>(ids_.size()), count};
+    keys_.insert(keys_.end(), piece.begin(), piece.end());
+    ids_.insert(ids_.end(), ids, ids + count);
+    ++used_;
+  }
+
+ private:
+  static constexpr uint32_t kEmpty = 0xFFFFFFFFu;
+  static constexpr size_t kSlots = 1 << 18;
+  static constexpr size_t kMaxArenaBytes = 16u << 20;
+  struct Slot {
+    uint64_t hash;
+    uint32_t key_offset, key_len = kEmpty, ids_offset, ids_count;
+  };
+
+  void reset(const void* owner) {
+    owner_ = owner;
+    slots_.assign(kSlots, Slot{0, 0, kEmpty, 0, 0});
+    mask_ = kSlots - 1;
+    keys_.clear();
+    ids_.clear();
+    used_ = 0;
+  }
+
+  const void* owner_ = nullptr;
+  std::vector<Slot> slots_;
+  size_t mask_ = 0;
+  std::vector<char> keys_;
+  std::vector<uint32_t> ids_;
+  size_t used_ = 0;
+};
+
+PieceCache& thread_cache() {
+  thread_local PieceCache cache;
+  return cache;
+}
+
+nlohmann::json parse_json_file(const fs::path& path) {
+  try {
+    return nlohmann::json::parse(read_text_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(path.string() + ": not valid JSON (" + e.what() + ")");
+  }
+}
+
+std::vector<std::pair<std::string, uint32_t>> vocab_from_json(const nlohmann::json& j, const std::string& where) {
+  if (!j.is_object()) throw Error(where + ": expected a JSON object mapping tokens to ids");
+  std::vector<std::pair<std::string, uint32_t>> vocab;
+  vocab.reserve(j.size());
+  for (const auto& [token, id] : j.items()) {
+    if (!id.is_number_unsigned()) throw Error(where + ": the id of token \"" + token + "\" is not a non-negative integer");
+    vocab.emplace_back(token, id.get<uint32_t>());
+  }
+  return vocab;
+}
+
+std::pair<std::string, std::string> split_merge_line(const std::string& line, const std::string& where) {
+  const size_t space = line.find(' ');
+  if (space == std::string::npos || space == 0 || space + 1 >= line.size() ||
+      line.find(' ', space + 1) != std::string::npos) {
+    throw Error(where + ": expected a merge \"LEFT RIGHT\", got \"" + line + "\"");
+  }
+  return {line.substr(0, space), line.substr(space + 1)};
+}
+
+std::vector<std::pair<std::string, std::string>> merges_from_text(const fs::path& path) {
+  std::istringstream in(read_text_file(path));
+  std::vector<std::pair<std::string, std::string>> merges;
+  std::string line;
+  size_t line_no = 0;
+  while (std::getline(in, line)) {
+    ++line_no;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty() || line.rfind("#version", 0) == 0) continue;
+    merges.push_back(split_merge_line(line, path.string() + ":" + std::to_string(line_no)));
+  }
+  return merges;
+}
+
+}  // namespace
+
+const std::vector<std::string>& gpt2_byte_to_unicode() {
+  static const std::vector<std::string> table = [] {
+    std::vector<std::string> t(256);
+    uint32_t extra = 0;
+    for (uint32_t b = 0; b < 256; ++b) {
+      const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+      append_utf8(t[b], printable ? b : 256 + extra++);
+    }
+    return t;
+  }();
+  return table;
+}
+
+std::string gpt2_token_to_bytes(const std::string& token, const std::string& where) {
+  static const std::unordered_map<std::string, char> reverse = [] {
+    std::unordered_map<std::string, char> r;
+    const auto& t = gpt2_byte_to_unicode();
+    for (int b = 0; b < 256; ++b) r[t[b]] = static_cast<char>(b);
+    return r;
+  }();
+  std::string bytes;
+  size_t i = 0;
+  while (i < token.size()) {
+    const auto c = static_cast<uint8_t>(token[i]);
+    const size_t len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : 4;
+    const auto it = reverse.find(token.substr(i, len));
+    if (it == reverse.end()) {
+      throw Error(where + ": token \"" + token + "\" has a character outside GPT-2's byte alphabet");
+    }
+    bytes += it->second;
+    i += len;
+  }
+  return bytes;
+}
+
+// (left id, right id) -> (rank, merged id), open-addressed.
+struct ByteLevelBpe::MergeTable {
+  struct Slot {
+    uint64_t key = ~0ull;
+    uint32_t rank = kNoRank;
+    uint32_t merged = 0;
+  };
+  std::vector<Slot> slots;
+  size_t mask = 0;
+
+  explicit MergeTable(size_t n) {
+    size_t cap = 16;
+    while (cap < n * 2) cap <<= 1;
+    slots.assign(cap, Slot{});
+    mask = cap - 1;
+  }
+  static uint64_t key(uint32_t a, uint32_t b) { return (static_cast<uint64_t>(a) << 32) | b; }
+  static size_t hash(uint64_t k) { return static_cast<size_t>((k * 0x9E3779B97F4A7C15ull) >> 17); }
+  bool insert(uint32_t a, uint32_t b, uint32_t rank, uint32_t merged) {
+    const uint64_t k = key(a, b);
+    for (size_t i = hash(k) & mask;; i = (i + 1) & mask) {
+      if (slots[i].key == k) return false;  // duplicate merge: the first (lower rank) wins
+      if (slots[i].rank == kNoRank) {
+        slots[i] = Slot{k, rank, merged};
+        return true;
+      }
+    }
+  }
+  const Slot* find(uint32_t a, uint32_t b) const {
+    const uint64_t k = key(a, b);
+    for (size_t i = hash(k) & mask;; i = (i + 1) & mask) {
+      if (slots[i].key == k) return &slots[i];
+      if (slots[i].rank == kNoRank) return nullptr;
+    }
+  }
+};
+
+ByteLevelBpe::ByteLevelBpe(const std::vector<std::pair<std::string, uint32_t>>& vocab,
+                           const std::vector<std::pair<std::string, std::string>>& merges,
+                           fs::path source)
+    : source_(std::move(source)) {
+  const std::string where = source_.string();
+  uint32_t max_id = 0;
+  for (const auto& [token, id] : vocab) max_id = std::max(max_id, id);
+  id_to_bytes_.assign(vocab.empty() ? 0 : max_id + 1, std::string());
+  std::vector<bool> seen(id_to_bytes_.size(), false);
+  std::unordered_map<std::string, uint32_t> bytes_to_id;
+  bytes_to_id.reserve(vocab.size());
+  for (const auto& [token, id] : vocab) {
+    if (seen[id]) throw Error(where + ": id " + std::to_string(id) + " is given to two tokens");
+    seen[id] = true;
+    if (token == kEndOfText) {
+      eot_id_ = id;
+      id_to_bytes_[id] = token;  // decodes to its text
+      continue;
+    }
+    id_to_bytes_[id] = gpt2_token_to_bytes(token, where);
+    bytes_to_id.emplace(id_to_bytes_[id], id);
+  }
+  for (size_t id = 0; id < seen.size(); ++id) {
+    if (!seen[id]) throw Error(where + ": the vocabulary has no token with id " + std::to_string(id) + " (ids must be 0..N-1)");
+  }
+  for (int b = 0; b < 256; ++b) {
+    const auto it = bytes_to_id.find(std::string(1, static_cast<char>(b)));
+    if (it == bytes_to_id.end()) {
+      throw Error(where + ": the vocabulary lacks the single-byte token for byte " + std::to_string(b) +
+                  " (" + gpt2_byte_to_unicode()[b] + "); byte-level BPE needs all 256");
+    }
+    byte_to_id_[b] = it->second;
+  }
+  merges_ = std::make_unique<MergeTable>(merges.size());
+  uint64_t hash = fnv1a64("gpt2-bpe");
+  for (size_t id = 0; id < id_to_bytes_.size(); ++id) hash = fnv1a64(id_to_bytes_[id] + '\0', hash);
+  for (size_t rank = 0; rank < merges.size(); ++rank) {
+    const auto& [left, right] = merges[rank];
+    const std::string at = where + ": merge " + std::to_string(rank + 1) + " \"" + left + " " + right + "\"";
+    const std::string lb = gpt2_token_to_bytes(left, at), rb = gpt2_token_to_bytes(right, at);
+    const auto l = bytes_to_id.find(lb), r = bytes_to_id.find(rb), m = bytes_to_id.find(lb + rb);
+    if (l == bytes_to_id.end() || r == bytes_to_id.end() || m == bytes_to_id.end()) {
+      throw Error(at + ": refers to a token that is not in the vocabulary");
+    }
+    merges_->insert(l->second, r->second, static_cast<uint32_t>(rank), m->second);
+    hash = fnv1a64(lb + ' ' + rb + '\n', hash);
+  }
+  identity_ = "gpt2-bpe:" + hex64(hash);
+}
+
+ByteLevelBpe::~ByteLevelBpe() = default;
+
+bool ByteLevelBpe::folder_has_files(const fs::path& dir) {
+  return (fs::exists(dir / "vocab.json") && fs::exists(dir / "merges.txt")) ||
+         (fs::exists(dir / "encoder.json") && fs::exists(dir / "vocab.bpe")) || fs::exists(dir / "tokenizer.json");
+}
+
+std::unique_ptr<ByteLevelBpe> ByteLevelBpe::from_folder(const fs::path& dir) {
+  if (fs::exists(dir / "vocab.json") && fs::exists(dir / "merges.txt")) {
+    const auto vocab = vocab_from_json(parse_json_file(dir / "vocab.json"), (dir / "vocab.json").string());
+    return std::make_unique<ByteLevelBpe>(vocab, merges_from_text(dir / "merges.txt"), dir);
+  }
+  if (fs::exists(dir / "encoder.json") && fs::exists(dir / "vocab.bpe")) {
+    const auto vocab = vocab_from_json(parse_json_file(dir / "encoder.json"), (dir / "encoder.json").string());
+    return std::make_unique<ByteLevelBpe>(vocab, merges_from_text(dir / "vocab.bpe"), dir);
+  }
+  const fs::path file = dir / "tokenizer.json";
+  if (!fs::exists(file)) {
+    throw Error(dir.string() + ": no tokenizer files (expected vocab.json + merges.txt, encoder.json + vocab.bpe, "
+                               "or tokenizer.json)");
+  }
+  const nlohmann::json j = parse_json_file(file);
+  const std::string where = file.string();
+  if (!j.contains("model") || j["model"].value("type", "") != "BPE") {
+    throw Error(where + ": model.type: expected \"BPE\" (a byte-level BPE tokenizer)");
+  }
+  auto vocab = vocab_from_json(j["model"]["vocab"], where + ": model.vocab");
+  if (j.contains("added_tokens")) {
+    for (const auto& t : j["added_tokens"]) {
+      const std::string content = t.value("content", "");
+      const bool known = std::any_of(vocab.begin(), vocab.end(), [&](const auto& v) { return v.first == content; });
+      if (content == kEndOfText && !known) vocab.emplace_back(content, t.value("id", 0u));
+    }
+  }
+  std::vector<std::pair<std::string, std::string>> merges;
+  for (const auto& m : j["model"].value("merges", nlohmann::json::array())) {
+    if (m.is_string()) {
+      merges.push_back(split_merge_line(m.get<std::string>(), where + ": model.merges"));
+    } else if (m.is_array() && m.size() == 2) {
+      merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
+    } else {
+      throw Error(where + ": model.merges: expected \"A B\" strings or [A, B] pairs");
+    }
+  }
+  return std::make_unique<ByteLevelBpe>(vocab, merges, dir);
+}
+
+void ByteLevelBpe::merge_short(std::vector<uint32_t>& s) const {
+  // Repeatedly merge the leftmost pair of lowest rank: fine for the short pieces of real text.
+  while (s.size() > 1) {
+    uint32_t best_rank = kNoRank, merged = 0;
+    size_t best = 0;
+    for (size_t i = 0; i + 1 < s.size(); ++i) {
+      const auto* m = merges_->find(s[i], s[i + 1]);
+      if (m && m->rank < best_rank) best_rank = m->rank, merged = m->merged, best = i;
+    }
+    if (best_rank == kNoRank) break;
+    s[best] = merged;
+    s.erase(s.begin() + static_cast<std::ptrdiff_t>(best) + 1);
+  }
+}
+
+void ByteLevelBpe::merge_long(std::vector<uint32_t>& s) const {
+  // The same order of merges (lowest rank, then leftmost) with a heap over a linked list:
+  // O(n log n) for long runs of spaces, digits or letters.
+  const size_t n = s.size();
+  std::vector<int64_t> prev(n), next(n);
+  std::vector<bool> alive(n, true);
+  for (size_t i = 0; i < n; ++i) prev[i] = static_cast<int64_t>(i) - 1, next[i] = i + 1 < n ? i + 1 : -1;
+  struct Candidate {
+    uint32_t rank;
+    size_t left;
+    uint32_t left_id, right_id;
+    bool operator>(const Candidate& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
+  };
+  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> heap;
+  auto push = [&](int64_t left) {
+    if (left < 0 || next[left] < 0) return;
+    if (const auto* m = merges_->find(s[left], s[next[left]])) {
+      heap.push({m->rank, static_cast<size_t>(left), s[left], s[next[left]]});
+    }
+  };
+  for (size_t i = 0; i + 1 < n; ++i) push(static_cast<int64_t>(i));
+  while (!heap.empty()) {
+    const Candidate c = heap.top();
+    heap.pop();
+    const int64_t right = next[c.left];
+    if (!alive[c.left] || right < 0 || s[c.left] != c.left_id || s[right] != c.right_id) continue;  // stale
+    s[c.left] = merges_->find(c.left_id, c.right_id)->merged;
+    alive[right] = false;
+    next[c.left] = next[right];
+    if (next[right] >= 0) prev[next[right]] = static_cast<int64_t>(c.left);
+    push(prev[c.left]);
+    push(static_cast<int64_t>(c.left));
+  }
+  size_t w = 0;
+  for (int64_t i = 0; i >= 0; i = next[i]) s[w++] = s[i];
+  s.resize(w);
+}
+
+void ByteLevelBpe::encode_piece(std::string_view piece, std::vector<uint32_t>& out) const {
+  PieceCache& cache = thread_cache();
+  const uint64_t hash = fnv1a64(piece);
+  uint32_t count = 0;
+  if (const uint32_t* ids = cache.find(this, piece, hash, count)) {
+    out.insert(out.end(), ids, ids + count);
+    return;
+  }
+  thread_local std::vector<uint32_t> symbols;
+  symbols.resize(piece.size());
+  for (size_t i = 0; i < piece.size(); ++i) symbols[i] = byte_to_id_[static_cast<uint8_t>(piece[i])];
+  if (symbols.size() <= 48) merge_short(symbols);
+  else merge_long(symbols);
+  cache.insert(piece, hash, symbols.data(), static_cast<uint32_t>(symbols.size()));
+  out.insert(out.end(), symbols.begin(), symbols.end());
+}
+
+void ByteLevelBpe::encode(std::string_view text, std::vector<uint32_t>& out) const {
+  thread_local std::vector<std::string_view> pieces;
+  pretokenizer_.split(text, pieces);
+  for (const auto& piece : pieces) encode_piece(piece, out);
+}
+
+std::string ByteLevelBpe::decode(const std::vector<uint32_t>& ids) const {
+  std::string text;
+  for (uint32_t id : ids) {
+    if (id >= id_to_bytes_.size()) {
+      throw Error("decode: token id " + std::to_string(id) + " is outside the vocabulary of " +
+                  std::to_string(id_to_bytes_.size()));
+    }
+    text += id_to_bytes_[id];
+  }
+  return text;
+}
+
+}  // namespace gpt2ft
