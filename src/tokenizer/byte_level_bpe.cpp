@@ -2,6 +2,7 @@
 #include "gpt2ft/tokenizer/byte_level_bpe.h"
 
 #include <algorithm>
+#include <atomic>
 #include <fstream>
 #include <queue>
 #include <sstream>
@@ -36,7 +37,7 @@ void append_utf8(std::string& out, uint32_t cp) {
 // open-addressed. Cleared when it grows past its budget.
 class PieceCache {
  public:
-  const uint32_t* find(const void* owner, std::string_view piece, uint64_t hash, uint32_t& count) {
+  const uint32_t* find(uint64_t owner, std::string_view piece, uint64_t hash, uint32_t& count) {
     if (owner != owner_) reset(owner);
     for (size_t i = hash & mask_;; i = (i + 1) & mask_) {
       const Slot& s = slots_[i];
@@ -69,7 +70,7 @@ class PieceCache {
     uint32_t key_offset, key_len = kEmpty, ids_offset, ids_count;
   };
 
-  void reset(const void* owner) {
+  void reset(uint64_t owner) {
     owner_ = owner;
     slots_.assign(kSlots, Slot{0, 0, kEmpty, 0, 0});
     mask_ = kSlots - 1;
@@ -78,7 +79,7 @@ class PieceCache {
     used_ = 0;
   }
 
-  const void* owner_ = nullptr;
+  uint64_t owner_ = 0;
   std::vector<Slot> slots_;
   size_t mask_ = 0;
   std::vector<char> keys_;
@@ -211,6 +212,8 @@ ByteLevelBpe::ByteLevelBpe(const std::vector<std::pair<std::string, uint32_t>>& 
                            const std::vector<std::pair<std::string, std::string>>& merges,
                            fs::path source)
     : source_(std::move(source)) {
+  static std::atomic<uint64_t> instances{0};
+  instance_ = ++instances;
   const std::string where = source_.string();
   uint32_t max_id = 0;
   for (const auto& [token, id] : vocab) max_id = std::max(max_id, id);
@@ -361,7 +364,7 @@ void ByteLevelBpe::encode_piece(std::string_view piece, std::vector<uint32_t>& o
   PieceCache& cache = thread_cache();
   const uint64_t hash = fnv1a64(piece);
   uint32_t count = 0;
-  if (const uint32_t* ids = cache.find(this, piece, hash, count)) {
+  if (const uint32_t* ids = cache.find(instance_, piece, hash, count)) {
     out.insert(out.end(), ids, ids + count);
     return;
   }

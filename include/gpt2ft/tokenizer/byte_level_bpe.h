@@ -53,6 +53,7 @@ class ByteLevelBpe : public Tokenizer {
   std::optional<uint32_t> eot_id_;
   std::string identity_;
   std::filesystem::path source_;
+  uint64_t instance_ = 0;  // keys the per-thread piece cache
 };
 
 // GPT-2's reversible map between bytes and printable characters ("Ġ" is the space byte).
