@@ -15,11 +15,12 @@ int main(int argc, char** argv) {
   spdlog::set_pattern("[%H:%M:%S] %^%l%$ %v");
   CLI::App app{"gpt2-finetune: fine-tune GPT-2 models on your own text"};
   app.set_version_flag("--version", std::string("gpt2-finetune ") + GPT2FT_VERSION + " (libtorch " + TORCH_VERSION + ")");
-  app.require_subcommand(1);
+  app.require_subcommand(0, 1);
   cli::Runner run;
   cli::add_init_command(app, run);
   cli::add_eval_command(app, run);
   cli::add_tokenize_command(app, run);
+  cli::add_train_command(app, run);
 
   try {
     app.parse(argc, argv);
@@ -27,7 +28,10 @@ int main(int argc, char** argv) {
     const int rc = app.exit(e);
     return rc == 0 ? kExitOk : kExitUsage;
   }
-  if (!run) return kExitUsage;
+  if (!run) {
+    std::fprintf(stderr, "%s\nRun with --help for more information.\n", "gpt2-finetune: give a subcommand or --config FILE");
+    return kExitUsage;
+  }
   try {
     return run();
   } catch (const std::exception& e) {

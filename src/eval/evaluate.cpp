@@ -6,6 +6,7 @@
 
 #include <torch/torch.h>
 
+#include "gpt2ft/core/autocast.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/data/shard.h"
 
@@ -70,6 +71,7 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
     }
     torch::Tensor batch = host.narrow(0, 0, rows).to(device);                   // (b, T+1)
     torch::Tensor x = batch.narrow(1, 0, T), y = batch.narrow(1, 1, T);         // (b, T)
+    AutocastGuard autocast(device.type(), options.amp_dtype);
     torch::Tensor logits = model->forward(x);                                     // (b, T, V)
     torch::Tensor loss = torch::nn::functional::cross_entropy(
         logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), y.reshape({-1}),

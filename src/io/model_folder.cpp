@@ -111,10 +111,11 @@ const std::vector<std::string>& tokenizer_file_names() {
   return names;
 }
 
-GPT2 load_model_folder(const fs::path& dir, c10::Device device) {
+GPT2 load_model_folder(const fs::path& dir, c10::Device device, const std::function<void(GPT2Config&)>& adjust) {
   return with_context("loading model folder " + dir.string(), [&] {
     if (!fs::is_directory(dir)) throw Error(dir.string() + ": not a directory");
-    const GPT2Config config = GPT2Config::from_file(dir / "config.json");
+    GPT2Config config = GPT2Config::from_file(dir / "config.json");
+    if (adjust) adjust(config);
     GPT2 model(config);
     CheckpointFiles files(dir);
 

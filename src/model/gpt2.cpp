@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/nn/functional.h>
 
+#include "gpt2ft/model/activation_checkpoint.h"
+
 namespace gpt2ft {
 namespace F = torch::nn::functional;
 namespace {
@@ -105,7 +107,12 @@ torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx) {
   torch::Tensor pos = torch::arange(T, idx.options().dtype(torch::kLong));  // (T)
   torch::Tensor x = transformer->wte(idx) + transformer->wpe(pos);         // (B, T, C)
   x = maybe_dropout(x, config_.embd_pdrop, is_training());
-  for (const auto& block : *transformer->h) x = block->as<Block>()->forward(x);
+  const bool checkpoint = checkpoint_every_ > 0 && is_training() && torch::GradMode::is_enabled();
+  for (size_t i = 0; i < transformer->h->size(); ++i) {
+    BlockImpl& b = *transformer->h[i]->as<Block>();
+    const bool recompute = checkpoint && static_cast<int64_t>(i) % checkpoint_every_ == 0;
+    x = recompute ? checkpointed_block_forward(b, x) : b.forward(x);  // (B, T, C)
+  }
   return transformer->ln_f(x);  // (B, T, C)
 }
 

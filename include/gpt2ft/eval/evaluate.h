@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 
 #include "gpt2ft/model/gpt2.h"
 
@@ -15,6 +16,7 @@ struct EvalOptions {
   int64_t seq_len = 1024;   // T: each window holds T+1 tokens, stride T
   int64_t batch_size = 8;   // windows per forward pass
   int64_t max_batches = 0;  // 0 = all windows
+  c10::ScalarType amp_dtype = c10::kFloat;  // autocast dtype (kFloat: none)
 };
 
 struct EvalResult {

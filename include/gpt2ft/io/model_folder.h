@@ -3,6 +3,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -16,7 +17,9 @@ namespace gpt2ft {
 
 // Loads config.json and the weights of `dir` into a new model on `device`. Accepts keys with
 // or without the "transformer." prefix and F32/F16/BF16 storage (converted to float32).
-GPT2 load_model_folder(const std::filesystem::path& dir, c10::Device device = c10::kCPU);
+// `adjust` may change the config before the model is built (e.g. its dropout).
+GPT2 load_model_folder(const std::filesystem::path& dir, c10::Device device = c10::kCPU,
+                       const std::function<void(GPT2Config&)>& adjust = {});
 
 struct SaveModelOptions {
   c10::ScalarType dtype = c10::kFloat;  // storage dtype of model.safetensors

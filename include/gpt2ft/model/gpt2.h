@@ -83,12 +83,16 @@ class GPT2Impl : public torch::nn::Module {
   torch::Tensor lm_head_weight() const;
 
   const GPT2Config& config() const { return config_; }
+  // Checkpoint every n-th block's activations in training (0 = none, 1 = all).
+  void set_activation_checkpointing(int64_t every_n) { checkpoint_every_ = every_n; }
+  int64_t activation_checkpointing() const { return checkpoint_every_; }
 
   Transformer transformer{nullptr};
   torch::nn::Linear lm_head{nullptr};  // C -> V; registered only when embeddings are untied
 
  private:
   GPT2Config config_;
+  int64_t checkpoint_every_ = 0;
 };
 TORCH_MODULE(GPT2);
 

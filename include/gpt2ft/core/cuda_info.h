@@ -1,0 +1,26 @@
+// The few CUDA queries the trainer reports, kept in one file so only it needs CUDA headers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <c10/core/Device.h>
+
+namespace gpt2ft {
+
+struct CudaMemory {
+  int64_t peak_allocated = 0;  // bytes
+  int64_t peak_reserved = 0;
+  int64_t total = 0;           // the device's memory
+};
+
+std::string cuda_device_name(const c10::Device& device);
+CudaMemory cuda_memory(const c10::Device& device);
+void cuda_reset_peak_memory(const c10::Device& device);
+void cuda_empty_cache();
+void cuda_synchronize(const c10::Device& device);
+
+// Dense bf16/fp16 tensor-core peak FLOP/s of known GPUs by name; 0 when unknown.
+double gpu_peak_flops(const std::string& device_name);
+
+}  // namespace gpt2ft

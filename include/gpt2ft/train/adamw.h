@@ -1,0 +1,52 @@
+// AdamW with decay and no-decay parameter groups. Two implementations of the same update:
+// fused (one at::_fused_adamw_ kernel per group, which also applies the grad scaler's inverse
+// scale and skips on found_inf without a host sync) and unfused (PyTorch's single-tensor
+// AdamW, op by op). The state is plain tensors, so checkpoints can save and restore it.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <torch/types.h>
+
+namespace gpt2ft {
+
+struct AdamWOptions {
+  double weight_decay = 0.1;
+  std::array<double, 2> betas{0.9, 0.95};
+  double eps = 1e-8;
+  bool fused = false;
+};
+
+class AdamW {
+ public:
+  struct Group {
+    std::vector<std::string> names;
+    std::vector<torch::Tensor> params, exp_avg, exp_avg_sq, steps;  // steps: () float32 each
+    double weight_decay = 0;
+  };
+
+  // Parameters with requires_grad; those with dim >= 2 decay, the rest (biases, LayerNorm) do not.
+  AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, AdamWOptions options);
+
+  // One update at learning rate `lr`. With grad_scale/found_inf (fused only), the gradients
+  // are still scaled and a step with found_inf != 0 changes nothing.
+  void step(double lr, const std::optional<torch::Tensor>& grad_scale = std::nullopt,
+            const std::optional<torch::Tensor>& found_inf = std::nullopt);
+  void zero_grad();
+
+  std::vector<torch::Tensor> grads() const;  // of every trained parameter (undefined grads get zeros)
+  std::vector<Group>& groups() { return groups_; }
+  const std::vector<Group>& groups() const { return groups_; }
+  const AdamWOptions& options() const { return options_; }
+
+ private:
+  void step_unfused(Group& g, double lr);
+  AdamWOptions options_;
+  std::vector<Group> groups_;
+};
+
+}  // namespace gpt2ft

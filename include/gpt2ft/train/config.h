@@ -1,0 +1,93 @@
+// The training configuration: one JSON file. Every option is declared once, in
+// TrainConfig::visit, with its JSON path, default, range and help text; parsing, validation,
+// `--help`, `--set` overrides and the printed resolved config all come from that declaration.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace gpt2ft {
+
+struct TrainConfig {
+  struct Model {
+    std::string init_from;                   // HF model folder
+    std::string preset;                      // or a preset shape, randomly initialised
+    double dropout = -1;                     // -1: keep the model's own dropout
+    std::string activation_checkpointing;    // "none" | "all" | "N" (every N-th block)
+    bool freeze_embeddings = false;
+    int64_t freeze_blocks = 0;
+    int64_t resize_vocab = 0;                // 0: keep the model's vocabulary size
+  } model;
+  struct Data {
+    std::string train, val;
+    int64_t seq_len = 0;
+    int64_t num_workers = 0;
+    int64_t seed = 0;
+    bool shuffle = true;
+  } data;
+  struct Train {
+    int64_t micro_batch_size = 0;            // 0 means "auto"
+    int64_t gradient_accumulation_steps = 0; // 0: derived from global_batch_size (or 1)
+    int64_t global_batch_size = 0;           // sequences per optimizer step; 0: micro * accumulation
+    int64_t max_steps = 0;
+    double epochs = 0;
+    double lr = 0, min_lr = 0, weight_decay = 0, grad_clip = 0, eps = 0;
+    std::string lr_schedule;
+    int64_t warmup_steps = 0;
+    std::array<double, 2> betas{};
+    std::string fused_adamw;                 // "auto" | "on" | "off"
+    int64_t seed = 0;
+    double time_limit = 0;
+  } train;
+  struct Amp {
+    std::string dtype;                       // "none" | "bfloat16" | "float16"
+    double init_scale = 0, growth_factor = 0, backoff_factor = 0;
+    int64_t growth_interval = 0;
+  } amp;
+  struct Checkpoint {
+    int64_t every_steps = 0, keep_last = 0;
+    std::string resume;
+  } checkpoint;
+  struct Eval {
+    int64_t every_steps = 0, max_batches = 0;
+  } eval;
+  struct Log {
+    int64_t every_steps = 0;
+    std::string progress;                    // "auto" | "bar" | "lines"
+  } log;
+  struct Oom {
+    std::string policy;
+    int64_t min_micro_batch_size = 0;
+  } oom;
+  std::string output_dir;
+  std::string device;
+  std::string save_dtype;
+
+  // Calls the visitor once per option: v.integer / v.number / v.flag / v.text / v.choice /
+  // v.pair / v.micro_batch / v.checkpointing (field, "json.path", default, ..., "help").
+  template <class Visitor>
+  void visit(Visitor& v);
+
+  // The defaults of every option.
+  TrainConfig();
+  // Parses a config JSON after applying `overrides` ("a.b=value", value as JSON or a bare
+  // string). Unknown keys, wrong types and out-of-range values are Errors naming the path.
+  static TrainConfig parse(const nlohmann::json& j, const std::vector<std::string>& overrides = {},
+                           const std::string& where = "config");
+  static TrainConfig from_file(const std::string& path, const std::vector<std::string>& overrides = {});
+  // Every option with its value (the resolved config; feeding it back gives the same config).
+  nlohmann::json to_json() const;
+  // One line per option: path, default and help.
+  static std::string help_text();
+
+  // Derived values.
+  bool micro_batch_auto() const { return train.micro_batch_size == 0; }
+  // Blocks to checkpoint: 0 none, 1 all, N every N-th.
+  int64_t checkpoint_every_n_blocks() const;
+};
+
+}  // namespace gpt2ft

@@ -1,0 +1,45 @@
+// gpt2-finetune train --config run.json (also plain `gpt2-finetune --config run.json`).
+#include <memory>
+
+#include "commands.h"
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/train/config.h"
+#include "gpt2ft/train/trainer.h"
+
+namespace gpt2ft::cli {
+
+namespace {
+struct TrainArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+};
+
+void add_train_options(CLI::App& app, TrainArgs& args) {
+  app.add_option("--config", args.config, "Training config JSON (see the options below)");
+  app.add_option("--set", args.overrides, "Override an option: --set train.micro_batch_size=4 (repeatable)")
+      ->take_all();
+}
+
+int run_train(const TrainArgs& args) {
+  if (args.config.empty()) throw Error("train: --config FILE is required");
+  const TrainConfig config = TrainConfig::from_file(args.config, args.overrides);
+  run_training(config);
+  return kExitOk;
+}
+}  // namespace
+
+void add_train_command(CLI::App& app, Runner& run) {
+  auto top = std::make_shared<TrainArgs>();
+  auto sub = std::make_shared<TrainArgs>();
+  add_train_options(app, *top);
+  CLI::App* cmd = app.add_subcommand("train", "Fine-tune or train a model from a JSON config");
+  add_train_options(*cmd, *sub);
+  cmd->footer("Config options (JSON paths):\n" + TrainConfig::help_text());
+  cmd->callback([sub, &run] { run = [sub] { return run_train(*sub); }; });
+  // `gpt2-finetune --config run.json` without a subcommand trains too.
+  app.callback([top, &app, &run] {
+    if (!run && !top->config.empty() && app.get_subcommands().empty()) run = [top] { return run_train(*top); };
+  });
+}
+
+}  // namespace gpt2ft::cli

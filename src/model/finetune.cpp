@@ -1,0 +1,49 @@
+// Freezing and vocabulary resizing.
+#include "gpt2ft/model/finetune.h"
+
+#include <torch/torch.h>
+
+#include "gpt2ft/core/error.h"
+
+namespace gpt2ft {
+
+void freeze(GPT2& model, bool embeddings, int64_t blocks) {
+  const int64_t L = model->config().n_layer;
+  if (blocks > L) {
+    throw Error("model.freeze_blocks: " + std::to_string(blocks) + " is more than the model's " + std::to_string(L) +
+                " blocks");
+  }
+  if (embeddings) {
+    model->transformer->wte->weight.requires_grad_(false);
+    model->transformer->wpe->weight.requires_grad_(false);
+  }
+  for (int64_t i = 0; i < blocks; ++i) {
+    for (auto& p : model->transformer->h[static_cast<size_t>(i)]->parameters()) p.requires_grad_(false);
+  }
+}
+
+GPT2 resize_vocab(GPT2& model, int64_t vocab_size) {
+  GPT2Config config = model->config();
+  const int64_t old_vocab = config.vocab_size;
+  config.vocab_size = vocab_size;
+  GPT2 resized(config);
+  torch::NoGradGuard no_grad;
+  auto old_params = model->named_parameters();
+  const auto device = model->transformer->wte->weight.device();
+  resized->to(device);
+  for (auto& item : resized->named_parameters()) {
+    const torch::Tensor& old = old_params[item.key()];
+    torch::Tensor& p = item.value();
+    if (item.key() == "transformer.wte.weight" || item.key() == "lm_head.weight") {
+      const int64_t keep = std::min(old_vocab, vocab_size);
+      p.narrow(0, 0, keep).copy_(old.narrow(0, 0, keep));
+      if (vocab_size > old_vocab) p.narrow(0, old_vocab, vocab_size - old_vocab).copy_(old.mean(0).expand({vocab_size - old_vocab, -1}));
+    } else {
+      p.copy_(old);
+    }
+  }
+  resized->set_activation_checkpointing(model->activation_checkpointing());
+  return resized;
+}
+
+}  // namespace gpt2ft

@@ -1,0 +1,371 @@
+// Training config: declaration of every option, and the visitors that parse, print and
+// document them.
+#include "gpt2ft/train/config.h"
+
+#include <cmath>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <sstream>
+
+#include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/model/config.h"
+
+namespace gpt2ft {
+using nlohmann::json;
+
+constexpr int64_t kMaxInt = std::numeric_limits<int64_t>::max();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+template <class Visitor>
+void TrainConfig::visit(Visitor& v) {
+  // model
+  v.text(model.init_from, "model.init_from", "",
+         "Hugging Face model folder to fine-tune (config.json + model.safetensors [+ tokenizer files])");
+  v.choice(model.preset, "model.preset", "", {"", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"},
+           "Train a randomly initialised model of this shape instead of model.init_from");
+  v.number(model.dropout, "model.dropout", -1.0, -1.0, 0.99,
+           "Dropout for embeddings, attention and residuals; -1 keeps the model's config.json values");
+  v.checkpointing(model.activation_checkpointing, "model.activation_checkpointing", "none",
+                  "Recompute activations in backward to save memory: \"none\", \"all\", or N (every N-th block)");
+  v.flag(model.freeze_embeddings, "model.freeze_embeddings", false, "Do not train wte/wpe (and a tied lm_head)");
+  v.integer(model.freeze_blocks, "model.freeze_blocks", 0, 0, kMaxInt, "Do not train the first N transformer blocks");
+  v.integer(model.resize_vocab, "model.resize_vocab", 0, 0, kMaxInt,
+            "Resize the vocabulary to N (new rows start at the mean embedding); 0 keeps it");
+  // data
+  v.text(data.train, "data.train", "", "Glob of training shards (required), e.g. \"data/train_*.bin\"");
+  v.text(data.val, "data.val", "", "Glob of validation shards; empty: no validation");
+  v.integer(data.seq_len, "data.seq_len", 1024, 1, kMaxInt, "Tokens per sample (T); at most the model's n_positions");
+  v.integer(data.num_workers, "data.num_workers", 2, 1, 256, "Loader worker threads");
+  v.integer(data.seed, "data.seed", 1337, 0, kMaxInt, "Seed of the per-epoch sample order");
+  v.flag(data.shuffle, "data.shuffle", true, "Shuffle samples each epoch (false: shard order)");
+  // train
+  v.micro_batch(train.micro_batch_size, "train.micro_batch_size", 8,
+                "Sequences per forward/backward pass, or \"auto\" (the memory planner picks)");
+  v.integer(train.gradient_accumulation_steps, "train.gradient_accumulation_steps", 0, 0, kMaxInt,
+            "Micro batches per optimizer step; 0 derives it from train.global_batch_size (else 1)");
+  v.integer(train.global_batch_size, "train.global_batch_size", 0, 0, kMaxInt,
+            "Sequences per optimizer step; must be divisible by the micro batch. 0: micro * accumulation");
+  v.integer(train.max_steps, "train.max_steps", 0, 0, kMaxInt, "Optimizer steps to run (or set train.epochs)");
+  v.number(train.epochs, "train.epochs", 0.0, 0.0, kInf, "Epochs to run when train.max_steps is 0");
+  v.number(train.lr, "train.lr", 3e-4, 0.0, kInf, "Peak learning rate");
+  v.choice(train.lr_schedule, "train.lr_schedule", "cosine", {"constant", "linear", "cosine"},
+           "Decay after warmup: constant, linear or cosine down to train.min_lr");
+  v.integer(train.warmup_steps, "train.warmup_steps", 0, 0, kMaxInt, "Linear warmup steps from 0 to train.lr");
+  v.number(train.min_lr, "train.min_lr", 0.0, 0.0, kInf, "Learning rate at the end of the decay");
+  v.number(train.weight_decay, "train.weight_decay", 0.1, 0.0, kInf,
+           "AdamW weight decay (not applied to biases and LayerNorm weights)");
+  v.pair(train.betas, "train.betas", {0.9, 0.95}, 0.0, 1.0, "AdamW betas [beta1, beta2]");
+  v.number(train.eps, "train.eps", 1e-8, 0.0, 1.0, "AdamW epsilon");
+  v.number(train.grad_clip, "train.grad_clip", 1.0, 0.0, kInf, "Clip the global gradient norm to this; 0 = off");
+  v.choice(train.fused_adamw, "train.fused_adamw", "auto", {"auto", "on", "off"},
+           "Use the fused AdamW kernel (auto: on CUDA)");
+  v.integer(train.seed, "train.seed", 1337, 0, kMaxInt, "Seed of initialisation and dropout");
+  v.number(train.time_limit, "train.time_limit", 0.0, 0.0, kInf,
+           "Wall seconds after which the run checkpoints and stops; 0 = none");
+  // amp
+  v.choice(amp.dtype, "amp.dtype", "none", {"none", "bfloat16", "float16"},
+           "Autocast dtype; float16 uses a dynamic loss scale (GradScaler)");
+  v.number(amp.init_scale, "amp.init_scale", 65536.0, 1e-30, kInf, "float16: initial loss scale");
+  v.number(amp.growth_factor, "amp.growth_factor", 2.0, 1.0, kInf, "float16: scale growth factor");
+  v.number(amp.backoff_factor, "amp.backoff_factor", 0.5, 1e-30, 1.0, "float16: scale backoff factor on inf/NaN");
+  v.integer(amp.growth_interval, "amp.growth_interval", 2000, 1, kMaxInt,
+            "float16: steps without inf/NaN before the scale grows");
+  // checkpoint
+  v.integer(checkpoint.every_steps, "checkpoint.every_steps", 0, 0, kMaxInt,
+            "Write a training checkpoint every N steps; 0 = only at the end");
+  v.integer(checkpoint.keep_last, "checkpoint.keep_last", 2, 1, kMaxInt, "Checkpoints kept");
+  v.text(checkpoint.resume, "checkpoint.resume", "auto",
+         "\"auto\" (the latest checkpoint in output_dir if any), \"none\", or a checkpoint folder");
+  // eval
+  v.integer(eval.every_steps, "eval.every_steps", 0, 0, kMaxInt, "Validation every N steps; 0 = only at the end");
+  v.integer(eval.max_batches, "eval.max_batches", 20, 0, kMaxInt, "Validation batches per evaluation; 0 = all");
+  // log
+  v.integer(log.every_steps, "log.every_steps", 10, 1, kMaxInt, "Metrics every N steps (console and metrics.jsonl)");
+  v.choice(log.progress, "log.progress", "auto", {"auto", "bar", "lines"},
+           "Progress bar on a terminal (auto), always, or plain log lines");
+  // oom
+  v.choice(oom.policy, "oom.policy", "backoff", {"backoff", "checkpoint_and_exit", "fail"},
+           "On CUDA out-of-memory: halve the micro batch and redo the step, checkpoint and exit, or fail");
+  v.integer(oom.min_micro_batch_size, "oom.min_micro_batch_size", 1, 1, kMaxInt, "Smallest micro batch back-off tries");
+  // run
+  v.text(output_dir, "output_dir", "runs/run", "Run folder: config, metrics.jsonl, checkpoints, final/ model");
+  v.text(device, "device", "auto", "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"");
+  v.choice(save_dtype, "save_dtype", "float32", {"float32", "bfloat16", "float16"}, "dtype of saved model weights");
+}
+
+namespace {
+
+std::string show(const json& v) { return v.is_string() ? "\"" + v.get<std::string>() + "\"" : v.dump(); }
+
+std::string range_text(double lo, double hi) {
+  std::ostringstream s;
+  if (hi == kInf || hi >= static_cast<double>(kMaxInt)) s << ">= " << lo;
+  else s << "in [" << lo << ", " << hi << "]";
+  return s.str();
+}
+
+// Flattens nested objects into "a.b" -> value.
+void flatten(const json& j, const std::string& prefix, std::map<std::string, json>& out) {
+  for (const auto& [key, value] : j.items()) {
+    const std::string path = prefix.empty() ? key : prefix + "." + key;
+    if (value.is_object()) flatten(value, path, out);
+    else out[path] = value;
+  }
+}
+
+struct DefaultsVisitor {
+  template <class T, class D, class... Rest>
+  void set(T& field, const D& def) { field = def; }
+  void integer(int64_t& f, const char*, int64_t d, int64_t, int64_t, const char*) { f = d; }
+  void number(double& f, const char*, double d, double, double, const char*) { f = d; }
+  void flag(bool& f, const char*, bool d, const char*) { f = d; }
+  void text(std::string& f, const char*, const char* d, const char*) { f = d; }
+  void choice(std::string& f, const char*, const char* d, std::initializer_list<const char*>, const char*) { f = d; }
+  void pair(std::array<double, 2>& f, const char*, std::array<double, 2> d, double, double, const char*) { f = d; }
+  void micro_batch(int64_t& f, const char*, int64_t d, const char*) { f = d; }
+  void checkpointing(std::string& f, const char*, const char* d, const char*) { f = d; }
+};
+
+struct ParseVisitor {
+  std::map<std::string, json>& values;
+  std::string where;
+
+  const json* find(const char* path) {
+    const auto it = values.find(path);
+    if (it == values.end()) return nullptr;
+    return &it->second;
+  }
+  [[noreturn]] void fail(const char* path, const std::string& expected, const json& got) {
+    throw Error(where + ": " + path + ": expected " + expected + ", got " + show(got));
+  }
+  void done(const char* path) { values.erase(path); }
+
+  void integer(int64_t& f, const char* path, int64_t, int64_t lo, int64_t hi, const char*) {
+    if (const json* v = find(path)) {
+      const std::string expected = "an integer " + range_text(static_cast<double>(lo), static_cast<double>(hi));
+      if (!v->is_number_integer()) fail(path, expected, *v);
+      const int64_t x = v->get<int64_t>();
+      if (x < lo || x > hi) fail(path, expected, *v);
+      f = x;
+      done(path);
+    }
+  }
+  void number(double& f, const char* path, double, double lo, double hi, const char*) {
+    if (const json* v = find(path)) {
+      const std::string expected = "a number " + range_text(lo, hi);
+      if (!v->is_number()) fail(path, expected, *v);
+      const double x = v->get<double>();
+      if (!(x >= lo && x <= hi)) fail(path, expected, *v);
+      f = x;
+      done(path);
+    }
+  }
+  void flag(bool& f, const char* path, bool, const char*) {
+    if (const json* v = find(path)) {
+      if (!v->is_boolean()) fail(path, "true or false", *v);
+      f = v->get<bool>();
+      done(path);
+    }
+  }
+  void text(std::string& f, const char* path, const char*, const char*) {
+    if (const json* v = find(path)) {
+      if (!v->is_string()) fail(path, "a string", *v);
+      f = v->get<std::string>();
+      done(path);
+    }
+  }
+  void choice(std::string& f, const char* path, const char*, std::initializer_list<const char*> choices, const char*) {
+    if (const json* v = find(path)) {
+      std::string expected = "one of";
+      bool ok = false;
+      for (const char* c : choices) {
+        expected += std::string(" \"") + c + "\"";
+        ok = ok || (v->is_string() && v->get<std::string>() == c);
+      }
+      if (!ok) fail(path, expected, *v);
+      f = v->get<std::string>();
+      done(path);
+    }
+  }
+  void pair(std::array<double, 2>& f, const char* path, std::array<double, 2>, double lo, double hi, const char*) {
+    if (const json* v = find(path)) {
+      const std::string expected = "two numbers " + range_text(lo, hi);
+      if (!v->is_array() || v->size() != 2 || !(*v)[0].is_number() || !(*v)[1].is_number()) fail(path, expected, *v);
+      for (int i = 0; i < 2; ++i) {
+        const double x = (*v)[i].get<double>();
+        if (!(x >= lo && x <= hi)) fail(path, expected, *v);
+        f[i] = x;
+      }
+      done(path);
+    }
+  }
+  void micro_batch(int64_t& f, const char* path, int64_t, const char*) {
+    if (const json* v = find(path)) {
+      if (v->is_string() && v->get<std::string>() == "auto") f = 0;
+      else if (v->is_number_integer() && v->get<int64_t>() >= 1) f = v->get<int64_t>();
+      else fail(path, "an integer >= 1 or \"auto\"", *v);
+      done(path);
+    }
+  }
+  void checkpointing(std::string& f, const char* path, const char*, const char*) {
+    if (const json* v = find(path)) {
+      if (v->is_string() && (v->get<std::string>() == "none" || v->get<std::string>() == "all")) f = v->get<std::string>();
+      else if (v->is_number_integer() && v->get<int64_t>() >= 1) f = std::to_string(v->get<int64_t>());
+      else fail(path, "\"none\", \"all\" or an integer N >= 1 (every N-th block)", *v);
+      done(path);
+    }
+  }
+};
+
+struct PrintVisitor {
+  json out = json::object();
+  void put(const char* path, const json& value) {
+    json* node = &out;
+    std::string p = path;
+    size_t dot;
+    while ((dot = p.find('.')) != std::string::npos) {
+      node = &(*node)[p.substr(0, dot)];
+      p = p.substr(dot + 1);
+    }
+    (*node)[p] = value;
+  }
+  void integer(int64_t& f, const char* path, int64_t, int64_t, int64_t, const char*) { put(path, f); }
+  void number(double& f, const char* path, double, double, double, const char*) { put(path, f); }
+  void flag(bool& f, const char* path, bool, const char*) { put(path, f); }
+  void text(std::string& f, const char* path, const char*, const char*) { put(path, f); }
+  void choice(std::string& f, const char* path, const char*, std::initializer_list<const char*>, const char*) { put(path, f); }
+  void pair(std::array<double, 2>& f, const char* path, std::array<double, 2>, double, double, const char*) {
+    put(path, json::array({f[0], f[1]}));
+  }
+  void micro_batch(int64_t& f, const char* path, int64_t, const char*) { put(path, f == 0 ? json("auto") : json(f)); }
+  void checkpointing(std::string& f, const char* path, const char*, const char*) {
+    put(path, (f == "none" || f == "all") ? json(f) : json(std::stoll(f)));
+  }
+};
+
+struct HelpVisitor {
+  std::ostringstream out;
+  void line(const char* path, const json& def, const char* help) {
+    out << "  " << path << " (default " << show(def) << ")\n      " << help << "\n";
+  }
+  void integer(int64_t&, const char* path, int64_t d, int64_t, int64_t, const char* help) { line(path, d, help); }
+  void number(double&, const char* path, double d, double, double, const char* help) { line(path, d, help); }
+  void flag(bool&, const char* path, bool d, const char* help) { line(path, d, help); }
+  void text(std::string&, const char* path, const char* d, const char* help) { line(path, d, help); }
+  void choice(std::string&, const char* path, const char* d, std::initializer_list<const char*>, const char* help) {
+    line(path, d, help);
+  }
+  void pair(std::array<double, 2>&, const char* path, std::array<double, 2> d, double, double, const char* help) {
+    line(path, json::array({d[0], d[1]}), help);
+  }
+  void micro_batch(int64_t&, const char* path, int64_t d, const char* help) { line(path, d, help); }
+  void checkpointing(std::string&, const char* path, const char* d, const char* help) { line(path, d, help); }
+};
+
+// Applies "a.b=value" to the nested JSON.
+void apply_override(json& j, const std::string& text) {
+  const size_t eq = text.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    throw Error("--set " + text + ": expected KEY=VALUE, e.g. --set train.micro_batch_size=4");
+  }
+  const std::string key = text.substr(0, eq), raw = text.substr(eq + 1);
+  json value = json::parse(raw, nullptr, /*allow_exceptions=*/false);
+  if (value.is_discarded()) value = raw;  // a bare word is a string
+  json* node = &j;
+  std::string p = key;
+  size_t dot;
+  while ((dot = p.find('.')) != std::string::npos) {
+    node = &(*node)[p.substr(0, dot)];
+    if (!node->is_object() && !node->is_null()) throw Error("--set " + text + ": " + key + " is not an option");
+    p = p.substr(dot + 1);
+  }
+  (*node)[p] = value;
+}
+
+}  // namespace
+
+TrainConfig::TrainConfig() {
+  DefaultsVisitor v;
+  visit(v);
+}
+
+TrainConfig TrainConfig::parse(const json& j, const std::vector<std::string>& overrides, const std::string& where) {
+  if (!j.is_object()) throw Error(where + ": expected a JSON object");
+  json merged = j;
+  for (const auto& o : overrides) apply_override(merged, o);
+  std::map<std::string, json> values;
+  flatten(merged, "", values);
+  TrainConfig c;
+  ParseVisitor v{values, where};
+  c.visit(v);
+  if (!values.empty()) {
+    std::string known;
+    HelpVisitor h;  // unknown keys: name them and the closest section's options
+    const std::string key = values.begin()->first;
+    const std::string section = key.substr(0, key.find('.'));
+    PrintVisitor p;
+    c.visit(p);
+    std::string hint;
+    if (p.out.contains(section) && p.out[section].is_object()) {
+      for (const auto& [k, _] : p.out[section].items()) hint += (hint.empty() ? "" : ", ") + section + "." + k;
+    }
+    throw Error(where + ": " + key + ": unknown option" + (hint.empty() ? "" : " (options here: " + hint + ")"));
+  }
+  // Cross-field rules.
+  if (c.model.init_from.empty() == c.model.preset.empty()) {
+    throw Error(where + ": give exactly one of model.init_from (a model folder) or model.preset");
+  }
+  if (c.data.train.empty()) throw Error(where + ": data.train: required (a glob of training shards)");
+  if (c.train.max_steps == 0 && c.train.epochs == 0) {
+    throw Error(where + ": train.max_steps or train.epochs: one must be > 0");
+  }
+  if (c.train.min_lr > c.train.lr) throw Error(where + ": train.min_lr must not exceed train.lr");
+  if (c.train.global_batch_size > 0 && c.train.gradient_accumulation_steps > 0 && !c.micro_batch_auto() &&
+      c.train.global_batch_size != c.train.micro_batch_size * c.train.gradient_accumulation_steps) {
+    throw Error(where + ": train.global_batch_size (" + std::to_string(c.train.global_batch_size) +
+                ") != train.micro_batch_size * train.gradient_accumulation_steps (" +
+                std::to_string(c.train.micro_batch_size) + " * " + std::to_string(c.train.gradient_accumulation_steps) +
+                "); set only one of the last two");
+  }
+  if (c.train.global_batch_size > 0 && !c.micro_batch_auto() && c.train.global_batch_size % c.train.micro_batch_size) {
+    throw Error(where + ": train.global_batch_size (" + std::to_string(c.train.global_batch_size) +
+                ") is not divisible by train.micro_batch_size (" + std::to_string(c.train.micro_batch_size) + ")");
+  }
+  if (c.micro_batch_auto() && c.train.global_batch_size == 0) {
+    throw Error(where + ": train.micro_batch_size \"auto\" needs train.global_batch_size");
+  }
+  return c;
+}
+
+TrainConfig TrainConfig::from_file(const std::string& path, const std::vector<std::string>& overrides) {
+  json j;
+  try {
+    j = json::parse(read_text_file(path), nullptr, true, /*ignore_comments=*/true);
+  } catch (const json::exception& e) {
+    throw Error(path + ": not valid JSON (" + e.what() + ")");
+  }
+  return parse(j, overrides, path);
+}
+
+json TrainConfig::to_json() const {
+  PrintVisitor p;
+  const_cast<TrainConfig*>(this)->visit(p);
+  return p.out;
+}
+
+std::string TrainConfig::help_text() {
+  TrainConfig c;
+  HelpVisitor h;
+  c.visit(h);
+  return h.out.str();
+}
+
+int64_t TrainConfig::checkpoint_every_n_blocks() const {
+  if (model.activation_checkpointing == "none") return 0;
+  if (model.activation_checkpointing == "all") return 1;
+  return std::stoll(model.activation_checkpointing);
+}
+
+}  // namespace gpt2ft

@@ -1,0 +1,309 @@
+// The training loop. The step reads like the algorithm; details live in the helpers above it.
+#include "gpt2ft/train/trainer.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/autocast.h"
+#include "gpt2ft/core/cuda_info.h"
+#include "gpt2ft/core/device.h"
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/data/loader.h"
+#include "gpt2ft/data/shard.h"
+#include "gpt2ft/eval/evaluate.h"
+#include "gpt2ft/io/model_folder.h"
+#include "gpt2ft/model/finetune.h"
+#include "gpt2ft/model/init.h"
+#include "gpt2ft/train/adamw.h"
+#include "gpt2ft/train/grad_scaler.h"
+#include "gpt2ft/train/lr_schedule.h"
+
+namespace gpt2ft {
+namespace fs = std::filesystem;
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+c10::ScalarType amp_scalar_type(const std::string& name) {
+  if (name == "bfloat16") return c10::kBFloat16;
+  if (name == "float16") return c10::kHalf;
+  return c10::kFloat;
+}
+
+GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
+  auto set_dropout = [&](GPT2Config& c) {
+    if (cfg.model.dropout >= 0) c.resid_pdrop = c.embd_pdrop = c.attn_pdrop = cfg.model.dropout;
+  };
+  GPT2 model{nullptr};
+  if (!cfg.model.init_from.empty()) {
+    model = load_model_folder(cfg.model.init_from, c10::kCPU, set_dropout);
+  } else {
+    GPT2Config c = GPT2Config::preset(cfg.model.preset);
+    set_dropout(c);
+    model = GPT2(c);
+    init_gpt2_weights(model, static_cast<uint64_t>(cfg.train.seed));
+  }
+  if (cfg.model.resize_vocab > 0 && cfg.model.resize_vocab != model->config().vocab_size) {
+    spdlog::info("resizing the vocabulary from {} to {}", model->config().vocab_size, cfg.model.resize_vocab);
+    model = resize_vocab(model, cfg.model.resize_vocab);
+  }
+  model->set_activation_checkpointing(cfg.checkpoint_every_n_blocks());
+  freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_blocks);
+  model->to(device);
+  model->train();
+  return model;
+}
+
+// Global-norm gradient clipping without a host sync: returns the norm before clipping.
+torch::Tensor clip_grad_norm(const std::vector<torch::Tensor>& grads, double max_norm) {
+  torch::NoGradGuard no_grad;
+  const auto norms = torch::_foreach_norm(grads, 2);
+  const torch::Tensor total = torch::linalg_vector_norm(torch::stack(norms), 2);  // ()
+  if (max_norm > 0) {
+    const torch::Tensor coef = torch::clamp(max_norm / (total + 1e-6), c10::nullopt, 1.0);
+    torch::_foreach_mul_(grads, coef);
+  }
+  return total;
+}
+
+// Metrics to the console (progress bar or lines) and <output_dir>/metrics.jsonl.
+class MetricsLog {
+ public:
+  MetricsLog(const fs::path& path, const std::string& progress, int64_t max_steps)
+      : out_(path, std::ios::app), max_steps_(max_steps), start_(Clock::now()) {
+    bar_ = progress == "bar" || (progress == "auto" && ::isatty(STDERR_FILENO));
+  }
+  void record(const nlohmann::json& row) {
+    out_ << row.dump() << "\n";
+    out_.flush();
+    clear_bar();
+    if (row.contains("val_loss")) {
+      spdlog::info("step {:>6} | val loss {:.4f} | val perplexity {:.2f}", row["step"].get<int64_t>(),
+                   row["val_loss"].get<double>(), row["val_perplexity"].get<double>());
+      return;
+    }
+    last_loss_ = row["loss"].get<double>();
+    std::string extra;
+    if (row.contains("mfu")) extra += fmt::format(" | mfu {:.1f}%", 100 * row["mfu"].get<double>());
+    if (row.contains("cuda_peak_allocated_gb")) {
+      extra += fmt::format(" | mem {:.2f}/{:.2f} GB", row["cuda_peak_allocated_gb"].get<double>(),
+                           row["cuda_peak_reserved_gb"].get<double>());
+    }
+    if (row.contains("loss_scale")) {
+      extra += fmt::format(" | scale {:g} skipped {}", row["loss_scale"].get<double>(), row["skipped_steps"].get<int64_t>());
+    }
+    spdlog::info("step {:>6}/{} | loss {:.4f} | lr {:.3e} | norm {:.3f} | {:.0f} tok/s | {:.0f} ms{}",
+                 row["step"].get<int64_t>(), max_steps_, last_loss_, row["lr"].get<double>(),
+                 row["grad_norm"].get<double>(), row["tokens_per_s"].get<double>(), row["step_ms"].get<double>(), extra);
+  }
+  // A one-line bar with the last logged loss; no host sync.
+  void progress(int64_t step) {
+    if (!bar_) return;
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
+    const double eta = step > 0 ? elapsed / step * (max_steps_ - step) : 0;
+    const int width = 30, filled = static_cast<int>(width * step / std::max<int64_t>(1, max_steps_));
+    std::fprintf(stderr, "\r[%s%s] %lld/%lld loss %.4f ETA %02d:%02d   ", std::string(filled, '#').c_str(),
+                 std::string(width - filled, '.').c_str(), static_cast<long long>(step),
+                 static_cast<long long>(max_steps_), last_loss_, static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+    std::fflush(stderr);
+    drawn_ = true;
+  }
+  void clear_bar() {
+    if (drawn_) std::fprintf(stderr, "\r%80s\r", "");
+    drawn_ = false;
+  }
+
+ private:
+  std::ofstream out_;
+  int64_t max_steps_;
+  Clock::time_point start_;
+  bool bar_ = false, drawn_ = false;
+  double last_loss_ = NAN;
+};
+
+}  // namespace
+
+double model_flops_per_token(const GPT2Config& c, int64_t seq_len) {
+  const double n = static_cast<double>(c.num_parameters() - c.n_positions * c.n_embd);
+  return 6 * n + 12.0 * c.n_layer * c.n_embd * seq_len;
+}
+
+TrainSummary run_training(const TrainConfig& cfg) {
+  const auto run_start = Clock::now();
+  const c10::Device device = parse_device(cfg.device, "device");
+  const fs::path out_dir = cfg.output_dir;
+  fs::create_directories(out_dir);
+  const std::string resolved = cfg.to_json().dump(2);
+  spdlog::info("resolved config:\n{}", resolved);
+  write_file_atomic(out_dir / "config.json", resolved + "\n");
+
+  torch::manual_seed(static_cast<uint64_t>(cfg.train.seed));
+  GPT2 model = build_model(cfg, device);
+  const GPT2Config& mc = model->config();
+  const int64_t T = cfg.data.seq_len;
+  if (T > mc.n_positions) {
+    throw Error("data.seq_len (" + std::to_string(T) + ") exceeds the model's n_positions (" +
+                std::to_string(mc.n_positions) + ")");
+  }
+
+  // Batch arithmetic: global batch = micro batch * accumulation, in sequences.
+  if (cfg.micro_batch_auto()) {
+    throw Error("train.micro_batch_size \"auto\" needs the memory planner, which is not built yet; set an integer");
+  }
+  const int64_t micro = cfg.train.micro_batch_size;
+  const int64_t accum = cfg.train.global_batch_size > 0 ? cfg.train.global_batch_size / micro
+                        : cfg.train.gradient_accumulation_steps > 0 ? cfg.train.gradient_accumulation_steps
+                                                                   : 1;
+  const int64_t global = micro * accum;
+
+  LoaderOptions lo;
+  lo.shards = expand_glob(cfg.data.train, "data.train");
+  lo.seq_len = T;
+  lo.micro_batch = micro;
+  lo.seed = static_cast<uint64_t>(cfg.data.seed);
+  lo.shuffle = cfg.data.shuffle;
+  lo.num_workers = static_cast<int>(cfg.data.num_workers);
+  lo.prefetch = 2 * lo.num_workers + 2;
+  lo.vocab_size = mc.vocab_size;
+  lo.device = device;
+  DataLoader loader(lo);
+  const std::vector<fs::path> val_shards = cfg.data.val.empty() ? std::vector<fs::path>{}
+                                                                : expand_glob(cfg.data.val, "data.val");
+  const int64_t max_steps = cfg.train.max_steps > 0
+                                ? cfg.train.max_steps
+                                : static_cast<int64_t>(std::ceil(cfg.train.epochs * loader.samples_per_epoch() / global));
+
+  const c10::ScalarType amp = amp_scalar_type(cfg.amp.dtype);
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  for (const auto& item : model->named_parameters()) named.emplace_back(item.key(), item.value());
+  AdamWOptions ao;
+  ao.weight_decay = cfg.train.weight_decay;
+  ao.betas = cfg.train.betas;
+  ao.eps = cfg.train.eps;
+  ao.fused = cfg.train.fused_adamw == "on" || (cfg.train.fused_adamw == "auto" && device.is_cuda());
+  AdamW optimizer(named, ao);
+  std::optional<GradScaler> scaler;
+  if (amp == c10::kHalf) {
+    scaler.emplace(device, GradScalerOptions{cfg.amp.init_scale, cfg.amp.growth_factor, cfg.amp.backoff_factor,
+                                             cfg.amp.growth_interval});
+  }
+  LrSchedule schedule{cfg.train.lr_schedule, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, max_steps};
+
+  const double flops_per_token = model_flops_per_token(mc, T);
+  const double peak_flops = device.is_cuda() ? gpu_peak_flops(cuda_device_name(device)) : 0.0;
+  spdlog::info("model: {} parameters ({} trained); device {}{}; micro batch {} x accumulation {} = global batch {} "
+               "sequences of {} tokens; {} steps ({:.2f} epochs of {} samples); amp {}; fused AdamW {}",
+               mc.num_parameters(), [&] { int64_t n = 0; for (auto& [k, p] : named) n += p.requires_grad() ? p.numel() : 0; return n; }(),
+               device.str(), device.is_cuda() ? " (" + cuda_device_name(device) + ")" : "", micro, accum, global, T,
+               max_steps, static_cast<double>(max_steps * global) / loader.samples_per_epoch(),
+               loader.samples_per_epoch(), cfg.amp.dtype, ao.fused ? "on" : "off");
+
+  MetricsLog metrics(out_dir / "metrics.jsonl", cfg.log.progress, max_steps);
+  EvalOptions eval_options{T, micro, cfg.eval.max_batches, amp};
+  auto validate = [&](int64_t step) -> std::optional<double> {
+    if (val_shards.empty()) return std::nullopt;
+    const EvalResult r = evaluate(model, val_shards, eval_options, device);
+    model->train();
+    metrics.record({{"step", step}, {"val_loss", r.loss}, {"val_perplexity", r.perplexity}, {"val_tokens", r.tokens}});
+    return r.loss;
+  };
+
+  TrainSummary summary;
+  summary.micro_batch = micro;
+  summary.accumulation = accum;
+  auto interval_start = Clock::now();
+  int64_t interval_steps = 0;
+  bool logged_first = false;
+  for (int64_t step = 0; step < max_steps; ++step) {
+    const double lr = schedule.at(step);
+
+    // Forward and backward over the micro batches; each loss is a mean over its micro
+    // batch divided by the accumulation, so the gradients sum to the global batch's mean.
+    torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().device(device));
+    for (int64_t m = 0; m < accum; ++m) {
+      Batch batch = loader.next();
+      torch::Tensor loss;
+      {
+        AutocastGuard autocast(device.type(), amp);
+        loss = next_token_loss(model->forward(batch.x), batch.y) / static_cast<double>(accum);
+      }
+      loss_sum += loss.detach();
+      (scaler ? scaler->scale(loss) : loss).backward();
+    }
+
+    // Unscale, clip, step (skipped on inf/NaN under float16), update the scale.
+    const std::vector<torch::Tensor> grads = optimizer.grads();
+    if (scaler) scaler->unscale_(grads);
+    const torch::Tensor grad_norm = clip_grad_norm(grads, cfg.train.grad_clip);
+    if (!scaler) optimizer.step(lr);
+    else if (ao.fused) optimizer.step(lr, std::nullopt, scaler->found_inf());
+    else if (scaler->found_inf().item<float>() == 0.0f) optimizer.step(lr);  // unfused: one sync
+    if (scaler) scaler->update();
+    optimizer.zero_grad();
+    ++interval_steps;
+
+    // Metrics only at log steps: the only host syncs of the loop.
+    const bool last = step + 1 == max_steps;
+    if ((step + 1) % cfg.log.every_steps == 0 || last || step == 0) {
+      const double loss_value = loss_sum.item<double>();
+      const double secs = std::chrono::duration<double>(Clock::now() - interval_start).count();
+      const double tokens_per_s = static_cast<double>(interval_steps * global * T) / secs;
+      nlohmann::json row = {{"step", step + 1},
+                            {"loss", loss_value},
+                            {"lr", lr},
+                            {"grad_norm", grad_norm.item<double>()},
+                            {"tokens_per_s", tokens_per_s},
+                            {"step_ms", 1000 * secs / interval_steps},
+                            {"epoch", loader.state().epoch},
+                            {"samples_in_epoch", loader.state().consumed},
+                            {"micro_batch", micro}};
+      if (peak_flops > 0) row["mfu"] = flops_per_token * tokens_per_s / peak_flops;
+      if (device.is_cuda()) {
+        const CudaMemory mem = cuda_memory(device);
+        row["cuda_peak_allocated_gb"] = mem.peak_allocated / 1e9;
+        row["cuda_peak_reserved_gb"] = mem.peak_reserved / 1e9;
+      }
+      if (scaler) {
+        row["loss_scale"] = scaler->scale_tensor().item<double>();
+        row["skipped_steps"] = static_cast<int64_t>(scaler->skipped_steps().item<double>());
+      }
+      metrics.record(row);
+      if (!logged_first) summary.first_loss = loss_value, logged_first = true;
+      summary.last_loss = loss_value;
+      interval_start = Clock::now();
+      interval_steps = 0;
+    } else {
+      metrics.progress(step + 1);
+    }
+    summary.steps = step + 1;
+    if (cfg.eval.every_steps > 0 && (step + 1) % cfg.eval.every_steps == 0 && !last) validate(step + 1);
+    if (cfg.train.time_limit > 0 &&
+        std::chrono::duration<double>(Clock::now() - run_start).count() > cfg.train.time_limit) {
+      spdlog::warn("train.time_limit of {}s reached after step {}; stopping", cfg.train.time_limit, step + 1);
+      break;
+    }
+  }
+  metrics.clear_bar();
+  summary.val_loss = validate(summary.steps);
+
+  SaveModelOptions save;
+  save.dtype = cfg.save_dtype == "bfloat16" ? c10::kBFloat16 : cfg.save_dtype == "float16" ? c10::kHalf : c10::kFloat;
+  if (!cfg.model.init_from.empty()) save.tokenizer_from = fs::path(cfg.model.init_from);
+  summary.final_model = out_dir / "final";
+  save_model_folder(model, summary.final_model, save);
+  summary.seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
+  spdlog::info("done: {} steps in {:.1f}s; train loss {:.4f} -> {:.4f}{}; model saved to {}", summary.steps,
+               summary.seconds, summary.first_loss, summary.last_loss,
+               summary.val_loss ? fmt::format("; val loss {:.4f}", *summary.val_loss) : "", summary.final_model.string());
+  return summary;
+}
+
+}  // namespace gpt2ft
