@@ -1,0 +1,132 @@
+// Training components against references: the GradScaler against torch.amp.GradScaler's
+// recorded behaviour, activation checkpointing against plain backward, the config's errors.
+#include <fstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/model/gpt2.h"
+#include "gpt2ft/model/init.h"
+#include "gpt2ft/train/config.h"
+#include "gpt2ft/train/grad_scaler.h"
+#include "test_support.h"
+
+namespace gpt2ft {
+namespace {
+
+using nlohmann::json;
+
+TEST(GradScaler, SkipsAndScalesLikeTorchAmpGradScaler) {
+  std::ifstream in(test::golden_dir() / "scaler.json");
+  ASSERT_TRUE(in.good()) << "no scaler.json under GPT2FT_GOLDEN_DIR (run through ctest)";
+  const json golden = json::parse(in);
+  const json& o = golden["options"];
+  GradScaler scaler(torch::kCPU, {o["init_scale"].get<double>(), o["growth_factor"].get<double>(),
+                                  o["backoff_factor"].get<double>(), o["growth_interval"].get<int64_t>()});
+  int step = 0, skipped = 0;
+  for (const auto& s : golden["steps"]) {
+    SCOPED_TRACE("step " + std::to_string(step++));
+    EXPECT_EQ(scaler.scale_tensor().item<double>(), s["scale"].get<double>());
+    std::vector<torch::Tensor> unscaled, grads;
+    for (const auto& g : s["grads"]) {
+      std::vector<float> values;
+      for (const auto& v : g) values.push_back(v.is_number() ? v.get<float>() : std::stof(v.get<std::string>()));
+      unscaled.push_back(torch::tensor(values));
+      grads.push_back(unscaled.back() * scaler.scale_tensor());
+    }
+    scaler.unscale_(grads);
+    const bool found_inf = scaler.found_inf().item<float>() != 0;
+    EXPECT_EQ(found_inf, s["skipped"].get<bool>());
+    if (!found_inf) {
+      for (size_t i = 0; i < grads.size(); ++i) EXPECT_TRUE(torch::allclose(grads[i], unscaled[i], 1e-6, 1e-6));
+    }
+    skipped += found_inf;
+    scaler.update();
+    EXPECT_EQ(scaler.scale_tensor().item<double>(), s["scale_after"].get<double>());
+  }
+  EXPECT_GT(skipped, 0);
+  EXPECT_EQ(scaler.skipped_steps().item<double>(), skipped);
+}
+
+// Gradients of every parameter after one forward/backward with the given checkpointing.
+std::map<std::string, torch::Tensor> gradients(int64_t checkpoint_every) {
+  GPT2Config c;
+  c.n_layer = 3, c.n_head = 2, c.n_embd = 32, c.vocab_size = 101, c.n_positions = 32;
+  c.resid_pdrop = c.embd_pdrop = c.attn_pdrop = 0.1;
+  GPT2 model(c);
+  init_gpt2_weights(model, 3);
+  model->train();
+  model->set_activation_checkpointing(checkpoint_every);
+  torch::manual_seed(11);
+  const torch::Tensor idx = torch::randint(0, 101, {4, 24});
+  torch::manual_seed(12);  // the dropout masks
+  next_token_loss(model->forward(idx.narrow(1, 0, 23)), idx.narrow(1, 1, 23)).backward();
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& p : model->named_parameters()) out[p.key()] = p.value().grad().clone();
+  // The RNG must continue as without checkpointing: the recompute restores it.
+  out["_next_random"] = torch::rand({4});
+  return out;
+}
+
+TEST(ActivationCheckpointing, GradientsEqualPlainBackwardWithDropout) {
+  const auto plain = gradients(0);
+  for (int64_t every : {1, 2}) {
+    const auto ckpt = gradients(every);
+    ASSERT_EQ(ckpt.size(), plain.size());
+    double worst = 0;
+    for (const auto& [name, g] : plain) worst = std::max(worst, test::max_abs_diff(g, ckpt.at(name)));
+    std::printf("[checkpointing] every %lld block(s), dropout 0.1: gradients max|diff| %.3g\n",
+                static_cast<long long>(every), worst);
+    EXPECT_EQ(worst, 0.0);
+  }
+}
+
+TEST(TrainConfigTest, BadConfigsNameThePathAndTheExpectation) {
+  const json base = {{"model", {{"preset", "gpt2"}}}, {"data", {{"train", "x_*.bin"}}}, {"train", {{"max_steps", 10}}}};
+  struct Case {
+    json patch;
+    std::vector<std::string> overrides;
+    std::string expected;
+  };
+  const std::vector<Case> cases = {
+      {{{"train", {{"micro_batch_size", "eight"}}}}, {},
+       "cfg.json: train.micro_batch_size: expected an integer >= 1 or \"auto\", got \"eight\""},
+      {{{"train", {{"micro_batch_size", 0}}}}, {}, "train.micro_batch_size: expected an integer >= 1 or \"auto\", got 0"},
+      {{{"train", {{"lr_schedule", "step"}}}}, {},
+       "train.lr_schedule: expected one of \"constant\" \"linear\" \"cosine\", got \"step\""},
+      {{{"train", {{"micro_batch_sise", 4}}}}, {}, "train.micro_batch_sise: unknown option"},
+      {{{"trian", {{"lr", 1}}}}, {}, "trian.lr: unknown option"},
+      {{{"train", {{"betas", {0.9}}}}}, {}, "train.betas: expected two numbers in [0, 1], got [0.9]"},
+      {{{"amp", {{"dtype", "fp8"}}}}, {}, "amp.dtype: expected one of \"none\" \"bfloat16\" \"float16\", got \"fp8\""},
+      {{{"model", {{"dropout", 1.5}}}}, {}, "model.dropout: expected a number in [-1, 0.99], got 1.5"},
+      {{{"model", {{"activation_checkpointing", "some"}}}}, {}, "model.activation_checkpointing: expected \"none\", \"all\" or an integer"},
+      {{{"data", {{"seq_len", -4}}}}, {}, "data.seq_len: expected an integer >= 1, got -4"},
+      {{{"train", {{"micro_batch_size", 3}, {"global_batch_size", 8}}}}, {}, "train.global_batch_size (8) is not divisible by train.micro_batch_size (3)"},
+      {{{"model", {{"init_from", "m"}}}}, {}, "exactly one of model.init_from"},
+      {{{"train", {{"max_steps", 0}}}}, {}, "train.max_steps or train.epochs"},
+      {json::object(), {"train.lr=fast"}, "train.lr: expected a number >= 0, got \"fast\""},
+      {json::object(), {"train.nope=1"}, "train.nope: unknown option"},
+      {json::object(), {"novalue"}, "--set novalue: expected KEY=VALUE"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.patch.dump());
+    json j = base;
+    j.merge_patch(c.patch);
+    test::expect_error_containing([&] { TrainConfig::parse(j, c.overrides, "cfg.json"); }, {c.expected});
+  }
+  // --set reaches every kind of option; the resolved config parses back to itself.
+  const TrainConfig ok = TrainConfig::parse(base, {"train.micro_batch_size=4", "amp.dtype=bfloat16", "train.betas=[0.8,0.9]",
+                                                   "model.activation_checkpointing=2", "data.shuffle=false"});
+  EXPECT_EQ(ok.train.micro_batch_size, 4);
+  EXPECT_EQ(ok.amp.dtype, "bfloat16");
+  EXPECT_EQ(ok.train.betas[0], 0.8);
+  EXPECT_EQ(ok.checkpoint_every_n_blocks(), 2);
+  EXPECT_FALSE(ok.data.shuffle);
+  EXPECT_EQ(TrainConfig::parse(ok.to_json()).to_json(), ok.to_json());
+  EXPECT_NE(TrainConfig::help_text().find("train.micro_batch_size"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace gpt2ft
