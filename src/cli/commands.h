@@ -15,5 +15,6 @@ void add_init_command(CLI::App& app, Runner& run);
 void add_eval_command(CLI::App& app, Runner& run);
 void add_tokenize_command(CLI::App& app, Runner& run);
 void add_train_command(CLI::App& app, Runner& run);
+void add_generate_command(CLI::App& app, Runner& run);
 
 }  // namespace gpt2ft::cli

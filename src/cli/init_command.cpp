@@ -7,12 +7,13 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/init.h"
+#include "gpt2ft/tokenizer/tokenizer.h"
 
 namespace gpt2ft::cli {
 
 void add_init_command(CLI::App& app, Runner& run) {
   struct Args {
-    std::string preset, config_json, output;
+    std::string preset, config_json, output, tokenizer;
     uint64_t seed = 1337;
   };
   auto args = std::make_shared<Args>();
@@ -22,6 +23,8 @@ void add_init_command(CLI::App& app, Runner& run) {
   preset->excludes(config);
   cmd->add_option("--output", args->output, "Folder to write (created if missing)")->required();
   cmd->add_option("--seed", args->seed, "Initialisation seed")->capture_default_str();
+  cmd->add_option("--tokenizer", args->tokenizer,
+                  "Copy this tokenizer (a folder of tokenizer files or a SentencePiece .model) into the model folder");
   cmd->callback([args, &run] {
     if (args->preset.empty() && args->config_json.empty()) {
       throw CLI::RequiredError("init needs --preset NAME or --config-json FILE");
@@ -31,7 +34,16 @@ void add_init_command(CLI::App& app, Runner& run) {
                                                      : GPT2Config::preset(args->preset);
       GPT2 model(config);
       init_gpt2_weights(model, args->seed);
-      save_model_folder(model, args->output);
+      SaveModelOptions save;
+      if (!args->tokenizer.empty()) {
+        const auto tokenizer = load_tokenizer(args->tokenizer);  // validates it
+        if (tokenizer->vocab_size() != config.vocab_size) {
+          throw Error("--tokenizer " + args->tokenizer + " has " + std::to_string(tokenizer->vocab_size()) +
+                      " tokens but the model's vocab_size is " + std::to_string(config.vocab_size));
+        }
+        save.tokenizer_from = args->tokenizer;
+      }
+      save_model_folder(model, args->output, save);
       spdlog::info("wrote a {}-parameter model ({} layers, {} heads, {} channels) to {}", config.num_parameters(),
                    config.n_layer, config.n_head, config.n_embd, args->output);
       return kExitOk;

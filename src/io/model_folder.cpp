@@ -194,7 +194,9 @@ void save_model_folder(GPT2& model, const fs::path& dir, const SaveModelOptions&
                             : options.dtype == c10::kHalf   ? "float16"
                                                             : "float32";
     write_file_atomic(dir / "config.json", config.dump(2) + "\n");
-    if (options.tokenizer_from && fs::absolute(*options.tokenizer_from) != fs::absolute(dir)) {
+    if (options.tokenizer_from && fs::is_regular_file(*options.tokenizer_from)) {  // a SentencePiece .model
+      write_file_atomic(dir / "tokenizer.model", read_text_file(*options.tokenizer_from));
+    } else if (options.tokenizer_from && fs::absolute(*options.tokenizer_from) != fs::absolute(dir)) {
       for (const auto& name : tokenizer_file_names()) {
         const fs::path src = *options.tokenizer_from / name;
         if (fs::exists(src)) write_file_atomic(dir / name, read_text_file(src));

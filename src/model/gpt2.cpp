@@ -57,6 +57,21 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
   return maybe_dropout(c_proj(y), resid_pdrop_, is_training());
 }
 
+torch::Tensor AttentionImpl::forward_cached(const torch::Tensor& x, torch::Tensor& k_cache, torch::Tensor& v_cache,
+                                           int64_t pos) {
+  const int64_t B = x.size(0), t = x.size(1), C = x.size(2);
+  const int64_t NH = n_head_, HD = C / NH;
+  TORCH_CHECK(t == 1 || pos == 0, "forward_cached: several new tokens must start at position 0");
+  auto qkv = c_attn(x).split(C, /*dim=*/2);  // 3 x (B, t, C)
+  auto heads = [&](const torch::Tensor& u) { return u.view({B, t, NH, HD}).transpose(1, 2); };  // (B, NH, t, HD)
+  k_cache.narrow(2, pos, t).copy_(heads(qkv[1]));
+  v_cache.narrow(2, pos, t).copy_(heads(qkv[2]));
+  torch::Tensor y = at::scaled_dot_product_attention(heads(qkv[0]), k_cache.narrow(2, 0, pos + t),
+                                                     v_cache.narrow(2, 0, pos + t), /*attn_mask=*/{}, 0.0,
+                                                     /*is_causal=*/t > 1);  // (B, NH, t, HD)
+  return c_proj(y.transpose(1, 2).contiguous().view({B, t, C}));
+}
+
 MLPImpl::MLPImpl(const GPT2Config& c) : activation_(c.activation()), resid_pdrop_(c.resid_pdrop) {
   c_fc = register_module("c_fc", make_linear(c.n_embd, c.inner_dim()));
   c_proj = register_module("c_proj", make_linear(c.inner_dim(), c.n_embd));
@@ -77,6 +92,12 @@ BlockImpl::BlockImpl(const GPT2Config& c) {
 torch::Tensor BlockImpl::forward(const torch::Tensor& x) {
   torch::Tensor h = x + attn(ln_1(x));  // (B, T, C)
   return h + mlp(ln_2(h));             // (B, T, C)
+}
+
+torch::Tensor BlockImpl::forward_cached(const torch::Tensor& x, torch::Tensor& k_cache, torch::Tensor& v_cache,
+                                       int64_t pos) {
+  torch::Tensor h = x + attn->forward_cached(ln_1(x), k_cache, v_cache, pos);  // (B, t, C)
+  return h + mlp(ln_2(h));
 }
 
 TransformerImpl::TransformerImpl(const GPT2Config& c) {
@@ -118,6 +139,28 @@ torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx) {
 
 torch::Tensor GPT2Impl::forward(const torch::Tensor& idx) {
   return torch::linear(forward_hidden(idx), lm_head_weight());  // (B, T, V)
+}
+
+KVCache GPT2Impl::make_cache(int64_t batch, int64_t capacity) const {
+  KVCache cache;
+  const auto options = transformer->wte->weight.options().requires_grad(false);
+  for (int64_t i = 0; i < config_.n_layer; ++i) {
+    cache.k.push_back(torch::empty({batch, config_.n_head, capacity, config_.head_dim()}, options));
+    cache.v.push_back(torch::empty({batch, config_.n_head, capacity, config_.head_dim()}, options));
+  }
+  return cache;
+}
+
+torch::Tensor GPT2Impl::forward_cached(const torch::Tensor& idx, KVCache& cache) {
+  const int64_t t = idx.size(1), pos = cache.length;
+  TORCH_CHECK(pos + t <= config_.n_positions, "position ", pos + t, " exceeds n_positions ", config_.n_positions);
+  torch::Tensor positions = torch::arange(pos, pos + t, idx.options().dtype(torch::kLong));  // (t)
+  torch::Tensor x = transformer->wte(idx) + transformer->wpe(positions);                     // (B, t, C)
+  for (size_t i = 0; i < transformer->h->size(); ++i) {
+    x = transformer->h[i]->as<Block>()->forward_cached(x, cache.k[i], cache.v[i], pos);
+  }
+  cache.length = pos + t;
+  return torch::linear(transformer->ln_f(x), lm_head_weight());  // (B, t, V)
 }
 
 torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& targets) {

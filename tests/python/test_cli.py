@@ -100,6 +100,35 @@ class CliTest(unittest.TestCase):
                                "--device", "cpu", "--json").stdout.strip().splitlines()[-1]) for n in "ab"]
         self.assertEqual(outs[0], outs[1])
 
+    # --- generate ---------------------------------------------------------------------------
+
+    def test_greedy_generation_matches_transformers(self):
+        for shape in ("tiny", "untied_gelu", "odd_heads"):
+            with self.subTest(shape=shape):
+                model_dir = os.path.join(GOLDEN, shape, "model")
+                model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+                prompt = [5, 17, 42, 7, 99]
+                n = 12
+                with torch.no_grad():
+                    ref = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                         pad_token_id=0)[0, len(prompt):].tolist()
+                r = run("generate", "--model", model_dir, "--prompt-ids", ",".join(map(str, prompt)),
+                        "--max-new-tokens", n, "--temperature", 0, "--device", "cpu", "--json")
+                self.assertEqual(r.returncode, 0, r.stderr)
+                got = json.loads(r.stdout.strip().splitlines()[-1])["ids"]
+                print(f"[generate] {shape}: greedy {got} vs transformers {ref}")
+                self.assertEqual(got, ref)
+
+    def test_sampling_is_reproducible_for_a_seed(self):
+        outs = {}
+        for seed in (1, 1, 2):
+            r = run("generate", "--model", self.model, "--prompt-ids", "1,2,3", "--max-new-tokens", 20,
+                    "--temperature", 1.0, "--top-k", 50, "--top-p", 0.9, "--seed", seed, "--device", "cpu", "--json")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            outs.setdefault(seed, []).append(json.loads(r.stdout.strip().splitlines()[-1])["ids"])
+        self.assertEqual(outs[1][0], outs[1][1])
+        self.assertNotEqual(outs[1][0], outs[2][0])
+
     # --- init -------------------------------------------------------------------------------
 
     def test_init_writes_a_gpt2_initialised_model_transformers_loads(self):
@@ -269,7 +298,7 @@ class CliTest(unittest.TestCase):
         r = run("eval", "--data", "x")
         self.assertEqual(r.returncode, 2, r.stderr)
         self.assertIn("--model", r.stderr)
-        for sub in ([], ["init"], ["eval"]):
+        for sub in ([], ["init"], ["eval"], ["tokenize"], ["train"], ["generate"]):
             r = run(*sub, "--help")
             self.assertEqual(r.returncode, 0)
             self.assertIn("Usage", r.stdout)

@@ -23,7 +23,8 @@ GPT2 load_model_folder(const std::filesystem::path& dir, c10::Device device = c1
 
 struct SaveModelOptions {
   c10::ScalarType dtype = c10::kFloat;  // storage dtype of model.safetensors
-  // A folder whose tokenizer files (vocab.json, merges.txt, ...) are copied alongside.
+  // A folder whose tokenizer files (vocab.json, merges.txt, ...) are copied alongside, or a
+  // SentencePiece .model file (copied as tokenizer.model).
   std::optional<std::filesystem::path> tokenizer_from;
 };
 

@@ -18,10 +18,18 @@
 
 namespace gpt2ft {
 
+// Keys and values of earlier positions, per layer, for incremental decoding.
+struct KVCache {
+  std::vector<torch::Tensor> k, v;  // per layer (B, NH, capacity, HD)
+  int64_t length = 0;               // positions filled
+};
+
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const GPT2Config& config);
   torch::Tensor forward(const torch::Tensor& x);  // (B, T, C) -> (B, T, C)
+  // x (B, t, C) at positions pos..pos+t-1, attending to the cached keys/values before them.
+  torch::Tensor forward_cached(const torch::Tensor& x, torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t pos);
 
   torch::nn::Linear c_attn{nullptr};  // C -> 3C (query, key, value)
   torch::nn::Linear c_proj{nullptr};  // C -> C
@@ -51,6 +59,7 @@ class BlockImpl : public torch::nn::Module {
  public:
   explicit BlockImpl(const GPT2Config& config);
   torch::Tensor forward(const torch::Tensor& x);  // (B, T, C) -> (B, T, C)
+  torch::Tensor forward_cached(const torch::Tensor& x, torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t pos);
 
   torch::nn::LayerNorm ln_1{nullptr};
   Attention attn{nullptr};
@@ -79,6 +88,10 @@ class GPT2Impl : public torch::nn::Module {
   torch::Tensor forward_hidden(const torch::Tensor& idx);
   // idx (B, T) -> logits (B, T, V).
   torch::Tensor forward(const torch::Tensor& idx);
+  // Inference with a KV cache: idx (B, t) are the tokens at positions cache.length.. ; returns
+  // their logits (B, t, V) and advances the cache. A multi-token call must start at 0.
+  torch::Tensor forward_cached(const torch::Tensor& idx, KVCache& cache);
+  KVCache make_cache(int64_t batch, int64_t capacity) const;
   // The output projection's weight (V, C): wte's when tied.
   torch::Tensor lm_head_weight() const;
 

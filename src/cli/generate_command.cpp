@@ -1,0 +1,100 @@
+// gpt2-finetune generate: continue a prompt with a model folder and its tokenizer.
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "gpt2ft/core/device.h"
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/io/model_folder.h"
+#include "gpt2ft/model/generate.h"
+#include "gpt2ft/tokenizer/byte_level_bpe.h"
+#include "gpt2ft/tokenizer/tokenizer.h"
+
+namespace gpt2ft::cli {
+namespace fs = std::filesystem;
+
+namespace {
+bool has_tokenizer(const fs::path& dir) {
+  return ByteLevelBpe::folder_has_files(dir) || fs::exists(dir / "tokenizer.model") || fs::exists(dir / "spiece.model");
+}
+
+std::vector<int64_t> parse_ids(const std::string& text) {
+  std::vector<int64_t> ids;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    try {
+      ids.push_back(std::stoll(item));
+    } catch (const std::exception&) {
+      throw Error("--prompt-ids: expected comma-separated integers, got \"" + item + "\"");
+    }
+  }
+  return ids;
+}
+}  // namespace
+
+void add_generate_command(CLI::App& app, Runner& run) {
+  struct Args {
+    std::string model, prompt, prompt_ids, device = "auto";
+    GenerateOptions options;
+    bool json = false, no_stop = false;
+  };
+  auto args = std::make_shared<Args>();
+  CLI::App* cmd = app.add_subcommand("generate", "Continue a prompt with a model (KV-cached sampling)");
+  cmd->add_option("--model", args->model, "Model folder (with its tokenizer files for --prompt)")->required();
+  auto* prompt = cmd->add_option("--prompt", args->prompt, "Prompt text");
+  auto* ids = cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt as token ids: 1,2,3");
+  prompt->excludes(ids);
+  cmd->add_option("--max-new-tokens", args->options.max_new_tokens, "Tokens to generate")->capture_default_str();
+  cmd->add_option("--temperature", args->options.temperature, "Sampling temperature; 0 = greedy")->capture_default_str();
+  cmd->add_option("--top-k", args->options.top_k, "Sample among the k most likely tokens; 0 = all")->capture_default_str();
+  cmd->add_option("--top-p", args->options.top_p, "Nucleus sampling mass; 1 = off")->capture_default_str();
+  cmd->add_option("--seed", args->options.seed, "Sampling seed")->capture_default_str();
+  cmd->add_option("--device", args->device, "auto | cpu | cuda | cuda:N")->capture_default_str();
+  cmd->add_flag("--no-stop", args->no_stop, "Do not stop at the end-of-text token");
+  cmd->add_flag("--json", args->json, "Print {\"prompt_ids\", \"ids\", \"text\"} as the last line");
+  cmd->callback([args, &run] {
+    if (args->prompt.empty() && args->prompt_ids.empty()) throw CLI::RequiredError("generate needs --prompt or --prompt-ids");
+    run = [args] {
+      GPT2 model = load_model_folder(args->model, parse_device(args->device));
+      std::unique_ptr<Tokenizer> tokenizer;
+      if (has_tokenizer(args->model)) tokenizer = load_tokenizer(args->model);
+      std::vector<int64_t> prompt;
+      if (!args->prompt_ids.empty()) {
+        prompt = parse_ids(args->prompt_ids);
+      } else {
+        if (!tokenizer) {
+          throw Error(args->model + ": the model folder has no tokenizer files for --prompt; copy them in "
+                                    "(vocab.json + merges.txt or tokenizer.model) or pass --prompt-ids");
+        }
+        for (uint32_t id : tokenizer->encode(args->prompt)) prompt.push_back(id);
+      }
+      GenerateOptions o = args->options;
+      if (tokenizer && !args->no_stop && tokenizer->eot_id()) o.stop_token = *tokenizer->eot_id();
+      const std::vector<int64_t> out = generate(model, prompt, o);
+      std::string text;
+      if (tokenizer) {
+        std::vector<uint32_t> all(prompt.begin(), prompt.end());
+        all.insert(all.end(), out.begin(), out.end());
+        text = tokenizer->decode(all);
+      }
+      if (args->json) {
+        std::cout << nlohmann::json{{"prompt_ids", prompt}, {"ids", out}, {"text", text}}.dump(-1, ' ', false,
+                                                                                              nlohmann::json::error_handler_t::replace)
+                  << std::endl;
+      } else if (tokenizer) {
+        std::cout << text << std::endl;
+      } else {
+        for (size_t i = 0; i < out.size(); ++i) std::cout << (i ? "," : "") << out[i];
+        std::cout << std::endl;
+      }
+      return kExitOk;
+    };
+  });
+}
+
+}  // namespace gpt2ft::cli
