@@ -294,6 +294,18 @@ class CliTest(unittest.TestCase):
                     self.assertIn(fragment, lines[0], name)
                 print(f"[bad input] {name}: {lines[0]}")
 
+    def test_readme_documents_every_config_option(self):
+        r = run("train", "--help")
+        self.assertEqual(r.returncode, 0)
+        options = [line.split()[0] for line in r.stdout.split("Config options (JSON paths):")[1].splitlines()
+                   if line.startswith("  ") and not line.startswith("      ")]
+        self.assertGreater(len(options), 30)
+        readme_path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "README.md")
+        with open(readme_path) as f:
+            readme = f.read()
+        missing = [o for o in options if f"`{o}`" not in readme]
+        self.assertEqual(missing, [], "options missing from README.md")
+
     def test_usage_errors_exit_2_and_help_exits_0(self):
         r = run("eval", "--data", "x")
         self.assertEqual(r.returncode, 2, r.stderr)

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Render a run's metrics.jsonl to a PNG: train/val loss, learning rate, throughput, memory.
+
+  .venv/bin/python scripts/plot_metrics.py runs/NAME/metrics.jsonl [-o out.png]
+"""
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("metrics")
+    ap.add_argument("-o", "--output", help="PNG path (default: beside metrics.jsonl)")
+    args = ap.parse_args()
+    rows = []
+    with open(args.metrics) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{args.metrics}:{n}: not valid JSON ({e})")
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    if not train:
+        raise SystemExit(f"{args.metrics}: no training rows")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    ax.set_title("loss")
+    ax.legend()
+    axes[0][1].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[0][1].set_title("learning rate")
+    axes[1][0].plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
+    axes[1][0].set_title("tokens / s")
+    ax = axes[1][1]
+    if any("cuda_peak_allocated_gb" in r for r in train):
+        ax.plot([r["step"] for r in train], [r.get("cuda_peak_allocated_gb", 0) for r in train], label="peak allocated")
+        ax.plot([r["step"] for r in train], [r.get("cuda_peak_reserved_gb", 0) for r in train], label="peak reserved")
+        ax.legend()
+        ax.set_title("CUDA memory (GB)")
+    else:
+        ax.plot([r["step"] for r in train], [r["grad_norm"] for r in train])
+        ax.set_title("gradient norm (no CUDA memory on this run)")
+    for a in axes.flat:
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), "metrics.png")
+    fig.savefig(out, dpi=100)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
