@@ -4,6 +4,7 @@
 #include <string>
 
 #include <CLI/CLI.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <torch/version.h>
 
@@ -12,6 +13,8 @@
 
 int main(int argc, char** argv) {
   using namespace gpt2ft;
+  // Logs go to stderr, so stdout carries only results (--json lines, generated text).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("gpt2-finetune"));
   spdlog::set_pattern("[%H:%M:%S] %^%l%$ %v");
   CLI::App app{"gpt2-finetune: fine-tune GPT-2 models on your own text"};
   app.set_version_flag("--version", std::string("gpt2-finetune ") + GPT2FT_VERSION + " (libtorch " + TORCH_VERSION + ")");
@@ -35,6 +38,9 @@ int main(int argc, char** argv) {
   }
   try {
     return run();
+  } catch (const ExitRequest& e) {
+    std::fprintf(stderr, "gpt2-finetune: %s\n", e.what());
+    return e.code();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "gpt2-finetune: error: %s\n", describe_exception(e).c_str());
     return kExitError;

@@ -111,60 +111,63 @@ const std::vector<std::string>& tokenizer_file_names() {
   return names;
 }
 
+void load_weights(GPT2& model, const fs::path& dir) {
+  const GPT2Config& config = model->config();
+  CheckpointFiles files(dir);
+  torch::NoGradGuard no_grad;
+  std::set<std::string> used;
+  for (auto& item : model->named_parameters()) {
+    const std::string& name = item.key();
+    torch::Tensor& param = item.value();
+    const SafetensorsReader* reader = nullptr;
+    std::string key;
+    for (const auto& candidate : checkpoint_keys(name)) {
+      if ((reader = files.find(candidate))) {
+        key = candidate;
+        break;
+      }
+    }
+    if (!reader) {
+      const auto keys = checkpoint_keys(name);
+      throw Error("missing tensor \"" + name + "\"" + (keys.size() > 1 ? " (also looked for \"" + keys[1] + "\")" : "") +
+                  "; is this a GPT-2 checkpoint matching config.json?");
+    }
+    used.insert(key);
+    const SafetensorsEntry& entry = reader->entry(key);
+    const bool transpose = is_conv1d_weight(name);
+    std::vector<int64_t> expected = param.sizes().vec();
+    if (transpose) std::swap(expected[0], expected[1]);
+    if (entry.shape != expected) {
+      throw Error(reader->path().string() + ": tensor \"" + key + "\": expected shape " + shape_text(expected) +
+                  " from config.json, found " + shape_text(entry.shape));
+    }
+    if (!c10::isFloatingType(entry.scalar_type)) {
+      throw Error(reader->path().string() + ": tensor \"" + key +
+                  "\": expected a floating dtype (F32, F16, BF16), found " + entry.dtype);
+    }
+    torch::Tensor value = reader->load(key, param.scalar_type());
+    param.copy_(transpose ? value.t() : value);
+  }
+  std::vector<std::string> unexpected;
+  for (const auto& key : files.keys()) {
+    const bool tied_head = key == "lm_head.weight" && config.tie_word_embeddings;
+    if (!used.count(key) && !tied_head && !is_ignorable_key(key)) unexpected.push_back(key);
+  }
+  if (!unexpected.empty()) {
+    std::string list;
+    for (size_t i = 0; i < unexpected.size() && i < 5; ++i) list += (i ? ", " : "") + unexpected[i];
+    spdlog::warn("{}: ignoring {} tensor(s) that are not GPT-2 parameters: {}{}", dir.string(), unexpected.size(), list,
+                 unexpected.size() > 5 ? ", ..." : "");
+  }
+}
+
 GPT2 load_model_folder(const fs::path& dir, c10::Device device, const std::function<void(GPT2Config&)>& adjust) {
   return with_context("loading model folder " + dir.string(), [&] {
     if (!fs::is_directory(dir)) throw Error(dir.string() + ": not a directory");
     GPT2Config config = GPT2Config::from_file(dir / "config.json");
     if (adjust) adjust(config);
     GPT2 model(config);
-    CheckpointFiles files(dir);
-
-    torch::NoGradGuard no_grad;
-    std::set<std::string> used;
-    for (auto& item : model->named_parameters()) {
-      const std::string& name = item.key();
-      torch::Tensor& param = item.value();
-      const SafetensorsReader* reader = nullptr;
-      std::string key;
-      for (const auto& candidate : checkpoint_keys(name)) {
-        if ((reader = files.find(candidate))) {
-          key = candidate;
-          break;
-        }
-      }
-      if (!reader) {
-        const auto keys = checkpoint_keys(name);
-        throw Error("missing tensor \"" + name + "\"" +
-                    (keys.size() > 1 ? " (also looked for \"" + keys[1] + "\")" : "") +
-                    "; is this a GPT-2 checkpoint matching config.json?");
-      }
-      used.insert(key);
-      const SafetensorsEntry& entry = reader->entry(key);
-      const bool transpose = is_conv1d_weight(name);
-      std::vector<int64_t> expected = param.sizes().vec();
-      if (transpose) std::swap(expected[0], expected[1]);
-      if (entry.shape != expected) {
-        throw Error(reader->path().string() + ": tensor \"" + key + "\": expected shape " +
-                    shape_text(expected) + " from config.json, found " + shape_text(entry.shape));
-      }
-      if (!c10::isFloatingType(entry.scalar_type)) {
-        throw Error(reader->path().string() + ": tensor \"" + key + "\": expected a floating dtype (F32, F16, BF16), found " +
-                    entry.dtype);
-      }
-      torch::Tensor value = reader->load(key, param.scalar_type());
-      param.copy_(transpose ? value.t() : value);
-    }
-    std::vector<std::string> unexpected;
-    for (const auto& key : files.keys()) {
-      const bool tied_head = key == "lm_head.weight" && config.tie_word_embeddings;
-      if (!used.count(key) && !tied_head && !is_ignorable_key(key)) unexpected.push_back(key);
-    }
-    if (!unexpected.empty()) {
-      std::string list;
-      for (size_t i = 0; i < unexpected.size() && i < 5; ++i) list += (i ? ", " : "") + unexpected[i];
-      spdlog::warn("{}: ignoring {} tensor(s) that are not GPT-2 parameters: {}{}", dir.string(),
-                   unexpected.size(), list, unexpected.size() > 5 ? ", ..." : "");
-    }
+    load_weights(model, dir);
     model->to(device);
     return model;
   });

@@ -1,13 +1,19 @@
 // The training loop. The step reads like the algorithm; details live in the helpers above it.
 #include "gpt2ft/train/trainer.h"
 
+#include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
+#include <csignal>
+#include <cstring>
+#include <mutex>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 
+#include <ATen/autocast_mode.h>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
@@ -23,6 +29,7 @@
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/init.h"
 #include "gpt2ft/train/adamw.h"
+#include "gpt2ft/train/checkpoint.h"
 #include "gpt2ft/train/grad_scaler.h"
 #include "gpt2ft/train/lr_schedule.h"
 
@@ -136,6 +143,90 @@ double model_flops_per_token(const GPT2Config& c, int64_t seq_len) {
   return 6 * n + 12.0 * c.n_layer * c.n_embd * seq_len;
 }
 
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+
+void on_stop_signal(int signum) {
+  if (g_stop_signal.load() != 0 && signum == SIGINT) {  // a second Ctrl-C: stop now
+    std::signal(SIGINT, SIG_DFL);
+    std::raise(SIGINT);
+  }
+  g_stop_signal.store(signum);
+}
+
+// SIGTERM, SIGINT and SIGUSR1 ask the loop to stop at the next step boundary.
+class StopSignals {
+ public:
+  StopSignals() {
+    g_stop_signal.store(0);
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &sa, &previous_[i]);
+  }
+  ~StopSignals() {
+    for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &previous_[i], nullptr);
+  }
+
+ private:
+  static constexpr int kSignals[3] = {SIGTERM, SIGINT, SIGUSR1};
+  struct sigaction previous_[3];
+};
+
+bool is_out_of_memory(const std::exception& e) {
+  if (dynamic_cast<const c10::OutOfMemoryError*>(&e)) return true;
+  const std::string what = e.what();
+  return what.find("out of memory") != std::string::npos || what.find("CUBLAS_STATUS_ALLOC_FAILED") != std::string::npos;
+}
+
+// Test hook: GPT2FT_FAULT_OOM_ABOVE_MICRO=K makes a forward pass with more than K sequences
+// fail as CUDA's allocator does.
+void maybe_inject_oom(int64_t micro) {
+  static const char* env = std::getenv("GPT2FT_FAULT_OOM_ABOVE_MICRO");
+  if (env && micro > std::atoll(env)) {
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "fault injection: CUDA out of memory at micro batch ", micro,
+                     " (GPT2FT_FAULT_OOM_ABOVE_MICRO=", env, ")");
+  }
+}
+
+// Test hook: GPT2FT_FAULT_CRASH_AFTER_STEP=N ends the process abruptly after step N.
+void maybe_crash_after(int64_t step) {
+  static const char* env = std::getenv("GPT2FT_FAULT_CRASH_AFTER_STEP");
+  if (env && step == std::atoll(env)) {
+    std::fprintf(stderr, "fault injection: crashing after step %lld\n", static_cast<long long>(step));
+    ::_exit(137);
+  }
+}
+
+// The largest micro batch below `micro` (at most half of it) that divides the global batch.
+int64_t smaller_micro_batch(int64_t micro, int64_t global, int64_t minimum) {
+  for (int64_t m = micro / 2; m >= minimum && m >= 1; --m) {
+    if (global % m == 0) return m;
+  }
+  return 0;
+}
+
+std::vector<std::pair<c10::Device, torch::Tensor>> rng_states(c10::Device device) {
+  std::vector<std::pair<c10::Device, torch::Tensor>> out;
+  for (const auto& d : device.is_cuda() ? std::vector<c10::Device>{c10::kCPU, device} : std::vector<c10::Device>{c10::kCPU}) {
+    at::Generator gen = at::globalContext().defaultGenerator(d);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    out.emplace_back(d, gen.get_state());
+  }
+  return out;
+}
+
+void set_rng_states(const std::vector<std::pair<c10::Device, torch::Tensor>>& states) {
+  for (const auto& [d, state] : states) {
+    at::Generator gen = at::globalContext().defaultGenerator(d);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(state);
+  }
+}
+
+}  // namespace
+
 TrainSummary run_training(const TrainConfig& cfg) {
   const auto run_start = Clock::now();
   const c10::Device device = parse_device(cfg.device, "device");
@@ -144,6 +235,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
   const std::string resolved = cfg.to_json().dump(2);
   spdlog::info("resolved config:\n{}", resolved);
   write_file_atomic(out_dir / "config.json", resolved + "\n");
+  StopSignals stop_signals;
 
   torch::manual_seed(static_cast<uint64_t>(cfg.train.seed));
   GPT2 model = build_model(cfg, device);
@@ -158,28 +250,9 @@ TrainSummary run_training(const TrainConfig& cfg) {
   if (cfg.micro_batch_auto()) {
     throw Error("train.micro_batch_size \"auto\" needs the memory planner, which is not built yet; set an integer");
   }
-  const int64_t micro = cfg.train.micro_batch_size;
-  const int64_t accum = cfg.train.global_batch_size > 0 ? cfg.train.global_batch_size / micro
-                        : cfg.train.gradient_accumulation_steps > 0 ? cfg.train.gradient_accumulation_steps
-                                                                   : 1;
-  const int64_t global = micro * accum;
-
-  LoaderOptions lo;
-  lo.shards = expand_glob(cfg.data.train, "data.train");
-  lo.seq_len = T;
-  lo.micro_batch = micro;
-  lo.seed = static_cast<uint64_t>(cfg.data.seed);
-  lo.shuffle = cfg.data.shuffle;
-  lo.num_workers = static_cast<int>(cfg.data.num_workers);
-  lo.prefetch = 2 * lo.num_workers + 2;
-  lo.vocab_size = mc.vocab_size;
-  lo.device = device;
-  DataLoader loader(lo);
-  const std::vector<fs::path> val_shards = cfg.data.val.empty() ? std::vector<fs::path>{}
-                                                                : expand_glob(cfg.data.val, "data.val");
-  const int64_t max_steps = cfg.train.max_steps > 0
-                                ? cfg.train.max_steps
-                                : static_cast<int64_t>(std::ceil(cfg.train.epochs * loader.samples_per_epoch() / global));
+  int64_t micro = cfg.train.micro_batch_size;
+  const int64_t global = cfg.train.global_batch_size > 0 ? cfg.train.global_batch_size
+                         : micro * (cfg.train.gradient_accumulation_steps > 0 ? cfg.train.gradient_accumulation_steps : 1);
 
   const c10::ScalarType amp = amp_scalar_type(cfg.amp.dtype);
   std::vector<std::pair<std::string, torch::Tensor>> named;
@@ -195,15 +268,62 @@ TrainSummary run_training(const TrainConfig& cfg) {
     scaler.emplace(device, GradScalerOptions{cfg.amp.init_scale, cfg.amp.growth_factor, cfg.amp.backoff_factor,
                                              cfg.amp.growth_interval});
   }
+
+  // Resume: the latest checkpoint of this run folder, a given one, or none.
+  TrainingState state;
+  std::optional<fs::path> resume_from;
+  if (cfg.checkpoint.resume == "auto") resume_from = latest_checkpoint(out_dir);
+  else if (cfg.checkpoint.resume != "none") resume_from = fs::path(cfg.checkpoint.resume);
+  if (resume_from) {
+    state = load_checkpoint(*resume_from, model, optimizer, scaler ? &*scaler : nullptr);
+    if (state.global_batch != global) {
+      throw Error("checkpoint " + resume_from->string() + " was trained with a global batch of " +
+                  std::to_string(state.global_batch) + " sequences but the config asks for " + std::to_string(global) +
+                  "; resuming would change the effective batch. Set train.global_batch_size=" +
+                  std::to_string(state.global_batch) + ", or checkpoint.resume=none to start over");
+    }
+    if (state.micro_batch_from_oom && state.micro_batch < micro) {
+      spdlog::warn("using micro batch {} from the checkpoint (lowered after running out of memory) instead of the "
+                   "config's {}; the global batch stays {}",
+                   state.micro_batch, micro, global);
+      micro = state.micro_batch;
+    }
+    spdlog::info("resumed from {} at step {} (epoch {}, sample {} of the epoch)", resume_from->string(), state.step,
+                 state.loader.epoch, state.loader.consumed);
+  }
+  if (global % micro != 0) {
+    throw Error("train.global_batch_size (" + std::to_string(global) + ") is not divisible by the micro batch (" +
+                std::to_string(micro) + ")");
+  }
+  int64_t accum = global / micro;
+  state.global_batch = global;
+
+  LoaderOptions lo;
+  lo.shards = expand_glob(cfg.data.train, "data.train");
+  lo.seq_len = T;
+  lo.micro_batch = micro;
+  lo.seed = static_cast<uint64_t>(cfg.data.seed);
+  lo.shuffle = cfg.data.shuffle;
+  lo.num_workers = static_cast<int>(cfg.data.num_workers);
+  lo.prefetch = 2 * lo.num_workers + 2;
+  lo.vocab_size = mc.vocab_size;
+  lo.device = device;
+  DataLoader loader(lo, state.loader);
+  const std::vector<fs::path> val_shards = cfg.data.val.empty() ? std::vector<fs::path>{}
+                                                                : expand_glob(cfg.data.val, "data.val");
+  const int64_t max_steps = cfg.train.max_steps > 0
+                                ? cfg.train.max_steps
+                                : static_cast<int64_t>(std::ceil(cfg.train.epochs * loader.samples_per_epoch() / global));
   LrSchedule schedule{cfg.train.lr_schedule, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, max_steps};
 
   const double flops_per_token = model_flops_per_token(mc, T);
   const double peak_flops = device.is_cuda() ? gpu_peak_flops(cuda_device_name(device)) : 0.0;
+  int64_t trained = 0;
+  for (auto& [k, p] : named) trained += p.requires_grad() ? p.numel() : 0;
   spdlog::info("model: {} parameters ({} trained); device {}{}; micro batch {} x accumulation {} = global batch {} "
                "sequences of {} tokens; {} steps ({:.2f} epochs of {} samples); amp {}; fused AdamW {}",
-               mc.num_parameters(), [&] { int64_t n = 0; for (auto& [k, p] : named) n += p.requires_grad() ? p.numel() : 0; return n; }(),
-               device.str(), device.is_cuda() ? " (" + cuda_device_name(device) + ")" : "", micro, accum, global, T,
-               max_steps, static_cast<double>(max_steps * global) / loader.samples_per_epoch(),
+               mc.num_parameters(), trained, device.str(), device.is_cuda() ? " (" + cuda_device_name(device) + ")" : "",
+               micro, accum, global, T, max_steps, static_cast<double>(max_steps * global) / loader.samples_per_epoch(),
                loader.samples_per_epoch(), cfg.amp.dtype, ao.fused ? "on" : "off");
 
   MetricsLog metrics(out_dir / "metrics.jsonl", cfg.log.progress, max_steps);
@@ -215,28 +335,77 @@ TrainSummary run_training(const TrainConfig& cfg) {
     metrics.record({{"step", step}, {"val_loss", r.loss}, {"val_perplexity", r.perplexity}, {"val_tokens", r.tokens}});
     return r.loss;
   };
+  auto checkpoint = [&] {
+    state.micro_batch = micro;
+    state.loader = loader.state();
+    return save_checkpoint(out_dir, state, model, optimizer, scaler ? &*scaler : nullptr, cfg, cfg.checkpoint.keep_last);
+  };
 
   TrainSummary summary;
-  summary.micro_batch = micro;
-  summary.accumulation = accum;
   auto interval_start = Clock::now();
   int64_t interval_steps = 0;
   bool logged_first = false;
-  for (int64_t step = 0; step < max_steps; ++step) {
+  const int64_t first_step = state.step;
+  for (int64_t step = first_step; step < max_steps; ++step) {
     const double lr = schedule.at(step);
-
-    // Forward and backward over the micro batches; each loss is a mean over its micro
-    // batch divided by the accumulation, so the gradients sum to the global batch's mean.
-    torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().device(device));
-    for (int64_t m = 0; m < accum; ++m) {
-      Batch batch = loader.next();
-      torch::Tensor loss;
-      {
-        AutocastGuard autocast(device.type(), amp);
-        loss = next_token_loss(model->forward(batch.x), batch.y) / static_cast<double>(accum);
+    torch::Tensor loss_sum;
+    for (;;) {  // one optimizer step; repeated from its first sample after an out-of-memory back-off
+      const LoaderState step_start = loader.state();
+      const auto rng_at_start = rng_states(device);
+      try {
+        // Forward and backward over the micro batches; each loss is a mean over its micro
+        // batch divided by the accumulation, so the gradients sum to the global batch's mean.
+        loss_sum = torch::zeros({}, torch::TensorOptions().device(device));
+        for (int64_t m = 0; m < accum; ++m) {
+          Batch batch = loader.next();
+          torch::Tensor loss;
+          {
+            AutocastGuard autocast(device.type(), amp);
+            maybe_inject_oom(micro);
+            loss = next_token_loss(model->forward(batch.x), batch.y) / static_cast<double>(accum);
+          }
+          loss_sum += loss.detach();
+          (scaler ? scaler->scale(loss) : loss).backward();
+        }
+        break;
+      } catch (const std::exception& e) {
+        if (!is_out_of_memory(e)) throw;
+        optimizer.zero_grad();  // drop this step's partial gradients; nothing was applied
+        loss_sum = torch::Tensor();
+        at::autocast::clear_cache();
+        if (device.is_cuda()) cuda_empty_cache();
+        const int64_t smaller = smaller_micro_batch(micro, global, cfg.oom.min_micro_batch_size);
+        if (cfg.oom.policy == "fail") {
+          throw Error("out of memory at micro batch " + std::to_string(micro) + " (step " + std::to_string(step + 1) +
+                      "): " + describe_exception(e) + ". Lower train.micro_batch_size or set oom.policy \"backoff\"");
+        }
+        if (cfg.oom.policy == "checkpoint_and_exit" || smaller == 0) {
+          loader.restart(step_start, micro);
+          state.micro_batch_from_oom = true;
+          const int64_t next = smaller ? smaller : micro;
+          micro = next;
+          const fs::path saved = checkpoint();
+          throw ExitRequest(kExitOomRestart,
+                            "out of memory at step " + std::to_string(step + 1) + " with micro batch " +
+                                std::to_string(loader.micro_batch()) + "; saved " + saved.string() + " (step " +
+                                std::to_string(step) + "). " +
+                                (smaller ? "Run again with checkpoint.resume \"auto\": it continues with micro batch " +
+                                               std::to_string(next) + " and the same global batch " + std::to_string(global)
+                                         : "The micro batch cannot go lower (oom.min_micro_batch_size " +
+                                               std::to_string(cfg.oom.min_micro_batch_size) +
+                                               "); enable model.activation_checkpointing, amp.dtype, or a shorter "
+                                               "data.seq_len, then run again"));
+        }
+        spdlog::warn("OUT OF MEMORY at step {} with micro batch {}: backing off to micro batch {} x accumulation {} "
+                     "(global batch {} unchanged) and redoing the step from its first sample",
+                     step + 1, micro, smaller, global / smaller, global);
+        micro = smaller;
+        accum = global / micro;
+        state.micro_batch_from_oom = true;
+        eval_options.batch_size = micro;
+        loader.restart(step_start, micro);
+        set_rng_states(rng_at_start);
       }
-      loss_sum += loss.detach();
-      (scaler ? scaler->scale(loss) : loss).backward();
     }
 
     // Unscale, clip, step (skipped on inf/NaN under float16), update the scale.
@@ -249,10 +418,11 @@ TrainSummary run_training(const TrainConfig& cfg) {
     if (scaler) scaler->update();
     optimizer.zero_grad();
     ++interval_steps;
+    state.step = step + 1;
 
     // Metrics only at log steps: the only host syncs of the loop.
     const bool last = step + 1 == max_steps;
-    if ((step + 1) % cfg.log.every_steps == 0 || last || step == 0) {
+    if ((step + 1) % cfg.log.every_steps == 0 || last || step == first_step) {
       const double loss_value = loss_sum.item<double>();
       const double secs = std::chrono::duration<double>(Clock::now() - interval_start).count();
       const double tokens_per_s = static_cast<double>(interval_steps * global * T) / secs;
@@ -283,16 +453,30 @@ TrainSummary run_training(const TrainConfig& cfg) {
     } else {
       metrics.progress(step + 1);
     }
-    summary.steps = step + 1;
     if (cfg.eval.every_steps > 0 && (step + 1) % cfg.eval.every_steps == 0 && !last) validate(step + 1);
-    if (cfg.train.time_limit > 0 &&
-        std::chrono::duration<double>(Clock::now() - run_start).count() > cfg.train.time_limit) {
-      spdlog::warn("train.time_limit of {}s reached after step {}; stopping", cfg.train.time_limit, step + 1);
-      break;
+    if (cfg.checkpoint.every_steps > 0 && (step + 1) % cfg.checkpoint.every_steps == 0 && !last) checkpoint();
+    maybe_crash_after(step + 1);
+
+    // A stop request (signal or time limit) ends the run at this step boundary, resumably.
+    const int signum = g_stop_signal.load();
+    const bool out_of_time = cfg.train.time_limit > 0 &&
+                             std::chrono::duration<double>(Clock::now() - run_start).count() > cfg.train.time_limit;
+    if ((signum != 0 || out_of_time) && !last) {
+      metrics.clear_bar();
+      const fs::path saved = checkpoint();
+      const std::string why = signum ? std::string("signal ") + strsignal(signum)
+                                     : "train.time_limit of " + std::to_string(cfg.train.time_limit) + "s";
+      throw ExitRequest(kExitStopped, "stopped by " + why + " after step " + std::to_string(step + 1) + "; saved " +
+                                          saved.string() + ". Run again with checkpoint.resume \"auto\" to continue");
     }
   }
   metrics.clear_bar();
+  summary.steps = state.step;
+  summary.micro_batch = micro;
+  summary.accumulation = accum;
+  if (state.step >= max_steps && !logged_first) spdlog::info("the run is already complete ({} steps)", max_steps);
   summary.val_loss = validate(summary.steps);
+  checkpoint();
 
   SaveModelOptions save;
   save.dtype = cfg.save_dtype == "bfloat16" ? c10::kBFloat16 : cfg.save_dtype == "float16" ? c10::kHalf : c10::kFloat;

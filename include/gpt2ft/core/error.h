@@ -18,6 +18,18 @@ class Error : public std::runtime_error {
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitError = 1;  // bad input or a failed operation
 inline constexpr int kExitUsage = 2;  // bad command-line arguments
+inline constexpr int kExitOomRestart = 75;  // out of GPU memory: checkpoint saved, rerun to continue
+inline constexpr int kExitStopped = 76;     // stopped by a signal or train.time_limit: checkpoint saved
+
+// A deliberate stop with a documented exit code; the message says how to continue.
+class ExitRequest : public Error {
+ public:
+  ExitRequest(int code, const std::string& message) : Error(message), code_(code) {}
+  int code() const { return code_; }
+
+ private:
+  int code_;
+};
 
 // The message of any exception, without a C++ or torch stack trace.
 std::string describe_exception(const std::exception& e);

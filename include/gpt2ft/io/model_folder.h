@@ -21,6 +21,9 @@ namespace gpt2ft {
 GPT2 load_model_folder(const std::filesystem::path& dir, c10::Device device = c10::kCPU,
                        const std::function<void(GPT2Config&)>& adjust = {});
 
+// Loads the weights of `dir` into an existing model (any device), checking names and shapes.
+void load_weights(GPT2& model, const std::filesystem::path& dir);
+
 struct SaveModelOptions {
   c10::ScalarType dtype = c10::kFloat;  // storage dtype of model.safetensors
   // A folder whose tokenizer files (vocab.json, merges.txt, ...) are copied alongside, or a

@@ -1,0 +1,51 @@
+// Training checkpoints: everything needed to continue a run exactly.
+//
+//   <output_dir>/checkpoints/step_00000120/
+//       model.safetensors, config.json   the model, loadable by transformers
+//       trainer_state.safetensors        AdamW moments and step counts, loss scale, RNG states
+//       trainer_state.json               step, loader position, batch split, the run's config
+//   <output_dir>/checkpoints/latest      the name of the newest complete checkpoint
+//
+// A checkpoint is written into a temporary folder, fsync'd, renamed into place, and only then
+// does `latest` move to it (itself written atomically); older ones are pruned last. A crash
+// at any instant leaves the previous checkpoint usable, and a partial one is never chosen.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+
+#include "gpt2ft/data/loader.h"
+#include "gpt2ft/model/gpt2.h"
+#include "gpt2ft/train/adamw.h"
+#include "gpt2ft/train/config.h"
+#include "gpt2ft/train/grad_scaler.h"
+
+namespace gpt2ft {
+
+struct TrainingState {
+  int64_t step = 0;          // optimizer steps completed
+  LoaderState loader;        // the samples they consumed
+  int64_t micro_batch = 0;   // in use when saved
+  int64_t global_batch = 0;  // sequences per optimizer step
+  bool micro_batch_from_oom = false;  // the micro batch was lowered after an out-of-memory error
+};
+
+// Writes a checkpoint of `state` under run_dir/checkpoints and prunes to keep_last.
+std::filesystem::path save_checkpoint(const std::filesystem::path& run_dir, const TrainingState& state, GPT2& model,
+                                      const AdamW& optimizer, const GradScaler* scaler, const TrainConfig& config,
+                                      int64_t keep_last);
+
+// The checkpoint `latest` names, if there is one. A `latest` naming a missing folder is an Error.
+std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& run_dir);
+
+// Restores model weights, optimizer and scaler state and the RNG states from `dir`, checking
+// that it matches the model and optimizer built from the current config. Returns the state.
+TrainingState load_checkpoint(const std::filesystem::path& dir, GPT2& model, AdamW& optimizer, GradScaler* scaler);
+
+// Test hook: GPT2FT_FAULT_CRASH_IN_CHECKPOINT=K ends the process (_exit) at the K-th kill
+// point inside checkpoint writing (counted over the whole run, from 1).
+void checkpoint_kill_point();
+
+}  // namespace gpt2ft

@@ -1,0 +1,235 @@
+// Crash-safe training checkpoints.
+#include "gpt2ft/train/checkpoint.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/io/model_folder.h"
+#include "gpt2ft/io/safetensors.h"
+
+namespace gpt2ft {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr int kFormatVersion = 1;
+
+std::string step_name(int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof(name), "step_%08lld", static_cast<long long>(step));
+  return name;
+}
+
+std::vector<c10::Device> rng_devices(GPT2& model) {
+  std::vector<c10::Device> devices = {c10::kCPU};
+  const auto d = model->transformer->wte->weight.device();
+  if (d.is_cuda()) devices.push_back(d);
+  return devices;
+}
+
+std::string rng_key(const c10::Device& d) { return d.is_cpu() ? "rng.cpu" : "rng.cuda"; }
+
+torch::Tensor rng_state(const c10::Device& d) {
+  at::Generator gen = at::globalContext().defaultGenerator(d);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void fsync_tree(const fs::path& dir) {
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const int fd = ::open(entry.path().c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      ::fsync(fd);
+      ::close(fd);
+    }
+  }
+  fsync_directory(dir);
+}
+
+nlohmann::json read_json(const fs::path& path) {
+  try {
+    return nlohmann::json::parse(read_text_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(path.string() + ": not valid JSON (" + e.what() + "); the checkpoint is damaged");
+  }
+}
+
+template <class T>
+T get_field(const nlohmann::json& j, const char* key, const fs::path& file) {
+  if (!j.contains(key)) throw Error(file.string() + ": missing \"" + key + "\"; the checkpoint is damaged");
+  try {
+    return j.at(key).get<T>();
+  } catch (const nlohmann::json::exception&) {
+    throw Error(file.string() + ": \"" + key + "\" has the wrong type; the checkpoint is damaged");
+  }
+}
+
+}  // namespace
+
+void checkpoint_kill_point() {
+  static const char* env = std::getenv("GPT2FT_FAULT_CRASH_IN_CHECKPOINT");
+  static int64_t count = 0;
+  if (env && ++count == std::atoll(env)) {
+    std::fprintf(stderr, "fault injection: crashing at checkpoint kill point %lld\n", static_cast<long long>(count));
+    ::_exit(137);
+  }
+}
+
+fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GPT2& model, const AdamW& optimizer,
+                         const GradScaler* scaler, const TrainConfig& config, int64_t keep_last) {
+  const fs::path root = run_dir / "checkpoints";
+  fs::create_directories(root);
+  const std::string name = step_name(state.step);
+  const fs::path final_dir = root / name;
+  const fs::path temp = root / (".tmp-" + name + "-" + std::to_string(::getpid()));
+  fs::remove_all(temp);
+  fs::create_directories(temp);
+
+  save_model_folder(model, temp);
+  checkpoint_kill_point();
+  NamedTensors tensors;
+  for (const auto& g : optimizer.groups()) {
+    for (size_t i = 0; i < g.params.size(); ++i) {
+      tensors.emplace_back("adamw.exp_avg." + g.names[i], g.exp_avg[i]);
+      tensors.emplace_back("adamw.exp_avg_sq." + g.names[i], g.exp_avg_sq[i]);
+      tensors.emplace_back("adamw.step." + g.names[i], g.steps[i]);
+    }
+  }
+  if (scaler) {
+    tensors.emplace_back("scaler.scale", scaler->scale_tensor());
+    tensors.emplace_back("scaler.growth_tracker", scaler->growth_tracker());
+    tensors.emplace_back("scaler.skipped_steps", scaler->skipped_steps());
+  }
+  for (const auto& d : rng_devices(model)) tensors.emplace_back(rng_key(d), rng_state(d));
+  save_safetensors(temp / "trainer_state.safetensors", tensors);
+  checkpoint_kill_point();
+  const nlohmann::json meta = {{"format_version", kFormatVersion},
+                               {"step", state.step},
+                               {"loader_epoch", state.loader.epoch},
+                               {"loader_consumed", state.loader.consumed},
+                               {"micro_batch", state.micro_batch},
+                               {"global_batch", state.global_batch},
+                               {"micro_batch_from_oom", state.micro_batch_from_oom},
+                               {"scaler", scaler != nullptr},
+                               {"config", config.to_json()}};
+  write_file_atomic(temp / "trainer_state.json", meta.dump(2) + "\n");
+  fsync_tree(temp);
+  checkpoint_kill_point();
+
+  if (fs::exists(final_dir)) fs::remove_all(final_dir);  // a checkpoint of the same step from an earlier attempt
+  fs::rename(temp, final_dir);
+  fsync_directory(root);
+  checkpoint_kill_point();
+  write_file_atomic(root / "latest", name + "\n");
+  checkpoint_kill_point();
+
+  // Prune: keep the newest keep_last complete checkpoints; drop stale temporaries.
+  std::vector<fs::path> complete;
+  for (const auto& entry : fs::directory_iterator(root)) {
+    const std::string n = entry.path().filename().string();
+    if (n.rfind("step_", 0) == 0 && entry.is_directory()) complete.push_back(entry.path());
+    else if (n.rfind(".tmp-", 0) == 0 && entry.path() != temp) fs::remove_all(entry.path());
+  }
+  std::sort(complete.begin(), complete.end());
+  for (size_t i = 0; i + static_cast<size_t>(keep_last) < complete.size(); ++i) {
+    if (complete[i] != final_dir) fs::remove_all(complete[i]);
+  }
+  spdlog::info("checkpoint saved: {}", final_dir.string());
+  return final_dir;
+}
+
+std::optional<fs::path> latest_checkpoint(const fs::path& run_dir) {
+  const fs::path pointer = run_dir / "checkpoints" / "latest";
+  if (!fs::exists(pointer)) return std::nullopt;
+  std::string name = read_text_file(pointer);
+  while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+  const fs::path dir = run_dir / "checkpoints" / name;
+  if (name.empty() || name.find('/') != std::string::npos || !fs::is_directory(dir)) {
+    throw Error(pointer.string() + ": names \"" + name + "\", which is not a checkpoint folder; the run folder was "
+                                   "altered. Point checkpoint.resume at a checkpoint folder, or set it to \"none\"");
+  }
+  return dir;
+}
+
+TrainingState load_checkpoint(const fs::path& dir, GPT2& model, AdamW& optimizer, GradScaler* scaler) {
+  return with_context("resuming from checkpoint " + dir.string(), [&] {
+    if (!fs::is_directory(dir)) throw Error(dir.string() + ": not a checkpoint folder");
+    const fs::path meta_path = dir / "trainer_state.json";
+    const nlohmann::json meta = read_json(meta_path);
+    if (get_field<int>(meta, "format_version", meta_path) != kFormatVersion) {
+      throw Error(meta_path.string() + ": format_version " + meta["format_version"].dump() + " (expected " +
+                  std::to_string(kFormatVersion) + "); written by another version of gpt2-finetune");
+    }
+    TrainingState s;
+    s.step = get_field<int64_t>(meta, "step", meta_path);
+    s.loader.epoch = get_field<int64_t>(meta, "loader_epoch", meta_path);
+    s.loader.consumed = get_field<int64_t>(meta, "loader_consumed", meta_path);
+    s.micro_batch = get_field<int64_t>(meta, "micro_batch", meta_path);
+    s.global_batch = get_field<int64_t>(meta, "global_batch", meta_path);
+    s.micro_batch_from_oom = get_field<bool>(meta, "micro_batch_from_oom", meta_path);
+
+    // The model must have the shape the current config builds.
+    const GPT2Config saved = GPT2Config::from_file(dir / "config.json");
+    const GPT2Config& now = model->config();
+    if (saved.n_layer != now.n_layer || saved.n_head != now.n_head || saved.n_embd != now.n_embd ||
+        saved.vocab_size != now.vocab_size || saved.n_positions != now.n_positions ||
+        saved.inner_dim() != now.inner_dim() || saved.tie_word_embeddings != now.tie_word_embeddings) {
+      throw Error(dir.string() + " holds a model with " + std::to_string(saved.n_layer) + " layers, " +
+                  std::to_string(saved.n_head) + " heads, " + std::to_string(saved.n_embd) + " channels and vocab " +
+                  std::to_string(saved.vocab_size) + ", but the config builds " + std::to_string(now.n_layer) + ", " +
+                  std::to_string(now.n_head) + ", " + std::to_string(now.n_embd) + " and " +
+                  std::to_string(now.vocab_size) + "; use the run's own config or checkpoint.resume: \"none\"");
+    }
+    load_weights(model, dir);
+
+    SafetensorsReader state(dir / "trainer_state.safetensors");
+    torch::NoGradGuard no_grad;
+    auto restore = [&](torch::Tensor& target, const std::string& key) {
+      if (!state.contains(key)) {
+        throw Error(state.path().string() + ": missing \"" + key + "\" (the checkpoint is damaged, or the set of "
+                                            "trained parameters changed: model.freeze_* must match the run's)");
+      }
+      const auto& e = state.entry(key);
+      if (e.shape != target.sizes().vec()) {
+        throw Error(state.path().string() + ": \"" + key + "\" has the wrong shape for this model");
+      }
+      target.copy_(state.load(key, target.scalar_type()));
+    };
+    for (auto& g : optimizer.groups()) {
+      for (size_t i = 0; i < g.params.size(); ++i) {
+        restore(g.exp_avg[i], "adamw.exp_avg." + g.names[i]);
+        restore(g.exp_avg_sq[i], "adamw.exp_avg_sq." + g.names[i]);
+        restore(g.steps[i], "adamw.step." + g.names[i]);
+      }
+    }
+    if (scaler) {
+      if (!state.contains("scaler.scale")) {
+        throw Error(dir.string() + " was written without a loss scale (amp.dtype was not float16); resuming it in "
+                                   "float16 would start the scale from scratch. Use the run's amp.dtype");
+      }
+      torch::Tensor scale = scaler->scale_tensor().clone(), tracker = scaler->growth_tracker().clone(),
+                    skipped = scaler->skipped_steps().clone();
+      restore(scale, "scaler.scale");
+      restore(tracker, "scaler.growth_tracker");
+      restore(skipped, "scaler.skipped_steps");
+      scaler->load_state(scale, tracker, skipped);
+    }
+    for (const auto& d : rng_devices(model)) {
+      if (!state.contains(rng_key(d))) continue;  // e.g. a CPU checkpoint resumed on CUDA
+      at::Generator gen = at::globalContext().defaultGenerator(d);
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(state.load(rng_key(d)));
+    }
+    return s;
+  });
+}
+
+}  // namespace gpt2ft
