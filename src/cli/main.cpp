@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   cli::add_tokenize_command(app, run);
   cli::add_train_command(app, run);
   cli::add_generate_command(app, run);
+  cli::add_plan_command(app, run);
 
   try {
     app.parse(argc, argv);

@@ -138,6 +138,27 @@ class MetricsLog {
 
 }  // namespace
 
+MemoryPlanInput memory_plan_input(const TrainConfig& cfg) {
+  MemoryPlanInput in;
+  in.model = cfg.model.init_from.empty() ? GPT2Config::preset(cfg.model.preset)
+                                         : GPT2Config::from_file(fs::path(cfg.model.init_from) / "config.json");
+  if (cfg.model.dropout >= 0) in.model.resid_pdrop = in.model.embd_pdrop = in.model.attn_pdrop = cfg.model.dropout;
+  if (cfg.model.resize_vocab > 0) in.model.vocab_size = cfg.model.resize_vocab;
+  in.seq_len = cfg.data.seq_len;
+  in.amp = amp_scalar_type(cfg.amp.dtype);
+  in.checkpoint_every = cfg.checkpoint_every_n_blocks();
+  in.dropout = in.model.resid_pdrop > 0 || in.model.attn_pdrop > 0;
+  in.cuda = cfg.device != "cpu";
+  const GPT2Config& c = in.model;
+  const int64_t embeddings = (c.vocab_size + c.n_positions) * c.n_embd;
+  const int64_t head = c.tie_word_embeddings ? 0 : c.vocab_size * c.n_embd;
+  const int64_t per_block = (c.num_parameters() - embeddings - head - 2 * c.n_embd) / c.n_layer;
+  const int64_t frozen_blocks = std::min(cfg.model.freeze_blocks, c.n_layer);
+  in.frozen_parameters = frozen_blocks * per_block + (cfg.model.freeze_embeddings ? embeddings : 0);
+  in.frozen_tensors = frozen_blocks * 12 + (cfg.model.freeze_embeddings ? 2 : 0);
+  return in;
+}
+
 double model_flops_per_token(const GPT2Config& c, int64_t seq_len) {
   const double n = static_cast<double>(c.num_parameters() - c.n_positions * c.n_embd);
   return 6 * n + 12.0 * c.n_layer * c.n_embd * seq_len;
@@ -227,6 +248,22 @@ void set_rng_states(const std::vector<std::pair<c10::Device, torch::Tensor>>& st
 
 }  // namespace
 
+// train.micro_batch_size "auto": the largest divisor of the global batch the planner fits in
+// the device's memory (half the host's memory on the CPU). Back-off remains the safety net.
+int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device) {
+  const MemoryPlan plan = plan_memory(memory_plan_input(cfg));
+  const int64_t budget = device.is_cuda() ? cuda_memory(device).total
+                                          : static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE) / 2;
+  const int64_t fits = std::min(plan.largest_micro_batch(budget), cfg.train.global_batch_size);
+  int64_t micro = std::max<int64_t>(1, fits);
+  while (cfg.train.global_batch_size % micro != 0) --micro;
+  spdlog::info("train.micro_batch_size \"auto\": the planner predicts {:.2f} GiB fixed + {:.3f} GiB per sequence; "
+               "{} fit in {:.1f} GiB; using micro batch {}",
+               plan.fixed() / double(1ll << 30), plan.per_sequence() / double(1ll << 30), fits,
+               budget / double(1ll << 30), micro);
+  return micro;
+}
+
 TrainSummary run_training(const TrainConfig& cfg) {
   const auto run_start = Clock::now();
   const c10::Device device = parse_device(cfg.device, "device");
@@ -247,10 +284,8 @@ TrainSummary run_training(const TrainConfig& cfg) {
   }
 
   // Batch arithmetic: global batch = micro batch * accumulation, in sequences.
-  if (cfg.micro_batch_auto()) {
-    throw Error("train.micro_batch_size \"auto\" needs the memory planner, which is not built yet; set an integer");
-  }
   int64_t micro = cfg.train.micro_batch_size;
+  if (cfg.micro_batch_auto()) micro = auto_micro_batch(cfg, device);
   const int64_t global = cfg.train.global_batch_size > 0 ? cfg.train.global_batch_size
                          : micro * (cfg.train.gradient_accumulation_steps > 0 ? cfg.train.gradient_accumulation_steps : 1);
 

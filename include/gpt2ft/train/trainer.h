@@ -8,6 +8,7 @@
 
 #include "gpt2ft/model/config.h"
 #include "gpt2ft/train/config.h"
+#include "gpt2ft/train/memory_planner.h"
 
 namespace gpt2ft {
 
@@ -23,6 +24,11 @@ struct TrainSummary {
 };
 
 TrainSummary run_training(const TrainConfig& config);
+
+// The memory planner's view of a config: model shape (read from model.init_from's
+// config.json or the preset, with the config's vocabulary resize and dropout), T, AMP,
+// checkpointing and frozen parameters. Loads no weights.
+MemoryPlanInput memory_plan_input(const TrainConfig& config);
 
 // Model FLOPs per trained token: 6 * (parameters without position embeddings) for the
 // matmuls forward and backward, plus 12 * L * C * T for attention (QK^T and AV, as in PaLM).

@@ -1,0 +1,81 @@
+// The memory planner's fixed parts are exact: weights, gradients and optimizer state equal
+// the bytes of the tensors the trainer creates, for tied and untied models and with freezing.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/io/model_folder.h"
+#include "gpt2ft/model/finetune.h"
+#include "gpt2ft/model/init.h"
+#include "gpt2ft/train/adamw.h"
+#include "gpt2ft/train/trainer.h"
+#include "test_support.h"
+
+namespace gpt2ft {
+namespace {
+
+TEST(MemoryPlanner, FixedBytesEqualTheRealTensors) {
+  struct Case {
+    bool tied;
+    bool freeze_embeddings;
+    int64_t freeze_blocks;
+  };
+  for (const Case& k : {Case{true, false, 0}, Case{false, false, 0}, Case{true, true, 1}, Case{false, false, 2}}) {
+    SCOPED_TRACE(::testing::Message() << "tied " << k.tied << " freeze_embeddings " << k.freeze_embeddings
+                                      << " freeze_blocks " << k.freeze_blocks);
+    test::TempDir tmp;
+    GPT2Config c;
+    c.n_layer = 3, c.n_head = 4, c.n_embd = 64, c.vocab_size = 300, c.n_positions = 48, c.n_inner = 200;
+    c.tie_word_embeddings = k.tied;
+    GPT2 model(c);
+    init_gpt2_weights(model, 1);
+    save_model_folder(model, tmp.path() / "m");
+    const TrainConfig cfg = TrainConfig::parse(
+        {{"model", {{"init_from", (tmp.path() / "m").string()}, {"freeze_embeddings", k.freeze_embeddings},
+                    {"freeze_blocks", k.freeze_blocks}}},
+         {"data", {{"train", "x"}, {"seq_len", 32}}},
+         {"train", {{"max_steps", 1}}},
+         {"amp", {{"dtype", "bfloat16"}}}});
+    const MemoryPlan plan = plan_memory(memory_plan_input(cfg));
+
+    freeze(model, k.freeze_embeddings, k.freeze_blocks);
+    std::vector<std::pair<std::string, torch::Tensor>> named;
+    for (const auto& p : model->named_parameters()) named.emplace_back(p.key(), p.value());
+    AdamW optimizer(named, {});
+    const torch::Tensor idx = torch::randint(0, 300, {2, 33});
+    next_token_loss(model->forward(idx.narrow(1, 0, 32)), idx.narrow(1, 1, 32)).backward();
+    int64_t weights = 0, grads = 0, state = 0;
+    for (const auto& [name, p] : named) {
+      weights += p.numel() * p.element_size();
+      if (p.grad().defined()) grads += p.grad().numel() * p.grad().element_size();
+    }
+    for (const auto& g : optimizer.groups()) {
+      for (size_t i = 0; i < g.params.size(); ++i) {
+        state += g.exp_avg[i].nbytes() + g.exp_avg_sq[i].nbytes() + g.steps[i].nbytes();
+      }
+    }
+    EXPECT_EQ(plan.weights, weights);
+    EXPECT_EQ(plan.gradients, grads);
+    EXPECT_EQ(plan.optimizer, state);
+    EXPECT_GT(plan.activations_per_sequence, 0);
+  }
+}
+
+TEST(MemoryPlanner, CheckpointingShrinksActivationsAndSizesParse) {
+  MemoryPlanInput in;
+  in.model = GPT2Config::preset("gpt2");
+  in.amp = c10::kBFloat16;
+  const MemoryPlan none = plan_memory(in);
+  in.checkpoint_every = 1;
+  const MemoryPlan all = plan_memory(in);
+  EXPECT_LT(all.activations_per_sequence, none.activations_per_sequence / 3);
+  EXPECT_EQ(all.activations_per_sequence, none.activations_per_sequence_all_checkpointed);
+  EXPECT_GT(all.largest_micro_batch(80ll << 30), none.largest_micro_batch(80ll << 30));
+  EXPECT_EQ(parse_memory_size("80GiB", "x"), 80ll << 30);
+  EXPECT_EQ(parse_memory_size("24GB", "x"), 24000000000ll);
+  test::expect_error_containing([] { parse_memory_size("80 parsecs", "--gpu-memory"); }, {"--gpu-memory", "parsecs"});
+}
+
+}  // namespace
+}  // namespace gpt2ft
