@@ -7,10 +7,12 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include "gpt2ft/core/cuda_info.h"
 #include "gpt2ft/data/shard.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/init.h"
 #include "gpt2ft/train/adamw.h"
+#include "gpt2ft/train/memory_planner.h"
 #include "gpt2ft/train/trainer.h"
 #include "test_support.h"
 
@@ -77,6 +79,43 @@ TEST_F(CudaTraining, Float16WithScalerAndBfloat16Learn) {
     const auto row = nlohmann::json::parse(last);
     EXPECT_EQ(row.contains("loss_scale"), dtype == "float16");
     EXPECT_GT(row["cuda_peak_allocated_gb"].get<double>(), 0);
+  }
+}
+
+TEST_F(CudaTraining, PlannerPredictsThePeakWithinTenPercent) {
+  test::TempDir tmp;
+  std::vector<uint32_t> tokens(40 * 1025);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint32_t>((i * 2654435761u) % 50257);
+  write_shard(tmp.path() / "train_000000.bin", tokens, 2);
+  const c10::Device device(torch::kCUDA, 0);
+  for (const std::string ckpt : {"none", "all"}) {
+    for (int64_t micro : {1, 4, 16}) {
+      const nlohmann::json j = {
+          {"model", {{"preset", "gpt2"}, {"dropout", 0.0}, {"activation_checkpointing", ckpt}}},
+          {"data", {{"train", (tmp.path() / "train_*.bin").string()}, {"seq_len", 1024}}},
+          {"train", {{"micro_batch_size", micro}, {"global_batch_size", micro}, {"max_steps", 2}}},
+          {"amp", {{"dtype", "bfloat16"}}},
+          {"checkpoint", {{"resume", "none"}}},
+          {"log", {{"every_steps", 1}, {"progress", "lines"}}},
+          {"output_dir", (tmp.path() / (ckpt + std::to_string(micro))).string()},
+          {"device", "cuda"}};
+      const TrainConfig config = TrainConfig::parse(j);
+      const MemoryPlan plan = plan_memory(memory_plan_input(config));
+      cuda_empty_cache();
+      cuda_reset_peak_memory(device);
+      run_training(config);
+      std::ifstream metrics(tmp.path() / (ckpt + std::to_string(micro)) / "metrics.jsonl");
+      std::string line, last;
+      while (std::getline(metrics, line)) {
+        if (line.find("cuda_peak_allocated_gb") != std::string::npos) last = line;
+      }
+      const double measured = nlohmann::json::parse(last)["cuda_peak_allocated_gb"].get<double>() * 1e9;
+      const double predicted = static_cast<double>(plan.peak(micro));
+      std::printf("[planner] gpt2 T=1024 bf16 checkpointing %s micro %lld: predicted %.2f GB, measured %.2f GB (%+.1f%%)\n",
+                  ckpt.c_str(), static_cast<long long>(micro), predicted / 1e9, measured / 1e9,
+                  100 * (predicted - measured) / measured);
+      EXPECT_LT(std::abs(predicted - measured) / measured, 0.10) << ckpt << " micro " << micro;
+    }
   }
 }
 

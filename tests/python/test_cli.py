@@ -8,7 +8,6 @@ import os
 import shutil
 import struct
 import subprocess
-import tempfile
 import unittest
 
 import numpy as np
@@ -17,39 +16,23 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
 
+from common import WorkDirTest, write_shard
+
 BIN = os.environ.get("GPT2FT_BIN", "")
 GOLDEN = os.environ.get("GPT2FT_GOLDEN_DIR", "")
-
-
-def write_shard(path, tokens, width=2):
-    """llm.c's shard format, written independently of the C++ writer."""
-    header = np.zeros(256, dtype=np.int32)
-    header[0], header[1], header[2] = (20240520, 1, len(tokens)) if width == 2 else (20240801, 7, len(tokens))
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype=np.uint16 if width == 2 else np.uint32).tobytes())
 
 
 def run(*args):
     return subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-class CliTest(unittest.TestCase):
+class CliTest(WorkDirTest):
+    required_env = ("GPT2FT_BIN", "GPT2FT_GOLDEN_DIR")
+
     @classmethod
     def setUpClass(cls):
-        if not BIN or not GOLDEN:
-            raise RuntimeError("GPT2FT_BIN and GPT2FT_GOLDEN_DIR must be set (run through ctest)")
-        cls.tmp = tempfile.mkdtemp(prefix="gpt2ft-cli-")
+        super().setUpClass()
         cls.model = os.path.join(GOLDEN, "tiny", "model")
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
-    def path(self, *parts):
-        p = os.path.join(self.tmp, self._testMethodName, *parts)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        return p
 
     # --- eval -------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ import random
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import unittest
 
@@ -17,6 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 import train_reference as ref
+from common import WorkDirTest
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 
@@ -72,22 +72,16 @@ def micro_batches(out):
         return [json.loads(line)["micro_batch"] for line in f if '"micro_batch"' in line]
 
 
-class ResilienceTest(unittest.TestCase):
+class ResilienceTest(WorkDirTest):
     @classmethod
     def setUpClass(cls):
-        if not BIN:
-            raise RuntimeError("GPT2FT_BIN must be set (run through ctest)")
-        cls.tmp = tempfile.mkdtemp(prefix="gpt2ft-resilience-")
+        super().setUpClass()
         cls.model_dir = ref.make_model(os.path.join(cls.tmp, "init"))
         ref.make_stream(os.path.join(cls.tmp, "train_000000.bin"))
         cls.glob = os.path.join(cls.tmp, "train_*.bin")
         cls.straight = os.path.join(cls.tmp, "straight")
         r = run(config(cls.model_dir, cls.glob, cls.straight), cls.tmp, "straight")
         assert r.returncode == 0, r.stderr
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def out(self, name):
         return os.path.join(self.tmp, f"{self._testMethodName}_{name}")
@@ -191,6 +185,15 @@ class ResilienceTest(unittest.TestCase):
         r = run(c, self.tmp, "sig2")
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(latest_state(out)[0]["step"], 400)
+
+    def test_time_limit_checkpoints_and_exits_76(self):
+        out = self.out("run")
+        c = config(self.model_dir, self.glob, out, max_steps=100000, time_limit=2.0)
+        c["checkpoint"]["every_steps"] = 0
+        r = run(c, self.tmp, "limit")
+        self.assertEqual(r.returncode, 76, r.stderr[-2000:])
+        self.assertIn("train.time_limit", r.stderr)
+        self.assertGreater(latest_state(out)[0]["step"], 0)
 
     def test_crash_at_any_point_of_checkpoint_writing_leaves_a_resumable_run(self):
         outcomes = []

@@ -7,12 +7,12 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import unittest
 
 import numpy as np
 
 import tokenizer_reference as ref
+from common import WorkDirTest
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 
@@ -36,12 +36,10 @@ def run(*args):
     return subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
-class TokenizeTest(unittest.TestCase):
+class TokenizeTest(WorkDirTest):
     @classmethod
     def setUpClass(cls):
-        if not BIN:
-            raise RuntimeError("GPT2FT_BIN must be set (run through ctest)")
-        cls.tmp = tempfile.mkdtemp(prefix="gpt2ft-tokenize-")
+        super().setUpClass()
         cls.tok_dir = os.path.join(cls.tmp, "tokenizer")
         cls.hf = ref.train_test_bpe(cls.tok_dir)
         with open(os.path.join(cls.tok_dir, "vocab.json"), encoding="utf-8") as f:
@@ -52,15 +50,6 @@ class TokenizeTest(unittest.TestCase):
             words = [rng.choice(ref.WORDS) for _ in range(rng.randint(0, 60))]
             cls.docs.append("".join(w + rng.choice([" ", " ", "\n", "  ", ", "]) for w in words))
         cls.docs[3] = ""  # an empty document still gets its separator
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
-    def path(self, *parts):
-        p = os.path.join(self.tmp, self._testMethodName, *parts)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        return p
 
     def expected(self, docs):
         ids = []

@@ -6,10 +6,10 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import unittest
 
 import tokenizer_reference as ref
+from common import WorkDirTest
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 TOOL = os.environ.get("GPT2FT_TOKENIZER_TOOL", "")
@@ -39,16 +39,8 @@ def _valid(b):
         return False
 
 
-class TokenizerParity(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        if not TOOL or not BIN:
-            raise RuntimeError("GPT2FT_TOKENIZER_TOOL and GPT2FT_BIN must be set (run through ctest)")
-        cls.tmp = tempfile.mkdtemp(prefix="gpt2ft-tok-")
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+class TokenizerParity(WorkDirTest):
+    required_env = ("GPT2FT_BIN", "GPT2FT_TOKENIZER_TOOL")
 
     def compare(self, name, tokenizer_path, strings, reference_fns, reference_decode=None):
         """Our ids must equal every reference's. decode(encode(x)) must give x back, or, for

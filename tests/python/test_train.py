@@ -5,13 +5,14 @@ checkpointing), fused AdamW on the CPU, and loss falling on a learnable stream. 
 import copy
 import json
 import os
-import shutil
-import tempfile
+
+import torch
 import unittest
 
 import numpy as np
 
 import train_reference as ref
+from common import WorkDirTest
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 
@@ -28,19 +29,13 @@ def base_config(model_dir, shard_glob):
     }
 
 
-class TrainTest(unittest.TestCase):
+class TrainTest(WorkDirTest):
     @classmethod
     def setUpClass(cls):
-        if not BIN:
-            raise RuntimeError("GPT2FT_BIN must be set (run through ctest)")
-        cls.tmp = tempfile.mkdtemp(prefix="gpt2ft-train-")
+        super().setUpClass()
         cls.model_dir = ref.make_model(os.path.join(cls.tmp, "init"))
         cls.tokens = ref.make_stream(os.path.join(cls.tmp, "train_000000.bin"))
         cls.glob = os.path.join(cls.tmp, "train_*.bin")
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def test_matches_pytorch_adamw_step_for_step(self):
         cfg = base_config(self.model_dir, self.glob)
@@ -92,6 +87,42 @@ class TrainTest(unittest.TestCase):
         losses = [r["loss"] for r in rows if "loss" in r]
         print(f"[learning] loss {losses[0]:.3f} -> {losses[-1]:.3f} over 60 steps")
         self.assertLess(losses[-1], 0.35 * losses[0])
+
+    def test_bfloat16_autocast_on_cpu_learns_and_stays_close_to_float32(self):
+        c = base_config(self.model_dir, self.glob)
+        c["train"].update({"max_steps": 30, "lr": 1e-2, "warmup_steps": 3, "micro_batch_size": 4, "global_batch_size": 8})
+        c["log"]["every_steps"] = 5
+        _, fp32_rows, _ = ref.run_trainer(BIN, c, self.tmp, "fp32")
+        c["amp"] = {"dtype": "bfloat16"}
+        _, bf16_rows, _ = ref.run_trainer(BIN, c, self.tmp, "bf16")
+        fp32 = [r["loss"] for r in fp32_rows if "loss" in r]
+        bf16 = [r["loss"] for r in bf16_rows if "loss" in r]
+        print(f"[amp] CPU bf16 loss {bf16[0]:.3f} -> {bf16[-1]:.3f}; fp32 {fp32[0]:.3f} -> {fp32[-1]:.3f}")
+        self.assertLess(bf16[-1], 0.5 * bf16[0])
+        self.assertLess(abs(bf16[0] - fp32[0]), 0.05)  # the same first batch, computed in bf16
+        self.assertNotEqual(bf16, fp32)  # autocast really ran
+
+    def test_freezing_keeps_parts_fixed_and_resizing_adds_mean_rows(self):
+        from safetensors.torch import load_file
+        init = load_file(os.path.join(self.model_dir, "model.safetensors"))
+        c = base_config(self.model_dir, self.glob)
+        c["model"].update({"freeze_embeddings": True, "freeze_blocks": 1})
+        weights, _, _ = ref.run_trainer(BIN, c, self.tmp, "frozen")
+        frozen = [k for k in weights if ".h.0." in k or "wte" in k or "wpe" in k]
+        trained = [k for k in weights if ".h.1." in k]
+        for k in frozen:
+            self.assertTrue(torch.equal(weights[k], init[k]), f"{k} changed although frozen")
+        self.assertTrue(any(not torch.equal(weights[k], init[k]) for k in trained))
+        c = base_config(self.model_dir, self.glob)
+        c["model"]["resize_vocab"] = 120
+        c["train"].update({"max_steps": 1, "lr": 0.0, "min_lr": 0.0, "warmup_steps": 0})
+        weights, _, _ = ref.run_trainer(BIN, c, self.tmp, "resized")
+        wte, old = weights["transformer.wte.weight"], init["transformer.wte.weight"]
+        self.assertEqual(tuple(wte.shape), (120, old.shape[1]))
+        self.assertTrue(torch.equal(wte[:97], old))
+        self.assertTrue(torch.allclose(wte[97:], old.mean(0).expand(23, -1), atol=1e-7))
+        with open(os.path.join(self.tmp, "resized", "final", "config.json")) as f:
+            self.assertEqual(json.load(f)["vocab_size"], 120)
 
 
 if __name__ == "__main__":

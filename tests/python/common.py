@@ -1,0 +1,40 @@
+"""Helpers shared by the Python tests: a temporary work folder per test class, and llm.c's
+shard format written with numpy (independently of the C++ writer)."""
+import os
+import shutil
+import tempfile
+import unittest
+
+import numpy as np
+
+
+def write_shard(path, tokens, width=2):
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (20240520, 1, len(tokens)) if width == 2 else (20240801, 7, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16 if width == 2 else np.uint32).tobytes())
+
+
+class WorkDirTest(unittest.TestCase):
+    """cls.tmp is a fresh folder for the class, removed afterwards; self.path(...) is a path
+    inside a folder of the running test. The environment variables named in `required_env`
+    must be set (ctest sets them)."""
+
+    required_env = ("GPT2FT_BIN",)
+
+    @classmethod
+    def setUpClass(cls):
+        missing = [v for v in cls.required_env if not os.environ.get(v)]
+        if missing:
+            raise RuntimeError(f"{', '.join(missing)} must be set (run through ctest)")
+        cls.tmp = tempfile.mkdtemp(prefix=f"gpt2ft-{cls.__name__}-")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def path(self, *parts):
+        p = os.path.join(self.tmp, self._testMethodName, *parts)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        return p
