@@ -64,7 +64,8 @@ def bench_ours(work, model, shard, args, micro, dtype, ckpt):
     cfg = {"model": {"init_from": model, "dropout": 0.0, "activation_checkpointing": "all" if ckpt else "none"},
            "data": {"train": shard, "seq_len": args.seq_len, "shuffle": False, "num_workers": 2},
            "train": {"micro_batch_size": micro, "global_batch_size": micro, "max_steps": args.warmup + args.steps,
-                     "lr": 1e-4, "warmup_steps": 0, "lr_schedule": "constant"},
+                     "lr": 1e-4, "warmup_steps": 0, "lr_schedule": "constant",
+                     "fused_adamw": os.environ.get("GPT2FT_BENCH_FUSED", "auto")},
            "amp": {"dtype": AMP_NAMES[dtype]}, "checkpoint": {"resume": "none"},
            "log": {"every_steps": 1, "progress": "lines"}, "output_dir": out, "device": args.device}
     path = out + ".json"
