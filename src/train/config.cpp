@@ -116,8 +116,6 @@ void flatten(const json& j, const std::string& prefix, std::map<std::string, jso
 }
 
 struct DefaultsVisitor {
-  template <class T, class D, class... Rest>
-  void set(T& field, const D& def) { field = def; }
   void integer(int64_t& f, const char*, int64_t d, int64_t, int64_t, const char*) { f = d; }
   void number(double& f, const char*, double d, double, double, const char*) { f = d; }
   void flag(bool& f, const char*, bool d, const char*) { f = d; }
@@ -300,9 +298,7 @@ TrainConfig TrainConfig::parse(const json& j, const std::vector<std::string>& ov
   TrainConfig c;
   ParseVisitor v{values, where};
   c.visit(v);
-  if (!values.empty()) {
-    std::string known;
-    HelpVisitor h;  // unknown keys: name them and the closest section's options
+  if (!values.empty()) {  // unknown keys: name the first and the options of its section
     const std::string key = values.begin()->first;
     const std::string section = key.substr(0, key.find('.'));
     PrintVisitor p;
