@@ -51,7 +51,7 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
   torch::NoGradGuard no_grad;
   const bool was_training = model->is_training();
   model->eval();
-  double loss_sum = 0;
+  torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   int64_t tokens = 0;
   torch::Tensor host = torch::empty({B, T + 1}, torch::kLong);  // (B, T+1)
   for (int64_t b = 0; b < num_batches; ++b) {
@@ -76,7 +76,7 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
     torch::Tensor loss = torch::nn::functional::cross_entropy(
         logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), y.reshape({-1}),
         torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-    loss_sum += loss.item<double>();
+    loss_sum += loss.to(torch::kDouble);  // read back once, after the loop
     tokens += rows * T;
   }
   if (was_training) model->train();
@@ -84,7 +84,7 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
   EvalResult result;
   result.tokens = tokens;
   result.batches = num_batches;
-  result.loss = loss_sum / static_cast<double>(tokens);
+  result.loss = loss_sum.item<double>() / static_cast<double>(tokens);
   result.perplexity = std::exp(result.loss);
   return result;
 }

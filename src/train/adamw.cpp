@@ -45,11 +45,12 @@ void AdamW::zero_grad() {
 void AdamW::step_unfused(Group& g, double lr) {
   // torch.optim.AdamW's single-tensor update, op for op.
   const double beta1 = options_.betas[0], beta2 = options_.betas[1];
+  // A group's parameters always step together: one read of the count per group, not per tensor.
+  const double step = g.steps[0].item<double>() + 1;
   for (size_t i = 0; i < g.params.size(); ++i) {
     torch::Tensor& p = g.params[i];
     const torch::Tensor grad = p.grad().defined() ? p.grad() : torch::zeros_like(p);
     g.steps[i].add_(1);
-    const double step = g.steps[i].item<double>();
     p.mul_(1 - lr * g.weight_decay);
     g.exp_avg[i].lerp_(grad, 1 - beta1);
     g.exp_avg_sq[i].mul_(beta2).addcmul_(grad, grad, 1 - beta2);
