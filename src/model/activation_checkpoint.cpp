@@ -4,10 +4,10 @@
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
-#include <mutex>
 #include <optional>
 
 #include "gpt2ft/core/autocast.h"
+#include "gpt2ft/core/rng_state.h"
 #include "gpt2ft/model/gpt2.h"
 
 namespace gpt2ft {
@@ -15,22 +15,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Generator default_generator(const c10::Device& device) {
-  return at::globalContext().defaultGenerator(device);
-}
-
-torch::Tensor get_rng_state(const c10::Device& device) {
-  at::Generator gen = default_generator(device);
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-
-void set_rng_state(const c10::Device& device, const torch::Tensor& state) {
-  at::Generator gen = default_generator(device);
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(state);
-}
 
 // Autocast's weight-cast cache off for a scope.
 class AutocastCacheOff {

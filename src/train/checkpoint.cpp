@@ -13,6 +13,7 @@
 
 #include "gpt2ft/core/atomic_file.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/rng_state.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/io/safetensors.h"
 
@@ -36,12 +37,6 @@ std::vector<c10::Device> rng_devices(GPT2& model) {
 }
 
 std::string rng_key(const c10::Device& d) { return d.is_cpu() ? "rng.cpu" : "rng.cuda"; }
-
-torch::Tensor rng_state(const c10::Device& d) {
-  at::Generator gen = at::globalContext().defaultGenerator(d);
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
 
 void fsync_tree(const fs::path& dir) {
   for (const auto& entry : fs::directory_iterator(dir)) {
@@ -108,7 +103,7 @@ fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GP
     tensors.emplace_back("scaler.growth_tracker", scaler->growth_tracker());
     tensors.emplace_back("scaler.skipped_steps", scaler->skipped_steps());
   }
-  for (const auto& d : rng_devices(model)) tensors.emplace_back(rng_key(d), rng_state(d));
+  for (const auto& d : rng_devices(model)) tensors.emplace_back(rng_key(d), get_rng_state(d));
   save_safetensors(temp / "trainer_state.safetensors", tensors);
   checkpoint_kill_point();
   const nlohmann::json meta = {{"format_version", kFormatVersion},
@@ -224,9 +219,7 @@ TrainingState load_checkpoint(const fs::path& dir, GPT2& model, AdamW& optimizer
     }
     for (const auto& d : rng_devices(model)) {
       if (!state.contains(rng_key(d))) continue;  // e.g. a CPU checkpoint resumed on CUDA
-      at::Generator gen = at::globalContext().defaultGenerator(d);
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      gen.set_state(state.load(rng_key(d)));
+      set_rng_state(d, state.load(rng_key(d)));
     }
     return s;
   });

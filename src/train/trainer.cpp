@@ -22,6 +22,7 @@
 #include "gpt2ft/core/cuda_info.h"
 #include "gpt2ft/core/device.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/rng_state.h"
 #include "gpt2ft/data/loader.h"
 #include "gpt2ft/data/shard.h"
 #include "gpt2ft/eval/evaluate.h"
@@ -229,21 +230,13 @@ int64_t smaller_micro_batch(int64_t micro, int64_t global, int64_t minimum) {
 }
 
 std::vector<std::pair<c10::Device, torch::Tensor>> rng_states(c10::Device device) {
-  std::vector<std::pair<c10::Device, torch::Tensor>> out;
-  for (const auto& d : device.is_cuda() ? std::vector<c10::Device>{c10::kCPU, device} : std::vector<c10::Device>{c10::kCPU}) {
-    at::Generator gen = at::globalContext().defaultGenerator(d);
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    out.emplace_back(d, gen.get_state());
-  }
+  std::vector<std::pair<c10::Device, torch::Tensor>> out = {{c10::kCPU, get_rng_state(c10::kCPU)}};
+  if (device.is_cuda()) out.emplace_back(device, get_rng_state(device));
   return out;
 }
 
 void set_rng_states(const std::vector<std::pair<c10::Device, torch::Tensor>>& states) {
-  for (const auto& [d, state] : states) {
-    at::Generator gen = at::globalContext().defaultGenerator(d);
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(state);
-  }
+  for (const auto& [d, state] : states) set_rng_state(d, state);
 }
 
 }  // namespace

@@ -124,13 +124,20 @@ class ResilienceTest(WorkDirTest):
         self.assertLess(diff, 1e-6)
         self.assertEqual(latest_state(out)[0]["loader_consumed"], latest_state(straight)[0]["loader_consumed"])
 
+    def no_dropout_config(self, out, micro):
+        c = config(self.model_dir, self.glob, out, micro_batch_size=micro)
+        c["model"]["dropout"] = 0.0
+        return c
+
+    def clean_run(self, micro):
+        """A run without faults at this micro batch (dropout 0, so any split compares)."""
+        clean = self.out("clean")
+        self.assertEqual(run(self.no_dropout_config(clean, micro), self.tmp, "clean").returncode, 0)
+        return clean
+
     def test_out_of_memory_backs_off_in_process_keeping_the_global_batch(self):
-        clean, out = self.out("clean"), self.out("run")
-        c = config(self.model_dir, self.glob, clean, micro_batch_size=2)
-        c["model"]["dropout"] = 0.0
-        self.assertEqual(run(c, self.tmp, "clean").returncode, 0)
-        c = config(self.model_dir, self.glob, out, micro_batch_size=8)
-        c["model"]["dropout"] = 0.0
+        clean, out = self.clean_run(2), self.out("run")
+        c = self.no_dropout_config(out, 8)
         r = run(c, self.tmp, "backoff", env={"GPT2FT_FAULT_OOM_ABOVE_MICRO": "2"})
         self.assertEqual(r.returncode, 0, r.stderr)
         log = [line for line in r.stderr.splitlines() if "OUT OF MEMORY" in line]
@@ -145,12 +152,8 @@ class ResilienceTest(WorkDirTest):
         self.assertEqual((m1["loader_epoch"], m1["loader_consumed"]), (m2["loader_epoch"], m2["loader_consumed"]))
 
     def test_checkpoint_and_exit_then_restart_with_the_smaller_micro_batch(self):
-        clean, out = self.out("clean"), self.out("run")
-        c = config(self.model_dir, self.glob, clean, micro_batch_size=4)
-        c["model"]["dropout"] = 0.0
-        self.assertEqual(run(c, self.tmp, "clean").returncode, 0)
-        c = config(self.model_dir, self.glob, out, micro_batch_size=8)
-        c["model"]["dropout"] = 0.0
+        clean, out = self.clean_run(4), self.out("run")
+        c = self.no_dropout_config(out, 8)
         c["oom"] = {"policy": "checkpoint_and_exit"}
         env = {"GPT2FT_FAULT_OOM_ABOVE_MICRO": "4"}
         r = run(c, self.tmp, "exit", env=env)
