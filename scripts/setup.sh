@@ -13,7 +13,8 @@ log() { printf '[setup] %s\n' "$*"; }
 # 1. Debian packages: compilers' helpers and the C++ libraries.
 apt_packages=(cmake ninja-build ccache pkg-config g++ python3-venv
   libsentencepiece-dev nlohmann-json3-dev libcli11-dev libspdlog-dev
-  libgtest-dev libgmock-dev libpcre2-dev)
+  libgtest-dev libgmock-dev libpcre2-dev libgloo-dev
+  slurm-wlm munge)
 if [[ "${GPT2FT_SKIP_APT:-0}" != 1 ]]; then
   missing=()
   for p in "${apt_packages[@]}"; do

@@ -32,6 +32,8 @@ void cuda_synchronize(const c10::Device& device) {
   at::cuda::device_synchronize();
 }
 
+void cuda_set_device(const c10::Device& device) { c10::cuda::set_device(device.index()); }
+
 double gpu_peak_flops(const std::string& name) {
   // Vendor datasheet figures, dense (no sparsity), bf16/fp16 tensor cores.
   struct Peak {

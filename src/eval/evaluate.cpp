@@ -54,7 +54,9 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   int64_t tokens = 0;
   torch::Tensor host = torch::empty({B, T + 1}, torch::kLong);  // (B, T+1)
-  for (int64_t b = 0; b < num_batches; ++b) {
+  const int64_t rank = options.comm ? options.comm->rank() : 0;
+  const int64_t ranks = options.comm ? options.comm->world_size() : 1;
+  for (int64_t b = rank; b < num_batches; b += ranks) {
     const int64_t first = b * B;
     const int64_t rows = std::min<int64_t>(B, static_cast<int64_t>(windows.size()) - first);
     int64_t* data = host.data_ptr<int64_t>();
@@ -80,6 +82,12 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
     tokens += rows * T;
   }
   if (was_training) model->train();
+  if (ranks > 1) {
+    torch::Tensor sums = torch::stack({loss_sum, torch::tensor(static_cast<double>(tokens), loss_sum.options())});
+    options.comm->all_reduce_sum_(sums, "validation loss");
+    loss_sum = sums[0];
+    tokens = static_cast<int64_t>(sums[1].item<double>());
+  }
 
   EvalResult result;
   result.tokens = tokens;

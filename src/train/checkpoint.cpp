@@ -38,6 +38,16 @@ std::vector<c10::Device> rng_devices(GPT2& model) {
 
 std::string rng_key(const c10::Device& d) { return d.is_cpu() ? "rng.cpu" : "rng.cuda"; }
 
+}  // namespace
+
+fs::path checkpoint_folder(const fs::path& run_dir, int64_t step) { return run_dir / "checkpoints" / step_name(step); }
+
+std::string rng_key_of_rank(int rank, const std::string& device_type) {
+  return rank == 0 ? "rng." + device_type : "rng.rank" + std::to_string(rank) + "." + device_type;
+}
+
+namespace {
+
 void fsync_tree(const fs::path& dir) {
   for (const auto& entry : fs::directory_iterator(dir)) {
     const int fd = ::open(entry.path().c_str(), O_RDONLY | O_CLOEXEC);
@@ -79,7 +89,8 @@ void checkpoint_kill_point() {
 }
 
 fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GPT2& model, const AdamW& optimizer,
-                         const GradScaler* scaler, const TrainConfig& config, int64_t keep_last) {
+                         const GradScaler* scaler, const TrainConfig& config, int64_t keep_last,
+                         const NamedTensors& rank_rng) {
   const fs::path root = run_dir / "checkpoints";
   fs::create_directories(root);
   const std::string name = step_name(state.step);
@@ -104,6 +115,7 @@ fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GP
     tensors.emplace_back("scaler.skipped_steps", scaler->skipped_steps());
   }
   for (const auto& d : rng_devices(model)) tensors.emplace_back(rng_key(d), get_rng_state(d));
+  for (const auto& item : rank_rng) tensors.push_back(item);
   save_safetensors(temp / "trainer_state.safetensors", tensors);
   checkpoint_kill_point();
   const nlohmann::json meta = {{"format_version", kFormatVersion},
@@ -113,6 +125,7 @@ fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GP
                                {"micro_batch", state.micro_batch},
                                {"global_batch", state.global_batch},
                                {"micro_batch_from_oom", state.micro_batch_from_oom},
+                               {"world_size", state.world_size},
                                {"scaler", scaler != nullptr},
                                {"config", config.to_json()}};
   write_file_atomic(temp / "trainer_state.json", meta.dump(2) + "\n");
@@ -154,7 +167,8 @@ std::optional<fs::path> latest_checkpoint(const fs::path& run_dir) {
   return dir;
 }
 
-TrainingState load_checkpoint(const fs::path& dir, GPT2& model, AdamW& optimizer, GradScaler* scaler) {
+TrainingState load_checkpoint(const fs::path& dir, GPT2& model, AdamW& optimizer, GradScaler* scaler, int rank,
+                              int world_size) {
   return with_context("resuming from checkpoint " + dir.string(), [&] {
     if (!fs::is_directory(dir)) throw Error(dir.string() + ": not a checkpoint folder");
     const fs::path meta_path = dir / "trainer_state.json";
@@ -170,6 +184,7 @@ TrainingState load_checkpoint(const fs::path& dir, GPT2& model, AdamW& optimizer
     s.micro_batch = get_field<int64_t>(meta, "micro_batch", meta_path);
     s.global_batch = get_field<int64_t>(meta, "global_batch", meta_path);
     s.micro_batch_from_oom = get_field<bool>(meta, "micro_batch_from_oom", meta_path);
+    s.world_size = meta.contains("world_size") ? get_field<int64_t>(meta, "world_size", meta_path) : 1;
 
     // The model must have the shape the current config builds.
     const GPT2Config saved = GPT2Config::from_file(dir / "config.json");
@@ -217,9 +232,14 @@ TrainingState load_checkpoint(const fs::path& dir, GPT2& model, AdamW& optimizer
       restore(skipped, "scaler.skipped_steps");
       scaler->load_state(scale, tracker, skipped);
     }
+    const bool same_ranks = s.world_size == world_size;
     for (const auto& d : rng_devices(model)) {
-      if (!state.contains(rng_key(d))) continue;  // e.g. a CPU checkpoint resumed on CUDA
-      set_rng_state(d, state.load(rng_key(d)));
+      const std::string key = rng_key_of_rank(rank, d.is_cpu() ? "cpu" : "cuda");
+      if (!state.contains(key) || (rank > 0 && !same_ranks)) {  // e.g. a CPU checkpoint resumed on CUDA
+        if (rank > 0) s.rng_restored = false;
+        continue;
+      }
+      set_rng_state(d, state.load(key));
     }
     return s;
   });

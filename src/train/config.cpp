@@ -42,11 +42,11 @@ void TrainConfig::visit(Visitor& v) {
   v.flag(data.shuffle, "data.shuffle", true, "Shuffle samples each epoch (false: shard order)");
   // train
   v.micro_batch(train.micro_batch_size, "train.micro_batch_size", 8,
-                "Sequences per forward/backward pass, or \"auto\" (the memory planner picks)");
+                "Sequences per forward/backward pass on each rank, or \"auto\" (the memory planner picks)");
   v.integer(train.gradient_accumulation_steps, "train.gradient_accumulation_steps", 0, 0, kMaxInt,
             "Micro batches per optimizer step; 0 derives it from train.global_batch_size (else 1)");
   v.integer(train.global_batch_size, "train.global_batch_size", 0, 0, kMaxInt,
-            "Sequences per optimizer step; must be divisible by the micro batch. 0: micro * accumulation");
+            "Sequences per optimizer step over all ranks; divisible by micro batch * ranks. 0: micro * accumulation * ranks");
   v.integer(train.max_steps, "train.max_steps", 0, 0, kMaxInt, "Optimizer steps to run (or set train.epochs)");
   v.number(train.epochs, "train.epochs", 0.0, 0.0, kInf, "Epochs to run when train.max_steps is 0");
   v.number(train.lr, "train.lr", 3e-4, 0.0, kInf, "Peak learning rate");
@@ -89,6 +89,13 @@ void TrainConfig::visit(Visitor& v) {
   v.choice(oom.policy, "oom.policy", "backoff", {"backoff", "checkpoint_and_exit", "fail"},
            "On CUDA out-of-memory: halve the micro batch and redo the step, checkpoint and exit, or fail");
   v.integer(oom.min_micro_batch_size, "oom.min_micro_batch_size", 1, 1, kMaxInt, "Smallest micro batch back-off tries");
+  // distributed (used when launched by torchrun or srun with several ranks)
+  v.choice(distributed.backend, "distributed.backend", "auto", {"auto", "nccl", "gloo"},
+           "c10d backend for gradients: auto = NCCL on CUDA, Gloo on the CPU");
+  v.number(distributed.timeout_s, "distributed.timeout_s", 600.0, 1.0, kInf,
+           "Seconds a rendezvous or collective may wait for the other ranks before all ranks stop with an error");
+  v.number(distributed.bucket_mb, "distributed.bucket_mb", 25.0, 0.001, kInf,
+           "Gradient bucket size in MiB: buckets are all-reduced as backward finishes them");
   // run
   v.text(output_dir, "output_dir", "runs/run", "Run folder: config, metrics.jsonl, checkpoints, final/ model");
   v.text(device, "device", "auto", "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"");

@@ -25,6 +25,9 @@
 #include "gpt2ft/core/rng_state.h"
 #include "gpt2ft/data/loader.h"
 #include "gpt2ft/data/shard.h"
+#include "gpt2ft/dist/communicator.h"
+#include "gpt2ft/dist/grad_reducer.h"
+#include "gpt2ft/dist/launch_env.h"
 #include "gpt2ft/eval/evaluate.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/finetune.h"
@@ -85,11 +88,14 @@ torch::Tensor clip_grad_norm(const std::vector<torch::Tensor>& grads, double max
 // Metrics to the console (progress bar or lines) and <output_dir>/metrics.jsonl.
 class MetricsLog {
  public:
-  MetricsLog(const fs::path& path, const std::string& progress, int64_t max_steps)
-      : out_(path, std::ios::app), max_steps_(max_steps), start_(Clock::now()) {
-    bar_ = progress == "bar" || (progress == "auto" && ::isatty(STDERR_FILENO));
+  // Disabled (ranks other than 0), it writes nothing.
+  MetricsLog(const fs::path& path, const std::string& progress, int64_t max_steps, bool enabled)
+      : enabled_(enabled), max_steps_(max_steps), start_(Clock::now()) {
+    if (enabled_) out_.open(path, std::ios::app);
+    bar_ = enabled_ && (progress == "bar" || (progress == "auto" && ::isatty(STDERR_FILENO)));
   }
   void record(const nlohmann::json& row) {
+    if (!enabled_) return;
     out_ << row.dump() << "\n";
     out_.flush();
     clear_bar();
@@ -130,6 +136,7 @@ class MetricsLog {
   }
 
  private:
+  bool enabled_;
   std::ofstream out_;
   int64_t max_steps_;
   Clock::time_point start_;
@@ -243,13 +250,13 @@ void set_rng_states(const std::vector<std::pair<c10::Device, torch::Tensor>>& st
 
 // train.micro_batch_size "auto": the largest divisor of the global batch the planner fits in
 // the device's memory (half the host's memory on the CPU). Back-off remains the safety net.
-int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device) {
+int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device, int64_t per_rank_batch) {
   const MemoryPlan plan = plan_memory(memory_plan_input(cfg));
   const int64_t budget = device.is_cuda() ? cuda_memory(device).total
                                           : static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE) / 2;
-  const int64_t fits = std::min(plan.largest_micro_batch(budget), cfg.train.global_batch_size);
+  const int64_t fits = std::min(plan.largest_micro_batch(budget), per_rank_batch);
   int64_t micro = std::max<int64_t>(1, fits);
-  while (cfg.train.global_batch_size % micro != 0) --micro;
+  while (per_rank_batch % micro != 0) --micro;
   spdlog::info("train.micro_batch_size \"auto\": the planner predicts {:.2f} GiB fixed + {:.3f} GiB per sequence; "
                "{} fit in {:.1f} GiB; using micro batch {}",
                plan.fixed() / double(1ll << 30), plan.per_sequence() / double(1ll << 30), fits,
@@ -257,16 +264,49 @@ int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device) {
   return micro;
 }
 
+namespace {
+
+// Logs of a multi-rank run carry the rank; only rank 0 logs below warnings.
+void configure_rank_logging(const LaunchEnv& env) {
+  if (!env.distributed()) return;
+  spdlog::set_pattern("[%H:%M:%S] [rank " + std::to_string(env.rank) + "] %^%l%$ %v");
+  if (env.rank != 0) spdlog::set_level(spdlog::level::warn);
+}
+
+// Every rank's RNG states for a checkpoint, under rng_key_of_rank (rank 0's are saved as the
+// checkpoint's own).
+NamedTensors gather_rank_rng(Communicator& comm, c10::Device device) {
+  NamedTensors out;
+  if (!comm.distributed()) return out;
+  for (const auto& [d, mine] : rng_states(device)) {
+    const std::string type = d.is_cpu() ? "cpu" : "cuda";
+    const std::vector<torch::Tensor> all = comm.all_gather_bytes(mine, "RNG states");
+    for (int r = 1; r < comm.world_size(); ++r) out.emplace_back(rng_key_of_rank(r, type), all[r]);
+  }
+  return out;
+}
+
+}  // namespace
+
 TrainSummary run_training(const TrainConfig& cfg) {
   const auto run_start = Clock::now();
-  const c10::Device device = parse_device(cfg.device, "device");
+  const LaunchEnv env = read_launch_env();
+  configure_rank_logging(env);
+  c10::Device device = parse_device(cfg.device, "device");
+  if (env.distributed() && device.is_cuda()) {  // one process per GPU
+    device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
+    cuda_set_device(device);
+  }
+  Communicator comm(env, device, cfg.distributed.backend, cfg.distributed.timeout_s);
+  const int64_t W = comm.world_size();
   const fs::path out_dir = cfg.output_dir;
   fs::create_directories(out_dir);
   const std::string resolved = cfg.to_json().dump(2);
   spdlog::info("resolved config:\n{}", resolved);
-  write_file_atomic(out_dir / "config.json", resolved + "\n");
+  if (comm.is_main()) write_file_atomic(out_dir / "config.json", resolved + "\n");
   StopSignals stop_signals;
 
+  // Every rank builds the same model from the same seed; rank 0's copy is broadcast anyway.
   torch::manual_seed(static_cast<uint64_t>(cfg.train.seed));
   GPT2 model = build_model(cfg, device);
   const GPT2Config& mc = model->config();
@@ -276,11 +316,16 @@ TrainSummary run_training(const TrainConfig& cfg) {
                 std::to_string(mc.n_positions) + ")");
   }
 
-  // Batch arithmetic: global batch = micro batch * accumulation, in sequences.
+  // Batch arithmetic: global batch = micro batch (per rank) * accumulation * ranks, in sequences.
   int64_t micro = cfg.train.micro_batch_size;
-  if (cfg.micro_batch_auto()) micro = auto_micro_batch(cfg, device);
-  const int64_t global = cfg.train.global_batch_size > 0 ? cfg.train.global_batch_size
-                         : micro * (cfg.train.gradient_accumulation_steps > 0 ? cfg.train.gradient_accumulation_steps : 1);
+  const int64_t accum_cfg = cfg.train.gradient_accumulation_steps > 0 ? cfg.train.gradient_accumulation_steps : 1;
+  const int64_t global = cfg.train.global_batch_size > 0 ? cfg.train.global_batch_size : micro * accum_cfg * W;
+  if (global % W != 0) {
+    throw Error("train.global_batch_size (" + std::to_string(global) + ") is not divisible by the number of ranks (" +
+                std::to_string(W) + "); choose a multiple of " + std::to_string(W));
+  }
+  const int64_t per_rank = global / W;
+  if (cfg.micro_batch_auto()) micro = auto_micro_batch(cfg, device, per_rank);
 
   const c10::ScalarType amp = amp_scalar_type(cfg.amp.dtype);
   std::vector<std::pair<std::string, torch::Tensor>> named;
@@ -297,13 +342,15 @@ TrainSummary run_training(const TrainConfig& cfg) {
                                              cfg.amp.growth_interval});
   }
 
-  // Resume: the latest checkpoint of this run folder, a given one, or none.
+  // Resume: the latest checkpoint of this run folder, a given one, or none. Every rank reads
+  // it (the run folder is on a shared filesystem).
   TrainingState state;
   std::optional<fs::path> resume_from;
   if (cfg.checkpoint.resume == "auto") resume_from = latest_checkpoint(out_dir);
   else if (cfg.checkpoint.resume != "none") resume_from = fs::path(cfg.checkpoint.resume);
   if (resume_from) {
-    state = load_checkpoint(*resume_from, model, optimizer, scaler ? &*scaler : nullptr);
+    state = load_checkpoint(*resume_from, model, optimizer, scaler ? &*scaler : nullptr, comm.rank(),
+                            static_cast<int>(W));
     if (state.global_batch != global) {
       throw Error("checkpoint " + resume_from->string() + " was trained with a global batch of " +
                   std::to_string(state.global_batch) + " sequences but the config asks for " + std::to_string(global) +
@@ -316,15 +363,41 @@ TrainSummary run_training(const TrainConfig& cfg) {
                    state.micro_batch, micro, global);
       micro = state.micro_batch;
     }
+    if (state.world_size != W) {
+      spdlog::info("the checkpoint was written by {} rank(s), this run has {}: same global batch {} and sample order, "
+                   "accumulation recomputed",
+                   state.world_size, W, global);
+    }
     spdlog::info("resumed from {} at step {} (epoch {}, sample {} of the epoch)", resume_from->string(), state.step,
                  state.loader.epoch, state.loader.consumed);
   }
-  if (global % micro != 0) {
-    throw Error("train.global_batch_size (" + std::to_string(global) + ") is not divisible by the micro batch (" +
-                std::to_string(micro) + ")");
+  if (per_rank % micro != 0) {
+    if (!resume_from || cfg.train.global_batch_size == 0) {
+      throw Error("train.global_batch_size (" + std::to_string(global) + ") is not divisible by the micro batch (" +
+                  std::to_string(micro) + ")" + (W > 1 ? " times the number of ranks (" + std::to_string(W) + ")" : ""));
+    }
+    // Resumed on another number of ranks: the largest micro batch below that fits.
+    const int64_t was = micro;
+    while (per_rank % micro != 0) --micro;
+    spdlog::warn("micro batch {} does not divide the {} sequences per rank of {} ranks; using {}", was, per_rank, W,
+                 micro);
   }
-  int64_t accum = global / micro;
+  int64_t accum = per_rank / micro;
   state.global_batch = global;
+  state.world_size = W;
+
+  // Identical start on every rank; dropout draws differ per rank (rank 0 continues the
+  // single-process stream) unless the checkpoint restored each rank's own state.
+  {
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> tensors;
+    for (const auto& p : model->parameters()) tensors.push_back(p);
+    for (const auto& b : model->buffers()) tensors.push_back(b);
+    comm.broadcast_(tensors, 0, "initial weights");
+  }
+  if (comm.rank() > 0 && (!resume_from || !state.rng_restored)) {
+    torch::manual_seed(static_cast<uint64_t>(cfg.train.seed) + 7919ull * comm.rank() + 1000003ull * state.step);
+  }
 
   LoaderOptions lo;
   lo.shards = expand_glob(cfg.data.train, "data.train");
@@ -334,6 +407,8 @@ TrainSummary run_training(const TrainConfig& cfg) {
   lo.shuffle = cfg.data.shuffle;
   lo.num_workers = static_cast<int>(cfg.data.num_workers);
   lo.prefetch = 2 * lo.num_workers + 2;
+  lo.rank = comm.rank();
+  lo.world_size = static_cast<int>(W);
   lo.vocab_size = mc.vocab_size;
   lo.device = device;
   DataLoader loader(lo, state.loader);
@@ -344,18 +419,27 @@ TrainSummary run_training(const TrainConfig& cfg) {
                                 : static_cast<int64_t>(std::ceil(cfg.train.epochs * loader.samples_per_epoch() / global));
   LrSchedule schedule{cfg.train.lr_schedule, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, max_steps};
 
+  std::vector<torch::Tensor> params;
+  for (auto& [k, p] : named) params.push_back(p);
+  GradReducer reducer(comm, params, static_cast<int64_t>(cfg.distributed.bucket_mb * (1 << 20)));
+
   const double flops_per_token = model_flops_per_token(mc, T);
-  const double peak_flops = device.is_cuda() ? gpu_peak_flops(cuda_device_name(device)) : 0.0;
+  const double peak_flops = device.is_cuda() ? gpu_peak_flops(cuda_device_name(device)) * static_cast<double>(W) : 0.0;
   int64_t trained = 0;
   for (auto& [k, p] : named) trained += p.requires_grad() ? p.numel() : 0;
-  spdlog::info("model: {} parameters ({} trained); device {}{}; micro batch {} x accumulation {} = global batch {} "
+  spdlog::info("model: {} parameters ({} trained); device {}{}; micro batch {} x accumulation {}{} = global batch {} "
                "sequences of {} tokens; {} steps ({:.2f} epochs of {} samples); amp {}; fused AdamW {}",
                mc.num_parameters(), trained, device.str(), device.is_cuda() ? " (" + cuda_device_name(device) + ")" : "",
-               micro, accum, global, T, max_steps, static_cast<double>(max_steps * global) / loader.samples_per_epoch(),
-               loader.samples_per_epoch(), cfg.amp.dtype, ao.fused ? "on" : "off");
+               micro, accum, W > 1 ? fmt::format(" x {} ranks", W) : "", global, T, max_steps,
+               static_cast<double>(max_steps * global) / loader.samples_per_epoch(), loader.samples_per_epoch(),
+               cfg.amp.dtype, ao.fused ? "on" : "off");
+  if (W > 1) {
+    spdlog::info("gradients: {} bucket(s), {:.1f} MiB, all-reduced during the backward of the last micro batch",
+                 reducer.num_buckets(), reducer.bucket_bytes_total() / double(1 << 20));
+  }
 
-  MetricsLog metrics(out_dir / "metrics.jsonl", cfg.log.progress, max_steps);
-  EvalOptions eval_options{T, micro, cfg.eval.max_batches, amp};
+  MetricsLog metrics(out_dir / "metrics.jsonl", cfg.log.progress, max_steps, comm.is_main());
+  EvalOptions eval_options{T, micro, cfg.eval.max_batches, amp, &comm};
   auto validate = [&](int64_t step) -> std::optional<double> {
     if (val_shards.empty()) return std::nullopt;
     const EvalResult r = evaluate(model, val_shards, eval_options, device);
@@ -363,10 +447,17 @@ TrainSummary run_training(const TrainConfig& cfg) {
     metrics.record({{"step", step}, {"val_loss", r.loss}, {"val_perplexity", r.perplexity}, {"val_tokens", r.tokens}});
     return r.loss;
   };
+  // Collective: every rank hands in its RNG state, rank 0 writes, all wait until it is on disk.
   auto checkpoint = [&] {
     state.micro_batch = micro;
     state.loader = loader.state();
-    return save_checkpoint(out_dir, state, model, optimizer, scaler ? &*scaler : nullptr, cfg, cfg.checkpoint.keep_last);
+    const NamedTensors rank_rng = gather_rank_rng(comm, device);
+    if (comm.is_main()) {
+      save_checkpoint(out_dir, state, model, optimizer, scaler ? &*scaler : nullptr, cfg, cfg.checkpoint.keep_last,
+                      rank_rng);
+    }
+    comm.barrier("checkpoint of step " + std::to_string(state.step));
+    return checkpoint_folder(out_dir, state.step);
   };
 
   TrainSummary summary;
@@ -377,12 +468,15 @@ TrainSummary run_training(const TrainConfig& cfg) {
   for (int64_t step = first_step; step < max_steps; ++step) {
     const double lr = schedule.at(step);
     torch::Tensor loss_sum;
+    std::vector<int64_t> agreed;  // over all ranks: {out of memory, stop signal, out of time}
     for (;;) {  // one optimizer step; repeated from its first sample after an out-of-memory back-off
       const LoaderState step_start = loader.state();
       const auto rng_at_start = rng_states(device);
+      std::string oom_message;
       try {
         // Forward and backward over the micro batches; each loss is a mean over its micro
-        // batch divided by the accumulation, so the gradients sum to the global batch's mean.
+        // batch divided by the accumulation, so the gradients sum to this rank's mean. The
+        // last backward also averages them over the ranks, bucket by bucket.
         loss_sum = torch::zeros({}, torch::TensorOptions().device(device));
         for (int64_t m = 0; m < accum; ++m) {
           Batch batch = loader.next();
@@ -393,52 +487,68 @@ TrainSummary run_training(const TrainConfig& cfg) {
             loss = next_token_loss(model->forward(batch.x), batch.y) / static_cast<double>(accum);
           }
           loss_sum += loss.detach();
+          if (m == accum - 1) reducer.arm();
           (scaler ? scaler->scale(loss) : loss).backward();
         }
-        break;
       } catch (const std::exception& e) {
         if (!is_out_of_memory(e)) throw;
+        oom_message = describe_exception(e);
         optimizer.zero_grad();  // drop this step's partial gradients; nothing was applied
-        loss_sum = torch::Tensor();
-        at::autocast::clear_cache();
-        if (device.is_cuda()) cuda_empty_cache();
-        const int64_t smaller = smaller_micro_batch(micro, global, cfg.oom.min_micro_batch_size);
-        if (cfg.oom.policy == "fail") {
-          throw Error("out of memory at micro batch " + std::to_string(micro) + " (step " + std::to_string(step + 1) +
-                      "): " + describe_exception(e) + ". Lower train.micro_batch_size or set oom.policy \"backoff\"");
-        }
-        if (cfg.oom.policy == "checkpoint_and_exit" || smaller == 0) {
-          loader.restart(step_start, micro);
-          state.micro_batch_from_oom = true;
-          const int64_t next = smaller ? smaller : micro;
-          micro = next;
-          const fs::path saved = checkpoint();
-          throw ExitRequest(kExitOomRestart,
-                            "out of memory at step " + std::to_string(step + 1) + " with micro batch " +
-                                std::to_string(loader.micro_batch()) + "; saved " + saved.string() + " (step " +
-                                std::to_string(step) + "). " +
-                                (smaller ? "Run again with checkpoint.resume \"auto\": it continues with micro batch " +
-                                               std::to_string(next) + " and the same global batch " + std::to_string(global)
-                                         : "The micro batch cannot go lower (oom.min_micro_batch_size " +
-                                               std::to_string(cfg.oom.min_micro_batch_size) +
-                                               "); enable model.activation_checkpointing, amp.dtype, or a shorter "
-                                               "data.seq_len, then run again"));
-        }
-        spdlog::warn("OUT OF MEMORY at step {} with micro batch {}: backing off to micro batch {} x accumulation {} "
-                     "(global batch {} unchanged) and redoing the step from its first sample",
-                     step + 1, micro, smaller, global / smaller, global);
-        micro = smaller;
-        accum = global / micro;
-        state.micro_batch_from_oom = true;
-        eval_options.batch_size = micro;
+      }
+      reducer.finish();  // every rank issues the same collectives, even after an error
+      const bool out_of_time = cfg.train.time_limit > 0 &&
+                               std::chrono::duration<double>(Clock::now() - run_start).count() > cfg.train.time_limit;
+      agreed = comm.agree_max({oom_message.empty() ? 0 : 1, g_stop_signal.load(), out_of_time ? 1 : 0},
+                              "the step's outcome");
+      if (agreed[0] == 0) break;
+
+      // Some rank ran out of memory: every rank drops the step and changes micro batch together.
+      if (oom_message.empty()) oom_message = "another rank ran out of memory";
+      optimizer.zero_grad();
+      loss_sum = torch::Tensor();
+      at::autocast::clear_cache();
+      if (device.is_cuda()) cuda_empty_cache();
+      const int64_t smaller = smaller_micro_batch(micro, per_rank, cfg.oom.min_micro_batch_size);
+      if (cfg.oom.policy == "fail") {
+        throw Error("out of memory at micro batch " + std::to_string(micro) + " (step " + std::to_string(step + 1) +
+                    "): " + oom_message + ". Lower train.micro_batch_size or set oom.policy \"backoff\"");
+      }
+      if (cfg.oom.policy == "checkpoint_and_exit" || smaller == 0) {
         loader.restart(step_start, micro);
         set_rng_states(rng_at_start);
+        state.micro_batch_from_oom = true;
+        const int64_t next = smaller ? smaller : micro;
+        micro = next;
+        const fs::path saved = checkpoint();
+        throw ExitRequest(kExitOomRestart,
+                          "out of memory at step " + std::to_string(step + 1) + " with micro batch " +
+                              std::to_string(loader.micro_batch()) + "; saved " + saved.string() + " (step " +
+                              std::to_string(step) + "). " +
+                              (smaller ? "Run again with checkpoint.resume \"auto\": it continues with micro batch " +
+                                             std::to_string(next) + " and the same global batch " + std::to_string(global)
+                                       : "The micro batch cannot go lower (oom.min_micro_batch_size " +
+                                             std::to_string(cfg.oom.min_micro_batch_size) +
+                                             "); enable model.activation_checkpointing, amp.dtype, or a shorter "
+                                             "data.seq_len, then run again"));
       }
+      spdlog::warn("OUT OF MEMORY at step {} with micro batch {} ({}): backing off to micro batch {} x accumulation {}{} "
+                   "(global batch {} unchanged) and redoing the step from its first sample",
+                   step + 1, micro, oom_message, smaller, per_rank / smaller, W > 1 ? fmt::format(" x {} ranks", W) : "",
+                   global);
+      micro = smaller;
+      accum = per_rank / micro;
+      state.micro_batch_from_oom = true;
+      eval_options.batch_size = micro;
+      loader.restart(step_start, micro);
+      set_rng_states(rng_at_start);
     }
 
     // Unscale, clip, step (skipped on inf/NaN under float16), update the scale.
     const std::vector<torch::Tensor> grads = optimizer.grads();
-    if (scaler) scaler->unscale_(grads);
+    if (scaler) {
+      scaler->unscale_(grads);
+      comm.all_reduce_max_(scaler->found_inf(), "found_inf");  // every rank skips the same steps
+    }
     const torch::Tensor grad_norm = clip_grad_norm(grads, cfg.train.grad_clip);
     if (!scaler) optimizer.step(lr);
     else if (ao.fused) optimizer.step(lr, std::nullopt, scaler->found_inf());
@@ -451,7 +561,8 @@ TrainSummary run_training(const TrainConfig& cfg) {
     // Metrics only at log steps: the only host syncs of the loop.
     const bool last = step + 1 == max_steps;
     if ((step + 1) % cfg.log.every_steps == 0 || last || step == first_step) {
-      const double loss_value = loss_sum.item<double>();
+      comm.all_reduce_sum_(loss_sum, "training loss");
+      const double loss_value = loss_sum.item<double>() / static_cast<double>(W);
       const double secs = std::chrono::duration<double>(Clock::now() - interval_start).count();
       const double tokens_per_s = static_cast<double>(interval_steps * global * T) / secs;
       nlohmann::json row = {{"step", step + 1},
@@ -463,6 +574,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
                             {"epoch", loader.state().epoch},
                             {"samples_in_epoch", loader.state().consumed},
                             {"micro_batch", micro}};
+      if (W > 1) row["world_size"] = W;
       if (peak_flops > 0) row["mfu"] = flops_per_token * tokens_per_s / peak_flops;
       if (device.is_cuda()) {
         const CudaMemory mem = cuda_memory(device);
@@ -485,11 +597,10 @@ TrainSummary run_training(const TrainConfig& cfg) {
     if (cfg.checkpoint.every_steps > 0 && (step + 1) % cfg.checkpoint.every_steps == 0 && !last) checkpoint();
     maybe_crash_after(step + 1);
 
-    // A stop request (signal or time limit) ends the run at this step boundary, resumably.
-    const int signum = g_stop_signal.load();
-    const bool out_of_time = cfg.train.time_limit > 0 &&
-                             std::chrono::duration<double>(Clock::now() - run_start).count() > cfg.train.time_limit;
-    if ((signum != 0 || out_of_time) && !last) {
+    // A stop request (a signal or the time limit, on any rank) ends the run at this step
+    // boundary, resumably, on every rank.
+    const int signum = static_cast<int>(agreed[1]);
+    if ((signum != 0 || agreed[2] != 0) && !last) {
       metrics.clear_bar();
       const fs::path saved = checkpoint();
       const std::string why = signum ? std::string("signal ") + strsignal(signum)
@@ -506,11 +617,14 @@ TrainSummary run_training(const TrainConfig& cfg) {
   summary.val_loss = validate(summary.steps);
   checkpoint();
 
-  SaveModelOptions save;
-  save.dtype = cfg.save_dtype == "bfloat16" ? c10::kBFloat16 : cfg.save_dtype == "float16" ? c10::kHalf : c10::kFloat;
-  if (!cfg.model.init_from.empty()) save.tokenizer_from = fs::path(cfg.model.init_from);
   summary.final_model = out_dir / "final";
-  save_model_folder(model, summary.final_model, save);
+  if (comm.is_main()) {
+    SaveModelOptions save;
+    save.dtype = cfg.save_dtype == "bfloat16" ? c10::kBFloat16 : cfg.save_dtype == "float16" ? c10::kHalf : c10::kFloat;
+    if (!cfg.model.init_from.empty()) save.tokenizer_from = fs::path(cfg.model.init_from);
+    save_model_folder(model, summary.final_model, save);
+  }
+  comm.barrier("final model");
   summary.seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
   spdlog::info("done: {} steps in {:.1f}s; train loss {:.4f} -> {:.4f}{}; model saved to {}", summary.steps,
                summary.seconds, summary.first_loss, summary.last_loss,

@@ -19,6 +19,8 @@ CudaMemory cuda_memory(const c10::Device& device);
 void cuda_reset_peak_memory(const c10::Device& device);
 void cuda_empty_cache();
 void cuda_synchronize(const c10::Device& device);
+// Makes `device` the calling thread's current CUDA device (one process per GPU).
+void cuda_set_device(const c10::Device& device);
 
 // Dense bf16/fp16 tensor-core peak FLOP/s of known GPUs by name; 0 when unknown.
 double gpu_peak_flops(const std::string& device_name);

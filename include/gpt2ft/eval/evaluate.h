@@ -8,6 +8,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
+#include "gpt2ft/dist/communicator.h"
 #include "gpt2ft/model/gpt2.h"
 
 namespace gpt2ft {
@@ -17,6 +18,9 @@ struct EvalOptions {
   int64_t batch_size = 8;   // windows per forward pass
   int64_t max_batches = 0;  // 0 = all windows
   c10::ScalarType amp_dtype = c10::kFloat;  // autocast dtype (kFloat: none)
+  // Data-parallel: rank r evaluates batches r, r+W, ... and the sums are all-reduced, so
+  // every rank gets the single-process result. Null: this process evaluates everything.
+  Communicator* comm = nullptr;
 };
 
 struct EvalResult {

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "gpt2ft/data/loader.h"
+#include "gpt2ft/io/safetensors.h"
 #include "gpt2ft/model/gpt2.h"
 #include "gpt2ft/train/adamw.h"
 #include "gpt2ft/train/config.h"
@@ -30,19 +31,31 @@ struct TrainingState {
   int64_t micro_batch = 0;   // in use when saved
   int64_t global_batch = 0;  // sequences per optimizer step
   bool micro_batch_from_oom = false;  // the micro batch was lowered after an out-of-memory error
+  int64_t world_size = 1;    // ranks of the run that wrote it (micro_batch is per rank)
+  bool rng_restored = true;  // load: this rank's RNG state was in the checkpoint
 };
 
-// Writes a checkpoint of `state` under run_dir/checkpoints and prunes to keep_last.
+// Writes a checkpoint of `state` under run_dir/checkpoints and prunes to keep_last. The
+// RNG states saved are this process's; `rank_rng` adds other ranks' (rng_key_of_rank names).
 std::filesystem::path save_checkpoint(const std::filesystem::path& run_dir, const TrainingState& state, GPT2& model,
                                       const AdamW& optimizer, const GradScaler* scaler, const TrainConfig& config,
-                                      int64_t keep_last);
+                                      int64_t keep_last, const NamedTensors& rank_rng = {});
+
+// run_dir/checkpoints/step_NNNNNNNN, the folder of the checkpoint after `step` steps.
+std::filesystem::path checkpoint_folder(const std::filesystem::path& run_dir, int64_t step);
+
+// The key of rank r's RNG state for `device_type` ("cpu" or "cuda") in trainer_state.
+std::string rng_key_of_rank(int rank, const std::string& device_type);
 
 // The checkpoint `latest` names, if there is one. A `latest` naming a missing folder is an Error.
 std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& run_dir);
 
 // Restores model weights, optimizer and scaler state and the RNG states from `dir`, checking
 // that it matches the model and optimizer built from the current config. Returns the state.
-TrainingState load_checkpoint(const std::filesystem::path& dir, GPT2& model, AdamW& optimizer, GradScaler* scaler);
+// Rank r restores its own RNG state when the checkpoint has one (same world size);
+// otherwise rng_restored is false and the caller reseeds.
+TrainingState load_checkpoint(const std::filesystem::path& dir, GPT2& model, AdamW& optimizer, GradScaler* scaler,
+                              int rank = 0, int world_size = 1);
 
 // Test hook: GPT2FT_FAULT_CRASH_IN_CHECKPOINT=K ends the process (_exit) at the K-th kill
 // point inside checkpoint writing (counted over the whole run, from 1).

@@ -63,6 +63,11 @@ struct TrainConfig {
     std::string policy;
     int64_t min_micro_batch_size = 0;
   } oom;
+  struct Distributed {
+    std::string backend;                     // "auto" | "nccl" | "gloo"
+    double timeout_s = 0;
+    double bucket_mb = 0;
+  } distributed;
   std::string output_dir;
   std::string device;
   std::string save_dtype;

@@ -1,0 +1,163 @@
+// Bucketed, backward-overlapped gradient all-reduce.
+#include "gpt2ft/dist/grad_reducer.h"
+
+#include <mutex>
+
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/torch.h>
+
+#include "gpt2ft/core/error.h"
+
+namespace gpt2ft {
+
+struct GradReducer::State {
+  struct Slot {
+    torch::Tensor param;
+    int64_t bucket = 0;
+    int64_t offset = 0;  // in elements, inside the bucket
+  };
+  struct Bucket {
+    torch::Tensor flat;           // (numel,) of the gradients' dtype, on their device
+    int64_t expected = 0;         // parameters in it
+    int64_t ready = 0;            // parameters copied in during this step
+    bool launched = false;
+    PendingCollective pending;
+  };
+
+  Communicator* comm = nullptr;
+  std::vector<Slot> slots;
+  std::vector<Bucket> buckets;
+  std::vector<bool> copied;       // per slot, this step
+  int64_t next_launch = 0;
+  bool armed = false;
+  std::mutex mutex;
+
+  void copy_in(size_t slot_index) {
+    const Slot& s = slots[slot_index];
+    Bucket& b = buckets[s.bucket];
+    torch::NoGradGuard no_grad;
+    torch::Tensor view = b.flat.narrow(0, s.offset, s.param.numel());
+    const torch::Tensor& grad = s.param.grad();
+    if (grad.defined()) view.copy_(grad.reshape({-1}));
+    else view.zero_();
+    copied[slot_index] = true;
+    ++b.ready;
+  }
+
+  void launch(Bucket& b, int64_t index) {
+    b.launched = true;
+    b.pending = comm->all_reduce_sum_async(b.flat, "gradient bucket " + std::to_string(index));
+  }
+
+  // Launches buckets in index order while the next one is complete.
+  void launch_ready() {
+    while (next_launch < static_cast<int64_t>(buckets.size())) {
+      Bucket& b = buckets[next_launch];
+      if (b.ready < b.expected) break;
+      launch(b, next_launch++);
+    }
+  }
+
+  void on_gradient(size_t slot_index) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!armed || copied[slot_index]) return;
+    copy_in(slot_index);
+    launch_ready();
+  }
+};
+
+namespace {
+
+// Runs after autograd accumulated a parameter's gradient.
+struct AccumulatedHook : torch::autograd::PostAccumulateGradHook {
+  std::weak_ptr<GradReducer::State> state;
+  size_t slot;
+  AccumulatedHook(std::weak_ptr<GradReducer::State> s, size_t i) : state(std::move(s)), slot(i) {}
+  void operator()(const torch::autograd::Variable&) override {
+    if (auto s = state.lock()) s->on_gradient(slot);
+  }
+};
+
+}  // namespace
+
+GradReducer::GradReducer(Communicator& comm, const std::vector<torch::Tensor>& params, int64_t bucket_bytes)
+    : state_(std::make_shared<State>()) {
+  state_->comm = &comm;
+  for (auto it = params.rbegin(); it != params.rend(); ++it) {
+    if (it->requires_grad()) params_.push_back(*it);
+  }
+  // Bucket boundaries: close a bucket when it reaches bucket_bytes or the dtype changes.
+  int64_t bucket_elems = 0, bucket_size_bytes = 0;
+  c10::ScalarType dtype = c10::ScalarType::Undefined;
+  auto close_bucket = [&] {
+    if (bucket_elems == 0) return;
+    State::Bucket b;
+    b.flat = torch::zeros({bucket_elems}, params_.front().options().dtype(dtype).requires_grad(false));
+    state_->buckets.push_back(std::move(b));
+    bucket_elems = bucket_size_bytes = 0;
+  };
+  for (const auto& p : params_) {
+    if (bucket_elems > 0 && (p.scalar_type() != dtype || bucket_size_bytes >= bucket_bytes)) close_bucket();
+    dtype = p.scalar_type();
+    state_->slots.push_back({p, static_cast<int64_t>(state_->buckets.size()), bucket_elems});
+    bucket_elems += p.numel();
+    bucket_size_bytes += p.numel() * static_cast<int64_t>(p.element_size());
+  }
+  close_bucket();
+  for (const auto& s : state_->slots) ++state_->buckets[s.bucket].expected;
+  state_->copied.assign(state_->slots.size(), false);
+  if (!comm.distributed()) return;  // nothing to reduce: no hooks
+  for (size_t i = 0; i < state_->slots.size(); ++i) {
+    torch::autograd::impl::set_post_acc_grad_hooks(state_->slots[i].param,
+                                                   std::make_unique<AccumulatedHook>(state_, i));
+  }
+}
+
+GradReducer::~GradReducer() {
+  if (!state_->comm->distributed()) return;
+  for (auto& s : state_->slots) torch::autograd::impl::set_post_acc_grad_hooks(s.param, nullptr);
+}
+
+void GradReducer::arm() {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->armed = true;
+}
+
+void GradReducer::finish() {
+  State& st = *state_;
+  if (!st.comm->distributed()) return;
+  {
+    std::lock_guard<std::mutex> lock(st.mutex);
+    st.armed = false;
+    for (size_t i = 0; i < st.slots.size(); ++i) {
+      if (!st.copied[i]) st.copy_in(i);
+    }
+    st.launch_ready();
+  }
+  const double world = static_cast<double>(st.comm->world_size());
+  torch::NoGradGuard no_grad;
+  for (auto& b : st.buckets) {
+    b.pending.wait();
+    b.flat.div_(world);
+  }
+  for (size_t i = 0; i < st.slots.size(); ++i) {
+    State::Slot& s = st.slots[i];
+    const torch::Tensor mean = st.buckets[s.bucket].flat.narrow(0, s.offset, s.param.numel()).view(s.param.sizes());
+    if (s.param.grad().defined()) s.param.mutable_grad().copy_(mean);
+    else s.param.mutable_grad() = mean.clone();
+  }
+  for (auto& b : st.buckets) b.ready = 0, b.launched = false;
+  st.copied.assign(st.slots.size(), false);
+  st.next_launch = 0;
+}
+
+int64_t GradReducer::num_buckets() const { return static_cast<int64_t>(state_->buckets.size()); }
+
+int64_t GradReducer::bucket_bytes_total() const {
+  int64_t total = 0;
+  for (const auto& b : state_->buckets) total += b.flat.numel() * static_cast<int64_t>(b.flat.element_size());
+  return total;
+}
+
+}  // namespace gpt2ft
