@@ -1,4 +1,5 @@
 // gpt2-finetune train --config run.json (also plain `gpt2-finetune --config run.json`).
+#include <cstdio>
 #include <memory>
 
 #include "commands.h"
@@ -12,17 +13,24 @@ namespace {
 struct TrainArgs {
   std::string config;
   std::vector<std::string> overrides;
+  bool print_config = false;
 };
 
 void add_train_options(CLI::App& app, TrainArgs& args) {
   app.add_option("--config", args.config, "Training config JSON (see the options below)");
   app.add_option("--set", args.overrides, "Override an option: --set train.micro_batch_size=4 (repeatable)")
       ->take_all();
+  app.add_flag("--print-config", args.print_config,
+               "Print the resolved config (defaults and --set applied) as JSON to stdout, and exit");
 }
 
 int run_train(const TrainArgs& args) {
   if (args.config.empty()) throw Error("train: --config FILE is required");
   const TrainConfig config = TrainConfig::from_file(args.config, args.overrides);
+  if (args.print_config) {
+    std::printf("%s\n", config.to_json().dump(2).c_str());
+    return kExitOk;
+  }
   run_training(config);
   return kExitOk;
 }

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The body of the sbatch scripts: one srun task per GPU, and what to do with the exit code.
+#   run-training.sh CONFIG [--set key=value ...]
+# Exit codes of gpt2-finetune (README: "Exit codes"):
+#   0   done
+#   75  out of GPU memory; a checkpoint was saved with a smaller micro batch: requeue the job,
+#       passing that micro batch explicitly with --set (the global batch is unchanged)
+#   76  stopped by a signal (Slurm's --signal=USR1@120 before the time limit, preemption)
+#       or train.time_limit; a checkpoint was saved: requeue the job
+# A requeued job starts this script again; checkpoint.resume "auto" continues at the exact
+# next sample. GPT2FT_MAX_REQUEUES (default 20) bounds the loop.
+set -uo pipefail
+root="${GPT2FT_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}}"
+bin="${GPT2FT_BIN:-$root/build/gpt2-finetune}"
+config="${1:?usage: run-training.sh CONFIG [--set key=value ...]}"
+shift
+restarts="${SLURM_RESTART_COUNT:-0}"
+max_requeues="${GPT2FT_MAX_REQUEUES:-20}"
+log() { printf '[slurm job %s, start %s] %s\n' "${SLURM_JOB_ID:-?}" "$restarts" "$*"; }
+
+# The run folder, from the resolved config (defaults and --set applied).
+out_dir="$("$bin" train --config "$config" "$@" --print-config | sed -n 's/^  "output_dir": "\(.*\)",\{0,1\}$/\1/p')"
+[[ -n "$out_dir" ]] || { log "could not resolve output_dir from $config"; exit 1; }
+[[ "$out_dir" = /* ]] || out_dir="$PWD/$out_dir"
+
+# After an out-of-memory exit the latest checkpoint records the smaller micro batch.
+extra=()
+latest="$out_dir/checkpoints/latest"
+if [[ -f "$latest" ]]; then
+  state="$out_dir/checkpoints/$(tr -d '[:space:]' < "$latest")/trainer_state.json"
+  if grep -q '"micro_batch_from_oom": true' "$state" 2>/dev/null; then
+    micro="$(sed -n 's/^  "micro_batch": \([0-9]*\),$/\1/p' "$state")"
+    log "the last attempt ran out of memory: continuing with train.micro_batch_size=$micro (same global batch)"
+    extra+=(--set "train.micro_batch_size=$micro")
+  fi
+fi
+
+log "srun: $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST, run folder $out_dir"
+srun --kill-on-bad-exit=1 "$bin" train --config "$config" "$@" "${extra[@]}"
+rc=$?
+case "$rc" in
+  0) log "training finished" ;;
+  75 | 76)
+    why=$([[ $rc == 75 ]] && echo "out of memory" || echo "stopped by a signal or the time limit")
+    if ((restarts >= max_requeues)); then
+      log "$why (exit $rc), but the job was already requeued $restarts times (GPT2FT_MAX_REQUEUES); giving up"
+      exit "$rc"
+    fi
+    log "$why (exit $rc): checkpoint saved; requeueing the job"
+    scontrol requeue "$SLURM_JOB_ID"
+    ;;
+  *) log "gpt2-finetune failed (exit $rc); not requeueing"; exit "$rc" ;;
+esac
