@@ -59,13 +59,13 @@ def windows(data, T, count):
     return [data[k * T: k * T + T + 1] for k in range(count)]
 
 
-def bench_ours(work, model, shard, args, micro, dtype, ckpt):
-    out = os.path.join(work, f"ours_{micro}_{dtype}_{ckpt}")
+def bench_ours(work, model, shard, args, micro, dtype, ckpt, chunked_loss=True):
+    out = os.path.join(work, f"ours_{micro}_{dtype}_{ckpt}_{chunked_loss}")
     cfg = {"model": {"init_from": model, "dropout": 0.0, "activation_checkpointing": "all" if ckpt else "none"},
            "data": {"train": shard, "seq_len": args.seq_len, "shuffle": False, "num_workers": 2},
            "train": {"micro_batch_size": micro, "global_batch_size": micro, "max_steps": args.warmup + args.steps,
                      "lr": 1e-4, "warmup_steps": 0, "lr_schedule": "constant",
-                     "fused_adamw": os.environ.get("GPT2FT_BENCH_FUSED", "auto")},
+                     "fused_adamw": os.environ.get("GPT2FT_BENCH_FUSED", "auto"), "chunked_loss": chunked_loss},
            "amp": {"dtype": AMP_NAMES[dtype]}, "checkpoint": {"resume": "none"},
            "log": {"every_steps": 1, "progress": "lines"}, "output_dir": out, "device": args.device}
     path = out + ".json"
@@ -168,6 +168,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--also-eager-loss", action="store_true",
+                    help="also run ours with train.chunked_loss false (the before/after of the chunked loss)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gpu = args.mode == "gpu"
@@ -191,8 +193,10 @@ def main():
                 row = {"dtype": dtype, "micro": micro, "checkpointing": ckpt}
                 for name, fn in (("gpt2-finetune", lambda: bench_ours(work, model_dir, shard, args, micro, dtype, ckpt)),
                                  ("pytorch-eager", lambda: bench_eager(model_dir, data, args, micro, dtype, ckpt)),
-                                 ("hf-trainer", lambda: bench_hf_trainer(work, model_dir, data, args, micro, dtype, ckpt))):
-                    if name == "hf-trainer" and args.skip_hf:
+                                 ("hf-trainer", lambda: bench_hf_trainer(work, model_dir, data, args, micro, dtype, ckpt)),
+                                 ("gpt2-finetune-eager-loss",
+                                  lambda: bench_ours(work, model_dir, shard, args, micro, dtype, ckpt, False))):
+                    if (name == "hf-trainer" and args.skip_hf) or (name.endswith("eager-loss") and not args.also_eager_loss):
                         continue
                     t, mem = fn()
                     row[name] = {"median_step_s": t, "tokens_per_s": tokens / t, "peak_gb": mem}
@@ -222,6 +226,12 @@ def main():
         if gpu:
             line += f" {ours['peak_gb']:.2f} / {eager['peak_gb']:.2f} / {hf['peak_gb'] if hf else 0:.2f} |"
         print(line)
+    for r in rows:
+        if "gpt2-finetune-eager-loss" in r:
+            a, b = r["gpt2-finetune"], r["gpt2-finetune-eager-loss"]
+            mem = (f"; peak {a['peak_gb']:.2f} vs {b['peak_gb']:.2f} GB" if gpu else "")
+            print(f"chunked loss {r['dtype']} micro {r['micro']}: {a['tokens_per_s']:,.0f} vs eager loss "
+                  f"{b['tokens_per_s']:,.0f} tok/s ({a['tokens_per_s'] / b['tokens_per_s']:.2f}x){mem}")
 
 
 if __name__ == "__main__":

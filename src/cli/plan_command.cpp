@@ -14,6 +14,7 @@
 #include "gpt2ft/core/cuda_info.h"
 #include "gpt2ft/core/device.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/dist/launch_env.h"
 #include "gpt2ft/train/config.h"
 #include "gpt2ft/train/memory_planner.h"
 #include "gpt2ft/train/trainer.h"
@@ -26,18 +27,22 @@ void add_plan_command(CLI::App& app, Runner& run) {
     std::string config, gpu_memory;
     std::vector<std::string> overrides;
     bool json = false, measure = false;
+    int64_t gpus = 0;
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand("plan", "Predict a training step's peak memory and the largest micro batch that fits");
   cmd->add_option("--config", args->config, "Training config JSON")->required();
   cmd->add_option("--set", args->overrides, "Override a config option (repeatable)")->take_all();
   cmd->add_option("--gpu-memory", args->gpu_memory, "Memory budget, e.g. 80GiB (default: the device's memory)");
+  cmd->add_option("--gpus", args->gpus, "Data-parallel GPUs the run will use (default: the launcher's world size, else 1)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   cmd->add_flag("--json", args->json, "Print the plan as one JSON object");
   cmd->add_flag("--measure", args->measure, "On a GPU: run 3 real steps and print measured vs predicted peak");
   cmd->callback([args, &run] {
     run = [args] {
       const TrainConfig cfg = TrainConfig::from_file(args->config, args->overrides);
-      const MemoryPlanInput input = memory_plan_input(cfg);
+      MemoryPlanInput input = memory_plan_input(cfg);
+      input.world_size = args->gpus > 0 ? args->gpus : read_launch_env().world_size;
       const MemoryPlan plan = plan_memory(input);
       int64_t budget = 0;
       if (!args->gpu_memory.empty()) {
@@ -49,6 +54,7 @@ void add_plan_command(CLI::App& app, Runner& run) {
       const int64_t micro = cfg.micro_batch_auto() ? std::max<int64_t>(1, plan.largest_micro_batch(budget))
                                                    : cfg.train.micro_batch_size;
       nlohmann::json out = plan.to_json(budget);
+      out["world_size"] = input.world_size;
       out["micro_batch"] = micro;
       out["predicted_peak"] = plan.peak(micro);
       if (args->measure) {
@@ -81,9 +87,14 @@ void add_plan_command(CLI::App& app, Runner& run) {
       std::printf("  optimizer state (AdamW)     %9.3f GiB\n", gib(plan.optimizer));
       std::printf("  AMP weight copies           %9.3f GiB\n", gib(plan.amp_copies));
       std::printf("  workspace                   %9.3f GiB\n", gib(plan.workspace));
+      if (plan.gradient_buckets > 0) {
+        std::printf("  gradient buckets (%lld GPUs) %8.3f GiB\n", static_cast<long long>(input.world_size),
+                    gib(plan.gradient_buckets));
+      }
       std::printf("  activations per sequence    %9.3f GiB  (no checkpointing %.3f, all blocks %.3f)\n",
                   gib(plan.activations_per_sequence), gib(plan.activations_per_sequence_no_checkpointing),
                   gib(plan.activations_per_sequence_all_checkpointed));
+      if (plan.loss_workspace > 0) std::printf("  chunked loss workspace      %9.3f GiB\n", gib(plan.loss_workspace));
       std::printf("  logits and loss per sequence %8.3f GiB\n", gib(plan.logits_per_sequence));
       std::printf("  peak at micro batch %-4lld    %9.3f GiB\n", static_cast<long long>(micro), gib(plan.peak(micro)));
       if (budget > 0) {

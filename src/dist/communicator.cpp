@@ -84,9 +84,10 @@ void PendingCollective::wait() {
   impl_->work.reset();
 }
 
-Communicator::Communicator(const LaunchEnv& env, c10::Device device, const std::string& backend, double timeout_s)
+Communicator::Communicator(const LaunchEnv& env, c10::Device device, const std::string& backend, double timeout_s,
+                           bool groups_for_one_rank)
     : env_(env), device_(device), timeout_(static_cast<int64_t>(timeout_s * 1000)) {
-  if (!env_.distributed()) return;
+  if (!env_.distributed() && !groups_for_one_rank) return;
   backend_ = backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : backend;
   if (backend_ == "nccl" && !device.is_cuda()) {
     throw Error("distributed.backend \"nccl\" needs CUDA devices but device is " + device.str() +
@@ -124,7 +125,7 @@ Communicator::Communicator(const LaunchEnv& env, c10::Device device, const std::
 Communicator::~Communicator() = default;
 
 void Communicator::broadcast_(std::vector<torch::Tensor> tensors, int root, const std::string& what) {
-  if (!distributed()) return;
+  if (!active()) return;
   const std::string where = "rank " + std::to_string(rank());
   for (auto& t : tensors) {  // one tensor per call: NCCL and Gloo take one per device
     std::vector<at::Tensor> one = {t};
@@ -135,7 +136,7 @@ void Communicator::broadcast_(std::vector<torch::Tensor> tensors, int root, cons
 }
 
 PendingCollective Communicator::all_reduce_sum_async(torch::Tensor tensor, const std::string& what) {
-  if (!distributed()) return {};
+  if (!active()) return {};
   auto impl = std::make_shared<PendingCollective::Impl>();
   impl->what = "all-reduce of " + what;
   impl->where = "rank " + std::to_string(rank());
@@ -149,7 +150,7 @@ void Communicator::all_reduce_sum_(torch::Tensor tensor, const std::string& what
 }
 
 void Communicator::all_reduce_max_(torch::Tensor tensor, const std::string& what) {
-  if (!distributed()) return;
+  if (!active()) return;
   std::vector<at::Tensor> one = {tensor};
   c10d::AllreduceOptions o;
   o.reduceOp = c10d::ReduceOp::MAX;
@@ -157,7 +158,7 @@ void Communicator::all_reduce_max_(torch::Tensor tensor, const std::string& what
 }
 
 std::vector<int64_t> Communicator::agree_max(std::vector<int64_t> values, const std::string& what) {
-  if (!distributed() || values.empty()) return values;
+  if (!active() || values.empty()) return values;
   torch::Tensor t = torch::tensor(values, torch::kLong);
   std::vector<at::Tensor> one = {t};
   c10d::AllreduceOptions o;
@@ -168,7 +169,7 @@ std::vector<int64_t> Communicator::agree_max(std::vector<int64_t> values, const 
 }
 
 std::vector<torch::Tensor> Communicator::all_gather_bytes(const torch::Tensor& bytes, const std::string& what) {
-  if (!distributed()) return {bytes};
+  if (!active()) return {bytes};
   std::vector<at::Tensor> input = {bytes.contiguous()};
   std::vector<std::vector<at::Tensor>> output(1);
   for (int r = 0; r < world_size(); ++r) output[0].push_back(torch::empty_like(input[0]));
@@ -178,7 +179,7 @@ std::vector<torch::Tensor> Communicator::all_gather_bytes(const torch::Tensor& b
 }
 
 void Communicator::barrier(const std::string& what) {
-  if (!distributed()) return;
+  if (!active()) return;
   guarded("barrier (" + what + ")", "rank " + std::to_string(rank()),
           [&] { groups_->control->barrier()->wait(); });
 }

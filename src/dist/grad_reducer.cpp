@@ -90,10 +90,12 @@ GradReducer::GradReducer(Communicator& comm, const std::vector<torch::Tensor>& p
   // Bucket boundaries: close a bucket when it reaches bucket_bytes or the dtype changes.
   int64_t bucket_elems = 0, bucket_size_bytes = 0;
   c10::ScalarType dtype = c10::ScalarType::Undefined;
+  // Without process groups nothing is reduced: no buckets are allocated and no hooks set.
+  const bool active = comm.active();
   auto close_bucket = [&] {
     if (bucket_elems == 0) return;
     State::Bucket b;
-    b.flat = torch::zeros({bucket_elems}, params_.front().options().dtype(dtype).requires_grad(false));
+    if (active) b.flat = torch::zeros({bucket_elems}, params_.front().options().dtype(dtype).requires_grad(false));
     state_->buckets.push_back(std::move(b));
     bucket_elems = bucket_size_bytes = 0;
   };
@@ -107,7 +109,7 @@ GradReducer::GradReducer(Communicator& comm, const std::vector<torch::Tensor>& p
   close_bucket();
   for (const auto& s : state_->slots) ++state_->buckets[s.bucket].expected;
   state_->copied.assign(state_->slots.size(), false);
-  if (!comm.distributed()) return;  // nothing to reduce: no hooks
+  if (!active) return;
   for (size_t i = 0; i < state_->slots.size(); ++i) {
     torch::autograd::impl::set_post_acc_grad_hooks(state_->slots[i].param,
                                                    std::make_unique<AccumulatedHook>(state_, i));
@@ -115,7 +117,7 @@ GradReducer::GradReducer(Communicator& comm, const std::vector<torch::Tensor>& p
 }
 
 GradReducer::~GradReducer() {
-  if (!state_->comm->distributed()) return;
+  if (!state_->comm->active()) return;
   for (auto& s : state_->slots) torch::autograd::impl::set_post_acc_grad_hooks(s.param, nullptr);
 }
 
@@ -126,7 +128,7 @@ void GradReducer::arm() {
 
 void GradReducer::finish() {
   State& st = *state_;
-  if (!st.comm->distributed()) return;
+  if (!st.comm->active()) return;
   {
     std::lock_guard<std::mutex> lock(st.mutex);
     st.armed = false;
@@ -156,7 +158,9 @@ int64_t GradReducer::num_buckets() const { return static_cast<int64_t>(state_->b
 
 int64_t GradReducer::bucket_bytes_total() const {
   int64_t total = 0;
-  for (const auto& b : state_->buckets) total += b.flat.numel() * static_cast<int64_t>(b.flat.element_size());
+  for (const auto& b : state_->buckets) {
+    if (b.flat.defined()) total += b.flat.numel() * static_cast<int64_t>(b.flat.element_size());
+  }
   return total;
 }
 

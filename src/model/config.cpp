@@ -85,6 +85,31 @@ int64_t GPT2Config::num_parameters() const {
   return total;
 }
 
+std::vector<std::pair<std::string, std::vector<int64_t>>> GPT2Config::parameter_shapes() const {
+  const int64_t C = n_embd, I = inner_dim();
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out = {{"transformer.wte.weight", {vocab_size, C}},
+                                                                   {"transformer.wpe.weight", {n_positions, C}}};
+  for (int64_t i = 0; i < n_layer; ++i) {
+    const std::string b = "transformer.h." + std::to_string(i) + ".";
+    out.insert(out.end(), {{b + "ln_1.weight", {C}},
+                           {b + "ln_1.bias", {C}},
+                           {b + "attn.c_attn.weight", {3 * C, C}},
+                           {b + "attn.c_attn.bias", {3 * C}},
+                           {b + "attn.c_proj.weight", {C, C}},
+                           {b + "attn.c_proj.bias", {C}},
+                           {b + "ln_2.weight", {C}},
+                           {b + "ln_2.bias", {C}},
+                           {b + "mlp.c_fc.weight", {I, C}},
+                           {b + "mlp.c_fc.bias", {I}},
+                           {b + "mlp.c_proj.weight", {C, I}},
+                           {b + "mlp.c_proj.bias", {C}}});
+  }
+  out.push_back({"transformer.ln_f.weight", {C}});
+  out.push_back({"transformer.ln_f.bias", {C}});
+  if (!tie_word_embeddings) out.push_back({"lm_head.weight", {vocab_size, C}});
+  return out;
+}
+
 void GPT2Config::validate(const std::string& where) const {
   auto require_positive = [&](const char* key, int64_t v) {
     if (v < 1) throw Error(where + ": " + key + ": expected an integer >= 1, got " + std::to_string(v));

@@ -1,5 +1,6 @@
 // GPT-2 forward pass. See the header for the shape legend.
 #include "gpt2ft/model/gpt2.h"
+#include "gpt2ft/model/linear_cross_entropy.h"
 
 #include <ATen/ATen.h>
 #include <torch/nn/functional.h>
@@ -139,6 +140,11 @@ torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx) {
 
 torch::Tensor GPT2Impl::forward(const torch::Tensor& idx) {
   return torch::linear(forward_hidden(idx), lm_head_weight());  // (B, T, V)
+}
+
+torch::Tensor GPT2Impl::forward_loss(const torch::Tensor& idx, const torch::Tensor& targets) {
+  const torch::Tensor h = forward_hidden(idx);  // (B, T, C)
+  return linear_cross_entropy(h.reshape({-1, h.size(-1)}), lm_head_weight(), targets.reshape({-1}));
 }
 
 KVCache GPT2Impl::make_cache(int64_t batch, int64_t capacity) const {

@@ -23,23 +23,29 @@ AdamW::AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_par
   }
 }
 
-std::vector<torch::Tensor> AdamW::grads() const {
+std::vector<torch::Tensor> gradients_of(const std::vector<torch::Tensor>& params) {
   std::vector<torch::Tensor> out;
-  for (const auto& g : groups_) {
-    for (const auto& p : g.params) {
-      if (!p.grad().defined()) const_cast<torch::Tensor&>(p).mutable_grad() = torch::zeros_like(p);
-      out.push_back(p.grad());
-    }
+  for (const auto& p : params) {
+    if (!p.grad().defined()) const_cast<torch::Tensor&>(p).mutable_grad() = torch::zeros_like(p);
+    out.push_back(p.grad());
   }
   return out;
 }
 
-void AdamW::zero_grad() {
-  for (auto& g : groups_) {
-    for (auto& p : g.params) {
-      if (p.grad().defined()) p.mutable_grad().reset();  // set_to_none, like PyTorch's default
-    }
+void clear_gradients(const std::vector<torch::Tensor>& params) {
+  for (const auto& p : params) {
+    if (p.grad().defined()) const_cast<torch::Tensor&>(p).mutable_grad().reset();  // set_to_none, like PyTorch
   }
+}
+
+std::vector<torch::Tensor> AdamW::grads() const {
+  std::vector<torch::Tensor> params;
+  for (const auto& g : groups_) params.insert(params.end(), g.params.begin(), g.params.end());
+  return gradients_of(params);
+}
+
+void AdamW::zero_grad() {
+  for (auto& g : groups_) clear_gradients(g.params);
 }
 
 void AdamW::step_unfused(Group& g, double lr) {

@@ -88,9 +88,21 @@ void checkpoint_kill_point() {
   }
 }
 
-fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GPT2& model, const AdamW& optimizer,
-                         const GradScaler* scaler, const TrainConfig& config, int64_t keep_last,
-                         const NamedTensors& rank_rng) {
+NamedTensors adamw_state(const AdamW& optimizer) {
+  NamedTensors tensors;
+  for (const auto& g : optimizer.groups()) {
+    for (size_t i = 0; i < g.params.size(); ++i) {
+      tensors.emplace_back("adamw.exp_avg." + g.names[i], g.exp_avg[i]);
+      tensors.emplace_back("adamw.exp_avg_sq." + g.names[i], g.exp_avg_sq[i]);
+      tensors.emplace_back("adamw.step." + g.names[i], g.steps[i]);
+    }
+  }
+  return tensors;
+}
+
+fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GPT2& model,
+                         const NamedTensors& optimizer_state, const GradScaler* scaler, const TrainConfig& config,
+                         int64_t keep_last, const NamedTensors& rank_rng) {
   const fs::path root = run_dir / "checkpoints";
   fs::create_directories(root);
   const std::string name = step_name(state.step);
@@ -101,14 +113,7 @@ fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GP
 
   save_model_folder(model, temp);
   checkpoint_kill_point();
-  NamedTensors tensors;
-  for (const auto& g : optimizer.groups()) {
-    for (size_t i = 0; i < g.params.size(); ++i) {
-      tensors.emplace_back("adamw.exp_avg." + g.names[i], g.exp_avg[i]);
-      tensors.emplace_back("adamw.exp_avg_sq." + g.names[i], g.exp_avg_sq[i]);
-      tensors.emplace_back("adamw.step." + g.names[i], g.steps[i]);
-    }
-  }
+  NamedTensors tensors = optimizer_state;
   if (scaler) {
     tensors.emplace_back("scaler.scale", scaler->scale_tensor());
     tensors.emplace_back("scaler.growth_tracker", scaler->growth_tracker());

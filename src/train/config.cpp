@@ -61,6 +61,8 @@ void TrainConfig::visit(Visitor& v) {
   v.number(train.grad_clip, "train.grad_clip", 1.0, 0.0, kInf, "Clip the global gradient norm to this; 0 = off");
   v.choice(train.fused_adamw, "train.fused_adamw", "auto", {"auto", "on", "off"},
            "Use the fused AdamW kernel (auto: on CUDA)");
+  v.flag(train.chunked_loss, "train.chunked_loss", true,
+         "Compute lm_head + cross-entropy in chunks, never holding the micro batch's logits (false: eager)");
   v.integer(train.seed, "train.seed", 1337, 0, kMaxInt, "Seed of initialisation and dropout");
   v.number(train.time_limit, "train.time_limit", 0.0, 0.0, kInf,
            "Wall seconds after which the run checkpoints and stops; 0 = none");
@@ -96,6 +98,8 @@ void TrainConfig::visit(Visitor& v) {
            "Seconds a rendezvous or collective may wait for the other ranks before all ranks stop with an error");
   v.number(distributed.bucket_mb, "distributed.bucket_mb", 25.0, 0.001, kInf,
            "Gradient bucket size in MiB: buckets are all-reduced as backward finishes them");
+  v.flag(distributed.shard_optimizer, "distributed.shard_optimizer", false,
+         "ZeRO-1: each rank keeps and updates the AdamW state of ~1/N of the parameters, then broadcasts them");
   // run
   v.text(output_dir, "output_dir", "runs/run", "Run folder: config, metrics.jsonl, checkpoints, final/ model");
   v.text(device, "device", "auto", "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"");

@@ -11,12 +11,20 @@
 // only its float32 input (4C); one block is recomputed at a time in backward, adding one
 // block's activations. The logits are (T, V) per sequence: in b, a float32 copy for the loss,
 // log-softmax saved by cross-entropy and its gradient: (b + 12) V bytes per token.
+// The chunked loss (train.chunked_loss) instead keeps one chunk of logits (R rows: b bytes, a
+// float32 copy, their gradient in b; 4 bytes in all without autocast), d lm_head weight in
+// float32 (4VC) and d hidden in float32 (4C per token) from forward to backward.
+// ZeRO-1 (shard_optimizer) keeps the optimizer state of the rank that owns the most elements.
+// Data parallel (world_size > 1) adds the gradient buckets: one float32 copy of the trained
+// parameters' gradients, per GPU.
 #include "gpt2ft/train/memory_planner.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/dist/optimizer_shards.h"
 
 namespace gpt2ft {
 
@@ -33,12 +41,20 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   m.weights = 4 * P;
   m.gradients = 4 * trained;
   m.optimizer = 8 * trained + 4 * tensors;  // two moments per element, a float32 step per tensor
+  if (in.shard_optimizer && in.world_size > 1) {
+    // ZeRO-1: the most loaded rank's share, under the partition the trainer uses.
+    const std::vector<int> owner = partition_parameters(in.trained_numels, static_cast<int>(in.world_size));
+    std::vector<int64_t> bytes(static_cast<size_t>(in.world_size), 0);
+    for (size_t i = 0; i < owner.size(); ++i) bytes[static_cast<size_t>(owner[i])] += 8 * in.trained_numels[i] + 4;
+    m.optimizer = *std::max_element(bytes.begin(), bytes.end());
+  }
   if (b == 2) {
     // Autocast caches 16-bit copies of the matmul weights (blocks and the tied lm_head).
     const int64_t matmul_params = L * (C * 3 * C + C * C + 2 * C * I) + V * C;
     m.amp_copies = 2 * matmul_params;
   }
   m.workspace = in.cuda ? (512ll << 20) : 0;
+  m.gradient_buckets = in.world_size > 1 ? 4 * trained : 0;
 
   int64_t per_token_block = 2 * 4 * C + 2 * b * C + 4 * b * C + b * C + 2 * b * I;
   if (in.dropout) per_token_block += 2 * C;
@@ -55,7 +71,13 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     const int64_t checkpointed = (L + in.checkpoint_every - 1) / in.checkpoint_every;
     m.activations_per_sequence = embedding + (L - checkpointed) * block + checkpointed * 4 * C * T + block + final_norm;
   }
-  m.logits_per_sequence = (b + 12) * V * T;
+  if (in.chunked_loss) {
+    const int64_t rows = std::max<int64_t>(1, (64ll << 20) / (4 * V));  // as linear_cross_entropy picks
+    m.loss_workspace = rows * V * (b == 4 ? 4 : 4 + 2 * b) + 4 * V * C;
+    m.logits_per_sequence = 4 * C * T;
+  } else {
+    m.logits_per_sequence = (b + 12) * V * T;
+  }
   return m;
 }
 
@@ -70,6 +92,8 @@ nlohmann::json MemoryPlan::to_json(int64_t budget) const {
                       {"optimizer", optimizer},
                       {"amp_copies", amp_copies},
                       {"workspace", workspace},
+                      {"gradient_buckets", gradient_buckets},
+                      {"loss_workspace", loss_workspace},
                       {"activations_per_sequence", activations_per_sequence},
                       {"activations_per_sequence_no_checkpointing", activations_per_sequence_no_checkpointing},
                       {"activations_per_sequence_all_checkpointed", activations_per_sequence_all_checkpointed},

@@ -28,6 +28,7 @@
 #include "gpt2ft/dist/communicator.h"
 #include "gpt2ft/dist/grad_reducer.h"
 #include "gpt2ft/dist/launch_env.h"
+#include "gpt2ft/dist/optimizer_shards.h"
 #include "gpt2ft/eval/evaluate.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/finetune.h"
@@ -157,6 +158,19 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg) {
   in.checkpoint_every = cfg.checkpoint_every_n_blocks();
   in.dropout = in.model.resid_pdrop > 0 || in.model.attn_pdrop > 0;
   in.cuda = cfg.device != "cpu";
+  in.chunked_loss = cfg.train.chunked_loss;
+  in.shard_optimizer = cfg.distributed.shard_optimizer;
+  for (const auto& [name, shape] : in.model.parameter_shapes()) {
+    const bool frozen_embedding = cfg.model.freeze_embeddings && (name == "transformer.wte.weight" || name == "transformer.wpe.weight");
+    bool frozen_block = false;
+    for (int64_t i = 0; i < std::min(cfg.model.freeze_blocks, in.model.n_layer); ++i) {
+      frozen_block = frozen_block || name.rfind("transformer.h." + std::to_string(i) + ".", 0) == 0;
+    }
+    if (frozen_embedding || frozen_block) continue;
+    int64_t numel = 1;
+    for (const int64_t d : shape) numel *= d;
+    in.trained_numels.push_back(numel);
+  }
   const GPT2Config& c = in.model;
   const int64_t embeddings = (c.vocab_size + c.n_positions) * c.n_embd;
   const int64_t head = c.tie_word_embeddings ? 0 : c.vocab_size * c.n_embd;
@@ -250,8 +264,10 @@ void set_rng_states(const std::vector<std::pair<c10::Device, torch::Tensor>>& st
 
 // train.micro_batch_size "auto": the largest divisor of the global batch the planner fits in
 // the device's memory (half the host's memory on the CPU). Back-off remains the safety net.
-int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device, int64_t per_rank_batch) {
-  const MemoryPlan plan = plan_memory(memory_plan_input(cfg));
+int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device, int64_t per_rank_batch, int64_t world_size) {
+  MemoryPlanInput input = memory_plan_input(cfg);
+  input.world_size = world_size;
+  const MemoryPlan plan = plan_memory(input);
   const int64_t budget = device.is_cuda() ? cuda_memory(device).total
                                           : static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE) / 2;
   const int64_t fits = std::min(plan.largest_micro_batch(budget), per_rank_batch);
@@ -325,7 +341,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
                 std::to_string(W) + "); choose a multiple of " + std::to_string(W));
   }
   const int64_t per_rank = global / W;
-  if (cfg.micro_batch_auto()) micro = auto_micro_batch(cfg, device, per_rank);
+  if (cfg.micro_batch_auto()) micro = auto_micro_batch(cfg, device, per_rank, W);
 
   const c10::ScalarType amp = amp_scalar_type(cfg.amp.dtype);
   std::vector<std::pair<std::string, torch::Tensor>> named;
@@ -335,7 +351,14 @@ TrainSummary run_training(const TrainConfig& cfg) {
   ao.betas = cfg.train.betas;
   ao.eps = cfg.train.eps;
   ao.fused = cfg.train.fused_adamw == "on" || (cfg.train.fused_adamw == "auto" && device.is_cuda());
-  AdamW optimizer(named, ao);
+  // ZeRO-1: this rank's AdamW holds only the parameters it owns.
+  std::vector<std::pair<std::string, torch::Tensor>> trained_named;
+  for (const auto& item : named) {
+    if (item.second.requires_grad()) trained_named.push_back(item);
+  }
+  std::optional<OptimizerShards> shards;
+  if (cfg.distributed.shard_optimizer && comm.distributed()) shards.emplace(comm, trained_named);
+  AdamW optimizer(shards ? shards->owned() : named, ao);
   std::optional<GradScaler> scaler;
   if (amp == c10::kHalf) {
     scaler.emplace(device, GradScalerOptions{cfg.amp.init_scale, cfg.amp.growth_factor, cfg.amp.backoff_factor,
@@ -419,8 +442,8 @@ TrainSummary run_training(const TrainConfig& cfg) {
                                 : static_cast<int64_t>(std::ceil(cfg.train.epochs * loader.samples_per_epoch() / global));
   LrSchedule schedule{cfg.train.lr_schedule, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, max_steps};
 
-  std::vector<torch::Tensor> params;
-  for (auto& [k, p] : named) params.push_back(p);
+  std::vector<torch::Tensor> params;  // trained
+  for (auto& [k, p] : trained_named) params.push_back(p);
   GradReducer reducer(comm, params, static_cast<int64_t>(cfg.distributed.bucket_mb * (1 << 20)));
 
   const double flops_per_token = model_flops_per_token(mc, T);
@@ -452,9 +475,10 @@ TrainSummary run_training(const TrainConfig& cfg) {
     state.micro_batch = micro;
     state.loader = loader.state();
     const NamedTensors rank_rng = gather_rank_rng(comm, device);
+    const NamedTensors optimizer_state = shards ? shards->gather_state(optimizer) : adamw_state(optimizer);
     if (comm.is_main()) {
-      save_checkpoint(out_dir, state, model, optimizer, scaler ? &*scaler : nullptr, cfg, cfg.checkpoint.keep_last,
-                      rank_rng);
+      save_checkpoint(out_dir, state, model, optimizer_state, scaler ? &*scaler : nullptr, cfg,
+                      cfg.checkpoint.keep_last, rank_rng);
     }
     comm.barrier("checkpoint of step " + std::to_string(state.step));
     return checkpoint_folder(out_dir, state.step);
@@ -484,7 +508,9 @@ TrainSummary run_training(const TrainConfig& cfg) {
           {
             AutocastGuard autocast(device.type(), amp);
             maybe_inject_oom(micro);
-            loss = next_token_loss(model->forward(batch.x), batch.y) / static_cast<double>(accum);
+            loss = (cfg.train.chunked_loss ? model->forward_loss(batch.x, batch.y)
+                                           : next_token_loss(model->forward(batch.x), batch.y)) /
+                   static_cast<double>(accum);
           }
           loss_sum += loss.detach();
           if (m == accum - 1) reducer.arm();
@@ -493,7 +519,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
       } catch (const std::exception& e) {
         if (!is_out_of_memory(e)) throw;
         oom_message = describe_exception(e);
-        optimizer.zero_grad();  // drop this step's partial gradients; nothing was applied
+        clear_gradients(params);  // drop this step's partial gradients; nothing was applied
       }
       reducer.finish();  // every rank issues the same collectives, even after an error
       const bool out_of_time = cfg.train.time_limit > 0 &&
@@ -504,7 +530,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
 
       // Some rank ran out of memory: every rank drops the step and changes micro batch together.
       if (oom_message.empty()) oom_message = "another rank ran out of memory";
-      optimizer.zero_grad();
+      clear_gradients(params);
       loss_sum = torch::Tensor();
       at::autocast::clear_cache();
       if (device.is_cuda()) cuda_empty_cache();
@@ -544,7 +570,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
     }
 
     // Unscale, clip, step (skipped on inf/NaN under float16), update the scale.
-    const std::vector<torch::Tensor> grads = optimizer.grads();
+    const std::vector<torch::Tensor> grads = gradients_of(params);
     if (scaler) {
       scaler->unscale_(grads);
       comm.all_reduce_max_(scaler->found_inf(), "found_inf");  // every rank skips the same steps
@@ -554,7 +580,8 @@ TrainSummary run_training(const TrainConfig& cfg) {
     else if (ao.fused) optimizer.step(lr, std::nullopt, scaler->found_inf());
     else if (scaler->found_inf().item<float>() == 0.0f) optimizer.step(lr);  // unfused: one sync
     if (scaler) scaler->update();
-    optimizer.zero_grad();
+    if (shards) shards->broadcast_updated_weights();
+    clear_gradients(params);
     ++interval_steps;
     state.step = step + 1;
 

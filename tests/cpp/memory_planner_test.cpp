@@ -5,6 +5,8 @@
 #include <torch/torch.h>
 
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/dist/optimizer_shards.h"
+#include "gpt2ft/train/checkpoint.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/init.h"
@@ -75,6 +77,64 @@ TEST(MemoryPlanner, CheckpointingShrinksActivationsAndSizesParse) {
   EXPECT_EQ(parse_memory_size("80GiB", "x"), 80ll << 30);
   EXPECT_EQ(parse_memory_size("24GB", "x"), 24000000000ll);
   test::expect_error_containing([] { parse_memory_size("80 parsecs", "--gpu-memory"); }, {"--gpu-memory", "parsecs"});
+}
+
+}  // namespace
+}  // namespace gpt2ft
+
+namespace gpt2ft {
+namespace {
+
+TEST(MemoryPlanner, ParameterShapesAreTheModels) {
+  for (const bool tied : {true, false}) {
+    GPT2Config c;
+    c.n_layer = 2, c.n_head = 2, c.n_embd = 16, c.vocab_size = 50, c.n_positions = 8, c.n_inner = 40;
+    c.tie_word_embeddings = tied;
+    GPT2 model(c);
+    const auto shapes = c.parameter_shapes();
+    const auto named = model->named_parameters();
+    ASSERT_EQ(shapes.size(), named.size()) << "tied " << tied;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      EXPECT_EQ(shapes[i].first, named[i].key());
+      EXPECT_EQ(shapes[i].second, named[i].value().sizes().vec()) << shapes[i].first;
+    }
+  }
+}
+
+TEST(MemoryPlanner, ShardedOptimizerIsTheMostLoadedRanksRealState) {
+  test::TempDir tmp;
+  GPT2Config c;
+  c.n_layer = 3, c.n_head = 4, c.n_embd = 64, c.vocab_size = 300, c.n_positions = 48;
+  GPT2 model(c);
+  save_model_folder(model, tmp.path() / "m");
+  const TrainConfig cfg = TrainConfig::parse({{"model", {{"init_from", (tmp.path() / "m").string()}, {"freeze_blocks", 1}}},
+                                              {"data", {{"train", "x"}, {"seq_len", 32}}},
+                                              {"train", {{"max_steps", 1}}},
+                                              {"distributed", {{"shard_optimizer", true}}}});
+  freeze(model, false, 1);
+  std::vector<std::pair<std::string, torch::Tensor>> trained;
+  std::vector<int64_t> numels;
+  for (const auto& p : model->named_parameters()) {
+    if (p.value().requires_grad()) trained.emplace_back(p.key(), p.value()), numels.push_back(p.value().numel());
+  }
+  for (const int world : {2, 3, 5}) {
+    MemoryPlanInput input = memory_plan_input(cfg);
+    input.world_size = world;
+    const std::vector<int> owner = partition_parameters(numels, world);
+    int64_t most = 0;
+    for (int r = 0; r < world; ++r) {
+      std::vector<std::pair<std::string, torch::Tensor>> mine;
+      for (size_t i = 0; i < trained.size(); ++i) {
+        if (owner[i] == r) mine.push_back(trained[i]);
+      }
+      AdamW optimizer(mine, {});
+      int64_t bytes = 0;
+      for (const auto& [key, t] : adamw_state(optimizer)) bytes += t.nbytes();
+      most = std::max(most, bytes);
+    }
+    EXPECT_EQ(plan_memory(input).optimizer, most) << world << " ranks";
+    EXPECT_LT(most, plan_memory(memory_plan_input(cfg)).optimizer) << world << " ranks";
+  }
 }
 
 }  // namespace

@@ -5,6 +5,8 @@ process per rank, rendezvous through MASTER_ADDR/MASTER_PORT):
   with gradient accumulation, activation checkpointing and bf16 autocast; loss, gradient
   norm, loader position and validation loss agree step for step;
 - a run checkpointed on 2 ranks resumes on 3 with the same global sample order;
+- ZeRO-1 (distributed.shard_optimizer) on 2 and 3 ranks equals one process, and its
+  checkpoint (the full optimizer state, gathered) resumes without sharding on 3 ranks;
 - a rank that dies (SIGKILL) or hangs (SIGSTOP) makes the others exit non-zero within
   distributed.timeout_s, naming the failed collective;
 - an out-of-memory error on one rank makes every rank back off together;
@@ -199,6 +201,35 @@ class DistributedTest(WorkDirTest):
                                    ref.load_file(os.path.join(single, "final", "model.safetensors")))
         print(f"[distributed] 2 ranks to step 5, resumed from step 3 on 3 ranks: weights max|diff| {diff:.3g} "
               f"vs one uninterrupted process")
+        self.assertLess(diff, 1e-6)
+
+    def test_sharded_optimizer_equals_one_process_and_its_checkpoint_resumes_unsharded(self):
+        cfg = copy.deepcopy(self.cfg)
+        cfg["train"]["max_steps"] = 6
+        cfg["checkpoint"] = {"every_steps": 3, "keep_last": 2}
+        _, single = self.run_single(cfg, "single_6")
+        zero = copy.deepcopy(cfg)
+        zero["distributed"]["shard_optimizer"] = True
+        for world in (2, 3):
+            out, _ = self.run_ranks(zero, world, f"zero1_{world}")
+            self.assert_same_run(out, single, f"ZeRO-1 on {world} ranks")
+        # A sharded run stops after step 4 (checkpoint at 3); 3 unsharded ranks finish it.
+        path, out = write_config(zero, self.tmp, "zero1_then_plain")
+        crash = {"GPT2FT_FAULT_CRASH_AFTER_STEP": "4"}
+        results = finish(start_ranks(path, 2, free_port(), {0: crash, 1: crash}))
+        self.assertEqual([rc for rc, _ in results], [137, 137], results[0][1][-2000:])
+        state = ref.load_file(os.path.join(out, "checkpoints", "step_00000003", "trainer_state.safetensors"))
+        plain = ref.load_file(os.path.join(single, "checkpoints", "step_00000006", "trainer_state.safetensors"))
+        self.assertEqual({k for k in state if k.startswith("adamw.")}, {k for k in plain if k.startswith("adamw.")})
+        unsharded = copy.deepcopy(zero)
+        unsharded["distributed"]["shard_optimizer"] = False
+        path, _ = write_config(unsharded, self.tmp, "zero1_then_plain")
+        results = finish(start_ranks(path, 3, free_port()))
+        self.assertEqual([rc for rc, _ in results], [0, 0, 0], results[0][1][-2000:])
+        diff = ref.max_weight_diff(ref.load_file(os.path.join(out, "final", "model.safetensors")),
+                                   ref.load_file(os.path.join(single, "final", "model.safetensors")))
+        print(f"[distributed] ZeRO-1 on 2 ranks to step 4, resumed from step 3 unsharded on 3 ranks: weights "
+              f"max|diff| {diff:.3g} vs one process")
         self.assertLess(diff, 1e-6)
 
     def test_a_killed_rank_makes_the_others_exit(self):

@@ -42,7 +42,9 @@ class PendingCollective {
 class Communicator {
  public:
   // backend: "auto" (NCCL for CUDA devices, Gloo on the CPU) | "nccl" | "gloo".
-  Communicator(const LaunchEnv& env, c10::Device device, const std::string& backend, double timeout_s);
+  // groups_for_one_rank: create the process groups even for world size 1 (tests).
+  Communicator(const LaunchEnv& env, c10::Device device, const std::string& backend, double timeout_s,
+               bool groups_for_one_rank = false);
   ~Communicator();
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
@@ -51,6 +53,8 @@ class Communicator {
   int world_size() const { return env_.world_size; }
   bool is_main() const { return env_.rank == 0; }
   bool distributed() const { return env_.world_size > 1; }
+  // Process groups exist: collectives really run (world size > 1, or forced).
+  bool active() const { return groups_ != nullptr; }
   const std::string& backend() const { return backend_; }
   const LaunchEnv& env() const { return env_; }
 

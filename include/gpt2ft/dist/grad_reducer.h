@@ -36,7 +36,7 @@ class GradReducer {
   void finish();
 
   int64_t num_buckets() const;
-  int64_t bucket_bytes_total() const;
+  int64_t bucket_bytes_total() const;  // 0 without process groups (nothing is allocated)
 
   struct State;  // shared with the autograd hooks
 

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -37,6 +38,8 @@ struct GPT2Config {
   int64_t head_dim() const { return n_embd / n_head; }
   Activation activation() const;
   int64_t num_parameters() const;
+  // Every parameter's name and shape, in the order GPT2's named_parameters() lists them.
+  std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes() const;
 
   // Checks every field; `where` names the source (file or preset) in the error.
   void validate(const std::string& where) const;

@@ -88,6 +88,9 @@ class GPT2Impl : public torch::nn::Module {
   torch::Tensor forward_hidden(const torch::Tensor& idx);
   // idx (B, T) -> logits (B, T, V).
   torch::Tensor forward(const torch::Tensor& idx);
+  // idx (B, T), targets (B, T) -> mean next-token loss, the logits computed chunk by chunk and
+  // never held for the whole batch (model/linear_cross_entropy.h).
+  torch::Tensor forward_loss(const torch::Tensor& idx, const torch::Tensor& targets);
   // Inference with a KV cache: idx (B, t) are the tokens at positions cache.length.. ; returns
   // their logits (B, t, V) and advances the cache. A multi-token call must start at 0.
   torch::Tensor forward_cached(const torch::Tensor& idx, KVCache& cache);

@@ -21,6 +21,10 @@ struct AdamWOptions {
   bool fused = false;
 };
 
+// The gradients of `params` (undefined ones become zeros), and setting them all to none.
+std::vector<torch::Tensor> gradients_of(const std::vector<torch::Tensor>& params);
+void clear_gradients(const std::vector<torch::Tensor>& params);
+
 class AdamW {
  public:
   struct Group {

@@ -35,11 +35,17 @@ struct TrainingState {
   bool rng_restored = true;  // load: this rank's RNG state was in the checkpoint
 };
 
-// Writes a checkpoint of `state` under run_dir/checkpoints and prunes to keep_last. The
-// RNG states saved are this process's; `rank_rng` adds other ranks' (rng_key_of_rank names).
+// Writes a checkpoint of `state` under run_dir/checkpoints and prunes to keep_last.
+// `optimizer_state` is adamw_state() of the optimizer (or, sharded, the state gathered from
+// every rank). The RNG states saved are this process's; `rank_rng` adds other ranks'
+// (rng_key_of_rank names).
 std::filesystem::path save_checkpoint(const std::filesystem::path& run_dir, const TrainingState& state, GPT2& model,
-                                      const AdamW& optimizer, const GradScaler* scaler, const TrainConfig& config,
-                                      int64_t keep_last, const NamedTensors& rank_rng = {});
+                                      const NamedTensors& optimizer_state, const GradScaler* scaler,
+                                      const TrainConfig& config, int64_t keep_last, const NamedTensors& rank_rng = {});
+
+// AdamW's moments and step counts as "adamw.exp_avg.<name>", "adamw.exp_avg_sq.<name>" and
+// "adamw.step.<name>".
+NamedTensors adamw_state(const AdamW& optimizer);
 
 // run_dir/checkpoints/step_NNNNNNNN, the folder of the checkpoint after `step` steps.
 std::filesystem::path checkpoint_folder(const std::filesystem::path& run_dir, int64_t step);

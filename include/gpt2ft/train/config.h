@@ -40,6 +40,7 @@ struct TrainConfig {
     int64_t warmup_steps = 0;
     std::array<double, 2> betas{};
     std::string fused_adamw;                 // "auto" | "on" | "off"
+    bool chunked_loss = true;                // lm_head + cross-entropy without whole-batch logits
     int64_t seed = 0;
     double time_limit = 0;
   } train;
@@ -67,6 +68,7 @@ struct TrainConfig {
     std::string backend;                     // "auto" | "nccl" | "gloo"
     double timeout_s = 0;
     double bucket_mb = 0;
+    bool shard_optimizer = false;            // ZeRO-1
   } distributed;
   std::string output_dir;
   std::string device;

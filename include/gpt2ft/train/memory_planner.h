@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <c10/core/ScalarType.h>
 #include <nlohmann/json.hpp>
@@ -23,6 +24,10 @@ struct MemoryPlanInput {
   int64_t frozen_tensors = 0;         // the number of tensors they are in
   bool dropout = false;               // dropout masks are kept too
   bool cuda = true;                   // CUDA kernels (flash attention) rather than the CPU's
+  int64_t world_size = 1;             // data-parallel ranks (one GPU each)
+  bool chunked_loss = true;           // train.chunked_loss: no whole-batch logits
+  bool shard_optimizer = false;       // ZeRO-1 (with world_size > 1)
+  std::vector<int64_t> trained_numels;  // element counts of the trained tensors, in model order (for ZeRO-1)
 };
 
 struct MemoryPlan {
@@ -31,12 +36,17 @@ struct MemoryPlan {
   int64_t optimizer = 0;         // AdamW exp_avg + exp_avg_sq (+ step counters)
   int64_t amp_copies = 0;        // 16-bit copies of the weights autocast caches for a step
   int64_t workspace = 0;         // cuBLAS/cuDNN workspaces and allocator slack (fixed estimate)
+  int64_t gradient_buckets = 0;  // data parallel: the flat all-reduce buckets (a float32 copy of the gradients)
+  int64_t loss_workspace = 0;    // chunked loss: one chunk of logits and the saved d lm_head weight
   int64_t activations_per_sequence = 0;  // kept for backward, with the configured checkpointing
   int64_t activations_per_sequence_no_checkpointing = 0;
   int64_t activations_per_sequence_all_checkpointed = 0;
-  int64_t logits_per_sequence = 0;       // logits, their float32 copy, log-softmax and its gradient
+  int64_t logits_per_sequence = 0;       // eager: logits, their float32 copy, log-softmax and its gradient;
+                                         // chunked: the saved float32 d hidden
 
-  int64_t fixed() const { return weights + gradients + optimizer + amp_copies + workspace; }
+  int64_t fixed() const {
+    return weights + gradients + optimizer + amp_copies + workspace + gradient_buckets + loss_workspace;
+  }
   int64_t per_sequence() const { return activations_per_sequence + logits_per_sequence; }
   int64_t peak(int64_t micro_batch) const { return fixed() + micro_batch * per_sequence(); }
   // The largest micro batch whose peak fits `budget` bytes (0 when not even 1 fits).

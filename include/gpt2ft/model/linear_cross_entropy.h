@@ -1,0 +1,25 @@
+// The output projection and the mean next-token cross-entropy in one autograd Function that
+// never holds the logits of the whole micro batch.
+//
+// The rows of `hidden` are taken in chunks. For each chunk the logits (rows, V) are computed
+// (under autocast in its 16-bit type, like the eager lm_head), then in float32 their
+// log-sum-exp and loss, and straight away the loss's gradient with respect to them,
+// (softmax - onehot) / N, in place; that gradient is multiplied into d hidden and d weight
+// and the chunk's logits are dropped. Backward only scales the two saved gradients by the
+// incoming gradient (the loss scale, the 1/accumulation). Memory: one (rows, V) block and
+// the two gradients, instead of the eager path's logits, their float32 copy, log-softmax and
+// its gradient ((b + 12) V bytes per token). FLOPs: the same three matmuls as eager.
+#pragma once
+
+#include <cstdint>
+
+#include <torch/types.h>
+
+namespace gpt2ft {
+
+// hidden (N, C), weight (V, C), targets (N) int64 -> mean cross-entropy of hidden @ weight^T,
+// a float32 scalar. chunk_rows <= 0 picks rows so that one float32 chunk of logits is ~64 MiB.
+torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                   const torch::Tensor& targets, int64_t chunk_rows = 0);
+
+}  // namespace gpt2ft

@@ -1,0 +1,93 @@
+// ZeRO-1 partition, weight broadcast and state gathering.
+#include "gpt2ft/dist/optimizer_shards.h"
+
+#include <algorithm>
+#include <array>
+#include <map>
+#include <numeric>
+
+#include <torch/torch.h>
+
+#include "gpt2ft/train/checkpoint.h"
+
+namespace gpt2ft {
+
+std::vector<int> partition_parameters(const std::vector<int64_t>& numels, int world_size) {
+  std::vector<size_t> order(numels.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return numels[a] > numels[b]; });
+  std::vector<int64_t> load(static_cast<size_t>(world_size), 0);
+  std::vector<int> owner(numels.size(), 0);
+  for (const size_t i : order) {
+    const int r = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    owner[i] = r;
+    load[static_cast<size_t>(r)] += numels[i];
+  }
+  return owner;
+}
+
+OptimizerShards::OptimizerShards(Communicator& comm, Named trained) : comm_(comm), trained_(std::move(trained)) {
+  std::vector<int64_t> numels;
+  for (const auto& [name, p] : trained_) numels.push_back(p.numel());
+  owner_ = partition_parameters(numels, comm_.world_size());
+}
+
+OptimizerShards::Named OptimizerShards::owned() const {
+  Named out;
+  for (size_t i = 0; i < trained_.size(); ++i) {
+    if (owner_[i] == comm_.rank()) out.push_back(trained_[i]);
+  }
+  return out;
+}
+
+void OptimizerShards::broadcast_updated_weights() {
+  torch::NoGradGuard no_grad;
+  for (int r = 0; r < comm_.world_size(); ++r) {
+    // One flat buffer per owner: its parameters, concatenated.
+    std::vector<torch::Tensor> params;
+    for (size_t i = 0; i < trained_.size(); ++i) {
+      if (owner_[i] == r) params.push_back(trained_[i].second);
+    }
+    if (params.empty()) continue;
+    int64_t total = 0;
+    for (const auto& p : params) total += p.numel();
+    torch::Tensor flat = r == comm_.rank() ? torch::cat([&] {
+      std::vector<torch::Tensor> views;
+      for (const auto& p : params) views.push_back(p.reshape({-1}));
+      return views;
+    }())
+                                           : torch::empty({total}, params.front().options());
+    comm_.broadcast_({flat}, r, "updated weights of rank " + std::to_string(r));
+    if (r == comm_.rank()) continue;
+    int64_t offset = 0;
+    for (auto& p : params) {
+      p.copy_(flat.narrow(0, offset, p.numel()).view(p.sizes()));
+      offset += p.numel();
+    }
+  }
+}
+
+NamedTensors OptimizerShards::gather_state(const AdamW& mine) {
+  // This rank's state by parameter name.
+  std::map<std::string, std::array<torch::Tensor, 3>> local;
+  for (const auto& g : mine.groups()) {
+    for (size_t i = 0; i < g.params.size(); ++i) local[g.names[i]] = {g.exp_avg[i], g.exp_avg_sq[i], g.steps[i]};
+  }
+  NamedTensors out;
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < trained_.size(); ++i) {
+    const auto& [name, p] = trained_[i];
+    const bool own = owner_[i] == comm_.rank();
+    const char* kinds[3] = {"adamw.exp_avg.", "adamw.exp_avg_sq.", "adamw.step."};
+    for (int k = 0; k < 3; ++k) {
+      torch::Tensor t = own ? local.at(name)[static_cast<size_t>(k)]
+                            : (k == 2 ? torch::empty({}, p.options().dtype(torch::kFloat)) : torch::empty_like(p));
+      if (own) t = t.clone();
+      comm_.broadcast_({t}, owner_[i], "optimizer state of " + name);
+      if (comm_.is_main()) out.emplace_back(kinds[k] + name, t.cpu());
+    }
+  }
+  return out;
+}
+
+}  // namespace gpt2ft

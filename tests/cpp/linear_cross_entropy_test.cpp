@@ -1,0 +1,73 @@
+// The chunked projection + cross-entropy against PyTorch's own linear + cross_entropy: loss
+// and both gradients, for chunk sizes that do and do not divide the rows, a scaled backward
+// (loss scale / accumulation), tied use of the weight elsewhere, and bf16 autocast.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "gpt2ft/core/autocast.h"
+#include "gpt2ft/model/linear_cross_entropy.h"
+
+namespace gpt2ft {
+namespace {
+
+namespace F = torch::nn::functional;
+
+struct Result {
+  torch::Tensor loss, grad_hidden, grad_weight;
+};
+
+// loss * scale, where the weight is also used by a second term (like tied embeddings).
+Result run(bool chunked, int64_t chunk, c10::ScalarType amp, double scale) {
+  torch::manual_seed(0);
+  const int64_t N = 37, C = 24, V = 101;
+  torch::Tensor h = torch::randn({N, C}).requires_grad_(true);
+  torch::Tensor w = (0.3 * torch::randn({V, C})).requires_grad_(true);
+  const torch::Tensor t = torch::randint(0, V, {N});
+  torch::Tensor loss;
+  {
+    AutocastGuard autocast(c10::kCPU, amp);
+    loss = chunked ? linear_cross_entropy(h, w, t, chunk)
+                   : F::cross_entropy(torch::linear(h, w).to(torch::kFloat), t);
+  }
+  (loss * scale + w.sum() * 0.01).backward();
+  return {loss.detach(), h.grad(), w.grad()};
+}
+
+double rel(const torch::Tensor& a, const torch::Tensor& b) {
+  return ((a - b).abs().max() / b.abs().max()).item<double>();
+}
+
+TEST(LinearCrossEntropy, MatchesLinearPlusCrossEntropyInFloat32) {
+  const Result ref = run(false, 0, c10::kFloat, 3.5);
+  for (const int64_t chunk : {1, 5, 16, 37, 100, 0}) {
+    SCOPED_TRACE(::testing::Message() << "chunk rows " << chunk);
+    const Result got = run(true, chunk, c10::kFloat, 3.5);
+    EXPECT_EQ(got.loss.scalar_type(), torch::kFloat);
+    EXPECT_LT(std::abs(got.loss.item<double>() - ref.loss.item<double>()), 1e-6);
+    EXPECT_LT(rel(got.grad_hidden, ref.grad_hidden), 1e-5);
+    EXPECT_LT(rel(got.grad_weight, ref.grad_weight), 1e-5);
+  }
+}
+
+TEST(LinearCrossEntropy, MatchesUnderBfloat16Autocast) {
+  // Both paths compute the logits in bf16; the chunked one sums d weight over chunks in
+  // float32, so the gradients agree to bf16 precision, not bitwise.
+  const Result ref = run(false, 0, c10::kBFloat16, 1.0);
+  const Result got = run(true, 8, c10::kBFloat16, 1.0);
+  EXPECT_LT(std::abs(got.loss.item<double>() - ref.loss.item<double>()), 1e-5);
+  EXPECT_LT(rel(got.grad_hidden, ref.grad_hidden), 1e-2);
+  EXPECT_LT(rel(got.grad_weight, ref.grad_weight), 1e-2);
+  EXPECT_EQ(got.grad_weight.scalar_type(), torch::kFloat);
+}
+
+TEST(LinearCrossEntropy, WithoutGradientsOnlyTheLoss) {
+  torch::manual_seed(1);
+  const torch::Tensor h = torch::randn({9, 8}), w = torch::randn({30, 8});
+  const torch::Tensor t = torch::randint(0, 30, {9});
+  torch::NoGradGuard no_grad;
+  const double expected = F::cross_entropy(torch::linear(h, w), t).item<double>();
+  EXPECT_NEAR(linear_cross_entropy(h, w, t, 4).item<double>(), expected, 1e-6);
+}
+
+}  // namespace
+}  // namespace gpt2ft
