@@ -15,9 +15,10 @@ PRESETS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 GPUS = [16, 24, 40, 80]
 
 
-def plan(preset, gib, checkpointing):
+def plan(preset, gib, checkpointing, chunked_loss=True):
     cfg = {"model": {"preset": preset, "dropout": 0.0, "activation_checkpointing": checkpointing},
-           "data": {"train": "unused", "seq_len": 1024}, "train": {"max_steps": 1, "micro_batch_size": 1},
+           "data": {"train": "unused", "seq_len": 1024},
+           "train": {"max_steps": 1, "micro_batch_size": 1, "chunked_loss": chunked_loss},
            "amp": {"dtype": "bfloat16"}, "device": "cuda"}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(cfg, f)
@@ -29,16 +30,19 @@ def plan(preset, gib, checkpointing):
 
 def main():
     gib = 1 << 30
-    print("| model | fixed (weights + grads + AdamW + bf16 copies) | activations / sequence (none / all checkpointed) "
-          "| logits / sequence | " + " | ".join(f"{g} GiB: micro (none / all)" for g in GPUS) + " |")
-    print("|---" * (4 + len(GPUS)) + "|")
+    print("| model | fixed (weights + grads + AdamW + bf16 copies + loss workspace) | activations / sequence (none / all "
+          "checkpointed) | loss / sequence (chunked; eager) | " + " | ".join(f"{g} GiB: micro (none / all)" for g in GPUS)
+          + " | 80 GiB, eager loss: micro (none / all) |")
+    print("|---" * (5 + len(GPUS)) + "|")
     for preset in PRESETS:
         rows = {ck: [plan(preset, g, ck) for g in GPUS] for ck in ("none", "all")}
+        eager = {ck: plan(preset, GPUS[-1], ck, chunked_loss=False) for ck in ("none", "all")}
         p = rows["none"][0]
         cells = [f"{rows['none'][i]['largest_micro_batch']} / {rows['all'][i]['largest_micro_batch']}" for i in range(len(GPUS))]
+        cells.append(f"{eager['none']['largest_micro_batch']} / {eager['all']['largest_micro_batch']}")
         print(f"| {preset} | {p['fixed'] / gib:.2f} GiB | {p['activations_per_sequence_no_checkpointing'] / gib:.2f} / "
-              f"{p['activations_per_sequence_all_checkpointed'] / gib:.2f} GiB | {p['logits_per_sequence'] / gib:.2f} GiB | "
-              + " | ".join(cells) + " |")
+              f"{p['activations_per_sequence_all_checkpointed'] / gib:.2f} GiB | {p['logits_per_sequence'] / gib:.3f}; "
+              f"{eager['none']['logits_per_sequence'] / gib:.2f} GiB | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ Communicator::Communicator(const LaunchEnv& env, c10::Device device, const std::
     groups_->store = store;
   } catch (const std::exception& e) {
     throw Error("rendezvous at " + env_.master_addr + ":" + std::to_string(env_.master_port) + " failed on " + where +
-                " (launcher " + env_.launcher + ", timeout " + std::to_string(timeout_s) +
+                " (launcher " + env_.launcher + ", timeout " + fmt::format("{:g}", timeout_s) +
                 " s): " + describe_exception(e) +
                 ". Check that every rank started, that MASTER_ADDR/MASTER_PORT reach rank 0 and the port is free, or "
                 "raise distributed.timeout_s");
@@ -163,7 +163,8 @@ std::vector<int64_t> Communicator::agree_max(std::vector<int64_t> values, const 
   std::vector<at::Tensor> one = {t};
   c10d::AllreduceOptions o;
   o.reduceOp = c10d::ReduceOp::MAX;
-  guarded("agreement on " + what, "rank " + std::to_string(rank()), [&] { groups_->control->allreduce(one, o)->wait(); });
+  guarded("agreement on " + what, "rank " + std::to_string(rank()),
+          [&] { groups_->control->allreduce(one, o)->wait(); });
   const int64_t* p = t.data_ptr<int64_t>();
   return std::vector<int64_t>(p, p + values.size());
 }
@@ -180,8 +181,7 @@ std::vector<torch::Tensor> Communicator::all_gather_bytes(const torch::Tensor& b
 
 void Communicator::barrier(const std::string& what) {
   if (!active()) return;
-  guarded("barrier (" + what + ")", "rank " + std::to_string(rank()),
-          [&] { groups_->control->barrier()->wait(); });
+  guarded("barrier (" + what + ")", "rank " + std::to_string(rank()), [&] { groups_->control->barrier()->wait(); });
 }
 
 }  // namespace gpt2ft

@@ -1,11 +1,11 @@
 // Bucketed, backward-overlapped gradient all-reduce.
 #include "gpt2ft/dist/grad_reducer.h"
 
-#include <mutex>
-
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/torch.h>
+
+#include <mutex>
 
 #include "gpt2ft/core/error.h"
 
@@ -18,9 +18,9 @@ struct GradReducer::State {
     int64_t offset = 0;  // in elements, inside the bucket
   };
   struct Bucket {
-    torch::Tensor flat;           // (numel,) of the gradients' dtype, on their device
-    int64_t expected = 0;         // parameters in it
-    int64_t ready = 0;            // parameters copied in during this step
+    torch::Tensor flat;    // (numel,) of the gradients' dtype, on their device
+    int64_t expected = 0;  // parameters in it
+    int64_t ready = 0;     // parameters copied in during this step
     bool launched = false;
     PendingCollective pending;
   };
@@ -28,7 +28,7 @@ struct GradReducer::State {
   Communicator* comm = nullptr;
   std::vector<Slot> slots;
   std::vector<Bucket> buckets;
-  std::vector<bool> copied;       // per slot, this step
+  std::vector<bool> copied;  // per slot, this step
   int64_t next_launch = 0;
   bool armed = false;
   std::mutex mutex;
@@ -39,8 +39,10 @@ struct GradReducer::State {
     torch::NoGradGuard no_grad;
     torch::Tensor view = b.flat.narrow(0, s.offset, s.param.numel());
     const torch::Tensor& grad = s.param.grad();
-    if (grad.defined()) view.copy_(grad.reshape({-1}));
-    else view.zero_();
+    if (grad.defined())
+      view.copy_(grad.reshape({-1}));
+    else
+      view.zero_();
     copied[slot_index] = true;
     ++b.ready;
   }
@@ -146,8 +148,10 @@ void GradReducer::finish() {
   for (size_t i = 0; i < st.slots.size(); ++i) {
     State::Slot& s = st.slots[i];
     const torch::Tensor mean = st.buckets[s.bucket].flat.narrow(0, s.offset, s.param.numel()).view(s.param.sizes());
-    if (s.param.grad().defined()) s.param.mutable_grad().copy_(mean);
-    else s.param.mutable_grad() = mean.clone();
+    if (s.param.grad().defined())
+      s.param.mutable_grad().copy_(mean);
+    else
+      s.param.mutable_grad() = mean.clone();
   }
   for (auto& b : st.buckets) b.ready = 0, b.launched = false;
   st.copied.assign(st.slots.size(), false);

@@ -78,10 +78,12 @@ LaunchEnv read_launch_env(const std::function<std::optional<std::string>(const s
     const auto nodes = get("SLURM_STEP_NODELIST") ? get("SLURM_STEP_NODELIST") : get("SLURM_JOB_NODELIST");
     if (nodes) env.master_addr = first_slurm_host(*nodes);
     // A port of this job's own, so that jobs sharing a node do not collide.
-    if (const auto job = get("SLURM_JOB_ID")) env.master_port = 20000 + parse_int("SLURM_JOB_ID", *job, 0, 2147483647) % 20000;
+    if (const auto job = get("SLURM_JOB_ID"))
+      env.master_port = 20000 + parse_int("SLURM_JOB_ID", *job, 0, 2147483647) % 20000;
   } else if (get("WORLD_SIZE") || get("RANK")) {
-    throw Error("incomplete launcher environment: RANK and WORLD_SIZE must be set together (as torchrun does); "
-                "unset them to train in a single process");
+    throw Error(
+        "incomplete launcher environment: RANK and WORLD_SIZE must be set together (as torchrun does); "
+        "unset them to train in a single process");
   }
   if (const auto addr = get("MASTER_ADDR")) env.master_addr = *addr;
   env.master_port = integer("MASTER_PORT", 1, 65535, env.master_port);

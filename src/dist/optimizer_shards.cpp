@@ -1,12 +1,12 @@
 // ZeRO-1 partition, weight broadcast and state gathering.
 #include "gpt2ft/dist/optimizer_shards.h"
 
+#include <torch/torch.h>
+
 #include <algorithm>
 #include <array>
 #include <map>
 #include <numeric>
-
-#include <torch/torch.h>
 
 #include "gpt2ft/train/checkpoint.h"
 

@@ -1,10 +1,10 @@
 // Chunked output projection + cross-entropy, gradients computed in the forward pass.
 #include "gpt2ft/model/linear_cross_entropy.h"
 
+#include <torch/torch.h>
+
 #include <algorithm>
 #include <cmath>
-
-#include <torch/torch.h>
 
 namespace gpt2ft {
 namespace {
@@ -20,15 +20,15 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
     torch::Tensor loss_sum = torch::zeros({}, f32);
     torch::Tensor grad_hidden, grad_weight;
     if (want_grad) {
-      grad_hidden = torch::empty({N, C}, f32);                      // (N, C)
+      grad_hidden = torch::empty({N, C}, f32);                                    // (N, C)
       grad_weight = torch::zeros({V, C}, weight.options().dtype(torch::kFloat));  // (V, C)
     }
     for (int64_t start = 0; start < N; start += chunk_rows) {
       const int64_t n = std::min(chunk_rows, N - start);
-      const torch::Tensor h = hidden.narrow(0, start, n);             // (n, C)
-      const torch::Tensor t = targets.narrow(0, start, n).unsqueeze(1);  // (n, 1)
-      const torch::Tensor logits = torch::matmul(h, weight.t());      // (n, V), autocast's dtype
-      torch::Tensor z = logits.to(torch::kFloat);                     // (n, V) float32 (logits itself in fp32)
+      const torch::Tensor h = hidden.narrow(0, start, n);                  // (n, C)
+      const torch::Tensor t = targets.narrow(0, start, n).unsqueeze(1);    // (n, 1)
+      const torch::Tensor logits = torch::matmul(h, weight.t());           // (n, V), autocast's dtype
+      torch::Tensor z = logits.to(torch::kFloat);                          // (n, V) float32 (logits itself in fp32)
       const torch::Tensor lse = torch::logsumexp(z, 1, /*keepdim=*/true);  // (n, 1)
       loss_sum += (lse - z.gather(1, t)).sum();
       if (!want_grad) continue;
@@ -38,7 +38,8 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
       z.scatter_add_(1, t, torch::full({n, 1}, -1.0 / static_cast<double>(N), f32));
       const torch::Tensor g = z.to(logits.scalar_type());  // what eager's backward feeds the matmul
       torch::Tensor gh = grad_hidden.narrow(0, start, n);  // (n, C)
-      if (g.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat && h.scalar_type() == torch::kFloat) {
+      if (g.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat &&
+          h.scalar_type() == torch::kFloat) {
         torch::mm_out(gh, g, weight);
         grad_weight.addmm_(g.t(), h);
       } else {  // autocast: the matmuls run in the 16-bit type, the sums stay in float32
@@ -75,8 +76,7 @@ torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Ten
               weight.sizes());
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "linear_cross_entropy: targets (N) expected");
   if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, (64ll << 20) / (4 * weight.size(0)));
-  const bool want_grad =
-      torch::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
+  const bool want_grad = torch::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
   return LinearCrossEntropyFunction::apply(hidden, weight, targets, chunk_rows, want_grad);
 }
 

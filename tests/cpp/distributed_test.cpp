@@ -2,13 +2,12 @@
 // NCCL on a GPU) runs every collective the trainer uses, the bucketed reducer returns the
 // gradients autograd computed, and its buckets are the bytes the memory planner predicts.
 // Several ranks are tested end to end by tests/python/test_distributed.py.
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
-#include <unistd.h>
-
-#include <gtest/gtest.h>
 #include <torch/cuda.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include "gpt2ft/dist/communicator.h"
 #include "gpt2ft/dist/grad_reducer.h"
@@ -100,7 +99,9 @@ void check_collectives(c10::Device device, const std::string& backend) {
 
 TEST(Distributed, GlooCollectivesOnOneRank) { check_collectives(c10::kCPU, "gloo"); }
 
-TEST(Distributed, ReducerReturnsAutogradGradientsOnGloo) { check_reducer_returns_autograd_gradients(c10::kCPU, "gloo"); }
+TEST(Distributed, ReducerReturnsAutogradGradientsOnGloo) {
+  check_reducer_returns_autograd_gradients(c10::kCPU, "gloo");
+}
 
 TEST(Distributed, NoProcessGroupsNoBuckets) {
   Communicator comm(LaunchEnv{}, c10::kCPU, "auto", 60);
@@ -118,10 +119,10 @@ TEST(Distributed, GradientBucketsAreThePlannersBytes) {
     GPT2 model(c);
     init_gpt2_weights(model, 1);
     save_model_folder(model, tmp.path() / "m");
-    const TrainConfig cfg = TrainConfig::parse({{"model", {{"init_from", (tmp.path() / "m").string()},
-                                                           {"freeze_blocks", frozen_blocks}}},
-                                                {"data", {{"train", "x"}, {"seq_len", 16}}},
-                                                {"train", {{"max_steps", 1}}}});
+    const TrainConfig cfg =
+        TrainConfig::parse({{"model", {{"init_from", (tmp.path() / "m").string()}, {"freeze_blocks", frozen_blocks}}},
+                            {"data", {{"train", "x"}, {"seq_len", 16}}},
+                            {"train", {{"max_steps", 1}}}});
     MemoryPlanInput input = memory_plan_input(cfg);
     input.world_size = 4;
     const MemoryPlan plan = plan_memory(input);

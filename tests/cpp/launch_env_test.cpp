@@ -1,12 +1,13 @@
 // The launcher environment: torchrun's and srun's variables, Slurm node lists, and the errors
 // for inconsistent values. Expected first hosts follow Slurm's hostlist format (what
 // `scontrol show hostnames` prints first).
-#include <map>
+#include "gpt2ft/dist/launch_env.h"
 
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include "gpt2ft/core/error.h"
-#include "gpt2ft/dist/launch_env.h"
 
 namespace gpt2ft {
 namespace {
@@ -28,8 +29,12 @@ TEST(LaunchEnv, NoLauncherIsOneProcess) {
 }
 
 TEST(LaunchEnv, Torchrun) {
-  const LaunchEnv env = read({{"RANK", "3"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"}, {"MASTER_ADDR", "node7"},
-                              {"MASTER_PORT", "29400"}, {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+  const LaunchEnv env = read({{"RANK", "3"},
+                              {"WORLD_SIZE", "8"},
+                              {"LOCAL_RANK", "1"},
+                              {"MASTER_ADDR", "node7"},
+                              {"MASTER_PORT", "29400"},
+                              {"TORCHELASTIC_USE_AGENT_STORE", "True"},
                               {"TORCHELASTIC_RESTART_COUNT", "2"}});
   EXPECT_EQ(env.launcher, "torchrun");
   EXPECT_EQ(env.rank, 3);
@@ -42,8 +47,11 @@ TEST(LaunchEnv, Torchrun) {
 }
 
 TEST(LaunchEnv, SrunStep) {
-  const LaunchEnv env = read({{"SLURM_PROCID", "5"}, {"SLURM_STEP_NUM_TASKS", "8"}, {"SLURM_NTASKS", "8"},
-                              {"SLURM_LOCALID", "1"}, {"SLURM_JOB_NODELIST", "gpu[07-09,12]"},
+  const LaunchEnv env = read({{"SLURM_PROCID", "5"},
+                              {"SLURM_STEP_NUM_TASKS", "8"},
+                              {"SLURM_NTASKS", "8"},
+                              {"SLURM_LOCALID", "1"},
+                              {"SLURM_JOB_NODELIST", "gpu[07-09,12]"},
                               {"SLURM_JOB_ID", "123456"}});
   EXPECT_EQ(env.launcher, "slurm");
   EXPECT_EQ(env.rank, 5);
@@ -62,8 +70,11 @@ TEST(LaunchEnv, TheBatchScriptItselfIsOneProcess) {
 }
 
 TEST(LaunchEnv, MasterVariablesOverrideSlurmDefaults) {
-  const LaunchEnv env = read({{"SLURM_PROCID", "0"}, {"SLURM_STEP_NUM_TASKS", "2"}, {"SLURM_JOB_NODELIST", "a[1-2]"},
-                              {"MASTER_ADDR", "10.0.0.5"}, {"MASTER_PORT", "1234"}});
+  const LaunchEnv env = read({{"SLURM_PROCID", "0"},
+                              {"SLURM_STEP_NUM_TASKS", "2"},
+                              {"SLURM_JOB_NODELIST", "a[1-2]"},
+                              {"MASTER_ADDR", "10.0.0.5"},
+                              {"MASTER_PORT", "1234"}});
   EXPECT_EQ(env.master_addr, "10.0.0.5");
   EXPECT_EQ(env.master_port, 1234);
 }

@@ -1,11 +1,12 @@
 // The chunked projection + cross-entropy against PyTorch's own linear + cross_entropy: loss
 // and both gradients, for chunk sizes that do and do not divide the rows, a scaled backward
 // (loss scale / accumulation), tied use of the weight elsewhere, and bf16 autocast.
+#include "gpt2ft/model/linear_cross_entropy.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include "gpt2ft/core/autocast.h"
-#include "gpt2ft/model/linear_cross_entropy.h"
 
 namespace gpt2ft {
 namespace {
@@ -26,8 +27,7 @@ Result run(bool chunked, int64_t chunk, c10::ScalarType amp, double scale) {
   torch::Tensor loss;
   {
     AutocastGuard autocast(c10::kCPU, amp);
-    loss = chunked ? linear_cross_entropy(h, w, t, chunk)
-                   : F::cross_entropy(torch::linear(h, w).to(torch::kFloat), t);
+    loss = chunked ? linear_cross_entropy(h, w, t, chunk) : F::cross_entropy(torch::linear(h, w).to(torch::kFloat), t);
   }
   (loss * scale + w.sum() * 0.01).backward();
   return {loss.detach(), h.grad(), w.grad()};

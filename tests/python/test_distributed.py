@@ -7,6 +7,7 @@ process per rank, rendezvous through MASTER_ADDR/MASTER_PORT):
 - a run checkpointed on 2 ranks resumes on 3 with the same global sample order;
 - ZeRO-1 (distributed.shard_optimizer) on 2 and 3 ranks equals one process, and its
   checkpoint (the full optimizer state, gathered) resumes without sharding on 3 ranks;
+- a rank whose peers never start fails the rendezvous with a clear error after the timeout;
 - a rank that dies (SIGKILL) or hangs (SIGSTOP) makes the others exit non-zero within
   distributed.timeout_s, naming the failed collective;
 - an out-of-memory error on one rank makes every rank back off together;
@@ -103,6 +104,19 @@ def train_rows(out):
     return [r for r in metrics(out) if "loss" in r]
 
 
+def final_weight_diff(out, other):
+    """Max |diff| between two run folders' final weights."""
+    return ref.max_weight_diff(ref.load_file(os.path.join(out, "final", "model.safetensors")),
+                               ref.load_file(os.path.join(other, "final", "model.safetensors")))
+
+
+def crash_after(test, path, world, step):
+    """Runs `world` ranks that all end abruptly (exit 137) after optimizer step `step`."""
+    crash = {"GPT2FT_FAULT_CRASH_AFTER_STEP": str(step)}
+    results = finish(start_ranks(path, world, free_port(), {r: crash for r in range(world)}))
+    test.assertEqual([rc for rc, _ in results], [137] * world, results[0][1][-2000:])
+
+
 def val_losses(out):
     return [r["val_loss"] for r in metrics(out) if "val_loss" in r]
 
@@ -131,8 +145,7 @@ class DistributedTest(WorkDirTest):
         return out, results
 
     def assert_same_run(self, out, ref_out, label, tol=1e-6):
-        diff = ref.max_weight_diff(ref.load_file(os.path.join(out, "final", "model.safetensors")),
-                                   ref.load_file(os.path.join(ref_out, "final", "model.safetensors")))
+        diff = final_weight_diff(out, ref_out)
         rows, base = train_rows(out), train_rows(ref_out)
         self.assertEqual([r["step"] for r in rows], [r["step"] for r in base], label)
         # The same samples at every step: loader position, and the loss computed from them.
@@ -177,9 +190,7 @@ class DistributedTest(WorkDirTest):
         cfg["checkpoint"] = {"every_steps": 3, "keep_last": 2}
         _, single = self.run_single(cfg, "single_8")
         path, out = write_config(cfg, self.tmp, "two_then_three")
-        crash = {"GPT2FT_FAULT_CRASH_AFTER_STEP": "5"}
-        results = finish(start_ranks(path, 2, free_port(), {0: crash, 1: crash}))
-        self.assertEqual([rc for rc, _ in results], [137, 137], results[0][1][-2000:])
+        crash_after(self, path, 2, 5)
         with open(os.path.join(out, "checkpoints", "step_00000003", "trainer_state.json")) as f:
             meta = json.load(f)
         self.assertEqual((meta["world_size"], meta["micro_batch"]), (2, 2))
@@ -197,8 +208,7 @@ class DistributedTest(WorkDirTest):
             self.assertEqual((r["epoch"], r["samples_in_epoch"]), (base[r["step"]]["epoch"],
                                                                    base[r["step"]]["samples_in_epoch"]))
             self.assertLess(abs(r["loss"] - base[r["step"]]["loss"]), 1e-5, r["step"])
-        diff = ref.max_weight_diff(ref.load_file(os.path.join(out, "final", "model.safetensors")),
-                                   ref.load_file(os.path.join(single, "final", "model.safetensors")))
+        diff = final_weight_diff(out, single)
         print(f"[distributed] 2 ranks to step 5, resumed from step 3 on 3 ranks: weights max|diff| {diff:.3g} "
               f"vs one uninterrupted process")
         self.assertLess(diff, 1e-6)
@@ -215,9 +225,7 @@ class DistributedTest(WorkDirTest):
             self.assert_same_run(out, single, f"ZeRO-1 on {world} ranks")
         # A sharded run stops after step 4 (checkpoint at 3); 3 unsharded ranks finish it.
         path, out = write_config(zero, self.tmp, "zero1_then_plain")
-        crash = {"GPT2FT_FAULT_CRASH_AFTER_STEP": "4"}
-        results = finish(start_ranks(path, 2, free_port(), {0: crash, 1: crash}))
-        self.assertEqual([rc for rc, _ in results], [137, 137], results[0][1][-2000:])
+        crash_after(self, path, 2, 4)
         state = ref.load_file(os.path.join(out, "checkpoints", "step_00000003", "trainer_state.safetensors"))
         plain = ref.load_file(os.path.join(single, "checkpoints", "step_00000006", "trainer_state.safetensors"))
         self.assertEqual({k for k in state if k.startswith("adamw.")}, {k for k in plain if k.startswith("adamw.")})
@@ -226,8 +234,7 @@ class DistributedTest(WorkDirTest):
         path, _ = write_config(unsharded, self.tmp, "zero1_then_plain")
         results = finish(start_ranks(path, 3, free_port()))
         self.assertEqual([rc for rc, _ in results], [0, 0, 0], results[0][1][-2000:])
-        diff = ref.max_weight_diff(ref.load_file(os.path.join(out, "final", "model.safetensors")),
-                                   ref.load_file(os.path.join(single, "final", "model.safetensors")))
+        diff = final_weight_diff(out, single)
         print(f"[distributed] ZeRO-1 on 2 ranks to step 4, resumed from step 3 unsharded on 3 ranks: weights "
               f"max|diff| {diff:.3g} vs one process")
         self.assertLess(diff, 1e-6)
@@ -286,6 +293,23 @@ class DistributedTest(WorkDirTest):
             time.sleep(0.2)
         raise AssertionError(f"no step {step} within 120 s")
 
+    def test_a_rank_whose_peers_never_come_fails_the_rendezvous_clearly(self):
+        cfg = copy.deepcopy(self.cfg)
+        cfg["distributed"]["timeout_s"] = 3
+        path, _ = write_config(cfg, self.tmp, "lonely")
+        port = free_port()
+        for rank in (0, 1):  # rank 0 waits for a worker that never connects; rank 1 for a server that is not there
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            start = time.monotonic()
+            r = subprocess.run([BIN, "--config", path], env=env, capture_output=True, text=True, timeout=120)
+            elapsed = time.monotonic() - start
+            last = r.stderr.strip().splitlines()[-1]
+            print(f"[distributed] rank {rank} of 2 alone: exit {r.returncode} after {elapsed:.1f} s: {last[:160]}")
+            self.assertEqual(r.returncode, 1, r.stderr[-2000:])
+            self.assertIn(f"rendezvous at 127.0.0.1:{port} failed on rank {rank} of 2", last)
+            self.assertIn("distributed.timeout_s", last)
+            self.assertLess(elapsed, 3 + 30)
+
     def test_out_of_memory_on_one_rank_backs_off_every_rank(self):
         cfg = copy.deepcopy(self.cfg)
         cfg["train"].update({"micro_batch_size": 6, "max_steps": 3})
@@ -312,8 +336,7 @@ class DistributedTest(WorkDirTest):
         self.assertLess(stopped_at, 60)
         results = finish(start_ranks(path, 2, free_port()))
         self.assertEqual([rc for rc, _ in results], [0, 0], results[0][1][-2000:])
-        diff = ref.max_weight_diff(ref.load_file(os.path.join(out, "final", "model.safetensors")),
-                                   ref.load_file(os.path.join(single, "final", "model.safetensors")))
+        diff = final_weight_diff(out, single)
         print(f"[distributed] SIGUSR1 to rank 1: both stopped after step {stopped_at} (exit 76); resumed run vs "
               f"one process: weights max|diff| {diff:.3g}")
         self.assertLess(diff, 1e-5)

@@ -23,7 +23,7 @@ import unittest
 
 import train_reference as ref
 from common import WorkDirTest
-from test_distributed import base_config, train_rows
+from test_distributed import base_config, final_weight_diff, train_rows
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -128,10 +128,6 @@ class SlurmTest(WorkDirTest):
         with open(log) as f:
             return f.read()
 
-    def final_diff(self, out, other):
-        return ref.max_weight_diff(ref.load_file(os.path.join(out, "final", "model.safetensors")),
-                                   ref.load_file(os.path.join(other, "final", "model.safetensors")))
-
     def test_sbatch_runs_two_ranks_through_srun(self):
         ref.run_trainer(BIN, self.cfg, self.tmp, "single")
         job, out, log = self.submit(self.cfg, "job")
@@ -141,7 +137,7 @@ class SlurmTest(WorkDirTest):
         self.assertIn("launcher slurm", text)
         self.assertIn("x 2 ranks = global batch 12", text)
         self.assertIn("training finished", text)
-        diff = self.final_diff(out, os.path.join(self.tmp, "single"))
+        diff = final_weight_diff(out, os.path.join(self.tmp, "single"))
         print(f"[slurm] job {job}: 2 srun tasks, weights max|diff| vs one process {diff:.3g}")
         self.assertLess(diff, 1e-6)
 
@@ -171,7 +167,7 @@ class SlurmTest(WorkDirTest):
         stopped = re.search(r"stopped by signal [^\n]* after step (\d+)", text)
         self.assertIsNotNone(stopped, text[-3000:])
         self.assertLess(int(stopped.group(1)), 150)
-        diff = self.final_diff(out, os.path.join(self.tmp, "single_150"))
+        diff = final_weight_diff(out, os.path.join(self.tmp, "single_150"))
         print(f"[slurm] job {job}: USR1 after step {stopped.group(1)}, requeued, resumed, completed; weights max|diff| "
               f"vs one uninterrupted process {diff:.3g}")
         self.assertLess(diff, 1e-5)

@@ -13,14 +13,14 @@
 // naming the operation, this rank and what to check; it never hangs past the timeout.
 #pragma once
 
+#include <c10/core/Device.h>
+#include <torch/types.h>
+
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <c10/core/Device.h>
-#include <torch/types.h>
 
 #include "gpt2ft/dist/launch_env.h"
 

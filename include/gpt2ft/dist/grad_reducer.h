@@ -11,11 +11,11 @@
 // average over ranks back into each .grad. Earlier micro batches accumulate locally only.
 #pragma once
 
+#include <torch/types.h>
+
 #include <cstdint>
 #include <memory>
 #include <vector>
-
-#include <torch/types.h>
 
 #include "gpt2ft/dist/communicator.h"
 

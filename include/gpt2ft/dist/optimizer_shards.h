@@ -8,12 +8,12 @@
 // on the number of ranks), and each rank restores only the part it owns.
 #pragma once
 
+#include <torch/types.h>
+
 #include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <torch/types.h>
 
 #include "gpt2ft/dist/communicator.h"
 #include "gpt2ft/io/safetensors.h"

@@ -11,9 +11,9 @@
 // its gradient ((b + 12) V bytes per token). FLOPs: the same three matmuls as eager.
 #pragma once
 
-#include <cstdint>
-
 #include <torch/types.h>
+
+#include <cstdint>
 
 namespace gpt2ft {
 
