@@ -14,15 +14,14 @@ using torch::autograd::variable_list;
 
 struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor hidden, torch::Tensor weight, torch::Tensor targets,
-                               int64_t chunk_rows, bool want_grad) {
+                               int64_t chunk_rows, bool want_grad_hidden, bool want_grad_weight) {
+    const bool want_grad = want_grad_hidden || want_grad_weight;
     const int64_t N = hidden.size(0), C = hidden.size(1), V = weight.size(0);
     const auto f32 = hidden.options().dtype(torch::kFloat);
     torch::Tensor loss_sum = torch::zeros({}, f32);
     torch::Tensor grad_hidden, grad_weight;
-    if (want_grad) {
-      grad_hidden = torch::empty({N, C}, f32);                                    // (N, C)
-      grad_weight = torch::zeros({V, C}, weight.options().dtype(torch::kFloat));  // (V, C)
-    }
+    if (want_grad_hidden) grad_hidden = torch::empty({N, C}, f32);                                    // (N, C)
+    if (want_grad_weight) grad_weight = torch::zeros({V, C}, weight.options().dtype(torch::kFloat));  // (V, C)
     for (int64_t start = 0; start < N; start += chunk_rows) {
       const int64_t n = std::min(chunk_rows, N - start);
       const torch::Tensor h = hidden.narrow(0, start, n);                  // (n, C)
@@ -37,14 +36,21 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
       z.sub_(lse + std::log(static_cast<double>(N))).exp_();
       z.scatter_add_(1, t, torch::full({n, 1}, -1.0 / static_cast<double>(N), f32));
       const torch::Tensor g = z.to(logits.scalar_type());  // what eager's backward feeds the matmul
-      torch::Tensor gh = grad_hidden.narrow(0, start, n);  // (n, C)
-      if (g.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat &&
-          h.scalar_type() == torch::kFloat) {
-        torch::mm_out(gh, g, weight);
-        grad_weight.addmm_(g.t(), h);
-      } else {  // autocast: the matmuls run in the 16-bit type, the sums stay in float32
-        gh.copy_(torch::matmul(g, weight));
-        grad_weight.add_(torch::matmul(g.t(), h));
+      const bool fp32 =
+          g.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat && h.scalar_type() == torch::kFloat;
+      // Under autocast the matmuls run in the 16-bit type and the sums stay in float32.
+      if (want_grad_hidden) {
+        torch::Tensor gh = grad_hidden.narrow(0, start, n);  // (n, C)
+        if (fp32)
+          torch::mm_out(gh, g, weight);
+        else
+          gh.copy_(torch::matmul(g, weight));
+      }
+      if (want_grad_weight) {  // not for frozen (tied) embeddings
+        if (fp32)
+          grad_weight.addmm_(g.t(), h);
+        else
+          grad_weight.add_(torch::matmul(g.t(), h));
       }
     }
     ctx->save_for_backward({grad_hidden, grad_weight});
@@ -55,14 +61,19 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    TORCH_CHECK(saved[0].defined(), "linear_cross_entropy: backward through a loss computed without gradients");
+    TORCH_CHECK(saved[0].defined() || saved[1].defined(),
+                "linear_cross_entropy: backward through a loss computed without gradients");
     const torch::Tensor& go = grad_outputs[0];  // () the incoming gradient (loss scale / accumulation)
     // The saved gradients are used once: scale them in place.
-    torch::Tensor grad_hidden = saved[0], grad_weight = saved[1];
-    grad_hidden.mul_(go);
-    grad_weight.mul_(go);
-    return {grad_hidden.to(ctx->saved_data["hidden_dtype"].toScalarType()),
-            grad_weight.to(ctx->saved_data["weight_dtype"].toScalarType()), torch::Tensor(), torch::Tensor(),
+    auto scaled = [&](torch::Tensor grad, const char* dtype_key) {
+      if (!grad.defined()) return torch::Tensor();
+      return grad.mul_(go).to(ctx->saved_data[dtype_key].toScalarType());
+    };
+    return {scaled(saved[0], "hidden_dtype"),
+            scaled(saved[1], "weight_dtype"),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
             torch::Tensor()};
   }
 };
@@ -76,8 +87,9 @@ torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Ten
               weight.sizes());
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "linear_cross_entropy: targets (N) expected");
   if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, (64ll << 20) / (4 * weight.size(0)));
-  const bool want_grad = torch::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
-  return LinearCrossEntropyFunction::apply(hidden, weight, targets, chunk_rows, want_grad);
+  const bool grad = torch::GradMode::is_enabled();
+  return LinearCrossEntropyFunction::apply(hidden, weight, targets, chunk_rows, grad && hidden.requires_grad(),
+                                           grad && weight.requires_grad());
 }
 
 }  // namespace gpt2ft

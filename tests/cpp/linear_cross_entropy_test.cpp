@@ -60,6 +60,19 @@ TEST(LinearCrossEntropy, MatchesUnderBfloat16Autocast) {
   EXPECT_EQ(got.grad_weight.scalar_type(), torch::kFloat);
 }
 
+TEST(LinearCrossEntropy, AFrozenWeightGetsNoGradient) {
+  torch::manual_seed(2);
+  torch::Tensor h = torch::randn({11, 8}).requires_grad_(true);
+  const torch::Tensor w = torch::randn({30, 8});  // frozen, like tied embeddings under model.freeze_embeddings
+  const torch::Tensor t = torch::randint(0, 30, {11});
+  linear_cross_entropy(h, w, t, 4).backward();
+  const torch::Tensor got = h.grad().clone();
+  h.mutable_grad() = torch::Tensor();
+  F::cross_entropy(torch::linear(h, w), t).backward();
+  EXPECT_LT(rel(got, h.grad()), 1e-5);
+  EXPECT_FALSE(w.grad().defined());
+}
+
 TEST(LinearCrossEntropy, WithoutGradientsOnlyTheLoss) {
   torch::manual_seed(1);
   const torch::Tensor h = torch::randn({9, 8}), w = torch::randn({30, 8});
