@@ -109,11 +109,19 @@ class SlurmTest(WorkDirTest):
         m = re.search(rf"\b{field}=(\S+)", r.stdout)
         return m.group(1) if m else None
 
-    def wait_for_job(self, job, log, timeout=300):
+    def wait_for_job(self, job, log, restarts=0, timeout=300):
+        """The job's final state, once it ran `restarts` requeues. Around a requeue slurmctld can
+        briefly show FAILED or COMPLETED before the job is pending again, so a final state must
+        hold for three polls in a row and come after the expected number of restarts."""
         deadline = time.monotonic() + timeout
+        seen, streak = None, 0
         while time.monotonic() < deadline:
             state = self.job_field(job, "JobState")
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            done = state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+            streak = streak + 1 if done and state == seen else (1 if done else 0)
+            seen = state
+            # A final state that lasts 20 polls without the expected requeue is final too.
+            if done and (streak >= 20 or (streak >= 3 and int(self.job_field(job, "Restarts") or 0) >= restarts)):
                 return state
             if state == "PENDING" and self.job_field(job, "Reason") == "BeginTime":
                 # slurmctld delays a requeued job's start by about two minutes; skip the wait.
@@ -122,7 +130,7 @@ class SlurmTest(WorkDirTest):
             time.sleep(1)
         subprocess.run(["scancel", job], env=self.slurm_env)
         with open(log) as f:
-            self.fail(f"job {job} did not finish within {timeout} s:\n{f.read()[-3000:]}")
+            self.fail(f"job {job} did not finish within {timeout} s (last state {seen}):\n{f.read()[-3000:]}")
 
     def read_log(self, log):
         with open(log) as f:
@@ -158,7 +166,7 @@ class SlurmTest(WorkDirTest):
             self.fail(f"no training step logged:\n{self.read_log(log)[-3000:]}")
         # What Slurm's --signal=USR1@120 does before the time limit: USR1 to every task.
         subprocess.run(["scancel", "--signal=USR1", job], check=True, env=self.slurm_env)
-        state = self.wait_for_job(job, log)
+        state = self.wait_for_job(job, log, restarts=1)
         text = self.read_log(log)
         self.assertEqual(state, "COMPLETED", text[-3000:])
         self.assertIn("stopped by a signal or the time limit (exit 76): checkpoint saved; requeueing", text)
@@ -177,7 +185,7 @@ class SlurmTest(WorkDirTest):
         cfg["train"]["micro_batch_size"] = 6
         cfg["oom"] = {"policy": "checkpoint_and_exit"}
         job, out, log = self.submit(cfg, "oom", env={"GPT2FT_FAULT_OOM_ABOVE_MICRO": "3"})
-        state = self.wait_for_job(job, log)
+        state = self.wait_for_job(job, log, restarts=1)
         text = self.read_log(log)
         self.assertEqual(state, "COMPLETED", text[-3000:])
         self.assertIn("out of memory (exit 75): checkpoint saved; requeueing", text)
