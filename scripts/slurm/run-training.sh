@@ -47,7 +47,13 @@ case "$rc" in
       exit "$rc"
     fi
     log "$why (exit $rc): checkpoint saved; requeueing the job"
-    scontrol requeue "$SLURM_JOB_ID"
+    # slurmctld can refuse a requeue while it is still closing the step: retry a few times.
+    for attempt in 1 2 3 4 5; do
+      scontrol requeue "$SLURM_JOB_ID" && exit 0
+      log "scontrol requeue failed (attempt $attempt of 5)"
+      sleep 3
+    done
+    exit "$rc"
     ;;
   *) log "gpt2-finetune failed (exit $rc); not requeueing"; exit "$rc" ;;
 esac

@@ -113,10 +113,15 @@ class SlurmTest(WorkDirTest):
         """The job's final state, once it ran `restarts` requeues. Around a requeue slurmctld can
         briefly show FAILED or COMPLETED before the job is pending again, so a final state must
         hold for three polls in a row and come after the expected number of restarts."""
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         seen, streak = None, 0
+        self.history = []  # (seconds, state, reason, restarts) at each change, for failure messages
         while time.monotonic() < deadline:
             state = self.job_field(job, "JobState")
+            now = (state, self.job_field(job, "Reason"), self.job_field(job, "Restarts"))
+            if not self.history or self.history[-1][1:] != now:
+                self.history.append((round(time.monotonic() - start, 1), *now))
             done = state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
             streak = streak + 1 if done and state == seen else (1 if done else 0)
             seen = state
@@ -130,7 +135,7 @@ class SlurmTest(WorkDirTest):
             time.sleep(1)
         subprocess.run(["scancel", job], env=self.slurm_env)
         with open(log) as f:
-            self.fail(f"job {job} did not finish within {timeout} s (last state {seen}):\n{f.read()[-3000:]}")
+            self.fail(f"job {job} did not finish within {timeout} s; states {self.history}:\n{f.read()[-3000:]}")
 
     def read_log(self, log):
         with open(log) as f:
@@ -141,7 +146,7 @@ class SlurmTest(WorkDirTest):
         job, out, log = self.submit(self.cfg, "job")
         state = self.wait_for_job(job, log)
         text = self.read_log(log)
-        self.assertEqual(state, "COMPLETED", text[-3000:])
+        self.assertEqual(state, "COMPLETED", f"states {self.history}\n{text[-3000:]}")
         self.assertIn("launcher slurm", text)
         self.assertIn("x 2 ranks = global batch 12", text)
         self.assertIn("training finished", text)
@@ -168,7 +173,7 @@ class SlurmTest(WorkDirTest):
         subprocess.run(["scancel", "--signal=USR1", job], check=True, env=self.slurm_env)
         state = self.wait_for_job(job, log, restarts=1)
         text = self.read_log(log)
-        self.assertEqual(state, "COMPLETED", text[-3000:])
+        self.assertEqual(state, "COMPLETED", f"states {self.history}\n{text[-3000:]}")
         self.assertIn("stopped by a signal or the time limit (exit 76): checkpoint saved; requeueing", text)
         self.assertIn("resumed from", text)
         self.assertEqual(self.job_field(job, "Restarts"), "1")
@@ -177,7 +182,7 @@ class SlurmTest(WorkDirTest):
         self.assertLess(int(stopped.group(1)), 150)
         diff = final_weight_diff(out, os.path.join(self.tmp, "single_150"))
         print(f"[slurm] job {job}: USR1 after step {stopped.group(1)}, requeued, resumed, completed; weights max|diff| "
-              f"vs one uninterrupted process {diff:.3g}")
+              f"vs one uninterrupted process {diff:.3g}; job states {self.history}")
         self.assertLess(diff, 1e-5)
 
     def test_out_of_memory_requeues_with_a_smaller_micro_batch(self):
@@ -187,7 +192,7 @@ class SlurmTest(WorkDirTest):
         job, out, log = self.submit(cfg, "oom", env={"GPT2FT_FAULT_OOM_ABOVE_MICRO": "3"})
         state = self.wait_for_job(job, log, restarts=1)
         text = self.read_log(log)
-        self.assertEqual(state, "COMPLETED", text[-3000:])
+        self.assertEqual(state, "COMPLETED", f"states {self.history}\n{text[-3000:]}")
         self.assertIn("out of memory (exit 75): checkpoint saved; requeueing", text)
         self.assertIn("continuing with train.micro_batch_size=3", text)
         self.assertEqual({r["micro_batch"] for r in train_rows(out)}, {3})
