@@ -31,26 +31,29 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
       const torch::Tensor lse = torch::logsumexp(z, 1, /*keepdim=*/true);  // (n, 1)
       loss_sum += (lse - z.gather(1, t)).sum();
       if (!want_grad) continue;
-      // d mean-loss / d logits = (softmax - onehot) / N, built in z's storage:
-      // exp(z - lse - log N) is softmax / N in one pass.
-      z.sub_(lse + std::log(static_cast<double>(N))).exp_();
-      z.scatter_add_(1, t, torch::full({n, 1}, -1.0 / static_cast<double>(N), f32));
-      const torch::Tensor g = z.to(logits.scalar_type());  // what eager's backward feeds the matmul
+      // d loss / d logits = (softmax - onehot) / N, built in z's storage without the 1/N,
+      // which is applied to the float32 results instead: under float16 autocast the cast
+      // would otherwise flush small probabilities / N to zero (eager avoids that only
+      // because the loss scale has already multiplied them).
+      z.sub_(lse).exp_();
+      z.scatter_add_(1, t, torch::full({n, 1}, -1.0f, f32));
+      const torch::Tensor g = z.to(logits.scalar_type());  // what the matmuls take, as in eager
+      const double inv_n = 1.0 / static_cast<double>(N);
       const bool fp32 =
           g.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat && h.scalar_type() == torch::kFloat;
       // Under autocast the matmuls run in the 16-bit type and the sums stay in float32.
       if (want_grad_hidden) {
         torch::Tensor gh = grad_hidden.narrow(0, start, n);  // (n, C)
         if (fp32)
-          torch::mm_out(gh, g, weight);
+          torch::addmm_out(gh, gh, g, weight, /*beta=*/0, /*alpha=*/inv_n);
         else
-          gh.copy_(torch::matmul(g, weight));
+          gh.copy_(torch::matmul(g, weight)).mul_(inv_n);
       }
       if (want_grad_weight) {  // not for frozen (tied) embeddings
         if (fp32)
-          grad_weight.addmm_(g.t(), h);
+          grad_weight.addmm_(g.t(), h, /*beta=*/1, /*alpha=*/inv_n);
         else
-          grad_weight.add_(torch::matmul(g.t(), h));
+          grad_weight.add_(torch::matmul(g.t(), h), inv_n);
       }
     }
     ctx->save_for_backward({grad_hidden, grad_weight});
