@@ -4,8 +4,9 @@
 // The rows of `hidden` are taken in chunks. For each chunk the logits (rows, V) are computed
 // (under autocast in its 16-bit type, like the eager lm_head), then in float32 their
 // log-sum-exp and loss, and straight away the loss's gradient with respect to them,
-// (softmax - onehot) / N, in place; that gradient is multiplied into d hidden and d weight
-// and the chunk's logits are dropped. Backward only scales the two saved gradients by the
+// (softmax - onehot) / N, in place (the 1/N applied to the float32 products, so float16
+// does not flush small probabilities); that gradient is multiplied into d hidden and
+// d weight and the chunk's logits are dropped. Backward only scales the two saved gradients by the
 // incoming gradient (the loss scale, the 1/accumulation). Memory: one (rows, V) block and
 // the two gradients, instead of the eager path's logits, their float32 copy, log-softmax and
 // its gradient ((b + 12) V bytes per token). FLOPs: the same three matmuls as eager.
