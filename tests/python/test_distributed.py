@@ -117,6 +117,15 @@ def crash_after(test, path, world, step):
     test.assertEqual([rc for rc, _ in results], [137] * world, results[0][1][-2000:])
 
 
+def make_inputs(tmp):
+    """A small model, two training shards and a validation shard under tmp; the base config."""
+    model_dir = ref.make_model(os.path.join(tmp, "init"))
+    ref.make_stream(os.path.join(tmp, "train_000000.bin"))
+    ref.make_stream(os.path.join(tmp, "train_000001.bin"), n=1500, seed=1)
+    ref.make_stream(os.path.join(tmp, "val_000000.bin"), n=1000, seed=2)
+    return base_config(model_dir, os.path.join(tmp, "train_*.bin"), os.path.join(tmp, "val_*.bin"))
+
+
 def val_losses(out):
     return [r["val_loss"] for r in metrics(out) if "val_loss" in r]
 
@@ -125,12 +134,7 @@ class DistributedTest(WorkDirTest):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.model_dir = ref.make_model(os.path.join(cls.tmp, "init"))
-        ref.make_stream(os.path.join(cls.tmp, "train_000000.bin"))
-        ref.make_stream(os.path.join(cls.tmp, "train_000001.bin"), n=1500, seed=1)
-        ref.make_stream(os.path.join(cls.tmp, "val_000000.bin"), n=1000, seed=2)
-        cls.cfg = base_config(cls.model_dir, os.path.join(cls.tmp, "train_*.bin"), os.path.join(cls.tmp, "val_*.bin"))
-        cls.single = {}
+        cls.cfg = make_inputs(cls.tmp)
 
     def run_single(self, cfg, name):
         weights, _, _ = ref.run_trainer(BIN, cfg, self.tmp, name)
@@ -239,13 +243,18 @@ class DistributedTest(WorkDirTest):
               f"max|diff| {diff:.3g} vs one process")
         self.assertLess(diff, 1e-6)
 
-    def test_a_killed_rank_makes_the_others_exit(self):
+    def start_endless_run(self, name, world, timeout_s):
+        """`world` ranks training (almost) forever, once they logged step 3."""
         cfg = copy.deepcopy(self.cfg)
         cfg["train"]["max_steps"] = 100000
-        cfg["distributed"]["timeout_s"] = 20
-        path, out = write_config(cfg, self.tmp, "killed")
-        procs = start_ranks(path, 3, free_port())
+        cfg["distributed"]["timeout_s"] = timeout_s
+        path, out = write_config(cfg, self.tmp, name)
+        procs = start_ranks(path, world, free_port())
         self.wait_for_step(procs, out, 3)
+        return procs
+
+    def test_a_killed_rank_makes_the_others_exit(self):
+        procs = self.start_endless_run("killed", 3, 20)
         procs[1].send_signal(signal.SIGKILL)
         start = time.monotonic()
         results = finish(procs, timeout=120)
@@ -260,12 +269,7 @@ class DistributedTest(WorkDirTest):
         self.assertLess(elapsed, 20 + 30)
 
     def test_a_hung_rank_makes_the_others_exit_after_the_timeout(self):
-        cfg = copy.deepcopy(self.cfg)
-        cfg["train"]["max_steps"] = 100000
-        cfg["distributed"]["timeout_s"] = 8
-        path, out = write_config(cfg, self.tmp, "hung")
-        procs = start_ranks(path, 2, free_port())
-        self.wait_for_step(procs, out, 3)
+        procs = self.start_endless_run("hung", 2, 8)
         procs[1].send_signal(signal.SIGSTOP)
         start = time.monotonic()
         try:

@@ -23,7 +23,7 @@ import unittest
 
 import train_reference as ref
 from common import WorkDirTest
-from test_distributed import base_config, final_weight_diff, train_rows
+from test_distributed import final_weight_diff, make_inputs, train_rows
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -71,11 +71,7 @@ class SlurmTest(WorkDirTest):
                              GPT2FT_BIN=BIN)
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             cls.slurm_env.pop(k, None)
-        cls.model_dir = ref.make_model(os.path.join(cls.tmp, "init"))
-        ref.make_stream(os.path.join(cls.tmp, "train_000000.bin"))
-        ref.make_stream(os.path.join(cls.tmp, "train_000001.bin"), n=1500, seed=1)
-        ref.make_stream(os.path.join(cls.tmp, "val_000000.bin"), n=1000, seed=2)
-        cls.cfg = base_config(cls.model_dir, os.path.join(cls.tmp, "train_*.bin"), os.path.join(cls.tmp, "val_*.bin"))
+        cls.cfg = make_inputs(cls.tmp)
 
     @classmethod
     def tearDownClass(cls):
