@@ -86,14 +86,16 @@ void PendingCollective::wait() {
 
 Communicator::Communicator(const LaunchEnv& env, c10::Device device, const std::string& backend, double timeout_s,
                            bool groups_for_one_rank)
-    : env_(env), device_(device), timeout_(static_cast<int64_t>(timeout_s * 1000)) {
+    : env_(env),
+      device_(device),
+      timeout_(static_cast<int64_t>(timeout_s * 1000)),
+      where_("rank " + std::to_string(env.rank) + " of " + std::to_string(env.world_size)) {
   if (!env_.distributed() && !groups_for_one_rank) return;
   backend_ = backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : backend;
   if (backend_ == "nccl" && !device.is_cuda()) {
     throw Error("distributed.backend \"nccl\" needs CUDA devices but device is " + device.str() +
                 "; use \"gloo\" (or \"auto\") to train on the CPU");
   }
-  const std::string where = "rank " + std::to_string(env_.rank) + " of " + std::to_string(env_.world_size);
   groups_ = std::make_unique<Groups>();
   try {
     c10d::TCPStoreOptions so;
@@ -106,13 +108,13 @@ Communicator::Communicator(const LaunchEnv& env, c10::Device device, const std::
     if (!env_.store_prefix.empty()) store = c10::make_intrusive<c10d::PrefixStore>(env_.store_prefix, store);
     groups_->store = store;
   } catch (const std::exception& e) {
-    throw Error("rendezvous at " + env_.master_addr + ":" + std::to_string(env_.master_port) + " failed on " + where +
+    throw Error("rendezvous at " + env_.master_addr + ":" + std::to_string(env_.master_port) + " failed on " + where_ +
                 " (launcher " + env_.launcher + ", timeout " + fmt::format("{:g}", timeout_s) +
                 " s): " + describe_exception(e) +
                 ". Check that every rank started, that MASTER_ADDR/MASTER_PORT reach rank 0 and the port is free, or "
                 "raise distributed.timeout_s");
   }
-  guarded("process group setup", where, [&] {
+  guarded("process group setup", where_, [&] {
     auto data_store = c10::make_intrusive<c10d::PrefixStore>("gpt2ft/data/", groups_->store);
     auto control_store = c10::make_intrusive<c10d::PrefixStore>("gpt2ft/control/", groups_->store);
     groups_->control = make_gloo(control_store, env_, timeout_);
@@ -126,12 +128,11 @@ Communicator::~Communicator() = default;
 
 void Communicator::broadcast_(std::vector<torch::Tensor> tensors, int root, const std::string& what) {
   if (!active()) return;
-  const std::string where = "rank " + std::to_string(rank());
   for (auto& t : tensors) {  // one tensor per call: NCCL and Gloo take one per device
     std::vector<at::Tensor> one = {t};
     c10d::BroadcastOptions o;
     o.rootRank = root;
-    guarded("broadcast of " + what, where, [&] { groups_->data->broadcast(one, o)->wait(); });
+    guarded("broadcast of " + what, where_, [&] { groups_->data->broadcast(one, o)->wait(); });
   }
 }
 
@@ -139,7 +140,7 @@ PendingCollective Communicator::all_reduce_sum_async(torch::Tensor tensor, const
   if (!active()) return {};
   auto impl = std::make_shared<PendingCollective::Impl>();
   impl->what = "all-reduce of " + what;
-  impl->where = "rank " + std::to_string(rank());
+  impl->where = where_;
   std::vector<at::Tensor> one = {tensor};
   impl->work = guarded(impl->what, impl->where, [&] { return groups_->data->allreduce(one); });
   return PendingCollective(std::move(impl));
@@ -154,7 +155,7 @@ void Communicator::all_reduce_max_(torch::Tensor tensor, const std::string& what
   std::vector<at::Tensor> one = {tensor};
   c10d::AllreduceOptions o;
   o.reduceOp = c10d::ReduceOp::MAX;
-  guarded("all-reduce of " + what, "rank " + std::to_string(rank()), [&] { groups_->data->allreduce(one, o)->wait(); });
+  guarded("all-reduce of " + what, where_, [&] { groups_->data->allreduce(one, o)->wait(); });
 }
 
 std::vector<int64_t> Communicator::agree_max(std::vector<int64_t> values, const std::string& what) {
@@ -163,8 +164,7 @@ std::vector<int64_t> Communicator::agree_max(std::vector<int64_t> values, const 
   std::vector<at::Tensor> one = {t};
   c10d::AllreduceOptions o;
   o.reduceOp = c10d::ReduceOp::MAX;
-  guarded("agreement on " + what, "rank " + std::to_string(rank()),
-          [&] { groups_->control->allreduce(one, o)->wait(); });
+  guarded("agreement on " + what, where_, [&] { groups_->control->allreduce(one, o)->wait(); });
   const int64_t* p = t.data_ptr<int64_t>();
   return std::vector<int64_t>(p, p + values.size());
 }
@@ -174,14 +174,13 @@ std::vector<torch::Tensor> Communicator::all_gather_bytes(const torch::Tensor& b
   std::vector<at::Tensor> input = {bytes.contiguous()};
   std::vector<std::vector<at::Tensor>> output(1);
   for (int r = 0; r < world_size(); ++r) output[0].push_back(torch::empty_like(input[0]));
-  guarded("gather of " + what, "rank " + std::to_string(rank()),
-          [&] { groups_->control->allgather(output, input)->wait(); });
+  guarded("gather of " + what, where_, [&] { groups_->control->allgather(output, input)->wait(); });
   return output[0];
 }
 
 void Communicator::barrier(const std::string& what) {
   if (!active()) return;
-  guarded("barrier (" + what + ")", "rank " + std::to_string(rank()), [&] { groups_->control->barrier()->wait(); });
+  guarded("barrier (" + what + ")", where_, [&] { groups_->control->barrier()->wait(); });
 }
 
 }  // namespace gpt2ft

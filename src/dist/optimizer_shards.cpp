@@ -82,7 +82,6 @@ NamedTensors OptimizerShards::gather_state(const AdamW& mine) {
     for (int k = 0; k < 3; ++k) {
       torch::Tensor t = own ? local.at(name)[static_cast<size_t>(k)]
                             : (k == 2 ? torch::empty({}, p.options().dtype(torch::kFloat)) : torch::empty_like(p));
-      if (own) t = t.clone();
       comm_.broadcast_({t}, owner_[i], "optimizer state of " + name);
       if (comm_.is_main()) out.emplace_back(kinds[k] + name, t.cpu());
     }

@@ -13,13 +13,16 @@ void freeze(GPT2& model, bool embeddings, int64_t blocks) {
     throw Error("model.freeze_blocks: " + std::to_string(blocks) + " is more than the model's " + std::to_string(L) +
                 " blocks");
   }
-  if (embeddings) {
-    model->transformer->wte->weight.requires_grad_(false);
-    model->transformer->wpe->weight.requires_grad_(false);
+  for (auto& item : model->named_parameters()) {
+    if (is_frozen(item.key(), embeddings, blocks)) item.value().requires_grad_(false);
   }
-  for (int64_t i = 0; i < blocks; ++i) {
-    for (auto& p : model->transformer->h[static_cast<size_t>(i)]->parameters()) p.requires_grad_(false);
-  }
+}
+
+bool is_frozen(const std::string& name, bool embeddings, int64_t blocks) {
+  if (embeddings && (name == "transformer.wte.weight" || name == "transformer.wpe.weight")) return true;
+  const std::string prefix = "transformer.h.";
+  if (name.rfind(prefix, 0) != 0) return false;
+  return std::stoll(name.substr(prefix.size())) < blocks;  // "transformer.h.<i>.…"
 }
 
 GPT2 resize_vocab(GPT2& model, int64_t vocab_size) {
@@ -37,7 +40,8 @@ GPT2 resize_vocab(GPT2& model, int64_t vocab_size) {
     if (item.key() == "transformer.wte.weight" || item.key() == "lm_head.weight") {
       const int64_t keep = std::min(old_vocab, vocab_size);
       p.narrow(0, 0, keep).copy_(old.narrow(0, 0, keep));
-      if (vocab_size > old_vocab) p.narrow(0, old_vocab, vocab_size - old_vocab).copy_(old.mean(0).expand({vocab_size - old_vocab, -1}));
+      if (vocab_size > old_vocab)
+        p.narrow(0, old_vocab, vocab_size - old_vocab).copy_(old.mean(0).expand({vocab_size - old_vocab, -1}));
     } else {
       p.copy_(old);
     }

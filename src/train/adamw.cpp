@@ -38,16 +38,6 @@ void clear_gradients(const std::vector<torch::Tensor>& params) {
   }
 }
 
-std::vector<torch::Tensor> AdamW::grads() const {
-  std::vector<torch::Tensor> params;
-  for (const auto& g : groups_) params.insert(params.end(), g.params.begin(), g.params.end());
-  return gradients_of(params);
-}
-
-void AdamW::zero_grad() {
-  for (auto& g : groups_) clear_gradients(g.params);
-}
-
 void AdamW::step_unfused(Group& g, double lr) {
   // torch.optim.AdamW's single-tensor update, op for op.
   const double beta1 = options_.betas[0], beta2 = options_.betas[1];

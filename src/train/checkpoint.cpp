@@ -36,8 +36,6 @@ std::vector<c10::Device> rng_devices(GPT2& model) {
   return devices;
 }
 
-std::string rng_key(const c10::Device& d) { return d.is_cpu() ? "rng.cpu" : "rng.cuda"; }
-
 }  // namespace
 
 fs::path checkpoint_folder(const fs::path& run_dir, int64_t step) { return run_dir / "checkpoints" / step_name(step); }
@@ -119,7 +117,7 @@ fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GP
     tensors.emplace_back("scaler.growth_tracker", scaler->growth_tracker());
     tensors.emplace_back("scaler.skipped_steps", scaler->skipped_steps());
   }
-  for (const auto& d : rng_devices(model)) tensors.emplace_back(rng_key(d), get_rng_state(d));
+  for (const auto& d : rng_devices(model)) tensors.emplace_back(rng_key_of_rank(0, d.is_cpu() ? "cpu" : "cuda"), get_rng_state(d));
   for (const auto& item : rank_rng) tensors.push_back(item);
   save_safetensors(temp / "trainer_state.safetensors", tensors);
   checkpoint_kill_point();

@@ -22,20 +22,28 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <functional>
+#include <numeric>
 
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/dist/optimizer_shards.h"
+#include "gpt2ft/model/finetune.h"
 
 namespace gpt2ft {
 
 MemoryPlan plan_memory(const MemoryPlanInput& in) {
   const GPT2Config& c = in.model;
   const int64_t P = c.num_parameters();
-  const int64_t trained = P - in.frozen_parameters;
+  // The trained tensors' element counts, in the model's order (freezing as model/finetune does).
+  std::vector<int64_t> trained_numels;
+  for (const auto& [name, shape] : c.parameter_shapes()) {
+    if (is_frozen(name, in.freeze_embeddings, in.freeze_blocks)) continue;
+    trained_numels.push_back(std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>()));
+  }
+  const int64_t trained = std::accumulate(trained_numels.begin(), trained_numels.end(), int64_t{0});
+  const int64_t tensors = static_cast<int64_t>(trained_numels.size());
   const int64_t b = in.amp == c10::kFloat ? 4 : 2;
   const int64_t C = c.n_embd, I = c.inner_dim(), T = in.seq_len, L = c.n_layer, V = c.vocab_size;
-  // Parameter tensors: 12 per block, wte, wpe, ln_f's two, and an untied lm_head.
-  const int64_t tensors = 12 * L + 4 + (c.tie_word_embeddings ? 0 : 1) - in.frozen_tensors;
 
   MemoryPlan m;
   m.weights = 4 * P;
@@ -43,9 +51,9 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   m.optimizer = 8 * trained + 4 * tensors;  // two moments per element, a float32 step per tensor
   if (in.shard_optimizer && in.world_size > 1) {
     // ZeRO-1: the most loaded rank's share, under the partition the trainer uses.
-    const std::vector<int> owner = partition_parameters(in.trained_numels, static_cast<int>(in.world_size));
+    const std::vector<int> owner = partition_parameters(trained_numels, static_cast<int>(in.world_size));
     std::vector<int64_t> bytes(static_cast<size_t>(in.world_size), 0);
-    for (size_t i = 0; i < owner.size(); ++i) bytes[static_cast<size_t>(owner[i])] += 8 * in.trained_numels[i] + 4;
+    for (size_t i = 0; i < owner.size(); ++i) bytes[static_cast<size_t>(owner[i])] += 8 * trained_numels[i] + 4;
     m.optimizer = *std::max_element(bytes.begin(), bytes.end());
   }
   if (b == 2) {

@@ -160,24 +160,8 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg) {
   in.cuda = cfg.device != "cpu";
   in.chunked_loss = cfg.train.chunked_loss;
   in.shard_optimizer = cfg.distributed.shard_optimizer;
-  for (const auto& [name, shape] : in.model.parameter_shapes()) {
-    const bool frozen_embedding = cfg.model.freeze_embeddings && (name == "transformer.wte.weight" || name == "transformer.wpe.weight");
-    bool frozen_block = false;
-    for (int64_t i = 0; i < std::min(cfg.model.freeze_blocks, in.model.n_layer); ++i) {
-      frozen_block = frozen_block || name.rfind("transformer.h." + std::to_string(i) + ".", 0) == 0;
-    }
-    if (frozen_embedding || frozen_block) continue;
-    int64_t numel = 1;
-    for (const int64_t d : shape) numel *= d;
-    in.trained_numels.push_back(numel);
-  }
-  const GPT2Config& c = in.model;
-  const int64_t embeddings = (c.vocab_size + c.n_positions) * c.n_embd;
-  const int64_t head = c.tie_word_embeddings ? 0 : c.vocab_size * c.n_embd;
-  const int64_t per_block = (c.num_parameters() - embeddings - head - 2 * c.n_embd) / c.n_layer;
-  const int64_t frozen_blocks = std::min(cfg.model.freeze_blocks, c.n_layer);
-  in.frozen_parameters = frozen_blocks * per_block + (cfg.model.freeze_embeddings ? embeddings : 0);
-  in.frozen_tensors = frozen_blocks * 12 + (cfg.model.freeze_embeddings ? 2 : 0);
+  in.freeze_embeddings = cfg.model.freeze_embeddings;
+  in.freeze_blocks = cfg.model.freeze_blocks;
   return in;
 }
 
@@ -242,12 +226,19 @@ void maybe_crash_after(int64_t step) {
   }
 }
 
-// The largest micro batch below `micro` (at most half of it) that divides the global batch.
-int64_t smaller_micro_batch(int64_t micro, int64_t global, int64_t minimum) {
-  for (int64_t m = micro / 2; m >= minimum && m >= 1; --m) {
-    if (global % m == 0) return m;
-  }
-  return 0;
+// The largest divisor of n that is at most `limit` (>= 1).
+int64_t largest_divisor_at_most(int64_t n, int64_t limit) {
+  int64_t d = std::max<int64_t>(1, limit);
+  while (n % d != 0) --d;
+  return d;
+}
+
+// The largest micro batch below `micro` (at most half of it, at least `minimum`) that divides
+// the batch; 0 when there is none.
+int64_t smaller_micro_batch(int64_t micro, int64_t batch, int64_t minimum) {
+  if (micro / 2 < 1) return 0;
+  const int64_t m = largest_divisor_at_most(batch, micro / 2);
+  return m >= minimum ? m : 0;
 }
 
 std::vector<std::pair<c10::Device, torch::Tensor>> rng_states(c10::Device device) {
@@ -271,8 +262,7 @@ int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device, int64_t per
   const int64_t budget = device.is_cuda() ? cuda_memory(device).total
                                           : static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE) / 2;
   const int64_t fits = std::min(plan.largest_micro_batch(budget), per_rank_batch);
-  int64_t micro = std::max<int64_t>(1, fits);
-  while (per_rank_batch % micro != 0) --micro;
+  const int64_t micro = largest_divisor_at_most(per_rank_batch, fits);
   spdlog::info("train.micro_batch_size \"auto\": the planner predicts {:.2f} GiB fixed + {:.3f} GiB per sequence; "
                "{} fit in {:.1f} GiB; using micro batch {}",
                plan.fixed() / double(1ll << 30), plan.per_sequence() / double(1ll << 30), fits,
@@ -344,21 +334,22 @@ TrainSummary run_training(const TrainConfig& cfg) {
   if (cfg.micro_batch_auto()) micro = auto_micro_batch(cfg, device, per_rank, W);
 
   const c10::ScalarType amp = amp_scalar_type(cfg.amp.dtype);
-  std::vector<std::pair<std::string, torch::Tensor>> named;
-  for (const auto& item : model->named_parameters()) named.emplace_back(item.key(), item.value());
   AdamWOptions ao;
   ao.weight_decay = cfg.train.weight_decay;
   ao.betas = cfg.train.betas;
   ao.eps = cfg.train.eps;
   ao.fused = cfg.train.fused_adamw == "on" || (cfg.train.fused_adamw == "auto" && device.is_cuda());
-  // ZeRO-1: this rank's AdamW holds only the parameters it owns.
   std::vector<std::pair<std::string, torch::Tensor>> trained_named;
-  for (const auto& item : named) {
-    if (item.second.requires_grad()) trained_named.push_back(item);
+  std::vector<torch::Tensor> params;  // the trained parameters
+  for (const auto& item : model->named_parameters()) {
+    if (!item.value().requires_grad()) continue;
+    trained_named.emplace_back(item.key(), item.value());
+    params.push_back(item.value());
   }
+  // ZeRO-1: this rank's AdamW holds only the parameters it owns.
   std::optional<OptimizerShards> shards;
   if (cfg.distributed.shard_optimizer && comm.distributed()) shards.emplace(comm, trained_named);
-  AdamW optimizer(shards ? shards->owned() : named, ao);
+  AdamW optimizer(shards ? shards->owned() : trained_named, ao);
   std::optional<GradScaler> scaler;
   if (amp == c10::kHalf) {
     scaler.emplace(device, GradScalerOptions{cfg.amp.init_scale, cfg.amp.growth_factor, cfg.amp.backoff_factor,
@@ -401,7 +392,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
     }
     // Resumed on another number of ranks: the largest micro batch below that fits.
     const int64_t was = micro;
-    while (per_rank % micro != 0) --micro;
+    micro = largest_divisor_at_most(per_rank, micro);
     spdlog::warn("micro batch {} does not divide the {} sequences per rank of {} ranks; using {}", was, per_rank, W,
                  micro);
   }
@@ -442,14 +433,12 @@ TrainSummary run_training(const TrainConfig& cfg) {
                                 : static_cast<int64_t>(std::ceil(cfg.train.epochs * loader.samples_per_epoch() / global));
   LrSchedule schedule{cfg.train.lr_schedule, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, max_steps};
 
-  std::vector<torch::Tensor> params;  // trained
-  for (auto& [k, p] : trained_named) params.push_back(p);
   GradReducer reducer(comm, params, static_cast<int64_t>(cfg.distributed.bucket_mb * (1 << 20)));
 
   const double flops_per_token = model_flops_per_token(mc, T);
   const double peak_flops = device.is_cuda() ? gpu_peak_flops(cuda_device_name(device)) * static_cast<double>(W) : 0.0;
   int64_t trained = 0;
-  for (auto& [k, p] : named) trained += p.requires_grad() ? p.numel() : 0;
+  for (const auto& p : params) trained += p.numel();
   spdlog::info("model: {} parameters ({} trained); device {}{}; micro batch {} x accumulation {}{} = global batch {} "
                "sequences of {} tokens; {} steps ({:.2f} epochs of {} samples); amp {}; fused AdamW {}",
                mc.num_parameters(), trained, device.str(), device.is_cuda() ? " (" + cuda_device_name(device) + ")" : "",

@@ -76,6 +76,7 @@ class Communicator {
   c10::Device device_;
   std::string backend_ = "none";
   std::chrono::milliseconds timeout_;
+  std::string where_;  // "rank r of W", for error messages
   std::unique_ptr<Groups> groups_;
 };
 

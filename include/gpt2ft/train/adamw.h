@@ -40,9 +40,7 @@ class AdamW {
   // are still scaled and a step with found_inf != 0 changes nothing.
   void step(double lr, const std::optional<torch::Tensor>& grad_scale = std::nullopt,
             const std::optional<torch::Tensor>& found_inf = std::nullopt);
-  void zero_grad();
 
-  std::vector<torch::Tensor> grads() const;  // of every trained parameter (undefined grads get zeros)
   std::vector<Group>& groups() { return groups_; }
   const std::vector<Group>& groups() const { return groups_; }
   const AdamWOptions& options() const { return options_; }

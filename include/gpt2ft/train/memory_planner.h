@@ -20,14 +20,13 @@ struct MemoryPlanInput {
   int64_t seq_len = 1024;
   c10::ScalarType amp = c10::kFloat;  // kFloat, kBFloat16 or kHalf
   int64_t checkpoint_every = 0;       // 0 none, 1 all, N every N-th block
-  int64_t frozen_parameters = 0;      // parameters without gradients or optimizer state
-  int64_t frozen_tensors = 0;         // the number of tensors they are in
+  bool freeze_embeddings = false;     // model.freeze_embeddings: wte/wpe get no gradients or state
+  int64_t freeze_blocks = 0;          // model.freeze_blocks: nor do the first N blocks
   bool dropout = false;               // dropout masks are kept too
   bool cuda = true;                   // CUDA kernels (flash attention) rather than the CPU's
   int64_t world_size = 1;             // data-parallel ranks (one GPU each)
   bool chunked_loss = true;           // train.chunked_loss: no whole-batch logits
   bool shard_optimizer = false;       // ZeRO-1 (with world_size > 1)
-  std::vector<int64_t> trained_numels;  // element counts of the trained tensors, in model order (for ZeRO-1)
 };
 
 struct MemoryPlan {
