@@ -4,6 +4,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/core/AllocatorConfig.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdlib>
+#include <cstring>
 
 namespace gpt2ft {
 
@@ -33,6 +38,30 @@ void cuda_synchronize(const c10::Device& device) {
 }
 
 void cuda_set_device(const c10::Device& device) { c10::cuda::set_device(device.index()); }
+
+bool cuda_supports_bfloat16(const c10::Device& device) {
+  return at::cuda::getDeviceProperties(device.index())->major >= 8;
+}
+
+void configure_cuda(const c10::Device& device, const CudaSettings& settings) {
+  at::globalContext().setFloat32MatmulPrecision(settings.tf32 ? "high" : "highest");
+  // A user's own PYTORCH_CUDA_ALLOC_CONF decides, as it does for PyTorch.
+  const char* conf = std::getenv("PYTORCH_CUDA_ALLOC_CONF");
+  if (settings.expandable_segments && !(conf && std::strstr(conf, "expandable_segments"))) {
+    c10::CachingAllocator::setAllocatorSettings("expandable_segments:True");
+  }
+  if (settings.memory_limit > 0) {
+    const auto total = static_cast<double>(at::cuda::getDeviceProperties(device.index())->totalGlobalMem);
+    if (settings.memory_limit >= total) {
+      spdlog::warn("cuda.memory_limit ({:.2f} GiB) is not below the GPU's memory ({:.2f} GiB): no cap",
+                   settings.memory_limit / double(1ll << 30), total / double(1ll << 30));
+    } else {
+      c10::cuda::CUDACachingAllocator::setMemoryFraction(settings.memory_limit / total, device.index());
+      spdlog::info("cuda.memory_limit: the caching allocator is capped at {:.2f} GiB of the GPU's {:.2f} GiB",
+                   settings.memory_limit / double(1ll << 30), total / double(1ll << 30));
+    }
+  }
+}
 
 double gpu_peak_flops(const std::string& name) {
   // Vendor datasheet figures, dense (no sparsity), bf16/fp16 tensor cores.

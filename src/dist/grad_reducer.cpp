@@ -29,6 +29,7 @@ struct GradReducer::State {
   std::vector<Slot> slots;
   std::vector<Bucket> buckets;
   std::vector<bool> copied;  // per slot, this step
+  std::vector<int64_t> has_grad;  // per slot, this step: 1 when this rank computed a gradient
   int64_t next_launch = 0;
   bool armed = false;
   std::mutex mutex;
@@ -43,6 +44,7 @@ struct GradReducer::State {
       view.copy_(grad.reshape({-1}));
     else
       view.zero_();
+    has_grad[slot_index] = grad.defined() ? 1 : 0;
     copied[slot_index] = true;
     ++b.ready;
   }
@@ -111,6 +113,7 @@ GradReducer::GradReducer(Communicator& comm, const std::vector<torch::Tensor>& p
   close_bucket();
   for (const auto& s : state_->slots) ++state_->buckets[s.bucket].expected;
   state_->copied.assign(state_->slots.size(), false);
+  state_->has_grad.assign(state_->slots.size(), 0);
   if (!active) return;
   for (size_t i = 0; i < state_->slots.size(); ++i) {
     torch::autograd::impl::set_post_acc_grad_hooks(state_->slots[i].param,
@@ -139,6 +142,9 @@ void GradReducer::finish() {
     }
     st.launch_ready();
   }
+  // A parameter no rank computed a gradient for keeps none, so AdamW leaves it alone as in one
+  // process. Agreed on the control group: host values, no GPU synchronisation.
+  const std::vector<int64_t> any_grad = st.comm->agree_max(st.has_grad, "which parameters have gradients");
   const double world = static_cast<double>(st.comm->world_size());
   torch::NoGradGuard no_grad;
   for (auto& b : st.buckets) {
@@ -147,6 +153,10 @@ void GradReducer::finish() {
   }
   for (size_t i = 0; i < st.slots.size(); ++i) {
     State::Slot& s = st.slots[i];
+    if (any_grad[i] == 0) {
+      s.param.mutable_grad().reset();
+      continue;
+    }
     const torch::Tensor mean = st.buckets[s.bucket].flat.narrow(0, s.offset, s.param.numel()).view(s.param.sizes());
     if (s.param.grad().defined())
       s.param.mutable_grad().copy_(mean);

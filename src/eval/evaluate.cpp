@@ -4,10 +4,12 @@
 #include <cmath>
 #include <memory>
 
+#include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
 #include "gpt2ft/core/autocast.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/out_of_memory.h"
 #include "gpt2ft/data/shard.h"
 
 namespace gpt2ft {
@@ -53,6 +55,7 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
   model->eval();
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   int64_t tokens = 0;
+  int64_t per_pass = options.max_forward_batch > 0 ? std::min(B, options.max_forward_batch) : B;  // halved on OOM
   torch::Tensor host = torch::empty({B, T + 1}, torch::kLong);  // (B, T+1)
   const int64_t rank = options.comm ? options.comm->rank() : 0;
   const int64_t ranks = options.comm ? options.comm->world_size() : 1;
@@ -71,14 +74,25 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
         }
       }
     }
-    torch::Tensor batch = host.narrow(0, 0, rows).to(device);                   // (b, T+1)
-    torch::Tensor x = batch.narrow(1, 0, T), y = batch.narrow(1, 1, T);         // (b, T)
-    AutocastGuard autocast(device.type(), options.amp_dtype);
-    torch::Tensor logits = model->forward(x);                                     // (b, T, V)
-    torch::Tensor loss = torch::nn::functional::cross_entropy(
-        logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), y.reshape({-1}),
-        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-    loss_sum += loss.to(torch::kDouble);  // read back once, after the loop
+    const torch::Tensor batch = host.narrow(0, 0, rows).to(device);  // (rows, T+1)
+    for (int64_t at = 0; at < rows;) {
+      const int64_t n = std::min(per_pass, rows - at);
+      const torch::Tensor x = batch.narrow(0, at, n).narrow(1, 0, T), y = batch.narrow(0, at, n).narrow(1, 1, T);  // (n, T)
+      try {
+        AutocastGuard autocast(device.type(), options.amp_dtype);
+        maybe_inject_oom(n);
+        const torch::Tensor mean = model->forward_loss(x, y);  // () float32, mean over n*T tokens
+        loss_sum += mean.to(torch::kDouble) * static_cast<double>(n * T);  // read back once, after the loop
+        at += n;
+      } catch (const std::exception& e) {
+        if (!is_out_of_memory(e) || per_pass == 1) throw;
+        release_cached_memory(device);
+        per_pass = std::max<int64_t>(1, per_pass / 2);
+        spdlog::warn("OUT OF MEMORY during evaluation with {} windows per forward pass ({}): continuing with {} "
+                     "(the training micro batch is unchanged)",
+                     n, describe_exception(e), per_pass);
+      }
+    }
     tokens += rows * T;
   }
   if (was_training) model->train();
@@ -92,6 +106,7 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
   EvalResult result;
   result.tokens = tokens;
   result.batches = num_batches;
+  result.forward_batch = per_pass;
   result.loss = loss_sum.item<double>() / static_cast<double>(tokens);
   result.perplexity = std::exp(result.loss);
   return result;

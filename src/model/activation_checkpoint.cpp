@@ -26,9 +26,13 @@ class AutocastCacheOff {
   bool prev_;
 };
 
+// Inputs: the block's input x, the block's trained parameters, and the block's address. The
+// parameters are inputs so that the output needs a gradient whenever any of them is trained,
+// also when x needs none (frozen embeddings or frozen blocks before this one); their
+// gradients are returned to autograd, which accumulates them as for any other use.
 struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
   // The block is passed by address: it outlives the graph (it belongs to the model).
-  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, int64_t block_address) {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::TensorList params, int64_t block_address) {
     const c10::Device device = x.device();
     ctx->saved_data["block"] = block_address;
     ctx->saved_data["cpu_rng"] = get_rng_state(c10::kCPU);
@@ -36,13 +40,16 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     const bool autocast = at::autocast::is_autocast_enabled(device.type());
     ctx->saved_data["autocast"] = autocast;
     ctx->saved_data["autocast_dtype"] = at::autocast::get_autocast_dtype(device.type());
-    ctx->save_for_backward({x});
+    std::vector<torch::Tensor> saved = {x};
+    saved.insert(saved.end(), params.begin(), params.end());
+    ctx->save_for_backward(saved);
     AutocastCacheOff cache_off;
     return reinterpret_cast<BlockImpl*>(block_address)->forward(x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const torch::Tensor x = ctx->get_saved_variables()[0];
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor& x = saved[0];
     const c10::Device device = x.device();
     auto* block = reinterpret_cast<BlockImpl*>(ctx->saved_data["block"].toInt());
 
@@ -53,7 +60,8 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     set_rng_state(c10::kCPU, ctx->saved_data["cpu_rng"].toTensor());
     if (device.is_cuda()) set_rng_state(device, ctx->saved_data["device_rng"].toTensor());
 
-    torch::Tensor input = x.detach().requires_grad_(x.requires_grad());
+    const bool x_grad = ctx->needs_input_grad(0);
+    torch::Tensor input = x.detach().requires_grad_(x_grad);
     torch::Tensor output;
     {
       torch::AutoGradMode grad_on(true);
@@ -66,15 +74,29 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     set_rng_state(c10::kCPU, cpu_now);
     if (device_now) set_rng_state(device, *device_now);
 
-    torch::autograd::backward({output}, {grad_outputs[0]});
-    return {input.requires_grad() ? input.grad() : torch::Tensor(), torch::Tensor()};
+    // d output -> d x (when wanted) and d parameters (saved[1..]), returned, not accumulated here.
+    variable_list wrt;
+    if (x_grad) wrt.push_back(input);
+    wrt.insert(wrt.end(), saved.begin() + 1, saved.end());
+    variable_list grads = torch::autograd::grad({output}, wrt, {grad_outputs[0]}, /*retain_graph=*/false,
+                                                /*create_graph=*/false, /*allow_unused=*/true);
+    variable_list result;
+    result.push_back(x_grad ? grads[0] : torch::Tensor());
+    result.insert(result.end(), grads.begin() + (x_grad ? 1 : 0), grads.end());
+    result.emplace_back();  // the block's address
+    return result;
   }
 };
 
 }  // namespace
 
 torch::Tensor checkpointed_block_forward(BlockImpl& block, const torch::Tensor& x) {
-  return CheckpointFunction::apply(x, reinterpret_cast<int64_t>(&block));
+  std::vector<torch::Tensor> trained;
+  for (const auto& p : block.parameters()) {
+    if (p.requires_grad()) trained.push_back(p);
+  }
+  if (!x.requires_grad() && trained.empty()) return block.forward(x);  // nothing to differentiate
+  return CheckpointFunction::apply(x, torch::TensorList(trained), reinterpret_cast<int64_t>(&block));
 }
 
 }  // namespace gpt2ft

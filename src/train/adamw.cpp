@@ -26,8 +26,7 @@ AdamW::AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_par
 std::vector<torch::Tensor> gradients_of(const std::vector<torch::Tensor>& params) {
   std::vector<torch::Tensor> out;
   for (const auto& p : params) {
-    if (!p.grad().defined()) const_cast<torch::Tensor&>(p).mutable_grad() = torch::zeros_like(p);
-    out.push_back(p.grad());
+    if (p.grad().defined()) out.push_back(p.grad());
   }
   return out;
 }
@@ -38,14 +37,18 @@ void clear_gradients(const std::vector<torch::Tensor>& params) {
   }
 }
 
-void AdamW::step_unfused(Group& g, double lr) {
+void AdamW::step_unfused(Group& g, const std::vector<size_t>& with_grad, double lr) {
   // torch.optim.AdamW's single-tensor update, op for op.
   const double beta1 = options_.betas[0], beta2 = options_.betas[1];
-  // A group's parameters always step together: one read of the count per group, not per tensor.
-  const double step = g.steps[0].item<double>() + 1;
-  for (size_t i = 0; i < g.params.size(); ++i) {
+  // The step counts of the tensors that step, read in one host sync for the group.
+  std::vector<torch::Tensor> counts;
+  for (const size_t i : with_grad) counts.push_back(g.steps[i]);
+  const torch::Tensor host_counts = torch::stack(counts).to(torch::kCPU, torch::kDouble);  // (n,)
+  for (size_t k = 0; k < with_grad.size(); ++k) {
+    const size_t i = with_grad[k];
     torch::Tensor& p = g.params[i];
-    const torch::Tensor grad = p.grad().defined() ? p.grad() : torch::zeros_like(p);
+    const torch::Tensor& grad = p.grad();
+    const double step = host_counts[static_cast<int64_t>(k)].item<double>() + 1;
     g.steps[i].add_(1);
     p.mul_(1 - lr * g.weight_decay);
     g.exp_avg[i].lerp_(grad, 1 - beta1);
@@ -61,23 +64,30 @@ void AdamW::step_unfused(Group& g, double lr) {
 void AdamW::step(double lr, const std::optional<torch::Tensor>& grad_scale, const std::optional<torch::Tensor>& found_inf) {
   torch::NoGradGuard no_grad;
   for (auto& g : groups_) {
-    if (g.params.empty()) continue;
+    std::vector<size_t> with_grad;  // the tensors that got a gradient this step
+    for (size_t i = 0; i < g.params.size(); ++i) {
+      if (g.params[i].grad().defined()) with_grad.push_back(i);
+    }
+    if (with_grad.empty()) continue;
     if (!options_.fused) {
-      step_unfused(g, lr);
+      step_unfused(g, with_grad, lr);
       continue;
     }
-    std::vector<torch::Tensor> grads;
-    for (auto& p : g.params) {
-      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
-      grads.push_back(p.grad());
+    std::vector<torch::Tensor> params, grads, exp_avg, exp_avg_sq, steps;
+    for (const size_t i : with_grad) {
+      params.push_back(g.params[i]);
+      grads.push_back(g.params[i].grad());
+      exp_avg.push_back(g.exp_avg[i]);
+      exp_avg_sq.push_back(g.exp_avg_sq[i]);
+      steps.push_back(g.steps[i]);
     }
     // As torch.optim.AdamW(fused=True): count the step, then take it back if it was skipped.
-    torch::_foreach_add_(g.steps, 1);
-    at::_fused_adamw_(g.params, grads, g.exp_avg, g.exp_avg_sq, /*max_exp_avg_sqs=*/{}, g.steps, lr,
-                      options_.betas[0], options_.betas[1], g.weight_decay, options_.eps, /*amsgrad=*/false,
+    torch::_foreach_add_(steps, 1);
+    at::_fused_adamw_(params, grads, exp_avg, exp_avg_sq, /*max_exp_avg_sqs=*/{}, steps, lr, options_.betas[0],
+                      options_.betas[1], g.weight_decay, options_.eps, /*amsgrad=*/false,
                       /*maximize=*/false, grad_scale, found_inf);
     if (found_inf) {
-      for (auto& s : g.steps) s.sub_(*found_inf);
+      for (auto& s : steps) s.sub_(*found_inf);
     }
   }
 }

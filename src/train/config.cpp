@@ -11,6 +11,7 @@
 #include "gpt2ft/core/atomic_file.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/model/config.h"
+#include "gpt2ft/train/memory_planner.h"
 
 namespace gpt2ft {
 using nlohmann::json;
@@ -67,8 +68,9 @@ void TrainConfig::visit(Visitor& v) {
   v.number(train.time_limit, "train.time_limit", 0.0, 0.0, kInf,
            "Wall seconds after which the run checkpoints and stops; 0 = none");
   // amp
-  v.choice(amp.dtype, "amp.dtype", "none", {"none", "bfloat16", "float16"},
-           "Autocast dtype; float16 uses a dynamic loss scale (GradScaler)");
+  v.choice(amp.dtype, "amp.dtype", "auto", {"auto", "none", "bfloat16", "float16"},
+           "Autocast dtype; auto: bfloat16 on GPUs that have it, float16 on older GPUs, none on the CPU. "
+           "float16 uses a dynamic loss scale (GradScaler)");
   v.number(amp.init_scale, "amp.init_scale", 65536.0, 1e-30, kInf, "float16: initial loss scale");
   v.number(amp.growth_factor, "amp.growth_factor", 2.0, 1.0, kInf, "float16: scale growth factor");
   v.number(amp.backoff_factor, "amp.backoff_factor", 0.5, 1e-30, 1.0, "float16: scale backoff factor on inf/NaN");
@@ -83,6 +85,8 @@ void TrainConfig::visit(Visitor& v) {
   // eval
   v.integer(eval.every_steps, "eval.every_steps", 0, 0, kMaxInt, "Validation every N steps; 0 = only at the end");
   v.integer(eval.max_batches, "eval.max_batches", 20, 0, kMaxInt, "Validation batches per evaluation; 0 = all");
+  v.integer(eval.batch_size, "eval.batch_size", 0, 0, kMaxInt,
+            "Sequences per validation forward pass; 0: the training micro batch. Halved on out-of-memory");
   // log
   v.integer(log.every_steps, "log.every_steps", 10, 1, kMaxInt, "Metrics every N steps (console and metrics.jsonl)");
   v.choice(log.progress, "log.progress", "auto", {"auto", "bar", "lines"},
@@ -100,6 +104,12 @@ void TrainConfig::visit(Visitor& v) {
            "Gradient bucket size in MiB: buckets are all-reduced as backward finishes them");
   v.flag(distributed.shard_optimizer, "distributed.shard_optimizer", false,
          "ZeRO-1: each rank keeps and updates the AdamW state of ~1/N of the parameters, then broadcasts them");
+  // cuda
+  v.flag(cuda.tf32, "cuda.tf32", true, "Let float32 matmuls use TF32 tensor cores on CUDA (what autocast leaves in float32)");
+  v.flag(cuda.expandable_segments, "cuda.expandable_segments", true,
+         "Expandable segments in the CUDA caching allocator: less fragmentation, fewer false out-of-memory back-offs");
+  v.text(cuda.memory_limit, "cuda.memory_limit", "",
+         "Cap the caching allocator at this size, e.g. \"24GiB\" (share a GPU, rehearse a smaller one); empty: no cap");
   // run
   v.text(output_dir, "output_dir", "runs/run", "Run folder: config, metrics.jsonl, checkpoints, final/ model");
   v.text(device, "device", "auto", "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"");
@@ -340,6 +350,7 @@ TrainConfig TrainConfig::parse(const json& j, const std::vector<std::string>& ov
     throw Error(where + ": train.global_batch_size (" + std::to_string(c.train.global_batch_size) +
                 ") is not divisible by train.micro_batch_size (" + std::to_string(c.train.micro_batch_size) + ")");
   }
+  if (!c.cuda.memory_limit.empty()) parse_memory_size(c.cuda.memory_limit, where + ": cuda.memory_limit");
   if (c.micro_batch_auto() && c.train.global_batch_size == 0) {
     throw Error(where + ": train.micro_batch_size \"auto\" needs train.global_batch_size");
   }

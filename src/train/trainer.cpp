@@ -22,6 +22,7 @@
 #include "gpt2ft/core/cuda_info.h"
 #include "gpt2ft/core/device.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/out_of_memory.h"
 #include "gpt2ft/core/rng_state.h"
 #include "gpt2ft/data/loader.h"
 #include "gpt2ft/data/shard.h"
@@ -43,12 +44,6 @@ namespace fs = std::filesystem;
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-c10::ScalarType amp_scalar_type(const std::string& name) {
-  if (name == "bfloat16") return c10::kBFloat16;
-  if (name == "float16") return c10::kHalf;
-  return c10::kFloat;
-}
 
 GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
   auto set_dropout = [&](GPT2Config& c) {
@@ -77,6 +72,7 @@ GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
 // Global-norm gradient clipping without a host sync: returns the norm before clipping.
 torch::Tensor clip_grad_norm(const std::vector<torch::Tensor>& grads, double max_norm) {
   torch::NoGradGuard no_grad;
+  if (grads.empty()) return torch::zeros({});
   const auto norms = torch::_foreach_norm(grads, 2);
   const torch::Tensor total = torch::linalg_vector_norm(torch::stack(norms), 2);  // ()
   if (max_norm > 0) {
@@ -154,10 +150,10 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg) {
   if (cfg.model.dropout >= 0) in.model.resid_pdrop = in.model.embd_pdrop = in.model.attn_pdrop = cfg.model.dropout;
   if (cfg.model.resize_vocab > 0) in.model.vocab_size = cfg.model.resize_vocab;
   in.seq_len = cfg.data.seq_len;
-  in.amp = amp_scalar_type(cfg.amp.dtype);
+  in.cuda = cfg.device != "cpu";
+  in.amp = resolve_amp_dtype(cfg.amp.dtype, in.cuda ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU));
   in.checkpoint_every = cfg.checkpoint_every_n_blocks();
   in.dropout = in.model.resid_pdrop > 0 || in.model.attn_pdrop > 0;
-  in.cuda = cfg.device != "cpu";
   in.chunked_loss = cfg.train.chunked_loss;
   in.shard_optimizer = cfg.distributed.shard_optimizer;
   in.freeze_embeddings = cfg.model.freeze_embeddings;
@@ -200,22 +196,6 @@ class StopSignals {
   static constexpr int kSignals[3] = {SIGTERM, SIGINT, SIGUSR1};
   struct sigaction previous_[3];
 };
-
-bool is_out_of_memory(const std::exception& e) {
-  if (dynamic_cast<const c10::OutOfMemoryError*>(&e)) return true;
-  const std::string what = e.what();
-  return what.find("out of memory") != std::string::npos || what.find("CUBLAS_STATUS_ALLOC_FAILED") != std::string::npos;
-}
-
-// Test hook: GPT2FT_FAULT_OOM_ABOVE_MICRO=K makes a forward pass with more than K sequences
-// fail as CUDA's allocator does.
-void maybe_inject_oom(int64_t micro) {
-  static const char* env = std::getenv("GPT2FT_FAULT_OOM_ABOVE_MICRO");
-  if (env && micro > std::atoll(env)) {
-    TORCH_CHECK_WITH(OutOfMemoryError, false, "fault injection: CUDA out of memory at micro batch ", micro,
-                     " (GPT2FT_FAULT_OOM_ABOVE_MICRO=", env, ")");
-  }
-}
 
 // Test hook: GPT2FT_FAULT_CRASH_AFTER_STEP=N ends the process abruptly after step N.
 void maybe_crash_after(int64_t step) {
@@ -303,6 +283,10 @@ TrainSummary run_training(const TrainConfig& cfg) {
     device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
     cuda_set_device(device);
   }
+  if (device.is_cuda()) {
+    configure_cuda(device, {cfg.cuda.tf32, cfg.cuda.expandable_segments,
+                            cfg.cuda.memory_limit.empty() ? 0 : parse_memory_size(cfg.cuda.memory_limit, "cuda.memory_limit")});
+  }
   Communicator comm(env, device, cfg.distributed.backend, cfg.distributed.timeout_s);
   const int64_t W = comm.world_size();
   const fs::path out_dir = cfg.output_dir;
@@ -333,7 +317,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
   const int64_t per_rank = global / W;
   if (cfg.micro_batch_auto()) micro = auto_micro_batch(cfg, device, per_rank, W);
 
-  const c10::ScalarType amp = amp_scalar_type(cfg.amp.dtype);
+  const c10::ScalarType amp = resolve_amp_dtype(cfg.amp.dtype, device);
   AdamWOptions ao;
   ao.weight_decay = cfg.train.weight_decay;
   ao.betas = cfg.train.betas;
@@ -440,21 +424,24 @@ TrainSummary run_training(const TrainConfig& cfg) {
   int64_t trained = 0;
   for (const auto& p : params) trained += p.numel();
   spdlog::info("model: {} parameters ({} trained); device {}{}; micro batch {} x accumulation {}{} = global batch {} "
-               "sequences of {} tokens; {} steps ({:.2f} epochs of {} samples); amp {}; fused AdamW {}",
+               "sequences of {} tokens; {} steps ({:.2f} epochs of {} samples); amp {}{}; fused AdamW {}",
                mc.num_parameters(), trained, device.str(), device.is_cuda() ? " (" + cuda_device_name(device) + ")" : "",
                micro, accum, W > 1 ? fmt::format(" x {} ranks", W) : "", global, T, max_steps,
                static_cast<double>(max_steps * global) / loader.samples_per_epoch(), loader.samples_per_epoch(),
-               cfg.amp.dtype, ao.fused ? "on" : "off");
+               amp == c10::kBFloat16 ? "bfloat16" : amp == c10::kHalf ? "float16" : "none",
+               cfg.amp.dtype == "auto" ? " (auto)" : "", ao.fused ? "on" : "off");
   if (W > 1) {
     spdlog::info("gradients: {} bucket(s), {:.1f} MiB, all-reduced during the backward of the last micro batch",
                  reducer.num_buckets(), reducer.bucket_bytes_total() / double(1 << 20));
   }
 
   MetricsLog metrics(out_dir / "metrics.jsonl", cfg.log.progress, max_steps, comm.is_main());
-  EvalOptions eval_options{T, micro, cfg.eval.max_batches, amp, &comm};
+  EvalOptions eval_options{T, cfg.eval.batch_size > 0 ? cfg.eval.batch_size : micro, cfg.eval.max_batches, 0, amp,
+                           &comm};
   auto validate = [&](int64_t step) -> std::optional<double> {
     if (val_shards.empty()) return std::nullopt;
     const EvalResult r = evaluate(model, val_shards, eval_options, device);
+    eval_options.max_forward_batch = r.forward_batch;  // keep what fitted for the next evaluation
     model->train();
     metrics.record({{"step", step}, {"val_loss", r.loss}, {"val_perplexity", r.perplexity}, {"val_tokens", r.tokens}});
     return r.loss;
@@ -521,8 +508,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
       if (oom_message.empty()) oom_message = "another rank ran out of memory";
       clear_gradients(params);
       loss_sum = torch::Tensor();
-      at::autocast::clear_cache();
-      if (device.is_cuda()) cuda_empty_cache();
+      release_cached_memory(device);
       const int64_t smaller = smaller_micro_batch(micro, per_rank, cfg.oom.min_micro_batch_size);
       if (cfg.oom.policy == "fail") {
         throw Error("out of memory at micro batch " + std::to_string(micro) + " (step " + std::to_string(step + 1) +
@@ -553,7 +539,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
       micro = smaller;
       accum = per_rank / micro;
       state.micro_batch_from_oom = true;
-      eval_options.batch_size = micro;
+      if (cfg.eval.batch_size == 0) eval_options.batch_size = micro;
       loader.restart(step_start, micro);
       set_rng_states(rng_at_start);
     }

@@ -77,6 +77,15 @@ void check_reducer_returns_autograd_gradients(c10::Device device, const std::str
   backward();
   reducer.finish();
   for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(torch::equal(params[i].grad(), expected[i]));
+  // A parameter no rank has a gradient for keeps none (AdamW then leaves it alone), instead of
+  // getting a zero gradient from the reduction.
+  backward();
+  params[1].mutable_grad().reset();
+  reducer.finish();
+  EXPECT_FALSE(params[1].grad().defined());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (i != 1) EXPECT_TRUE(torch::equal(params[i].grad(), expected[i])) << "parameter " << i;
+  }
 }
 
 void check_collectives(c10::Device device, const std::string& backend) {

@@ -7,8 +7,10 @@
 #include <torch/torch.h>
 
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/gpt2.h"
 #include "gpt2ft/model/init.h"
+#include "gpt2ft/train/adamw.h"
 #include "gpt2ft/train/config.h"
 #include "gpt2ft/train/grad_scaler.h"
 #include "test_support.h"
@@ -50,8 +52,10 @@ TEST(GradScaler, SkipsAndScalesLikeTorchAmpGradScaler) {
   EXPECT_EQ(scaler.skipped_steps().item<double>(), skipped);
 }
 
-// Gradients of every parameter after one forward/backward with the given checkpointing.
-std::map<std::string, torch::Tensor> gradients(int64_t checkpoint_every) {
+// Gradients of every parameter after one forward/backward with the given checkpointing and
+// freezing (a frozen parameter's entry is an undefined tensor).
+std::map<std::string, torch::Tensor> gradients(int64_t checkpoint_every, bool freeze_embeddings = false,
+                                               int64_t freeze_blocks = 0) {
   GPT2Config c;
   c.n_layer = 3, c.n_head = 2, c.n_embd = 32, c.vocab_size = 101, c.n_positions = 32;
   c.resid_pdrop = c.embd_pdrop = c.attn_pdrop = 0.1;
@@ -59,12 +63,15 @@ std::map<std::string, torch::Tensor> gradients(int64_t checkpoint_every) {
   init_gpt2_weights(model, 3);
   model->train();
   model->set_activation_checkpointing(checkpoint_every);
+  freeze(model, freeze_embeddings, freeze_blocks);
   torch::manual_seed(11);
   const torch::Tensor idx = torch::randint(0, 101, {4, 24});
   torch::manual_seed(12);  // the dropout masks
   next_token_loss(model->forward(idx.narrow(1, 0, 23)), idx.narrow(1, 1, 23)).backward();
   std::map<std::string, torch::Tensor> out;
-  for (const auto& p : model->named_parameters()) out[p.key()] = p.value().grad().clone();
+  for (const auto& p : model->named_parameters()) {
+    out[p.key()] = p.value().grad().defined() ? p.value().grad().clone() : torch::Tensor();
+  }
   // The RNG must continue as without checkpointing: the recompute restores it.
   out["_next_random"] = torch::rand({4});
   return out;
@@ -80,6 +87,72 @@ TEST(ActivationCheckpointing, GradientsEqualPlainBackwardWithDropout) {
     std::printf("[checkpointing] every %lld block(s), dropout 0.1: gradients max|diff| %.3g\n",
                 static_cast<long long>(every), worst);
     EXPECT_EQ(worst, 0.0);
+  }
+}
+
+// Freezing makes a checkpointed block's input need no gradient (frozen embeddings, frozen
+// blocks before it); its parameters must get their gradients all the same.
+TEST(ActivationCheckpointing, FrozenEmbeddingsAndBlocksStillTrainTheRest) {
+  struct Freeze {
+    bool embeddings;
+    int64_t blocks;
+  };
+  for (const Freeze f : {Freeze{true, 0}, Freeze{false, 1}, Freeze{true, 1}, Freeze{true, 2}}) {
+    const auto plain = gradients(0, f.embeddings, f.blocks);
+    for (int64_t every : {1, 2}) {
+      const auto ckpt = gradients(every, f.embeddings, f.blocks);
+      double worst = 0;
+      int64_t trained = 0;
+      for (const auto& [name, g] : plain) {
+        if (name == "_next_random") continue;
+        SCOPED_TRACE(name + ", freeze embeddings " + std::to_string(f.embeddings) + " blocks " +
+                     std::to_string(f.blocks) + ", checkpoint every " + std::to_string(every));
+        ASSERT_EQ(g.defined(), ckpt.at(name).defined());
+        if (!g.defined()) continue;
+        ++trained;
+        worst = std::max(worst, test::max_abs_diff(g, ckpt.at(name)));
+      }
+      std::printf("[checkpointing] freeze embeddings %d, blocks %lld, every %lld: %lld trained tensors, gradients "
+                  "max|diff| %.3g\n",
+                  f.embeddings, static_cast<long long>(f.blocks), static_cast<long long>(every),
+                  static_cast<long long>(trained), worst);
+      EXPECT_GT(trained, 0);
+      EXPECT_EQ(worst, 0.0);
+    }
+  }
+}
+
+// torch.optim.AdamW skips a parameter whose .grad is None: no decay, no moment update, no
+// step count. Feeding it zeros instead would still move it (decay and the old momentum).
+TEST(AdamWTest, AParameterWithoutAGradientIsLeftAlone) {
+  for (const bool fused : {false, true}) {
+    SCOPED_TRACE(fused ? "fused" : "unfused");
+    torch::manual_seed(0);
+    const torch::Tensor a = torch::randn({5, 3}).requires_grad_(true), b = torch::randn({4, 2}).requires_grad_(true);
+    AdamW opt({{"a", a}, {"b", b}}, {0.1, {0.9, 0.95}, 1e-8, fused});
+    for (int step = 0; step < 3; ++step) {  // both train for a while: momentum builds up
+      a.mutable_grad() = torch::randn_like(a);
+      b.mutable_grad() = torch::randn_like(b);
+      opt.step(1e-2);
+    }
+    const torch::Tensor b_before = b.detach().clone(), a_before = a.detach().clone();
+    const auto& g = opt.groups()[0];
+    const torch::Tensor b_m = g.exp_avg[1].clone(), b_v = g.exp_avg_sq[1].clone(), b_step = g.steps[1].clone();
+    a.mutable_grad() = torch::randn_like(a);
+    b.mutable_grad().reset();  // b took no part in this step
+    opt.step(1e-2);
+    EXPECT_TRUE(torch::equal(b, b_before));
+    EXPECT_TRUE(torch::equal(g.exp_avg[1], b_m));
+    EXPECT_TRUE(torch::equal(g.exp_avg_sq[1], b_v));
+    EXPECT_EQ(g.steps[1].item<float>(), b_step.item<float>());
+    EXPECT_EQ(g.steps[0].item<float>(), 4.0f);
+    EXPECT_FALSE(torch::equal(a, a_before));
+    // Its next step continues its own count: bias correction of step 4, as PyTorch's per-tensor state.
+    a.mutable_grad().reset();
+    b.mutable_grad() = torch::randn_like(b);
+    opt.step(1e-2);
+    EXPECT_EQ(g.steps[1].item<float>(), 4.0f);
+    EXPECT_EQ(g.steps[0].item<float>(), 4.0f);
   }
 }
 
@@ -99,7 +172,7 @@ TEST(TrainConfigTest, BadConfigsNameThePathAndTheExpectation) {
       {{{"train", {{"micro_batch_sise", 4}}}}, {}, "train.micro_batch_sise: unknown option"},
       {{{"trian", {{"lr", 1}}}}, {}, "trian.lr: unknown option"},
       {{{"train", {{"betas", {0.9}}}}}, {}, "train.betas: expected two numbers in [0, 1], got [0.9]"},
-      {{{"amp", {{"dtype", "fp8"}}}}, {}, "amp.dtype: expected one of \"none\" \"bfloat16\" \"float16\", got \"fp8\""},
+      {{{"amp", {{"dtype", "fp8"}}}}, {}, "amp.dtype: expected one of \"auto\" \"none\" \"bfloat16\" \"float16\", got \"fp8\""},
       {{{"model", {{"dropout", 1.5}}}}, {}, "model.dropout: expected a number in [-1, 0.99], got 1.5"},
       {{{"model", {{"activation_checkpointing", "some"}}}}, {}, "model.activation_checkpointing: expected \"none\", \"all\" or an integer"},
       {{{"data", {{"seq_len", -4}}}}, {}, "data.seq_len: expected an integer >= 1, got -4"},
@@ -109,6 +182,7 @@ TEST(TrainConfigTest, BadConfigsNameThePathAndTheExpectation) {
       {json::object(), {"train.lr=fast"}, "train.lr: expected a number >= 0, got \"fast\""},
       {json::object(), {"train.nope=1"}, "train.nope: unknown option"},
       {json::object(), {"novalue"}, "--set novalue: expected KEY=VALUE"},
+      {{{"cuda", {{"memory_limit", "lots"}}}}, {}, "cfg.json: cuda.memory_limit: expected a size such as 80GiB"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.patch.dump());

@@ -74,6 +74,56 @@ class CliTest(WorkDirTest):
                 self.assertLess(abs(got["loss"] - ref_loss) / ref_loss, 1e-6)
                 self.assertAlmostEqual(got["perplexity"], float(np.exp(got["loss"])), places=6)
 
+    def test_eval_backs_off_on_out_of_memory_with_the_same_loss(self):
+        rng = np.random.default_rng(7)
+        tokens = rng.integers(0, 1000, size=16 * 13 + 1)
+        write_shard(self.path("val_000000.bin"), tokens)
+        args = ("eval", "--model", self.model, "--data", self.path("val_*.bin"), "--seq-len", 16, "--batch-size", 6,
+                "--device", "cpu", "--json")
+        clean = run(*args)
+        self.assertEqual(clean.returncode, 0, clean.stderr)
+        # Every forward pass over more than 2 windows fails as CUDA's allocator would.
+        r = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, GPT2FT_FAULT_OOM_ABOVE_MICRO="2"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        warnings = [line for line in r.stderr.splitlines() if "OUT OF MEMORY during evaluation" in line]
+        print("[eval oom] " + "\n[eval oom] ".join(warnings))
+        self.assertEqual(len(warnings), 2)  # 6 -> 3 -> 1 windows per pass, once each
+        self.assertIn("continuing with 3", warnings[0])
+        self.assertIn("continuing with 1", warnings[1])
+        got, want = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (r, clean))
+        ref_loss, ref_tokens = self.reference_eval(self.model, [tokens], 16, 6)
+        print(f"[eval oom] loss {got['loss']:.8f} vs {want['loss']:.8f} without the fault, transformers {ref_loss:.8f}")
+        self.assertEqual(got["tokens"], ref_tokens)
+        self.assertLess(abs(got["loss"] - want["loss"]) / want["loss"], 1e-7)
+        self.assertLess(abs(got["loss"] - ref_loss) / ref_loss, 1e-6)
+
+    def test_eval_never_holds_a_batchs_logits(self):
+        # GPT-2's vocabulary with a tiny trunk: the logits of 16 x 256 tokens are 0.82 GB in
+        # float32 (and cross-entropy's log-softmax as much again); the chunked loss holds ~64 MiB.
+        torch.manual_seed(0)
+        from transformers import GPT2Config
+        folder = self.path("big_vocab")
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50257, n_positions=256)).save_pretrained(
+            folder, safe_serialization=True)
+        rng = np.random.default_rng(8)
+        write_shard(self.path("big_000000.bin"), rng.integers(0, 50257, size=16 * 256 + 1))
+
+        def peak_rss_mb(batch):
+            p = subprocess.Popen([BIN, "eval", "--model", folder, "--data", self.path("big_*.bin"), "--seq-len", "256",
+                                  "--batch-size", str(batch), "--device", "cpu", "--json"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(p.pid, 0)
+            p.returncode = os.waitstatus_to_exitcode(status)
+            err = p.stderr.read().decode()
+            self.assertEqual(p.returncode, 0, err)
+            return usage.ru_maxrss / 1024  # KiB on Linux
+
+        one, sixteen = peak_rss_mb(1), peak_rss_mb(16)
+        print(f"[eval memory] V=50257, T=256: peak RSS {one:.0f} MB at batch 1, {sixteen:.0f} MB at batch 16 "
+              f"(+{sixteen - one:.0f} MB; the batch's float32 logits alone are 824 MB)")
+        self.assertLess(sixteen - one, 300)
+
     def test_eval_reads_uint32_shards(self):
         rng = np.random.default_rng(6)
         tokens = rng.integers(0, 1000, size=100)

@@ -151,6 +151,39 @@ class ResilienceTest(WorkDirTest):
         m1, m2 = latest_state(out)[0], latest_state(clean)[0]
         self.assertEqual((m1["loader_epoch"], m1["loader_consumed"]), (m2["loader_epoch"], m2["loader_consumed"]))
 
+    def test_out_of_memory_in_evaluation_halves_only_the_evaluation_batch(self):
+        val = os.path.join(self.tmp, "val_000000.bin")
+        if not os.path.exists(val):
+            ref.make_stream(val, n=16 * 40 + 1, seed=3)
+        outs = {}
+        for name, env in (("clean", {}), ("oom", {"GPT2FT_FAULT_OOM_ABOVE_MICRO": "2"})):
+            out = self.out(name)
+            c = self.no_dropout_config(out, 2)
+            c["data"]["val"] = val
+            c["eval"] = {"batch_size": 8, "every_steps": 4, "max_batches": 3}
+            r = run(c, self.tmp, f"eval_{name}", env=env)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            outs[name] = (out, r.stderr)
+        out, err = outs["oom"]
+        log = [line for line in err.splitlines() if "OUT OF MEMORY" in line]
+        print("[eval oom] " + "\n[eval oom] ".join(log))
+        # 8 -> 4 -> 2 windows per pass at the first evaluation, kept for the later ones.
+        self.assertEqual(len(log), 2)
+        self.assertTrue(all("during evaluation" in line for line in log))
+        self.assertEqual(set(micro_batches(out)), {2})  # training never backed off
+
+        def val_losses(o):
+            with open(os.path.join(o, "metrics.jsonl")) as f:
+                return [json.loads(line)["val_loss"] for line in f if '"val_loss"' in line]
+
+        got, want = val_losses(out), val_losses(outs["clean"][0])
+        print(f"[eval oom] val losses {got} vs {want} without the fault")
+        self.assertEqual(len(got), 3)
+        self.assertEqual(len(got), len(want))
+        for a, b in zip(got, want):
+            self.assertLess(abs(a - b) / b, 1e-6)
+        self.assertTrue(bitwise_equal(final_weights(out), final_weights(outs["clean"][0])))
+
     def test_checkpoint_and_exit_then_restart_with_the_smaller_micro_batch(self):
         clean, out = self.clean_run(4), self.out("run")
         c = self.no_dropout_config(out, 8)

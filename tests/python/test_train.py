@@ -102,6 +102,42 @@ class TrainTest(WorkDirTest):
         self.assertLess(abs(bf16[0] - fp32[0]), 0.05)  # the same first batch, computed in bf16
         self.assertNotEqual(bf16, fp32)  # autocast really ran
 
+    def test_freezing_and_checkpointing_combine(self):
+        # A frozen part before a checkpointed block once made that block train nothing. Every
+        # freezing x checkpointing combination (2 x 2 accumulation, also under bf16 autocast)
+        # must end with the weights of the same freezing without checkpointing, and every
+        # trained tensor must have moved.
+        from safetensors.torch import load_file
+        model_dir = ref.make_model(os.path.join(self.tmp, "init3"), n_layer=3)
+        init = load_file(os.path.join(model_dir, "model.safetensors"))
+        freezes = {"embeddings": {"freeze_embeddings": True}, "block0": {"freeze_blocks": 1},
+                   "embeddings+2blocks": {"freeze_embeddings": True, "freeze_blocks": 2}}
+        for name, freeze in freezes.items():
+            for amp in ("none", "bfloat16"):
+                if amp == "bfloat16" and name != "embeddings+2blocks":
+                    continue
+                results = {}
+                for ckpt in ("none", "all", 2):
+                    c = base_config(model_dir, self.glob)
+                    c["model"].update(freeze, activation_checkpointing=ckpt)
+                    c["train"].update({"max_steps": 4, "lr": 1e-3, "min_lr": 1e-4})
+                    c["amp"] = {"dtype": amp}
+                    weights, _, _ = ref.run_trainer(BIN, c, self.tmp, f"freeze_{name}_{amp}_{ckpt}")
+                    results[ckpt] = weights
+                frozen = [k for k in init if (("wte" in k or "wpe" in k) and freeze.get("freeze_embeddings"))
+                          or any(f".h.{i}." in k for i in range(freeze.get("freeze_blocks", 0)))]
+                trained = [k for k in init if k not in frozen and not k.endswith(".attn.bias")
+                           and not k.endswith(".masked_bias")]
+                for ckpt, weights in results.items():
+                    diff = ref.max_weight_diff(weights, results["none"])
+                    unmoved = [k for k in trained if torch.equal(weights[k], init[k])]
+                    print(f"[freeze x checkpointing] freeze {name}, amp {amp}, checkpointing {ckpt}: weights "
+                          f"max|diff| vs no checkpointing {diff:.3g}; trained tensors unchanged: {len(unmoved)}")
+                    self.assertLess(diff, 1e-6, (name, amp, ckpt))
+                    self.assertEqual(unmoved, [], (name, amp, ckpt))
+                    for k in frozen:
+                        self.assertTrue(torch.equal(weights[k], init[k]), f"{k} changed although frozen")
+
     def test_freezing_keeps_parts_fixed_and_resizing_adds_mean_rows(self):
         from safetensors.torch import load_file
         init = load_file(os.path.join(self.model_dir, "model.safetensors"))

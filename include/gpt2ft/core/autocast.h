@@ -2,10 +2,18 @@
 // torch.autocast). Leaving the outermost region clears autocast's cache of weight casts.
 #pragma once
 
+#include <string>
+
+#include <c10/core/Device.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
 
 namespace gpt2ft {
+
+// The autocast dtype of an amp.dtype setting on `device` (kFloat: no autocast). "auto" is
+// bfloat16 on CUDA GPUs that have it (and when planning without a GPU present), float16 on
+// older GPUs, and none on the CPU.
+c10::ScalarType resolve_amp_dtype(const std::string& setting, c10::Device device);
 
 class AutocastGuard {
  public:

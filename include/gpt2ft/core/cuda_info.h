@@ -22,6 +22,17 @@ void cuda_synchronize(const c10::Device& device);
 // Makes `device` the calling thread's current CUDA device (one process per GPU).
 void cuda_set_device(const c10::Device& device);
 
+// Whether the GPU computes in bfloat16 natively (compute capability 8.0 and newer).
+bool cuda_supports_bfloat16(const c10::Device& device);
+
+// Process-wide CUDA settings, applied before the first allocation on the device.
+struct CudaSettings {
+  bool tf32 = true;                 // float32 matmuls may use TF32 tensor cores
+  bool expandable_segments = true;  // the caching allocator grows segments instead of adding new ones
+  int64_t memory_limit = 0;         // bytes; > 0 caps the caching allocator (its memory fraction)
+};
+void configure_cuda(const c10::Device& device, const CudaSettings& settings);
+
 // Dense bf16/fp16 tensor-core peak FLOP/s of known GPUs by name; 0 when unknown.
 double gpu_peak_flops(const std::string& device_name);
 

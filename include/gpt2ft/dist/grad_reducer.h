@@ -8,7 +8,9 @@
 // once, asynchronously, while backward goes on. Buckets launch in index order on every rank,
 // as collectives must. finish() launches whatever is left (an unused parameter, or a rank that
 // ran out of memory and contributes zeros so the others do not hang), waits, and writes the
-// average over ranks back into each .grad. Earlier micro batches accumulate locally only.
+// average over ranks back into each .grad. Earlier micro batches accumulate locally only. A
+// parameter that no rank computed a gradient for is left without one (ranks agree on that
+// over the host-side control group).
 #pragma once
 
 #include <torch/types.h>

@@ -15,8 +15,9 @@ namespace gpt2ft {
 
 struct EvalOptions {
   int64_t seq_len = 1024;   // T: each window holds T+1 tokens, stride T
-  int64_t batch_size = 8;   // windows per forward pass
+  int64_t batch_size = 8;   // windows per batch (and per forward pass until memory runs out)
   int64_t max_batches = 0;  // 0 = all windows
+  int64_t max_forward_batch = 0;  // windows per forward pass at most (an earlier evaluation's back-off); 0 = batch_size
   c10::ScalarType amp_dtype = c10::kFloat;  // autocast dtype (kFloat: none)
   // Data-parallel: rank r evaluates batches r, r+W, ... and the sums are all-reduced, so
   // every rank gets the single-process result. Null: this process evaluates everything.
@@ -28,10 +29,15 @@ struct EvalResult {
   int64_t tokens = 0;      // predicted tokens
   double perplexity = 0;   // exp(loss)
   int64_t batches = 0;
+  int64_t forward_batch = 0;  // windows per forward pass at the end (below batch_size after out-of-memory)
 };
 
 // Cuts each shard into windows k = tokens[kT .. kT+T] (the incomplete tail is dropped) and
-// averages the loss of predicting tokens 1..T of each window from tokens 0..T-1.
+// averages the loss of predicting tokens 1..T of each window from tokens 0..T-1. The loss goes
+// through the chunked lm_head + cross-entropy (model/linear_cross_entropy.h) without
+// gradients, so no batch's logits are ever held whole. When a forward pass runs out of
+// memory, the rest is evaluated with half as many windows per pass (logged; the result is
+// the same), down to one.
 EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shards,
                     const EvalOptions& options, c10::Device device);
 

@@ -21,7 +21,8 @@ struct AdamWOptions {
   bool fused = false;
 };
 
-// The gradients of `params` (undefined ones become zeros), and setting them all to none.
+// The defined gradients of `params` (a parameter that got none in this step has none), and
+// setting them all to none.
 std::vector<torch::Tensor> gradients_of(const std::vector<torch::Tensor>& params);
 void clear_gradients(const std::vector<torch::Tensor>& params);
 
@@ -37,7 +38,9 @@ class AdamW {
   AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, AdamWOptions options);
 
   // One update at learning rate `lr`. With grad_scale/found_inf (fused only), the gradients
-  // are still scaled and a step with found_inf != 0 changes nothing.
+  // are still scaled and a step with found_inf != 0 changes nothing. A parameter without a
+  // gradient is left alone, as torch.optim.AdamW does: no decay, no moment update, its step
+  // count unchanged.
   void step(double lr, const std::optional<torch::Tensor>& grad_scale = std::nullopt,
             const std::optional<torch::Tensor>& found_inf = std::nullopt);
 
@@ -46,7 +49,7 @@ class AdamW {
   const AdamWOptions& options() const { return options_; }
 
  private:
-  void step_unfused(Group& g, double lr);
+  void step_unfused(Group& g, const std::vector<size_t>& with_grad, double lr);
   AdamWOptions options_;
   std::vector<Group> groups_;
 };

@@ -45,7 +45,7 @@ struct TrainConfig {
     double time_limit = 0;
   } train;
   struct Amp {
-    std::string dtype;                       // "none" | "bfloat16" | "float16"
+    std::string dtype;                       // "auto" | "none" | "bfloat16" | "float16"
     double init_scale = 0, growth_factor = 0, backoff_factor = 0;
     int64_t growth_interval = 0;
   } amp;
@@ -55,6 +55,7 @@ struct TrainConfig {
   } checkpoint;
   struct Eval {
     int64_t every_steps = 0, max_batches = 0;
+    int64_t batch_size = 0;                  // 0: the training micro batch
   } eval;
   struct Log {
     int64_t every_steps = 0;
@@ -70,6 +71,11 @@ struct TrainConfig {
     double bucket_mb = 0;
     bool shard_optimizer = false;            // ZeRO-1
   } distributed;
+  struct Cuda {
+    bool tf32 = true;
+    bool expandable_segments = true;
+    std::string memory_limit;                // "" or a size ("24GiB")
+  } cuda;
   std::string output_dir;
   std::string device;
   std::string save_dtype;
