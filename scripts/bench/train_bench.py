@@ -66,7 +66,7 @@ def bench_ours(work, model, shard, args, micro, dtype, ckpt, chunked_loss=True):
            "train": {"micro_batch_size": micro, "global_batch_size": micro, "max_steps": args.warmup + args.steps,
                      "lr": 1e-4, "warmup_steps": 0, "lr_schedule": "constant",
                      "fused_adamw": os.environ.get("GPT2FT_BENCH_FUSED", "auto"), "chunked_loss": chunked_loss},
-           "amp": {"dtype": AMP_NAMES[dtype]}, "checkpoint": {"resume": "none"},
+           "amp": {"dtype": AMP_NAMES[dtype]}, "checkpoint": {"resume": "none", "at_end": False},
            "log": {"every_steps": 1, "progress": "lines"}, "output_dir": out, "device": args.device}
     path = out + ".json"
     with open(path, "w") as f:

@@ -1,26 +1,123 @@
 #!/usr/bin/env bash
-# Everything a session with the GPU machine should run, in one device call (see
-# ../shared/device/README.md). Prepare once on the dev machine:
+# Everything a session with the GPU machine should run, in one device call of at most 9
+# minutes on a bare machine (see ../shared/device/README.md). Prepare once on the dev machine:
 #   bash ../shared/device/make-kit.sh .devkit libgloo-dev && cp ../shared/device/install-kit.sh .devkit/
-# then run this with carry [".devkit"]. Logs and JSON land in $OUT (default ./gpu-out):
-#   build.log, ctest-gpu.log (ctest -L gpu), plan-measure.log (planner vs measured peak),
-#   bench-train-gpu.json / bench.log (ours vs PyTorch eager vs HF Trainer, with the eager loss).
-# GPT2FT_GPU_QUICK=1 runs micro 8 only.
+#   echo /.devkit/ >> .git/info/exclude
+# then run it with carry [".devkit"] and timeout_s 560:
+#   bash scripts/device/gpu-check.sh
+# Parts, with the time each is expected to take on an H100/H200 machine (16 cores):
+#   kit + configure      ~30 s
+#   build                ~3-4 min (only gpt2-finetune and the C++ tests, all cores)
+#   ctest -L gpu         ~2 min   (CUDA parity, fp16/bf16 training, fused AdamW, the planner
+#                                  against measured peaks of gpt2 at micro 1/8/32, NCCL, the
+#                                  chunked loss on CUDA; the golden data comes first)
+#   plan --measure       ~40 s    (gpt2-medium, micro 1 and 8)
+#   benchmark            ~1-2 min (gpt2 T=1024 bf16 micro 8: ours, ours with the eager loss,
+#                                  PyTorch eager, HF Trainer)
+# Every part has its own time limit, so the script ends within its budget and still prints
+# the summary. At most 8 files come back from $OUT; this writes 7:
+#   build.log, nvidia-smi.txt, ctest-gpu.log, plan.log, bench.log, bench-train-gpu.json,
+#   summary.txt (also printed last).
+# GPT2FT_GPU_BUDGET_S (default 540) is the whole script's budget, GPT2FT_GPU_BUILD_S (default 330) the
+# build's (a dry run on the 2-core dev machine needs more: the rest then reports no CUDA).
 set -uo pipefail
-out="${OUT:-gpu-out}"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+out="${OUT:-$root/gpu-out}"
 mkdir -p "$out"
-eval "$(bash .devkit/install-kit.sh .devkit)"
+out="$(cd "$out" && pwd)"  # absolute: every part runs from another folder
 py="${PYTHON:-python3}"
-prefix="$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPT2FT_USE_CCACHE=OFF \
-  -DCMAKE_PREFIX_PATH="$prefix;${CMAKE_PREFIX_PATH:-}" -DGPT2FT_PYTHON="$(command -v "$py")" > "$out/configure.log" 2>&1 \
-  || { tail -n 40 "$out/configure.log"; exit 1; }
-cmake --build build-gpu -j "$(nproc)" > "$out/build.log" 2>&1 || { tail -n 40 "$out/build.log"; exit 1; }
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-(cd build-gpu && ctest -L gpu --output-on-failure > "../$out/ctest-gpu.log" 2>&1)
-tail -n 15 "$out/ctest-gpu.log"
-micro=(8 16 32)
-[[ "${GPT2FT_GPU_QUICK:-0}" == 1 ]] && micro=(8)
-GPT2FT_BUILD_DIR=build-gpu "$py" scripts/bench/train_bench.py --mode gpu --preset gpt2 --dtype bf16 \
-  --micro "${micro[@]}" --also-eager-loss --steps 20 --out "$out/bench-train-gpu.json" > "$out/bench.log" 2>&1
-tail -n 12 "$out/bench.log"
+build="${GPT2FT_GPU_BUILD_DIR:-$root/build-gpu}"
+budget="${GPT2FT_GPU_BUDGET_S:-540}"
+start=$(date +%s)
+summary=()
+
+left() { echo $((budget - ($(date +%s) - start))); }
+# part NAME LIMIT_S LOG COMMAND...: runs COMMAND with its output in LOG, within LIMIT_S
+# seconds or what is left of the budget, whichever is less; records exit code and time.
+part() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local avail
+  avail=$(left)
+  ((avail < limit)) && limit=$avail
+  if ((limit <= 5)); then
+    summary+=("| $name | not run (budget spent) | - |")
+    return 1
+  fi
+  local t0 rc
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  local took=$(($(date +%s) - t0))
+  local what="exit $rc"
+  ((rc == 124 || rc == 137)) && what="timed out after ${limit}s"
+  summary+=("| $name | $what | ${took}s |")
+  echo "[gpu-check] $name: $what in ${took}s (log: $(basename "$log"))"
+  return $rc
+}
+
+configure_and_build() {
+  if [[ -d .devkit ]]; then
+    eval "$(bash .devkit/install-kit.sh .devkit)" || return 1
+  fi
+  local prefix
+  prefix="$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)')" || return 1
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPT2FT_USE_CCACHE=OFF \
+    -DCMAKE_PREFIX_PATH="$prefix;${CMAKE_PREFIX_PATH:-}" -DGPT2FT_PYTHON="$(command -v "$py")" || return 1
+  cmake --build "$build" -j "$(nproc)" --target gpt2-finetune gpt2ft_tests
+}
+
+# The kit's libraries must be found at run time too.
+if [[ -d .devkit ]]; then eval "$(bash .devkit/install-kit.sh .devkit)"; fi
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >> "$out/nvidia-smi.txt"
+if ! part build "${GPT2FT_GPU_BUILD_S:-330}" "$out/build.log" configure_and_build; then
+  tail -n 30 "$out/build.log"
+else
+  part "ctest -L gpu" 200 "$out/ctest-gpu.log" \
+    bash -c "cd '$build' && ctest -L gpu --output-on-failure --timeout 180"
+  # gpt2-medium: the planner against one measured run per micro batch.
+  plan_measure() {
+    local cfg
+    cfg="$(mktemp --suffix=.json)"
+    printf '%s\n' '{"model": {"preset": "gpt2-medium", "dropout": 0.0}, "data": {"train": "'"$1"'", "seq_len": 1024},' \
+      '"train": {"max_steps": 3, "micro_batch_size": 1, "global_batch_size": 8}, "amp": {"dtype": "bfloat16"},' \
+      '"device": "cuda"}' > "$cfg"
+    for micro in 1 8; do
+      "$build/gpt2-finetune" plan --config "$cfg" --measure --set "train.micro_batch_size=$micro" \
+        --set "train.global_batch_size=$micro" || return 1
+    done
+  }
+  shard="$(mktemp -d)/train_000000.bin"
+  "$py" -c "
+import numpy as np, sys
+h = np.zeros(256, np.int32); h[:3] = (20240520, 1, 40 * 1025)
+t = (np.arange(40 * 1025, dtype=np.int64) * 2654435761 % 50257).astype(np.uint16)
+open(sys.argv[1], 'wb').write(h.tobytes() + t.tobytes())" "$shard"
+  part "plan --measure gpt2-medium" 90 "$out/plan.log" plan_measure "$shard"
+  GPT2FT_BUILD_DIR="$build" part benchmark 150 "$out/bench.log" \
+    "$py" scripts/bench/train_bench.py --mode gpu --preset gpt2 --dtype bf16 --micro 8 --also-eager-loss \
+    --warmup 3 --steps 12 --out "$out/bench-train-gpu.json"
+fi
+
+{
+  echo "## GPU check, $(date -u +%Y-%m-%dT%H:%MZ), $(head -n 12 "$out/nvidia-smi.txt" | grep -oE 'NVIDIA [A-Z0-9]+[^|]*' | head -n 1)"
+  echo
+  echo "| part | result | time |"
+  echo "|---|---|---|"
+  printf '%s\n' "${summary[@]}"
+  echo "| total | | $(($(date +%s) - start))s |"
+  echo
+  echo "### gpu tests"
+  grep -E "^ *[0-9]+/[0-9]+ Test|tests passed|\*\*\*" "$out/ctest-gpu.log" 2>/dev/null || echo "(none ran)"
+  echo
+  echo "### planner vs measured"
+  grep -hE "^\[planner\]|measured peak allocated" "$out/ctest-gpu.log" "$out/plan.log" 2>/dev/null || echo "(none)"
+  echo
+  echo "### benchmark"
+  sed -n '/^| dtype/,$p' "$out/bench.log" 2>/dev/null || echo "(none)"
+  echo
+  echo "### process-group shutdown warnings (must be none)"
+  grep -h "has NOT been destroyed\|destroy_process_group" "$out"/*.log 2>/dev/null || echo "none"
+} > "$out/summary.txt"
+cat "$out/summary.txt"

@@ -41,8 +41,8 @@ void add_plan_command(CLI::App& app, Runner& run) {
   cmd->callback([args, &run] {
     run = [args] {
       const TrainConfig cfg = TrainConfig::from_file(args->config, args->overrides);
-      MemoryPlanInput input = memory_plan_input(cfg);
-      input.world_size = args->gpus > 0 ? args->gpus : read_launch_env().world_size;
+      const MemoryPlanInput input =
+          memory_plan_input(cfg, args->gpus > 0 ? args->gpus : read_launch_env().world_size);
       const MemoryPlan plan = plan_memory(input);
       int64_t budget = 0;
       if (!args->gpu_memory.empty()) {
@@ -62,7 +62,7 @@ void add_plan_command(CLI::App& app, Runner& run) {
         if (!device.is_cuda()) throw Error("plan --measure needs a CUDA device (device: \"" + cfg.device + "\")");
         const fs::path dir = fs::temp_directory_path() / ("gpt2ft-plan-" + std::to_string(::getpid()));
         TrainConfig m = TrainConfig::parse(cfg.to_json(), {"train.max_steps=3", "train.micro_batch_size=" + std::to_string(micro),
-                                                           "checkpoint.resume=none", "data.val=", "log.every_steps=1",
+                                                           "checkpoint.resume=none", "checkpoint.at_end=false", "data.val=", "log.every_steps=1",
                                                            "output_dir=" + dir.string()});
         m.train.epochs = 0;
         run_training(m);
@@ -83,20 +83,24 @@ void add_plan_command(CLI::App& app, Runner& run) {
                   cfg.model.init_from.empty() ? cfg.model.preset.c_str() : cfg.model.init_from.c_str(),
                   static_cast<long long>(cfg.data.seq_len), cfg.amp.dtype.c_str(), cfg.model.activation_checkpointing.c_str());
       std::printf("  weights (fp32)              %9.3f GiB\n", gib(plan.weights));
-      std::printf("  gradients                   %9.3f GiB\n", gib(plan.gradients));
+      std::printf("  gradients                   %9.3f GiB  (held from the first micro batch when accumulating)\n",
+                  gib(plan.gradients));
       std::printf("  optimizer state (AdamW)     %9.3f GiB\n", gib(plan.optimizer));
       std::printf("  AMP weight copies           %9.3f GiB\n", gib(plan.amp_copies));
-      std::printf("  workspace                   %9.3f GiB\n", gib(plan.workspace));
+      std::printf("  cuBLAS workspace            %9.3f GiB\n", gib(plan.workspace));
       if (plan.gradient_buckets > 0) {
         std::printf("  gradient buckets (%lld GPUs) %8.3f GiB\n", static_cast<long long>(input.world_size),
                     gib(plan.gradient_buckets));
       }
+      if (plan.loss_workspace > 0) std::printf("  chunked loss workspace      %9.3f GiB\n", gib(plan.loss_workspace));
       std::printf("  activations per sequence    %9.3f GiB  (no checkpointing %.3f, all blocks %.3f)\n",
                   gib(plan.activations_per_sequence), gib(plan.activations_per_sequence_no_checkpointing),
                   gib(plan.activations_per_sequence_all_checkpointed));
-      if (plan.loss_workspace > 0) std::printf("  chunked loss workspace      %9.3f GiB\n", gib(plan.loss_workspace));
       std::printf("  logits and loss per sequence %8.3f GiB\n", gib(plan.logits_per_sequence));
-      std::printf("  peak at micro batch %-4lld    %9.3f GiB\n", static_cast<long long>(micro), gib(plan.peak(micro)));
+      std::printf("  backward buffers per sequence %7.3f GiB\n", gib(plan.backward_per_sequence));
+      std::printf("  peak at micro batch %-4lld    %9.3f GiB  (forward end %.3f, backward %.3f, backward end %.3f)\n",
+                  static_cast<long long>(micro), gib(plan.peak(micro)), gib(plan.forward_peak(micro)),
+                  gib(plan.backward_peak(micro)), gib(plan.backward_end_peak(micro)));
       if (budget > 0) {
         std::printf("  largest micro batch in %.1f GiB: %lld\n", gib(budget),
                     static_cast<long long>(plan.largest_micro_batch(budget)));

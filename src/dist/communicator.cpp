@@ -14,6 +14,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <exception>
+
 #include "gpt2ft/core/error.h"
 
 namespace gpt2ft {
@@ -124,7 +126,24 @@ Communicator::Communicator(const LaunchEnv& env, c10::Device device, const std::
                env_.world_size, env_.local_rank, env_.launcher, backend_, env_.master_addr, env_.master_port);
 }
 
-Communicator::~Communicator() = default;
+Communicator::~Communicator() {
+  if (!groups_) return;
+  // Process groups are shut down on every exit path (torch warns, and NCCL can hang at exit,
+  // otherwise): gracefully after success, aborted while an error unwinds, since a peer may be
+  // gone and a graceful NCCL shutdown would wait for it.
+  const bool unwinding = std::uncaught_exceptions() > 0;
+  for (auto* group : {&groups_->data, &groups_->control}) {
+    if (!*group) continue;
+    try {
+      if (unwinding) (*group)->abort();
+      else (*group)->shutdown();
+    } catch (const std::exception& e) {
+      spdlog::warn("shutting down the {} process group on {}: {}", group == &groups_->data ? "data" : "control",
+                   where_, describe_exception(e));
+    }
+    group->reset();
+  }
+}
 
 void Communicator::broadcast_(std::vector<torch::Tensor> tensors, int root, const std::string& what) {
   if (!active()) return;

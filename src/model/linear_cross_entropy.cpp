@@ -1,6 +1,7 @@
 // Chunked output projection + cross-entropy, gradients computed in the forward pass.
 #include "gpt2ft/model/linear_cross_entropy.h"
 
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -12,49 +13,62 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// out = beta * out + alpha * (a @ b), the product summed in float32 into the float32 `out`.
+// On CUDA 16-bit operands go straight into the float32 output (cuBLAS accumulates in float32
+// anyway); elsewhere the 16-bit product is formed first, as the CPU kernels require.
+void addmm_into_float32(torch::Tensor& out, const torch::Tensor& a, const torch::Tensor& b, double beta, double alpha) {
+  if (a.scalar_type() == torch::kFloat && b.scalar_type() == torch::kFloat) {
+    out.addmm_(a, b, beta, alpha);
+  } else if (out.is_cuda()) {
+    at::addmm_out(out, out, a, b, torch::kFloat, beta, alpha);
+  } else if (beta == 0) {
+    out.copy_(torch::matmul(a, b)).mul_(alpha);
+  } else {
+    out.mul_(beta).add_(torch::matmul(a, b), alpha);
+  }
+}
+
 struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor hidden, torch::Tensor weight, torch::Tensor targets,
                                int64_t chunk_rows, bool want_grad_hidden, bool want_grad_weight) {
     const bool want_grad = want_grad_hidden || want_grad_weight;
     const int64_t N = hidden.size(0), C = hidden.size(1), V = weight.size(0);
     const auto f32 = hidden.options().dtype(torch::kFloat);
+    // The matmuls' dtype is autocast's when it is on (as for the eager lm_head); the weight is
+    // cast once here, not once per chunk (autocast does not cache casts of a transposed view).
+    const auto device_type = hidden.device().type();
+    const c10::ScalarType compute = at::autocast::is_autocast_enabled(device_type)
+                                        ? at::autocast::get_autocast_dtype(device_type)
+                                        : weight.scalar_type();
+    // The casts below are explicit: autocast is off inside.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
+    const torch::Tensor w = weight.to(compute);  // (V, C)
     torch::Tensor loss_sum = torch::zeros({}, f32);
     torch::Tensor grad_hidden, grad_weight;
     if (want_grad_hidden) grad_hidden = torch::empty({N, C}, f32);                                    // (N, C)
     if (want_grad_weight) grad_weight = torch::zeros({V, C}, weight.options().dtype(torch::kFloat));  // (V, C)
+    const double inv_n = 1.0 / static_cast<double>(N);
     for (int64_t start = 0; start < N; start += chunk_rows) {
       const int64_t n = std::min(chunk_rows, N - start);
-      const torch::Tensor h = hidden.narrow(0, start, n);                  // (n, C)
-      const torch::Tensor t = targets.narrow(0, start, n).unsqueeze(1);    // (n, 1)
-      const torch::Tensor logits = torch::matmul(h, weight.t());           // (n, V), autocast's dtype
-      torch::Tensor z = logits.to(torch::kFloat);                          // (n, V) float32 (logits itself in fp32)
+      const torch::Tensor h = hidden.narrow(0, start, n).to(compute);   // (n, C)
+      const torch::Tensor t = targets.narrow(0, start, n).unsqueeze(1); // (n, 1)
+      // (n, V) float32; the compute-dtype logits are dropped as soon as they are converted.
+      torch::Tensor z = torch::matmul(h, w.t()).to(torch::kFloat);
       const torch::Tensor lse = torch::logsumexp(z, 1, /*keepdim=*/true);  // (n, 1)
       loss_sum += (lse - z.gather(1, t)).sum();
       if (!want_grad) continue;
       // d loss / d logits = (softmax - onehot) / N, built in z's storage without the 1/N,
-      // which is applied to the float32 results instead: under float16 autocast the cast
-      // would otherwise flush small probabilities / N to zero (eager avoids that only
-      // because the loss scale has already multiplied them).
+      // which is applied to the float32 results instead: under float16 the cast would
+      // otherwise flush small probabilities / N to zero (eager avoids that only because the
+      // loss scale has already multiplied them).
       z.sub_(lse).exp_();
       z.scatter_add_(1, t, torch::full({n, 1}, -1.0f, f32));
-      const torch::Tensor g = z.to(logits.scalar_type());  // what the matmuls take, as in eager
-      const double inv_n = 1.0 / static_cast<double>(N);
-      const bool fp32 =
-          g.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat && h.scalar_type() == torch::kFloat;
-      // Under autocast the matmuls run in the 16-bit type and the sums stay in float32.
+      const torch::Tensor g = z.to(compute);  // (n, V), what the matmuls take, as in eager
       if (want_grad_hidden) {
         torch::Tensor gh = grad_hidden.narrow(0, start, n);  // (n, C)
-        if (fp32)
-          torch::addmm_out(gh, gh, g, weight, /*beta=*/0, /*alpha=*/inv_n);
-        else
-          gh.copy_(torch::matmul(g, weight)).mul_(inv_n);
+        addmm_into_float32(gh, g, w, /*beta=*/0, inv_n);
       }
-      if (want_grad_weight) {  // not for frozen (tied) embeddings
-        if (fp32)
-          grad_weight.addmm_(g.t(), h, /*beta=*/1, /*alpha=*/inv_n);
-        else
-          grad_weight.add_(torch::matmul(g.t(), h), inv_n);
-      }
+      if (want_grad_weight) addmm_into_float32(grad_weight, g.t(), h, /*beta=*/1, inv_n);  // not for frozen weights
     }
     ctx->save_for_backward({grad_hidden, grad_weight});
     ctx->saved_data["hidden_dtype"] = hidden.scalar_type();
@@ -83,13 +97,18 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
 
 }  // namespace
 
+int64_t linear_cross_entropy_chunk_rows(int64_t vocab_size, bool cuda) {
+  const int64_t chunk_bytes = (cuda ? 128ll : 64ll) << 20;  // of float32 logits
+  return std::max<int64_t>(1, chunk_bytes / (4 * vocab_size));
+}
+
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                    const torch::Tensor& targets, int64_t chunk_rows) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
               "linear_cross_entropy: hidden (N, C) and weight (V, C) expected, got ", hidden.sizes(), " and ",
               weight.sizes());
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "linear_cross_entropy: targets (N) expected");
-  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, (64ll << 20) / (4 * weight.size(0)));
+  if (chunk_rows <= 0) chunk_rows = linear_cross_entropy_chunk_rows(weight.size(0), hidden.is_cuda());
   const bool grad = torch::GradMode::is_enabled();
   return LinearCrossEntropyFunction::apply(hidden, weight, targets, chunk_rows, grad && hidden.requires_grad(),
                                            grad && weight.requires_grad());

@@ -80,6 +80,8 @@ void TrainConfig::visit(Visitor& v) {
   v.integer(checkpoint.every_steps, "checkpoint.every_steps", 0, 0, kMaxInt,
             "Write a training checkpoint every N steps; 0 = only at the end");
   v.integer(checkpoint.keep_last, "checkpoint.keep_last", 2, 1, kMaxInt, "Checkpoints kept");
+  v.flag(checkpoint.at_end, "checkpoint.at_end", true,
+         "Write a training checkpoint when the run completes (benchmarks turn it off; final/ is written anyway)");
   v.text(checkpoint.resume, "checkpoint.resume", "auto",
          "\"auto\" (the latest checkpoint in output_dir if any), \"none\", or a checkpoint folder");
   // eval

@@ -1,33 +1,57 @@
-// Memory planner. Per token and block (C channels, I MLP width, NH heads), our forward pass
-// keeps for backward, with autocast to a 16-bit type (b = 2 bytes) or without (b = 4):
-//   ln_1 and ln_2 inputs (the float32 residual stream)          2 x 4C
-//   the matmul inputs: ln_1 and ln_2 outputs (cast to b)        2 x bC
-//   q, k, v and the attention output (SDPA)                     4 x bC
-//   the attention output made contiguous for c_proj             bC
-//   c_fc output (for the activation) and its result (c_proj)    2 x bI
-//   dropout masks (1 byte each) when dropout is on              2C (+ attention's NH*T on the math path)
-// On the CPU (or with dropout, where SDPA falls back to the math path) attention also keeps
-// its probabilities: NH*T floats per token, twice with dropout. A checkpointed block keeps
-// only its float32 input (4C); one block is recomputed at a time in backward, adding one
-// block's activations. The logits are (T, V) per sequence: in b, a float32 copy for the loss,
-// log-softmax saved by cross-entropy and its gradient: (b + 12) V bytes per token.
-// The chunked loss (train.chunked_loss) instead keeps one chunk of logits (R rows: b bytes, a
-// float32 copy, their gradient in b; 4 bytes in all without autocast), d lm_head weight in
-// float32 (4VC) and d hidden in float32 (4C per token) from forward to backward.
-// ZeRO-1 (shard_optimizer) keeps the optimizer state of the rank that owns the most elements.
-// Data parallel (world_size > 1) adds the gradient buckets: one float32 copy of the trained
-// parameters' gradients, per GPU.
+// Memory planner. What libtorch allocates for one training step of our GPT-2 (see
+// docs/memory.md for the derivation), with b the bytes of the compute dtype (2 under 16-bit
+// autocast, 4 without), per token of the micro batch:
+//
+// A block that is not checkpointed keeps for backward
+//   its input x and the mid-block residual h, float32 (layer norms save their inputs)  2 x 4C
+//   the layer norms' mean and rstd                                                   2 x 8
+//   ln_1's and ln_2's outputs cast to b (saved by c_attn and c_fc)                    2 x bC
+//   qkv (q, k and v are views of it, saved by SDPA)                                   3 x bC
+//   the attention output (SDPA's output is laid out (B, T, NH, HD), so the
+//   transpose + contiguous before c_proj is free and c_proj saves the same storage)   bC
+//   flash / memory-efficient attention's log-sum-exp, float32                         4 NH
+//   c_fc's output (saved by gelu) and gelu's output (saved by c_proj)                2 x bI
+//   two residual-dropout masks, when dropout is on (flash attention's dropout keeps
+//   only an RNG offset)                                                              2 x C
+// On the CPU with dropout SDPA takes the math path, which also keeps the attention
+// probabilities and their dropout mask: about 2 x 4 NH T more.
+// A checkpointed block keeps only its input (4C). The final layer norm keeps the last
+// block's output (4C + 8). The embedding's dropout keeps a mask (C).
+// Under autocast the blocks' matmul weights are cast to b and cached for the forward pass;
+// the casts stay alive while backward needs them (2 bytes per matmul parameter of the blocks
+// not checkpointed); a checkpointed block's casts live only while it is recomputed.
+//
+// The loss. Chunked: forward holds one chunk of R rows of logits (float32, and briefly with
+// the b copy they came from or the b gradient made from them; 4 bytes in all without
+// autocast), the chunk of hidden rows cast to b, the lm_head weight cast to b once
+// (2VC) and d lm_head (4VC, kept into backward), and keeps d hidden (4C per token) for
+// backward. Eager: the logits in b, their float32 copy, log-softmax and its gradient
+// ((b + 12) V per token) and the cast lm_head weight.
+//
+// Backward adds, per token: d residual (4C, float32) and a block's transient gradients (at
+// most the MLP's two (I) gradients in b and the (C) one), and for checkpointed blocks the
+// recomputed block's activations. At the end of backward the embedding's dense gradient
+// (4VC) is formed and added into d wte.
+//
+// Gradients (4 bytes per trained element) are held from the first micro batch on when the
+// step accumulates; without accumulation they are created while backward frees the
+// activations. ZeRO-1 (shard_optimizer) keeps the optimizer state of the rank that owns the
+// most elements. Data parallel (world_size > 1) adds the gradient buckets: a float32 copy of
+// the trained gradients, per GPU. cuBLAS keeps a 32 MiB workspace on the default stream
+// (Hopper's default size; smaller GPUs use less).
 #include "gpt2ft/train/memory_planner.h"
 
 #include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <numeric>
 
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/dist/optimizer_shards.h"
 #include "gpt2ft/model/finetune.h"
+#include "gpt2ft/model/linear_cross_entropy.h"
 
 namespace gpt2ft {
 
@@ -43,9 +67,13 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   const int64_t trained = std::accumulate(trained_numels.begin(), trained_numels.end(), int64_t{0});
   const int64_t tensors = static_cast<int64_t>(trained_numels.size());
   const int64_t b = in.amp == c10::kFloat ? 4 : 2;
-  const int64_t C = c.n_embd, I = c.inner_dim(), T = in.seq_len, L = c.n_layer, V = c.vocab_size;
+  const int64_t C = c.n_embd, I = c.inner_dim(), T = in.seq_len, L = c.n_layer, V = c.vocab_size, NH = c.n_head;
+  const int64_t checkpointed = in.checkpoint_every <= 0 ? 0 : (L + in.checkpoint_every - 1) / in.checkpoint_every;
+  const bool lm_head_trained = !c.tie_word_embeddings || !in.freeze_embeddings;
+  const bool wte_trained = !in.freeze_embeddings;
 
   MemoryPlan m;
+  m.per_rank_batch = in.global_batch > 0 ? in.global_batch / std::max<int64_t>(1, in.world_size) : 0;
   m.weights = 4 * P;
   m.gradients = 4 * trained;
   m.optimizer = 8 * trained + 4 * tensors;  // two moments per element, a float32 step per tensor
@@ -57,41 +85,81 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     m.optimizer = *std::max_element(bytes.begin(), bytes.end());
   }
   if (b == 2) {
-    // Autocast caches 16-bit copies of the matmul weights (blocks and the tied lm_head).
-    const int64_t matmul_params = L * (C * 3 * C + C * C + 2 * C * I) + V * C;
-    m.amp_copies = 2 * matmul_params;
+    const int64_t block_matmul_params = C * 3 * C + 3 * C + C * C + C + C * I + I + I * C + C;  // weights and biases
+    m.amp_copies = 2 * block_matmul_params * ((L - checkpointed) + (checkpointed > 0 ? 1 : 0));
+    if (!in.chunked_loss) m.amp_copies += 2 * V * C;  // the eager lm_head's cast, saved by its matmul
   }
-  m.workspace = in.cuda ? (512ll << 20) : 0;
+  m.workspace = in.cuda ? (32ll << 20) : 0;
   m.gradient_buckets = in.world_size > 1 ? 4 * trained : 0;
+  m.lm_head_gradient = lm_head_trained ? 4 * V * C : 0;
+  m.embedding_gradient = wte_trained ? 4 * V * C : 0;
 
-  int64_t per_token_block = 2 * 4 * C + 2 * b * C + 4 * b * C + b * C + 2 * b * I;
-  if (in.dropout) per_token_block += 2 * C;
-  const bool math_attention = !in.cuda || in.dropout;
-  if (math_attention) per_token_block += (in.dropout ? 2 : 1) * c.n_head * T * 4;
-  const int64_t block = per_token_block * T;  // per sequence
-  const int64_t embedding = 4 * C * T + (in.dropout ? C * T : 0);
-  const int64_t final_norm = 4 * C * T + b * C * T;
-  m.activations_per_sequence_no_checkpointing = embedding + L * block + final_norm;
-  m.activations_per_sequence_all_checkpointed = embedding + L * 4 * C * T + block + final_norm;
-  if (in.checkpoint_every <= 0) {
-    m.activations_per_sequence = m.activations_per_sequence_no_checkpointing;
-  } else {
-    const int64_t checkpointed = (L + in.checkpoint_every - 1) / in.checkpoint_every;
-    m.activations_per_sequence = embedding + (L - checkpointed) * block + checkpointed * 4 * C * T + block + final_norm;
-  }
+  // Activations per token.
+  int64_t block = 2 * 4 * C + 2 * 8 + 2 * b * C + 3 * b * C + b * C + 4 * NH + 2 * b * I;
+  if (in.dropout) block += 2 * C;
+  if (!in.cuda && in.dropout) block += 2 * 4 * NH * T;
+  const int64_t kept_input = 4 * C;
+  const int64_t outside = 4 * C + 8 + (in.dropout ? C : 0);  // final norm's input, embedding dropout mask
+  m.activations_per_sequence_no_checkpointing = T * (L * block + outside);
+  m.activations_per_sequence_all_checkpointed = T * (L * kept_input + outside);
+  m.activations_per_sequence = T * ((L - checkpointed) * block + checkpointed * kept_input + outside);
   if (in.chunked_loss) {
-    const int64_t rows = std::max<int64_t>(1, (64ll << 20) / (4 * V));  // as linear_cross_entropy picks
-    m.loss_workspace = rows * V * (b == 4 ? 4 : 4 + 2 * b) + 4 * V * C;
+    const int64_t rows = linear_cross_entropy_chunk_rows(V, in.cuda);
+    m.loss_workspace = rows * V * (b == 4 ? 4 : 4 + b) + rows * C * b + (b == 2 ? 2 * V * C : 0) + m.lm_head_gradient;
     m.logits_per_sequence = 4 * C * T;
   } else {
+    m.loss_workspace = 0;
+    m.lm_head_gradient = 0;  // formed in backward, like every other gradient
     m.logits_per_sequence = (b + 12) * V * T;
   }
+  const int64_t transient = 4 * C + 2 * b * I + b * C;  // d residual + a block's gradients
+  m.backward_per_sequence = T * (transient + (checkpointed > 0 ? block : 0));
+  m.residual_gradient_per_sequence = T * 4 * C;
   return m;
 }
 
+int64_t MemoryPlan::forward_peak(int64_t mb) const {
+  return resident() + held_gradients(mb) + loss_workspace + mb * (activations_per_sequence + logits_per_sequence);
+}
+
+int64_t MemoryPlan::backward_peak(int64_t mb) const {
+  return resident() + held_gradients(mb) + lm_head_gradient +
+         mb * (activations_per_sequence + logits_per_sequence + backward_per_sequence);
+}
+
+int64_t MemoryPlan::backward_end_peak(int64_t mb) const {
+  return resident() + gradients + lm_head_gradient + embedding_gradient + mb * residual_gradient_per_sequence;
+}
+
+int64_t MemoryPlan::peak(int64_t mb) const {
+  return std::max({forward_peak(mb), backward_peak(mb), backward_end_peak(mb)});
+}
+
+int64_t MemoryPlan::fixed() const { return resident() + gradients + lm_head_gradient; }
+
+int64_t MemoryPlan::per_sequence() const {
+  return activations_per_sequence + logits_per_sequence + backward_per_sequence;
+}
+
 int64_t MemoryPlan::largest_micro_batch(int64_t budget) const {
-  if (per_sequence() <= 0 || budget < fixed()) return 0;
-  return (budget - fixed()) / per_sequence();
+  // The largest m with every phase (with held gradients) under the budget: each phase is a
+  // line a + m * s.
+  auto largest_under = [&](int64_t a, int64_t s) -> int64_t {
+    if (budget < a) return 0;
+    return s <= 0 ? std::numeric_limits<int64_t>::max() : (budget - a) / s;
+  };
+  const int64_t act = activations_per_sequence + logits_per_sequence;
+  int64_t fits = std::min({largest_under(resident() + gradients + loss_workspace, act),
+                           largest_under(resident() + gradients + lm_head_gradient, act + backward_per_sequence),
+                           largest_under(resident() + gradients + lm_head_gradient + embedding_gradient,
+                                         residual_gradient_per_sequence)});
+  if (per_rank_batch > 0) {
+    // Without accumulation the gradients are not held: the whole per-rank batch may fit when
+    // a smaller, accumulating micro batch's peak would not.
+    if (peak(per_rank_batch) <= budget) return per_rank_batch;
+    fits = std::min(fits, per_rank_batch - 1);
+  }
+  return fits;
 }
 
 nlohmann::json MemoryPlan::to_json(int64_t budget) const {
@@ -101,12 +169,16 @@ nlohmann::json MemoryPlan::to_json(int64_t budget) const {
                       {"amp_copies", amp_copies},
                       {"workspace", workspace},
                       {"gradient_buckets", gradient_buckets},
+                      {"lm_head_gradient", lm_head_gradient},
+                      {"embedding_gradient", embedding_gradient},
                       {"loss_workspace", loss_workspace},
                       {"activations_per_sequence", activations_per_sequence},
                       {"activations_per_sequence_no_checkpointing", activations_per_sequence_no_checkpointing},
                       {"activations_per_sequence_all_checkpointed", activations_per_sequence_all_checkpointed},
                       {"logits_per_sequence", logits_per_sequence},
-                      {"fixed", fixed()}};
+                      {"backward_per_sequence", backward_per_sequence},
+                      {"fixed", fixed()},
+                      {"per_sequence", per_sequence()}};
   if (budget > 0) {
     j["budget"] = budget;
     j["largest_micro_batch"] = largest_micro_batch(budget);

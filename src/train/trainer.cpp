@@ -143,8 +143,9 @@ class MetricsLog {
 
 }  // namespace
 
-MemoryPlanInput memory_plan_input(const TrainConfig& cfg) {
+MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
   MemoryPlanInput in;
+  in.world_size = world_size;
   in.model = cfg.model.init_from.empty() ? GPT2Config::preset(cfg.model.preset)
                                          : GPT2Config::from_file(fs::path(cfg.model.init_from) / "config.json");
   if (cfg.model.dropout >= 0) in.model.resid_pdrop = in.model.embd_pdrop = in.model.attn_pdrop = cfg.model.dropout;
@@ -158,6 +159,10 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg) {
   in.shard_optimizer = cfg.distributed.shard_optimizer;
   in.freeze_embeddings = cfg.model.freeze_embeddings;
   in.freeze_blocks = cfg.model.freeze_blocks;
+  const int64_t accum = std::max<int64_t>(1, cfg.train.gradient_accumulation_steps);
+  in.global_batch = cfg.train.global_batch_size > 0 ? cfg.train.global_batch_size
+                    : cfg.micro_batch_auto()        ? 0
+                                                    : cfg.train.micro_batch_size * accum * world_size;
   return in;
 }
 
@@ -233,14 +238,22 @@ void set_rng_states(const std::vector<std::pair<c10::Device, torch::Tensor>>& st
 
 }  // namespace
 
+// The memory a training step may plan for: on CUDA the GPU's memory (or cuda.memory_limit)
+// less 1 GiB for the CUDA context and libraries, and 5% for the caching allocator's
+// rounding and fragmentation; on the CPU half the host's memory.
+int64_t plannable_memory(const TrainConfig& cfg, c10::Device device) {
+  if (!device.is_cuda()) return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE) / 2;
+  int64_t total = cuda_memory(device).total;
+  if (!cfg.cuda.memory_limit.empty()) total = std::min(total, parse_memory_size(cfg.cuda.memory_limit, "cuda.memory_limit"));
+  return static_cast<int64_t>(0.95 * static_cast<double>(total - (1ll << 30)));
+}
+
 // train.micro_batch_size "auto": the largest divisor of the global batch the planner fits in
-// the device's memory (half the host's memory on the CPU). Back-off remains the safety net.
+// plannable_memory(). Back-off remains the safety net.
 int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device, int64_t per_rank_batch, int64_t world_size) {
-  MemoryPlanInput input = memory_plan_input(cfg);
-  input.world_size = world_size;
+  const MemoryPlanInput input = memory_plan_input(cfg, world_size);
   const MemoryPlan plan = plan_memory(input);
-  const int64_t budget = device.is_cuda() ? cuda_memory(device).total
-                                          : static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE) / 2;
+  const int64_t budget = plannable_memory(cfg, device);
   const int64_t fits = std::min(plan.largest_micro_batch(budget), per_rank_batch);
   const int64_t micro = largest_divisor_at_most(per_rank_batch, fits);
   spdlog::info("train.micro_batch_size \"auto\": the planner predicts {:.2f} GiB fixed + {:.3f} GiB per sequence; "
@@ -617,7 +630,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
   summary.accumulation = accum;
   if (state.step >= max_steps && !logged_first) spdlog::info("the run is already complete ({} steps)", max_steps);
   summary.val_loss = validate(summary.steps);
-  checkpoint();
+  if (cfg.checkpoint.at_end) checkpoint();
 
   summary.final_model = out_dir / "final";
   if (comm.is_main()) {

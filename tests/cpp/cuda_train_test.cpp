@@ -84,12 +84,12 @@ TEST_F(CudaTraining, Float16WithScalerAndBfloat16Learn) {
 
 TEST_F(CudaTraining, PlannerPredictsThePeakWithinTenPercent) {
   test::TempDir tmp;
-  std::vector<uint32_t> tokens(40 * 1025);
+  std::vector<uint32_t> tokens(80 * 1025);
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint32_t>((i * 2654435761u) % 50257);
   write_shard(tmp.path() / "train_000000.bin", tokens, 2);
   const c10::Device device(torch::kCUDA, 0);
   for (const std::string ckpt : {"none", "all"}) {
-    for (int64_t micro : {1, 4, 16}) {
+    for (int64_t micro : {1, 8, 32}) {
       const nlohmann::json j = {
           {"model", {{"preset", "gpt2"}, {"dropout", 0.0}, {"activation_checkpointing", ckpt}}},
           {"data", {{"train", (tmp.path() / "train_*.bin").string()}, {"seq_len", 1024}}},

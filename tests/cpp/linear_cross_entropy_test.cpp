@@ -4,6 +4,7 @@
 #include "gpt2ft/model/linear_cross_entropy.h"
 
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include "gpt2ft/core/autocast.h"
@@ -18,15 +19,15 @@ struct Result {
 };
 
 // loss * scale, where the weight is also used by a second term (like tied embeddings).
-Result run(bool chunked, int64_t chunk, c10::ScalarType amp, double scale) {
+Result run(bool chunked, int64_t chunk, c10::ScalarType amp, double scale, c10::Device device = c10::kCPU) {
   torch::manual_seed(0);
   const int64_t N = 37, C = 24, V = 101;
-  torch::Tensor h = torch::randn({N, C}).requires_grad_(true);
-  torch::Tensor w = (0.3 * torch::randn({V, C})).requires_grad_(true);
-  const torch::Tensor t = torch::randint(0, V, {N});
+  torch::Tensor h = torch::randn({N, C}).to(device).requires_grad_(true);
+  torch::Tensor w = (0.3 * torch::randn({V, C})).to(device).requires_grad_(true);
+  const torch::Tensor t = torch::randint(0, V, {N}).to(device);
   torch::Tensor loss;
   {
-    AutocastGuard autocast(c10::kCPU, amp);
+    AutocastGuard autocast(device.type(), amp);
     loss = chunked ? linear_cross_entropy(h, w, t, chunk) : F::cross_entropy(torch::linear(h, w).to(torch::kFloat), t);
   }
   (loss * scale + w.sum() * 0.01).backward();
@@ -105,6 +106,39 @@ TEST(LinearCrossEntropy, WithoutGradientsOnlyTheLoss) {
   torch::NoGradGuard no_grad;
   const double expected = F::cross_entropy(torch::linear(h, w), t).item<double>();
   EXPECT_NEAR(linear_cross_entropy(h, w, t, 4).item<double>(), expected, 1e-6);
+}
+
+// On CUDA the 16-bit products are summed straight into the float32 gradients (addmm with a
+// float32 output) and chunks are sized for the GPU; the results must match eager on CUDA.
+class LinearCrossEntropyCuda : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+  }
+};
+
+TEST_F(LinearCrossEntropyCuda, MatchesEagerInFloat32Bfloat16AndFloat16) {
+  const c10::Device cuda(c10::kCUDA, 0);
+  struct Case {
+    c10::ScalarType amp;
+    double loss_tol, grad_tol;
+  };
+  for (const Case c : {Case{c10::kFloat, 1e-6, 1e-5}, Case{c10::kBFloat16, 1e-5, 1e-2}, Case{c10::kHalf, 1e-5, 2e-3}}) {
+    SCOPED_TRACE(c10::toString(c.amp));
+    const Result ref = run(false, 0, c.amp, 2.0, cuda);
+    for (const int64_t chunk : {5, 37, 0}) {
+      const Result got = run(true, chunk, c.amp, 2.0, cuda);
+      std::printf("[cuda chunked loss] %s, chunk %lld: loss diff %.3g, d hidden %.3g, d weight %.3g (relative)\n",
+                  c10::toString(c.amp), static_cast<long long>(chunk),
+                  std::abs(got.loss.item<double>() - ref.loss.item<double>()), rel(got.grad_hidden, ref.grad_hidden),
+                  rel(got.grad_weight, ref.grad_weight));
+      EXPECT_LT(std::abs(got.loss.item<double>() - ref.loss.item<double>()), c.loss_tol);
+      EXPECT_LT(rel(got.grad_hidden, ref.grad_hidden), c.grad_tol);
+      EXPECT_LT(rel(got.grad_weight, ref.grad_weight), c.grad_tol);
+      EXPECT_EQ(got.grad_weight.scalar_type(), torch::kFloat);
+    }
+  }
+  EXPECT_GT(linear_cross_entropy_chunk_rows(50257, true), 3 * linear_cross_entropy_chunk_rows(50257, false));
 }
 
 }  // namespace

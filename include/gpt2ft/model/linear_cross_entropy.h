@@ -2,14 +2,16 @@
 // never holds the logits of the whole micro batch.
 //
 // The rows of `hidden` are taken in chunks. For each chunk the logits (rows, V) are computed
-// (under autocast in its 16-bit type, like the eager lm_head), then in float32 their
-// log-sum-exp and loss, and straight away the loss's gradient with respect to them,
-// (softmax - onehot) / N, in place (the 1/N applied to the float32 products, so float16
-// does not flush small probabilities); that gradient is multiplied into d hidden and
-// d weight and the chunk's logits are dropped. Backward only scales the two saved gradients by the
-// incoming gradient (the loss scale, the 1/accumulation). Memory: one (rows, V) block and
-// the two gradients, instead of the eager path's logits, their float32 copy, log-softmax and
-// its gradient ((b + 12) V bytes per token). FLOPs: the same three matmuls as eager.
+// (under autocast in its 16-bit type, like the eager lm_head; the weight is cast to that type
+// once per call), then in float32 their log-sum-exp and loss, and straight away the loss's
+// gradient with respect to them, (softmax - onehot) / N, in place (the 1/N applied to the
+// float32 products, so float16 does not flush small probabilities); that gradient is
+// multiplied into d hidden and d weight (summed straight into float32 on CUDA) and the
+// chunk's logits are dropped. Backward only scales the two saved gradients by the incoming
+// gradient (the loss scale, the 1/accumulation). Memory: one (rows, V) block, the 16-bit
+// weight copy and the two gradients, instead of the eager path's logits, their float32 copy,
+// log-softmax and its gradient ((b + 12) V bytes per token). FLOPs: the same three matmuls
+// as eager.
 #pragma once
 
 #include <torch/types.h>
@@ -19,8 +21,12 @@
 namespace gpt2ft {
 
 // hidden (N, C), weight (V, C), targets (N) int64 -> mean cross-entropy of hidden @ weight^T,
-// a float32 scalar. chunk_rows <= 0 picks rows so that one float32 chunk of logits is ~64 MiB.
+// a float32 scalar. chunk_rows <= 0 picks linear_cross_entropy_chunk_rows().
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                    const torch::Tensor& targets, int64_t chunk_rows = 0);
+
+// Rows per chunk: one chunk of float32 logits is ~64 MiB on the CPU, ~128 MiB on CUDA (fewer,
+// larger matmuls and kernels: ~25 chunks per 16K tokens of GPT-2's vocabulary instead of ~50).
+int64_t linear_cross_entropy_chunk_rows(int64_t vocab_size, bool cuda);
 
 }  // namespace gpt2ft

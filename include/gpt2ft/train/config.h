@@ -51,6 +51,7 @@ struct TrainConfig {
   } amp;
   struct Checkpoint {
     int64_t every_steps = 0, keep_last = 0;
+    bool at_end = true;
     std::string resume;
   } checkpoint;
   struct Eval {

@@ -1,7 +1,16 @@
 // The memory planner: expected peak memory of a training step, split by what holds it, and
 // the largest micro batch that fits a memory budget. Weights, gradients and optimizer state
-// are exact byte counts of the tensors the trainer creates; activations and logits follow
-// from what our forward pass saves for backward (see memory_planner.cpp), per sequence.
+// are exact byte counts of the tensors the trainer creates; the activation terms count what
+// our forward pass saves for backward and what backward allocates on top (derived in
+// memory_planner.cpp and docs/memory.md), per sequence.
+//
+// A step's memory peaks in one of three phases, each a straight line in the micro batch m:
+//   forward end   resident + held gradients + loss workspace            + m * activations
+//   backward      resident + held gradients + d lm_head                  + m * (activations + backward)
+//   backward end  resident + all gradients + the embedding's dense gradient + m * (d residual)
+// "Held gradients" are all of them when the step accumulates several micro batches (they
+// exist from the first one on) and none otherwise (set to none after every step, they grow
+// while backward frees the activations).
 #pragma once
 
 #include <cstdint>
@@ -23,34 +32,55 @@ struct MemoryPlanInput {
   bool freeze_embeddings = false;     // model.freeze_embeddings: wte/wpe get no gradients or state
   int64_t freeze_blocks = 0;          // model.freeze_blocks: nor do the first N blocks
   bool dropout = false;               // dropout masks are kept too
-  bool cuda = true;                   // CUDA kernels (flash attention) rather than the CPU's
+  bool cuda = true;                   // CUDA kernels (flash / memory-efficient attention) rather than the CPU's
   int64_t world_size = 1;             // data-parallel ranks (one GPU each)
   bool chunked_loss = true;           // train.chunked_loss: no whole-batch logits
   bool shard_optimizer = false;       // ZeRO-1 (with world_size > 1)
+  int64_t global_batch = 0;           // sequences per optimizer step over all ranks; 0: unknown (assume accumulation)
 };
 
 struct MemoryPlan {
+  // Resident through the whole step.
   int64_t weights = 0;           // float32 parameters
-  int64_t gradients = 0;         // float32 gradients of trained parameters
   int64_t optimizer = 0;         // AdamW exp_avg + exp_avg_sq (+ step counters)
-  int64_t amp_copies = 0;        // 16-bit copies of the weights autocast caches for a step
-  int64_t workspace = 0;         // cuBLAS/cuDNN workspaces and allocator slack (fixed estimate)
+  int64_t amp_copies = 0;        // 16-bit casts of the weights saved for backward (blocks not checkpointed,
+                                 // plus the one block being recomputed)
+  int64_t workspace = 0;         // cuBLAS workspace
   int64_t gradient_buckets = 0;  // data parallel: the flat all-reduce buckets (a float32 copy of the gradients)
-  int64_t loss_workspace = 0;    // chunked loss: one chunk of logits and the saved d lm_head weight
-  int64_t activations_per_sequence = 0;  // kept for backward, with the configured checkpointing
+  // Gradients.
+  int64_t gradients = 0;          // float32 gradients of trained parameters (all of them)
+  int64_t lm_head_gradient = 0;   // d lm_head weight (float32, V x C), formed in the loss's forward
+  int64_t embedding_gradient = 0; // the embedding's dense gradient, added into d wte at the end of backward
+  // Forward-time workspace of the loss: a chunk of logits, the 16-bit lm_head copy, d lm_head.
+  int64_t loss_workspace = 0;
+  // Per sequence of the micro batch.
+  int64_t activations_per_sequence = 0;  // saved for backward, with the configured checkpointing
   int64_t activations_per_sequence_no_checkpointing = 0;
   int64_t activations_per_sequence_all_checkpointed = 0;
   int64_t logits_per_sequence = 0;       // eager: logits, their float32 copy, log-softmax and its gradient;
                                          // chunked: the saved float32 d hidden
+  int64_t backward_per_sequence = 0;     // backward's own buffers: d residual, a block's transient gradients,
+                                         // and a checkpointed block's recomputed activations
+  int64_t residual_gradient_per_sequence = 0;  // d residual at the end of backward
+  int64_t per_rank_batch = 0;                  // global_batch / world_size (0: unknown)
 
-  int64_t fixed() const {
-    return weights + gradients + optimizer + amp_copies + workspace + gradient_buckets + loss_workspace;
-  }
-  int64_t per_sequence() const { return activations_per_sequence + logits_per_sequence; }
-  int64_t peak(int64_t micro_batch) const { return fixed() + micro_batch * per_sequence(); }
-  // The largest micro batch whose peak fits `budget` bytes (0 when not even 1 fits).
+  // The phases at micro batch m.
+  int64_t forward_peak(int64_t m) const;
+  int64_t backward_peak(int64_t m) const;
+  int64_t backward_end_peak(int64_t m) const;
+  int64_t peak(int64_t m) const;
+  // The resident bytes and the per-sequence slope of the backward phase (the usual maximum),
+  // with gradients held (accumulation).
+  int64_t fixed() const;
+  int64_t per_sequence() const;
+  // The largest micro batch whose peak fits `budget` bytes (0 when not even 1 fits); at most
+  // per_rank_batch when that is known.
   int64_t largest_micro_batch(int64_t budget) const;
   nlohmann::json to_json(int64_t budget) const;
+
+ private:
+  int64_t resident() const { return weights + optimizer + amp_copies + workspace + gradient_buckets; }
+  int64_t held_gradients(int64_t m) const { return per_rank_batch > 0 && m >= per_rank_batch ? 0 : gradients; }
 };
 
 MemoryPlan plan_memory(const MemoryPlanInput& input);

@@ -27,8 +27,9 @@ TrainSummary run_training(const TrainConfig& config);
 
 // The memory planner's view of a config: model shape (read from model.init_from's
 // config.json or the preset, with the config's vocabulary resize and dropout), T, AMP,
-// checkpointing and frozen parameters. Loads no weights.
-MemoryPlanInput memory_plan_input(const TrainConfig& config);
+// checkpointing, frozen parameters and the global batch, for `world_size` ranks. Loads no
+// weights.
+MemoryPlanInput memory_plan_input(const TrainConfig& config, int64_t world_size = 1);
 
 // Model FLOPs per trained token: 6 * (parameters without position embeddings) for the
 // matmuls forward and backward, plus 12 * L * C * T for attention (QK^T and AV, as in PaLM).
