@@ -33,8 +33,9 @@ start=$(date +%s)
 summary=()
 
 left() { echo $((budget - ($(date +%s) - start))); }
-# part NAME LIMIT_S LOG COMMAND...: runs COMMAND with its output in LOG, within LIMIT_S
-# seconds or what is left of the budget, whichever is less; records exit code and time.
+# part NAME LIMIT_S LOG COMMAND...: runs COMMAND (a program or one of the functions below,
+# exported) with its output in LOG, within LIMIT_S seconds or what is left of the budget,
+# whichever is less; records exit code and time.
 part() {
   local name=$1 limit=$2 log=$3
   shift 3
@@ -47,7 +48,7 @@ part() {
   fi
   local t0 rc
   t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  timeout --kill-after=10 "$limit" bash -c '"$@"' part "$@" >> "$log" 2>&1
   rc=$?
   local took=$(($(date +%s) - t0))
   local what="exit $rc"
@@ -68,6 +69,8 @@ configure_and_build() {
   cmake --build "$build" -j "$(nproc)" --target gpt2-finetune gpt2ft_tests
 }
 
+export root out py build
+export -f configure_and_build
 # The kit's libraries must be found at run time too.
 if [[ -d .devkit ]]; then eval "$(bash .devkit/install-kit.sh .devkit)"; fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >> "$out/nvidia-smi.txt"
@@ -88,6 +91,7 @@ else
         --set "train.global_batch_size=$micro" || return 1
     done
   }
+  export -f plan_measure
   shard="$(mktemp -d)/train_000000.bin"
   "$py" -c "
 import numpy as np, sys

@@ -14,7 +14,7 @@
 #include "gpt2ft/core/cuda_info.h"
 #include "gpt2ft/core/device.h"
 #include "gpt2ft/core/error.h"
-#include "gpt2ft/dist/launch_env.h"
+#include "gpt2ft/distributed/launch_env.h"
 #include "gpt2ft/train/config.h"
 #include "gpt2ft/train/memory_planner.h"
 #include "gpt2ft/train/trainer.h"
@@ -22,14 +22,98 @@
 namespace gpt2ft::cli {
 namespace fs = std::filesystem;
 
+namespace {
+
+struct PlanArgs {
+  std::string config, gpu_memory;
+  std::vector<std::string> overrides;
+  bool json = false, measure = false;
+  int64_t gpus = 0;
+};
+
+double gib(int64_t bytes) { return static_cast<double>(bytes) / double(1ll << 30); }
+
+// Three real training steps at `micro` on the config's GPU: the peak CUDA memory they used.
+nlohmann::json measure_peak(const TrainConfig& cfg, int64_t micro) {
+  const c10::Device device = parse_device(cfg.device, "device");
+  if (!device.is_cuda()) throw Error("plan --measure needs a CUDA device (device: \"" + cfg.device + "\")");
+  const fs::path dir = fs::temp_directory_path() / ("gpt2ft-plan-" + std::to_string(::getpid()));
+  TrainConfig m = TrainConfig::parse(
+      cfg.to_json(), {"train.max_steps=3", "train.micro_batch_size=" + std::to_string(micro), "checkpoint.resume=none",
+                      "checkpoint.at_end=false", "data.val=", "log.every_steps=1", "output_dir=" + dir.string()});
+  m.train.epochs = 0;
+  run_training(m);
+  std::ifstream metrics(dir / "metrics.jsonl");
+  std::string line, last;
+  while (std::getline(metrics, line)) last = line;
+  const auto row = nlohmann::json::parse(last);
+  fs::remove_all(dir);
+  return {{"measured_peak_allocated", static_cast<int64_t>(row["cuda_peak_allocated_gb"].get<double>() * 1e9)},
+          {"measured_peak_reserved", static_cast<int64_t>(row["cuda_peak_reserved_gb"].get<double>() * 1e9)}};
+}
+
+void print_plan(const TrainConfig& cfg, const MemoryPlanInput& input, const MemoryPlan& plan, int64_t micro,
+                int64_t budget, const nlohmann::json& out) {
+  std::printf("memory plan: %s, T=%lld, amp %s, activation checkpointing %s\n",
+              cfg.model.init_from.empty() ? cfg.model.preset.c_str() : cfg.model.init_from.c_str(),
+              static_cast<long long>(cfg.data.seq_len), cfg.amp.dtype.c_str(), cfg.model.activation_checkpointing.c_str());
+  std::printf("  weights (fp32)              %9.3f GiB\n", gib(plan.weights));
+  std::printf("  gradients                   %9.3f GiB  (held from the first micro batch when accumulating)\n",
+              gib(plan.gradients));
+  std::printf("  optimizer state (AdamW)     %9.3f GiB\n", gib(plan.optimizer));
+  std::printf("  AMP weight copies           %9.3f GiB\n", gib(plan.amp_copies));
+  std::printf("  cuBLAS workspace            %9.3f GiB\n", gib(plan.workspace));
+  if (plan.gradient_buckets > 0) {
+    std::printf("  gradient buckets (%lld GPUs) %8.3f GiB\n", static_cast<long long>(input.world_size),
+                gib(plan.gradient_buckets));
+  }
+  if (plan.loss_workspace > 0) std::printf("  chunked loss workspace      %9.3f GiB\n", gib(plan.loss_workspace));
+  std::printf("  activations per sequence    %9.3f GiB  (no checkpointing %.3f, all blocks %.3f)\n",
+              gib(plan.activations_per_sequence), gib(plan.activations_per_sequence_no_checkpointing),
+              gib(plan.activations_per_sequence_all_checkpointed));
+  std::printf("  logits and loss per sequence %8.3f GiB\n", gib(plan.logits_per_sequence));
+  std::printf("  backward buffers per sequence %7.3f GiB\n", gib(plan.backward_per_sequence));
+  std::printf("  peak at micro batch %-4lld    %9.3f GiB  (forward end %.3f, backward %.3f, backward end %.3f)\n",
+              static_cast<long long>(micro), gib(plan.peak(micro)), gib(plan.forward_peak(micro)),
+              gib(plan.backward_peak(micro)), gib(plan.backward_end_peak(micro)));
+  if (budget > 0) {
+    std::printf("  largest micro batch in %.1f GiB: %lld\n", gib(budget),
+                static_cast<long long>(plan.largest_micro_batch(budget)));
+  }
+  if (out.contains("measured_peak_allocated")) {
+    const double measured = out["measured_peak_allocated"].get<double>();
+    std::printf("  measured peak allocated     %9.3f GiB (predicted %.3f, %+.1f%%)\n", measured / double(1ll << 30),
+                gib(plan.peak(micro)), 100.0 * (static_cast<double>(plan.peak(micro)) - measured) / measured);
+  }
+}
+
+int run_plan(const PlanArgs& args) {
+  const TrainConfig cfg = TrainConfig::from_file(args.config, args.overrides);
+  const MemoryPlanInput input = memory_plan_input(cfg, args.gpus > 0 ? args.gpus : read_launch_env().world_size);
+  const MemoryPlan plan = plan_memory(input);
+  int64_t budget = 0;
+  if (!args.gpu_memory.empty()) {
+    budget = parse_memory_size(args.gpu_memory, "--gpu-memory");
+  } else {
+    const c10::Device device = parse_device(cfg.device, "device");
+    if (device.is_cuda()) budget = cuda_memory(device).total;
+  }
+  const int64_t micro = cfg.micro_batch_auto() ? std::max<int64_t>(1, plan.largest_micro_batch(budget))
+                                               : cfg.train.micro_batch_size;
+  nlohmann::json out = plan.to_json(budget);
+  out["world_size"] = input.world_size;
+  out["micro_batch"] = micro;
+  out["predicted_peak"] = plan.peak(micro);
+  if (args.measure) out.update(measure_peak(cfg, micro));
+  if (args.json) std::cout << out.dump() << std::endl;
+  else print_plan(cfg, input, plan, micro, budget, out);
+  return kExitOk;
+}
+
+}  // namespace
+
 void add_plan_command(CLI::App& app, Runner& run) {
-  struct Args {
-    std::string config, gpu_memory;
-    std::vector<std::string> overrides;
-    bool json = false, measure = false;
-    int64_t gpus = 0;
-  };
-  auto args = std::make_shared<Args>();
+  auto args = std::make_shared<PlanArgs>();
   CLI::App* cmd = app.add_subcommand("plan", "Predict a training step's peak memory and the largest micro batch that fits");
   cmd->add_option("--config", args->config, "Training config JSON")->required();
   cmd->add_option("--set", args->overrides, "Override a config option (repeatable)")->take_all();
@@ -38,82 +122,7 @@ void add_plan_command(CLI::App& app, Runner& run) {
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   cmd->add_flag("--json", args->json, "Print the plan as one JSON object");
   cmd->add_flag("--measure", args->measure, "On a GPU: run 3 real steps and print measured vs predicted peak");
-  cmd->callback([args, &run] {
-    run = [args] {
-      const TrainConfig cfg = TrainConfig::from_file(args->config, args->overrides);
-      const MemoryPlanInput input =
-          memory_plan_input(cfg, args->gpus > 0 ? args->gpus : read_launch_env().world_size);
-      const MemoryPlan plan = plan_memory(input);
-      int64_t budget = 0;
-      if (!args->gpu_memory.empty()) {
-        budget = parse_memory_size(args->gpu_memory, "--gpu-memory");
-      } else {
-        const c10::Device device = parse_device(cfg.device, "device");
-        if (device.is_cuda()) budget = cuda_memory(device).total;
-      }
-      const int64_t micro = cfg.micro_batch_auto() ? std::max<int64_t>(1, plan.largest_micro_batch(budget))
-                                                   : cfg.train.micro_batch_size;
-      nlohmann::json out = plan.to_json(budget);
-      out["world_size"] = input.world_size;
-      out["micro_batch"] = micro;
-      out["predicted_peak"] = plan.peak(micro);
-      if (args->measure) {
-        const c10::Device device = parse_device(cfg.device, "device");
-        if (!device.is_cuda()) throw Error("plan --measure needs a CUDA device (device: \"" + cfg.device + "\")");
-        const fs::path dir = fs::temp_directory_path() / ("gpt2ft-plan-" + std::to_string(::getpid()));
-        TrainConfig m = TrainConfig::parse(cfg.to_json(), {"train.max_steps=3", "train.micro_batch_size=" + std::to_string(micro),
-                                                           "checkpoint.resume=none", "checkpoint.at_end=false", "data.val=", "log.every_steps=1",
-                                                           "output_dir=" + dir.string()});
-        m.train.epochs = 0;
-        run_training(m);
-        std::ifstream metrics(dir / "metrics.jsonl");
-        std::string line, last;
-        while (std::getline(metrics, line)) last = line;
-        const auto row = nlohmann::json::parse(last);
-        out["measured_peak_allocated"] = static_cast<int64_t>(row["cuda_peak_allocated_gb"].get<double>() * 1e9);
-        out["measured_peak_reserved"] = static_cast<int64_t>(row["cuda_peak_reserved_gb"].get<double>() * 1e9);
-        fs::remove_all(dir);
-      }
-      if (args->json) {
-        std::cout << out.dump() << std::endl;
-        return kExitOk;
-      }
-      auto gib = [](int64_t bytes) { return bytes / double(1ll << 30); };
-      std::printf("memory plan: %s, T=%lld, amp %s, activation checkpointing %s\n",
-                  cfg.model.init_from.empty() ? cfg.model.preset.c_str() : cfg.model.init_from.c_str(),
-                  static_cast<long long>(cfg.data.seq_len), cfg.amp.dtype.c_str(), cfg.model.activation_checkpointing.c_str());
-      std::printf("  weights (fp32)              %9.3f GiB\n", gib(plan.weights));
-      std::printf("  gradients                   %9.3f GiB  (held from the first micro batch when accumulating)\n",
-                  gib(plan.gradients));
-      std::printf("  optimizer state (AdamW)     %9.3f GiB\n", gib(plan.optimizer));
-      std::printf("  AMP weight copies           %9.3f GiB\n", gib(plan.amp_copies));
-      std::printf("  cuBLAS workspace            %9.3f GiB\n", gib(plan.workspace));
-      if (plan.gradient_buckets > 0) {
-        std::printf("  gradient buckets (%lld GPUs) %8.3f GiB\n", static_cast<long long>(input.world_size),
-                    gib(plan.gradient_buckets));
-      }
-      if (plan.loss_workspace > 0) std::printf("  chunked loss workspace      %9.3f GiB\n", gib(plan.loss_workspace));
-      std::printf("  activations per sequence    %9.3f GiB  (no checkpointing %.3f, all blocks %.3f)\n",
-                  gib(plan.activations_per_sequence), gib(plan.activations_per_sequence_no_checkpointing),
-                  gib(plan.activations_per_sequence_all_checkpointed));
-      std::printf("  logits and loss per sequence %8.3f GiB\n", gib(plan.logits_per_sequence));
-      std::printf("  backward buffers per sequence %7.3f GiB\n", gib(plan.backward_per_sequence));
-      std::printf("  peak at micro batch %-4lld    %9.3f GiB  (forward end %.3f, backward %.3f, backward end %.3f)\n",
-                  static_cast<long long>(micro), gib(plan.peak(micro)), gib(plan.forward_peak(micro)),
-                  gib(plan.backward_peak(micro)), gib(plan.backward_end_peak(micro)));
-      if (budget > 0) {
-        std::printf("  largest micro batch in %.1f GiB: %lld\n", gib(budget),
-                    static_cast<long long>(plan.largest_micro_batch(budget)));
-      }
-      if (args->measure) {
-        std::printf("  measured peak allocated     %9.3f GiB (predicted %.3f, %+.1f%%)\n",
-                    gib(out["measured_peak_allocated"].get<int64_t>()), gib(plan.peak(micro)),
-                    100.0 * (plan.peak(micro) - out["measured_peak_allocated"].get<double>()) /
-                        out["measured_peak_allocated"].get<double>());
-      }
-      return kExitOk;
-    };
-  });
+  cmd->callback([args, &run] { run = [args] { return run_plan(*args); }; });
 }
 
 }  // namespace gpt2ft::cli

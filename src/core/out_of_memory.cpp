@@ -1,7 +1,6 @@
 // Out-of-memory helpers.
 #include "gpt2ft/core/out_of_memory.h"
 
-#include <cstdlib>
 #include <string>
 
 #include <ATen/autocast_mode.h>
@@ -20,14 +19,6 @@ bool is_out_of_memory(const std::exception& e) {
 void release_cached_memory(c10::Device device) {
   at::autocast::clear_cache();
   if (device.is_cuda()) cuda_empty_cache();
-}
-
-void maybe_inject_oom(int64_t sequences) {
-  static const char* env = std::getenv("GPT2FT_FAULT_OOM_ABOVE_MICRO");
-  if (env && sequences > std::atoll(env)) {
-    TORCH_CHECK_WITH(OutOfMemoryError, false, "fault injection: CUDA out of memory at batch ", sequences,
-                     " (GPT2FT_FAULT_OOM_ABOVE_MICRO=", env, ")");
-  }
 }
 
 }  // namespace gpt2ft

@@ -19,4 +19,14 @@ void set_rng_state(const c10::Device& device, const torch::Tensor& state) {
   gen.set_state(state);
 }
 
+RngStates get_rng_states(const c10::Device& device) {
+  RngStates out = {{c10::kCPU, get_rng_state(c10::kCPU)}};
+  if (device.is_cuda()) out.emplace_back(device, get_rng_state(device));
+  return out;
+}
+
+void set_rng_states(const RngStates& states) {
+  for (const auto& [device, state] : states) set_rng_state(device, state);
+}
+
 }  // namespace gpt2ft

@@ -255,8 +255,10 @@ size_t safe_text_cut(std::string_view text) {
   return 0;
 }
 
-TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOptions& options) {
-  const auto start = std::chrono::steady_clock::now();
+namespace {
+
+// Checks the options and inputs; returns the inputs' total size in bytes.
+int64_t check_inputs(const TokenizeOptions& options) {
   if (options.inputs.empty()) throw Error("--input: no input files");
   if (!(options.val_fraction >= 0 && options.val_fraction <= 1)) {
     throw Error("--val-fraction: expected a number in [0, 1], got " + std::to_string(options.val_fraction));
@@ -267,9 +269,11 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
     if (!fs::is_regular_file(in)) throw Error(in.string() + ": no such file (--input)");
     total_bytes += static_cast<int64_t>(fs::file_size(in));
   }
-  const uint32_t eot = tokenizer.require_eot_id();
-  const int token_bytes = shard_token_bytes(tokenizer.vocab_size());
+  return total_bytes;
+}
 
+// The shards and manifest already in the output folder (refused without --overwrite).
+std::vector<fs::path> existing_outputs(const TokenizeOptions& options) {
   std::error_code ec;
   fs::create_directories(options.output_dir, ec);
   if (ec) throw Error(options.output_dir.string() + ": cannot create directory (" + ec.message() + ")");
@@ -282,11 +286,78 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
     throw Error(options.output_dir.string() + ": already holds shards or a manifest.json; pass --overwrite to "
                                               "replace them, or choose another --output-dir");
   }
+  return existing;
+}
+
+// Tokenizes every unit's text on `workers` threads (results in unit order).
+void encode_units(const Tokenizer& tokenizer, std::vector<Unit>& units, int workers) {
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(workers));
+  for (int w = 0; w < workers; ++w) {
+    threads.emplace_back([&, w] {
+      try {
+        for (size_t i = static_cast<size_t>(w); i < units.size(); i += static_cast<size_t>(workers)) {
+          units[i].ids.clear();
+          tokenizer.encode(units[i].text, units[i].ids);
+        }
+      } catch (...) {
+        errors[static_cast<size_t>(w)] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+// Moves the complete shards from `temp` into the output folder, removes stale ones, and
+// writes the manifest last.
+void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const fs::path& temp,
+             const std::vector<fs::path>& existing, const TokenizeSummary& summary, const nlohmann::json& shards,
+             int token_bytes) {
+  for (int s = 0; s < 2; ++s) {
+    for (const auto& name : summary.shards[s]) fs::rename(temp / name, options.output_dir / name);
+  }
+  for (const auto& old : existing) {
+    const std::string name = old.filename().string();
+    const bool kept = std::find(summary.shards[0].begin(), summary.shards[0].end(), name) != summary.shards[0].end() ||
+                      std::find(summary.shards[1].begin(), summary.shards[1].end(), name) != summary.shards[1].end();
+    if (!kept && name != "manifest.json") fs::remove(old);
+  }
+  fsync_directory(options.output_dir);
+  nlohmann::json inputs = nlohmann::json::array();
+  for (const auto& in : options.inputs) inputs.push_back(in.string());
+  const nlohmann::json manifest = {
+      {"format", "gpt2ft-shards"},
+      {"version", 1},
+      {"tokenizer", {{"kind", tokenizer.kind()}, {"identity", tokenizer.identity()},
+                     {"vocab_size", tokenizer.vocab_size()}, {"eot_id", tokenizer.require_eot_id()},
+                     {"source", fs::absolute(tokenizer.source()).string()}}},
+      {"token_bytes", token_bytes},
+      {"inputs", inputs},
+      {"jsonl_field", options.jsonl_field},
+      {"val_fraction", options.val_fraction},
+      {"documents", {{"train", summary.documents[0]}, {"val", summary.documents[1]}}},
+      {"tokens", {{"train", summary.tokens[0]}, {"val", summary.tokens[1]}}},
+      {"shards", shards}};
+  write_file_atomic(options.output_dir / "manifest.json", manifest.dump(2) + "\n");
+}
+
+}  // namespace
+
+TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t total_bytes = check_inputs(options);
+  const uint32_t eot = tokenizer.require_eot_id();
+  const int token_bytes = shard_token_bytes(tokenizer.vocab_size());
+  const std::vector<fs::path> existing = existing_outputs(options);
   const fs::path temp = options.output_dir / (".tokenize-tmp-" + std::to_string(::getpid()));
   fs::remove_all(temp);
   fs::create_directories(temp);
 
   TokenizeSummary summary;
+  std::error_code ec;
   try {
     ShardSink sinks[2] = {{temp, "train", token_bytes, options.shard_tokens},
                           {temp, "val", token_bytes, options.shard_tokens}};
@@ -296,26 +367,8 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
                                             : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     std::vector<Unit> units;
     while (reader.next_batch(units)) {
-      // Tokenize the batch on all workers, then append in input order.
-      std::vector<std::thread> threads;
-      std::vector<std::exception_ptr> errors(static_cast<size_t>(workers));
-      for (int w = 0; w < workers; ++w) {
-        threads.emplace_back([&, w] {
-          try {
-            for (size_t i = static_cast<size_t>(w); i < units.size(); i += static_cast<size_t>(workers)) {
-              units[i].ids.clear();
-              tokenizer.encode(units[i].text, units[i].ids);
-            }
-          } catch (...) {
-            errors[static_cast<size_t>(w)] = std::current_exception();
-          }
-        });
-      }
-      for (auto& t : threads) t.join();
-      for (auto& e : errors) {
-        if (e) std::rethrow_exception(e);
-      }
-      for (const Unit& u : units) {
+      encode_units(tokenizer, units, workers);
+      for (const Unit& u : units) {  // appended in input order
         if (u.starts_document) {
           sinks[u.split].append({eot});
           ++summary.documents[u.split];
@@ -337,33 +390,7 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
         summary.shards[s].push_back(name);
       }
     }
-    // All shards are complete: move them in, drop stale ones, then write the manifest.
-    for (int s = 0; s < 2; ++s) {
-      for (const auto& name : summary.shards[s]) fs::rename(temp / name, options.output_dir / name);
-    }
-    for (const auto& old : existing) {
-      const std::string name = old.filename().string();
-      const bool kept = std::find(summary.shards[0].begin(), summary.shards[0].end(), name) != summary.shards[0].end() ||
-                        std::find(summary.shards[1].begin(), summary.shards[1].end(), name) != summary.shards[1].end();
-      if (!kept && name != "manifest.json") fs::remove(old);
-    }
-    fsync_directory(options.output_dir);
-    nlohmann::json inputs = nlohmann::json::array();
-    for (const auto& in : options.inputs) inputs.push_back(in.string());
-    const nlohmann::json manifest = {
-        {"format", "gpt2ft-shards"},
-        {"version", 1},
-        {"tokenizer", {{"kind", tokenizer.kind()}, {"identity", tokenizer.identity()},
-                       {"vocab_size", tokenizer.vocab_size()}, {"eot_id", eot},
-                       {"source", fs::absolute(tokenizer.source()).string()}}},
-        {"token_bytes", token_bytes},
-        {"inputs", inputs},
-        {"jsonl_field", options.jsonl_field},
-        {"val_fraction", options.val_fraction},
-        {"documents", {{"train", summary.documents[0]}, {"val", summary.documents[1]}}},
-        {"tokens", {{"train", summary.tokens[0]}, {"val", summary.tokens[1]}}},
-        {"shards", shards}};
-    write_file_atomic(options.output_dir / "manifest.json", manifest.dump(2) + "\n");
+    publish(tokenizer, options, temp, existing, summary, shards, token_bytes);
   } catch (...) {
     fs::remove_all(temp, ec);
     throw;

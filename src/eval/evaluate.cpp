@@ -9,6 +9,7 @@
 
 #include "gpt2ft/core/autocast.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/fault_injection.h"
 #include "gpt2ft/core/out_of_memory.h"
 #include "gpt2ft/data/shard.h"
 
@@ -19,6 +20,71 @@ struct Window {
   const ShardReader* shard;
   int64_t begin;
 };
+
+// The shards, opened, and their windows of T+1 tokens at stride T (incomplete tails dropped).
+struct Windows {
+  std::vector<std::unique_ptr<ShardReader>> readers;
+  std::vector<Window> list;
+};
+
+Windows windows_of(const std::vector<std::filesystem::path>& shards, int64_t T) {
+  Windows w;
+  for (const auto& path : shards) {
+    w.readers.push_back(std::make_unique<ShardReader>(path));
+    const ShardReader& r = *w.readers.back();
+    const int64_t count = r.num_tokens() > T ? (r.num_tokens() - 1) / T : 0;
+    for (int64_t k = 0; k < count; ++k) w.list.push_back({&r, k * T});
+  }
+  if (w.list.empty()) {
+    throw Error("no complete window of seq_len+1 = " + std::to_string(T + 1) +
+                " tokens in the given shards; use a smaller --seq-len or more data");
+  }
+  return w;
+}
+
+// Reads `rows` windows from `first` into host (B, T+1), checking every id against the vocabulary.
+void read_windows(const std::vector<Window>& windows, int64_t first, int64_t rows, int64_t T, int64_t vocab_size,
+                  torch::Tensor& host) {
+  int64_t* data = host.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    const Window& w = windows[first + i];
+    w.shard->read(w.begin, T + 1, data + i * (T + 1));
+    for (int64_t j = 0; j <= T; ++j) {
+      if (data[i * (T + 1) + j] >= vocab_size) {
+        throw Error(w.shard->path().string() + ": token id " + std::to_string(data[i * (T + 1) + j]) +
+                    " at position " + std::to_string(w.begin + j) + " is outside the model's vocabulary of " +
+                    std::to_string(vocab_size) + "; were these shards made with another tokenizer?");
+      }
+    }
+  }
+}
+
+// The summed loss (double, on the device) of a batch (rows, T+1), in forward passes of at
+// most `per_pass` windows; out of memory halves `per_pass` (down to 1) and goes on.
+torch::Tensor batch_loss_sum(GPT2& model, const torch::Tensor& batch, int64_t& per_pass, const EvalOptions& options,
+                             c10::Device device) {
+  const int64_t rows = batch.size(0), T = options.seq_len;
+  torch::Tensor sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+  for (int64_t at = 0; at < rows;) {
+    const int64_t n = std::min(per_pass, rows - at);
+    const torch::Tensor x = batch.narrow(0, at, n).narrow(1, 0, T), y = batch.narrow(0, at, n).narrow(1, 1, T);  // (n, T)
+    try {
+      AutocastGuard autocast(device.type(), options.amp_dtype);
+      maybe_inject_oom(n);
+      const torch::Tensor mean = model->forward_loss(x, y);  // () float32, mean over n*T tokens
+      sum += mean.to(torch::kDouble) * static_cast<double>(n * T);
+      at += n;
+    } catch (const std::exception& e) {
+      if (!is_out_of_memory(e) || per_pass == 1) throw;
+      release_cached_memory(device);
+      per_pass = std::max<int64_t>(1, per_pass / 2);
+      spdlog::warn("OUT OF MEMORY during evaluation with {} windows per forward pass ({}): continuing with {} "
+                   "(the training micro batch is unchanged)",
+                   n, describe_exception(e), per_pass);
+    }
+  }
+  return sum;
+}
 
 }  // namespace
 
@@ -32,22 +98,10 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
                 std::to_string(config.n_positions) + ")");
   }
   if (options.batch_size < 1) throw Error("--batch-size: expected an integer >= 1");
-
-  std::vector<std::unique_ptr<ShardReader>> readers;
-  std::vector<Window> windows;
-  for (const auto& path : shards) {
-    readers.push_back(std::make_unique<ShardReader>(path));
-    const ShardReader& r = *readers.back();
-    const int64_t count = r.num_tokens() > T ? (r.num_tokens() - 1) / T : 0;
-    for (int64_t k = 0; k < count; ++k) windows.push_back({&r, k * T});
-  }
-  if (windows.empty()) {
-    throw Error("no complete window of seq_len+1 = " + std::to_string(T + 1) +
-                " tokens in the given shards; use a smaller --seq-len or more data");
-  }
+  const Windows windows = windows_of(shards, T);
 
   const int64_t B = options.batch_size;
-  int64_t num_batches = (static_cast<int64_t>(windows.size()) + B - 1) / B;
+  int64_t num_batches = (static_cast<int64_t>(windows.list.size()) + B - 1) / B;
   if (options.max_batches > 0) num_batches = std::min(num_batches, options.max_batches);
 
   torch::NoGradGuard no_grad;
@@ -60,39 +114,9 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
   const int64_t rank = options.comm ? options.comm->rank() : 0;
   const int64_t ranks = options.comm ? options.comm->world_size() : 1;
   for (int64_t b = rank; b < num_batches; b += ranks) {
-    const int64_t first = b * B;
-    const int64_t rows = std::min<int64_t>(B, static_cast<int64_t>(windows.size()) - first);
-    int64_t* data = host.data_ptr<int64_t>();
-    for (int64_t i = 0; i < rows; ++i) {
-      const Window& w = windows[first + i];
-      w.shard->read(w.begin, T + 1, data + i * (T + 1));
-      for (int64_t j = 0; j <= T; ++j) {
-        if (data[i * (T + 1) + j] >= config.vocab_size) {
-          throw Error(w.shard->path().string() + ": token id " + std::to_string(data[i * (T + 1) + j]) +
-                      " at position " + std::to_string(w.begin + j) + " is outside the model's vocabulary of " +
-                      std::to_string(config.vocab_size) + "; were these shards made with another tokenizer?");
-        }
-      }
-    }
-    const torch::Tensor batch = host.narrow(0, 0, rows).to(device);  // (rows, T+1)
-    for (int64_t at = 0; at < rows;) {
-      const int64_t n = std::min(per_pass, rows - at);
-      const torch::Tensor x = batch.narrow(0, at, n).narrow(1, 0, T), y = batch.narrow(0, at, n).narrow(1, 1, T);  // (n, T)
-      try {
-        AutocastGuard autocast(device.type(), options.amp_dtype);
-        maybe_inject_oom(n);
-        const torch::Tensor mean = model->forward_loss(x, y);  // () float32, mean over n*T tokens
-        loss_sum += mean.to(torch::kDouble) * static_cast<double>(n * T);  // read back once, after the loop
-        at += n;
-      } catch (const std::exception& e) {
-        if (!is_out_of_memory(e) || per_pass == 1) throw;
-        release_cached_memory(device);
-        per_pass = std::max<int64_t>(1, per_pass / 2);
-        spdlog::warn("OUT OF MEMORY during evaluation with {} windows per forward pass ({}): continuing with {} "
-                     "(the training micro batch is unchanged)",
-                     n, describe_exception(e), per_pass);
-      }
-    }
+    const int64_t rows = std::min<int64_t>(B, static_cast<int64_t>(windows.list.size()) - b * B);
+    read_windows(windows.list, b * B, rows, T, config.vocab_size, host);
+    loss_sum += batch_loss_sum(model, host.narrow(0, 0, rows).to(device), per_pass, options, device);  // read once, below
     tokens += rows * T;
   }
   if (was_training) model->train();

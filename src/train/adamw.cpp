@@ -5,6 +5,7 @@
 
 #include <torch/torch.h>
 
+
 namespace gpt2ft {
 
 AdamW::AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, AdamWOptions options)
@@ -61,8 +62,9 @@ void AdamW::step_unfused(Group& g, const std::vector<size_t>& with_grad, double 
   }
 }
 
-void AdamW::step(double lr, const std::optional<torch::Tensor>& grad_scale, const std::optional<torch::Tensor>& found_inf) {
+void AdamW::step(double lr, const std::optional<torch::Tensor>& found_inf) {
   torch::NoGradGuard no_grad;
+  if (!options_.fused && found_inf && found_inf->item<float>() != 0.0f) return;  // unfused: one sync
   for (auto& g : groups_) {
     std::vector<size_t> with_grad;  // the tensors that got a gradient this step
     for (size_t i = 0; i < g.params.size(); ++i) {
@@ -85,11 +87,37 @@ void AdamW::step(double lr, const std::optional<torch::Tensor>& grad_scale, cons
     torch::_foreach_add_(steps, 1);
     at::_fused_adamw_(params, grads, exp_avg, exp_avg_sq, /*max_exp_avg_sqs=*/{}, steps, lr, options_.betas[0],
                       options_.betas[1], g.weight_decay, options_.eps, /*amsgrad=*/false,
-                      /*maximize=*/false, grad_scale, found_inf);
+                      /*maximize=*/false, /*grad_scale=*/std::nullopt, found_inf);
     if (found_inf) {
       for (auto& s : steps) s.sub_(*found_inf);
     }
   }
 }
+
+NamedTensors AdamW::checkpoint_state() const {
+  NamedTensors tensors;
+  for (const auto& g : groups_) {
+    for (size_t i = 0; i < g.params.size(); ++i) {
+      tensors.emplace_back("adamw.exp_avg." + g.names[i], g.exp_avg[i]);
+      tensors.emplace_back("adamw.exp_avg_sq." + g.names[i], g.exp_avg_sq[i]);
+      tensors.emplace_back("adamw.step." + g.names[i], g.steps[i]);
+    }
+  }
+  return tensors;
+}
+
+void AdamW::restore_state(const SafetensorsReader& state) {
+  const std::string hint = "the checkpoint is damaged, or the set of trained parameters changed: model.freeze_* must "
+                           "match the run's";
+  for (auto& g : groups_) {
+    for (size_t i = 0; i < g.params.size(); ++i) {
+      state.load_into("adamw.exp_avg." + g.names[i], g.exp_avg[i], hint);
+      state.load_into("adamw.exp_avg_sq." + g.names[i], g.exp_avg_sq[i], hint);
+      state.load_into("adamw.step." + g.names[i], g.steps[i], hint);
+    }
+  }
+}
+
+NamedTensors adamw_state(const AdamW& optimizer) { return optimizer.checkpoint_state(); }
 
 }  // namespace gpt2ft

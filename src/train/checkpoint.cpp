@@ -13,6 +13,7 @@
 
 #include "gpt2ft/core/atomic_file.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/fault_injection.h"
 #include "gpt2ft/core/rng_state.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/io/safetensors.h"
@@ -76,27 +77,6 @@ T get_field(const nlohmann::json& j, const char* key, const fs::path& file) {
 }
 
 }  // namespace
-
-void checkpoint_kill_point() {
-  static const char* env = std::getenv("GPT2FT_FAULT_CRASH_IN_CHECKPOINT");
-  static int64_t count = 0;
-  if (env && ++count == std::atoll(env)) {
-    std::fprintf(stderr, "fault injection: crashing at checkpoint kill point %lld\n", static_cast<long long>(count));
-    ::_exit(137);
-  }
-}
-
-NamedTensors adamw_state(const AdamW& optimizer) {
-  NamedTensors tensors;
-  for (const auto& g : optimizer.groups()) {
-    for (size_t i = 0; i < g.params.size(); ++i) {
-      tensors.emplace_back("adamw.exp_avg." + g.names[i], g.exp_avg[i]);
-      tensors.emplace_back("adamw.exp_avg_sq." + g.names[i], g.exp_avg_sq[i]);
-      tensors.emplace_back("adamw.step." + g.names[i], g.steps[i]);
-    }
-  }
-  return tensors;
-}
 
 fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GPT2& model,
                          const NamedTensors& optimizer_state, const GradScaler* scaler, const TrainConfig& config,
@@ -170,7 +150,7 @@ std::optional<fs::path> latest_checkpoint(const fs::path& run_dir) {
   return dir;
 }
 
-TrainingState load_checkpoint(const fs::path& dir, GPT2& model, AdamW& optimizer, GradScaler* scaler, int rank,
+TrainingState load_checkpoint(const fs::path& dir, GPT2& model, Optimizer& optimizer, GradScaler* scaler, int rank,
                               int world_size) {
   return with_context("resuming from checkpoint " + dir.string(), [&] {
     if (!fs::is_directory(dir)) throw Error(dir.string() + ": not a checkpoint folder");
@@ -204,25 +184,7 @@ TrainingState load_checkpoint(const fs::path& dir, GPT2& model, AdamW& optimizer
     load_weights(model, dir);
 
     SafetensorsReader state(dir / "trainer_state.safetensors");
-    torch::NoGradGuard no_grad;
-    auto restore = [&](torch::Tensor& target, const std::string& key) {
-      if (!state.contains(key)) {
-        throw Error(state.path().string() + ": missing \"" + key + "\" (the checkpoint is damaged, or the set of "
-                                            "trained parameters changed: model.freeze_* must match the run's)");
-      }
-      const auto& e = state.entry(key);
-      if (e.shape != target.sizes().vec()) {
-        throw Error(state.path().string() + ": \"" + key + "\" has the wrong shape for this model");
-      }
-      target.copy_(state.load(key, target.scalar_type()));
-    };
-    for (auto& g : optimizer.groups()) {
-      for (size_t i = 0; i < g.params.size(); ++i) {
-        restore(g.exp_avg[i], "adamw.exp_avg." + g.names[i]);
-        restore(g.exp_avg_sq[i], "adamw.exp_avg_sq." + g.names[i]);
-        restore(g.steps[i], "adamw.step." + g.names[i]);
-      }
-    }
+    optimizer.restore_state(state);
     if (scaler) {
       if (!state.contains("scaler.scale")) {
         throw Error(dir.string() + " was written without a loss scale (amp.dtype was not float16); resuming it in "
@@ -230,9 +192,9 @@ TrainingState load_checkpoint(const fs::path& dir, GPT2& model, AdamW& optimizer
       }
       torch::Tensor scale = scaler->scale_tensor().clone(), tracker = scaler->growth_tracker().clone(),
                     skipped = scaler->skipped_steps().clone();
-      restore(scale, "scaler.scale");
-      restore(tracker, "scaler.growth_tracker");
-      restore(skipped, "scaler.skipped_steps");
+      state.load_into("scaler.scale", scale);
+      state.load_into("scaler.growth_tracker", tracker);
+      state.load_into("scaler.skipped_steps", skipped);
       scaler->load_state(scale, tracker, skipped);
     }
     const bool same_ranks = s.world_size == world_size;

@@ -49,7 +49,7 @@
 #include <numeric>
 
 #include "gpt2ft/core/error.h"
-#include "gpt2ft/dist/optimizer_shards.h"
+#include "gpt2ft/distributed/optimizer_shards.h"
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/linear_cross_entropy.h"
 

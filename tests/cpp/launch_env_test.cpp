@@ -1,7 +1,7 @@
 // The launcher environment: torchrun's and srun's variables, Slurm node lists, and the errors
 // for inconsistent values. Expected first hosts follow Slurm's hostlist format (what
 // `scontrol show hostnames` prints first).
-#include "gpt2ft/dist/launch_env.h"
+#include "gpt2ft/distributed/launch_env.h"
 
 #include <gtest/gtest.h>
 

@@ -5,7 +5,7 @@
 #include <torch/torch.h>
 
 #include "gpt2ft/core/error.h"
-#include "gpt2ft/dist/optimizer_shards.h"
+#include "gpt2ft/distributed/optimizer_shards.h"
 #include "gpt2ft/train/checkpoint.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/finetune.h"

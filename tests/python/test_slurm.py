@@ -112,6 +112,7 @@ class SlurmTest(WorkDirTest):
         start = time.monotonic()
         deadline = start + timeout
         seen, streak = None, 0
+        requeued = {}  # restart count -> when the job was first seen pending with it
         self.history = []  # (seconds, state, reason, restarts) at each change, for failure messages
         while time.monotonic() < deadline:
             state = self.job_field(job, "JobState")
@@ -124,8 +125,15 @@ class SlurmTest(WorkDirTest):
             # A final state that lasts 20 polls without the expected requeue is final too.
             if done and (streak >= 20 or (streak >= 3 and int(self.job_field(job, "Restarts") or 0) >= restarts)):
                 return state
-            if state == "PENDING" and self.job_field(job, "Reason") == "BeginTime":
-                # slurmctld delays a requeued job's start by about two minutes; skip the wait.
+            if state == "PENDING":
+                requeued.setdefault(now[2], time.monotonic())
+            if (state == "PENDING" and now[1] == "BeginTime" and now[2] != "0"
+                    and time.monotonic() - requeued[now[2]] >= 3):
+                # slurmctld delays a requeued job's start by about two minutes; skip most of the
+                # wait, but not the first seconds: the requeue revoked the job's credential on
+                # slurmd, which refuses a relaunch whose new credential carries the same
+                # second ("Killing non-startable batch JobId=N: Job credential revoked", and
+                # the job ends FAILED). Slurm's own delay is what normally prevents that.
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=self.slurm_env,
                                capture_output=True)
             time.sleep(1)
@@ -137,12 +145,25 @@ class SlurmTest(WorkDirTest):
         with open(log) as f:
             return f.read()
 
+    def cluster_logs(self, job):
+        """The lines of slurmctld's and slurmd's logs about `job`, for failure messages."""
+        out = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            try:
+                with open(os.path.join(self.cluster, name)) as f:
+                    lines = [line.rstrip() for line in f if f"JobId={job}" in line or f"job {job}" in line
+                             or f"StepId={job}." in line or f"job_id {job}" in line]
+            except OSError as e:
+                lines = [str(e)]
+            out.append(f"--- {name} ({len(lines)} lines about job {job}, last 40):\n" + "\n".join(lines[-40:]))
+        return "\n".join(out)
+
     def test_sbatch_runs_two_ranks_through_srun(self):
         ref.run_trainer(BIN, self.cfg, self.tmp, "single")
         job, out, log = self.submit(self.cfg, "job")
         state = self.wait_for_job(job, log)
         text = self.read_log(log)
-        self.assertEqual(state, "COMPLETED", f"states {self.history}\n{text[-3000:]}")
+        self.assertEqual(state, "COMPLETED", f"states {self.history}\n{text[-3000:]}\n{self.cluster_logs(job)}")
         self.assertIn("launcher slurm", text)
         self.assertIn("x 2 ranks = global batch 12", text)
         self.assertIn("training finished", text)
@@ -169,7 +190,7 @@ class SlurmTest(WorkDirTest):
         subprocess.run(["scancel", "--signal=USR1", job], check=True, env=self.slurm_env)
         state = self.wait_for_job(job, log, restarts=1)
         text = self.read_log(log)
-        self.assertEqual(state, "COMPLETED", f"states {self.history}\n{text[-3000:]}")
+        self.assertEqual(state, "COMPLETED", f"states {self.history}\n{text[-3000:]}\n{self.cluster_logs(job)}")
         self.assertIn("stopped by a signal or the time limit (exit 76): checkpoint saved; requeueing", text)
         self.assertIn("resumed from", text)
         self.assertEqual(self.job_field(job, "Restarts"), "1")
@@ -188,7 +209,7 @@ class SlurmTest(WorkDirTest):
         job, out, log = self.submit(cfg, "oom", env={"GPT2FT_FAULT_OOM_ABOVE_MICRO": "3"})
         state = self.wait_for_job(job, log, restarts=1)
         text = self.read_log(log)
-        self.assertEqual(state, "COMPLETED", f"states {self.history}\n{text[-3000:]}")
+        self.assertEqual(state, "COMPLETED", f"states {self.history}\n{text[-3000:]}\n{self.cluster_logs(job)}")
         self.assertIn("out of memory (exit 75): checkpoint saved; requeueing", text)
         self.assertIn("continuing with train.micro_batch_size=3", text)
         self.assertEqual({r["micro_batch"] for r in train_rows(out)}, {3})

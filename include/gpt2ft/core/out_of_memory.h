@@ -1,5 +1,5 @@
-// Out-of-memory errors: recognising CUDA's, releasing what a failed pass left cached, and the
-// test hook that raises them on purpose so the recovery paths run on the CPU too.
+// Out-of-memory errors: recognising CUDA's and releasing what a failed pass left cached.
+// (core/fault_injection.h raises them on purpose, so the recovery paths run on the CPU too.)
 #pragma once
 
 #include <cstdint>
@@ -16,9 +16,5 @@ bool is_out_of_memory(const std::exception& e);
 // After a failed pass: drops autocast's cached weight casts and, on CUDA, returns the caching
 // allocator's free blocks, so the retry starts from what is really in use.
 void release_cached_memory(c10::Device device);
-
-// Test hook: GPT2FT_FAULT_OOM_ABOVE_MICRO=K makes a forward pass over more than K sequences
-// (training's micro batches and evaluation's batches) throw c10::OutOfMemoryError.
-void maybe_inject_oom(int64_t sequences);
 
 }  // namespace gpt2ft

@@ -8,7 +8,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
-#include "gpt2ft/dist/communicator.h"
+#include "gpt2ft/distributed/communicator.h"
 #include "gpt2ft/model/gpt2.h"
 
 namespace gpt2ft {

@@ -40,6 +40,9 @@ class SafetensorsReader {
   // A CPU tensor holding a copy of `name`, converted to `dtype` when given.
   torch::Tensor load(const std::string& name,
                      std::optional<c10::ScalarType> dtype = std::nullopt) const;
+  // Copies `name` into `target` (any device and dtype). A missing tensor or another shape is
+  // an Error naming the file and the tensor; `hint` says what that means to the caller.
+  void load_into(const std::string& name, torch::Tensor& target, const std::string& hint = "") const;
 
  private:
   MappedFile file_;

@@ -1,7 +1,7 @@
 // AdamW with decay and no-decay parameter groups. Two implementations of the same update:
-// fused (one at::_fused_adamw_ kernel per group, which also applies the grad scaler's inverse
-// scale and skips on found_inf without a host sync) and unfused (PyTorch's single-tensor
-// AdamW, op by op). The state is plain tensors, so checkpoints can save and restore it.
+// fused (one at::_fused_adamw_ kernel per group, which also skips on the loss scale's
+// found_inf without a host sync) and unfused (PyTorch's single-tensor AdamW, op by op). The
+// state is plain tensors, so checkpoints can save and restore it.
 #pragma once
 
 #include <array>
@@ -11,6 +11,9 @@
 #include <vector>
 
 #include <torch/types.h>
+
+#include "gpt2ft/io/safetensors.h"
+#include "gpt2ft/train/optimizer.h"
 
 namespace gpt2ft {
 
@@ -26,7 +29,7 @@ struct AdamWOptions {
 std::vector<torch::Tensor> gradients_of(const std::vector<torch::Tensor>& params);
 void clear_gradients(const std::vector<torch::Tensor>& params);
 
-class AdamW {
+class AdamW final : public Optimizer {
  public:
   struct Group {
     std::vector<std::string> names;
@@ -37,12 +40,13 @@ class AdamW {
   // Parameters with requires_grad; those with dim >= 2 decay, the rest (biases, LayerNorm) do not.
   AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, AdamWOptions options);
 
-  // One update at learning rate `lr`. With grad_scale/found_inf (fused only), the gradients
-  // are still scaled and a step with found_inf != 0 changes nothing. A parameter without a
-  // gradient is left alone, as torch.optim.AdamW does: no decay, no moment update, its step
-  // count unchanged.
-  void step(double lr, const std::optional<torch::Tensor>& grad_scale = std::nullopt,
-            const std::optional<torch::Tensor>& found_inf = std::nullopt);
+  // One update at learning rate `lr`. A step with found_inf != 0 changes nothing (fused: in
+  // the kernel; unfused: one host read of the flag). A parameter without a gradient is left
+  // alone, as torch.optim.AdamW does: no decay, no moment update, its step count unchanged.
+  void step(double lr, const std::optional<torch::Tensor>& found_inf = std::nullopt) override;
+  // "adamw.exp_avg.<name>", "adamw.exp_avg_sq.<name>" and "adamw.step.<name>".
+  NamedTensors checkpoint_state() const override;
+  void restore_state(const SafetensorsReader& state) override;
 
   std::vector<Group>& groups() { return groups_; }
   const std::vector<Group>& groups() const { return groups_; }
@@ -53,5 +57,8 @@ class AdamW {
   AdamWOptions options_;
   std::vector<Group> groups_;
 };
+
+// optimizer.checkpoint_state() of a plain AdamW.
+NamedTensors adamw_state(const AdamW& optimizer);
 
 }  // namespace gpt2ft

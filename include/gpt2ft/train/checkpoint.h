@@ -19,7 +19,7 @@
 #include "gpt2ft/data/loader.h"
 #include "gpt2ft/io/safetensors.h"
 #include "gpt2ft/model/gpt2.h"
-#include "gpt2ft/train/adamw.h"
+#include "gpt2ft/train/optimizer.h"
 #include "gpt2ft/train/config.h"
 #include "gpt2ft/train/grad_scaler.h"
 
@@ -32,20 +32,16 @@ struct TrainingState {
   int64_t global_batch = 0;  // sequences per optimizer step
   bool micro_batch_from_oom = false;  // the micro batch was lowered after an out-of-memory error
   int64_t world_size = 1;    // ranks of the run that wrote it (micro_batch is per rank)
-  bool rng_restored = true;  // load: this rank's RNG state was in the checkpoint
+  bool rng_restored = true;  // this rank's RNG state came from a checkpoint
 };
 
 // Writes a checkpoint of `state` under run_dir/checkpoints and prunes to keep_last.
-// `optimizer_state` is adamw_state() of the optimizer (or, sharded, the state gathered from
-// every rank). The RNG states saved are this process's; `rank_rng` adds other ranks'
+// `optimizer_state` is the optimizer's checkpoint_state() (all of it, gathered from every
+// rank when it is sharded). The RNG states saved are this process's; `rank_rng` adds other ranks'
 // (rng_key_of_rank names).
 std::filesystem::path save_checkpoint(const std::filesystem::path& run_dir, const TrainingState& state, GPT2& model,
                                       const NamedTensors& optimizer_state, const GradScaler* scaler,
                                       const TrainConfig& config, int64_t keep_last, const NamedTensors& rank_rng = {});
-
-// AdamW's moments and step counts as "adamw.exp_avg.<name>", "adamw.exp_avg_sq.<name>" and
-// "adamw.step.<name>".
-NamedTensors adamw_state(const AdamW& optimizer);
 
 // run_dir/checkpoints/step_NNNNNNNN, the folder of the checkpoint after `step` steps.
 std::filesystem::path checkpoint_folder(const std::filesystem::path& run_dir, int64_t step);
@@ -60,11 +56,7 @@ std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::pa
 // that it matches the model and optimizer built from the current config. Returns the state.
 // Rank r restores its own RNG state when the checkpoint has one (same world size);
 // otherwise rng_restored is false and the caller reseeds.
-TrainingState load_checkpoint(const std::filesystem::path& dir, GPT2& model, AdamW& optimizer, GradScaler* scaler,
+TrainingState load_checkpoint(const std::filesystem::path& dir, GPT2& model, Optimizer& optimizer, GradScaler* scaler,
                               int rank = 0, int world_size = 1);
-
-// Test hook: GPT2FT_FAULT_CRASH_IN_CHECKPOINT=K ends the process (_exit) at the K-th kill
-// point inside checkpoint writing (counted over the whole run, from 1).
-void checkpoint_kill_point();
 
 }  // namespace gpt2ft

@@ -1,14 +1,20 @@
 // The training run behind `gpt2-finetune --config run.json`: model, data, optimizer, mixed
-// precision, the step loop, evaluation, metrics, and the final model folder.
+// precision, the step loop, evaluation, metrics, checkpoints and the final model folder.
+//
+// The pieces, one file each under train/: batch_split (global = micro x accumulation x
+// ranks), optimizer (the interface the step calls; adamw, distributed/optimizer_shards),
+// grad_scaler, lr_schedule, step_outcome (what the ranks agree on after each step),
+// oom_backoff (oom.policy), stop_signals, metrics_log, validation, run_checkpoints (resume
+// and save) and run_memory (the planner for a config, "auto" micro batch).
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
 #include <optional>
 
-#include "gpt2ft/model/config.h"
 #include "gpt2ft/train/config.h"
-#include "gpt2ft/train/memory_planner.h"
+#include "gpt2ft/train/metrics_log.h"
+#include "gpt2ft/train/run_memory.h"
 
 namespace gpt2ft {
 
@@ -23,16 +29,9 @@ struct TrainSummary {
   std::filesystem::path final_model;
 };
 
+// Trains as the config says (resuming per checkpoint.resume). A deliberate stop (out of
+// memory under oom.policy "checkpoint_and_exit", a stop signal, train.time_limit) throws
+// ExitRequest with its exit code after writing a checkpoint; bad input throws Error.
 TrainSummary run_training(const TrainConfig& config);
-
-// The memory planner's view of a config: model shape (read from model.init_from's
-// config.json or the preset, with the config's vocabulary resize and dropout), T, AMP,
-// checkpointing, frozen parameters and the global batch, for `world_size` ranks. Loads no
-// weights.
-MemoryPlanInput memory_plan_input(const TrainConfig& config, int64_t world_size = 1);
-
-// Model FLOPs per trained token: 6 * (parameters without position embeddings) for the
-// matmuls forward and backward, plus 12 * L * C * T for attention (QK^T and AV, as in PaLM).
-double model_flops_per_token(const GPT2Config& config, int64_t seq_len);
 
 }  // namespace gpt2ft

@@ -1,5 +1,5 @@
 // Launcher variables -> rank, world size, local rank and rendezvous address.
-#include "gpt2ft/dist/launch_env.h"
+#include "gpt2ft/distributed/launch_env.h"
 
 #include <cstdlib>
 

@@ -19,7 +19,7 @@
 #include <memory>
 #include <vector>
 
-#include "gpt2ft/dist/communicator.h"
+#include "gpt2ft/distributed/communicator.h"
 
 namespace gpt2ft {
 

@@ -2,7 +2,7 @@
 // group. Gloo's headers come from Debian's libgloo-dev (the torch wheel omits them); the
 // implementation is the one compiled into libtorch_cpu. Only out-of-line c10d entry points
 // are called, so no gloo code is compiled here.
-#include "gpt2ft/dist/communicator.h"
+#include "gpt2ft/distributed/communicator.h"
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>

@@ -1,5 +1,5 @@
 // ZeRO-1 partition, weight broadcast and state gathering.
-#include "gpt2ft/dist/optimizer_shards.h"
+#include "gpt2ft/distributed/optimizer_shards.h"
 
 #include <torch/torch.h>
 
@@ -8,7 +8,6 @@
 #include <map>
 #include <numeric>
 
-#include "gpt2ft/train/checkpoint.h"
 
 namespace gpt2ft {
 
@@ -26,10 +25,25 @@ std::vector<int> partition_parameters(const std::vector<int64_t>& numels, int wo
   return owner;
 }
 
-OptimizerShards::OptimizerShards(Communicator& comm, Named trained) : comm_(comm), trained_(std::move(trained)) {
+namespace {
+
+std::vector<int> owners_of(const OptimizerShards::Named& trained, int world_size) {
   std::vector<int64_t> numels;
-  for (const auto& [name, p] : trained_) numels.push_back(p.numel());
-  owner_ = partition_parameters(numels, comm_.world_size());
+  for (const auto& [name, p] : trained) numels.push_back(p.numel());
+  return partition_parameters(numels, world_size);
+}
+
+}  // namespace
+
+OptimizerShards::OptimizerShards(Communicator& comm, Named trained, const AdamWOptions& options)
+    : comm_(comm),
+      trained_(std::move(trained)),
+      owner_(owners_of(trained_, comm_.world_size())),
+      mine_(owned(), options) {}
+
+void OptimizerShards::step(double lr, const std::optional<torch::Tensor>& found_inf) {
+  mine_.step(lr, found_inf);
+  broadcast_updated_weights();
 }
 
 OptimizerShards::Named OptimizerShards::owned() const {
@@ -67,10 +81,10 @@ void OptimizerShards::broadcast_updated_weights() {
   }
 }
 
-NamedTensors OptimizerShards::gather_state(const AdamW& mine) {
+NamedTensors OptimizerShards::checkpoint_state() const {
   // This rank's state by parameter name.
   std::map<std::string, std::array<torch::Tensor, 3>> local;
-  for (const auto& g : mine.groups()) {
+  for (const auto& g : mine_.groups()) {
     for (size_t i = 0; i < g.params.size(); ++i) local[g.names[i]] = {g.exp_avg[i], g.exp_avg_sq[i], g.steps[i]};
   }
   NamedTensors out;

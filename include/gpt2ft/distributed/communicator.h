@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "gpt2ft/dist/launch_env.h"
+#include "gpt2ft/distributed/launch_env.h"
 
 namespace gpt2ft {
 

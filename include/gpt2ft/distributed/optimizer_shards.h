@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "gpt2ft/dist/communicator.h"
+#include "gpt2ft/distributed/communicator.h"
 #include "gpt2ft/io/safetensors.h"
 #include "gpt2ft/train/adamw.h"
 
@@ -24,24 +24,30 @@ namespace gpt2ft {
 // The owner rank of each tensor, given the tensors' element counts.
 std::vector<int> partition_parameters(const std::vector<int64_t>& numels, int world_size);
 
-class OptimizerShards {
+class OptimizerShards final : public Optimizer {
  public:
   using Named = std::vector<std::pair<std::string, torch::Tensor>>;
   // `trained`: the trained parameters in a fixed order, the same on every rank.
-  OptimizerShards(Communicator& comm, Named trained);
+  OptimizerShards(Communicator& comm, Named trained, const AdamWOptions& options);
 
-  // The parameters this rank updates (give these to its AdamW).
-  Named owned() const;
-  // After every rank stepped its own parameters: all ranks get every updated weight.
-  void broadcast_updated_weights();
+  // This rank's AdamW steps the parameters it owns; then every owner broadcasts them, so all
+  // ranks hold every updated weight.
+  void step(double lr, const std::optional<torch::Tensor>& found_inf = std::nullopt) override;
   // Collective. Rank 0 receives every parameter's AdamW state ("adamw.exp_avg.<name>", ...),
-  // the others an empty list. `mine` is this rank's AdamW over owned().
-  NamedTensors gather_state(const AdamW& mine);
+  // the others an empty list.
+  NamedTensors checkpoint_state() const override;
+  // Each rank restores the state of the parameters it owns.
+  void restore_state(const SafetensorsReader& state) override { mine_.restore_state(state); }
+
+  // The parameters this rank updates.
+  Named owned() const;
 
  private:
+  void broadcast_updated_weights();
   Communicator& comm_;
   Named trained_;
   std::vector<int> owner_;
+  AdamW mine_;  // over owned()
 };
 
 }  // namespace gpt2ft

@@ -1,5 +1,5 @@
 // Bucketed, backward-overlapped gradient all-reduce.
-#include "gpt2ft/dist/grad_reducer.h"
+#include "gpt2ft/distributed/grad_reducer.h"
 
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>

@@ -1,0 +1,30 @@
+// What a training config means for memory: the planner's input for it, the memory a device
+// offers a training step, and train.micro_batch_size "auto".
+#pragma once
+
+#include <cstdint>
+
+#include <c10/core/Device.h>
+
+#include "gpt2ft/train/batch_split.h"
+#include "gpt2ft/train/config.h"
+#include "gpt2ft/train/memory_planner.h"
+
+namespace gpt2ft {
+
+// The memory planner's view of a config: model shape (read from model.init_from's
+// config.json or the preset, with the config's vocabulary resize and dropout), T, AMP,
+// checkpointing, frozen parameters and the global batch, for `world_size` ranks. Loads no
+// weights.
+MemoryPlanInput memory_plan_input(const TrainConfig& config, int64_t world_size = 1);
+
+// The memory a training step may plan for: on CUDA the GPU's memory (or cuda.memory_limit)
+// less 1 GiB for the CUDA context and libraries, and 5% for the caching allocator's rounding
+// and fragmentation; on the CPU half the host's memory.
+int64_t plannable_memory(const TrainConfig& config, c10::Device device);
+
+// train.micro_batch_size "auto": the largest divisor of the per-rank batch whose planned peak
+// fits plannable_memory(). The out-of-memory back-off remains the safety net.
+int64_t auto_micro_batch(const TrainConfig& config, c10::Device device, const BatchSplit& split);
+
+}  // namespace gpt2ft

@@ -1,0 +1,39 @@
+// Validation during training: data.val's windows, eval.batch_size per batch (by default the
+// training micro batch), eval.max_batches of them, under the run's autocast. When an
+// evaluation ran out of memory and went on with smaller forward passes, the next one starts
+// from what fitted. Collective with several ranks (each evaluates its share).
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <vector>
+
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include "gpt2ft/distributed/communicator.h"
+#include "gpt2ft/eval/evaluate.h"
+#include "gpt2ft/model/gpt2.h"
+#include "gpt2ft/train/config.h"
+
+namespace gpt2ft {
+
+class Validation {
+ public:
+  Validation(const TrainConfig& config, int64_t micro_batch, c10::ScalarType amp, Communicator& comm,
+             c10::Device device);
+
+  // The model's validation loss (it is left in training mode); nullopt without data.val.
+  std::optional<EvalResult> run(GPT2& model);
+  // The training micro batch changed (an out-of-memory back-off): when eval.batch_size is 0
+  // it is the evaluation's batch too.
+  void training_micro_batch_changed(int64_t micro_batch);
+
+ private:
+  const TrainConfig& config_;
+  std::vector<std::filesystem::path> shards_;
+  EvalOptions options_;
+  c10::Device device_;
+};
+
+}  // namespace gpt2ft

@@ -1,0 +1,92 @@
+// Metrics: metrics.jsonl, console lines and the progress bar.
+#include "gpt2ft/train/metrics_log.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+
+#include <spdlog/spdlog.h>
+
+namespace gpt2ft {
+
+double model_flops_per_token(const GPT2Config& c, int64_t seq_len) {
+  const double n = static_cast<double>(c.num_parameters() - c.n_positions * c.n_embd);
+  return 6 * n + 12.0 * c.n_layer * c.n_embd * seq_len;
+}
+
+MetricsLog::MetricsLog(const std::filesystem::path& path, const std::string& progress, int64_t max_steps,
+                       bool enabled, Rates rates)
+    : enabled_(enabled), max_steps_(max_steps), rates_(rates), start_(Clock::now()), interval_start_(start_) {
+  if (enabled_) out_.open(path, std::ios::app);
+  bar_ = enabled_ && (progress == "bar" || (progress == "auto" && ::isatty(STDERR_FILENO)));
+  last_loss_ = NAN;
+}
+
+void MetricsLog::start_interval() {
+  interval_start_ = Clock::now();
+  interval_steps_ = 0;
+}
+
+void MetricsLog::step_done(int64_t step, bool logged) {
+  ++interval_steps_;
+  if (!logged) progress(step);
+}
+
+void MetricsLog::write(const nlohmann::json& row) {
+  if (!enabled_) return;
+  out_ << row.dump() << "\n";
+  out_.flush();
+  clear_bar();
+}
+
+void MetricsLog::record_step(nlohmann::json row) {
+  const double secs = std::chrono::duration<double>(Clock::now() - interval_start_).count();
+  const double tokens_per_s = static_cast<double>(interval_steps_) * rates_.tokens_per_step / secs;
+  row["tokens_per_s"] = tokens_per_s;
+  row["step_ms"] = 1000 * secs / static_cast<double>(interval_steps_);
+  if (rates_.peak_flops > 0) row["mfu"] = rates_.flops_per_token * tokens_per_s / rates_.peak_flops;
+  start_interval();
+  if (!enabled_) return;
+  write(row);
+  last_loss_ = row["loss"].get<double>();
+  std::string extra;
+  if (row.contains("mfu")) extra += fmt::format(" | mfu {:.1f}%", 100 * row["mfu"].get<double>());
+  if (row.contains("cuda_peak_allocated_gb")) {
+    extra += fmt::format(" | mem {:.2f}/{:.2f} GB", row["cuda_peak_allocated_gb"].get<double>(),
+                         row["cuda_peak_reserved_gb"].get<double>());
+  }
+  if (row.contains("loss_scale")) {
+    extra += fmt::format(" | scale {:g} skipped {}", row["loss_scale"].get<double>(), row["skipped_steps"].get<int64_t>());
+  }
+  spdlog::info("step {:>6}/{} | loss {:.4f} | lr {:.3e} | norm {:.3f} | {:.0f} tok/s | {:.0f} ms{}",
+               row["step"].get<int64_t>(), max_steps_, last_loss_, row["lr"].get<double>(),
+               row["grad_norm"].get<double>(), tokens_per_s, row["step_ms"].get<double>(), extra);
+}
+
+void MetricsLog::record_validation(const nlohmann::json& row) {
+  if (!enabled_) return;
+  write(row);
+  spdlog::info("step {:>6} | val loss {:.4f} | val perplexity {:.2f}", row["step"].get<int64_t>(),
+               row["val_loss"].get<double>(), row["val_perplexity"].get<double>());
+}
+
+// A one-line bar with the last logged loss; no host sync.
+void MetricsLog::progress(int64_t step) {
+  if (!bar_) return;
+  const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
+  const double eta = step > 0 ? elapsed / step * (max_steps_ - step) : 0;
+  const int width = 30, filled = static_cast<int>(width * step / std::max<int64_t>(1, max_steps_));
+  std::fprintf(stderr, "\r[%s%s] %lld/%lld loss %.4f ETA %02d:%02d   ", std::string(filled, '#').c_str(),
+               std::string(width - filled, '.').c_str(), static_cast<long long>(step),
+               static_cast<long long>(max_steps_), last_loss_, static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+  std::fflush(stderr);
+  drawn_ = true;
+}
+
+void MetricsLog::clear_bar() {
+  if (drawn_) std::fprintf(stderr, "\r%80s\r", "");
+  drawn_ = false;
+}
+
+}  // namespace gpt2ft

@@ -1,0 +1,45 @@
+// Out-of-memory policy.
+#include "gpt2ft/train/oom_backoff.h"
+
+#include <fmt/format.h>
+
+namespace gpt2ft {
+
+OomDecision OomBackoff::decide(int64_t step, const BatchSplit& split, const std::string& why) const {
+  if (options_.policy == "fail") {
+    throw Error("out of memory at micro batch " + std::to_string(split.micro) + " (step " + std::to_string(step + 1) +
+                "): " + why + ". Lower train.micro_batch_size or set oom.policy \"backoff\"");
+  }
+  const int64_t smaller = smaller_micro_batch(split.micro, split.per_rank(), options_.min_micro_batch_size);
+  OomDecision d;
+  d.lowered = smaller != 0;
+  d.next_micro = smaller ? smaller : split.micro;
+  d.exit = options_.policy == "checkpoint_and_exit" || !d.lowered;
+  return d;
+}
+
+std::string OomBackoff::backoff_warning(int64_t step, const BatchSplit& failed, const OomDecision& decision,
+                                        const std::string& why) const {
+  const int64_t m = decision.next_micro;
+  return fmt::format(
+      "OUT OF MEMORY at step {} with micro batch {} ({}): backing off to micro batch {} x accumulation {}{} "
+      "(global batch {} unchanged) and redoing the step from its first sample",
+      step + 1, failed.micro, why, m, failed.per_rank() / m, failed.world > 1 ? fmt::format(" x {} ranks", failed.world) : "",
+      failed.global);
+}
+
+ExitRequest OomBackoff::exit_request(int64_t step, const BatchSplit& failed, const OomDecision& decision,
+                                     const std::filesystem::path& saved) const {
+  const std::string next =
+      decision.lowered
+          ? "Run again with checkpoint.resume \"auto\": it continues with micro batch " +
+                std::to_string(decision.next_micro) + " and the same global batch " + std::to_string(failed.global)
+          : "The micro batch cannot go lower (oom.min_micro_batch_size " +
+                std::to_string(options_.min_micro_batch_size) +
+                "); enable model.activation_checkpointing, amp.dtype, or a shorter data.seq_len, then run again";
+  return ExitRequest(kExitOomRestart, "out of memory at step " + std::to_string(step + 1) + " with micro batch " +
+                                          std::to_string(failed.micro) + "; saved " + saved.string() + " (step " +
+                                          std::to_string(step) + "). " + next);
+}
+
+}  // namespace gpt2ft

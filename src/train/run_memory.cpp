@@ -1,0 +1,59 @@
+// The planner applied to a training config.
+#include "gpt2ft/train/run_memory.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+
+#include <spdlog/spdlog.h>
+
+#include "gpt2ft/core/autocast.h"
+#include "gpt2ft/core/cuda_info.h"
+
+namespace gpt2ft {
+
+MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
+  MemoryPlanInput in;
+  in.world_size = world_size;
+  in.model = cfg.model.init_from.empty()
+                 ? GPT2Config::preset(cfg.model.preset)
+                 : GPT2Config::from_file(std::filesystem::path(cfg.model.init_from) / "config.json");
+  if (cfg.model.dropout >= 0) in.model.resid_pdrop = in.model.embd_pdrop = in.model.attn_pdrop = cfg.model.dropout;
+  if (cfg.model.resize_vocab > 0) in.model.vocab_size = cfg.model.resize_vocab;
+  in.seq_len = cfg.data.seq_len;
+  in.cuda = cfg.device != "cpu";
+  in.amp = resolve_amp_dtype(cfg.amp.dtype, in.cuda ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU));
+  in.checkpoint_every = cfg.checkpoint_every_n_blocks();
+  in.dropout = in.model.resid_pdrop > 0 || in.model.attn_pdrop > 0;
+  in.chunked_loss = cfg.train.chunked_loss;
+  in.shard_optimizer = cfg.distributed.shard_optimizer;
+  in.freeze_embeddings = cfg.model.freeze_embeddings;
+  in.freeze_blocks = cfg.model.freeze_blocks;
+  const int64_t accum = std::max<int64_t>(1, cfg.train.gradient_accumulation_steps);
+  in.global_batch = cfg.train.global_batch_size > 0 ? cfg.train.global_batch_size
+                    : cfg.micro_batch_auto()        ? 0
+                                                    : cfg.train.micro_batch_size * accum * world_size;
+  return in;
+}
+
+int64_t plannable_memory(const TrainConfig& cfg, c10::Device device) {
+  if (!device.is_cuda()) return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE) / 2;
+  int64_t total = cuda_memory(device).total;
+  if (!cfg.cuda.memory_limit.empty()) total = std::min(total, parse_memory_size(cfg.cuda.memory_limit, "cuda.memory_limit"));
+  return static_cast<int64_t>(0.95 * static_cast<double>(total - (1ll << 30)));
+}
+
+int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device, const BatchSplit& split) {
+  const MemoryPlan plan = plan_memory(memory_plan_input(cfg, split.world));
+  const int64_t budget = plannable_memory(cfg, device);
+  const int64_t fits = std::min(plan.largest_micro_batch(budget), split.per_rank());
+  const int64_t micro = largest_divisor_at_most(split.per_rank(), fits);
+  spdlog::info("train.micro_batch_size \"auto\": the planner predicts {:.2f} GiB fixed + {:.3f} GiB per sequence; "
+               "{} fit in {:.1f} GiB; using micro batch {} (peak {:.2f} GiB predicted)",
+               plan.fixed() / double(1ll << 30), plan.per_sequence() / double(1ll << 30), fits,
+               budget / double(1ll << 30), micro, plan.peak(micro) / double(1ll << 30));
+  return micro;
+}
+
+}  // namespace gpt2ft
