@@ -17,5 +17,6 @@ void add_tokenize_command(CLI::App& app, Runner& run);
 void add_train_command(CLI::App& app, Runner& run);
 void add_generate_command(CLI::App& app, Runner& run);
 void add_plan_command(CLI::App& app, Runner& run);
+void add_merge_lora_command(CLI::App& app, Runner& run);
 
 }  // namespace gpt2ft::cli

@@ -11,18 +11,20 @@
 #include "gpt2ft/data/shard.h"
 #include "gpt2ft/eval/evaluate.h"
 #include "gpt2ft/io/model_folder.h"
+#include "gpt2ft/model/lora.h"
 
 namespace gpt2ft::cli {
 
 void add_eval_command(CLI::App& app, Runner& run) {
   struct Args {
-    std::string model, data, device = "auto";
+    std::string model, adapter, data, device = "auto";
     EvalOptions options;
     bool json = false;
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand("eval", "Mean next-token loss and perplexity of a model on token shards");
   cmd->add_option("--model", args->model, "Hugging Face model folder")->required();
+  cmd->add_option("--adapter", args->adapter, "A LoRA adapter folder (PEFT's format) to put on the model");
   cmd->add_option("--data", args->data, "Glob of token shards, e.g. 'data/val_*.bin'")->required();
   cmd->add_option("--seq-len", args->options.seq_len, "Tokens predicted per window (T)")->capture_default_str();
   cmd->add_option("--batch-size", args->options.batch_size, "Windows per forward pass")->capture_default_str();
@@ -33,6 +35,7 @@ void add_eval_command(CLI::App& app, Runner& run) {
     run = [args] {
       const c10::Device device = parse_device(args->device);
       GPT2 model = load_model_folder(args->model, device);
+      if (!args->adapter.empty()) attach_adapter_folder(model, args->adapter);
       const EvalResult r = evaluate(model, expand_glob(args->data, "--data"), args->options, device);
       if (args->json) {
         std::cout << nlohmann::json{{"loss", r.loss}, {"tokens", r.tokens}, {"perplexity", r.perplexity}}.dump()

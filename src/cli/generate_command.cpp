@@ -11,6 +11,7 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/generate.h"
+#include "gpt2ft/model/lora.h"
 #include "gpt2ft/tokenizer/byte_level_bpe.h"
 #include "gpt2ft/tokenizer/tokenizer.h"
 
@@ -39,13 +40,14 @@ std::vector<int64_t> parse_ids(const std::string& text) {
 
 void add_generate_command(CLI::App& app, Runner& run) {
   struct Args {
-    std::string model, prompt, prompt_ids, device = "auto";
+    std::string model, adapter, prompt, prompt_ids, device = "auto";
     GenerateOptions options;
     bool json = false, no_stop = false;
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand("generate", "Continue a prompt with a model (KV-cached sampling)");
   cmd->add_option("--model", args->model, "Model folder (with its tokenizer files for --prompt)")->required();
+  cmd->add_option("--adapter", args->adapter, "A LoRA adapter folder (PEFT's format) to put on the model");
   auto* prompt = cmd->add_option("--prompt", args->prompt, "Prompt text");
   auto* ids = cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt as token ids: 1,2,3");
   prompt->excludes(ids);
@@ -61,6 +63,7 @@ void add_generate_command(CLI::App& app, Runner& run) {
     if (args->prompt.empty() && args->prompt_ids.empty()) throw CLI::RequiredError("generate needs --prompt or --prompt-ids");
     run = [args] {
       GPT2 model = load_model_folder(args->model, parse_device(args->device));
+      if (!args->adapter.empty()) attach_adapter_folder(model, args->adapter);
       std::unique_ptr<Tokenizer> tokenizer;
       if (has_tokenizer(args->model)) tokenizer = load_tokenizer(args->model);
       std::vector<int64_t> prompt;

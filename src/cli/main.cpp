@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   cli::add_train_command(app, run);
   cli::add_generate_command(app, run);
   cli::add_plan_command(app, run);
+  cli::add_merge_lora_command(app, run);
 
   try {
     app.parse(argc, argv);

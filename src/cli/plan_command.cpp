@@ -57,7 +57,7 @@ void print_plan(const TrainConfig& cfg, const MemoryPlanInput& input, const Memo
   std::printf("memory plan: %s, T=%lld, amp %s, activation checkpointing %s\n",
               cfg.model.init_from.empty() ? cfg.model.preset.c_str() : cfg.model.init_from.c_str(),
               static_cast<long long>(cfg.data.seq_len), cfg.amp.dtype.c_str(), cfg.model.activation_checkpointing.c_str());
-  std::printf("  weights (fp32)              %9.3f GiB\n", gib(plan.weights));
+  std::printf("  weights                     %9.3f GiB\n", gib(plan.weights));
   std::printf("  gradients                   %9.3f GiB  (held from the first micro batch when accumulating)\n",
               gib(plan.gradients));
   std::printf("  optimizer state (AdamW)     %9.3f GiB\n", gib(plan.optimizer));

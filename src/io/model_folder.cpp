@@ -11,6 +11,7 @@
 
 #include "gpt2ft/core/atomic_file.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/model/lora.h"
 
 namespace gpt2ft {
 namespace fs = std::filesystem;
@@ -118,6 +119,7 @@ void load_weights(GPT2& model, const fs::path& dir) {
   std::set<std::string> used;
   for (auto& item : model->named_parameters()) {
     const std::string& name = item.key();
+    if (is_lora_parameter(name)) continue;  // adapters live in adapter folders
     torch::Tensor& param = item.value();
     const SafetensorsReader* reader = nullptr;
     std::string key;
@@ -180,6 +182,7 @@ torch::Tensor to_checkpoint_layout(const std::string& name, const torch::Tensor&
 NamedTensors to_checkpoint_tensors(GPT2& model, c10::ScalarType dtype) {
   NamedTensors out;
   for (const auto& item : model->named_parameters()) {
+    if (is_lora_parameter(item.key())) continue;  // adapters live in adapter folders
     torch::Tensor t = to_checkpoint_layout(item.key(), item.value().detach());
     out.emplace_back(item.key(), t.to(torch::kCPU, dtype).contiguous());
   }
@@ -197,15 +200,33 @@ void save_model_folder(GPT2& model, const fs::path& dir, const SaveModelOptions&
                             : options.dtype == c10::kHalf   ? "float16"
                                                             : "float32";
     write_file_atomic(dir / "config.json", config.dump(2) + "\n");
-    if (options.tokenizer_from && fs::is_regular_file(*options.tokenizer_from)) {  // a SentencePiece .model
-      write_file_atomic(dir / "tokenizer.model", read_text_file(*options.tokenizer_from));
-    } else if (options.tokenizer_from && fs::absolute(*options.tokenizer_from) != fs::absolute(dir)) {
-      for (const auto& name : tokenizer_file_names()) {
-        const fs::path src = *options.tokenizer_from / name;
-        if (fs::exists(src)) write_file_atomic(dir / name, read_text_file(src));
-      }
-    }
+    if (options.tokenizer_from) copy_tokenizer_files(*options.tokenizer_from, dir);
   });
+}
+
+void copy_tokenizer_files(const fs::path& from, const fs::path& dir) {
+  if (fs::is_regular_file(from)) {  // a SentencePiece .model
+    write_file_atomic(dir / "tokenizer.model", read_text_file(from));
+  } else if (fs::absolute(from) != fs::absolute(dir)) {
+    for (const auto& name : tokenizer_file_names()) {
+      const fs::path src = from / name;
+      if (fs::exists(src)) write_file_atomic(dir / name, read_text_file(src));
+    }
+  }
+}
+
+void save_trained_weights(GPT2& model, const fs::path& dir, const std::string& base_model) {
+  if (!model->lora()) {
+    save_model_folder(model, dir);
+    return;
+  }
+  save_adapter_folder(model, *model->lora(), dir, base_model);
+  write_file_atomic(dir / "config.json", model->config().to_json().dump(2) + "\n");  // the base's shape
+}
+
+void load_trained_weights(GPT2& model, const fs::path& dir) {
+  if (model->lora()) load_adapter_weights(model, dir);
+  else load_weights(model, dir);
 }
 
 }  // namespace gpt2ft

@@ -38,6 +38,12 @@ torch::Tensor activate(const torch::Tensor& x, Activation a) {
 
 }  // namespace
 
+torch::Tensor project(torch::nn::Linear& base, LoraAdapter& lora, const torch::Tensor& x, bool training) {
+  torch::Tensor y = base(x);
+  if (!lora.active()) return y;
+  return y + lora.B(lora.A(maybe_dropout(x, lora.dropout, training))) * lora.scaling;
+}
+
 AttentionImpl::AttentionImpl(const GPT2Config& c)
     : n_head_(c.n_head), attn_pdrop_(c.attn_pdrop), resid_pdrop_(c.resid_pdrop) {
   c_attn = register_module("c_attn", make_linear(c.n_embd, 3 * c.n_embd));
@@ -47,7 +53,7 @@ AttentionImpl::AttentionImpl(const GPT2Config& c)
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   const int64_t NH = n_head_, HD = C / NH;
-  auto qkv = c_attn(x).split(C, /*dim=*/2);                // 3 x (B, T, C)
+  auto qkv = project(c_attn, c_attn_lora, x, is_training()).split(C, /*dim=*/2);  // 3 x (B, T, C)
   auto heads = [&](const torch::Tensor& t) {                 // (B, T, C) -> (B, NH, T, HD)
     return t.view({B, T, NH, HD}).transpose(1, 2);
   };
@@ -55,7 +61,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
       heads(qkv[0]), heads(qkv[1]), heads(qkv[2]), /*attn_mask=*/{},
       is_training() ? attn_pdrop_ : 0.0, /*is_causal=*/true);  // (B, NH, T, HD)
   y = y.transpose(1, 2).contiguous().view({B, T, C});          // (B, T, C)
-  return maybe_dropout(c_proj(y), resid_pdrop_, is_training());
+  return maybe_dropout(project(c_proj, c_proj_lora, y, is_training()), resid_pdrop_, is_training());
 }
 
 torch::Tensor AttentionImpl::forward_cached(const torch::Tensor& x, torch::Tensor& k_cache, torch::Tensor& v_cache,
@@ -63,14 +69,14 @@ torch::Tensor AttentionImpl::forward_cached(const torch::Tensor& x, torch::Tenso
   const int64_t B = x.size(0), t = x.size(1), C = x.size(2);
   const int64_t NH = n_head_, HD = C / NH;
   TORCH_CHECK(t == 1 || pos == 0, "forward_cached: several new tokens must start at position 0");
-  auto qkv = c_attn(x).split(C, /*dim=*/2);  // 3 x (B, t, C)
+  auto qkv = project(c_attn, c_attn_lora, x, false).split(C, /*dim=*/2);  // 3 x (B, t, C)
   auto heads = [&](const torch::Tensor& u) { return u.view({B, t, NH, HD}).transpose(1, 2); };  // (B, NH, t, HD)
   k_cache.narrow(2, pos, t).copy_(heads(qkv[1]));
   v_cache.narrow(2, pos, t).copy_(heads(qkv[2]));
   torch::Tensor y = at::scaled_dot_product_attention(heads(qkv[0]), k_cache.narrow(2, 0, pos + t),
                                                      v_cache.narrow(2, 0, pos + t), /*attn_mask=*/{}, 0.0,
                                                      /*is_causal=*/t > 1);  // (B, NH, t, HD)
-  return c_proj(y.transpose(1, 2).contiguous().view({B, t, C}));
+  return project(c_proj, c_proj_lora, y.transpose(1, 2).contiguous().view({B, t, C}), false);
 }
 
 MLPImpl::MLPImpl(const GPT2Config& c) : activation_(c.activation()), resid_pdrop_(c.resid_pdrop) {
@@ -79,8 +85,8 @@ MLPImpl::MLPImpl(const GPT2Config& c) : activation_(c.activation()), resid_pdrop
 }
 
 torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
-  torch::Tensor h = activate(c_fc(x), activation_);  // (B, T, I)
-  return maybe_dropout(c_proj(h), resid_pdrop_, is_training());  // (B, T, C)
+  torch::Tensor h = activate(project(c_fc, c_fc_lora, x, is_training()), activation_);  // (B, T, I)
+  return maybe_dropout(project(c_proj, c_proj_lora, h, is_training()), resid_pdrop_, is_training());  // (B, T, C)
 }
 
 BlockImpl::BlockImpl(const GPT2Config& c) {

@@ -89,7 +89,7 @@ fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GP
   fs::remove_all(temp);
   fs::create_directories(temp);
 
-  save_model_folder(model, temp);
+  save_trained_weights(model, temp, config.model.init_from.empty() ? "" : fs::absolute(config.model.init_from).string());
   checkpoint_kill_point();
   NamedTensors tensors = optimizer_state;
   if (scaler) {
@@ -181,7 +181,7 @@ TrainingState load_checkpoint(const fs::path& dir, GPT2& model, Optimizer& optim
                   std::to_string(now.n_head) + ", " + std::to_string(now.n_embd) + " and " +
                   std::to_string(now.vocab_size) + "; use the run's own config or checkpoint.resume: \"none\"");
     }
-    load_weights(model, dir);
+    load_trained_weights(model, dir);
 
     SafetensorsReader state(dir / "trainer_state.safetensors");
     optimizer.restore_state(state);

@@ -10,6 +10,7 @@
 
 #include "gpt2ft/core/atomic_file.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/json.h"
 #include "gpt2ft/model/config.h"
 #include "gpt2ft/train/memory_planner.h"
 
@@ -34,6 +35,16 @@ void TrainConfig::visit(Visitor& v) {
   v.integer(model.freeze_blocks, "model.freeze_blocks", 0, 0, kMaxInt, "Do not train the first N transformer blocks");
   v.integer(model.resize_vocab, "model.resize_vocab", 0, 0, kMaxInt,
             "Resize the vocabulary to N (new rows start at the mean embedding); 0 keeps it");
+  v.integer(model.lora.rank, "model.lora.rank", 0, 0, 65536,
+            "LoRA rank r: train low-rank adapters on a frozen base (as PEFT); 0 = full fine-tuning");
+  v.number(model.lora.alpha, "model.lora.alpha", 8.0, 0.0, kInf, "LoRA alpha: the adapters are scaled by alpha / rank");
+  v.number(model.lora.dropout, "model.lora.dropout", 0.0, 0.0, 0.99, "Dropout on the adapters' input");
+  v.strings(model.lora.targets, "model.lora.targets", {"c_attn"},
+            "Modules that get adapters, matched as PEFT's target_modules: c_attn, c_proj (attention and MLP), c_fc");
+  v.text(model.lora.init_from, "model.lora.init_from", "",
+         "A PEFT LoRA adapter folder to continue training (its r, alpha and targets are used)");
+  v.choice(model.lora.base_dtype, "model.lora.base_dtype", "float32", {"float32", "bfloat16", "float16"},
+           "dtype of the frozen base weights under LoRA (16 bits halve them; needs amp.dtype to match)");
   // data
   v.text(data.train, "data.train", "", "Glob of training shards (required), e.g. \"data/train_*.bin\"");
   v.text(data.val, "data.val", "", "Glob of validation shards; empty: no validation");
@@ -120,7 +131,12 @@ void TrainConfig::visit(Visitor& v) {
 
 namespace {
 
-std::string show(const json& v) { return v.is_string() ? "\"" + v.get<std::string>() + "\"" : v.dump(); }
+// A value as the user wrote it, shortened for an error message.
+std::string show(const json& v) {
+  std::string text = v.is_string() ? "\"" + v.get<std::string>() + "\"" : v.dump();
+  if (text.size() > 120) text = text.substr(0, 100) + "... (" + std::to_string(text.size()) + " characters)";
+  return text;
+}
 
 std::string range_text(double lo, double hi) {
   std::ostringstream s;
@@ -129,14 +145,34 @@ std::string range_text(double lo, double hi) {
   return s.str();
 }
 
-// Flattens nested objects into "a.b" -> value.
-void flatten(const json& j, const std::string& prefix, std::map<std::string, json>& out) {
+// Flattens nested objects into "a.b" -> value. An object at an option's own path is that
+// option's value (and a wrong type for it), not a section.
+void flatten(const json& j, const std::string& prefix, const std::set<std::string>& options,
+             std::map<std::string, json>& out) {
   for (const auto& [key, value] : j.items()) {
     const std::string path = prefix.empty() ? key : prefix + "." + key;
-    if (value.is_object()) flatten(value, path, out);
+    if (value.is_object() && !options.count(path)) flatten(value, path, options, out);
     else out[path] = value;
   }
 }
+
+// The JSON path of every option.
+struct PathsVisitor {
+  std::set<std::string> paths;
+  void integer(int64_t&, const char* p, int64_t, int64_t, int64_t, const char*) { paths.insert(p); }
+  void number(double&, const char* p, double, double, double, const char*) { paths.insert(p); }
+  void flag(bool&, const char* p, bool, const char*) { paths.insert(p); }
+  void text(std::string&, const char* p, const char*, const char*) { paths.insert(p); }
+  void choice(std::string&, const char* p, const char*, std::initializer_list<const char*>, const char*) {
+    paths.insert(p);
+  }
+  void pair(std::array<double, 2>&, const char* p, std::array<double, 2>, double, double, const char*) {
+    paths.insert(p);
+  }
+  void strings(std::vector<std::string>&, const char* p, std::vector<std::string>, const char*) { paths.insert(p); }
+  void micro_batch(int64_t&, const char* p, int64_t, const char*) { paths.insert(p); }
+  void checkpointing(std::string&, const char* p, const char*, const char*) { paths.insert(p); }
+};
 
 struct DefaultsVisitor {
   void integer(int64_t& f, const char*, int64_t d, int64_t, int64_t, const char*) { f = d; }
@@ -145,6 +181,7 @@ struct DefaultsVisitor {
   void text(std::string& f, const char*, const char* d, const char*) { f = d; }
   void choice(std::string& f, const char*, const char* d, std::initializer_list<const char*>, const char*) { f = d; }
   void pair(std::array<double, 2>& f, const char*, std::array<double, 2> d, double, double, const char*) { f = d; }
+  void strings(std::vector<std::string>& f, const char*, std::vector<std::string> d, const char*) { f = d; }
   void micro_batch(int64_t& f, const char*, int64_t d, const char*) { f = d; }
   void checkpointing(std::string& f, const char*, const char* d, const char*) { f = d; }
 };
@@ -222,6 +259,18 @@ struct ParseVisitor {
       done(path);
     }
   }
+  void strings(std::vector<std::string>& f, const char* path, std::vector<std::string>, const char*) {
+    if (const json* v = find(path)) {
+      const std::string expected = "a list of non-empty strings";
+      if (!v->is_array() || v->empty()) fail(path, expected, *v);
+      f.clear();
+      for (const auto& x : *v) {
+        if (!x.is_string() || x.get<std::string>().empty()) fail(path, expected, *v);
+        f.push_back(x.get<std::string>());
+      }
+      done(path);
+    }
+  }
   void micro_batch(int64_t& f, const char* path, int64_t, const char*) {
     if (const json* v = find(path)) {
       if (v->is_string() && v->get<std::string>() == "auto") f = 0;
@@ -260,6 +309,7 @@ struct PrintVisitor {
   void pair(std::array<double, 2>& f, const char* path, std::array<double, 2>, double, double, const char*) {
     put(path, json::array({f[0], f[1]}));
   }
+  void strings(std::vector<std::string>& f, const char* path, std::vector<std::string>, const char*) { put(path, f); }
   void micro_batch(int64_t& f, const char* path, int64_t, const char*) { put(path, f == 0 ? json("auto") : json(f)); }
   void checkpointing(std::string& f, const char* path, const char*, const char*) {
     put(path, (f == "none" || f == "all") ? json(f) : json(std::stoll(f)));
@@ -281,6 +331,9 @@ struct HelpVisitor {
   void pair(std::array<double, 2>&, const char* path, std::array<double, 2> d, double, double, const char* help) {
     line(path, json::array({d[0], d[1]}), help);
   }
+  void strings(std::vector<std::string>&, const char* path, std::vector<std::string> d, const char* help) {
+    line(path, d, help);
+  }
   void micro_batch(int64_t&, const char* path, int64_t d, const char* help) { line(path, d, help); }
   void checkpointing(std::string&, const char* path, const char* d, const char* help) { line(path, d, help); }
 };
@@ -292,8 +345,12 @@ void apply_override(json& j, const std::string& text) {
     throw Error("--set " + text + ": expected KEY=VALUE, e.g. --set train.micro_batch_size=4");
   }
   const std::string key = text.substr(0, eq), raw = text.substr(eq + 1);
-  json value = json::parse(raw, nullptr, /*allow_exceptions=*/false);
-  if (value.is_discarded()) value = raw;  // a bare word is a string
+  json value;
+  try {
+    value = parse_json_limited(raw, "--set " + key);
+  } catch (const json::exception&) {
+    value = raw;  // a bare word is a string
+  }
   json* node = &j;
   std::string p = key;
   size_t dot;
@@ -316,9 +373,11 @@ TrainConfig TrainConfig::parse(const json& j, const std::vector<std::string>& ov
   if (!j.is_object()) throw Error(where + ": expected a JSON object");
   json merged = j;
   for (const auto& o : overrides) apply_override(merged, o);
-  std::map<std::string, json> values;
-  flatten(merged, "", values);
   TrainConfig c;
+  PathsVisitor paths;
+  c.visit(paths);
+  std::map<std::string, json> values;
+  flatten(merged, "", paths.paths, values);
   ParseVisitor v{values, where};
   c.visit(v);
   if (!values.empty()) {  // unknown keys: name the first and the options of its section
@@ -362,7 +421,7 @@ TrainConfig TrainConfig::parse(const json& j, const std::vector<std::string>& ov
 TrainConfig TrainConfig::from_file(const std::string& path, const std::vector<std::string>& overrides) {
   json j;
   try {
-    j = json::parse(read_text_file(path), nullptr, true, /*ignore_comments=*/true);
+    j = parse_json_limited(read_text_file(path), path, /*ignore_comments=*/true);
   } catch (const json::exception& e) {
     throw Error(path + ": not valid JSON (" + e.what() + ")");
   }

@@ -33,6 +33,11 @@
 // recomputed block's activations. At the end of backward the embedding's dense gradient
 // (4VC) is formed and added into d wte.
 //
+// LoRA trains only the adapters (A and B per targeted projection): their gradients and AdamW
+// state are all that scale with training; the frozen base is 4 or 2 bytes a parameter (a
+// 16-bit base needs no autocast copies), no lm_head or embedding gradient exists, and each
+// adapter keeps its rank-r output (and its dropped-out input when lora dropout is on).
+//
 // Gradients (4 bytes per trained element) are held from the first micro batch on when the
 // step accumulates; without accumulation they are created while backward frees the
 // activations. ZeRO-1 (shard_optimizer) keeps the optimizer state of the rank that owns the
@@ -52,29 +57,45 @@
 #include "gpt2ft/distributed/optimizer_shards.h"
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/linear_cross_entropy.h"
+#include "gpt2ft/model/lora.h"
 
 namespace gpt2ft {
 
 MemoryPlan plan_memory(const MemoryPlanInput& in) {
   const GPT2Config& c = in.model;
   const int64_t P = c.num_parameters();
-  // The trained tensors' element counts, in the model's order (freezing as model/finetune does).
+  // The trained tensors' element counts, in the model's order (freezing as model/finetune
+  // does; with LoRA the adapters, A (r, in) and B (out, r) on each targeted projection).
   std::vector<int64_t> trained_numels;
+  int64_t lora_extra_per_token = 0;  // the adapters' own activations, per token
+  const int64_t b_act = in.amp == c10::kFloat ? 4 : 2;
   for (const auto& [name, shape] : c.parameter_shapes()) {
-    if (is_frozen(name, in.freeze_embeddings, in.freeze_blocks)) continue;
-    trained_numels.push_back(std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>()));
+    const int64_t numel = std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>());
+    if (in.lora_rank > 0) {
+      const std::string module = name.substr(0, name.rfind('.'));
+      if (shape.size() == 2 && name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0 &&
+          module.find(".h.") != std::string::npos && lora_targets(module, in.lora_targets)) {
+        const int64_t out = shape[0], inner = shape[1];
+        trained_numels.push_back(in.lora_rank * inner);  // A
+        trained_numels.push_back(out * in.lora_rank);    // B
+        lora_extra_per_token += b_act * in.lora_rank + (in.lora_dropout ? inner * (b_act + 1) : 0);
+      }
+      continue;
+    }
+    if (!is_frozen(name, in.freeze_embeddings, in.freeze_blocks)) trained_numels.push_back(numel);
   }
   const int64_t trained = std::accumulate(trained_numels.begin(), trained_numels.end(), int64_t{0});
   const int64_t tensors = static_cast<int64_t>(trained_numels.size());
   const int64_t b = in.amp == c10::kFloat ? 4 : 2;
   const int64_t C = c.n_embd, I = c.inner_dim(), T = in.seq_len, L = c.n_layer, V = c.vocab_size, NH = c.n_head;
   const int64_t checkpointed = in.checkpoint_every <= 0 ? 0 : (L + in.checkpoint_every - 1) / in.checkpoint_every;
-  const bool lm_head_trained = !c.tie_word_embeddings || !in.freeze_embeddings;
-  const bool wte_trained = !in.freeze_embeddings;
+  const bool lora = in.lora_rank > 0;
+  const bool lm_head_trained = !lora && (!c.tie_word_embeddings || !in.freeze_embeddings);
+  const bool wte_trained = !lora && !in.freeze_embeddings;
 
   MemoryPlan m;
   m.per_rank_batch = in.global_batch > 0 ? in.global_batch / std::max<int64_t>(1, in.world_size) : 0;
-  m.weights = 4 * P;
+  m.weights = lora ? in.base_bytes * P + 4 * trained : 4 * P;
   m.gradients = 4 * trained;
   m.optimizer = 8 * trained + 4 * tensors;  // two moments per element, a float32 step per tensor
   if (in.shard_optimizer && in.world_size > 1) {
@@ -84,7 +105,7 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     for (size_t i = 0; i < owner.size(); ++i) bytes[static_cast<size_t>(owner[i])] += 8 * trained_numels[i] + 4;
     m.optimizer = *std::max_element(bytes.begin(), bytes.end());
   }
-  if (b == 2) {
+  if (b == 2 && !(lora && in.base_bytes == 2)) {  // a 16-bit base needs no casts
     const int64_t block_matmul_params = C * 3 * C + 3 * C + C * C + C + C * I + I + I * C + C;  // weights and biases
     m.amp_copies = 2 * block_matmul_params * ((L - checkpointed) + (checkpointed > 0 ? 1 : 0));
     if (!in.chunked_loss) m.amp_copies += 2 * V * C;  // the eager lm_head's cast, saved by its matmul
@@ -102,10 +123,12 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   const int64_t outside = 4 * C + 8 + (in.dropout ? C : 0);  // final norm's input, embedding dropout mask
   m.activations_per_sequence_no_checkpointing = T * (L * block + outside);
   m.activations_per_sequence_all_checkpointed = T * (L * kept_input + outside);
-  m.activations_per_sequence = T * ((L - checkpointed) * block + checkpointed * kept_input + outside);
+  m.activations_per_sequence = T * ((L - checkpointed) * block + checkpointed * kept_input + outside) +
+                               T * lora_extra_per_token * (L - checkpointed) / std::max<int64_t>(1, L);
   if (in.chunked_loss) {
     const int64_t rows = linear_cross_entropy_chunk_rows(V, in.cuda);
-    m.loss_workspace = rows * V * (b == 4 ? 4 : 4 + b) + rows * C * b + (b == 2 ? 2 * V * C : 0) + m.lm_head_gradient;
+    const bool head_cast = b == 2 && !(lora && in.base_bytes == 2);  // a 16-bit head is used as it is
+    m.loss_workspace = rows * V * (b == 4 ? 4 : 4 + b) + rows * C * b + (head_cast ? 2 * V * C : 0) + m.lm_head_gradient;
     m.logits_per_sequence = 4 * C * T;
   } else {
     m.loss_workspace = 0;

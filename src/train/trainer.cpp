@@ -27,6 +27,7 @@
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/init.h"
+#include "gpt2ft/model/lora.h"
 #include "gpt2ft/train/adamw.h"
 #include "gpt2ft/train/batch_split.h"
 #include "gpt2ft/train/grad_scaler.h"
@@ -42,6 +43,34 @@ namespace fs = std::filesystem;
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// LoRA (model.lora.*): adapters on the targeted projections of a frozen base, fresh or
+// continued from a PEFT adapter folder whose r, alpha and targets are then used.
+void attach_lora(GPT2& model, const TrainConfig& cfg) {
+  const auto& o = cfg.model.lora;
+  LoraConfig lora;
+  lora.rank = o.rank;
+  lora.alpha = o.alpha;
+  lora.targets = o.targets;
+  if (!o.init_from.empty()) {
+    lora = read_adapter_config(o.init_from);
+    if (o.rank != 0 && o.rank != lora.rank) {
+      throw Error("model.lora.rank is " + std::to_string(o.rank) + " but the adapter in model.lora.init_from (" +
+                  o.init_from + ") has r " + std::to_string(lora.rank) + "; set model.lora.rank to 0 or " +
+                  std::to_string(lora.rank));
+    }
+  }
+  lora.dropout = o.dropout;
+  add_lora(model, lora);
+  if (!o.init_from.empty()) load_adapter_weights(model, o.init_from);
+  if (o.base_dtype != "float32") cast_frozen_base(model, o.base_dtype == "bfloat16" ? c10::kBFloat16 : c10::kHalf);
+  int64_t adapters = 0;
+  for (const auto& p : model->parameters()) adapters += p.requires_grad() ? p.numel() : 0;
+  spdlog::info("LoRA: rank {}, alpha {:g} (scaling {:g}), dropout {:g}, targets {}: {} adapters, {} parameters; base "
+               "frozen in {}",
+               lora.rank, lora.alpha, lora.scaling(), lora.dropout, nlohmann::json(lora.targets).dump(),
+               lora_adapters(model).size(), adapters, o.base_dtype);
+}
 
 GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
   auto set_dropout = [&](GPT2Config& c) {
@@ -62,6 +91,7 @@ GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
   }
   model->set_activation_checkpointing(cfg.checkpoint_every_n_blocks());
   freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_blocks);
+  if (cfg.lora()) attach_lora(model, cfg);
   model->to(device);
   model->train();
   if (cfg.data.seq_len > model->config().n_positions) {
@@ -175,6 +205,7 @@ class Trainer {
   fs::path save_checkpoint();
   [[noreturn]] void stop(int64_t step, const StepOutcome& outcome);
   TrainSummary finish();
+  void save_final_model();
 
   void start_every_rank_alike();
   std::unique_ptr<DataLoader> make_loader() const;
@@ -225,6 +256,10 @@ Trainer::Trainer(const TrainConfig& cfg)
   split_ = batch_split_of(cfg_, comm_.world_size());
   if (cfg_.micro_batch_auto()) split_.micro = auto_micro_batch(cfg_, device_, split_);
   amp_ = resolve_amp_dtype(cfg_.amp.dtype, device_);
+  if (cfg_.lora() && cfg_.model.lora.base_dtype != "float32" && amp_ == c10::kFloat) {
+    throw Error("model.lora.base_dtype \"" + cfg_.model.lora.base_dtype + "\" computes in 16 bits and needs autocast: "
+                "set amp.dtype to \"bfloat16\" or \"float16\" (on the CPU \"auto\" means none)");
+  }
   const auto trained = trained_parameters(model_);
   for (const auto& [name, p] : trained) params_.push_back(p);
   optimizer_ = make_optimizer(cfg_, comm_, device_, trained);
@@ -455,6 +490,21 @@ void Trainer::stop(int64_t step, const StepOutcome& outcome) {
                                       saved.string() + ". Run again with checkpoint.resume \"auto\" to continue");
 }
 
+// final/: a Hugging Face model folder, or with LoRA a PEFT adapter folder naming the base.
+void Trainer::save_final_model() {
+  const fs::path dir = fs::path(cfg_.output_dir) / "final";
+  SaveModelOptions save;
+  save.dtype = cfg_.save_dtype == "bfloat16" ? c10::kBFloat16 : cfg_.save_dtype == "float16" ? c10::kHalf : c10::kFloat;
+  if (!cfg_.model.init_from.empty()) save.tokenizer_from = fs::path(cfg_.model.init_from);
+  if (!model_->lora()) {
+    save_model_folder(model_, dir, save);
+    return;
+  }
+  save_adapter_folder(model_, *model_->lora(), dir,
+                      cfg_.model.init_from.empty() ? cfg_.model.preset : fs::absolute(cfg_.model.init_from).string());
+  if (save.tokenizer_from) copy_tokenizer_files(*save.tokenizer_from, dir);
+}
+
 // The end of the run: final validation, checkpoint and model folder.
 TrainSummary Trainer::finish() {
   metrics_->clear_bar();
@@ -465,12 +515,7 @@ TrainSummary Trainer::finish() {
   summary_.val_loss = validate(summary_.steps);
   if (cfg_.checkpoint.at_end) save_checkpoint();
   summary_.final_model = fs::path(cfg_.output_dir) / "final";
-  if (comm_.is_main()) {
-    SaveModelOptions save;
-    save.dtype = cfg_.save_dtype == "bfloat16" ? c10::kBFloat16 : cfg_.save_dtype == "float16" ? c10::kHalf : c10::kFloat;
-    if (!cfg_.model.init_from.empty()) save.tokenizer_from = fs::path(cfg_.model.init_from);
-    save_model_folder(model_, summary_.final_model, save);
-  }
+  if (comm_.is_main()) save_final_model();
   comm_.barrier("final model");
   summary_.seconds = std::chrono::duration<double>(Clock::now() - start_).count();
   spdlog::info("done: {} steps in {:.1f}s; train loss {:.4f} -> {:.4f}{}; model saved to {}", summary_.steps,

@@ -43,6 +43,16 @@ NamedTensors to_checkpoint_tensors(GPT2& model, c10::ScalarType dtype);
 // One parameter (or its gradient) in checkpoint layout: Conv1D weights transposed.
 torch::Tensor to_checkpoint_layout(const std::string& name, const torch::Tensor& tensor);
 
+// What a training checkpoint keeps of the model: the whole model folder, or with LoRA only
+// the adapter folder (adapter_config.json naming `base_model`, adapter_model.safetensors)
+// and the base's config.json. load_trained_weights reads back the same.
+void save_trained_weights(GPT2& model, const std::filesystem::path& dir, const std::string& base_model);
+void load_trained_weights(GPT2& model, const std::filesystem::path& dir);
+
+// Copies the tokenizer files of the model folder `from` (or a SentencePiece .model file, as
+// tokenizer.model) into `dir`.
+void copy_tokenizer_files(const std::filesystem::path& from, const std::filesystem::path& dir);
+
 // Names of the tokenizer files that travel with a model folder.
 const std::vector<std::string>& tokenizer_file_names();
 

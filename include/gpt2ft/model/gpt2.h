@@ -8,6 +8,8 @@
 // them (in, out), and io/model_folder.cpp transposes them in one place on load and save.
 #pragma once
 
+#include <optional>
+
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/embedding.h>
@@ -15,8 +17,24 @@
 #include <torch/nn/modules/normalization.h>
 
 #include "gpt2ft/model/config.h"
+#include "gpt2ft/model/lora_config.h"
 
 namespace gpt2ft {
+
+// A low-rank adapter on one projection (LoRA, as PEFT puts it on GPT-2's Conv1D layers):
+// y = base(x) + scaling * B(A(dropout(x))), A (r, in) and B (out, r). Its A and B are
+// registered on the base layer as "lora_A" and "lora_B", so their parameters are named
+// <layer>.lora_A.weight and <layer>.lora_B.weight (PEFT's names without "base_model.model.").
+struct LoraAdapter {
+  torch::nn::Linear A{nullptr};  // in -> r
+  torch::nn::Linear B{nullptr};  // r -> out
+  double scaling = 0;
+  double dropout = 0;
+  bool active() const { return !A.is_empty(); }
+};
+
+// base(x), plus the adapter's term when it has one. x (B, T, in) -> (B, T, out).
+torch::Tensor project(torch::nn::Linear& base, LoraAdapter& lora, const torch::Tensor& x, bool training);
 
 // Keys and values of earlier positions, per layer, for incremental decoding.
 struct KVCache {
@@ -33,6 +51,7 @@ class AttentionImpl : public torch::nn::Module {
 
   torch::nn::Linear c_attn{nullptr};  // C -> 3C (query, key, value)
   torch::nn::Linear c_proj{nullptr};  // C -> C
+  LoraAdapter c_attn_lora, c_proj_lora;
 
  private:
   int64_t n_head_;
@@ -48,6 +67,7 @@ class MLPImpl : public torch::nn::Module {
 
   torch::nn::Linear c_fc{nullptr};    // C -> I
   torch::nn::Linear c_proj{nullptr};  // I -> C
+  LoraAdapter c_fc_lora, c_proj_lora;
 
  private:
   Activation activation_;
@@ -102,6 +122,9 @@ class GPT2Impl : public torch::nn::Module {
   // Checkpoint every n-th block's activations in training (0 = none, 1 = all).
   void set_activation_checkpointing(int64_t every_n) { checkpoint_every_ = every_n; }
   int64_t activation_checkpointing() const { return checkpoint_every_; }
+  // The settings of its LoRA adapters (model/lora.h), when it has them.
+  const std::optional<LoraConfig>& lora() const { return lora_; }
+  void set_lora(std::optional<LoraConfig> lora) { lora_ = std::move(lora); }
 
   Transformer transformer{nullptr};
   torch::nn::Linear lm_head{nullptr};  // C -> V; registered only when embeddings are untied
@@ -109,6 +132,7 @@ class GPT2Impl : public torch::nn::Module {
  private:
   GPT2Config config_;
   int64_t checkpoint_every_ = 0;
+  std::optional<LoraConfig> lora_;
 };
 TORCH_MODULE(GPT2);
 

@@ -21,6 +21,13 @@ struct TrainConfig {
     bool freeze_embeddings = false;
     int64_t freeze_blocks = 0;
     int64_t resize_vocab = 0;                // 0: keep the model's vocabulary size
+    struct Lora {
+      int64_t rank = 0;                      // 0: full fine-tuning
+      double alpha = 0, dropout = 0;
+      std::vector<std::string> targets;
+      std::string init_from;                 // a PEFT adapter folder to continue
+      std::string base_dtype;                // "float32" | "bfloat16" | "float16"
+    } lora;
   } model;
   struct Data {
     std::string train, val;
@@ -82,7 +89,7 @@ struct TrainConfig {
   std::string save_dtype;
 
   // Calls the visitor once per option: v.integer / v.number / v.flag / v.text / v.choice /
-  // v.pair / v.micro_batch / v.checkpointing (field, "json.path", default, ..., "help").
+  // v.pair / v.strings / v.micro_batch / v.checkpointing (field, "json.path", default, ..., "help").
   template <class Visitor>
   void visit(Visitor& v);
 
@@ -102,6 +109,8 @@ struct TrainConfig {
   bool micro_batch_auto() const { return train.micro_batch_size == 0; }
   // Blocks to checkpoint: 0 none, 1 all, N every N-th.
   int64_t checkpoint_every_n_blocks() const;
+  // LoRA is on (model.lora.rank > 0 or model.lora.init_from).
+  bool lora() const { return model.lora.rank > 0 || !model.lora.init_from.empty(); }
 };
 
 }  // namespace gpt2ft

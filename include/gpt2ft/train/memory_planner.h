@@ -37,6 +37,12 @@ struct MemoryPlanInput {
   bool chunked_loss = true;           // train.chunked_loss: no whole-batch logits
   bool shard_optimizer = false;       // ZeRO-1 (with world_size > 1)
   int64_t global_batch = 0;           // sequences per optimizer step over all ranks; 0: unknown (assume accumulation)
+  // LoRA: adapters of rank lora_rank on the targeted projections train; the base is frozen
+  // and stored in base_bytes per parameter.
+  int64_t lora_rank = 0;
+  std::vector<std::string> lora_targets;
+  bool lora_dropout = false;
+  int64_t base_bytes = 4;
 };
 
 struct MemoryPlan {

@@ -1,0 +1,20 @@
+// The settings of a model's LoRA adapters (model/lora.h), as adapter_config.json holds them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace gpt2ft {
+
+struct LoraConfig {
+  int64_t rank = 0;    // r
+  double alpha = 8;    // lora_alpha
+  double dropout = 0;  // lora_dropout
+  std::vector<std::string> targets = {"c_attn"};  // target_modules
+  bool rslora = false;  // use_rslora: scaling alpha / sqrt(r)
+
+  double scaling() const;
+};
+
+}  // namespace gpt2ft

@@ -1,0 +1,225 @@
+// LoRA adapters, as PEFT's.
+#include "gpt2ft/model/lora.h"
+
+#include <cmath>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/core/json.h"
+#include "gpt2ft/io/safetensors.h"
+
+namespace gpt2ft {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr const char* kPeftPrefix = "base_model.model.";
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Every projection that can carry an adapter: its module name, base layer and adapter slot.
+struct Slot {
+  std::string name;
+  torch::nn::Linear* base;
+  LoraAdapter* adapter;
+};
+
+std::vector<Slot> projections(GPT2& model) {
+  std::vector<Slot> out;
+  for (size_t i = 0; i < model->transformer->h->size(); ++i) {
+    BlockImpl& b = *model->transformer->h[i]->as<Block>();
+    const std::string p = "transformer.h." + std::to_string(i) + ".";
+    out.push_back({p + "attn.c_attn", &b.attn->c_attn, &b.attn->c_attn_lora});
+    out.push_back({p + "attn.c_proj", &b.attn->c_proj, &b.attn->c_proj_lora});
+    out.push_back({p + "mlp.c_fc", &b.mlp->c_fc, &b.mlp->c_fc_lora});
+    out.push_back({p + "mlp.c_proj", &b.mlp->c_proj, &b.mlp->c_proj_lora});
+  }
+  return out;
+}
+
+}  // namespace
+
+double LoraConfig::scaling() const {
+  return rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
+}
+
+bool lora_targets(const std::string& module_name, const std::vector<std::string>& targets) {
+  for (const auto& t : targets) {
+    if (module_name == t || ends_with(module_name, "." + t)) return true;
+  }
+  return false;
+}
+
+bool is_lora_parameter(const std::string& name) {
+  return ends_with(name, ".lora_A.weight") || ends_with(name, ".lora_B.weight");
+}
+
+void add_lora(GPT2& model, const LoraConfig& config) {
+  if (config.rank < 1) throw Error("model.lora.rank: expected an integer >= 1 for LoRA, got " + std::to_string(config.rank));
+  for (auto& p : model->parameters()) p.requires_grad_(false);
+  const auto options = model->transformer->wte->weight.options();
+  std::vector<std::string> matched;
+  for (Slot& s : projections(model)) {
+    if (!lora_targets(s.name, config.targets)) continue;
+    matched.push_back(s.name);
+    const auto& weight = (*s.base)->weight;  // (out, in)
+    LoraAdapter& a = *s.adapter;
+    a.A = torch::nn::Linear(torch::nn::LinearOptions(weight.size(1), config.rank).bias(false));
+    a.B = torch::nn::Linear(torch::nn::LinearOptions(config.rank, weight.size(0)).bias(false));
+    {
+      torch::NoGradGuard no_grad;
+      a.B->weight.zero_();  // the adapter starts as a no-op
+    }
+    a.A->to(options.device(), options.dtype().toScalarType());
+    a.B->to(options.device(), options.dtype().toScalarType());
+    a.scaling = config.scaling();
+    a.dropout = config.dropout;
+    (*s.base)->register_module("lora_A", a.A);
+    (*s.base)->register_module("lora_B", a.B);
+  }
+  model->set_lora(config);
+  for (const auto& t : config.targets) {
+    bool used = false;
+    for (const auto& m : matched) used = used || lora_targets(m, {t});
+    if (!used) {
+      throw Error("model.lora.targets: \"" + t + "\" matches no GPT-2 module (the projections are c_attn, c_proj and "
+                  "c_fc)");
+    }
+  }
+}
+
+std::vector<std::pair<std::string, LoraAdapter*>> lora_adapters(GPT2& model) {
+  std::vector<std::pair<std::string, LoraAdapter*>> out;
+  for (Slot& s : projections(model)) {
+    if (s.adapter->active()) out.emplace_back(s.name, s.adapter);
+  }
+  return out;
+}
+
+void merge_lora(GPT2& model) {
+  torch::NoGradGuard no_grad;
+  for (Slot& s : projections(model)) {
+    LoraAdapter& a = *s.adapter;
+    if (!a.active()) continue;
+    torch::Tensor& w = (*s.base)->weight;  // (out, in)
+    w.add_(torch::matmul(a.B->weight.to(torch::kFloat), a.A->weight.to(torch::kFloat)).to(w.scalar_type()),
+           a.scaling);
+    (*s.base)->unregister_module("lora_A");
+    (*s.base)->unregister_module("lora_B");
+    a = LoraAdapter{};
+  }
+  model->set_lora(std::nullopt);
+}
+
+void cast_frozen_base(GPT2& model, c10::ScalarType dtype) {
+  torch::NoGradGuard no_grad;
+  for (auto& item : model->named_parameters()) {
+    torch::Tensor& p = item.value();
+    if (!p.requires_grad()) p.set_data(p.to(dtype));
+  }
+}
+
+LoraConfig read_adapter_config(const fs::path& dir) {
+  const fs::path path = dir / "adapter_config.json";
+  if (!fs::exists(path)) {
+    throw Error(dir.string() + ": not a LoRA adapter folder (no adapter_config.json); PEFT's save_pretrained writes one");
+  }
+  const nlohmann::json j = read_json_file(path.string());
+  const std::string where = path.string();
+  auto field = [&](const char* key) -> const nlohmann::json& {
+    if (!j.contains(key)) throw Error(where + ": missing \"" + std::string(key) + "\"");
+    return j.at(key);
+  };
+  if (!j.is_object() || field("peft_type") != "LORA") {
+    throw Error(where + ": peft_type is " + (j.is_object() && j.contains("peft_type") ? j["peft_type"].dump() : "missing") +
+                "; only LORA adapters are supported");
+  }
+  LoraConfig c;
+  if (!field("r").is_number_integer() || field("r").get<int64_t>() < 1) throw Error(where + ": r must be an integer >= 1");
+  c.rank = field("r").get<int64_t>();
+  if (!field("lora_alpha").is_number()) throw Error(where + ": lora_alpha must be a number");
+  c.alpha = field("lora_alpha").get<double>();
+  c.dropout = j.value("lora_dropout", 0.0);
+  c.rslora = j.value("use_rslora", false);
+  const nlohmann::json& targets = field("target_modules");
+  c.targets.clear();
+  if (targets.is_string()) {
+    throw Error(where + ": target_modules is a regular expression (" + targets.dump() +
+                "); give the module names as a list, e.g. [\"c_attn\", \"c_proj\"]");
+  }
+  if (!targets.is_array()) throw Error(where + ": target_modules must be a list of module names");
+  for (const auto& t : targets) {
+    if (!t.is_string()) throw Error(where + ": target_modules must be a list of module names");
+    c.targets.push_back(t.get<std::string>());
+  }
+  if (j.value("bias", std::string("none")) != "none") {
+    throw Error(where + ": bias \"" + j["bias"].get<std::string>() + "\" is not supported (only \"none\")");
+  }
+  // What PEFT can put in an adapter that this LoRA does not do: refused by name, not ignored.
+  for (const char* key : {"modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules",
+                          "target_parameters", "trainable_token_indices"}) {
+    if (j.contains(key) && !j[key].is_null() && !j[key].empty()) {
+      throw Error(where + ": " + key + " " + j[key].dump() + " is not supported");
+    }
+  }
+  for (const char* key : {"use_dora", "lora_bias", "use_qalora"}) {
+    if (j.value(key, false)) throw Error(where + ": " + key + " is true; only plain LoRA is supported");
+  }
+  return c;
+}
+
+void load_adapter_weights(GPT2& model, const fs::path& dir) {
+  with_context("loading LoRA adapter " + dir.string(), [&] {
+    const fs::path file = dir / "adapter_model.safetensors";
+    if (!fs::exists(file)) {
+      throw Error(file.string() + ": missing" +
+                  std::string(fs::exists(dir / "adapter_model.bin")
+                                  ? " (the folder holds adapter_model.bin: load it with PEFT and save_pretrained it "
+                                    "with safe_serialization=True)"
+                                  : ""));
+    }
+    SafetensorsReader reader(file);
+    const std::string hint = "the adapter does not match adapter_config.json or the base model";
+    for (auto& item : model->named_parameters()) {
+      if (!is_lora_parameter(item.key())) continue;
+      reader.load_into(kPeftPrefix + item.key(), item.value(), hint);
+    }
+  });
+}
+
+void attach_adapter_folder(GPT2& model, const fs::path& dir) {
+  add_lora(model, read_adapter_config(dir));
+  load_adapter_weights(model, dir);
+}
+
+void save_adapter_folder(GPT2& model, const LoraConfig& config, const fs::path& dir,
+                         const std::string& base_model_name_or_path) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw Error(dir.string() + ": cannot create directory (" + ec.message() + ")");
+  NamedTensors tensors;
+  for (const auto& item : model->named_parameters()) {
+    if (is_lora_parameter(item.key())) tensors.emplace_back(kPeftPrefix + item.key(), item.value().detach());
+  }
+  save_safetensors(dir / "adapter_model.safetensors", tensors);
+  const nlohmann::json cfg = {{"peft_type", "LORA"},
+                              {"task_type", "CAUSAL_LM"},
+                              {"base_model_name_or_path", base_model_name_or_path},
+                              {"r", config.rank},
+                              {"lora_alpha", config.alpha},
+                              {"lora_dropout", config.dropout},
+                              {"target_modules", config.targets},
+                              {"fan_in_fan_out", true},
+                              {"bias", "none"},
+                              {"use_rslora", config.rslora},
+                              {"modules_to_save", nullptr},
+                              {"init_lora_weights", true},
+                              {"inference_mode", true}};
+  write_file_atomic(dir / "adapter_config.json", cfg.dump(2) + "\n");
+}
+
+}  // namespace gpt2ft
