@@ -16,6 +16,7 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/distributed/launch_env.h"
 #include "gpt2ft/train/config.h"
+#include "gpt2ft/train/memory_levers.h"
 #include "gpt2ft/train/memory_planner.h"
 #include "gpt2ft/train/trainer.h"
 
@@ -60,7 +61,12 @@ void print_plan(const TrainConfig& cfg, const MemoryPlanInput& input, const Memo
   std::printf("  weights                     %9.3f GiB\n", gib(plan.weights));
   std::printf("  gradients                   %9.3f GiB  (held from the first micro batch when accumulating)\n",
               gib(plan.gradients));
-  std::printf("  optimizer state (AdamW)     %9.3f GiB\n", gib(plan.optimizer));
+  if (plan.host_bytes > 0) {
+    std::printf("  optimizer state (AdamW)     %9.3f GiB  (offloaded: %.3f GiB of host memory)\n", gib(plan.optimizer),
+                gib(plan.host_bytes));
+  } else {
+    std::printf("  optimizer state (AdamW)     %9.3f GiB\n", gib(plan.optimizer));
+  }
   std::printf("  AMP weight copies           %9.3f GiB\n", gib(plan.amp_copies));
   std::printf("  cuBLAS workspace            %9.3f GiB\n", gib(plan.workspace));
   if (plan.gradient_buckets > 0) {
@@ -77,8 +83,8 @@ void print_plan(const TrainConfig& cfg, const MemoryPlanInput& input, const Memo
               static_cast<long long>(micro), gib(plan.peak(micro)), gib(plan.forward_peak(micro)),
               gib(plan.backward_peak(micro)), gib(plan.backward_end_peak(micro)));
   if (budget > 0) {
-    std::printf("  largest micro batch in %.1f GiB: %lld\n", gib(budget),
-                static_cast<long long>(plan.largest_micro_batch(budget)));
+    std::printf("  largest micro batch in %.1f GiB usable: %lld  (the GPU's memory less 1 GiB for the CUDA context, "
+                "less 5%%)\n", gib(budget), static_cast<long long>(plan.largest_micro_batch(budget)));
   }
   if (out.contains("measured_peak_allocated")) {
     const double measured = out["measured_peak_allocated"].get<double>();
@@ -87,26 +93,62 @@ void print_plan(const TrainConfig& cfg, const MemoryPlanInput& input, const Memo
   }
 }
 
+void print_advice(const MemoryAdvice& advice) {
+  std::printf("\nmicro batch %lld does not fit %.1f GiB; levers that would help, cheapest first:\n",
+              static_cast<long long>(advice.micro_batch), gib(advice.budget));
+  for (const auto& l : advice.single) {
+    std::printf("  %-52s peak %7.2f GiB, largest micro batch %lld%s\n      cost: %s\n", l.name.c_str(), gib(l.peak),
+                static_cast<long long>(l.largest_micro_batch), l.keeps_full_fine_tune ? "" : " (changes what is trained)",
+                l.cost.c_str());
+  }
+  const MemoryLever& c = advice.combined;
+  std::string sets;
+  for (const auto& s : c.settings) sets += " --set " + s;
+  if (c.world_size > 1) sets += " (on " + std::to_string(c.world_size) + " GPUs)";
+  std::printf("recommended%s: %s\n  peak %.2f GiB at micro batch %lld, largest micro batch %lld\n  %s\n",
+              advice.combined_fits ? "" : " (still short)", c.name.c_str(), gib(c.peak),
+              static_cast<long long>(advice.micro_batch), static_cast<long long>(c.largest_micro_batch), sets.c_str());
+}
+
 int run_plan(const PlanArgs& args) {
-  const TrainConfig cfg = TrainConfig::from_file(args.config, args.overrides);
-  const MemoryPlanInput input = memory_plan_input(cfg, args.gpus > 0 ? args.gpus : read_launch_env().world_size);
-  const MemoryPlan plan = plan_memory(input);
+  TrainConfig cfg = TrainConfig::from_file(args.config, args.overrides);
+  const int64_t world = args.gpus > 0 ? args.gpus : read_launch_env().world_size;
   int64_t budget = 0;
   if (!args.gpu_memory.empty()) {
-    budget = parse_memory_size(args.gpu_memory, "--gpu-memory");
+    budget = plannable_of(parse_memory_size(args.gpu_memory, "--gpu-memory"));
   } else {
     const c10::Device device = parse_device(cfg.device, "device");
-    if (device.is_cuda()) budget = cuda_memory(device).total;
+    if (device.is_cuda()) budget = plannable_memory(cfg, device);
   }
+  const BatchSplit split = batch_split_of(cfg, world);
+  if (cfg.checkpointing_auto() && budget > 0) {  // as the trainer resolves it
+    const int64_t target = split.micro > 0 ? split.micro : std::min<int64_t>(split.per_rank(), 8);
+    const int64_t every = least_checkpointing_that_fits(memory_plan_input(cfg, world), target, budget).value_or(1);
+    cfg.model.activation_checkpointing = every == 0 ? "none" : every == 1 ? "all" : std::to_string(every);
+  }
+  const MemoryPlanInput input = memory_plan_input(cfg, world);
+  const MemoryPlan plan = plan_memory(input);
   const int64_t micro = cfg.micro_batch_auto() ? std::max<int64_t>(1, plan.largest_micro_batch(budget))
                                                : cfg.train.micro_batch_size;
   nlohmann::json out = plan.to_json(budget);
   out["world_size"] = input.world_size;
   out["micro_batch"] = micro;
   out["predicted_peak"] = plan.peak(micro);
+  out["activation_checkpointing"] = cfg.model.activation_checkpointing;
+  // Advice when the micro batch does not fit (for "auto": when fewer than 4 would).
+  const int64_t wanted = cfg.micro_batch_auto() ? std::min<int64_t>(4, split.per_rank()) : micro;
+  std::optional<MemoryAdvice> advice;
+  if (budget > 0 && plan.largest_micro_batch(budget) < wanted) {
+    advice = memory_levers(cfg, world, wanted, budget);
+    out["advice"] = advice->to_json();
+  }
   if (args.measure) out.update(measure_peak(cfg, micro));
-  if (args.json) std::cout << out.dump() << std::endl;
-  else print_plan(cfg, input, plan, micro, budget, out);
+  if (args.json) {
+    std::cout << out.dump() << std::endl;
+    return kExitOk;
+  }
+  print_plan(cfg, input, plan, micro, budget, out);
+  if (advice) print_advice(*advice);
   return kExitOk;
 }
 
@@ -117,7 +159,8 @@ void add_plan_command(CLI::App& app, Runner& run) {
   CLI::App* cmd = app.add_subcommand("plan", "Predict a training step's peak memory and the largest micro batch that fits");
   cmd->add_option("--config", args->config, "Training config JSON")->required();
   cmd->add_option("--set", args->overrides, "Override a config option (repeatable)")->take_all();
-  cmd->add_option("--gpu-memory", args->gpu_memory, "Memory budget, e.g. 80GiB (default: the device's memory)");
+  cmd->add_option("--gpu-memory", args->gpu_memory,
+                  "The GPU's memory, e.g. 24GiB (default: the device's, or cuda.memory_limit)");
   cmd->add_option("--gpus", args->gpus, "Data-parallel GPUs the run will use (default: the launcher's world size, else 1)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   cmd->add_flag("--json", args->json, "Print the plan as one JSON object");

@@ -4,7 +4,6 @@
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <array>
 #include <map>
 #include <numeric>
 
@@ -35,14 +34,11 @@ std::vector<int> owners_of(const OptimizerShards::Named& trained, int world_size
 
 }  // namespace
 
-OptimizerShards::OptimizerShards(Communicator& comm, Named trained, const AdamWOptions& options)
-    : comm_(comm),
-      trained_(std::move(trained)),
-      owner_(owners_of(trained_, comm_.world_size())),
-      mine_(owned(), options) {}
+OptimizerShards::OptimizerShards(Communicator& comm, Named trained, const MakeShardOptimizer& make)
+    : comm_(comm), trained_(std::move(trained)), owner_(owners_of(trained_, comm_.world_size())), mine_(make(owned())) {}
 
 void OptimizerShards::step(double lr, const std::optional<torch::Tensor>& found_inf) {
-  mine_.step(lr, found_inf);
+  mine_->step(lr, found_inf);
   broadcast_updated_weights();
 }
 
@@ -82,11 +78,8 @@ void OptimizerShards::broadcast_updated_weights() {
 }
 
 NamedTensors OptimizerShards::checkpoint_state() const {
-  // This rank's state by parameter name.
-  std::map<std::string, std::array<torch::Tensor, 3>> local;
-  for (const auto& g : mine_.groups()) {
-    for (size_t i = 0; i < g.params.size(); ++i) local[g.names[i]] = {g.exp_avg[i], g.exp_avg_sq[i], g.steps[i]};
-  }
+  std::map<std::string, torch::Tensor> local;  // this rank's state by key
+  for (auto& [key, t] : mine_->checkpoint_state()) local.emplace(key, t);
   NamedTensors out;
   torch::NoGradGuard no_grad;
   for (size_t i = 0; i < trained_.size(); ++i) {
@@ -94,7 +87,8 @@ NamedTensors OptimizerShards::checkpoint_state() const {
     const bool own = owner_[i] == comm_.rank();
     const char* kinds[3] = {"adamw.exp_avg.", "adamw.exp_avg_sq.", "adamw.step."};
     for (int k = 0; k < 3; ++k) {
-      torch::Tensor t = own ? local.at(name)[static_cast<size_t>(k)]
+      // Collectives run on the training device, wherever the owner keeps its state.
+      torch::Tensor t = own ? local.at(kinds[k] + name).to(p.device())
                             : (k == 2 ? torch::empty({}, p.options().dtype(torch::kFloat)) : torch::empty_like(p));
       comm_.broadcast_({t}, owner_[i], "optimizer state of " + name);
       if (comm_.is_main()) out.emplace_back(kinds[k] + name, t.cpu());

@@ -30,7 +30,8 @@ void TrainConfig::visit(Visitor& v) {
   v.number(model.dropout, "model.dropout", -1.0, -1.0, 0.99,
            "Dropout for embeddings, attention and residuals; -1 keeps the model's config.json values");
   v.checkpointing(model.activation_checkpointing, "model.activation_checkpointing", "none",
-                  "Recompute activations in backward to save memory: \"none\", \"all\", or N (every N-th block)");
+                  "Recompute activations in backward to save memory: \"none\", \"all\", N (every N-th block), or "
+                  "\"auto\" (the least recomputation the planner fits the micro batch with)");
   v.flag(model.freeze_embeddings, "model.freeze_embeddings", false, "Do not train wte/wpe (and a tied lm_head)");
   v.integer(model.freeze_blocks, "model.freeze_blocks", 0, 0, kMaxInt, "Do not train the first N transformer blocks");
   v.integer(model.resize_vocab, "model.resize_vocab", 0, 0, kMaxInt,
@@ -75,6 +76,8 @@ void TrainConfig::visit(Visitor& v) {
            "Use the fused AdamW kernel (auto: on CUDA)");
   v.flag(train.chunked_loss, "train.chunked_loss", true,
          "Compute lm_head + cross-entropy in chunks, never holding the micro batch's logits (false: eager)");
+  v.choice(train.optimizer_offload, "train.optimizer_offload", "none", {"none", "cpu"},
+           "cpu: AdamW's state and step on the host (8 bytes a parameter less on the GPU, 16 more on the host)");
   v.integer(train.seed, "train.seed", 1337, 0, kMaxInt, "Seed of initialisation and dropout");
   v.number(train.time_limit, "train.time_limit", 0.0, 0.0, kInf,
            "Wall seconds after which the run checkpoints and stops; 0 = none");
@@ -281,9 +284,10 @@ struct ParseVisitor {
   }
   void checkpointing(std::string& f, const char* path, const char*, const char*) {
     if (const json* v = find(path)) {
-      if (v->is_string() && (v->get<std::string>() == "none" || v->get<std::string>() == "all")) f = v->get<std::string>();
+      if (v->is_string() && (v->get<std::string>() == "none" || v->get<std::string>() == "all" ||
+                               v->get<std::string>() == "auto")) f = v->get<std::string>();
       else if (v->is_number_integer() && v->get<int64_t>() >= 1) f = std::to_string(v->get<int64_t>());
-      else fail(path, "\"none\", \"all\" or an integer N >= 1 (every N-th block)", *v);
+      else fail(path, "\"none\", \"all\", \"auto\" or an integer N >= 1 (every N-th block)", *v);
       done(path);
     }
   }
@@ -312,7 +316,7 @@ struct PrintVisitor {
   void strings(std::vector<std::string>& f, const char* path, std::vector<std::string>, const char*) { put(path, f); }
   void micro_batch(int64_t& f, const char* path, int64_t, const char*) { put(path, f == 0 ? json("auto") : json(f)); }
   void checkpointing(std::string& f, const char* path, const char*, const char*) {
-    put(path, (f == "none" || f == "all") ? json(f) : json(std::stoll(f)));
+    put(path, (f == "none" || f == "all" || f == "auto") ? json(f) : json(std::stoll(f)));
   }
 };
 
@@ -442,7 +446,7 @@ std::string TrainConfig::help_text() {
 }
 
 int64_t TrainConfig::checkpoint_every_n_blocks() const {
-  if (model.activation_checkpointing == "none") return 0;
+  if (model.activation_checkpointing == "none" || model.activation_checkpointing == "auto") return 0;
   if (model.activation_checkpointing == "all") return 1;
   return std::stoll(model.activation_checkpointing);
 }

@@ -33,6 +33,10 @@
 // recomputed block's activations. At the end of backward the embedding's dense gradient
 // (4VC) is formed and added into d wte.
 //
+// Optimizer offload (train.optimizer_offload "cpu") keeps AdamW's moments on the host, with a
+// float32 copy of the weights it updates and a gradient buffer: 16 bytes a trained parameter
+// of host memory instead of 8 on the GPU.
+//
 // LoRA trains only the adapters (A and B per targeted projection): their gradients and AdamW
 // state are all that scale with training; the frozen base is 4 or 2 bytes a parameter (a
 // 16-bit base needs no autocast copies), no lm_head or embedding gradient exists, and each
@@ -98,12 +102,21 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   m.weights = lora ? in.base_bytes * P + 4 * trained : 4 * P;
   m.gradients = 4 * trained;
   m.optimizer = 8 * trained + 4 * tensors;  // two moments per element, a float32 step per tensor
+  int64_t owned = trained;  // trained elements whose optimizer state this rank keeps
   if (in.shard_optimizer && in.world_size > 1) {
     // ZeRO-1: the most loaded rank's share, under the partition the trainer uses.
     const std::vector<int> owner = partition_parameters(trained_numels, static_cast<int>(in.world_size));
-    std::vector<int64_t> bytes(static_cast<size_t>(in.world_size), 0);
-    for (size_t i = 0; i < owner.size(); ++i) bytes[static_cast<size_t>(owner[i])] += 8 * trained_numels[i] + 4;
+    std::vector<int64_t> bytes(static_cast<size_t>(in.world_size), 0), elements(bytes.size(), 0);
+    for (size_t i = 0; i < owner.size(); ++i) {
+      bytes[static_cast<size_t>(owner[i])] += 8 * trained_numels[i] + 4;
+      elements[static_cast<size_t>(owner[i])] += trained_numels[i];
+    }
     m.optimizer = *std::max_element(bytes.begin(), bytes.end());
+    owned = *std::max_element(elements.begin(), elements.end());
+  }
+  if (in.optimizer_offload) {  // the state moves to the host, with a weights' copy and a gradient buffer
+    m.optimizer = 0;
+    m.host_bytes = 16 * owned;
   }
   if (b == 2 && !(lora && in.base_bytes == 2)) {  // a 16-bit base needs no casts
     const int64_t block_matmul_params = C * 3 * C + 3 * C + C * C + C + C * I + I + I * C + C;  // weights and biases
@@ -200,6 +213,7 @@ nlohmann::json MemoryPlan::to_json(int64_t budget) const {
                       {"activations_per_sequence_all_checkpointed", activations_per_sequence_all_checkpointed},
                       {"logits_per_sequence", logits_per_sequence},
                       {"backward_per_sequence", backward_per_sequence},
+                      {"host_bytes", host_bytes},
                       {"fixed", fixed()},
                       {"per_sequence", per_sequence()}};
   if (budget > 0) {

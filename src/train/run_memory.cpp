@@ -29,6 +29,7 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
   in.dropout = in.model.resid_pdrop > 0 || in.model.attn_pdrop > 0;
   in.chunked_loss = cfg.train.chunked_loss;
   in.shard_optimizer = cfg.distributed.shard_optimizer;
+  in.optimizer_offload = cfg.train.optimizer_offload == "cpu";
   in.freeze_embeddings = cfg.model.freeze_embeddings;
   in.freeze_blocks = cfg.model.freeze_blocks;
   const int64_t accum = std::max<int64_t>(1, cfg.train.gradient_accumulation_steps);
@@ -50,7 +51,11 @@ int64_t plannable_memory(const TrainConfig& cfg, c10::Device device) {
   if (!device.is_cuda()) return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE) / 2;
   int64_t total = cuda_memory(device).total;
   if (!cfg.cuda.memory_limit.empty()) total = std::min(total, parse_memory_size(cfg.cuda.memory_limit, "cuda.memory_limit"));
-  return static_cast<int64_t>(0.95 * static_cast<double>(total - (1ll << 30)));
+  return plannable_of(total);
+}
+
+int64_t plannable_of(int64_t device_bytes) {
+  return std::max<int64_t>(0, static_cast<int64_t>(0.95 * static_cast<double>(device_bytes - (1ll << 30))));
 }
 
 int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device, const BatchSplit& split) {
@@ -63,6 +68,42 @@ int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device, const Batch
                plan.fixed() / double(1ll << 30), plan.per_sequence() / double(1ll << 30), fits,
                budget / double(1ll << 30), micro, plan.peak(micro) / double(1ll << 30));
   return micro;
+}
+
+std::optional<int64_t> least_checkpointing_that_fits(MemoryPlanInput in, int64_t micro, int64_t budget) {
+  const int64_t L = in.model.n_layer;
+  std::vector<int64_t> candidates = {0};
+  for (int64_t n = L; n >= 1; --n) {  // every n-th block: ceil(L / n) blocks, more as n falls
+    if (candidates.size() == 1 || (L + n - 1) / n != (L + candidates.back() - 1) / candidates.back()) {
+      candidates.push_back(n);
+    }
+  }
+  for (const int64_t every : candidates) {
+    in.checkpoint_every = every;
+    if (plan_memory(in).peak(micro) <= budget) return every;
+  }
+  return std::nullopt;
+}
+
+int64_t auto_checkpointing(const TrainConfig& cfg, c10::Device device, const BatchSplit& split) {
+  const int64_t micro = split.micro > 0 ? split.micro : std::min<int64_t>(split.per_rank(), 8);
+  const int64_t budget = plannable_memory(cfg, device);
+  MemoryPlanInput in = memory_plan_input(cfg, split.world);
+  const std::optional<int64_t> every = least_checkpointing_that_fits(in, micro, budget);
+  in.checkpoint_every = every.value_or(1);
+  const int64_t peak = plan_memory(in).peak(micro);
+  const std::string what = in.checkpoint_every == 0   ? "none"
+                           : in.checkpoint_every == 1 ? "all blocks"
+                                                      : "every " + std::to_string(in.checkpoint_every) + "th block";
+  if (every) {
+    spdlog::info("model.activation_checkpointing \"auto\": {} (micro batch {}: {:.2f} GiB predicted of {:.1f} GiB)",
+                 what, micro, peak / double(1ll << 30), budget / double(1ll << 30));
+  } else {
+    spdlog::warn("model.activation_checkpointing \"auto\": micro batch {} does not fit {:.1f} GiB even with every "
+                 "block checkpointed ({:.2f} GiB predicted); using all and relying on the out-of-memory back-off",
+                 micro, budget / double(1ll << 30), peak / double(1ll << 30));
+  }
+  return in.checkpoint_every;
 }
 
 }  // namespace gpt2ft

@@ -32,6 +32,7 @@
 #include "gpt2ft/train/batch_split.h"
 #include "gpt2ft/train/grad_scaler.h"
 #include "gpt2ft/train/lr_schedule.h"
+#include "gpt2ft/train/offloaded_adamw.h"
 #include "gpt2ft/train/oom_backoff.h"
 #include "gpt2ft/train/run_checkpoints.h"
 #include "gpt2ft/train/step_outcome.h"
@@ -159,10 +160,16 @@ std::unique_ptr<Optimizer> make_optimizer(const TrainConfig& cfg, Communicator& 
   options.betas = cfg.train.betas;
   options.eps = cfg.train.eps;
   options.fused = fused_adamw(cfg, device);
-  if (cfg.distributed.shard_optimizer && comm.distributed()) {
-    return std::make_unique<OptimizerShards>(comm, trained, options);  // ZeRO-1
-  }
-  return std::make_unique<AdamW>(trained, options);
+  const auto make = [&](const std::vector<std::pair<std::string, torch::Tensor>>& params) -> std::unique_ptr<Optimizer> {
+    if (cfg.train.optimizer_offload == "cpu") {
+      return std::make_unique<OffloadedAdamW>(params, options, device,
+                                              static_cast<int64_t>(cfg.distributed.bucket_mb * (1 << 20)));
+    }
+    return std::make_unique<AdamW>(params, options);
+  };
+  // ZeRO-1: each rank's optimizer (offloaded or not) holds only its share.
+  if (cfg.distributed.shard_optimizer && comm.distributed()) return std::make_unique<OptimizerShards>(comm, trained, make);
+  return make(trained);
 }
 
 std::optional<GradScaler> make_scaler(const TrainConfig& cfg, c10::ScalarType amp, c10::Device device) {
@@ -212,7 +219,7 @@ class Trainer {
   int64_t steps_to_run() const;
   void log_run();
 
-  const TrainConfig& cfg_;
+  TrainConfig cfg_;  // as given, with "auto" settings resolved once known
   const Clock::time_point start_ = Clock::now();
   const LaunchEnv env_;
   const c10::Device device_;
@@ -243,7 +250,7 @@ Trainer::Trainer(const TrainConfig& cfg)
       env_(launch_env_with_logging()),
       device_(training_device(cfg, env_)),
       comm_(env_, device_, cfg.distributed.backend, cfg.distributed.timeout_s),
-      checkpoints_(cfg, comm_, device_),
+      checkpoints_(cfg_, comm_, device_),
       backoff_(cfg.oom) {
   fs::create_directories(cfg_.output_dir);
   const std::string resolved = cfg_.to_json().dump(2);
@@ -254,6 +261,11 @@ Trainer::Trainer(const TrainConfig& cfg)
   torch::manual_seed(static_cast<uint64_t>(cfg_.train.seed));
   model_ = build_model(cfg_, device_);
   split_ = batch_split_of(cfg_, comm_.world_size());
+  if (cfg_.checkpointing_auto()) {
+    const int64_t every = auto_checkpointing(cfg_, device_, split_);
+    cfg_.model.activation_checkpointing = every == 0 ? "none" : every == 1 ? "all" : std::to_string(every);
+    model_->set_activation_checkpointing(every);
+  }
   if (cfg_.micro_batch_auto()) split_.micro = auto_micro_batch(cfg_, device_, split_);
   amp_ = resolve_amp_dtype(cfg_.amp.dtype, device_);
   if (cfg_.lora() && cfg_.model.lora.base_dtype != "float32" && amp_ == c10::kFloat) {
@@ -323,13 +335,15 @@ void Trainer::log_run() {
   for (const auto& p : params_) trained += p.numel();
   const int64_t W = split_.world;
   spdlog::info("model: {} parameters ({} trained); device {}{}; micro batch {} x accumulation {}{} = global batch {} "
-               "sequences of {} tokens; {} steps ({:.2f} epochs of {} samples); amp {}{}; fused AdamW {}",
+               "sequences of {} tokens; {} steps ({:.2f} epochs of {} samples); amp {}{}; AdamW {}",
                mc.num_parameters(), trained, device_.str(),
                device_.is_cuda() ? " (" + cuda_device_name(device_) + ")" : "", split_.micro, split_.accumulation(),
                W > 1 ? fmt::format(" x {} ranks", W) : "", split_.global, cfg_.data.seq_len, max_steps_,
                static_cast<double>(max_steps_ * split_.global) / loader_->samples_per_epoch(),
                loader_->samples_per_epoch(), amp_name(amp_), cfg_.amp.dtype == "auto" ? " (auto)" : "",
-               fused_adamw(cfg_, device_) ? "on" : "off");
+               cfg_.train.optimizer_offload == "cpu" ? "on the host (fused)"
+               : fused_adamw(cfg_, device_)          ? "fused"
+                                                     : "unfused");
   if (W > 1) {
     spdlog::info("gradients: {} bucket(s), {:.1f} MiB, all-reduced during the backward of the last micro batch",
                  reducer_->num_buckets(), reducer_->bucket_bytes_total() / double(1 << 20));

@@ -11,6 +11,7 @@
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/init.h"
 #include "gpt2ft/train/adamw.h"
+#include "gpt2ft/train/memory_levers.h"
 #include "gpt2ft/train/trainer.h"
 #include "test_support.h"
 
@@ -84,6 +85,53 @@ TEST(MemoryPlanner, CheckpointingShrinksActivationsAndSizesParse) {
 
 namespace gpt2ft {
 namespace {
+
+// gpt2-xl, full fine-tune, T=1024, bf16 on a 24 GiB GPU: micro batch 4 does not fit as it is;
+// the levers plan recommends make it fit while keeping the full fine-tune, and every lever's
+// figures are the planner's for the config with that lever's settings.
+TEST(MemoryPlanner, LeversMakeGpt2XlFitA24GiBGpu) {
+  const TrainConfig cfg = TrainConfig::parse({{"model", {{"preset", "gpt2-xl"}, {"dropout", 0.0}}},
+                                              {"data", {{"train", "x"}, {"seq_len", 1024}}},
+                                              {"train", {{"max_steps", 1}, {"micro_batch_size", 4}, {"global_batch_size", 32}}},
+                                              {"amp", {{"dtype", "bfloat16"}}},
+                                              {"device", "cuda"}});
+  const int64_t budget = plannable_of(24ll << 30);
+  ASSERT_LT(plan_memory(memory_plan_input(cfg)).largest_micro_batch(budget), 4);
+  const MemoryAdvice advice = memory_levers(cfg, 1, 4, budget);
+  ASSERT_FALSE(advice.single.empty());
+  for (const auto& lever : advice.single) {
+    const TrainConfig changed = TrainConfig::parse(cfg.to_json(), lever.settings);
+    EXPECT_EQ(lever.peak, plan_memory(memory_plan_input(changed, lever.world_size)).peak(4)) << lever.name;
+  }
+  EXPECT_TRUE(advice.combined_fits);
+  EXPECT_TRUE(advice.combined.keeps_full_fine_tune) << advice.combined.name;
+  EXPECT_EQ(advice.combined.world_size, 1);
+  EXPECT_GE(advice.combined.largest_micro_batch, 4);
+  EXPECT_LE(advice.combined.peak, budget);
+}
+
+// "auto" checkpointing takes the least recomputation that fits: the candidate before it does not.
+TEST(MemoryPlanner, AutoCheckpointingIsTheLeastThatFits) {
+  MemoryPlanInput in;
+  in.model = GPT2Config::preset("gpt2-medium");
+  in.amp = c10::kBFloat16;
+  in.global_batch = 64;
+  const int64_t budget = plannable_of(24ll << 30);
+  in.checkpoint_every = 0;
+  const int64_t none = plan_memory(in).largest_micro_batch(budget);
+  const std::optional<int64_t> every = least_checkpointing_that_fits(in, none + 8, budget);
+  ASSERT_TRUE(every.has_value());
+  ASSERT_GT(*every, 0);
+  in.checkpoint_every = *every;
+  EXPECT_LE(plan_memory(in).peak(none + 8), budget);
+  // One block fewer checkpointed no longer fits: every (N + 1)-th block covers fewer blocks.
+  const int64_t L = in.model.n_layer;
+  int64_t fewer = *every + 1;
+  while (fewer <= L && (L + fewer - 1) / fewer == (L + *every - 1) / *every) ++fewer;
+  in.checkpoint_every = fewer > L ? 0 : fewer;
+  EXPECT_GT(plan_memory(in).peak(none + 8), budget);
+  EXPECT_EQ(least_checkpointing_that_fits(in, none, budget), std::optional<int64_t>(0));
+}
 
 TEST(MemoryPlanner, ParameterShapesAreTheModels) {
   for (const bool tied : {true, false}) {

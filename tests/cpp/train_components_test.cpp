@@ -12,6 +12,7 @@
 #include "gpt2ft/model/init.h"
 #include "gpt2ft/train/adamw.h"
 #include "gpt2ft/train/config.h"
+#include "gpt2ft/train/offloaded_adamw.h"
 #include "gpt2ft/train/grad_scaler.h"
 #include "test_support.h"
 
@@ -156,6 +157,40 @@ TEST(AdamWTest, AParameterWithoutAGradientIsLeftAlone) {
   }
 }
 
+// AdamW on the host, fed bucket by bucket, equals AdamW in place: every step, every parameter
+// (one of them without a gradient in one step), the state it checkpoints, and a skipped step.
+TEST(OffloadedAdamWTest, EqualsAdamWInPlaceBucketByBucket) {
+  torch::manual_seed(0);
+  std::vector<std::pair<std::string, torch::Tensor>> a, b;
+  const std::vector<std::vector<int64_t>> shapes = {{7, 5}, {5}, {33, 4}, {3}, {2, 9}};
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const torch::Tensor p = torch::randn(shapes[i]);
+    a.emplace_back("p" + std::to_string(i), p.clone().requires_grad_(true));
+    b.emplace_back("p" + std::to_string(i), p.clone().requires_grad_(true));
+  }
+  AdamW plain(a, {0.1, {0.9, 0.95}, 1e-8, true});
+  OffloadedAdamW offloaded(b, {0.1, {0.9, 0.95}, 1e-8, false}, c10::kCPU, /*bucket_bytes=*/64);  // many buckets
+  for (int step = 0; step < 6; ++step) {
+    for (size_t i = 0; i < a.size(); ++i) {
+      const torch::Tensor g = torch::randn(shapes[i]);
+      a[i].second.mutable_grad() = g.clone();
+      b[i].second.mutable_grad() = g.clone();
+      if (step == 3 && i == 2) a[i].second.mutable_grad().reset(), b[i].second.mutable_grad().reset();
+    }
+    const torch::Tensor skip = torch::full({}, step == 4 ? 1.0f : 0.0f);
+    plain.step(1e-2, skip);
+    offloaded.step(1e-2, skip);
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << "step " << step << " parameter " << i;
+    }
+  }
+  const NamedTensors sa = plain.checkpoint_state(), sb = offloaded.checkpoint_state();
+  std::map<std::string, torch::Tensor> by_key(sb.begin(), sb.end());
+  ASSERT_EQ(sa.size(), sb.size());
+  for (const auto& [key, t] : sa) EXPECT_TRUE(torch::equal(t, by_key.at(key))) << key;
+  EXPECT_GT(offloaded.host_bytes(), 0);
+}
+
 TEST(TrainConfigTest, BadConfigsNameThePathAndTheExpectation) {
   const json base = {{"model", {{"preset", "gpt2"}}}, {"data", {{"train", "x_*.bin"}}}, {"train", {{"max_steps", 10}}}};
   struct Case {
@@ -174,7 +209,7 @@ TEST(TrainConfigTest, BadConfigsNameThePathAndTheExpectation) {
       {{{"train", {{"betas", {0.9}}}}}, {}, "train.betas: expected two numbers in [0, 1], got [0.9]"},
       {{{"amp", {{"dtype", "fp8"}}}}, {}, "amp.dtype: expected one of \"auto\" \"none\" \"bfloat16\" \"float16\", got \"fp8\""},
       {{{"model", {{"dropout", 1.5}}}}, {}, "model.dropout: expected a number in [-1, 0.99], got 1.5"},
-      {{{"model", {{"activation_checkpointing", "some"}}}}, {}, "model.activation_checkpointing: expected \"none\", \"all\" or an integer"},
+      {{{"model", {{"activation_checkpointing", "some"}}}}, {}, "model.activation_checkpointing: expected \"none\", \"all\", \"auto\" or an integer"},
       {{{"data", {{"seq_len", -4}}}}, {}, "data.seq_len: expected an integer >= 1, got -4"},
       {{{"train", {{"micro_batch_size", 3}, {"global_batch_size", 8}}}}, {}, "train.global_batch_size (8) is not divisible by train.micro_batch_size (3)"},
       {{{"model", {{"init_from", "m"}}}}, {}, "exactly one of model.init_from"},

@@ -5,6 +5,7 @@ checkpointing), fused AdamW on the CPU, and loss falling on a learnable stream. 
 import copy
 import json
 import os
+import subprocess
 
 import torch
 import unittest
@@ -137,6 +138,68 @@ class TrainTest(WorkDirTest):
                     self.assertEqual(unmoved, [], (name, amp, ckpt))
                     for k in frozen:
                         self.assertTrue(torch.equal(weights[k], init[k]), f"{k} changed although frozen")
+
+    def test_optimizer_offload_equals_adamw_in_place_and_checkpoints_cross_over(self):
+        # AdamW's state on the host, fed in 1 KiB buckets (so every step crosses many of them),
+        # with accumulation and clipping, alone and with checkpointing + bf16 and ZeRO-1 over
+        # two ranks: the weights and AdamW state must be those of AdamW in place; a checkpoint
+        # written with offload resumes without it and the other way round.
+        from safetensors.torch import load_file
+        from test_distributed import finish, free_port, start_ranks, write_config
+
+        def state(out):
+            d = os.path.join(out, "checkpoints", "step_00000006")
+            return load_file(os.path.join(d, "trainer_state.safetensors"))
+
+        def compare(a, b, label, tol=1e-6):
+            wdiff = ref.max_weight_diff(a[0], b[0])
+            adam = {k: v for k, v in a[1].items() if k.startswith("adamw.")}
+            sdiff = max((v - b[1][k]).abs().max().item() for k, v in adam.items())
+            print(f"[offload] {label}: weights max|diff| {wdiff:.3g}, AdamW state max|diff| {sdiff:.3g} "
+                  f"({len(adam)} state tensors)")
+            self.assertEqual(adam.keys(), {k for k in b[1] if k.startswith("adamw.")})
+            self.assertLess(wdiff, tol, label)
+            self.assertLess(sdiff, tol, label)
+
+        runs = {}
+        for name, patch in (("in_place", {}), ("offload", {"offload": True}),
+                            ("ckpt_bf16", {"ckpt": True}), ("ckpt_bf16_offload", {"ckpt": True, "offload": True})):
+            c = base_config(self.model_dir, self.glob)
+            c["train"].update({"fused_adamw": "on", "lr": 1e-3, "min_lr": 1e-4})
+            c["distributed"] = {"bucket_mb": 0.001}
+            if patch.get("offload"):
+                c["train"]["optimizer_offload"] = "cpu"
+            if patch.get("ckpt"):
+                c["model"]["activation_checkpointing"] = "all"
+                c["amp"] = {"dtype": "bfloat16"}
+            weights, _, r = ref.run_trainer(BIN, c, self.tmp, f"offload_{name}")
+            runs[name] = (weights, state(os.path.join(self.tmp, f"offload_{name}")))
+        self.assertIn("AdamW on the host", r.stderr)
+        compare(runs["offload"], runs["in_place"], "offload vs in place, 6 steps of 2x2, clip 0.5")
+        compare(runs["ckpt_bf16_offload"], runs["ckpt_bf16"], "offload vs in place, checkpointing all + bf16")
+
+        for first, then in (("cpu", "none"), ("none", "cpu")):
+            c = base_config(self.model_dir, self.glob)
+            c["train"].update({"fused_adamw": "on", "lr": 1e-3, "min_lr": 1e-4, "optimizer_offload": first})
+            c["checkpoint"] = {"every_steps": 3}
+            path, out = write_config(c, self.tmp, f"cross_{first}")
+            r = subprocess.run([BIN, "--config", path], capture_output=True, text=True,
+                               env=dict(os.environ, GPT2FT_FAULT_CRASH_AFTER_STEP="4"))
+            self.assertEqual(r.returncode, 137, r.stderr[-2000:])
+            r = subprocess.run([BIN, "--config", path, "--set", f"train.optimizer_offload={then}"],
+                               capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+            compare((load_file(os.path.join(out, "final", "model.safetensors")), state(out)), runs["in_place"],
+                    f"checkpoint at step 3 written with offload {first}, resumed with {then}")
+
+        c = base_config(self.model_dir, self.glob)
+        c["train"].update({"fused_adamw": "on", "lr": 1e-3, "min_lr": 1e-4, "optimizer_offload": "cpu"})
+        c["distributed"] = {"shard_optimizer": True, "bucket_mb": 0.001, "timeout_s": 60}
+        path, out = write_config(c, self.tmp, "offload_zero1")
+        results = finish(start_ranks(path, 2, free_port()))
+        self.assertEqual([rc for rc, _ in results], [0, 0], results[0][1][-2000:])
+        compare((load_file(os.path.join(out, "final", "model.safetensors")), state(out)), runs["in_place"],
+                "ZeRO-1 over 2 ranks, each offloading its share, vs one process in place", tol=1e-5)
 
     def test_freezing_keeps_parts_fixed_and_resizing_adds_mean_rows(self):
         from safetensors.torch import load_file

@@ -11,13 +11,15 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "gpt2ft/distributed/communicator.h"
 #include "gpt2ft/io/safetensors.h"
-#include "gpt2ft/train/adamw.h"
+#include "gpt2ft/train/optimizer.h"
 
 namespace gpt2ft {
 
@@ -27,17 +29,19 @@ std::vector<int> partition_parameters(const std::vector<int64_t>& numels, int wo
 class OptimizerShards final : public Optimizer {
  public:
   using Named = std::vector<std::pair<std::string, torch::Tensor>>;
+  // The optimizer of one rank's share (AdamW, or AdamW offloaded to the host).
+  using MakeShardOptimizer = std::function<std::unique_ptr<Optimizer>(const Named& owned)>;
   // `trained`: the trained parameters in a fixed order, the same on every rank.
-  OptimizerShards(Communicator& comm, Named trained, const AdamWOptions& options);
+  OptimizerShards(Communicator& comm, Named trained, const MakeShardOptimizer& make);
 
-  // This rank's AdamW steps the parameters it owns; then every owner broadcasts them, so all
-  // ranks hold every updated weight.
+  // This rank's optimizer steps the parameters it owns; then every owner broadcasts them, so
+  // all ranks hold every updated weight.
   void step(double lr, const std::optional<torch::Tensor>& found_inf = std::nullopt) override;
   // Collective. Rank 0 receives every parameter's AdamW state ("adamw.exp_avg.<name>", ...),
   // the others an empty list.
   NamedTensors checkpoint_state() const override;
   // Each rank restores the state of the parameters it owns.
-  void restore_state(const SafetensorsReader& state) override { mine_.restore_state(state); }
+  void restore_state(const SafetensorsReader& state) override { mine_->restore_state(state); }
 
   // The parameters this rank updates.
   Named owned() const;
@@ -47,7 +51,7 @@ class OptimizerShards final : public Optimizer {
   Communicator& comm_;
   Named trained_;
   std::vector<int> owner_;
-  AdamW mine_;  // over owned()
+  std::unique_ptr<Optimizer> mine_;  // over owned()
 };
 
 }  // namespace gpt2ft

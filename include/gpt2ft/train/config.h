@@ -17,7 +17,7 @@ struct TrainConfig {
     std::string init_from;                   // HF model folder
     std::string preset;                      // or a preset shape, randomly initialised
     double dropout = -1;                     // -1: keep the model's own dropout
-    std::string activation_checkpointing;    // "none" | "all" | "N" (every N-th block)
+    std::string activation_checkpointing;    // "none" | "all" | "auto" | "N" (every N-th block)
     bool freeze_embeddings = false;
     int64_t freeze_blocks = 0;
     int64_t resize_vocab = 0;                // 0: keep the model's vocabulary size
@@ -48,6 +48,7 @@ struct TrainConfig {
     std::array<double, 2> betas{};
     std::string fused_adamw;                 // "auto" | "on" | "off"
     bool chunked_loss = true;                // lm_head + cross-entropy without whole-batch logits
+    std::string optimizer_offload;           // "none" | "cpu"
     int64_t seed = 0;
     double time_limit = 0;
   } train;
@@ -107,8 +108,10 @@ struct TrainConfig {
 
   // Derived values.
   bool micro_batch_auto() const { return train.micro_batch_size == 0; }
-  // Blocks to checkpoint: 0 none, 1 all, N every N-th.
+  // Blocks to checkpoint: 0 none, 1 all, N every N-th ("auto" is 0 until the trainer or the
+  // planner resolves it).
   int64_t checkpoint_every_n_blocks() const;
+  bool checkpointing_auto() const { return model.activation_checkpointing == "auto"; }
   // LoRA is on (model.lora.rank > 0 or model.lora.init_from).
   bool lora() const { return model.lora.rank > 0 || !model.lora.init_from.empty(); }
 };

@@ -43,6 +43,7 @@ struct MemoryPlanInput {
   std::vector<std::string> lora_targets;
   bool lora_dropout = false;
   int64_t base_bytes = 4;
+  bool optimizer_offload = false;     // train.optimizer_offload "cpu": AdamW's state on the host
 };
 
 struct MemoryPlan {
@@ -69,6 +70,8 @@ struct MemoryPlan {
                                          // and a checkpointed block's recomputed activations
   int64_t residual_gradient_per_sequence = 0;  // d residual at the end of backward
   int64_t per_rank_batch = 0;                  // global_batch / world_size (0: unknown)
+  int64_t host_bytes = 0;                      // optimizer offload: what the host holds (weights' copy,
+                                               // moments, gradient buffer: 16 bytes a trained parameter)
 
   // The phases at micro batch m.
   int64_t forward_peak(int64_t m) const;

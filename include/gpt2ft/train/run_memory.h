@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
 #include <c10/core/Device.h>
 
@@ -22,9 +23,21 @@ MemoryPlanInput memory_plan_input(const TrainConfig& config, int64_t world_size 
 // less 1 GiB for the CUDA context and libraries, and 5% for the caching allocator's rounding
 // and fragmentation; on the CPU half the host's memory.
 int64_t plannable_memory(const TrainConfig& config, c10::Device device);
+// The same margins applied to a GPU of `device_bytes`.
+int64_t plannable_of(int64_t device_bytes);
 
 // train.micro_batch_size "auto": the largest divisor of the per-rank batch whose planned peak
 // fits plannable_memory(). The out-of-memory back-off remains the safety net.
 int64_t auto_micro_batch(const TrainConfig& config, c10::Device device, const BatchSplit& split);
+
+// The least activation checkpointing (none, then every N-th block for N = L, L-1, ... 2,
+// then all blocks) whose planned peak at micro batch `micro` fits `budget`: its every-N value
+// (0 none, 1 all), or nullopt when not even all blocks do.
+std::optional<int64_t> least_checkpointing_that_fits(MemoryPlanInput input, int64_t micro, int64_t budget);
+
+// model.activation_checkpointing "auto" for a run: least_checkpointing_that_fits at the
+// configured micro batch (with micro batch "auto" too: min(per-rank batch, 8), leaving "auto"
+// to pick the largest that then fits) in plannable_memory(); logged with the predicted peak.
+int64_t auto_checkpointing(const TrainConfig& config, c10::Device device, const BatchSplit& split);
 
 }  // namespace gpt2ft

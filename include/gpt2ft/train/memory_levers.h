@@ -1,0 +1,42 @@
+// What would make a run fit, for `gpt2-finetune plan`: the memory levers, each applied alone
+// to the config and planned, cheapest first, with the predicted peak at the micro batch, the
+// largest micro batch that fits and what the lever costs; then a combination of the levers
+// that keep the full fine-tune (autocast, checkpointing, optimizer offload, ZeRO-1), added in
+// that order until the target micro batch fits, and failing that, the ones that change what
+// is trained (LoRA, freezing, shorter samples).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "gpt2ft/train/config.h"
+
+namespace gpt2ft {
+
+struct MemoryLever {
+  std::string name;                   // what it is, in words
+  std::vector<std::string> settings;  // --set overrides (and "--gpus N" for ZeRO-1)
+  std::string cost;                   // what it costs
+  bool keeps_full_fine_tune = true;   // false: it changes what is trained
+  int64_t world_size = 1;             // GPUs it assumes
+  int64_t peak = 0;                   // predicted at the micro batch
+  int64_t largest_micro_batch = 0;    // in the budget
+};
+
+struct MemoryAdvice {
+  int64_t micro_batch = 0;        // the one the levers are judged at
+  int64_t budget = 0;
+  std::vector<MemoryLever> single;  // each alone, cheapest first
+  MemoryLever combined;             // the recommendation (its settings accumulate)
+  bool combined_fits = false;       // combined reaches the micro batch
+
+  nlohmann::json to_json() const;
+};
+
+// `config` on `world_size` GPUs does not reach `micro_batch` in `budget` bytes: the advice.
+MemoryAdvice memory_levers(const TrainConfig& config, int64_t world_size, int64_t micro_batch, int64_t budget);
+
+}  // namespace gpt2ft

@@ -1,0 +1,136 @@
+// The levers `plan` proposes.
+#include "gpt2ft/train/memory_levers.h"
+
+#include <fmt/format.h>
+
+#include "gpt2ft/core/autocast.h"
+#include "gpt2ft/train/memory_planner.h"
+#include "gpt2ft/train/run_memory.h"
+
+namespace gpt2ft {
+namespace {
+
+// Rough rates for the offload cost: PCIe (one direction) and host memory bandwidth.
+constexpr double kPcieBytesPerS = 20e9, kHostBytesPerS = 10e9;
+
+struct Candidate {
+  MemoryLever lever;
+  bool applies = true;
+};
+
+// The config with `settings` applied.
+TrainConfig with(const TrainConfig& cfg, const std::vector<std::string>& settings) {
+  return TrainConfig::parse(cfg.to_json(), settings, "plan");
+}
+
+void evaluate(MemoryLever& lever, const TrainConfig& cfg, int64_t micro, int64_t budget) {
+  const MemoryPlan plan = plan_memory(memory_plan_input(with(cfg, lever.settings), lever.world_size));
+  lever.peak = plan.peak(micro);
+  lever.largest_micro_batch = plan.largest_micro_batch(budget);
+}
+
+std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
+  const MemoryPlanInput in = memory_plan_input(cfg, world);
+  const int64_t L = in.model.n_layer, T = cfg.data.seq_len;
+  int64_t trained = 0;
+  for (const auto& [name, shape] : in.model.parameter_shapes()) {
+    int64_t n = 1;
+    for (const int64_t d : shape) n *= d;
+    trained += n;
+  }
+  const double offload_ms = 1e3 * (8.0 * trained / kPcieBytesPerS + 28.0 * trained / kHostBytesPerS);
+  const bool autocast = in.amp != c10::kFloat;
+  const int64_t every = cfg.checkpoint_every_n_blocks();
+  std::vector<Candidate> out;
+  out.push_back({{"bf16 autocast", {"amp.dtype=bfloat16"}, "none on Ampere and newer GPUs (usually faster)"},
+                 !autocast && in.cuda});
+  out.push_back({{"activation checkpointing, every 2nd block", {"model.activation_checkpointing=2"},
+                  "about 17% more compute (half the blocks run forward twice)"},
+                 every == 0 || every > 2});
+  out.push_back({{"activation checkpointing, all blocks", {"model.activation_checkpointing=all"},
+                  "about 33% more compute (one extra forward pass)"},
+                 every != 1});
+  out.push_back({{"AdamW state offloaded to the host", {"train.optimizer_offload=cpu"},
+                  fmt::format("~{:.0f} ms a step for {:.2f}B parameters (8 bytes each over PCIe at 20 GB/s, the host "
+                              "AdamW step at 10 GB/s); 16 bytes a parameter of host memory",
+                              offload_ms, trained / 1e9)},
+                 cfg.train.optimizer_offload != "cpu" && !cfg.lora()});
+  for (const int64_t gpus : {2, 4, 8}) {
+    if (gpus <= world) continue;
+    Candidate c{{fmt::format("ZeRO-1 over {} GPUs", gpus), {"distributed.shard_optimizer=true"},
+                 fmt::format("{} GPUs; each step all-reduces the gradients and broadcasts the updated weights", gpus)},
+                !cfg.lora()};
+    c.lever.world_size = gpus;
+    out.push_back(c);
+  }
+  Candidate lora{{"LoRA rank 16 on c_attn, c_proj and c_fc, base in bfloat16",
+                  {"model.lora.rank=16", "model.lora.targets=[\"c_attn\",\"c_proj\",\"c_fc\"]",
+                   "model.lora.base_dtype=bfloat16", "amp.dtype=bfloat16"},
+                  "trains low-rank adapters only: less capacity than a full fine-tune"},
+                 !cfg.lora() && in.cuda};
+  lora.lever.keeps_full_fine_tune = false;
+  out.push_back(lora);
+  Candidate freeze{{fmt::format("freeze the first {} blocks and the embeddings", L / 2),
+                    {fmt::format("model.freeze_blocks={}", L / 2), "model.freeze_embeddings=true"},
+                    "those layers do not adapt"},
+                   !cfg.lora() && L >= 2 && cfg.model.freeze_blocks < L / 2};
+  freeze.lever.keeps_full_fine_tune = false;
+  out.push_back(freeze);
+  Candidate shorter{{fmt::format("shorter samples: data.seq_len {}", T / 2), {fmt::format("data.seq_len={}", T / 2)},
+                     "half the context per sample"},
+                    T >= 64};
+  shorter.lever.keeps_full_fine_tune = false;
+  out.push_back(shorter);
+  return out;
+}
+
+nlohmann::json lever_json(const MemoryLever& l) {
+  return {{"name", l.name},     {"settings", l.settings}, {"cost", l.cost}, {"keeps_full_fine_tune", l.keeps_full_fine_tune},
+          {"gpus", l.world_size}, {"peak", l.peak},         {"largest_micro_batch", l.largest_micro_batch}};
+}
+
+}  // namespace
+
+MemoryAdvice memory_levers(const TrainConfig& cfg, int64_t world, int64_t micro, int64_t budget) {
+  MemoryAdvice advice;
+  advice.micro_batch = micro;
+  advice.budget = budget;
+  std::vector<Candidate> all = candidates(cfg, world);
+  const int64_t now = plan_memory(memory_plan_input(cfg, world)).peak(micro);
+  for (Candidate& c : all) {
+    if (!c.applies) continue;
+    evaluate(c.lever, cfg, micro, budget);
+    if (c.lever.peak < now) advice.single.push_back(c.lever);  // only what helps
+  }
+  // The combination: full-fine-tune levers in order of cost, then the others, until it fits.
+  MemoryLever& combo = advice.combined;
+  combo.world_size = world;
+  for (const bool full : {true, false}) {
+    for (const Candidate& c : all) {
+      if (!c.applies || c.lever.keeps_full_fine_tune != full || advice.combined_fits) continue;
+      if (c.lever.name.rfind("activation checkpointing, every", 0) == 0) continue;  // "all" follows if needed
+      if (c.lever.name.rfind("ZeRO-1", 0) == 0 && combo.world_size > world) continue;
+      MemoryLever next = combo;
+      next.name += (next.name.empty() ? "" : " + ") + c.lever.name;
+      next.settings.insert(next.settings.end(), c.lever.settings.begin(), c.lever.settings.end());
+      next.cost += (next.cost.empty() ? "" : "; ") + c.lever.cost;
+      next.world_size = std::max(next.world_size, c.lever.world_size);
+      next.keeps_full_fine_tune = combo.keeps_full_fine_tune && c.lever.keeps_full_fine_tune;
+      evaluate(next, cfg, micro, budget);
+      if (next.peak >= combo.peak && !combo.name.empty()) continue;  // no help on top of the rest
+      combo = next;
+      advice.combined_fits = combo.largest_micro_batch >= micro;
+    }
+  }
+  return advice;
+}
+
+nlohmann::json MemoryAdvice::to_json() const {
+  nlohmann::json j = {{"micro_batch", micro_batch}, {"budget", budget}, {"combined_fits", combined_fits}};
+  j["levers"] = nlohmann::json::array();
+  for (const auto& l : single) j["levers"].push_back(lever_json(l));
+  j["recommended"] = lever_json(combined);
+  return j;
+}
+
+}  // namespace gpt2ft
