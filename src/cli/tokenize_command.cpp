@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include "commands.h"
+#include "gpt2ft/core/json.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/data/tokenize_corpus.h"
 #include "gpt2ft/tokenizer/sentencepiece_tokenizer.h"
@@ -28,7 +29,12 @@ std::vector<fs::path> sentencepiece_training_files(const TokenizeOptions& o, con
     std::string line;
     while (std::getline(src, line)) {
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      nlohmann::json j;
+      try {
+        j = parse_json_limited(line, in.string());
+      } catch (const nlohmann::json::exception&) {
+        continue;  // the tokenizer pass reports it with its line number
+      }
       if (j.is_object() && j.contains(o.jsonl_field) && j[o.jsonl_field].is_string()) {
         dst << j[o.jsonl_field].get<std::string>() << "\n";
       }

@@ -50,29 +50,21 @@ class SplitMix64 {
 // Windows over the shards: sample s -> (shard, first token).
 class SampleIndex {
  public:
-  SampleIndex(const std::vector<std::filesystem::path>& paths, int64_t T) : T_(T) {
+  // Opens the shards; with vocab_size > 0 every id of each is checked once, here.
+  SampleIndex(const std::vector<std::filesystem::path>& paths, int64_t T, int64_t vocab_size) : T_(T) {
     first_.push_back(0);
     for (const auto& p : paths) {
       shards_.push_back(std::make_unique<ShardReader>(p));
+      if (vocab_size > 0) shards_.back()->check_ids(vocab_size);
       const int64_t n = shards_.back()->num_tokens();
       first_.push_back(first_.back() + (n > T ? (n - 1) / T : 0));
     }
   }
   int64_t size() const { return first_.back(); }
-  // Copies the T+1 tokens of `sample` into out, checking ids against vocab_size.
-  void read(int64_t sample, int64_t* out, int64_t vocab_size) const {
+  // Copies the T+1 tokens of `sample` into out.
+  void read(int64_t sample, int64_t* out) const {
     const size_t s = static_cast<size_t>(std::upper_bound(first_.begin(), first_.end(), sample) - first_.begin() - 1);
-    const int64_t begin = (sample - first_[s]) * T_;
-    shards_[s]->read(begin, T_ + 1, out);
-    if (vocab_size > 0) {
-      for (int64_t j = 0; j <= T_; ++j) {
-        if (out[j] >= vocab_size) {
-          throw Error(shards_[s]->path().string() + ": token id " + std::to_string(out[j]) + " at position " +
-                      std::to_string(begin + j) + " is outside the model's vocabulary of " +
-                      std::to_string(vocab_size) + "; were these shards made with another tokenizer?");
-        }
-      }
-    }
+    shards_[s]->read((sample - first_[s]) * T_, T_ + 1, out);
   }
 
  private:
@@ -108,7 +100,7 @@ struct DataLoader::Impl {
   bool stop = false;
   std::vector<std::thread> workers;
 
-  Impl(const LoaderOptions& o) : opt(o), index(o.shards, o.seq_len) {}
+  Impl(const LoaderOptions& o) : opt(o), index(o.shards, o.seq_len, o.vocab_size) {}
 
   std::shared_ptr<const std::vector<uint32_t>> order(int64_t epoch) {
     std::lock_guard<std::mutex> lock(order_mutex);
@@ -136,7 +128,7 @@ struct DataLoader::Impl {
     int64_t* dst = slot.host.data_ptr<int64_t>();
     for (int64_t i = 0; i < B; ++i) {
       slot.samples[static_cast<size_t>(i)] = sample_at(first + i);
-      index.read(slot.samples[static_cast<size_t>(i)], dst + i * (T + 1), opt.vocab_size);
+      index.read(slot.samples[static_cast<size_t>(i)], dst + i * (T + 1));
     }
   }
 
@@ -209,10 +201,15 @@ DataLoader::DataLoader(LoaderOptions options, LoaderState start) : options_(std:
   }
   impl_ = std::make_unique<Impl>(options_);
   if (impl_->index.size() == 0) {
-    throw Error("the shards hold no complete sample of seq_len+1 = " + std::to_string(options_.seq_len + 1) +
-                " tokens; use a shorter data.seq_len or more data");
+    throw Error(describe_files(options_.shards) + ": no complete sample of seq_len+1 = " +
+                std::to_string(options_.seq_len + 1) + " tokens in these shards; use a shorter data.seq_len or more data");
   }
   if (impl_->index.size() > 0xFFFFFFFFll) throw Error("data loader: more than 2^32 samples per epoch are not supported");
+  if (start.epoch < 0 || start.epoch > (1ll << 30) || start.consumed < 0 || start.consumed > impl_->index.size()) {
+    throw Error("loader position epoch " + std::to_string(start.epoch) + ", sample " + std::to_string(start.consumed) +
+                " is outside the data (" + std::to_string(impl_->index.size()) +
+                " samples an epoch); the position belongs to other shards or is damaged");
+  }
   impl_->start_workers(start.epoch * impl_->index.size() + start.consumed);
 }
 

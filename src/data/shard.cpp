@@ -3,6 +3,7 @@
 
 #include <glob.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -72,6 +73,39 @@ void ShardReader::read(int64_t begin, int64_t count, int64_t* out) const {
     const auto* t = reinterpret_cast<const uint32_t*>(p);
     for (int64_t i = 0; i < count; ++i) out[i] = t[i];
   }
+}
+
+void ShardReader::check_ids(int64_t vocab_size) const {
+  const uint8_t* p = file_.data() + kShardHeaderBytes;
+  auto bad = [&](int64_t i, uint32_t id) {
+    throw Error(path().string() + ": token id " + std::to_string(id) + " at position " + std::to_string(i) +
+                " is outside the model's vocabulary of " + std::to_string(vocab_size) +
+                "; were these shards made with another tokenizer?");
+  };
+  if (token_bytes_ == 2) {
+    if (vocab_size > 0xFFFF) return;
+    uint16_t max = 0;
+    for (int64_t i = 0; i < num_tokens_; ++i) {  // a branch-free max first: the common case is clean
+      uint16_t v;
+      std::memcpy(&v, p + 2 * i, 2);
+      max = std::max(max, v);
+    }
+    if (max < vocab_size) return;
+    for (int64_t i = 0; i < num_tokens_; ++i) {
+      if (token(i) >= vocab_size) bad(i, token(i));
+    }
+  } else {
+    for (int64_t i = 0; i < num_tokens_; ++i) {
+      if (token(i) >= static_cast<uint64_t>(vocab_size)) bad(i, token(i));
+    }
+  }
+}
+
+std::string describe_files(const std::vector<std::filesystem::path>& files) {
+  std::string out;
+  for (size_t i = 0; i < files.size() && i < 3; ++i) out += (i ? ", " : "") + files[i].string();
+  if (files.size() > 3) out += " and " + std::to_string(files.size() - 3) + " more";
+  return out;
 }
 
 void write_shard(const std::filesystem::path& path, const std::vector<uint32_t>& tokens,

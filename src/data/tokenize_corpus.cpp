@@ -13,6 +13,7 @@
 #include <spdlog/spdlog.h>
 
 #include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/json.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/data/shard.h"
 
@@ -128,7 +129,7 @@ class DocumentReader {
         if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
         nlohmann::json j;
         try {
-          j = nlohmann::json::parse(line);
+          j = parse_json_limited(line, path_.string() + ":" + std::to_string(line_no_));
         } catch (const nlohmann::json::exception& e) {
           throw Error(path_.string() + ":" + std::to_string(line_no_) + ": not valid JSON (" + e.what() + ")");
         }

@@ -27,36 +27,27 @@ struct Windows {
   std::vector<Window> list;
 };
 
-Windows windows_of(const std::vector<std::filesystem::path>& shards, int64_t T) {
+// Every id is checked against the vocabulary once, when a shard is opened.
+Windows windows_of(const std::vector<std::filesystem::path>& shards, int64_t T, int64_t vocab_size) {
   Windows w;
   for (const auto& path : shards) {
     w.readers.push_back(std::make_unique<ShardReader>(path));
+    w.readers.back()->check_ids(vocab_size);
     const ShardReader& r = *w.readers.back();
     const int64_t count = r.num_tokens() > T ? (r.num_tokens() - 1) / T : 0;
     for (int64_t k = 0; k < count; ++k) w.list.push_back({&r, k * T});
   }
   if (w.list.empty()) {
-    throw Error("no complete window of seq_len+1 = " + std::to_string(T + 1) +
-                " tokens in the given shards; use a smaller --seq-len or more data");
+    throw Error(describe_files(shards) + ": no complete window of seq_len+1 = " + std::to_string(T + 1) +
+                " tokens in these shards; use a smaller --seq-len or more data");
   }
   return w;
 }
 
-// Reads `rows` windows from `first` into host (B, T+1), checking every id against the vocabulary.
-void read_windows(const std::vector<Window>& windows, int64_t first, int64_t rows, int64_t T, int64_t vocab_size,
-                  torch::Tensor& host) {
+// Reads `rows` windows from `first` into host (B, T+1).
+void read_windows(const std::vector<Window>& windows, int64_t first, int64_t rows, int64_t T, torch::Tensor& host) {
   int64_t* data = host.data_ptr<int64_t>();
-  for (int64_t i = 0; i < rows; ++i) {
-    const Window& w = windows[first + i];
-    w.shard->read(w.begin, T + 1, data + i * (T + 1));
-    for (int64_t j = 0; j <= T; ++j) {
-      if (data[i * (T + 1) + j] >= vocab_size) {
-        throw Error(w.shard->path().string() + ": token id " + std::to_string(data[i * (T + 1) + j]) +
-                    " at position " + std::to_string(w.begin + j) + " is outside the model's vocabulary of " +
-                    std::to_string(vocab_size) + "; were these shards made with another tokenizer?");
-      }
-    }
-  }
+  for (int64_t i = 0; i < rows; ++i) windows[first + i].shard->read(windows[first + i].begin, T + 1, data + i * (T + 1));
 }
 
 // The summed loss (double, on the device) of a batch (rows, T+1), in forward passes of at
@@ -98,7 +89,7 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
                 std::to_string(config.n_positions) + ")");
   }
   if (options.batch_size < 1) throw Error("--batch-size: expected an integer >= 1");
-  const Windows windows = windows_of(shards, T);
+  const Windows windows = windows_of(shards, T, config.vocab_size);
 
   const int64_t B = options.batch_size;
   int64_t num_batches = (static_cast<int64_t>(windows.list.size()) + B - 1) / B;
@@ -115,7 +106,7 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
   const int64_t ranks = options.comm ? options.comm->world_size() : 1;
   for (int64_t b = rank; b < num_batches; b += ranks) {
     const int64_t rows = std::min<int64_t>(B, static_cast<int64_t>(windows.list.size()) - b * B);
-    read_windows(windows.list, b * B, rows, T, config.vocab_size, host);
+    read_windows(windows.list, b * B, rows, T, host);
     loss_sum += batch_loss_sum(model, host.narrow(0, 0, rows).to(device), per_pass, options, device);  // read once, below
     tokens += rows * T;
   }

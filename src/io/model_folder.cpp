@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/json.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/model/lora.h"
 
@@ -59,7 +60,7 @@ class CheckpointFiles {
     } else if (fs::exists(index)) {
       nlohmann::json j;
       try {
-        j = nlohmann::json::parse(read_text_file(index));
+        j = parse_json_limited(read_text_file(index), index.string());
       } catch (const nlohmann::json::exception& e) {
         throw Error(index.string() + ": not valid JSON (" + e.what() + ")");
       }
@@ -163,11 +164,35 @@ void load_weights(GPT2& model, const fs::path& dir) {
   }
 }
 
+namespace {
+
+// Every tensor config.json implies has its shape in the files, checked from the headers
+// before anything is allocated (a damaged config.json must not size the model).
+void check_shapes_before_building(const GPT2Config& config, const CheckpointFiles& files) {
+  for (const auto& [name, shape] : config.parameter_shapes()) {
+    for (const auto& key : checkpoint_keys(name)) {
+      const SafetensorsReader* reader = files.find(key);
+      if (!reader) continue;
+      std::vector<int64_t> expected = shape;
+      if (is_conv1d_weight(name)) std::swap(expected[0], expected[1]);
+      const auto& found = reader->entry(key).shape;
+      if (found != expected) {
+        throw Error(reader->path().string() + ": tensor \"" + key + "\": expected shape " + shape_text(expected) +
+                    " from config.json, found " + shape_text(found));
+      }
+      break;
+    }
+  }
+}
+
+}  // namespace
+
 GPT2 load_model_folder(const fs::path& dir, c10::Device device, const std::function<void(GPT2Config&)>& adjust) {
   return with_context("loading model folder " + dir.string(), [&] {
     if (!fs::is_directory(dir)) throw Error(dir.string() + ": not a directory");
     GPT2Config config = GPT2Config::from_file(dir / "config.json");
     if (adjust) adjust(config);
+    check_shapes_before_building(config, CheckpointFiles(dir));
     GPT2 model(config);
     load_weights(model, dir);
     model->to(device);

@@ -6,6 +6,7 @@
 
 #include "gpt2ft/core/atomic_file.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/json.h"
 
 namespace gpt2ft {
 namespace {
@@ -111,15 +112,20 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> GPT2Config::parameter_
 }
 
 void GPT2Config::validate(const std::string& where) const {
-  auto require_positive = [&](const char* key, int64_t v) {
-    if (v < 1) throw Error(where + ": " + key + ": expected an integer >= 1, got " + std::to_string(v));
+  // Each size within what any GPT-2-shaped model uses, far beyond the released ones, so that
+  // a damaged config.json is refused here instead of aborting in the allocator.
+  auto require_in = [&](const char* key, int64_t v, int64_t hi) {
+    if (v < 1 || v > hi) {
+      throw Error(where + ": " + key + ": expected an integer in [1, " + std::to_string(hi) + "], got " +
+                  std::to_string(v));
+    }
   };
-  require_positive("vocab_size", vocab_size);
-  require_positive("n_positions", n_positions);
-  require_positive("n_embd", n_embd);
-  require_positive("n_layer", n_layer);
-  require_positive("n_head", n_head);
-  if (n_inner) require_positive("n_inner", *n_inner);
+  require_in("vocab_size", vocab_size, kMaxVocab);
+  require_in("n_positions", n_positions, kMaxPositions);
+  require_in("n_embd", n_embd, kMaxWidth);
+  require_in("n_layer", n_layer, kMaxLayers);
+  require_in("n_head", n_head, n_embd);
+  if (n_inner) require_in("n_inner", *n_inner, 8 * kMaxWidth);
   if (n_embd % n_head != 0) {
     throw Error(where + ": n_embd (" + std::to_string(n_embd) + ") must be divisible by n_head (" +
                 std::to_string(n_head) + ")");
@@ -133,6 +139,14 @@ void GPT2Config::validate(const std::string& where) const {
     }
   }
   with_context(where, [&] { (void)activation(); });
+}
+
+double GPT2Config::weight_bytes() const {
+  const double C = static_cast<double>(n_embd), I = static_cast<double>(inner_dim());
+  const double per_block = 4 * C + 3 * C * C + 3 * C + C * C + C + C * I + I + I * C + C;
+  const double embeddings = static_cast<double>(vocab_size) * C * (tie_word_embeddings ? 1 : 2) +
+                            static_cast<double>(n_positions) * C;
+  return 4 * (embeddings + static_cast<double>(n_layer) * per_block + 2 * C);
 }
 
 GPT2Config GPT2Config::from_json(const json& j, const std::string& where) {
@@ -183,7 +197,7 @@ GPT2Config GPT2Config::from_file(const std::filesystem::path& path) {
   const std::string text = read_text_file(path);
   json j;
   try {
-    j = json::parse(text);
+    j = parse_json_limited(text, path.string());
   } catch (const json::exception& e) {
     throw Error(path.string() + ": not valid JSON (" + e.what() + ")");
   }

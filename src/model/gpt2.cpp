@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/nn/functional.h>
 
+#include "gpt2ft/core/host_memory.h"
 #include "gpt2ft/model/activation_checkpoint.h"
 
 namespace gpt2ft {
@@ -117,6 +118,10 @@ TransformerImpl::TransformerImpl(const GPT2Config& c) {
 
 GPT2Impl::GPT2Impl(const GPT2Config& config) : config_(config) {
   config_.validate("model config");
+  require_host_memory(config_.weight_bytes(),
+                      "a model of " + std::to_string(config_.n_layer) + " layers, " + std::to_string(config_.n_embd) +
+                          " channels and vocabulary " + std::to_string(config_.vocab_size),
+                      "check config.json (a damaged size?) or use a host with more memory");
   transformer = register_module("transformer", Transformer(config_));
   if (!config_.tie_word_embeddings) {
     lm_head = register_module(

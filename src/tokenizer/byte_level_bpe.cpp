@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/json.h"
 #include "gpt2ft/core/error.h"
 
 namespace gpt2ft {
@@ -94,7 +95,7 @@ PieceCache& thread_cache() {
 
 nlohmann::json parse_json_file(const fs::path& path) {
   try {
-    return nlohmann::json::parse(read_text_file(path));
+    return parse_json_limited(read_text_file(path), path.string());
   } catch (const nlohmann::json::exception& e) {
     throw Error(path.string() + ": not valid JSON (" + e.what() + ")");
   }

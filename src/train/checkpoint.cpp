@@ -12,6 +12,8 @@
 #include <torch/torch.h>
 
 #include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/json.h"
+#include "gpt2ft/core/checksum.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/fault_injection.h"
 #include "gpt2ft/core/rng_state.h"
@@ -22,7 +24,9 @@ namespace gpt2ft {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr int kFormatVersion = 1;
+// 2: trainer_state.json carries a checksum of every other file. 1 (no checksums) still loads.
+constexpr int kFormatVersion = 2;
+constexpr int64_t kMaxSteps = 1ll << 40;
 
 std::string step_name(int64_t step) {
   char name[32];
@@ -60,7 +64,7 @@ void fsync_tree(const fs::path& dir) {
 
 nlohmann::json read_json(const fs::path& path) {
   try {
-    return nlohmann::json::parse(read_text_file(path));
+    return parse_json_limited(read_text_file(path), path.string());
   } catch (const nlohmann::json::exception& e) {
     throw Error(path.string() + ": not valid JSON (" + e.what() + "); the checkpoint is damaged");
   }
@@ -73,6 +77,58 @@ T get_field(const nlohmann::json& j, const char* key, const fs::path& file) {
     return j.at(key).get<T>();
   } catch (const nlohmann::json::exception&) {
     throw Error(file.string() + ": \"" + key + "\" has the wrong type; the checkpoint is damaged");
+  }
+}
+
+
+// The fields of trainer_state.json, each checked for presence, type and range: a damaged or
+// edited file is refused with the field's name instead of resuming into nonsense.
+TrainingState read_training_state(const nlohmann::json& meta, const fs::path& file) {
+  if (!meta.is_object()) throw Error(file.string() + ": expected a JSON object; the checkpoint is damaged");
+  auto integer = [&](const char* key, int64_t lo, int64_t hi) {
+    const int64_t v = get_field<int64_t>(meta, key, file);
+    if (!meta.at(key).is_number_integer() || v < lo || v > hi) {
+      throw Error(file.string() + ": \"" + key + "\" is " + meta.at(key).dump() + ", expected an integer in [" +
+                  std::to_string(lo) + ", " + std::to_string(hi) + "]; the checkpoint is damaged");
+    }
+    return v;
+  };
+  const int64_t version = integer("format_version", 1, kFormatVersion);
+  TrainingState s;
+  s.step = integer("step", 0, kMaxSteps);
+  s.loader.epoch = integer("loader_epoch", 0, 1ll << 30);
+  s.loader.consumed = integer("loader_consumed", 0, 1ll << 32);
+  s.global_batch = integer("global_batch", 1, 1ll << 24);
+  s.micro_batch = integer("micro_batch", 1, s.global_batch);
+  s.micro_batch_from_oom = get_field<bool>(meta, "micro_batch_from_oom", file);
+  s.world_size = integer("world_size", 1, s.global_batch);
+  if (!meta.contains("config") || !meta["config"].is_object()) {
+    throw Error(file.string() + ": missing \"config\" (the run's config); the checkpoint is damaged");
+  }
+  if (version >= 2 && (!meta.contains("checksums") || !meta["checksums"].is_object() || meta["checksums"].empty())) {
+    throw Error(file.string() + ": missing \"checksums\"; the checkpoint is damaged");
+  }
+  return s;
+}
+
+// Every file trainer_state.json lists has the checksum it was written with.
+void verify_checksums(const nlohmann::json& meta, const fs::path& dir) {
+  if (!meta.contains("checksums")) {
+    spdlog::warn("{}: written by an older gpt2-finetune, without checksums: its files are not verified", dir.string());
+    return;
+  }
+  for (const auto& [name, expected] : meta["checksums"].items()) {
+    const fs::path file = dir / name;
+    if (!expected.is_string() || name.find('/') != std::string::npos) {
+      throw Error((dir / "trainer_state.json").string() + ": checksums." + name + " is not a file's checksum");
+    }
+    if (!fs::exists(file)) throw Error(file.string() + ": missing (listed in trainer_state.json); the checkpoint is damaged");
+    const std::string found = file_checksum(file);
+    if (found != expected.get<std::string>()) {
+      throw Error(file.string() + ": checksum " + found + " but " + expected.get<std::string>() +
+                  " was written; the file is damaged. Resume from an earlier checkpoint (checkpoint.resume) or start "
+                  "over (checkpoint.resume \"none\")");
+    }
   }
 }
 
@@ -101,7 +157,7 @@ fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GP
   for (const auto& item : rank_rng) tensors.push_back(item);
   save_safetensors(temp / "trainer_state.safetensors", tensors);
   checkpoint_kill_point();
-  const nlohmann::json meta = {{"format_version", kFormatVersion},
+  nlohmann::json meta = {{"format_version", kFormatVersion},
                                {"step", state.step},
                                {"loader_epoch", state.loader.epoch},
                                {"loader_consumed", state.loader.consumed},
@@ -111,6 +167,11 @@ fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GP
                                {"world_size", state.world_size},
                                {"scaler", scaler != nullptr},
                                {"config", config.to_json()}};
+  nlohmann::json checksums = nlohmann::json::object();
+  for (const auto& entry : fs::directory_iterator(temp)) {
+    checksums[entry.path().filename().string()] = file_checksum(entry.path());
+  }
+  meta["checksums"] = checksums;
   write_file_atomic(temp / "trainer_state.json", meta.dump(2) + "\n");
   fsync_tree(temp);
   checkpoint_kill_point();
@@ -156,18 +217,9 @@ TrainingState load_checkpoint(const fs::path& dir, GPT2& model, Optimizer& optim
     if (!fs::is_directory(dir)) throw Error(dir.string() + ": not a checkpoint folder");
     const fs::path meta_path = dir / "trainer_state.json";
     const nlohmann::json meta = read_json(meta_path);
-    if (get_field<int>(meta, "format_version", meta_path) != kFormatVersion) {
-      throw Error(meta_path.string() + ": format_version " + meta["format_version"].dump() + " (expected " +
-                  std::to_string(kFormatVersion) + "); written by another version of gpt2-finetune");
-    }
-    TrainingState s;
-    s.step = get_field<int64_t>(meta, "step", meta_path);
-    s.loader.epoch = get_field<int64_t>(meta, "loader_epoch", meta_path);
-    s.loader.consumed = get_field<int64_t>(meta, "loader_consumed", meta_path);
-    s.micro_batch = get_field<int64_t>(meta, "micro_batch", meta_path);
-    s.global_batch = get_field<int64_t>(meta, "global_batch", meta_path);
-    s.micro_batch_from_oom = get_field<bool>(meta, "micro_batch_from_oom", meta_path);
-    s.world_size = meta.contains("world_size") ? get_field<int64_t>(meta, "world_size", meta_path) : 1;
+    TrainingState s = read_training_state(meta, meta_path);
+    s.source = dir;
+    verify_checksums(meta, dir);
 
     // The model must have the shape the current config builds.
     const GPT2Config saved = GPT2Config::from_file(dir / "config.json");

@@ -18,6 +18,10 @@ namespace gpt2ft {
 using nlohmann::json;
 
 constexpr int64_t kMaxInt = std::numeric_limits<int64_t>::max();
+// Bounds that no real run comes near and that keep every product the trainer forms finite.
+constexpr int64_t kMaxMicroBatch = 1 << 16;   // sequences per forward pass
+constexpr int64_t kMaxBatch = 1 << 24;        // sequences per optimizer step, micro batches per step
+constexpr int64_t kMaxSteps = 1ll << 40;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 template <class Visitor>
@@ -33,8 +37,9 @@ void TrainConfig::visit(Visitor& v) {
                   "Recompute activations in backward to save memory: \"none\", \"all\", N (every N-th block), or "
                   "\"auto\" (the least recomputation the planner fits the micro batch with)");
   v.flag(model.freeze_embeddings, "model.freeze_embeddings", false, "Do not train wte/wpe (and a tied lm_head)");
-  v.integer(model.freeze_blocks, "model.freeze_blocks", 0, 0, kMaxInt, "Do not train the first N transformer blocks");
-  v.integer(model.resize_vocab, "model.resize_vocab", 0, 0, kMaxInt,
+  v.integer(model.freeze_blocks, "model.freeze_blocks", 0, 0, GPT2Config::kMaxLayers,
+            "Do not train the first N transformer blocks");
+  v.integer(model.resize_vocab, "model.resize_vocab", 0, 0, GPT2Config::kMaxVocab,
             "Resize the vocabulary to N (new rows start at the mean embedding); 0 keeps it");
   v.integer(model.lora.rank, "model.lora.rank", 0, 0, 65536,
             "LoRA rank r: train low-rank adapters on a frozen base (as PEFT); 0 = full fine-tuning");
@@ -49,23 +54,24 @@ void TrainConfig::visit(Visitor& v) {
   // data
   v.text(data.train, "data.train", "", "Glob of training shards (required), e.g. \"data/train_*.bin\"");
   v.text(data.val, "data.val", "", "Glob of validation shards; empty: no validation");
-  v.integer(data.seq_len, "data.seq_len", 1024, 1, kMaxInt, "Tokens per sample (T); at most the model's n_positions");
+  v.integer(data.seq_len, "data.seq_len", 1024, 1, GPT2Config::kMaxPositions,
+            "Tokens per sample (T); at most the model's n_positions");
   v.integer(data.num_workers, "data.num_workers", 2, 1, 256, "Loader worker threads");
   v.integer(data.seed, "data.seed", 1337, 0, kMaxInt, "Seed of the per-epoch sample order");
   v.flag(data.shuffle, "data.shuffle", true, "Shuffle samples each epoch (false: shard order)");
   // train
   v.micro_batch(train.micro_batch_size, "train.micro_batch_size", 8,
                 "Sequences per forward/backward pass on each rank, or \"auto\" (the memory planner picks)");
-  v.integer(train.gradient_accumulation_steps, "train.gradient_accumulation_steps", 0, 0, kMaxInt,
+  v.integer(train.gradient_accumulation_steps, "train.gradient_accumulation_steps", 0, 0, kMaxBatch,
             "Micro batches per optimizer step; 0 derives it from train.global_batch_size (else 1)");
-  v.integer(train.global_batch_size, "train.global_batch_size", 0, 0, kMaxInt,
+  v.integer(train.global_batch_size, "train.global_batch_size", 0, 0, kMaxBatch,
             "Sequences per optimizer step over all ranks; divisible by micro batch * ranks. 0: micro * accumulation * ranks");
-  v.integer(train.max_steps, "train.max_steps", 0, 0, kMaxInt, "Optimizer steps to run (or set train.epochs)");
-  v.number(train.epochs, "train.epochs", 0.0, 0.0, kInf, "Epochs to run when train.max_steps is 0");
+  v.integer(train.max_steps, "train.max_steps", 0, 0, kMaxSteps, "Optimizer steps to run (or set train.epochs)");
+  v.number(train.epochs, "train.epochs", 0.0, 0.0, 1e6, "Epochs to run when train.max_steps is 0");
   v.number(train.lr, "train.lr", 3e-4, 0.0, kInf, "Peak learning rate");
   v.choice(train.lr_schedule, "train.lr_schedule", "cosine", {"constant", "linear", "cosine"},
            "Decay after warmup: constant, linear or cosine down to train.min_lr");
-  v.integer(train.warmup_steps, "train.warmup_steps", 0, 0, kMaxInt, "Linear warmup steps from 0 to train.lr");
+  v.integer(train.warmup_steps, "train.warmup_steps", 0, 0, kMaxSteps, "Linear warmup steps from 0 to train.lr");
   v.number(train.min_lr, "train.min_lr", 0.0, 0.0, kInf, "Learning rate at the end of the decay");
   v.number(train.weight_decay, "train.weight_decay", 0.1, 0.0, kInf,
            "AdamW weight decay (not applied to biases and LayerNorm weights)");
@@ -101,7 +107,7 @@ void TrainConfig::visit(Visitor& v) {
   // eval
   v.integer(eval.every_steps, "eval.every_steps", 0, 0, kMaxInt, "Validation every N steps; 0 = only at the end");
   v.integer(eval.max_batches, "eval.max_batches", 20, 0, kMaxInt, "Validation batches per evaluation; 0 = all");
-  v.integer(eval.batch_size, "eval.batch_size", 0, 0, kMaxInt,
+  v.integer(eval.batch_size, "eval.batch_size", 0, 0, kMaxMicroBatch,
             "Sequences per validation forward pass; 0: the training micro batch. Halved on out-of-memory");
   // log
   v.integer(log.every_steps, "log.every_steps", 10, 1, kMaxInt, "Metrics every N steps (console and metrics.jsonl)");
@@ -141,11 +147,17 @@ std::string show(const json& v) {
   return text;
 }
 
-std::string range_text(double lo, double hi) {
+// A bound as written in an error message: whole numbers without an exponent.
+std::string bound_text(double v) {
+  if (v == std::floor(v) && std::abs(v) < 1e18) return std::to_string(static_cast<int64_t>(v));
   std::ostringstream s;
-  if (hi == kInf || hi >= static_cast<double>(kMaxInt)) s << ">= " << lo;
-  else s << "in [" << lo << ", " << hi << "]";
+  s << v;
   return s.str();
+}
+
+std::string range_text(double lo, double hi) {
+  if (hi == kInf || hi >= static_cast<double>(kMaxInt)) return ">= " + bound_text(lo);
+  return "in [" + bound_text(lo) + ", " + bound_text(hi) + "]";
 }
 
 // Flattens nested objects into "a.b" -> value. An object at an option's own path is that
@@ -277,8 +289,9 @@ struct ParseVisitor {
   void micro_batch(int64_t& f, const char* path, int64_t, const char*) {
     if (const json* v = find(path)) {
       if (v->is_string() && v->get<std::string>() == "auto") f = 0;
-      else if (v->is_number_integer() && v->get<int64_t>() >= 1) f = v->get<int64_t>();
-      else fail(path, "an integer >= 1 or \"auto\"", *v);
+      else if (v->is_number_integer() && v->get<int64_t>() >= 1 && v->get<int64_t>() <= kMaxMicroBatch)
+        f = v->get<int64_t>();
+      else fail(path, "an integer in [1, " + std::to_string(kMaxMicroBatch) + "] or \"auto\"", *v);
       done(path);
     }
   }
@@ -286,7 +299,8 @@ struct ParseVisitor {
     if (const json* v = find(path)) {
       if (v->is_string() && (v->get<std::string>() == "none" || v->get<std::string>() == "all" ||
                                v->get<std::string>() == "auto")) f = v->get<std::string>();
-      else if (v->is_number_integer() && v->get<int64_t>() >= 1) f = std::to_string(v->get<int64_t>());
+      else if (v->is_number_integer() && v->get<int64_t>() >= 1 && v->get<int64_t>() <= GPT2Config::kMaxLayers)
+        f = std::to_string(v->get<int64_t>());
       else fail(path, "\"none\", \"all\", \"auto\" or an integer N >= 1 (every N-th block)", *v);
       done(path);
     }

@@ -1,9 +1,6 @@
 // AdamW on the host, fed and drained bucket by bucket.
 #include "gpt2ft/train/offloaded_adamw.h"
 
-#include <fstream>
-#include <sstream>
-
 #include <c10/core/Event.h>
 #include <c10/core/Stream.h>
 #include <c10/core/StreamGuard.h>
@@ -11,6 +8,7 @@
 #include <torch/torch.h>
 
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/host_memory.h"
 
 namespace gpt2ft {
 
@@ -26,35 +24,13 @@ struct OffloadedAdamW::Bucket {
   torch::Tensor& host_copy(size_t j) { return adamw->groups()[slot[j].first].params[slot[j].second]; }
 };
 
-namespace {
-
-// What the host can give: MemAvailable from /proc/meminfo (Linux), in bytes; 0 if unknown.
-int64_t host_available_bytes() {
-  std::ifstream in("/proc/meminfo");
-  std::string key;
-  int64_t kib = 0;
-  std::string unit;
-  while (in >> key >> kib >> unit) {
-    if (key == "MemAvailable:") return kib * 1024;
-  }
-  return 0;
-}
-
-}  // namespace
-
 void check_host_memory_for_offload(int64_t trained_parameters) {
-  const int64_t needed = 16 * trained_parameters;  // weights' copy, two moments, gradient buffer
-  const int64_t available = host_available_bytes();
-  if (available > 0 && needed > available * 8 / 10) {
-    std::ostringstream msg;
-    msg.precision(3);
-    msg << "train.optimizer_offload \"cpu\" needs " << needed / double(1ll << 30) << " GiB of host memory for "
-        << trained_parameters << " trained parameters (16 bytes each: a float32 copy, AdamW's two moments and the "
-        << "gradient buffer) but the host has " << available / double(1ll << 30)
-        << " GiB available; free host memory, shard the optimizer over GPUs (distributed.shard_optimizer) or set "
-           "train.optimizer_offload \"none\"";
-    throw Error(msg.str());
-  }
+  require_host_memory(16.0 * static_cast<double>(trained_parameters),
+                      "train.optimizer_offload \"cpu\" for " + std::to_string(trained_parameters) +
+                          " trained parameters (16 bytes each: a float32 copy, AdamW's two moments and the gradient "
+                          "buffer)",
+                      "free host memory, shard the optimizer over GPUs (distributed.shard_optimizer) or set "
+                      "train.optimizer_offload \"none\"");
 }
 
 OffloadedAdamW::OffloadedAdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,

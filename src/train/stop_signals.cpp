@@ -10,9 +10,9 @@ namespace {
 std::atomic<int> g_stop_signal{0};
 
 void on_stop_signal(int signum) {
-  if (g_stop_signal.load() != 0 && signum == SIGINT) {  // a second Ctrl-C: stop now
-    std::signal(SIGINT, SIG_DFL);
-    std::raise(SIGINT);
+  if (g_stop_signal.load() != 0) {  // a second stop request (Ctrl-C twice, TERM after TERM): stop now
+    std::signal(signum, SIG_DFL);
+    std::raise(signum);
   }
   g_stop_signal.store(signum);
 }

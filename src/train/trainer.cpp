@@ -203,7 +203,7 @@ class Trainer {
 
  private:
   StepResult train_step(int64_t step);
-  torch::Tensor forward_backward(std::string& oom_message);
+  torch::Tensor forward_backward(std::string& oom_message, bool& interrupted);
   torch::Tensor micro_batch_loss(const Batch& batch);
   void back_off(int64_t step, std::string why, const StepStart& start);
   void after_step(int64_t step, const StepResult& result);
@@ -211,6 +211,8 @@ class Trainer {
   std::optional<double> validate(int64_t step);
   fs::path save_checkpoint();
   [[noreturn]] void stop(int64_t step, const StepOutcome& outcome);
+  void stop_if_requested(const char* during) const;
+  [[noreturn]] void interrupt(int64_t step, const StepStart& start);
   TrainSummary finish();
   void save_final_model();
 
@@ -260,6 +262,7 @@ Trainer::Trainer(const TrainConfig& cfg)
   // Every rank builds the same model from the same seed; rank 0's copy is broadcast anyway.
   torch::manual_seed(static_cast<uint64_t>(cfg_.train.seed));
   model_ = build_model(cfg_, device_);
+  stop_if_requested("building the model");
   split_ = batch_split_of(cfg_, comm_.world_size());
   if (cfg_.checkpointing_auto()) {
     const int64_t every = auto_checkpointing(cfg_, device_, split_);
@@ -277,9 +280,11 @@ Trainer::Trainer(const TrainConfig& cfg)
   optimizer_ = make_optimizer(cfg_, comm_, device_, trained);
   scaler_ = make_scaler(cfg_, amp_, device_);
   state_ = checkpoints_.resume(model_, *optimizer_, scaler_ ? &*scaler_ : nullptr, split_);
+  stop_if_requested("resuming");
   start_every_rank_alike();
 
   loader_ = make_loader();
+  stop_if_requested("opening the data");
   max_steps_ = steps_to_run();
   schedule_ = {cfg_.train.lr_schedule, cfg_.train.lr, cfg_.train.min_lr, cfg_.train.warmup_steps, max_steps_};
   reducer_ = std::make_unique<GradReducer>(comm_, params_, static_cast<int64_t>(cfg_.distributed.bucket_mb * (1 << 20)));
@@ -321,7 +326,9 @@ std::unique_ptr<DataLoader> Trainer::make_loader() const {
   lo.world_size = static_cast<int>(split_.world);
   lo.vocab_size = model_->config().vocab_size;
   lo.device = device_;
-  return std::make_unique<DataLoader>(lo, state_.loader);
+  if (state_.source.empty()) return std::make_unique<DataLoader>(lo, state_.loader);
+  return with_context("resuming from checkpoint " + state_.source.string(),
+                      [&] { return std::make_unique<DataLoader>(lo, state_.loader); });
 }
 
 int64_t Trainer::steps_to_run() const {
@@ -371,7 +378,9 @@ StepResult Trainer::train_step(int64_t step) {
   for (;;) {
     const StepStart start{loader_->state(), get_rng_states(device_)};
     std::string oom_message;
-    r.loss = forward_backward(oom_message);
+    bool interrupted = false;
+    r.loss = forward_backward(oom_message, interrupted);
+    if (interrupted) interrupt(step, start);
     reducer_->finish();  // every rank issues the same collectives, even after an error
     const bool out_of_time = cfg_.train.time_limit > 0 &&
                              std::chrono::duration<double>(Clock::now() - start_).count() > cfg_.train.time_limit;
@@ -396,12 +405,18 @@ StepResult Trainer::train_step(int64_t step) {
 // Forward and backward over this rank's micro batches. Each loss is a mean over its micro
 // batch divided by the accumulation, so the gradients sum to this rank's mean. Running out of
 // memory is caught, its message handed back and the partial gradients dropped, so that all
-// ranks can agree on what to do.
-torch::Tensor Trainer::forward_backward(std::string& oom_message) {
+// ranks can agree on what to do; a stop signal in one process drops the step the same way.
+torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrupted) {
   const int64_t accumulation = split_.accumulation();
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().device(device_));
   try {
     for (int64_t m = 0; m < accumulation; ++m) {
+      // One process stops mid-step when asked (ranks agree only at the step's end).
+      if (split_.world == 1 && m > 0 && StopSignals::requested() != 0) {
+        interrupted = true;
+        clear_gradients(params_);
+        return loss_sum;
+      }
       const Batch batch = loader_->next();
       const torch::Tensor loss = micro_batch_loss(batch) / static_cast<double>(accumulation);
       loss_sum += loss.detach();
@@ -517,6 +532,24 @@ void Trainer::save_final_model() {
   save_adapter_folder(model_, *model_->lora(), dir,
                       cfg_.model.init_from.empty() ? cfg_.model.preset : fs::absolute(cfg_.model.init_from).string());
   if (save.tokenizer_from) copy_tokenizer_files(*save.tokenizer_from, dir);
+}
+
+// A stop signal during setup: nothing new to save (the last checkpoint, if any, stands).
+void Trainer::stop_if_requested(const char* during) const {
+  if (const int signum = StopSignals::requested()) {
+    throw ExitRequest(kExitStopped, std::string("stopped by signal ") + strsignal(signum) + " while " + during +
+                                        "; nothing new to save. Run again to continue");
+  }
+}
+
+// A stop signal in the middle of step `step` (one process): the step is dropped, the loader
+// and RNG rewound to its start, and the last completed step checkpointed.
+void Trainer::interrupt(int64_t step, const StepStart& start) {
+  loader_->restart(start.loader, split_.micro);
+  set_rng_states(start.rng);
+  StepOutcome outcome;
+  outcome.stop_signal = StopSignals::requested();
+  stop(step - 1, outcome);
 }
 
 // The end of the run: final validation, checkpoint and model folder.

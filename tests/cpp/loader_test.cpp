@@ -166,20 +166,16 @@ TEST(Loader, RanksPartitionTheSingleProcessOrder) {
   EXPECT_EQ(merged, expected);
 }
 
-TEST(Loader, ErrorsNameTheShardAndSurfaceInTheTrainingThread) {
+TEST(Loader, ErrorsNameTheShardWhenItIsOpened) {
   test::TempDir tmp;
   const auto shards = make_shards(tmp.path());
   auto o = options(shards, 4, 2);
-  o.vocab_size = 1200;  // shard 2 holds ids up to 2999
-  DataLoader loader(o);
-  test::expect_error_containing(
-      [&] {
-        for (int i = 0; i < 100; ++i) loader.next();
-      },
-      {"train_000002.bin", "outside the model's vocabulary of 1200"});
+  o.vocab_size = 1200;  // shard 2 holds ids up to 2999: refused when opened, not when a batch reaches them
+  test::expect_error_containing([&] { DataLoader l(o); },
+                                {"train_000002.bin", "token id", "at position", "outside the model's vocabulary of 1200"});
   o.vocab_size = 0;
   o.seq_len = 5000;
-  test::expect_error_containing([&] { DataLoader l(o); }, {"no complete sample", "5001"});
+  test::expect_error_containing([&] { DataLoader l(o); }, {"train_000000.bin", "no complete sample", "5001"});
 }
 
 }  // namespace

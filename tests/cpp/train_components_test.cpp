@@ -200,8 +200,8 @@ TEST(TrainConfigTest, BadConfigsNameThePathAndTheExpectation) {
   };
   const std::vector<Case> cases = {
       {{{"train", {{"micro_batch_size", "eight"}}}}, {},
-       "cfg.json: train.micro_batch_size: expected an integer >= 1 or \"auto\", got \"eight\""},
-      {{{"train", {{"micro_batch_size", 0}}}}, {}, "train.micro_batch_size: expected an integer >= 1 or \"auto\", got 0"},
+       "cfg.json: train.micro_batch_size: expected an integer in [1, 65536] or \"auto\", got \"eight\""},
+      {{{"train", {{"micro_batch_size", 0}}}}, {}, "train.micro_batch_size: expected an integer in [1, 65536] or \"auto\", got 0"},
       {{{"train", {{"lr_schedule", "step"}}}}, {},
        "train.lr_schedule: expected one of \"constant\" \"linear\" \"cosine\", got \"step\""},
       {{{"train", {{"micro_batch_sise", 4}}}}, {}, "train.micro_batch_sise: unknown option"},
@@ -210,7 +210,7 @@ TEST(TrainConfigTest, BadConfigsNameThePathAndTheExpectation) {
       {{{"amp", {{"dtype", "fp8"}}}}, {}, "amp.dtype: expected one of \"auto\" \"none\" \"bfloat16\" \"float16\", got \"fp8\""},
       {{{"model", {{"dropout", 1.5}}}}, {}, "model.dropout: expected a number in [-1, 0.99], got 1.5"},
       {{{"model", {{"activation_checkpointing", "some"}}}}, {}, "model.activation_checkpointing: expected \"none\", \"all\", \"auto\" or an integer"},
-      {{{"data", {{"seq_len", -4}}}}, {}, "data.seq_len: expected an integer >= 1, got -4"},
+      {{{"data", {{"seq_len", -4}}}}, {}, "data.seq_len: expected an integer in [1, 1048576], got -4"},
       {{{"train", {{"micro_batch_size", 3}, {"global_batch_size", 8}}}}, {}, "train.global_batch_size (8) is not divisible by train.micro_batch_size (3)"},
       {{{"model", {{"init_from", "m"}}}}, {}, "exactly one of model.init_from"},
       {{{"train", {{"max_steps", 0}}}}, {}, "train.max_steps or train.epochs"},
@@ -218,6 +218,15 @@ TEST(TrainConfigTest, BadConfigsNameThePathAndTheExpectation) {
       {json::object(), {"train.nope=1"}, "train.nope: unknown option"},
       {json::object(), {"novalue"}, "--set novalue: expected KEY=VALUE"},
       {{{"cuda", {{"memory_limit", "lots"}}}}, {}, "cfg.json: cuda.memory_limit: expected a size such as 80GiB"},
+      // values that would run forever or abort in the allocator are out of range
+      {{{"train", {{"global_batch_size", int64_t{1} << 62}}}}, {}, "train.global_batch_size: expected an integer in [0, 16777216]"},
+      {{{"train", {{"micro_batch_size", 1000000000}}}}, {}, "train.micro_batch_size: expected an integer in [1, 65536]"},
+      {{{"model", {{"resize_vocab", int64_t{1000000000000}}}}}, {}, "model.resize_vocab: expected an integer in [0, 16777216]"},
+      // an object where a value belongs is a type error, not "use the default"
+      {{{"train", {{"lr", json::object()}}}}, {}, "train.lr: expected a number >= 0, got {}"},
+      {{{"distributed", {{"bucket_mb", json::object()}}}}, {}, "distributed.bucket_mb: expected a number"},
+      {{{"device", json::object()}}, {}, "device: expected a string, got {}"},
+      {{{"model", {{"lora", {{"targets", {"c_attn", 3}}}}}}}, {}, "model.lora.targets: expected a list of non-empty strings"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.patch.dump());

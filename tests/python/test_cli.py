@@ -284,8 +284,61 @@ class CliTest(WorkDirTest):
                 f.write("{ not json")
             return d, ["config.json", "not valid JSON"]
 
+        def rewrite_header(d, edit_header=None, shift=0, trailing=b""):
+            """model.safetensors with its header edited, its length off by `shift`, bytes appended."""
+            with open(st(d), "rb") as f:
+                raw = f.read()
+            n = struct.unpack("<Q", raw[:8])[0]
+            header = raw[8:8 + n]
+            if edit_header:
+                header = edit_header(header)
+            with open(st(d), "wb") as f:
+                f.write(struct.pack("<Q", len(header) + shift) + header + raw[8 + n:] + trailing)
+
+        def header_one_byte_short():  # every tensor would read shifted by a byte
+            d = self.copy_model("short_header")
+            rewrite_header(d, lambda h: h + b" ", shift=-1)
+            return d, [st(d), "the tensors end at byte", "corrupt file"]
+
+        def trailing_bytes():
+            d = self.copy_model("trailing")
+            rewrite_header(d, trailing=b"\0" * 16)
+            return d, [st(d), "bytes after the data"]
+
+        def gap_between_tensors():
+            d = self.copy_model("gap")
+            def edit(h):
+                header = json.loads(h)
+                header["transformer.ln_f.bias"]["data_offsets"][0] -= 4  # overlaps its neighbour
+                return json.dumps(header).encode()
+            rewrite_header(d, edit)
+            return d, [st(d), "transformer.ln_f.bias"]
+
+        def huge_size(key, value):
+            def make():
+                d = self.copy_model(f"huge_{key}")
+                self.edit_config(d, **{key: value})
+                return d, ["config.json", key, "expected an integer in [1, "]
+            make.__name__ = f"huge_{key}"
+            return make
+
+        def deep_config():
+            d = self.copy_model("deep")
+            with open(os.path.join(d, "config.json"), "w") as f:
+                f.write('{"n_layer": 2, "junk": ' + "[" * 100000 + "]" * 100000 + "}")
+            return d, ["config.json", "nested deeper than 64"]
+
+        def config_bigger_than_weights():  # shapes checked against the header before building
+            d = self.copy_model("bigger")
+            self.edit_config(d, n_embd=2048, n_head=4)
+            return d, [st(d), "expected shape", "from config.json"]
+
         model_cases = [missing_config, missing_weights, truncated, offsets_out_of_range, wrong_dtype,
-                       wrong_shape, missing_tensor, unknown_activation, indivisible_heads, garbled_config]
+                       wrong_shape, missing_tensor, unknown_activation, indivisible_heads, garbled_config,
+                       header_one_byte_short, trailing_bytes, gap_between_tensors, huge_size("n_embd", 2 ** 40),
+                       huge_size("vocab_size", 10 ** 12), huge_size("n_inner", 2 ** 40),
+                       huge_size("n_positions", 2 ** 31), huge_size("n_layer", 10 ** 9), deep_config,
+                       config_bigger_than_weights]
         cases = []
         for make in model_cases:
             d, fragments = make()

@@ -222,6 +222,34 @@ class ResilienceTest(WorkDirTest):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(latest_state(out)[0]["step"], 400)
 
+    def test_a_stop_signal_is_honoured_inside_a_long_step(self):
+        # 1024 micro batches a step: a signal must not wait for the step's end. The step in
+        # progress is dropped and redone on resume, so the result equals a straight run.
+        straight, out = self.out("straight"), self.out("run")
+        c = self.no_dropout_config(out, 1)
+        c["train"].update({"global_batch_size": 1024, "max_steps": 2})
+        c["checkpoint"]["every_steps"] = 0
+        s = copy.deepcopy(c)
+        s["output_dir"] = straight
+        self.assertEqual(run(s, self.tmp, "long_straight").returncode, 0)
+        path = os.path.join(self.tmp, "long.json")
+        with open(path, "w") as f:
+            json.dump(c, f)
+        p = subprocess.Popen([BIN, "--config", path], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        time.sleep(2.0)
+        sent = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+        waited = time.monotonic() - sent
+        print(f"[signal] SIGTERM inside a 1024-micro-batch step: exit {p.returncode} after {waited:.2f} s: "
+              f"{err.strip().splitlines()[-1]}")
+        self.assertEqual(p.returncode, 76, err[-2000:])
+        self.assertLess(waited, 10)
+        self.assertIn("Terminated", err)
+        r = run(c, self.tmp, "long_resume")
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        self.assertTrue(bitwise_equal(final_weights(out), final_weights(straight)), "resumed run differs")
+
     def test_time_limit_checkpoints_and_exits_76(self):
         out = self.out("run")
         c = config(self.model_dir, self.glob, out, max_steps=100000, time_limit=2.0)
@@ -289,7 +317,7 @@ class ResilienceTest(WorkDirTest):
 
         other_model = ref.make_model(os.path.join(self.tmp, "other_model"), n_embd=48, n_head=3)
         cases = [
-            ("truncated", damaged("truncated", truncate), {}, ["trainer_state.safetensors", "outside the data section"]),
+            ("truncated", damaged("truncated", truncate), {}, ["trainer_state.safetensors", "damaged"]),
             ("garbled", damaged("garbled", garble), {}, ["trainer_state.json", "not valid JSON"]),
             ("dangling", damaged("dangling", dangling), {}, ["latest", "step_00009999", "not a checkpoint folder"]),
             ("other_shape", None, {"model": {"init_from": other_model, "dropout": 0.1}},
@@ -297,6 +325,54 @@ class ResilienceTest(WorkDirTest):
             ("global_batch", None, {"train": {**c["train"], "global_batch_size": 16}},
              ["global batch of 8 sequences", "asks for 16"]),
         ]
+
+        def edit_state(**changes):
+            def mutate(d, _):
+                p = os.path.join(d, "trainer_state.json")
+                with open(p) as f:
+                    meta = json.load(f)
+                for k, v in changes.items():
+                    if v is None:
+                        del meta[k]
+                    else:
+                        meta[k] = v
+                with open(p, "w") as f:
+                    json.dump(meta, f)
+            return mutate
+
+        def flip_byte(file, where):
+            def mutate(d, _):
+                p = os.path.join(d, file)
+                with open(p, "r+b") as f:
+                    f.seek(int(os.path.getsize(p) * where))
+                    b = f.read(1)
+                    f.seek(-1, 1)
+                    f.write(bytes([b[0] ^ 0x10]))
+            return mutate
+
+        def deep_json(d, _):
+            with open(os.path.join(d, "trainer_state.json"), "w") as f:
+                f.write("[" * 100000 + "]" * 100000)
+
+        # Every field read from a checkpoint is checked, and every file's bytes.
+        for name, mutate, fragments in (
+                ("step_negative", edit_state(step=-1), ['"step" is -1', "damaged"]),
+                ("step_huge", edit_state(step=2 ** 62), ['"step" is 4611686018427387904']),
+                ("world_size_zero", edit_state(world_size=0), ['"world_size" is 0']),
+                ("micro_batch_zero", edit_state(micro_batch=0), ['"micro_batch" is 0']),
+                ("consumed_negative", edit_state(loader_consumed=-5), ['"loader_consumed" is -5']),
+                ("consumed_huge", edit_state(loader_consumed=2 ** 62), ['"loader_consumed" is 4611686018427387904']),
+                ("epoch_negative", edit_state(loader_epoch=-1), ['"loader_epoch" is -1']),
+                ("consumed_past_the_data", edit_state(loader_consumed=100000),
+                 ["loader position", "outside the data"]),
+                ("no_world_size", edit_state(world_size=None), ['missing "world_size"']),
+                ("no_config", edit_state(config=None), ['missing "config"']),
+                ("no_checksums", edit_state(checksums=None), ['missing "checksums"']),
+                ("optimizer_flipped", flip_byte("trainer_state.safetensors", 0.7),
+                 ["trainer_state.safetensors: checksum", "damaged"]),
+                ("weights_flipped", flip_byte("model.safetensors", 0.5), ["model.safetensors: checksum", "damaged"]),
+                ("deep_json", deep_json, ["trainer_state.json", "nested deeper than 64"])):
+            cases.append((name, damaged(name, mutate), {}, fragments))
         for name, out, patch, fragments in cases:
             with self.subTest(case=name):
                 cc = copy.deepcopy(c)

@@ -33,6 +33,8 @@ class ShardReader {
   uint32_t token(int64_t i) const;
   // Copies tokens [begin, begin + count) into out as int64 (torch's index type).
   void read(int64_t begin, int64_t count, int64_t* out) const;
+  // Every id below vocab_size, or an Error naming the file, the first bad id and its position.
+  void check_ids(int64_t vocab_size) const;
 
  private:
   MappedFile file_;
@@ -43,6 +45,9 @@ class ShardReader {
 // Writes a shard atomically. token_bytes 2 or 4; ids must fit.
 void write_shard(const std::filesystem::path& path, const std::vector<uint32_t>& tokens,
                  int token_bytes);
+
+// "a.bin, b.bin and 3 more": files for a message.
+std::string describe_files(const std::vector<std::filesystem::path>& files);
 
 // The files a glob pattern matches, sorted by name. No match is an Error naming `what`.
 std::vector<std::filesystem::path> expand_glob(const std::string& pattern, const std::string& what);

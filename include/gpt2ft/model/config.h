@@ -43,6 +43,11 @@ struct GPT2Config {
 
   // Checks every field; `where` names the source (file or preset) in the error.
   void validate(const std::string& where) const;
+  // float32 bytes of all parameters, computed without overflow (for checks before building).
+  double weight_bytes() const;
+
+  // Upper bounds validate() enforces: generous for any GPT-2-shaped model.
+  static constexpr int64_t kMaxVocab = 1 << 24, kMaxPositions = 1 << 20, kMaxWidth = 1 << 16, kMaxLayers = 4096;
 
   // Parses Hugging Face config.json contents. Errors name `where` and the key.
   static GPT2Config from_json(const nlohmann::json& j, const std::string& where);

@@ -33,6 +33,7 @@ struct TrainingState {
   bool micro_batch_from_oom = false;  // the micro batch was lowered after an out-of-memory error
   int64_t world_size = 1;    // ranks of the run that wrote it (micro_batch is per rank)
   bool rng_restored = true;  // this rank's RNG state came from a checkpoint
+  std::filesystem::path source;  // the checkpoint it was read from (empty for a fresh run)
 };
 
 // Writes a checkpoint of `state` under run_dir/checkpoints and prunes to keep_last.

@@ -1,6 +1,7 @@
 // Stop requests from outside: SIGTERM, SIGINT and SIGUSR1 (Slurm's --signal=USR1@120 before
-// the time limit, preemption) ask the run to stop at the next step boundary with a
-// checkpoint. A second Ctrl-C stops at once.
+// the time limit, preemption) ask the run to stop with a checkpoint: at the next step
+// boundary, or in one process mid-step by dropping the step, or during setup with nothing new
+// to save. A second stop signal of any kind ends the process at once.
 #pragma once
 
 #include <signal.h>
