@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The planner's table for docs/memory.md: the largest micro batch of gpt2 ... gpt2-xl at
-T=1024 on 16/24/40/80 GB GPUs, bf16, with and without activation checkpointing.
+T=1024 on 16/24/40/80 GB GPUs, bf16, with and without activation checkpointing, accumulating (gradients held).
 
   .venv/bin/python scripts/memory_table.py > table.md
 """
@@ -18,7 +18,7 @@ GPUS = [16, 24, 40, 80]
 def plan(preset, gib, checkpointing, chunked_loss=True):
     cfg = {"model": {"preset": preset, "dropout": 0.0, "activation_checkpointing": checkpointing},
            "data": {"train": "unused", "seq_len": 1024},
-           "train": {"max_steps": 1, "micro_batch_size": 1, "chunked_loss": chunked_loss},
+           "train": {"max_steps": 1, "micro_batch_size": 1, "global_batch_size": 4096, "chunked_loss": chunked_loss},
            "amp": {"dtype": "bfloat16"}, "device": "cuda"}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(cfg, f)

@@ -12,6 +12,7 @@
 #include "gpt2ft/core/atomic_file.h"
 #include "gpt2ft/core/json.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/strings.h"
 #include "gpt2ft/model/lora.h"
 
 namespace gpt2ft {
@@ -19,10 +20,6 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kPrefix = "transformer.";
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 // Hugging Face's GPT-2 uses Conv1D, which stores weights (in, out); ours are (out, in).
 bool is_conv1d_weight(const std::string& name) {

@@ -8,6 +8,7 @@
 
 #include "gpt2ft/core/atomic_file.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/strings.h"
 #include "gpt2ft/core/json.h"
 #include "gpt2ft/io/safetensors.h"
 
@@ -16,10 +17,6 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kPeftPrefix = "base_model.model.";
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 // Every projection that can carry an adapter: its module name, base layer and adapter slot.
 struct Slot {

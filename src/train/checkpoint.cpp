@@ -81,9 +81,9 @@ T get_field(const nlohmann::json& j, const char* key, const fs::path& file) {
 }
 
 
-// The fields of trainer_state.json, each checked for presence, type and range: a damaged or
-// edited file is refused with the field's name instead of resuming into nonsense.
-TrainingState read_training_state(const nlohmann::json& meta, const fs::path& file) {
+}  // namespace
+
+TrainingState parse_training_state(const nlohmann::json& meta, const fs::path& file) {
   if (!meta.is_object()) throw Error(file.string() + ": expected a JSON object; the checkpoint is damaged");
   auto integer = [&](const char* key, int64_t lo, int64_t hi) {
     const int64_t v = get_field<int64_t>(meta, key, file);
@@ -110,6 +110,8 @@ TrainingState read_training_state(const nlohmann::json& meta, const fs::path& fi
   }
   return s;
 }
+
+namespace {
 
 // Every file trainer_state.json lists has the checksum it was written with.
 void verify_checksums(const nlohmann::json& meta, const fs::path& dir) {
@@ -217,7 +219,7 @@ TrainingState load_checkpoint(const fs::path& dir, GPT2& model, Optimizer& optim
     if (!fs::is_directory(dir)) throw Error(dir.string() + ": not a checkpoint folder");
     const fs::path meta_path = dir / "trainer_state.json";
     const nlohmann::json meta = read_json(meta_path);
-    TrainingState s = read_training_state(meta, meta_path);
+    TrainingState s = parse_training_state(meta, meta_path);
     s.source = dir;
     verify_checksums(meta, dir);
 

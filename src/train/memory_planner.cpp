@@ -58,6 +58,7 @@
 #include <numeric>
 
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/strings.h"
 #include "gpt2ft/distributed/optimizer_shards.h"
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/linear_cross_entropy.h"
@@ -77,7 +78,7 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     const int64_t numel = std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>());
     if (in.lora_rank > 0) {
       const std::string module = name.substr(0, name.rfind('.'));
-      if (shape.size() == 2 && name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0 &&
+      if (shape.size() == 2 && ends_with(name, ".weight") &&
           module.find(".h.") != std::string::npos && lora_targets(module, in.lora_targets)) {
         const int64_t out = shape[0], inner = shape[1];
         trained_numels.push_back(in.lora_rank * inner);  // A

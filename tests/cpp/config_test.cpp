@@ -29,7 +29,8 @@ TEST(Config, PresetParameterCountsMatchTransformers) {
 }
 
 TEST(Config, ModuleParameterCountMatchesConfigAndTransformers) {
-  for (const auto& shape : golden_summary()["shapes"]) {
+  const json summary = golden_summary();  // alive while its "shapes" are iterated
+  for (const auto& shape : summary["shapes"]) {
     const std::string name = shape["shape"];
     const GPT2Config config = GPT2Config::from_file(test::golden_dir() / name / "model" / "config.json");
     GPT2 model(config);
@@ -65,7 +66,9 @@ TEST(Config, BadValuesNameTheKeyAndTheProblem) {
       {{{"n_embd", 50}, {"n_head", 4}}, {"cfg.json", "n_embd (50) must be divisible by n_head (4)"}},
       {{{"activation_function", "gelu_magic"}}, {"cfg.json", "activation_function", "gelu_magic", "gelu_new"}},
       {{{"n_layer", "twelve"}}, {"cfg.json", "n_layer: expected an integer, got \"twelve\""}},
-      {{{"n_head", 0}}, {"n_head: expected an integer >= 1, got 0"}},
+      {{{"n_head", 0}}, {"n_head: expected an integer in [1, 8], got 0"}},
+      {{{"n_embd", int64_t{1} << 40}}, {"cfg.json", "n_embd: expected an integer in [1, 65536]"}},
+      {{{"n_layer", 1000000000}}, {"cfg.json", "n_layer: expected an integer in [1, 4096]"}},
       {{{"resid_pdrop", 1.5}}, {"resid_pdrop", "probability"}},
       {{{"model_type", "llama"}}, {"model_type", "\"llama\""}},
       {{{"reorder_and_upcast_attn", true}}, {"reorder_and_upcast_attn", "not supported"}},

@@ -16,6 +16,8 @@
 #include <optional>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "gpt2ft/data/loader.h"
 #include "gpt2ft/io/safetensors.h"
 #include "gpt2ft/model/gpt2.h"
@@ -43,6 +45,11 @@ struct TrainingState {
 std::filesystem::path save_checkpoint(const std::filesystem::path& run_dir, const TrainingState& state, GPT2& model,
                                       const NamedTensors& optimizer_state, const GradScaler* scaler,
                                       const TrainConfig& config, int64_t keep_last, const NamedTensors& rank_rng = {});
+
+// The fields of a parsed trainer_state.json (`file` names it in errors), each checked for
+// presence, type and range: a damaged or edited file is an Error naming the field, never a
+// resume into nonsense.
+TrainingState parse_training_state(const nlohmann::json& meta, const std::filesystem::path& file);
 
 // run_dir/checkpoints/step_NNNNNNNN, the folder of the checkpoint after `step` steps.
 std::filesystem::path checkpoint_folder(const std::filesystem::path& run_dir, int64_t step);

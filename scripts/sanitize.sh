@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The C++ code under AddressSanitizer + UndefinedBehaviorSanitizer (run by .ci/run after the
+# test suite): builds everything instrumented into build-asan (-O1, so it builds in minutes)
+# and runs, under it, the C++ tests that need no second process or GPU, the fuzz targets over
+# their seed corpus, and the command line's bad-input and damaged-checkpoint tests. Any
+# sanitizer report fails the run. Needs scripts/setup.sh to have run (the .venv, packages).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+build="${GPT2FT_ASAN_BUILD_DIR:-build-asan}"
+if [[ ! -f "$build/CMakeCache.txt" ]]; then
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O1" -DGPT2FT_SANITIZE=ON \
+    -DCMAKE_PREFIX_PATH="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+    -DCUDAToolkit_ROOT=/usr/local/cuda -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc \
+    -DPython3_EXECUTABLE="$root/.venv/bin/python" > /dev/null
+fi
+targets=(gpt2-finetune gpt2ft_tests)
+for t in safetensors_header shard_header model_config train_config checkpoint_state; do targets+=("fuzz_${t}_replay"); done
+cmake --build "$build" -j "${GPT2FT_BUILD_JOBS:-$(nproc)}" --target "${targets[@]}"
+
+# libtorch is not instrumented and keeps allocations until exit: no leak checking. Every
+# report is fatal.
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:detect_odr_violation=0"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+golden="$root/$build/test-data/golden"
+echo "[sanitize] reference data"
+.venv/bin/python tests/python/make_golden.py "$golden" > /dev/null
+.venv/bin/python tests/python/make_scaler_golden.py "$golden/scaler.json" > /dev/null
+(cd tests/python && ../../.venv/bin/python make_lora_golden.py "$golden" > /dev/null)
+
+echo "[sanitize] C++ tests (no second process, no GPU)"
+GPT2FT_GOLDEN_DIR="$golden" GPT2FT_ROUNDTRIP_DIR="$root/$build/test-data/roundtrip" "$build/tests/gpt2ft_tests" --gtest_brief=1 \
+  --gtest_filter='-Distributed*:Cuda*:*CudaParity*:LinearCrossEntropyCuda*'
+echo "[sanitize] fuzz corpus"
+for t in safetensors_header shard_header model_config train_config checkpoint_state; do
+  "$build/tests/fuzz_${t}_replay" "tests/fuzz/corpus/$t"
+done
+echo "[sanitize] command line: bad inputs and damaged checkpoints"
+(cd tests/python && GPT2FT_BIN="$root/$build/gpt2-finetune" GPT2FT_GOLDEN_DIR="$golden" \
+  ../../.venv/bin/python -m unittest -q test_cli.CliTest.test_bad_input_gives_a_clear_error_and_a_plain_exit \
+  test_resilience.ResilienceTest.test_damaged_or_mismatched_checkpoints_are_clear_errors)
+echo "[sanitize] clean"

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Writes the fuzz targets' seed corpus under tests/fuzz/corpus/<target>/: small valid inputs
+of each format (written here with numpy, json and safetensors, independently of our writers)
+and a few damaged ones. Rerun to regenerate; the files are committed so CI replays them."""
+import json
+import os
+import struct
+
+import numpy as np
+from safetensors.numpy import save
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def put(target, name, data):
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+
+
+def shard(tokens, width=2):
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (20240520, 1, len(tokens)) if width == 2 else (20240801, 7, len(tokens))
+    return header.tobytes() + np.asarray(tokens, dtype=np.uint16 if width == 2 else np.uint32).tobytes()
+
+
+def main():
+    st = save({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, dtype=np.float16),
+               "empty": np.zeros((0, 3), dtype=np.float32)}, metadata={"format": "pt"})
+    put("safetensors_header", "valid.safetensors", st)
+    n = struct.unpack("<Q", st[:8])[0]
+    put("safetensors_header", "header_one_short.safetensors", struct.pack("<Q", n - 1) + st[8:])
+    put("safetensors_header", "trailing.safetensors", st + b"\0" * 8)
+    put("safetensors_header", "truncated.safetensors", st[: len(st) // 2])
+    put("safetensors_header", "huge_shape.safetensors",
+        (lambda h: struct.pack("<Q", len(h)) + h)(json.dumps(
+            {"x": {"dtype": "F32", "shape": [2 ** 40, 2 ** 40], "data_offsets": [0, 0]}}).encode()))
+
+    put("shard_header", "u16.bin", shard([1, 2, 3, 50256, 7]))
+    put("shard_header", "u32.bin", shard([1, 70000, 3], width=4))
+    put("shard_header", "out_of_vocab.bin", shard([1, 60000, 3]))
+    put("shard_header", "short.bin", shard([1, 2, 3, 4])[:-3])
+    put("shard_header", "negative_count.bin", np.array([20240520, 1, -5] + [0] * 253, dtype=np.int32).tobytes())
+
+    gpt2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
+            "n_head": 12, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "tie_word_embeddings": True,
+            "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}}}
+    put("model_config", "gpt2.json", json.dumps(gpt2, indent=2))
+    put("model_config", "tiny.json", json.dumps({"vocab_size": 97, "n_positions": 32, "n_embd": 32, "n_layer": 2,
+                                                   "n_head": 2}))
+    put("model_config", "huge.json", json.dumps(dict(gpt2, n_embd=2 ** 40)))
+    put("model_config", "deep.json", '{"n_layer": 2, "x": ' + "[" * 200 + "]" * 200 + "}")
+
+    run = {"model": {"init_from": "models/gpt2", "dropout": 0.0, "activation_checkpointing": "auto",
+                     "lora": {"rank": 8, "targets": ["c_attn", "c_proj"]}},
+           "data": {"train": "data/train_*.bin", "val": "data/val_*.bin", "seq_len": 1024},
+           "train": {"micro_batch_size": "auto", "global_batch_size": 64, "max_steps": 1000, "lr": 3e-4,
+                     "optimizer_offload": "cpu"},
+           "amp": {"dtype": "bfloat16"}, "checkpoint": {"every_steps": 200}, "cuda": {"memory_limit": "24GiB"}}
+    put("train_config", "full.json", json.dumps(run, indent=2))
+    put("train_config", "comments.json", '// a comment\n{"model": {"preset": "gpt2"}, "data": {"train": "x"}, '
+        '"train": {"max_steps": 1}}')
+    put("train_config", "object_value.json", '{"model": {"preset": "gpt2"}, "data": {"train": "x"}, '
+        '"train": {"max_steps": 1, "lr": {}}}')
+
+    state = {"format_version": 2, "step": 120, "loader_epoch": 1, "loader_consumed": 48, "micro_batch": 4,
+             "global_batch": 16, "micro_batch_from_oom": False, "world_size": 2, "scaler": False,
+             "config": {"train": {"max_steps": 200}}, "checksums": {"model.safetensors": "0123456789abcdef"}}
+    put("checkpoint_state", "valid.json", json.dumps(state, indent=2))
+    put("checkpoint_state", "negative_step.json", json.dumps(dict(state, step=-1)))
+    put("checkpoint_state", "no_world_size.json", json.dumps({k: v for k, v in state.items() if k != "world_size"}))
+    put("checkpoint_state", "version1.json", json.dumps({k: v for k, v in dict(state, format_version=1).items()
+                                                          if k != "checksums"}))
+
+
+if __name__ == "__main__":
+    main()
