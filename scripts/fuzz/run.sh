@@ -5,12 +5,13 @@
 # checkpoint_state; all by default, 2 minutes each. Builds into build-fuzz (needs clang-14 and
 # libclang-rt-14-dev from Debian), starts from the seed corpus tests/fuzz/corpus/<target> and
 # works in fuzz-work/<target> (new inputs, crash-* reproducers). Prints executions and
-# findings per target. A reproducer replays with: build-fuzz/fuzz_<target> CRASH_FILE
+# findings per target. A reproducer replays with: build-fuzz/tests/fuzz/fuzz_<target> CRASH_FILE
 # Worth keeping new corpus inputs? Copy them into tests/fuzz/corpus/<target>: CI replays it.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 minutes="${1:-2}"
+[[ "$minutes" =~ ^[1-9][0-9]*$ ]] || { echo "fuzz: MINUTES must be a whole number >= 1, got '$minutes'" >&2; exit 2; }
 shift || true
 targets=("$@")
 ((${#targets[@]})) || targets=(safetensors_header shard_header model_config train_config checkpoint_state)
@@ -28,7 +29,9 @@ for t in "${targets[@]}"; do
   work="fuzz-work/$t"
   mkdir -p "$work/corpus"
   log="$work/fuzz.log"
-  (cd "$work" && "$root/build-fuzz/fuzz_$t" -max_total_time=$((minutes * 60)) -print_final_stats=1 -timeout=10 \
+  bin="$root/build-fuzz/tests/fuzz/fuzz_$t"
+  [[ -x "$bin" ]] || { echo "fuzz: $bin was not built" >&2; exit 1; }
+  (cd "$work" && "$bin" -max_total_time=$((minutes * 60)) -print_final_stats=1 -timeout=10 \
       -rss_limit_mb=4096 corpus "$root/tests/fuzz/corpus/$t" > fuzz.log 2>&1) || true
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)

@@ -127,21 +127,32 @@ LoraConfig read_adapter_config(const fs::path& dir) {
   }
   const nlohmann::json j = read_json_file(path.string());
   const std::string where = path.string();
+  if (!j.is_object()) throw Error(where + ": expected a JSON object, got " + j.type_name());
   auto field = [&](const char* key) -> const nlohmann::json& {
     if (!j.contains(key)) throw Error(where + ": missing \"" + std::string(key) + "\"");
     return j.at(key);
   };
-  if (!j.is_object() || field("peft_type") != "LORA") {
-    throw Error(where + ": peft_type is " + (j.is_object() && j.contains("peft_type") ? j["peft_type"].dump() : "missing") +
-                "; only LORA adapters are supported");
+  // Optional fields: absent or null means PEFT's default; any other type is an error, not a default.
+  auto optional = [&](const char* key, nlohmann::json fallback, bool (nlohmann::json::*is_type)() const noexcept,
+                      const char* expected) -> nlohmann::json {
+    if (!j.contains(key) || j.at(key).is_null()) return fallback;
+    if (!(j.at(key).*is_type)()) throw Error(where + ": " + key + " must be " + expected + ", got " + j.at(key).dump());
+    return j.at(key);
+  };
+  if (field("peft_type") != "LORA") {
+    throw Error(where + ": peft_type is " + field("peft_type").dump() + "; only LORA adapters are supported");
   }
   LoraConfig c;
-  if (!field("r").is_number_integer() || field("r").get<int64_t>() < 1) throw Error(where + ": r must be an integer >= 1");
-  c.rank = field("r").get<int64_t>();
+  const nlohmann::json& r = field("r");
+  if (!r.is_number_integer() || r.get<int64_t>() < 1 || r.get<int64_t>() > LoraConfig::kMaxRank) {
+    throw Error(where + ": r must be an integer in [1, " + std::to_string(LoraConfig::kMaxRank) + "], got " + r.dump());
+  }
+  c.rank = r.get<int64_t>();
   if (!field("lora_alpha").is_number()) throw Error(where + ": lora_alpha must be a number");
   c.alpha = field("lora_alpha").get<double>();
-  c.dropout = j.value("lora_dropout", 0.0);
-  c.rslora = j.value("use_rslora", false);
+  c.dropout = optional("lora_dropout", 0.0, &nlohmann::json::is_number, "a number in [0, 1)").get<double>();
+  if (!(c.dropout >= 0 && c.dropout < 1)) throw Error(where + ": lora_dropout must be in [0, 1), got " + std::to_string(c.dropout));
+  c.rslora = optional("use_rslora", false, &nlohmann::json::is_boolean, "true or false").get<bool>();
   const nlohmann::json& targets = field("target_modules");
   c.targets.clear();
   if (targets.is_string()) {
@@ -153,9 +164,8 @@ LoraConfig read_adapter_config(const fs::path& dir) {
     if (!t.is_string()) throw Error(where + ": target_modules must be a list of module names");
     c.targets.push_back(t.get<std::string>());
   }
-  if (j.value("bias", std::string("none")) != "none") {
-    throw Error(where + ": bias \"" + j["bias"].get<std::string>() + "\" is not supported (only \"none\")");
-  }
+  const std::string bias = optional("bias", "none", &nlohmann::json::is_string, "a string").get<std::string>();
+  if (bias != "none") throw Error(where + ": bias \"" + bias + "\" is not supported (only \"none\")");
   // What PEFT can put in an adapter that this LoRA does not do: refused by name, not ignored.
   for (const char* key : {"modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules",
                           "target_parameters", "trainable_token_indices"}) {
@@ -164,7 +174,9 @@ LoraConfig read_adapter_config(const fs::path& dir) {
     }
   }
   for (const char* key : {"use_dora", "lora_bias", "use_qalora"}) {
-    if (j.value(key, false)) throw Error(where + ": " + key + " is true; only plain LoRA is supported");
+    if (optional(key, false, &nlohmann::json::is_boolean, "true or false").get<bool>()) {
+      throw Error(where + ": " + key + " is true; only plain LoRA is supported");
+    }
   }
   return c;
 }

@@ -101,12 +101,18 @@ nlohmann::json parse_json_file(const fs::path& path) {
   }
 }
 
+// Token ids index a table of the vocabulary's size: bounded as a model's vocab_size is.
+constexpr uint64_t kMaxTokenIds = 1u << 24;
+
 std::vector<std::pair<std::string, uint32_t>> vocab_from_json(const nlohmann::json& j, const std::string& where) {
   if (!j.is_object()) throw Error(where + ": expected a JSON object mapping tokens to ids");
   std::vector<std::pair<std::string, uint32_t>> vocab;
   vocab.reserve(j.size());
   for (const auto& [token, id] : j.items()) {
-    if (!id.is_number_unsigned()) throw Error(where + ": the id of token \"" + token + "\" is not a non-negative integer");
+    if (!id.is_number_unsigned() || id.get<uint64_t>() >= kMaxTokenIds) {
+      throw Error(where + ": the id of token \"" + token + "\" is " + id.dump() + ", expected an integer in [0, " +
+                  std::to_string(kMaxTokenIds) + ")");
+    }
     vocab.emplace_back(token, id.get<uint32_t>());
   }
   return vocab;
@@ -268,6 +274,9 @@ bool ByteLevelBpe::folder_has_files(const fs::path& dir) {
          (fs::exists(dir / "encoder.json") && fs::exists(dir / "vocab.bpe")) || fs::exists(dir / "tokenizer.json");
 }
 
+static std::unique_ptr<ByteLevelBpe> from_tokenizer_json(const nlohmann::json& j, const std::string& where,
+                                                         const fs::path& dir);
+
 std::unique_ptr<ByteLevelBpe> ByteLevelBpe::from_folder(const fs::path& dir) {
   if (fs::exists(dir / "vocab.json") && fs::exists(dir / "merges.txt")) {
     const auto vocab = vocab_from_json(parse_json_file(dir / "vocab.json"), (dir / "vocab.json").string());
@@ -284,7 +293,16 @@ std::unique_ptr<ByteLevelBpe> ByteLevelBpe::from_folder(const fs::path& dir) {
   }
   const nlohmann::json j = parse_json_file(file);
   const std::string where = file.string();
-  if (!j.contains("model") || j["model"].value("type", "") != "BPE") {
+  try {
+    return from_tokenizer_json(j, where, dir);
+  } catch (const nlohmann::json::exception& e) {  // a field of another type than the format's
+    throw Error(where + ": not a tokenizer.json of the expected layout (" + e.what() + ")");
+  }
+}
+
+static std::unique_ptr<ByteLevelBpe> from_tokenizer_json(const nlohmann::json& j, const std::string& where,
+                                                         const fs::path& dir) {
+  if (!j.is_object() || !j.contains("model") || j["model"].value("type", "") != "BPE") {
     throw Error(where + ": model.type: expected \"BPE\" (a byte-level BPE tokenizer)");
   }
   auto vocab = vocab_from_json(j["model"]["vocab"], where + ": model.vocab");
@@ -292,7 +310,10 @@ std::unique_ptr<ByteLevelBpe> ByteLevelBpe::from_folder(const fs::path& dir) {
     for (const auto& t : j["added_tokens"]) {
       const std::string content = t.value("content", "");
       const bool known = std::any_of(vocab.begin(), vocab.end(), [&](const auto& v) { return v.first == content; });
-      if (content == kEndOfText && !known) vocab.emplace_back(content, t.value("id", 0u));
+      if (content == kEndOfText && !known) {
+        const auto one = vocab_from_json(nlohmann::json{{content, t.value("id", nlohmann::json(0))}}, where + ": added_tokens");
+        vocab.push_back(one.front());
+      }
     }
   }
   std::vector<std::pair<std::string, std::string>> merges;

@@ -86,11 +86,15 @@ T get_field(const nlohmann::json& j, const char* key, const fs::path& file) {
 TrainingState parse_training_state(const nlohmann::json& meta, const fs::path& file) {
   if (!meta.is_object()) throw Error(file.string() + ": expected a JSON object; the checkpoint is damaged");
   auto integer = [&](const char* key, int64_t lo, int64_t hi) {
-    const int64_t v = get_field<int64_t>(meta, key, file);
-    if (!meta.at(key).is_number_integer() || v < lo || v > hi) {
-      throw Error(file.string() + ": \"" + key + "\" is " + meta.at(key).dump() + ", expected an integer in [" +
-                  std::to_string(lo) + ", " + std::to_string(hi) + "]; the checkpoint is damaged");
-    }
+    auto damaged = [&] {
+      return Error(file.string() + ": \"" + key + "\" is " + meta.at(key).dump() + ", expected an integer in [" +
+                   std::to_string(lo) + ", " + std::to_string(hi) + "]; the checkpoint is damaged");
+    };
+    if (!meta.contains(key)) throw Error(file.string() + ": missing \"" + key + "\"; the checkpoint is damaged");
+    // The type first: converting a float such as 1e51 to an integer is undefined behaviour.
+    if (!meta.at(key).is_number_integer()) throw damaged();
+    const int64_t v = meta.at(key).get<int64_t>();  // an unsigned above INT64_MAX wraps negative: refused below
+    if (v < lo || v > hi) throw damaged();
     return v;
   };
   const int64_t version = integer("format_version", 1, kFormatVersion);

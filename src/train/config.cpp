@@ -12,6 +12,7 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/json.h"
 #include "gpt2ft/model/config.h"
+#include "gpt2ft/model/lora_config.h"
 #include "gpt2ft/train/memory_planner.h"
 
 namespace gpt2ft {
@@ -41,7 +42,7 @@ void TrainConfig::visit(Visitor& v) {
             "Do not train the first N transformer blocks");
   v.integer(model.resize_vocab, "model.resize_vocab", 0, 0, GPT2Config::kMaxVocab,
             "Resize the vocabulary to N (new rows start at the mean embedding); 0 keeps it");
-  v.integer(model.lora.rank, "model.lora.rank", 0, 0, 65536,
+  v.integer(model.lora.rank, "model.lora.rank", 0, 0, LoraConfig::kMaxRank,
             "LoRA rank r: train low-rank adapters on a frozen base (as PEFT); 0 = full fine-tuning");
   v.number(model.lora.alpha, "model.lora.alpha", 8.0, 0.0, kInf, "LoRA alpha: the adapters are scaled by alpha / rank");
   v.number(model.lora.dropout, "model.lora.dropout", 0.0, 0.0, 0.99, "Dropout on the adapters' input");

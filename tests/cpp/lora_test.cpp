@@ -134,6 +134,26 @@ TEST(Lora, AdapterFoldersRoundTripAndUnsupportedOnesAreRefused) {
                                 {"adapter_config.json", "target_modules", "regular expression"});
   write_config(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "use_dora": true})");
   test::expect_error_containing([&] { read_adapter_config(tmp.path() / "bad"); }, {"use_dora", "only plain LoRA"});
+  // Wrong types and out-of-range values in optional fields are errors naming the file and key,
+  // not defaults (PEFT writes null for some: null is the default).
+  for (const auto& [text, key] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "lora_dropout": "0.1"})",
+            "lora_dropout"},
+           {R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "lora_dropout": 1.5})",
+            "lora_dropout"},
+           {R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "use_rslora": 1})",
+            "use_rslora"},
+           {R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "bias": 0})", "bias"},
+           {R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "use_dora": "yes"})",
+            "use_dora"},
+           {R"({"peft_type": "LORA", "r": 1099511627776, "lora_alpha": 8, "target_modules": ["c_attn"]})", "r must"},
+           {R"([1, 2])", "expected a JSON object"}}) {
+    write_config(text);
+    test::expect_error_containing([&] { read_adapter_config(tmp.path() / "bad"); }, {"adapter_config.json", key});
+  }
+  write_config(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "lora_dropout": null,
+                   "bias": "none", "use_dora": false})");
+  EXPECT_EQ(read_adapter_config(tmp.path() / "bad").dropout, 0);
   write_config(R"({"peft_type": "IA3", "target_modules": ["c_attn"]})");
   test::expect_error_containing([&] { read_adapter_config(tmp.path() / "bad"); }, {"peft_type", "IA3"});
   GPT2 wrong = small_model();

@@ -70,6 +70,7 @@ def main():
              "config": {"train": {"max_steps": 200}}, "checksums": {"model.safetensors": "0123456789abcdef"}}
     put("checkpoint_state", "valid.json", json.dumps(state, indent=2))
     put("checkpoint_state", "negative_step.json", json.dumps(dict(state, step=-1)))
+    put("checkpoint_state", "float_step.json", json.dumps(dict(state, step=1.5e51)))  # found by fuzzing
     put("checkpoint_state", "no_world_size.json", json.dumps({k: v for k, v in state.items() if k != "world_size"}))
     put("checkpoint_state", "version1.json", json.dumps({k: v for k, v in dict(state, format_version=1).items()
                                                           if k != "checksums"}))

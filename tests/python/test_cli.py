@@ -369,6 +369,31 @@ class CliTest(WorkDirTest):
             ("init_bad_config_json", ["init", "--config-json", self.path("nope.json"), "--output", self.path("y")],
              ["nope.json"]),
         ]
+        # Tokenizer files: ids out of range and fields of the wrong type name the file.
+        text = self.path("text.txt")
+        with open(text, "w") as f:
+            f.write("hello world\n")
+
+        def tokenizer_folder(name, files):
+            d = self.path(name)
+            os.makedirs(d, exist_ok=True)
+            for file, content in files.items():
+                with open(os.path.join(d, file), "w") as f:
+                    f.write(content)
+            return ["tokenize", "--tokenizer", d, "--input", text, "--output-dir", self.path(name + "_out")]
+
+        merges = "#version: 0.2\n"
+        cases += [
+            ("vocab_id_beyond_uint32", tokenizer_folder("tok_id", {"vocab.json": json.dumps({"a": 2 ** 32}),
+                                                                   "merges.txt": merges}),
+             ["vocab.json", "the id of token \"a\" is 4294967296"]),
+            ("vocab_id_huge_table", tokenizer_folder("tok_big", {"vocab.json": json.dumps({"a": 2 ** 31}),
+                                                                 "merges.txt": merges}),
+             ["vocab.json", "expected an integer in [0, 16777216)"]),
+            ("tokenizer_json_wrong_types", tokenizer_folder("tok_json", {"tokenizer.json": json.dumps(
+                {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [[1, 2]]}})}),
+             ["tokenizer.json", "expected layout"]),
+        ]
         for name, args, fragments in cases:
             with self.subTest(case=name):
                 r = run(*args)

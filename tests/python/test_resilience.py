@@ -358,6 +358,9 @@ class ResilienceTest(WorkDirTest):
         for name, mutate, fragments in (
                 ("step_negative", edit_state(step=-1), ['"step" is -1', "damaged"]),
                 ("step_huge", edit_state(step=2 ** 62), ['"step" is 4611686018427387904']),
+                # A float out of int64's range: refused by type before any conversion (UB; the
+                # sanitizer run catches a conversion).
+                ("step_float_huge", edit_state(step=1.5e51), ['"step" is 1.5e+51', "expected an integer"]),
                 ("world_size_zero", edit_state(world_size=0), ['"world_size" is 0']),
                 ("micro_batch_zero", edit_state(micro_batch=0), ['"micro_batch" is 0']),
                 ("consumed_negative", edit_state(loader_consumed=-5), ['"loader_consumed" is -5']),

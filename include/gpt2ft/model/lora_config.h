@@ -8,6 +8,8 @@
 namespace gpt2ft {
 
 struct LoraConfig {
+  static constexpr int64_t kMaxRank = 65536;  // bound on r, from a config or an adapter folder
+
   int64_t rank = 0;    // r
   double alpha = 8;    // lora_alpha
   double dropout = 0;  // lora_dropout
