@@ -62,7 +62,9 @@ LaunchEnv read_launch_env(const std::function<std::optional<std::string>(const s
   };
   constexpr int kMaxRanks = 1 << 20;
   if (get("RANK") && get("WORLD_SIZE")) {
-    env.launcher = "torchrun";
+    // torchrun's agent always sets TORCHELASTIC_RUN_ID; RANK/WORLD_SIZE alone come from a
+    // script or another launcher.
+    env.launcher = get("TORCHELASTIC_RUN_ID") || get("TORCHELASTIC_RESTART_COUNT") ? "torchrun" : "env";
     env.world_size = integer("WORLD_SIZE", 1, kMaxRanks, 1);
     env.rank = integer("RANK", 0, env.world_size - 1, 0);
     env.local_rank = integer("LOCAL_RANK", 0, kMaxRanks, 0);

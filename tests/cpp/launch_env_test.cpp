@@ -28,6 +28,14 @@ TEST(LaunchEnv, NoLauncherIsOneProcess) {
   EXPECT_EQ(env.launcher, "none");
 }
 
+TEST(LaunchEnv, RankAndWorldSizeWithoutTorchrunAreNotCalledTorchrun) {
+  const LaunchEnv env = read({{"RANK", "1"}, {"WORLD_SIZE", "2"}});
+  EXPECT_EQ(env.launcher, "env");
+  EXPECT_EQ(env.rank, 1);
+  EXPECT_EQ(env.world_size, 2);
+  EXPECT_EQ(read({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"TORCHELASTIC_RUN_ID", "abc"}}).launcher, "torchrun");
+}
+
 TEST(LaunchEnv, Torchrun) {
   const LaunchEnv env = read({{"RANK", "3"},
                               {"WORLD_SIZE", "8"},

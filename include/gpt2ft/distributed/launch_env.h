@@ -21,7 +21,7 @@ struct LaunchEnv {
   int local_rank = 0;
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
-  std::string launcher = "none";  // "none" | "torchrun" | "slurm"
+  std::string launcher = "none";  // "none" | "torchrun" | "env" (RANK/WORLD_SIZE by other means) | "slurm"
   bool agent_store = false;       // torchrun's agent hosts the store: rank 0 is a client too
   std::string store_prefix;       // keys of this attempt (torchrun restarts) live under it
 
