@@ -1,6 +1,8 @@
 // The levers `plan` proposes.
 #include "gpt2ft/train/memory_levers.h"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 #include "gpt2ft/core/autocast.h"
@@ -16,6 +18,7 @@ constexpr double kPcieBytesPerS = 20e9, kHostBytesPerS = 10e9;
 struct Candidate {
   MemoryLever lever;
   bool applies = true;
+  bool in_combination = true;  // false: a milder form of a lever the combination takes instead
 };
 
 // The config with `settings` applied.
@@ -32,13 +35,8 @@ void evaluate(MemoryLever& lever, const TrainConfig& cfg, int64_t micro, int64_t
 std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
   const MemoryPlanInput in = memory_plan_input(cfg, world);
   const int64_t L = in.model.n_layer, T = cfg.data.seq_len;
-  int64_t trained = 0;
-  for (const auto& [name, shape] : in.model.parameter_shapes()) {
-    int64_t n = 1;
-    for (const int64_t d : shape) n *= d;
-    trained += n;
-  }
-  const double offload_ms = 1e3 * (8.0 * trained / kPcieBytesPerS + 28.0 * trained / kHostBytesPerS);
+  const auto params = static_cast<double>(in.model.num_parameters());
+  const double offload_ms = 1e3 * (8.0 * params / kPcieBytesPerS + 28.0 * params / kHostBytesPerS);
   const bool autocast = in.amp != c10::kFloat;
   const int64_t every = cfg.checkpoint_every_n_blocks();
   std::vector<Candidate> out;
@@ -46,14 +44,15 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
                  !autocast && in.cuda});
   out.push_back({{"activation checkpointing, every 2nd block", {"model.activation_checkpointing=2"},
                   "about 17% more compute (half the blocks run forward twice)"},
-                 every == 0 || every > 2});
+                 every == 0 || every > 2,
+                 /*in_combination=*/false});  // "all" follows if needed
   out.push_back({{"activation checkpointing, all blocks", {"model.activation_checkpointing=all"},
                   "about 33% more compute (one extra forward pass)"},
                  every != 1});
   out.push_back({{"AdamW state offloaded to the host", {"train.optimizer_offload=cpu"},
                   fmt::format("~{:.0f} ms a step for {:.2f}B parameters (8 bytes each over PCIe at 20 GB/s, the host "
                               "AdamW step at 10 GB/s); 16 bytes a parameter of host memory",
-                              offload_ms, trained / 1e9)},
+                              offload_ms, params / 1e9)},
                  cfg.train.optimizer_offload != "cpu" && !cfg.lora()});
   for (const int64_t gpus : {2, 4, 8}) {
     if (gpus <= world) continue;
@@ -81,6 +80,7 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
                     T >= 64};
   shorter.lever.keeps_full_fine_tune = false;
   out.push_back(shorter);
+  for (Candidate& c : out) c.lever.world_size = std::max(c.lever.world_size, world);  // ZeRO-1's are larger
   return out;
 }
 
@@ -107,9 +107,8 @@ MemoryAdvice memory_levers(const TrainConfig& cfg, int64_t world, int64_t micro,
   combo.world_size = world;
   for (const bool full : {true, false}) {
     for (const Candidate& c : all) {
-      if (!c.applies || c.lever.keeps_full_fine_tune != full || advice.combined_fits) continue;
-      if (c.lever.name.rfind("activation checkpointing, every", 0) == 0) continue;  // "all" follows if needed
-      if (c.lever.name.rfind("ZeRO-1", 0) == 0 && combo.world_size > world) continue;
+      if (!c.applies || !c.in_combination || c.lever.keeps_full_fine_tune != full || advice.combined_fits) continue;
+      if (c.lever.world_size > world && combo.world_size > world) continue;  // one GPU count (ZeRO-1) only
       MemoryLever next = combo;
       next.name += (next.name.empty() ? "" : " + ") + c.lever.name;
       next.settings.insert(next.settings.end(), c.lever.settings.begin(), c.lever.settings.end());

@@ -110,6 +110,25 @@ TEST(MemoryPlanner, LeversMakeGpt2XlFitA24GiBGpu) {
   EXPECT_LE(advice.combined.peak, budget);
 }
 
+// A run already on several GPUs (ZeRO-1 over 2) has every lever judged on those GPUs, not on one.
+TEST(MemoryPlanner, LeversOfAMultiGpuRunKeepItsGpus) {
+  const TrainConfig cfg = TrainConfig::parse({{"model", {{"preset", "gpt2-xl"}, {"dropout", 0.0}}},
+                                              {"data", {{"train", "x"}, {"seq_len", 1024}}},
+                                              {"train", {{"max_steps", 1}, {"micro_batch_size", 4}, {"global_batch_size", 32}}},
+                                              {"distributed", {{"shard_optimizer", true}}},
+                                              {"amp", {{"dtype", "bfloat16"}}},
+                                              {"device", "cuda"}});
+  const int64_t budget = plannable_of(24ll << 30);
+  const MemoryAdvice advice = memory_levers(cfg, 2, 4, budget);
+  ASSERT_FALSE(advice.single.empty());
+  for (const auto& lever : advice.single) {
+    EXPECT_GE(lever.world_size, 2) << lever.name;
+    const TrainConfig changed = TrainConfig::parse(cfg.to_json(), lever.settings);
+    EXPECT_EQ(lever.peak, plan_memory(memory_plan_input(changed, lever.world_size)).peak(4)) << lever.name;
+  }
+  EXPECT_GE(advice.combined.world_size, 2);
+}
+
 // "auto" checkpointing takes the least recomputation that fits: the candidate before it does not.
 TEST(MemoryPlanner, AutoCheckpointingIsTheLeastThatFits) {
   MemoryPlanInput in;
