@@ -12,7 +12,7 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/json.h"
 #include "gpt2ft/model/config.h"
-#include "gpt2ft/model/lora_config.h"
+#include "gpt2ft/model/lora.h"
 #include "gpt2ft/train/memory_planner.h"
 
 namespace gpt2ft {
@@ -464,6 +464,24 @@ int64_t TrainConfig::checkpoint_every_n_blocks() const {
   if (model.activation_checkpointing == "none" || model.activation_checkpointing == "auto") return 0;
   if (model.activation_checkpointing == "all") return 1;
   return std::stoll(model.activation_checkpointing);
+}
+
+LoraConfig TrainConfig::lora_config() const {
+  const auto& o = model.lora;
+  LoraConfig lora;
+  lora.rank = o.rank;
+  lora.alpha = o.alpha;
+  lora.targets = o.targets;
+  if (!o.init_from.empty()) {
+    lora = read_adapter_config(o.init_from);
+    if (o.rank != 0 && o.rank != lora.rank) {
+      throw Error("model.lora.rank is " + std::to_string(o.rank) + " but the adapter in model.lora.init_from (" +
+                  o.init_from + ") has r " + std::to_string(lora.rank) + "; set model.lora.rank to 0 or " +
+                  std::to_string(lora.rank));
+    }
+  }
+  lora.dropout = o.dropout;
+  return lora;
 }
 
 }  // namespace gpt2ft

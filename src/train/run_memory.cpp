@@ -10,7 +10,6 @@
 
 #include "gpt2ft/core/autocast.h"
 #include "gpt2ft/core/cuda_info.h"
-#include "gpt2ft/model/lora.h"
 
 namespace gpt2ft {
 
@@ -37,11 +36,10 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
                     : cfg.micro_batch_auto()        ? 0
                                                     : cfg.train.micro_batch_size * accum * world_size;
   if (cfg.lora()) {
-    const LoraConfig adapter =
-        cfg.model.lora.init_from.empty() ? LoraConfig{} : read_adapter_config(cfg.model.lora.init_from);
-    in.lora_rank = cfg.model.lora.init_from.empty() ? cfg.model.lora.rank : adapter.rank;
-    in.lora_targets = cfg.model.lora.init_from.empty() ? cfg.model.lora.targets : adapter.targets;
-    in.lora_dropout = cfg.model.lora.dropout > 0;
+    const LoraConfig lora = cfg.lora_config();
+    in.lora_rank = lora.rank;
+    in.lora_targets = lora.targets;
+    in.lora_dropout = lora.dropout > 0;
     in.base_bytes = cfg.model.lora.base_dtype == "float32" ? 4 : 2;
   }
   return in;

@@ -49,19 +49,7 @@ using Clock = std::chrono::steady_clock;
 // continued from a PEFT adapter folder whose r, alpha and targets are then used.
 void attach_lora(GPT2& model, const TrainConfig& cfg) {
   const auto& o = cfg.model.lora;
-  LoraConfig lora;
-  lora.rank = o.rank;
-  lora.alpha = o.alpha;
-  lora.targets = o.targets;
-  if (!o.init_from.empty()) {
-    lora = read_adapter_config(o.init_from);
-    if (o.rank != 0 && o.rank != lora.rank) {
-      throw Error("model.lora.rank is " + std::to_string(o.rank) + " but the adapter in model.lora.init_from (" +
-                  o.init_from + ") has r " + std::to_string(lora.rank) + "; set model.lora.rank to 0 or " +
-                  std::to_string(lora.rank));
-    }
-  }
-  lora.dropout = o.dropout;
+  const LoraConfig lora = cfg.lora_config();
   add_lora(model, lora);
   if (!o.init_from.empty()) load_adapter_weights(model, o.init_from);
   if (o.base_dtype != "float32") cast_frozen_base(model, o.base_dtype == "bfloat16" ? c10::kBFloat16 : c10::kHalf);

@@ -10,6 +10,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "gpt2ft/model/lora_config.h"
+
 namespace gpt2ft {
 
 struct TrainConfig {
@@ -114,6 +116,9 @@ struct TrainConfig {
   bool checkpointing_auto() const { return model.activation_checkpointing == "auto"; }
   // LoRA is on (model.lora.rank > 0 or model.lora.init_from).
   bool lora() const { return model.lora.rank > 0 || !model.lora.init_from.empty(); }
+  // The adapters' settings: model.lora.*, or the r, alpha and targets of the PEFT folder in
+  // model.lora.init_from (whose adapter_config.json this reads), with model.lora.dropout.
+  LoraConfig lora_config() const;
 };
 
 }  // namespace gpt2ft
