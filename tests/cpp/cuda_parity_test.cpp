@@ -30,8 +30,7 @@ class CudaParity : public ::testing::TestWithParam<std::string> {
     torch::NoGradGuard no_grad;
     AutocastGuard autocast(torch::kCUDA, dtype);
     const torch::Tensor logits = model->forward(ids).to(torch::kFloat);
-    const int64_t T = ids.size(1);
-    const double loss = next_token_loss(logits.narrow(1, 0, T - 1), ids.narrow(1, 1, T - 1)).item<double>();
+    const double loss = test::shifted_loss(logits, ids).item<double>();
     const double rel = test::max_abs_diff(logits, ref) / ref.abs().max().item<double>();
     return {rel, std::abs(loss - golden.load("loss").item<double>())};
   }

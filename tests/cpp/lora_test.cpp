@@ -27,8 +27,7 @@ TEST_P(LoraParity, LogitsLossAndAdapterGradientsMatchPeft) {
   SafetensorsReader golden(dir / "golden.safetensors");
   const torch::Tensor ids = golden.load("input_ids");  // (B, T)
   const torch::Tensor logits = model->forward(ids);    // (B, T, V)
-  const int64_t T = ids.size(1);
-  const torch::Tensor loss = next_token_loss(logits.narrow(1, 0, T - 1), ids.narrow(1, 1, T - 1));
+  const torch::Tensor loss = test::shifted_loss(logits, ids);
   loss.backward();
 
   const double logits_diff = test::max_abs_diff(logits, golden.load("logits"));

@@ -9,6 +9,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "gpt2ft/model/gpt2.h"
+
 namespace gpt2ft::test {
 
 // The folder make_golden.py wrote (ctest sets GPT2FT_GOLDEN_DIR); empty when unset.
@@ -36,6 +38,13 @@ class TempDir {
 
 inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kCPU, torch::kDouble) - b.to(torch::kCPU, torch::kDouble)).abs().max().item<double>();
+}
+
+// The loss transformers computes with labels=ids: logits (B, T, V) at each position scored
+// against the next id of ids (B, T).
+inline torch::Tensor shifted_loss(const torch::Tensor& logits, const torch::Tensor& ids) {
+  const int64_t T = ids.size(1);
+  return next_token_loss(logits.narrow(1, 0, T - 1), ids.narrow(1, 1, T - 1));
 }
 
 // Asserts `body` throws an exception whose message contains every fragment.

@@ -41,7 +41,9 @@ def randomize(model, generator):
                 p.copy_(0.08 * noise)
 
 
-def make(out_dir, name, fields, batch, seq_len, storage, seed):
+def random_gpt2(fields, seed):
+    """A float32 transformers GPT-2 of `fields`, no dropout, eager attention, weights from
+    randomize(); returns it with the generator, to draw the inputs from next."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     last = fields["vocab_size"] - 1
@@ -49,6 +51,12 @@ def make(out_dir, name, fields, batch, seq_len, storage, seed):
     config._attn_implementation = "eager"
     model = GPT2LMHeadModel(config).float()
     randomize(model, generator)
+    return model, generator
+
+
+def make(out_dir, name, fields, batch, seq_len, storage, seed):
+    model, generator = random_gpt2(fields, seed)
+    config = model.config
     model.eval()
 
     model_dir = os.path.join(out_dir, name, "model")

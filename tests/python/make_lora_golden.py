@@ -13,9 +13,8 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from make_golden import randomize
+from make_golden import random_gpt2
 
 # name: (model fields, LoRA settings, batch, seq_len)
 CASES = {
@@ -29,13 +28,7 @@ CASES = {
 
 
 def make(out_dir, name, fields, lora, batch, seq_len, seed):
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    last = fields["vocab_size"] - 1
-    config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=last, eos_token_id=last, **fields)
-    config._attn_implementation = "eager"
-    base = GPT2LMHeadModel(config).float()
-    randomize(base, generator)
+    base, generator = random_gpt2(fields, seed)
     base_dir = os.path.join(out_dir, name, "base")
     base.save_pretrained(base_dir, safe_serialization=True)
 
