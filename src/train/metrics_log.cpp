@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
@@ -29,6 +30,7 @@ void MetricsLog::start_interval() {
 }
 
 void MetricsLog::step_done(int64_t step, bool logged) {
+  if (steps_before_ < 0) steps_before_ = step - 1;
   ++interval_steps_;
   if (!logged) progress(step);
 }
@@ -75,7 +77,8 @@ void MetricsLog::record_validation(const nlohmann::json& row) {
 void MetricsLog::progress(int64_t step) {
   if (!bar_) return;
   const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
-  const double eta = step > 0 ? elapsed / step * (max_steps_ - step) : 0;
+  const int64_t ran = step - std::max<int64_t>(0, steps_before_);  // steps this process ran
+  const double eta = ran > 0 ? elapsed / static_cast<double>(ran) * static_cast<double>(max_steps_ - step) : 0;
   const int width = 30, filled = static_cast<int>(width * step / std::max<int64_t>(1, max_steps_));
   std::fprintf(stderr, "\r[%s%s] %lld/%lld loss %.4f ETA %02d:%02d   ", std::string(filled, '#').c_str(),
                std::string(width - filled, '.').c_str(), static_cast<long long>(step),

@@ -54,6 +54,7 @@ class MetricsLog {
   int64_t interval_steps_ = 0;
   bool bar_ = false, drawn_ = false;
   double last_loss_ = 0;
+  int64_t steps_before_ = -1;  // the step this process started after (a resumed run's ETA counts from it)
 };
 
 }  // namespace gpt2ft
