@@ -37,8 +37,8 @@ std::vector<int> owners_of(const OptimizerShards::Named& trained, int world_size
 OptimizerShards::OptimizerShards(Communicator& comm, Named trained, const MakeShardOptimizer& make)
     : comm_(comm), trained_(std::move(trained)), owner_(owners_of(trained_, comm_.world_size())), mine_(make(owned())) {}
 
-void OptimizerShards::step(double lr, const std::optional<torch::Tensor>& found_inf) {
-  mine_->step(lr, found_inf);
+void OptimizerShards::step(double lr, const GradientScaling& scaling) {
+  mine_->step(lr, scaling);
   broadcast_updated_weights();
 }
 

@@ -62,8 +62,9 @@ void AdamW::step_unfused(Group& g, const std::vector<size_t>& with_grad, double 
   }
 }
 
-void AdamW::step(double lr, const std::optional<torch::Tensor>& found_inf) {
+void AdamW::step(double lr, const GradientScaling& scaling) {
   torch::NoGradGuard no_grad;
+  const std::optional<torch::Tensor>& found_inf = scaling.found_inf;
   if (!options_.fused && found_inf && found_inf->item<float>() != 0.0f) return;  // unfused: one sync
   for (auto& g : groups_) {
     std::vector<size_t> with_grad;  // the tensors that got a gradient this step

@@ -16,8 +16,8 @@ GradScaler::GradScaler(c10::Device device, GradScalerOptions options) : options_
 void GradScaler::unscale_(const std::vector<torch::Tensor>& grads) {
   torch::NoGradGuard no_grad;
   found_inf_.zero_();
-  const torch::Tensor inv = scale_.to(torch::kDouble).reciprocal().to(torch::kFloat);  // as torch.amp.GradScaler
-  at::_amp_foreach_non_finite_check_and_unscale_(grads, found_inf_, inv);
+  inv_scale_ = scale_.to(torch::kDouble).reciprocal().to(torch::kFloat);  // as torch.amp.GradScaler
+  at::_amp_foreach_non_finite_check_and_unscale_(grads, found_inf_, inv_scale_);
 }
 
 void GradScaler::update() {

@@ -1,28 +1,115 @@
-// AdamW on the host, fed and drained bucket by bucket.
+// AdamW on the host, fed bucket by bucket as backward finishes the gradients.
 #include "gpt2ft/train/offloaded_adamw.h"
 
 #include <c10/core/Event.h>
 #include <c10/core/Stream.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/torch.h>
+
+#include <mutex>
+#include <optional>
 
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/host_memory.h"
 
 namespace gpt2ft {
 
-struct OffloadedAdamW::Bucket {
-  std::vector<size_t> members;  // indices into params_
-  torch::Tensor host_grads;     // (numel,) float32, pinned on CUDA
-  std::vector<int64_t> offsets; // of each member in host_grads
-  std::unique_ptr<AdamW> adamw; // over the members' host copies
-  std::optional<c10::Event> copied_in;
-  // Where each member's host copy sits in adamw: (group, index), by member position.
-  std::vector<std::pair<size_t, size_t>> slot;
+struct OffloadedAdamW::State {
+  struct Bucket {
+    std::vector<size_t> members;   // indices into params
+    std::vector<int64_t> offsets;  // of each member in host_grads
+    torch::Tensor host_grads;      // (numel,) float32, pinned on CUDA
+    std::unique_ptr<AdamW> adamw;  // over the members' host copies
+    // Where each member's host copy sits in adamw: (group, index), by member position.
+    std::vector<std::pair<size_t, size_t>> slot;
+    // This step:
+    std::vector<bool> finished;  // by member: backward finished its gradient (armed only)
+    size_t num_finished = 0;
+    bool sent = false;        // its gradients are on their way to host_grads
+    bool sent_early = false;  // sent during backward: not unscaled or clipped yet
+    std::optional<c10::Event> copied;  // CUDA: recorded after its copies
 
-  torch::Tensor& host_copy(size_t j) { return adamw->groups()[slot[j].first].params[slot[j].second]; }
+    torch::Tensor& host_copy(size_t j) { return adamw->groups()[slot[j].first].params[slot[j].second]; }
+  };
+
+  explicit State(c10::Device d) : device(d), cuda(d.is_cuda()) {}
+
+  const c10::Device device;
+  const bool cuda;
+  std::optional<c10::impl::VirtualGuardImpl> impl;  // CUDA
+  std::optional<c10::Stream> copy_stream;            // CUDA: one for every copy, so they run in order
+  std::vector<std::pair<std::string, torch::Tensor>> params;  // on the device
+  std::vector<std::pair<size_t, size_t>> place;                // by parameter: (bucket, member)
+  std::vector<Bucket> buckets;
+  bool hooks = false;
+  std::mutex mutex;  // armed and the buckets' per-step flags (hooks run on autograd's threads)
+  bool armed = false;
+  TransferObserver observer;
+  int64_t sent_in_backward = 0, sent_at_step = 0;  // over the run
+
+  // Queues the copy of bucket i's gradients, as the current stream leaves them, to the host.
+  void send(size_t i, bool during_backward) {
+    Bucket& b = buckets[i];
+    torch::NoGradGuard no_grad;
+    std::optional<c10::StreamGuard> on_copy;
+    if (cuda) {
+      c10::Event ready(device.type());
+      ready.record(impl->getStream(device));
+      ready.block(*copy_stream);
+      on_copy.emplace(*copy_stream);
+    }
+    for (size_t k = 0; k < b.members.size(); ++k) {
+      const torch::Tensor& grad = params[b.members[k]].second.grad();
+      if (!grad.defined()) continue;
+      b.host_grads.narrow(0, b.offsets[k], grad.numel()).copy_(grad.reshape({-1}), /*non_blocking=*/cuda);
+    }
+    if (cuda) {
+      b.copied.emplace(device.type());
+      b.copied->record(*copy_stream);
+    }
+    b.sent = true;
+    b.sent_early = during_backward;
+    ++(during_backward ? sent_in_backward : sent_at_step);
+    if (observer) observer(i, during_backward);
+  }
+
+  // Autograd accumulated parameter p's gradient.
+  void on_gradient(size_t p) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!armed) return;
+    const auto [i, j] = place[p];
+    Bucket& b = buckets[i];
+    if (b.sent || b.finished[j]) return;
+    b.finished[j] = true;
+    if (++b.num_finished == b.members.size()) send(i, /*during_backward=*/true);
+  }
+
+  void start_step() {
+    for (auto& b : buckets) {
+      b.finished.assign(b.members.size(), false);
+      b.num_finished = 0;
+      b.sent = b.sent_early = false;
+      b.copied.reset();
+    }
+  }
 };
+
+namespace {
+
+// Runs after autograd accumulated a parameter's gradient.
+struct FinishedHook : torch::autograd::PostAccumulateGradHook {
+  std::weak_ptr<OffloadedAdamW::State> state;
+  size_t param;
+  FinishedHook(std::weak_ptr<OffloadedAdamW::State> s, size_t p) : state(std::move(s)), param(p) {}
+  void operator()(const torch::autograd::Variable&) override {
+    if (auto s = state.lock()) s->on_gradient(param);
+  }
+};
+
+}  // namespace
 
 void check_host_memory_for_offload(int64_t trained_parameters) {
   require_host_memory(16.0 * static_cast<double>(trained_parameters),
@@ -34,129 +121,177 @@ void check_host_memory_for_offload(int64_t trained_parameters) {
 }
 
 OffloadedAdamW::OffloadedAdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
-                               AdamWOptions options, c10::Device device, int64_t bucket_bytes)
-    : device_(device) {
-  for (const auto& [name, p] : named_params) {
-    if (p.requires_grad()) params_.emplace_back(name, p);
+                               AdamWOptions options, c10::Device device, int64_t bucket_bytes, bool take_in_backward)
+    : state_(std::make_shared<State>(device)) {
+  State& st = *state_;
+  for (auto it = named_params.rbegin(); it != named_params.rend(); ++it) {  // backward's order, roughly
+    if (it->second.requires_grad()) st.params.push_back(*it);
   }
   int64_t trained = 0;
-  for (const auto& [name, p] : params_) trained += p.numel();
+  for (const auto& [name, p] : st.params) trained += p.numel();
   check_host_memory_for_offload(trained);
+  if (st.cuda) {
+    st.impl.emplace(device.type());
+    st.copy_stream = st.impl->getStreamFromGlobalPool(device, /*isHighPriority=*/false);
+  }
   options.fused = true;  // the host kernel: vectorised and multi-threaded
-  const auto host = torch::TensorOptions().dtype(torch::kFloat).pinned_memory(device.is_cuda());
+  const auto host = torch::TensorOptions().dtype(torch::kFloat).pinned_memory(st.cuda);
   torch::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_.size();) {  // consecutive parameters, about bucket_bytes each
-    auto b = std::make_unique<Bucket>();
+  st.place.resize(st.params.size());
+  for (size_t i = 0; i < st.params.size();) {  // consecutive parameters, about bucket_bytes each
+    State::Bucket b;
     int64_t numel = 0;
-    while (i < params_.size() && (b->members.empty() || 4 * numel < bucket_bytes)) {
-      b->offsets.push_back(numel);
-      numel += params_[i].second.numel();
-      b->members.push_back(i++);
+    while (i < st.params.size() && (b.members.empty() || 4 * numel < bucket_bytes)) {
+      st.place[i] = {st.buckets.size(), b.members.size()};
+      b.offsets.push_back(numel);
+      numel += st.params[i].second.numel();
+      b.members.push_back(i++);
     }
-    b->host_grads = torch::empty({numel}, host);
+    b.host_grads = torch::empty({numel}, host);
     std::vector<std::pair<std::string, torch::Tensor>> copies;
-    for (const size_t m : b->members) {
-      const auto& [name, p] = params_[m];
+    for (const size_t m : b.members) {
+      const auto& [name, p] = st.params[m];
       copies.emplace_back(name, torch::empty(p.sizes(), host).requires_grad_(true));
     }
-    b->adamw = std::make_unique<AdamW>(copies, options);
-    for (size_t j = 0; j < b->members.size(); ++j) {  // AdamW groups them by decay, in order
-      const auto& groups = b->adamw->groups();
+    b.adamw = std::make_unique<AdamW>(copies, options);
+    for (size_t j = 0; j < b.members.size(); ++j) {  // AdamW groups them by decay, in order
+      const auto& groups = b.adamw->groups();
       for (size_t g = 0; g < groups.size(); ++g) {
         for (size_t k = 0; k < groups[g].names.size(); ++k) {
-          if (groups[g].names[k] == params_[b->members[j]].first) b->slot.emplace_back(g, k);
+          if (groups[g].names[k] == st.params[b.members[j]].first) b.slot.emplace_back(g, k);
         }
       }
     }
-    buckets_.push_back(std::move(b));
+    st.buckets.push_back(std::move(b));
   }
+  st.start_step();
   refresh_host_weights();
+  if (!take_in_backward) return;
+  st.hooks = true;
+  for (size_t p = 0; p < st.params.size(); ++p) {
+    torch::autograd::impl::set_post_acc_grad_hooks(st.params[p].second, std::make_unique<FinishedHook>(state_, p));
+  }
 }
 
-OffloadedAdamW::~OffloadedAdamW() = default;
+OffloadedAdamW::~OffloadedAdamW() {
+  State& st = *state_;
+  if (st.hooks) {
+    for (auto& [name, p] : st.params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+  }
+  if (st.copy_stream) st.copy_stream->synchronize();  // nothing in flight into freed host buffers
+}
 
 void OffloadedAdamW::refresh_host_weights() {
   torch::NoGradGuard no_grad;
-  for (auto& b : buckets_) {
-    for (size_t j = 0; j < b->members.size(); ++j) b->host_copy(j).copy_(params_[b->members[j]].second);
+  for (auto& b : state_->buckets) {
+    for (size_t j = 0; j < b.members.size(); ++j) b.host_copy(j).copy_(state_->params[b.members[j]].second);
   }
 }
 
-void OffloadedAdamW::step(double lr, const std::optional<torch::Tensor>& found_inf) {
+void OffloadedAdamW::begin_last_backward() {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->start_step();
+  state_->armed = state_->hooks;
+}
+
+void OffloadedAdamW::end_backward() {
+  State& st = *state_;
+  std::lock_guard<std::mutex> lock(st.mutex);
+  st.armed = false;
+  if (!st.cuda) return;
+  // What comes next on the compute stream (unscaling, clipping, freeing) waits for the copies.
+  c10::Event sent(st.device.type());
+  sent.record(*st.copy_stream);
+  sent.block(st.impl->getStream(st.device));
+}
+
+void OffloadedAdamW::step(double lr, const GradientScaling& scaling) {
   torch::NoGradGuard no_grad;
-  if (found_inf && found_inf->item<float>() != 0.0f) return;  // skipped step (float16): one read of the flag
-  const bool cuda = device_.is_cuda();
-  std::optional<c10::impl::VirtualGuardImpl> impl;
-  std::optional<c10::Stream> compute, copy;
-  if (cuda) {
-    impl.emplace(device_.type());
-    compute = impl->getStream(device_);
-    copy = impl->getStreamFromGlobalPool(device_, /*isHighPriority=*/false);
-    c10::Event grads_final(device_.type());
-    grads_final.record(*compute);  // unscaled and clipped on the compute stream
-    grads_final.block(*copy);
-  }
-  // Device -> host: every bucket's gradients, queued at once.
-  for (auto& b : buckets_) {
-    std::optional<c10::StreamGuard> on_copy;
-    if (cuda) on_copy.emplace(*copy);
-    for (size_t k = 0; k < b->members.size(); ++k) {
-      const torch::Tensor& grad = params_[b->members[k]].second.grad();
-      if (!grad.defined()) continue;
-      b->host_grads.narrow(0, b->offsets[k], grad.numel()).copy_(grad.reshape({-1}), /*non_blocking=*/cuda);
+  State& st = *state_;
+  std::lock_guard<std::mutex> lock(st.mutex);
+  st.armed = false;
+  // A skipped step (float16) reads the flag once.
+  if (!scaling.found_inf || scaling.found_inf->item<float>() == 0.0f) {
+    // What the device gradients were multiplied by since backward, as () host tensors.
+    std::optional<torch::Tensor> inv_scale, clip_coef;
+    if (scaling.inv_scale) inv_scale = scaling.inv_scale->to(torch::kCPU);
+    if (scaling.clip_coef) clip_coef = scaling.clip_coef->to(torch::kCPU);
+    for (size_t i = 0; i < st.buckets.size(); ++i) {
+      if (!st.buckets[i].sent) st.send(i, /*during_backward=*/false);
     }
-    if (cuda) {
-      b->copied_in.emplace(device_.type());
-      b->copied_in->record(*copy);
+    for (auto& b : st.buckets) {  // as each bucket's gradients arrive
+      if (b.copied) b.copied->synchronize();
+      if (b.sent_early) {  // the same float32 products as on the device, in the same order
+        if (inv_scale) b.host_grads.mul_(*inv_scale);
+        if (clip_coef) b.host_grads.mul_(*clip_coef);
+      }
+      for (size_t j = 0; j < b.members.size(); ++j) {
+        const torch::Tensor& p = st.params[b.members[j]].second;
+        // A parameter without a gradient this step has none on the host either (AdamW skips it).
+        torch::Tensor& host_grad = b.host_copy(j).mutable_grad();
+        if (p.grad().defined()) host_grad = b.host_grads.narrow(0, b.offsets[j], p.numel()).view(p.sizes());
+        else host_grad.reset();
+      }
+      b.adamw->step(lr);
+      std::optional<c10::StreamGuard> on_copy;
+      if (st.cuda) on_copy.emplace(*st.copy_stream);
+      for (size_t j = 0; j < b.members.size(); ++j) {
+        st.params[b.members[j]].second.copy_(b.host_copy(j), /*non_blocking=*/st.cuda);
+      }
     }
-  }
-  // Host step per bucket as its gradients arrive, then its weights back to the device.
-  for (auto& b : buckets_) {
-    if (b->copied_in) b->copied_in->synchronize();
-    for (size_t j = 0; j < b->members.size(); ++j) {
-      const torch::Tensor& p = params_[b->members[j]].second;
-      // A parameter without a gradient this step has none on the host either (AdamW skips it).
-      torch::Tensor& host_grad = b->host_copy(j).mutable_grad();
-      if (p.grad().defined()) host_grad = b->host_grads.narrow(0, b->offsets[j], p.numel()).view(p.sizes());
-      else host_grad.reset();
-    }
-    b->adamw->step(lr);
-    std::optional<c10::StreamGuard> on_copy;
-    if (cuda) on_copy.emplace(*copy);
-    for (size_t j = 0; j < b->members.size(); ++j) {
-      params_[b->members[j]].second.copy_(b->host_copy(j), /*non_blocking=*/cuda);
+    if (st.cuda) {  // the next forward pass reads the updated weights
+      c10::Event weights_back(st.device.type());
+      weights_back.record(*st.copy_stream);
+      weights_back.block(st.impl->getStream(st.device));
     }
   }
-  if (cuda) {  // the next forward pass reads the updated weights
-    c10::Event weights_back(device_.type());
-    weights_back.record(*copy);
-    weights_back.block(*compute);
-  }
+  st.start_step();
 }
 
 NamedTensors OffloadedAdamW::checkpoint_state() const {
   NamedTensors out;
-  for (const auto& b : buckets_) {
-    for (auto& item : b->adamw->checkpoint_state()) out.push_back(std::move(item));
+  for (const auto& b : state_->buckets) {
+    for (auto& item : b.adamw->checkpoint_state()) out.push_back(std::move(item));
   }
   return out;
 }
 
 void OffloadedAdamW::restore_state(const SafetensorsReader& state) {
-  for (auto& b : buckets_) b->adamw->restore_state(state);
+  for (auto& b : state_->buckets) b.adamw->restore_state(state);
   refresh_host_weights();
 }
 
 int64_t OffloadedAdamW::host_bytes() const {
   int64_t bytes = 0;
-  for (const auto& b : buckets_) {
-    bytes += b->host_grads.nbytes();
-    for (const auto& [key, t] : b->adamw->checkpoint_state()) bytes += t.nbytes();
-    for (const auto& g : b->adamw->groups()) {
+  for (const auto& b : state_->buckets) {
+    bytes += b.host_grads.nbytes();
+    for (const auto& [key, t] : b.adamw->checkpoint_state()) bytes += t.nbytes();
+    for (const auto& g : b.adamw->groups()) {
       for (const auto& p : g.params) bytes += p.nbytes();
     }
   }
   return bytes;
+}
+
+std::vector<std::vector<std::string>> OffloadedAdamW::bucket_names() const {
+  std::vector<std::vector<std::string>> out;
+  for (const auto& b : state_->buckets) {
+    out.emplace_back();
+    for (const size_t m : b.members) out.back().push_back(state_->params[m].first);
+  }
+  return out;
+}
+
+std::string OffloadedAdamW::run_report() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return "optimizer offload: " + std::to_string(state_->buckets.size()) + " gradient bucket(s) a step; sent to the host " +
+         std::to_string(state_->sent_in_backward) + " time(s) during backward, " +
+         std::to_string(state_->sent_at_step) + " at the step";
+}
+
+void OffloadedAdamW::observe_transfers(TransferObserver observer) {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->observer = std::move(observer);
 }
 
 }  // namespace gpt2ft

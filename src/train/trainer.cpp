@@ -30,6 +30,7 @@
 #include "gpt2ft/model/lora.h"
 #include "gpt2ft/train/adamw.h"
 #include "gpt2ft/train/batch_split.h"
+#include "gpt2ft/train/grad_clip.h"
 #include "gpt2ft/train/grad_scaler.h"
 #include "gpt2ft/train/lr_schedule.h"
 #include "gpt2ft/train/offloaded_adamw.h"
@@ -90,19 +91,6 @@ GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
   return model;
 }
 
-// Global-norm gradient clipping without a host sync: returns the norm before clipping.
-torch::Tensor clip_grad_norm(const std::vector<torch::Tensor>& grads, double max_norm) {
-  torch::NoGradGuard no_grad;
-  if (grads.empty()) return torch::zeros({});
-  const auto norms = torch::_foreach_norm(grads, 2);
-  const torch::Tensor total = torch::linalg_vector_norm(torch::stack(norms), 2);  // ()
-  if (max_norm > 0) {
-    const torch::Tensor coef = torch::clamp(max_norm / (total + 1e-6), c10::nullopt, 1.0);
-    torch::_foreach_mul_(grads, coef);
-  }
-  return total;
-}
-
 // The device of this process: one GPU per rank (its local rank's) when distributed, with the
 // run's CUDA settings applied before anything is allocated on it.
 c10::Device training_device(const TrainConfig& cfg, const LaunchEnv& env) {
@@ -150,8 +138,10 @@ std::unique_ptr<Optimizer> make_optimizer(const TrainConfig& cfg, Communicator& 
   options.fused = fused_adamw(cfg, device);
   const auto make = [&](const std::vector<std::pair<std::string, torch::Tensor>>& params) -> std::unique_ptr<Optimizer> {
     if (cfg.train.optimizer_offload == "cpu") {
+      // Gradients averaged over ranks are final only after backward: those go at step().
       return std::make_unique<OffloadedAdamW>(params, options, device,
-                                              static_cast<int64_t>(cfg.distributed.bucket_mb * (1 << 20)));
+                                              static_cast<int64_t>(cfg.distributed.bucket_mb * (1 << 20)),
+                                              /*take_in_backward=*/!comm.active());
     }
     return std::make_unique<AdamW>(params, options);
   };
@@ -370,6 +360,7 @@ StepResult Trainer::train_step(int64_t step) {
     r.loss = forward_backward(oom_message, interrupted);
     if (interrupted) interrupt(step, start);
     reducer_->finish();  // every rank issues the same collectives, even after an error
+    optimizer_->end_backward();
     const bool out_of_time = cfg_.train.time_limit > 0 &&
                              std::chrono::duration<double>(Clock::now() - start_).count() > cfg_.train.time_limit;
     r.outcome = agree_on_step(comm_, {!oom_message.empty(), StopSignals::requested(), out_of_time});
@@ -377,14 +368,17 @@ StepResult Trainer::train_step(int64_t step) {
     back_off(step, oom_message, start);  // or checkpoint and exit, or fail
   }
   const std::vector<torch::Tensor> grads = gradients_of(params_);
-  std::optional<torch::Tensor> found_inf;
+  GradientScaling scaling;
   if (scaler_) {
     scaler_->unscale_(grads);
     comm_.all_reduce_max_(scaler_->found_inf(), "found_inf");  // every rank skips the same steps
-    found_inf = scaler_->found_inf();
+    scaling.found_inf = scaler_->found_inf();
+    scaling.inv_scale = scaler_->inv_scale();
   }
-  r.grad_norm = clip_grad_norm(grads, cfg_.train.grad_clip);
-  optimizer_->step(r.lr, found_inf);  // a no-op on inf/NaN gradients
+  const ClippedNorm clipped = clip_grad_norm_(grads, cfg_.train.grad_clip);
+  r.grad_norm = clipped.norm;
+  scaling.clip_coef = clipped.coef;
+  optimizer_->step(r.lr, scaling);  // a no-op on inf/NaN gradients
   if (scaler_) scaler_->update();
   clear_gradients(params_);
   return r;
@@ -408,13 +402,17 @@ torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrup
       const Batch batch = loader_->next();
       const torch::Tensor loss = micro_batch_loss(batch) / static_cast<double>(accumulation);
       loss_sum += loss.detach();
-      if (m == accumulation - 1) reducer_->arm();
+      if (m == accumulation - 1) {
+        reducer_->arm();
+        optimizer_->begin_last_backward();
+      }
       (scaler_ ? scaler_->scale(loss) : loss).backward();
     }
   } catch (const std::exception& e) {
     if (!is_out_of_memory(e)) throw;
     oom_message = describe_exception(e);
-    clear_gradients(params_);  // nothing was applied
+    optimizer_->end_backward();  // before the gradients are freed
+    clear_gradients(params_);    // nothing was applied
   }
   return loss_sum;
 }
@@ -552,6 +550,7 @@ TrainSummary Trainer::finish() {
   summary_.final_model = fs::path(cfg_.output_dir) / "final";
   if (comm_.is_main()) save_final_model();
   comm_.barrier("final model");
+  if (const std::string report = optimizer_->run_report(); !report.empty()) spdlog::info("{}", report);
   summary_.seconds = std::chrono::duration<double>(Clock::now() - start_).count();
   spdlog::info("done: {} steps in {:.1f}s; train loss {:.4f} -> {:.4f}{}; model saved to {}", summary_.steps,
                summary_.seconds, summary_.first_loss, summary_.last_loss,

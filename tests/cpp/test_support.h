@@ -2,9 +2,12 @@
 // folders, and tensor comparisons that report the worst difference.
 #pragma once
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -45,6 +48,39 @@ inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
 inline torch::Tensor shifted_loss(const torch::Tensor& logits, const torch::Tensor& ids) {
   const int64_t T = ids.size(1);
   return next_token_loss(logits.narrow(1, 0, T - 1), ids.narrow(1, 1, T - 1));
+}
+
+using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
+
+// A chain of tanh layers, x (n, widths[0]) -> (n, widths.back()), whose backward finishes the
+// last layer first (deterministic on CUDA too: matmuls, adds, sums): w0 (widths[0],
+// widths[1]), b0, w1, b1, ...
+inline NamedParams tanh_chain(uint64_t seed, const std::vector<int64_t>& widths, c10::Device device = torch::kCPU) {
+  torch::manual_seed(seed);
+  NamedParams params;
+  for (size_t l = 0; l + 1 < widths.size(); ++l) {
+    const double init = 1.0 / std::sqrt(static_cast<double>(widths[l]));
+    params.emplace_back("w" + std::to_string(l), (torch::randn({widths[l], widths[l + 1]}) * init).to(device).requires_grad_(true));
+    params.emplace_back("b" + std::to_string(l), (torch::randn({widths[l + 1]}) * 0.1).to(device).requires_grad_(true));
+  }
+  return params;
+}
+
+// Its loss, the mean square of the output; the parameter named `unused` (a bias) takes no part.
+inline torch::Tensor tanh_chain_loss(const NamedParams& params, const torch::Tensor& x, const std::string& unused = "") {
+  torch::Tensor h = x;
+  for (size_t i = 0; i < params.size(); i += 2) {
+    h = h.matmul(params[i].second);
+    if (params[i + 1].first != unused) h = h + params[i + 1].second;
+    h = torch::tanh(h);
+  }
+  return h.pow(2).mean();
+}
+
+inline std::vector<torch::Tensor> tensors_of(const NamedParams& named) {
+  std::vector<torch::Tensor> out;
+  for (const auto& [name, p] : named) out.push_back(p);
+  return out;
 }
 
 // Asserts `body` throws an exception whose message contains every fragment.

@@ -1,6 +1,10 @@
 // Training components against references: the GradScaler against torch.amp.GradScaler's
 // recorded behaviour, activation checkpointing against plain backward, the config's errors.
+#include <algorithm>
 #include <fstream>
+#include <limits>
+#include <map>
+#include <tuple>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -12,8 +16,9 @@
 #include "gpt2ft/model/init.h"
 #include "gpt2ft/train/adamw.h"
 #include "gpt2ft/train/config.h"
-#include "gpt2ft/train/offloaded_adamw.h"
+#include "gpt2ft/train/grad_clip.h"
 #include "gpt2ft/train/grad_scaler.h"
+#include "gpt2ft/train/offloaded_adamw.h"
 #include "test_support.h"
 
 namespace gpt2ft {
@@ -169,7 +174,8 @@ TEST(OffloadedAdamWTest, EqualsAdamWInPlaceBucketByBucket) {
     b.emplace_back("p" + std::to_string(i), p.clone().requires_grad_(true));
   }
   AdamW plain(a, {0.1, {0.9, 0.95}, 1e-8, true});
-  OffloadedAdamW offloaded(b, {0.1, {0.9, 0.95}, 1e-8, false}, c10::kCPU, /*bucket_bytes=*/64);  // many buckets
+  OffloadedAdamW offloaded(b, {0.1, {0.9, 0.95}, 1e-8, false}, c10::kCPU, /*bucket_bytes=*/64,  // many buckets
+                           /*take_in_backward=*/false);
   for (int step = 0; step < 6; ++step) {
     for (size_t i = 0; i < a.size(); ++i) {
       const torch::Tensor g = torch::randn(shapes[i]);
@@ -178,8 +184,10 @@ TEST(OffloadedAdamWTest, EqualsAdamWInPlaceBucketByBucket) {
       if (step == 3 && i == 2) a[i].second.mutable_grad().reset(), b[i].second.mutable_grad().reset();
     }
     const torch::Tensor skip = torch::full({}, step == 4 ? 1.0f : 0.0f);
-    plain.step(1e-2, skip);
-    offloaded.step(1e-2, skip);
+    GradientScaling scaling;
+    scaling.found_inf = skip;
+    plain.step(1e-2, scaling);
+    offloaded.step(1e-2, scaling);
     for (size_t i = 0; i < a.size(); ++i) {
       EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << "step " << step << " parameter " << i;
     }
@@ -189,6 +197,109 @@ TEST(OffloadedAdamWTest, EqualsAdamWInPlaceBucketByBucket) {
   ASSERT_EQ(sa.size(), sb.size());
   for (const auto& [key, t] : sa) EXPECT_TRUE(torch::equal(t, by_key.at(key))) << key;
   EXPECT_GT(offloaded.host_bytes(), 0);
+}
+
+// Overlapped offload: during the last backward of a step (never an earlier one) each bucket
+// goes to the host once, right after backward finished its last gradient; a bucket with a
+// parameter unused in that backward goes at step(), already unscaled and clipped. The
+// weights and AdamW state equal AdamW in place bit for bit, through accumulation, a loss
+// scale whose reciprocal rounds, clipping that bites, a skipped step and an abandoned
+// backward (out of memory) that is done again.
+TEST(OffloadedAdamWTest, TakesEachBucketOnceAsBackwardFinishesIt) {
+  const std::vector<int64_t> widths = {6, 8, 5, 7, 4};  // w0 (6, 8), b0 (8), ..., w3 (7, 4), b3 (4)
+  const test::NamedParams a = test::tanh_chain(5, widths), b = test::tanh_chain(5, widths);
+  AdamW plain(a, {0.1, {0.9, 0.95}, 1e-8, true});
+  OffloadedAdamW offloaded(b, {0.1, {0.9, 0.95}, 1e-8, true}, c10::kCPU, /*bucket_bytes=*/64,
+                           /*take_in_backward=*/true);
+  const std::vector<std::vector<std::string>> buckets = offloaded.bucket_names();
+  ASSERT_GE(buckets.size(), 3u);
+  std::vector<std::string> log;  // "grad <name>" as backward reaches a parameter; "sent <bucket> backward|step"
+  for (const auto& [name, p] : b) p.register_hook([&log, name = name](const torch::Tensor&) { log.push_back("grad " + name); });
+  offloaded.observe_transfers([&log](size_t i, bool during_backward) {
+    log.push_back("sent " + std::to_string(i) + (during_backward ? " backward" : " step"));
+  });
+  const GradScalerOptions scale{3000.0, 2.0, 0.5, 2};  // 1/3000 rounds in float32; the scale moves
+  GradScaler scaler_a(torch::kCPU, scale), scaler_b(torch::kCPU, scale);
+  const auto find = [&log](const std::string& entry, size_t from = 0) {
+    const auto it = std::find(log.begin() + static_cast<std::ptrdiff_t>(from), log.end(), entry);
+    return it == log.end() ? std::string::npos : static_cast<size_t>(it - log.begin());
+  };
+  int skipped = 0;
+  for (int step = 0; step < 6; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    const std::string unused = step == 2 ? "b1" : "";  // not in the last micro batch
+    const bool overflow = step == 4;
+    torch::manual_seed(100 + step);
+    const torch::Tensor x0 = torch::randn({3, 6}), x1 = torch::randn({3, 6});
+    if (overflow) x1[0][0] = std::numeric_limits<float>::infinity();
+    const auto micro_batch = [&](const torch::Tensor& x, const std::string& skip) {
+      scaler_a.scale(test::tanh_chain_loss(a, x, skip)).backward();
+      scaler_b.scale(test::tanh_chain_loss(b, x, skip)).backward();
+    };
+    if (step == 3) {  // a last backward that runs out of memory: abandoned, the step done again
+      micro_batch(x0, "");
+      offloaded.begin_last_backward();
+      micro_batch(x1, "");
+      offloaded.end_backward();
+      clear_gradients(test::tensors_of(a));
+      clear_gradients(test::tensors_of(b));
+    }
+    log.clear();
+    log.push_back("backward 0");
+    micro_batch(x0, "");
+    offloaded.begin_last_backward();
+    log.push_back("backward 1");
+    micro_batch(x1, unused);
+    offloaded.end_backward();
+    log.push_back("end");
+    GradientScaling sa, sb;  // the trainer's order: unscale, clip, step
+    for (auto [named, scaler, s] : {std::tuple{&a, &scaler_a, &sa}, std::tuple{&b, &scaler_b, &sb}}) {
+      const std::vector<torch::Tensor> grads = gradients_of(test::tensors_of(*named));
+      scaler->unscale_(grads);
+      s->found_inf = scaler->found_inf();
+      s->inv_scale = scaler->inv_scale();
+      s->clip_coef = clip_grad_norm_(grads, 0.05).coef;
+    }
+    ASSERT_EQ(sa.found_inf->item<float>() != 0, overflow);
+    if (!overflow) {
+      ASSERT_LT(sa.clip_coef->item<float>(), 0.5f);  // clipping bites
+    }
+    plain.step(1e-2, sa);
+    offloaded.step(1e-2, sb);
+    scaler_a.update();
+    scaler_b.update();
+    clear_gradients(test::tensors_of(a));
+    clear_gradients(test::tensors_of(b));
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
+    if (overflow) {
+      ++skipped;
+      EXPECT_EQ(find("sent 0 step"), std::string::npos) << "a skipped step sends nothing more";
+      continue;
+    }
+    const size_t last_backward = find("backward 1"), end = find("end");
+    for (size_t i = 0; i < buckets.size(); ++i) {
+      SCOPED_TRACE("bucket " + std::to_string(i));
+      const std::string prefix = "sent " + std::to_string(i) + " ";
+      EXPECT_EQ(std::count_if(log.begin(), log.end(), [&](const std::string& e) { return e.rfind(prefix, 0) == 0; }), 1)
+          << "sent once a step";
+      if (std::find(buckets[i].begin(), buckets[i].end(), unused) != buckets[i].end()) {
+        EXPECT_GT(find(prefix + "step"), end) << "its gradients were not all finished in backward";
+        continue;
+      }
+      size_t finished = 0;  // where backward reached the bucket's last parameter
+      for (const auto& name : buckets[i]) {
+        const size_t at = find("grad " + name, last_backward);
+        ASSERT_NE(at, std::string::npos) << name;
+        finished = std::max(finished, at);
+      }
+      EXPECT_EQ(find(prefix + "backward"), finished + 1) << "sent right after backward finished it";
+    }
+  }
+  EXPECT_EQ(skipped, 1);
+  const NamedTensors sa = plain.checkpoint_state(), sb = offloaded.checkpoint_state();
+  std::map<std::string, torch::Tensor> by_key(sb.begin(), sb.end());
+  ASSERT_EQ(sa.size(), sb.size());
+  for (const auto& [key, t] : sa) EXPECT_TRUE(torch::equal(t, by_key.at(key))) << key;
 }
 
 TEST(TrainConfigTest, BadConfigsNameThePathAndTheExpectation) {

@@ -5,6 +5,7 @@ checkpointing), fused AdamW on the CPU, and loss falling on a learnable stream. 
 import copy
 import json
 import os
+import re
 import subprocess
 
 import torch
@@ -140,10 +141,11 @@ class TrainTest(WorkDirTest):
                         self.assertTrue(torch.equal(weights[k], init[k]), f"{k} changed although frozen")
 
     def test_optimizer_offload_equals_adamw_in_place_and_checkpoints_cross_over(self):
-        # AdamW's state on the host, fed in 1 KiB buckets (so every step crosses many of them),
-        # with accumulation and clipping, alone and with checkpointing + bf16 and ZeRO-1 over
-        # two ranks: the weights and AdamW state must be those of AdamW in place; a checkpoint
-        # written with offload resumes without it and the other way round.
+        # AdamW's state on the host, fed in 1 KiB buckets (so every step crosses many of them)
+        # as backward finishes them, with accumulation and clipping, alone, with checkpointing
+        # + bf16, with float16's loss scale, after an out-of-memory back-off, and with ZeRO-1
+        # over two ranks: the weights and AdamW state must be those of AdamW in place; a
+        # checkpoint written with offload resumes without it and the other way round.
         from safetensors.torch import load_file
         from test_distributed import finish, free_port, start_ranks, write_config
 
@@ -163,7 +165,9 @@ class TrainTest(WorkDirTest):
 
         runs = {}
         for name, patch in (("in_place", {}), ("offload", {"offload": True}),
-                            ("ckpt_bf16", {"ckpt": True}), ("ckpt_bf16_offload", {"ckpt": True, "offload": True})):
+                            ("ckpt_bf16", {"ckpt": True}), ("ckpt_bf16_offload", {"ckpt": True, "offload": True}),
+                            ("fp16", {"fp16": True}), ("fp16_offload", {"fp16": True, "offload": True}),
+                            ("oom", {"oom": True}), ("oom_offload", {"oom": True, "offload": True})):
             c = base_config(self.model_dir, self.glob)
             c["train"].update({"fused_adamw": "on", "lr": 1e-3, "min_lr": 1e-4})
             c["distributed"] = {"bucket_mb": 0.001}
@@ -172,11 +176,25 @@ class TrainTest(WorkDirTest):
             if patch.get("ckpt"):
                 c["model"]["activation_checkpointing"] = "all"
                 c["amp"] = {"dtype": "bfloat16"}
-            weights, _, r = ref.run_trainer(BIN, c, self.tmp, f"offload_{name}")
+            if patch.get("fp16"):
+                c["amp"] = {"dtype": "float16", "init_scale": 3000.0}  # 1/3000 rounds in float32
+            env = {"GPT2FT_FAULT_OOM_ABOVE_MICRO": "1"} if patch.get("oom") else {}
+            weights, _, r = ref.run_trainer(BIN, c, self.tmp, f"offload_{name}", env=env)
             runs[name] = (weights, state(os.path.join(self.tmp, f"offload_{name}")))
-        self.assertIn("AdamW on the host", r.stderr)
+            if patch.get("offload"):  # every step, every bucket went during backward
+                self.assertIn("AdamW on the host", r.stderr)
+                m = re.search(r"(\d+) gradient bucket\(s\) a step; sent to the host (\d+) time\(s\) during backward, "
+                              r"(\d+) at the step", r.stderr)
+                self.assertIsNotNone(m, r.stderr[-2000:])
+                buckets, early, late = (int(g) for g in m.groups())
+                self.assertGreater(buckets, 5)
+                self.assertEqual((early, late), (6 * buckets, 0), name)
+            if patch.get("oom"):
+                self.assertIn("backing off to micro batch 1 x accumulation 4", r.stderr)
         compare(runs["offload"], runs["in_place"], "offload vs in place, 6 steps of 2x2, clip 0.5")
         compare(runs["ckpt_bf16_offload"], runs["ckpt_bf16"], "offload vs in place, checkpointing all + bf16")
+        compare(runs["fp16_offload"], runs["fp16"], "offload vs in place, float16 with the loss scale")
+        compare(runs["oom_offload"], runs["oom"], "offload vs in place, after backing off to micro batch 1")
 
         for first, then in (("cpu", "none"), ("none", "cpu")):
             c = base_config(self.model_dir, self.glob)
@@ -198,6 +216,8 @@ class TrainTest(WorkDirTest):
         path, out = write_config(c, self.tmp, "offload_zero1")
         results = finish(start_ranks(path, 2, free_port()))
         self.assertEqual([rc for rc, _ in results], [0, 0], results[0][1][-2000:])
+        # averaged gradients are final only after backward: they go at the step
+        self.assertRegex(results[0][1], r"sent to the host 0 time\(s\) during backward, [1-9]\d* at the step")
         compare((load_file(os.path.join(out, "final", "model.safetensors")), state(out)), runs["in_place"],
                 "ZeRO-1 over 2 ranks, each offloading its share, vs one process in place", tol=1e-5)
 

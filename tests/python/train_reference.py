@@ -84,13 +84,14 @@ def reference_train(model_dir, tokens, cfg):
     return model, losses
 
 
-def run_trainer(binary, cfg, workdir, name):
+def run_trainer(binary, cfg, workdir, name, env=None):
     path = os.path.join(workdir, f"{name}.json")
     cfg = json.loads(json.dumps(cfg))
     cfg["output_dir"] = os.path.join(workdir, name)
     with open(path, "w") as f:
         json.dump(cfg, f)
-    r = subprocess.run([binary, "--config", path], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([binary, "--config", path], capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, **(env or {})))
     if r.returncode != 0:
         raise AssertionError(f"training {name} failed:\n{r.stderr[-3000:]}")
     with open(os.path.join(cfg["output_dir"], "metrics.jsonl")) as f:

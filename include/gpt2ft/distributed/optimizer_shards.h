@@ -35,8 +35,10 @@ class OptimizerShards final : public Optimizer {
   OptimizerShards(Communicator& comm, Named trained, const MakeShardOptimizer& make);
 
   // This rank's optimizer steps the parameters it owns; then every owner broadcasts them, so
-  // all ranks hold every updated weight.
-  void step(double lr, const std::optional<torch::Tensor>& found_inf = std::nullopt) override;
+  // all ranks hold every updated weight. (begin_last_backward is not passed on: gradients are
+  // final only once the ranks have averaged them.)
+  void step(double lr, const GradientScaling& scaling = {}) override;
+  std::string run_report() const override { return mine_->run_report(); }
   // Collective. Rank 0 receives every parameter's AdamW state ("adamw.exp_avg.<name>", ...),
   // the others an empty list.
   NamedTensors checkpoint_state() const override;

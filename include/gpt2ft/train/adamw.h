@@ -40,10 +40,11 @@ class AdamW final : public Optimizer {
   // Parameters with requires_grad; those with dim >= 2 decay, the rest (biases, LayerNorm) do not.
   AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, AdamWOptions options);
 
-  // One update at learning rate `lr`. A step with found_inf != 0 changes nothing (fused: in
-  // the kernel; unfused: one host read of the flag). A parameter without a gradient is left
-  // alone, as torch.optim.AdamW does: no decay, no moment update, its step count unchanged.
-  void step(double lr, const std::optional<torch::Tensor>& found_inf = std::nullopt) override;
+  // One update at learning rate `lr` from the gradients as they are. A step with found_inf
+  // != 0 changes nothing (fused: in the kernel; unfused: one host read of the flag). A
+  // parameter without a gradient is left alone, as torch.optim.AdamW does: no decay, no moment
+  // update, its step count unchanged.
+  void step(double lr, const GradientScaling& scaling = {}) override;
   // "adamw.exp_avg.<name>", "adamw.exp_avg_sq.<name>" and "adamw.step.<name>".
   NamedTensors checkpoint_state() const override;
   void restore_state(const SafetensorsReader& state) override;

@@ -31,7 +31,9 @@ class GradScaler {
   const torch::Tensor& scale_tensor() const { return scale_; }   // () float32
   const torch::Tensor& found_inf() const { return found_inf_; }  // () float32, 0 or 1
   const torch::Tensor& skipped_steps() const { return skipped_; } // () float32 total
-  torch::Tensor inv_scale() const { return scale_.reciprocal(); }
+  // () float32: what the last unscale_ multiplied the gradients by (1/scale, rounded as
+  // torch.amp.GradScaler rounds it).
+  const torch::Tensor& inv_scale() const { return inv_scale_; }
 
   // For checkpoints.
   torch::Tensor growth_tracker() const { return growth_tracker_; }
@@ -39,7 +41,7 @@ class GradScaler {
 
  private:
   GradScalerOptions options_;
-  torch::Tensor scale_, growth_tracker_, found_inf_, skipped_;
+  torch::Tensor scale_, growth_tracker_, found_inf_, skipped_, inv_scale_;
 };
 
 }  // namespace gpt2ft
