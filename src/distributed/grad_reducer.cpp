@@ -1,13 +1,12 @@
 // Bucketed, backward-overlapped gradient all-reduce.
 #include "gpt2ft/distributed/grad_reducer.h"
 
-#include <torch/csrc/autograd/function_hook.h>
-#include <torch/csrc/autograd/variable.h>
 #include <torch/torch.h>
 
 #include <mutex>
 
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/gradient_hook.h"
 
 namespace gpt2ft {
 
@@ -71,20 +70,6 @@ struct GradReducer::State {
   }
 };
 
-namespace {
-
-// Runs after autograd accumulated a parameter's gradient.
-struct AccumulatedHook : torch::autograd::PostAccumulateGradHook {
-  std::weak_ptr<GradReducer::State> state;
-  size_t slot;
-  AccumulatedHook(std::weak_ptr<GradReducer::State> s, size_t i) : state(std::move(s)), slot(i) {}
-  void operator()(const torch::autograd::Variable&) override {
-    if (auto s = state.lock()) s->on_gradient(slot);
-  }
-};
-
-}  // namespace
-
 GradReducer::GradReducer(Communicator& comm, const std::vector<torch::Tensor>& params, int64_t bucket_bytes)
     : state_(std::make_shared<State>()) {
   state_->comm = &comm;
@@ -116,14 +101,15 @@ GradReducer::GradReducer(Communicator& comm, const std::vector<torch::Tensor>& p
   state_->has_grad.assign(state_->slots.size(), 0);
   if (!active) return;
   for (size_t i = 0; i < state_->slots.size(); ++i) {
-    torch::autograd::impl::set_post_acc_grad_hooks(state_->slots[i].param,
-                                                   std::make_unique<AccumulatedHook>(state_, i));
+    set_gradient_hook(state_->slots[i].param, [weak = std::weak_ptr<State>(state_), i] {
+      if (auto s = weak.lock()) s->on_gradient(i);
+    });
   }
 }
 
 GradReducer::~GradReducer() {
   if (!state_->comm->active()) return;
-  for (auto& s : state_->slots) torch::autograd::impl::set_post_acc_grad_hooks(s.param, nullptr);
+  for (auto& s : state_->slots) clear_gradient_hook(s.param);
 }
 
 void GradReducer::arm() {

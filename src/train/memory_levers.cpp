@@ -36,7 +36,10 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
   const MemoryPlanInput in = memory_plan_input(cfg, world);
   const int64_t L = in.model.n_layer, T = cfg.data.seq_len;
   const auto params = static_cast<double>(in.model.num_parameters());
-  const double offload_ms = 1e3 * (8.0 * params / kPcieBytesPerS + 28.0 * params / kHostBytesPerS);
+  // On one GPU the gradients go to the host while backward runs: the weights' way back and
+  // the host step remain. With ranks the averaged gradients go after backward.
+  const double pcie_bytes = world == 1 ? 4.0 : 8.0;
+  const double offload_ms = 1e3 * (pcie_bytes * params / kPcieBytesPerS + 28.0 * params / kHostBytesPerS);
   const bool autocast = in.amp != c10::kFloat;
   const int64_t every = cfg.checkpoint_every_n_blocks();
   std::vector<Candidate> out;
@@ -50,9 +53,10 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
                   "about 33% more compute (one extra forward pass)"},
                  every != 1});
   out.push_back({{"AdamW state offloaded to the host", {"train.optimizer_offload=cpu"},
-                  fmt::format("~{:.0f} ms a step for {:.2f}B parameters (8 bytes each over PCIe at 20 GB/s, the host "
-                              "AdamW step at 10 GB/s); 16 bytes a parameter of host memory",
-                              offload_ms, params / 1e9)},
+                  fmt::format("~{:.0f} ms a step for {:.2f}B parameters ({:.0f} bytes each over PCIe at 20 GB/s{}, the "
+                              "host AdamW step at 10 GB/s); 16 bytes a parameter of host memory",
+                              offload_ms, params / 1e9, pcie_bytes,
+                              world == 1 ? " after backward: the gradients go during it" : "")},
                  cfg.train.optimizer_offload != "cpu" && !cfg.lora()});
   for (const int64_t gpus : {2, 4, 8}) {
     if (gpus <= world) continue;

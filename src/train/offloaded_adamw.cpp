@@ -5,14 +5,13 @@
 #include <c10/core/Stream.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
-#include <torch/csrc/autograd/function_hook.h>
-#include <torch/csrc/autograd/variable.h>
 #include <torch/torch.h>
 
 #include <mutex>
 #include <optional>
 
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/gradient_hook.h"
 #include "gpt2ft/core/host_memory.h"
 
 namespace gpt2ft {
@@ -97,20 +96,6 @@ struct OffloadedAdamW::State {
   }
 };
 
-namespace {
-
-// Runs after autograd accumulated a parameter's gradient.
-struct FinishedHook : torch::autograd::PostAccumulateGradHook {
-  std::weak_ptr<OffloadedAdamW::State> state;
-  size_t param;
-  FinishedHook(std::weak_ptr<OffloadedAdamW::State> s, size_t p) : state(std::move(s)), param(p) {}
-  void operator()(const torch::autograd::Variable&) override {
-    if (auto s = state.lock()) s->on_gradient(param);
-  }
-};
-
-}  // namespace
-
 void check_host_memory_for_offload(int64_t trained_parameters) {
   require_host_memory(16.0 * static_cast<double>(trained_parameters),
                       "train.optimizer_offload \"cpu\" for " + std::to_string(trained_parameters) +
@@ -169,14 +154,16 @@ OffloadedAdamW::OffloadedAdamW(const std::vector<std::pair<std::string, torch::T
   if (!take_in_backward) return;
   st.hooks = true;
   for (size_t p = 0; p < st.params.size(); ++p) {
-    torch::autograd::impl::set_post_acc_grad_hooks(st.params[p].second, std::make_unique<FinishedHook>(state_, p));
+    set_gradient_hook(st.params[p].second, [weak = std::weak_ptr<State>(state_), p] {
+      if (auto s = weak.lock()) s->on_gradient(p);
+    });
   }
 }
 
 OffloadedAdamW::~OffloadedAdamW() {
   State& st = *state_;
   if (st.hooks) {
-    for (auto& [name, p] : st.params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+    for (auto& [name, p] : st.params) clear_gradient_hook(p);
   }
   if (st.copy_stream) st.copy_stream->synchronize();  // nothing in flight into freed host buffers
 }

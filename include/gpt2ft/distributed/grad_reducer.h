@@ -40,9 +40,8 @@ class GradReducer {
   int64_t num_buckets() const;
   int64_t bucket_bytes_total() const;  // 0 without process groups (nothing is allocated)
 
-  struct State;  // shared with the autograd hooks
-
  private:
+  struct State;  // shared with the gradient hooks
   std::shared_ptr<State> state_;
   std::vector<torch::Tensor> params_;
 };

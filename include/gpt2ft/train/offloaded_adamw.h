@@ -60,9 +60,8 @@ class OffloadedAdamW final : public Optimizer {
   using TransferObserver = std::function<void(size_t bucket, bool during_backward)>;
   void observe_transfers(TransferObserver observer);
 
-  struct State;  // shared with the autograd hooks
-
  private:
+  struct State;  // shared with the gradient hooks
   void refresh_host_weights();
   std::shared_ptr<State> state_;
 };
