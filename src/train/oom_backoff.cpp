@@ -4,11 +4,19 @@
 #include <fmt/format.h>
 
 namespace gpt2ft {
+namespace {
+
+// What to do when the micro batch is not the problem.
+constexpr const char* kPlanHint =
+    "`gpt2-finetune plan --config <this config>` lists what would make it fit (activation checkpointing, bf16, "
+    "optimizer offload, ZeRO-1, LoRA, freezing, shorter samples), cheapest first, with the settings to use";
+
+}  // namespace
 
 OomDecision OomBackoff::decide(int64_t step, const BatchSplit& split, const std::string& why) const {
   if (options_.policy == "fail") {
     throw Error("out of memory at micro batch " + std::to_string(split.micro) + " (step " + std::to_string(step + 1) +
-                "): " + why + ". Lower train.micro_batch_size or set oom.policy \"backoff\"");
+                "): " + why + ". Lower train.micro_batch_size or set oom.policy \"backoff\"; " + kPlanHint);
   }
   const int64_t smaller = smaller_micro_batch(split.micro, split.per_rank(), options_.min_micro_batch_size);
   OomDecision d;
@@ -36,7 +44,7 @@ ExitRequest OomBackoff::exit_request(int64_t step, const BatchSplit& failed, con
                 std::to_string(decision.next_micro) + " and the same global batch " + std::to_string(failed.global)
           : "The micro batch cannot go lower (oom.min_micro_batch_size " +
                 std::to_string(options_.min_micro_batch_size) +
-                "); enable model.activation_checkpointing, amp.dtype, or a shorter data.seq_len, then run again";
+                "): " + kPlanHint + ", then run again";
   return ExitRequest(kExitOomRestart, "out of memory at step " + std::to_string(step + 1) + " with micro batch " +
                                           std::to_string(failed.micro) + "; saved " + saved.string() + " (step " +
                                           std::to_string(step) + "). " + next);

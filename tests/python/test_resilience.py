@@ -197,6 +197,15 @@ class ResilienceTest(WorkDirTest):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(set(micro_batches(out)), {4})
         self.assertLess(max_diff(final_weights(out), final_weights(clean)), 1e-6)
+        # A micro batch that may not go lower, and the "fail" policy: the message points to
+        # plan's other levers.
+        for name, oom, code in (("floor", {"min_micro_batch_size": 8}, 75), ("fail", {"policy": "fail"}, 1)):
+            c = self.no_dropout_config(self.out(name), 8)
+            c["oom"] = oom
+            r = run(c, self.tmp, name, env=env)
+            self.assertEqual(r.returncode, code, r.stderr[-2000:])
+            self.assertIn("gpt2-finetune plan --config <this config>` lists what would make it fit", r.stderr)
+            self.assertNotIn("Traceback", r.stderr)
 
     def test_sigusr1_checkpoints_and_exits_76_then_resume_completes(self):
         out = self.out("run")
