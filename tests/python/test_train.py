@@ -187,6 +187,7 @@ class TrainTest(WorkDirTest):
                               r"(\d+) at the step", r.stderr)
                 self.assertIsNotNone(m, r.stderr[-2000:])
                 buckets, early, late = (int(g) for g in m.groups())
+                print(f"[offload] {name}: {buckets} buckets a step; {early} sent during backward, {late} at the step")
                 self.assertGreater(buckets, 5)
                 self.assertEqual((early, late), (6 * buckets, 0), name)
             if patch.get("oom"):
