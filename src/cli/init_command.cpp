@@ -30,10 +30,8 @@ void add_init_command(CLI::App& app, Runner& run) {
       throw CLI::RequiredError("init needs --preset NAME or --config-json FILE");
     }
     run = [args] {
-      const GPT2Config config = args->preset.empty() ? GPT2Config::from_file(args->config_json)
-                                                     : GPT2Config::preset(args->preset);
-      GPT2 model(config);
-      init_gpt2_weights(model, args->seed);
+      GPT2Config config = args->preset.empty() ? GPT2Config::from_file(args->config_json)
+                                               : GPT2Config::preset(args->preset);
       SaveModelOptions save;
       if (!args->tokenizer.empty()) {
         const auto tokenizer = load_tokenizer(args->tokenizer);  // validates it
@@ -42,7 +40,15 @@ void add_init_command(CLI::App& app, Runner& run) {
                       " tokens but the model's vocab_size is " + std::to_string(config.vocab_size));
         }
         save.tokenizer_from = args->tokenizer;
+        const std::optional<uint32_t> eot = tokenizer->eot_id();  // generation stops there
+        config.use_end_of_text(eot ? std::optional<int64_t>(*eot) : std::nullopt);
+      } else if (config.drop_special_ids_outside_vocab()) {
+        spdlog::info("bos_token_id/eos_token_id: none (the default 50256 lies outside vocab_size {}); init with "
+                     "--tokenizer to take the tokenizer's end-of-text id",
+                     config.vocab_size);
       }
+      GPT2 model(config);
+      init_gpt2_weights(model, args->seed);
       save_model_folder(model, args->output, save);
       spdlog::info("wrote a {}-parameter model ({} layers, {} heads, {} channels) to {}", config.num_parameters(),
                    config.n_layer, config.n_head, config.n_embd, args->output);

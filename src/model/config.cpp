@@ -184,8 +184,9 @@ GPT2Config GPT2Config::from_json(const json& j, const std::string& where) {
   c.attn_pdrop = get_number(j, "attn_pdrop", c.attn_pdrop, where);
   c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", c.tie_word_embeddings, where);
   c.initializer_range = get_number(j, "initializer_range", c.initializer_range, where);
-  if (j.contains("bos_token_id") && !j["bos_token_id"].is_null()) c.bos_token_id = get_int(j, "bos_token_id", 0, where);
-  if (j.contains("eos_token_id") && !j["eos_token_id"].is_null()) c.eos_token_id = get_int(j, "eos_token_id", 0, where);
+  for (const auto& [key, id] : {std::pair{"bos_token_id", &c.bos_token_id}, std::pair{"eos_token_id", &c.eos_token_id}}) {
+    if (j.contains(key)) *id = j[key].is_null() ? std::nullopt : std::optional<int64_t>(get_int(j, key, 0, where));
+  }
   for (const auto& [key, value] : j.items()) {
     if (!owned_keys().count(key)) c.extra[key] = value;
   }
@@ -246,9 +247,22 @@ json GPT2Config::to_json() const {
   j["attn_pdrop"] = attn_pdrop;
   j["tie_word_embeddings"] = tie_word_embeddings;
   j["initializer_range"] = initializer_range;
-  j["bos_token_id"] = bos_token_id;
-  j["eos_token_id"] = eos_token_id;
+  j["bos_token_id"] = bos_token_id ? json(*bos_token_id) : json(nullptr);
+  j["eos_token_id"] = eos_token_id ? json(*eos_token_id) : json(nullptr);
   return j;
+}
+
+void GPT2Config::use_end_of_text(std::optional<int64_t> id) { bos_token_id = eos_token_id = id; }
+
+bool GPT2Config::drop_special_ids_outside_vocab() {
+  bool dropped = false;
+  for (std::optional<int64_t>* id : {&bos_token_id, &eos_token_id}) {
+    if (*id && (**id < 0 || **id >= vocab_size)) {
+      id->reset();
+      dropped = true;
+    }
+  }
+  return dropped;
 }
 
 }  // namespace gpt2ft

@@ -29,6 +29,7 @@ GPT2 resize_vocab(GPT2& model, int64_t vocab_size) {
   GPT2Config config = model->config();
   const int64_t old_vocab = config.vocab_size;
   config.vocab_size = vocab_size;
+  config.drop_special_ids_outside_vocab();  // a smaller vocabulary may lose <|endoftext|>
   GPT2 resized(config);
   torch::NoGradGuard no_grad;
   auto old_params = model->named_parameters();

@@ -57,6 +57,28 @@ TEST(Config, ReadsTheFieldsAndKeepsUnknownOnes) {
   EXPECT_EQ(GPT2Config::from_json(back, "round trip").to_json(), back);
 }
 
+// Special ids: absent means GPT-2's 50256 (as transformers' GPT2Config), null means none and
+// stays null when written back; an id outside the vocabulary can be dropped.
+TEST(Config, SpecialTokenIdsKeepNullAndDropWhatTheVocabularyLacks) {
+  const json base = {{"n_layer", 1}, {"n_head", 2}, {"n_embd", 8}, {"vocab_size", 300}, {"n_positions", 16}};
+  GPT2Config absent = GPT2Config::from_json(base, "absent");
+  EXPECT_EQ(absent.eos_token_id, std::optional<int64_t>(50256));
+  json with_null = base;
+  with_null["bos_token_id"] = nullptr;
+  with_null["eos_token_id"] = 7;
+  const GPT2Config nulls = GPT2Config::from_json(with_null, "null");
+  EXPECT_EQ(nulls.bos_token_id, std::nullopt);
+  EXPECT_EQ(nulls.eos_token_id, std::optional<int64_t>(7));
+  EXPECT_TRUE(nulls.to_json()["bos_token_id"].is_null());
+  EXPECT_EQ(nulls.to_json()["eos_token_id"], 7);
+  EXPECT_TRUE(absent.drop_special_ids_outside_vocab());
+  EXPECT_EQ(absent.bos_token_id, std::nullopt);
+  EXPECT_EQ(absent.eos_token_id, std::nullopt);
+  GPT2Config kept = nulls;
+  EXPECT_FALSE(kept.drop_special_ids_outside_vocab());
+  EXPECT_EQ(kept.eos_token_id, std::optional<int64_t>(7));
+}
+
 TEST(Config, BadValuesNameTheKeyAndTheProblem) {
   struct Case {
     json patch;

@@ -173,6 +173,9 @@ class CliTest(WorkDirTest):
         self.assertEqual(r.returncode, 0, r.stderr)
         model, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
         self.assertFalse(any(info.values()), info)
+        # No tokenizer given and 3000 tokens: GPT-2's <|endoftext|> id 50256 does not exist here.
+        self.assertEqual((model.config.bos_token_id, model.config.eos_token_id), (None, None))
+        self.assertIn("bos_token_id/eos_token_id: none", r.stderr)
         params = dict(model.named_parameters())
         residual = 0.02 / (2 * 4) ** 0.5
         for name, p in params.items():

@@ -128,6 +128,18 @@ class TokenizerParity(WorkDirTest):
                             reference_decode=lambda ids: sp.decode(ids).encode("utf-8"))
         self.assertEqual(info["vocab_size"], sp.get_piece_size())
         self.assertEqual(info["eot_id"], sp.eos_id())
+        # A model initialised with it names its end-of-text id as GPT-2's config does (bos =
+        # eos = the document separator), not GPT-2's 50256, which lies outside 600 pieces.
+        shape = os.path.join(self.tmp, "sp_shape.json")
+        with open(shape, "w") as f:
+            json.dump({"n_layer": 1, "n_head": 2, "n_embd": 32, "vocab_size": sp.get_piece_size(), "n_positions": 32}, f)
+        folder = os.path.join(self.tmp, "sp_model")
+        r = subprocess.run([BIN, "init", "--config-json", shape, "--tokenizer", model, "--output", folder],
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        from transformers import GPT2Config
+        config = GPT2Config.from_pretrained(folder)
+        self.assertEqual((config.bos_token_id, config.eos_token_id), (sp.eos_id(), sp.eos_id()))
 
 
 if __name__ == "__main__":

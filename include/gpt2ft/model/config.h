@@ -29,8 +29,10 @@ struct GPT2Config {
   double attn_pdrop = 0.1;
   bool tie_word_embeddings = true;
   double initializer_range = 0.02;
-  int64_t bos_token_id = 50256;
-  int64_t eos_token_id = 50256;
+  // Special token ids (GPT-2's <|endoftext|> unless config.json says otherwise); none (null in
+  // config.json) when the vocabulary has no such token.
+  std::optional<int64_t> bos_token_id = 50256;
+  std::optional<int64_t> eos_token_id = 50256;
   // Fields of the source config.json we do not interpret, written back unchanged.
   nlohmann::json extra = nlohmann::json::object();
 
@@ -40,6 +42,12 @@ struct GPT2Config {
   int64_t num_parameters() const;
   // Every parameter's name and shape, in the order GPT2's named_parameters() lists them.
   std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes() const;
+
+  // Sets both special ids to the tokenizer's end-of-text id (none: the vocabulary has none).
+  void use_end_of_text(std::optional<int64_t> id);
+  // Drops a special id that lies outside the vocabulary (transformers warns about it and
+  // generation would never stop); returns whether it dropped one.
+  bool drop_special_ids_outside_vocab();
 
   // Checks every field; `where` names the source (file or preset) in the error.
   void validate(const std::string& where) const;
