@@ -169,7 +169,9 @@ class LoraTest(WorkDirTest):
                 ("oom_4_to_2", {"train": {"micro_batch_size": 4}}, {"GPT2FT_FAULT_OOM_ABOVE_MICRO": "2"}),
                 ("bf16", {"amp": {"dtype": "bfloat16"}}, {}),
                 ("bf16_ckpt", {"amp": {"dtype": "bfloat16"}, "model": {"activation_checkpointing": "all"}}, {}),
-                ("bf16_base", {"amp": {"dtype": "bfloat16"}, "model": {"lora": {"base_dtype": "bfloat16"}}}, {})):
+                ("bf16_base", {"amp": {"dtype": "bfloat16"}, "model": {"lora": {"base_dtype": "bfloat16"}}}, {}),
+                ("offload_ckpt", {"train": {"optimizer_offload": "cpu"}, "model": {"activation_checkpointing": "all"},
+                                  "distributed": {"bucket_mb": 0.001}}, {})):
             c = copy.deepcopy(self.cfg)
             c["train"].update({"global_batch_size": 4, "lr": 1e-3, "min_lr": 1e-4, "max_steps": 4})
             for section, values in patch.items():
@@ -181,11 +183,13 @@ class LoraTest(WorkDirTest):
             out, r = run(c, self.tmp, f"combo_{name}", env=env)
             results[name] = (adapter_tensors(out), r.stderr)
         for name, pair in (("ckpt_all", "plain"), ("ckpt_2_micro1", "plain"), ("oom_4_to_2", "plain"),
-                           ("bf16_ckpt", "bf16")):
+                           ("bf16_ckpt", "bf16"), ("offload_ckpt", "plain")):
             diff = max_diff(results[name][0], results[pair][0])
             print(f"[lora combinations] {name} vs {pair}: adapters max|diff| {diff:.3g}")
             self.assertLess(diff, 1e-6, name)
         self.assertIn("OUT OF MEMORY", results["oom_4_to_2"][1])
+        # the adapters' AdamW on the host, fed as backward finishes them
+        self.assertRegex(results["offload_ckpt"][1], r"sent to the host [1-9]\d* time\(s\) during backward, 0 at the step")
         for name in ("bf16", "bf16_base"):
             diff = max_diff(results[name][0], results["plain"][0])
             print(f"[lora combinations] {name} vs float32: adapters max|diff| {diff:.3g} (16-bit rounding)")

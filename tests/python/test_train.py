@@ -167,7 +167,8 @@ class TrainTest(WorkDirTest):
         for name, patch in (("in_place", {}), ("offload", {"offload": True}),
                             ("ckpt_bf16", {"ckpt": True}), ("ckpt_bf16_offload", {"ckpt": True, "offload": True}),
                             ("fp16", {"fp16": True}), ("fp16_offload", {"fp16": True, "offload": True}),
-                            ("oom", {"oom": True}), ("oom_offload", {"oom": True, "offload": True})):
+                            ("oom", {"oom": True}), ("oom_offload", {"oom": True, "offload": True}),
+                            ("freeze_ckpt", {"freeze": True}), ("freeze_ckpt_offload", {"freeze": True, "offload": True})):
             c = base_config(self.model_dir, self.glob)
             c["train"].update({"fused_adamw": "on", "lr": 1e-3, "min_lr": 1e-4})
             c["distributed"] = {"bucket_mb": 0.001}
@@ -176,6 +177,8 @@ class TrainTest(WorkDirTest):
             if patch.get("ckpt"):
                 c["model"]["activation_checkpointing"] = "all"
                 c["amp"] = {"dtype": "bfloat16"}
+            if patch.get("freeze"):  # the frozen parts have no AdamW state; the rest is checkpointed
+                c["model"].update({"freeze_embeddings": True, "freeze_blocks": 1, "activation_checkpointing": "all"})
             if patch.get("fp16"):
                 c["amp"] = {"dtype": "float16", "init_scale": 3000.0}  # 1/3000 rounds in float32
             env = {"GPT2FT_FAULT_OOM_ABOVE_MICRO": "1"} if patch.get("oom") else {}
@@ -188,7 +191,7 @@ class TrainTest(WorkDirTest):
                 self.assertIsNotNone(m, r.stderr[-2000:])
                 buckets, early, late = (int(g) for g in m.groups())
                 print(f"[offload] {name}: {buckets} buckets a step; {early} sent during backward, {late} at the step")
-                self.assertGreater(buckets, 5)
+                self.assertGreater(buckets, 2)
                 self.assertEqual((early, late), (6 * buckets, 0), name)
             if patch.get("oom"):
                 self.assertIn("backing off to micro batch 1 x accumulation 4", r.stderr)
@@ -196,6 +199,8 @@ class TrainTest(WorkDirTest):
         compare(runs["ckpt_bf16_offload"], runs["ckpt_bf16"], "offload vs in place, checkpointing all + bf16")
         compare(runs["fp16_offload"], runs["fp16"], "offload vs in place, float16 with the loss scale")
         compare(runs["oom_offload"], runs["oom"], "offload vs in place, after backing off to micro batch 1")
+        compare(runs["freeze_ckpt_offload"], runs["freeze_ckpt"],
+                "offload vs in place, embeddings and block 0 frozen, checkpointing all")
 
         for first, then in (("cpu", "none"), ("none", "cpu")):
             c = base_config(self.model_dir, self.glob)
