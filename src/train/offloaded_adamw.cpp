@@ -5,8 +5,11 @@
 #include <c10/core/Stream.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
+#include <fmt/format.h>
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <chrono>
 #include <mutex>
 #include <optional>
 
@@ -15,6 +18,20 @@
 #include "gpt2ft/core/host_memory.h"
 
 namespace gpt2ft {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+double median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
 
 struct OffloadedAdamW::State {
   struct Bucket {
@@ -48,6 +65,8 @@ struct OffloadedAdamW::State {
   bool armed = false;
   TransferObserver observer;
   int64_t sent_in_backward = 0, sent_at_step = 0;  // over the run
+  // Per step taken: ms waiting for gradients to arrive, and ms in the host AdamW kernel.
+  std::vector<double> waiting_ms, adamw_ms;
 
   // Queues the copy of bucket i's gradients, as the current stream leaves them, to the host.
   void send(size_t i, bool during_backward) {
@@ -206,8 +225,12 @@ void OffloadedAdamW::step(double lr, const GradientScaling& scaling) {
     for (size_t i = 0; i < st.buckets.size(); ++i) {
       if (!st.buckets[i].sent) st.send(i, /*during_backward=*/false);
     }
+    double waiting = 0, adamw = 0;
     for (auto& b : st.buckets) {  // as each bucket's gradients arrive
+      const auto t0 = Clock::now();
       if (b.copied) b.copied->synchronize();
+      const auto t1 = Clock::now();
+      waiting += ms_between(t0, t1);
       if (b.sent_early) {  // the same float32 products as on the device, in the same order
         if (inv_scale) b.host_grads.mul_(*inv_scale);
         if (clip_coef) b.host_grads.mul_(*clip_coef);
@@ -219,13 +242,17 @@ void OffloadedAdamW::step(double lr, const GradientScaling& scaling) {
         if (p.grad().defined()) host_grad = b.host_grads.narrow(0, b.offsets[j], p.numel()).view(p.sizes());
         else host_grad.reset();
       }
+      const auto t2 = Clock::now();
       b.adamw->step(lr);
+      adamw += ms_between(t2, Clock::now());
       std::optional<c10::StreamGuard> on_copy;
       if (st.cuda) on_copy.emplace(*st.copy_stream);
       for (size_t j = 0; j < b.members.size(); ++j) {
         st.params[b.members[j]].second.copy_(b.host_copy(j), /*non_blocking=*/st.cuda);
       }
     }
+    st.waiting_ms.push_back(waiting);
+    st.adamw_ms.push_back(adamw);
     if (st.cuda) {  // the next forward pass reads the updated weights
       c10::Event weights_back(st.device.type());
       weights_back.record(*st.copy_stream);
@@ -270,10 +297,16 @@ std::vector<std::vector<std::string>> OffloadedAdamW::bucket_names() const {
 }
 
 std::string OffloadedAdamW::run_report() const {
+  const State& st = *state_;
   std::lock_guard<std::mutex> lock(state_->mutex);
-  return "optimizer offload: " + std::to_string(state_->buckets.size()) + " gradient bucket(s) a step; sent to the host " +
-         std::to_string(state_->sent_in_backward) + " time(s) during backward, " +
-         std::to_string(state_->sent_at_step) + " at the step";
+  std::string report = fmt::format(
+      "optimizer offload: {} gradient bucket(s) a step; sent to the host {} time(s) during backward, {} at the step",
+      st.buckets.size(), st.sent_in_backward, st.sent_at_step);
+  if (!st.adamw_ms.empty()) {
+    report += fmt::format("; in the step (median of {}): {:.1f} ms waiting for gradients, {:.1f} ms host AdamW",
+                          st.adamw_ms.size(), median(st.waiting_ms), median(st.adamw_ms));
+  }
+  return report;
 }
 
 void OffloadedAdamW::observe_transfers(TransferObserver observer) {
