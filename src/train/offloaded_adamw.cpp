@@ -16,6 +16,7 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/gradient_hook.h"
 #include "gpt2ft/core/host_memory.h"
+#include "gpt2ft/core/pinned_buffers.h"
 
 namespace gpt2ft {
 namespace {
@@ -139,7 +140,6 @@ OffloadedAdamW::OffloadedAdamW(const std::vector<std::pair<std::string, torch::T
     st.copy_stream = st.impl->getStreamFromGlobalPool(device, /*isHighPriority=*/false);
   }
   options.fused = true;  // the host kernel: vectorised and multi-threaded
-  const auto host = torch::TensorOptions().dtype(torch::kFloat).pinned_memory(st.cuda);
   torch::NoGradGuard no_grad;
   st.place.resize(st.params.size());
   for (size_t i = 0; i < st.params.size();) {  // consecutive parameters, about bucket_bytes each
@@ -151,11 +151,14 @@ OffloadedAdamW::OffloadedAdamW(const std::vector<std::pair<std::string, torch::T
       numel += st.params[i].second.numel();
       b.members.push_back(i++);
     }
-    b.host_grads = torch::empty({numel}, host);
+    // One locked block a bucket: its gradients, then a copy of each member's weights.
+    std::vector<std::vector<int64_t>> shapes = {{numel}};
+    for (const size_t m : b.members) shapes.push_back(st.params[m].second.sizes().vec());
+    const std::vector<torch::Tensor> block = host_float_buffers(shapes, /*pin=*/st.cuda);
+    b.host_grads = block[0];
     std::vector<std::pair<std::string, torch::Tensor>> copies;
-    for (const size_t m : b.members) {
-      const auto& [name, p] = st.params[m];
-      copies.emplace_back(name, torch::empty(p.sizes(), host).requires_grad_(true));
+    for (size_t j = 0; j < b.members.size(); ++j) {
+      copies.emplace_back(st.params[b.members[j]].first, block[1 + j].requires_grad_(true));
     }
     b.adamw = std::make_unique<AdamW>(copies, options);
     for (size_t j = 0; j < b.members.size(); ++j) {  // AdamW groups them by decay, in order

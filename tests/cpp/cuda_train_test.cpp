@@ -10,6 +10,7 @@
 
 #include "gpt2ft/core/autocast.h"
 #include "gpt2ft/core/cuda_info.h"
+#include "gpt2ft/core/pinned_buffers.h"
 #include "gpt2ft/data/shard.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/init.h"
@@ -114,6 +115,7 @@ TEST_F(CudaTraining, OffloadDuringBackwardEqualsOffloadAtTheStep) {
                   : "DIFFERENT",
               to_in_place, during.run_report().c_str());
   EXPECT_LT(to_in_place, 1e-6);
+  EXPECT_TRUE(host_float_buffers({{1000}}, /*pin=*/true)[0].is_pinned()) << "the offload's host buffers are page-locked";
 }
 
 TEST_F(CudaTraining, Float16WithScalerAndBfloat16Learn) {

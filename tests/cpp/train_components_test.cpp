@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/pinned_buffers.h"
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/gpt2.h"
 #include "gpt2ft/model/init.h"
@@ -197,6 +198,23 @@ TEST(OffloadedAdamWTest, EqualsAdamWInPlaceBucketByBucket) {
   ASSERT_EQ(sa.size(), sb.size());
   for (const auto& [key, t] : sa) EXPECT_TRUE(torch::equal(t, by_key.at(key))) << key;
   EXPECT_GT(offloaded.host_bytes(), 0);
+}
+
+// The host buffers behind the offload: exact shapes, one region each, alive while any
+// tensor is (the block is freed with the last one).
+TEST(OffloadedAdamWTest, HostBuffersAreSeparateAndOutliveTheirList) {
+  torch::Tensor kept;
+  {
+    std::vector<torch::Tensor> block = host_float_buffers({{3}, {2, 5}, {7}}, /*pin=*/false);
+    ASSERT_EQ(block.size(), 3u);
+    EXPECT_EQ(block[1].sizes(), torch::IntArrayRef({2, 5}));
+    for (size_t i = 0; i < block.size(); ++i) block[i].fill_(static_cast<float>(i));
+    for (size_t i = 0; i < block.size(); ++i) EXPECT_TRUE(torch::all(block[i] == static_cast<float>(i)).item<bool>()) << i;
+    EXPECT_EQ(block[1].data_ptr<float>(), block[0].data_ptr<float>() + 3);  // one allocation, back to back
+    kept = block[2];
+  }
+  kept.add_(1);  // still valid memory (ASan would flag a use after free)
+  EXPECT_TRUE(torch::all(kept == 3.0f).item<bool>());
 }
 
 // Overlapped offload: during the last backward of a step (never an earlier one) each bucket
