@@ -83,8 +83,14 @@ void print_plan(const TrainConfig& cfg, const MemoryPlanInput& input, const Memo
               static_cast<long long>(micro), gib(plan.peak(micro)), gib(plan.forward_peak(micro)),
               gib(plan.backward_peak(micro)), gib(plan.backward_end_peak(micro)));
   if (budget > 0) {
+    const int64_t largest = plan.largest_micro_batch(budget);
     std::printf("  largest micro batch in %.1f GiB usable: %lld  (the GPU's memory less 1 GiB for the CUDA context, "
-                "less 5%%)\n", gib(budget), static_cast<long long>(plan.largest_micro_batch(budget)));
+                "less 5%%)\n", gib(budget), static_cast<long long>(largest));
+    const int64_t accumulating = plan.largest_accumulating_micro_batch(budget);
+    if (largest > accumulating + 1) {  // smaller micro batches hold the gradients between them
+      std::printf("    that is the whole batch (no gradients held between micro batches); with accumulation the "
+                  "largest is %lld\n", static_cast<long long>(accumulating));
+    }
   }
   if (out.contains("measured_peak_allocated")) {
     const double measured = out["measured_peak_allocated"].get<double>();

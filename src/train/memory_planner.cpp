@@ -178,7 +178,7 @@ int64_t MemoryPlan::per_sequence() const {
   return activations_per_sequence + logits_per_sequence + backward_per_sequence;
 }
 
-int64_t MemoryPlan::largest_micro_batch(int64_t budget) const {
+int64_t MemoryPlan::largest_accumulating_micro_batch(int64_t budget) const {
   // The largest m with every phase (with held gradients) under the budget: each phase is a
   // line a + m * s.
   auto largest_under = [&](int64_t a, int64_t s) -> int64_t {
@@ -186,17 +186,18 @@ int64_t MemoryPlan::largest_micro_batch(int64_t budget) const {
     return s <= 0 ? std::numeric_limits<int64_t>::max() : (budget - a) / s;
   };
   const int64_t act = activations_per_sequence + logits_per_sequence;
-  int64_t fits = std::min({largest_under(resident() + gradients + loss_workspace, act),
-                           largest_under(resident() + gradients + lm_head_gradient, act + backward_per_sequence),
-                           largest_under(resident() + gradients + lm_head_gradient + embedding_gradient,
-                                         residual_gradient_per_sequence)});
-  if (per_rank_batch > 0) {
-    // Without accumulation the gradients are not held: the whole per-rank batch may fit when
-    // a smaller, accumulating micro batch's peak would not.
-    if (peak(per_rank_batch) <= budget) return per_rank_batch;
-    fits = std::min(fits, per_rank_batch - 1);
-  }
-  return fits;
+  const int64_t fits = std::min({largest_under(resident() + gradients + loss_workspace, act),
+                                 largest_under(resident() + gradients + lm_head_gradient, act + backward_per_sequence),
+                                 largest_under(resident() + gradients + lm_head_gradient + embedding_gradient,
+                                               residual_gradient_per_sequence)});
+  return per_rank_batch > 0 ? std::min(fits, per_rank_batch - 1) : fits;
+}
+
+int64_t MemoryPlan::largest_micro_batch(int64_t budget) const {
+  // Without accumulation the gradients are not held: the whole per-rank batch may fit when
+  // a smaller, accumulating micro batch's peak would not.
+  if (per_rank_batch > 0 && peak(per_rank_batch) <= budget) return per_rank_batch;
+  return largest_accumulating_micro_batch(budget);
 }
 
 nlohmann::json MemoryPlan::to_json(int64_t budget) const {
@@ -220,6 +221,7 @@ nlohmann::json MemoryPlan::to_json(int64_t budget) const {
   if (budget > 0) {
     j["budget"] = budget;
     j["largest_micro_batch"] = largest_micro_batch(budget);
+    j["largest_accumulating_micro_batch"] = largest_accumulating_micro_batch(budget);
   }
   return j;
 }

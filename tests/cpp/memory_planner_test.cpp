@@ -110,6 +110,27 @@ TEST(MemoryPlanner, LeversMakeGpt2XlFitA24GiBGpu) {
   EXPECT_LE(advice.combined.peak, budget);
 }
 
+// The largest micro batch is not monotonic: gpt2-xl with checkpointing + offload at 16 GiB
+// fits its whole batch of 16 (no gradients held between micro batches) but, accumulating,
+// only a smaller micro batch; the two figures say which is which, each at the edge of fitting.
+TEST(MemoryPlanner, TheWholeBatchCanFitWhereAnAccumulatingMicroBatchDoesNot) {
+  const TrainConfig cfg = TrainConfig::parse({{"model", {{"preset", "gpt2-xl"}, {"activation_checkpointing", "all"}}},
+                                              {"data", {{"train", "x"}, {"seq_len", 1024}}},
+                                              {"train", {{"max_steps", 1}, {"micro_batch_size", 4}, {"global_batch_size", 16},
+                                                         {"optimizer_offload", "cpu"}}},
+                                              {"amp", {{"dtype", "bfloat16"}}},
+                                              {"device", "cuda"}});
+  const MemoryPlan plan = plan_memory(memory_plan_input(cfg));
+  const int64_t budget = plannable_of(16ll << 30);
+  const int64_t accumulating = plan.largest_accumulating_micro_batch(budget);
+  EXPECT_EQ(plan.largest_micro_batch(budget), 16);
+  EXPECT_LE(plan.peak(16), budget);
+  ASSERT_GE(accumulating, 1);
+  ASSERT_LT(accumulating + 1, 16);
+  EXPECT_LE(plan.peak(accumulating), budget);
+  EXPECT_GT(plan.peak(accumulating + 1), budget);
+}
+
 // A run already on several GPUs (ZeRO-1 over 2) has every lever judged on those GPUs, not on one.
 TEST(MemoryPlanner, LeversOfAMultiGpuRunKeepItsGpus) {
   const TrainConfig cfg = TrainConfig::parse({{"model", {{"preset", "gpt2-xl"}, {"dropout", 0.0}}},

@@ -83,8 +83,12 @@ struct MemoryPlan {
   int64_t fixed() const;
   int64_t per_sequence() const;
   // The largest micro batch whose peak fits `budget` bytes (0 when not even 1 fits); at most
-  // per_rank_batch when that is known.
+  // per_rank_batch when that is known. Not monotonic: the whole per-rank batch (no
+  // accumulation, no gradients held across micro batches) may fit when a smaller micro batch
+  // does not.
   int64_t largest_micro_batch(int64_t budget) const;
+  // The largest micro batch below per_rank_batch (accumulating, so holding gradients) that fits.
+  int64_t largest_accumulating_micro_batch(int64_t budget) const;
   nlohmann::json to_json(int64_t budget) const;
 
  private:
