@@ -40,8 +40,9 @@ void add_init_command(CLI::App& app, Runner& run) {
                       " tokens but the model's vocab_size is " + std::to_string(config.vocab_size));
         }
         save.tokenizer_from = args->tokenizer;
-        const std::optional<uint32_t> eot = tokenizer->eot_id();  // generation stops there
-        config.use_end_of_text(eot ? std::optional<int64_t>(*eot) : std::nullopt);
+        // bos = eos = the document separator, as GPT-2's config has it; generation stops there.
+        const std::optional<uint32_t> eot = tokenizer->eot_id();
+        config.bos_token_id = config.eos_token_id = eot ? std::optional<int64_t>(*eot) : std::nullopt;
       } else if (config.drop_special_ids_outside_vocab()) {
         spdlog::info("bos_token_id/eos_token_id: none (the default 50256 lies outside vocab_size {}); init with "
                      "--tokenizer to take the tokenizer's end-of-text id",

@@ -252,8 +252,6 @@ json GPT2Config::to_json() const {
   return j;
 }
 
-void GPT2Config::use_end_of_text(std::optional<int64_t> id) { bos_token_id = eos_token_id = id; }
-
 bool GPT2Config::drop_special_ids_outside_vocab() {
   bool dropped = false;
   for (std::optional<int64_t>* id : {&bos_token_id, &eos_token_id}) {

@@ -221,12 +221,15 @@ void OffloadedAdamW::step(double lr, const GradientScaling& scaling) {
   st.armed = false;
   // A skipped step (float16) reads the flag once.
   if (!scaling.found_inf || scaling.found_inf->item<float>() == 0.0f) {
-    // What the device gradients were multiplied by since backward, as () host tensors.
-    std::optional<torch::Tensor> inv_scale, clip_coef;
-    if (scaling.inv_scale) inv_scale = scaling.inv_scale->to(torch::kCPU);
-    if (scaling.clip_coef) clip_coef = scaling.clip_coef->to(torch::kCPU);
     for (size_t i = 0; i < st.buckets.size(); ++i) {
       if (!st.buckets[i].sent) st.send(i, /*during_backward=*/false);
+    }
+    // What the device gradients were multiplied by since backward, as () host tensors: read
+    // (a wait for the compute stream) only when some bucket went before that.
+    std::optional<torch::Tensor> inv_scale, clip_coef;
+    if (std::any_of(st.buckets.begin(), st.buckets.end(), [](const State::Bucket& b) { return b.sent_early; })) {
+      if (scaling.inv_scale) inv_scale = scaling.inv_scale->to(torch::kCPU);
+      if (scaling.clip_coef) clip_coef = scaling.clip_coef->to(torch::kCPU);
     }
     double waiting = 0, adamw = 0;
     for (auto& b : st.buckets) {  // as each bucket's gradients arrive

@@ -43,8 +43,6 @@ struct GPT2Config {
   // Every parameter's name and shape, in the order GPT2's named_parameters() lists them.
   std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes() const;
 
-  // Sets both special ids to the tokenizer's end-of-text id (none: the vocabulary has none).
-  void use_end_of_text(std::optional<int64_t> id);
   // Drops a special id that lies outside the vocabulary (transformers warns about it and
   // generation would never stop); returns whether it dropped one.
   bool drop_special_ids_outside_vocab();
