@@ -101,6 +101,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--skip-host-adamw", action="store_true")
+    ap.add_argument("--runs", default="configured,checkpointing,levers",
+                    help="which runs, comma-separated, of: configured (the reference), checkpointing, levers")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gpu = args.mode == "gpu"
@@ -120,8 +122,13 @@ def main():
     levers = recommended_levers(work, model_dir, shard, args)
     cap = [f"cuda.memory_limit={args.cap}"] if args.cap else []
     runs = {}
-    for name, settings in (("as configured", []), ("checkpointing all", ["model.activation_checkpointing=all"]),
-                           ("recommended levers" + (f", capped at {args.cap}" if args.cap else ""), levers + cap)):
+    wanted = set(args.runs.split(","))
+    for key, name, settings in (("configured", "as configured", []),
+                                ("checkpointing", "checkpointing all", ["model.activation_checkpointing=all"]),
+                                ("levers", "recommended levers" + (f", capped at {args.cap}" if args.cap else ""),
+                                 levers + cap)):
+        if key not in wanted:
+            continue
         runs[name] = run(work, name.replace(" ", "_").replace(",", ""), model_dir, shard, args, settings)
         print(json.dumps({name: runs[name]}), flush=True)
     with safe_open(os.path.join(model_dir, "model.safetensors"), framework="pt") as f:

@@ -1,30 +1,33 @@
 #!/usr/bin/env bash
 # Everything a session with the GPU machine should run, in one device call of at most 9
-# minutes on a bare machine (see ../shared/device/README.md). Prepare once on the dev machine:
-#   bash ../shared/device/make-kit.sh .devkit libgloo-dev && cp ../shared/device/install-kit.sh .devkit/
-#   echo /.devkit/ >> .git/info/exclude
-# then run it with carry [".devkit"] and timeout_s 560:
+# minutes on a bare machine (see ../shared/device/README.md). Prepare on the dev machine:
+#   bash scripts/device/prepare.sh        # .devkit (Debian packages) + .devbin (binaries built here)
+# then one device call with carry [".devkit", ".devbin"] and timeout_s 560:
 #   bash scripts/device/gpu-check.sh
-# Parts, with the time each is expected to take on an H100/H200 machine (16 cores):
-#   kit + configure      ~30 s
-#   build                ~3-4 min (only gpt2-finetune and the C++ tests, all cores)
-#   ctest -L gpu         ~2 min   (CUDA parity, fp16/bf16 training, fused AdamW, the planner
-#                                  against measured peaks of gpt2 at micro 1/8/32, NCCL, the
-#                                  chunked loss on CUDA; the golden data comes first)
-#   offload              ~2-3 min (gpt2-xl T=1024 bf16 micro 4 x 4: as configured, checkpointing
-#                                  all, and plan's levers for a 24 GiB cap under cuda.memory_limit;
-#                                  the host AdamW step for 1.56B parameters on all cores)
-#   plan --measure       ~40 s    (gpt2-medium, micro 1 and 8)
-#   benchmark            ~1-2 min (gpt2 T=1024 bf16 micro 8: ours, ours with the eager loss,
-#                                  PyTorch eager, HF Trainer)
-# That is more than one call's 9 minutes on a bare machine: GPT2FT_GPU_PARTS (default "ctest
-# offload plan bench") picks the parts after the build, in that order. Every part has its own
-# time limit, so the script ends within its budget and still prints the summary (a part the
-# budget did not reach says so). The 8 files under $OUT (at most 8 come back): build.log,
-# nvidia-smi.txt, ctest-gpu.log, offload.log, plan.log, bench.log, bench-train-gpu.json,
-# summary.txt (also printed last).
-# GPT2FT_GPU_BUDGET_S (default 540) is the whole script's budget, GPT2FT_GPU_BUILD_S (default 330) the
-# build's (a dry run on the 2-core dev machine needs more: the rest then reports no CUDA).
+#
+# Binaries: the ones built here are tried first (the device machine's torch is the same
+# version; its torch/lib and the kit's libraries go on LD_LIBRARY_PATH). Only when one of them
+# does not load (ldd finds a library missing, or it does not start) is the project built there,
+# which costs 3-4 minutes. The summary says which path was taken.
+#
+# Parts, most wanted first, each with its own time limit (seconds on an H100/H200 machine):
+#   gpu tests     200  every `gpu` test, one process each, as ctest runs them: CUDA setup
+#                      (the allocator before the first tensor, expandable segments and pinned
+#                      memory one step each way), parity with transformers, training (fp16
+#                      scaler, bf16, fused AdamW, checkpointing with dropout, offload during
+#                      backward, the planner against measured peaks of gpt2 at micro 1/8/32),
+#                      NCCL with one rank, the chunked loss
+#   bench         150  gpt2 T=1024 bf16 micro 8: ours, ours with the eager loss, PyTorch
+#                      eager, HF Trainer (no model is saved, 3 warm-up + 10 timed steps)
+#   plan           60  plan --measure, gpt2-medium at micro 1 and 8
+#   offload       rest gpt2-xl T=1024 bf16 micro 4 x 4, as configured and with plan's levers
+#                      under a 24 GiB cuda.memory_limit (1 warm-up + 2 timed steps each)
+# GPT2FT_GPU_PARTS (default "tests bench plan offload") picks parts, in that order. A part that
+# the budget does not reach is listed as not run. The files under $OUT: build.log (or
+# binaries.log), nvidia-smi.txt, gpu-tests.log, bench.log, bench-train-gpu.json, plan.log,
+# offload.log, summary.txt (also printed last).
+# GPT2FT_GPU_BUDGET_S (default 540) is the whole script's budget, GPT2FT_GPU_BUILD_S (default
+# 330) the build's, if one is needed.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -32,7 +35,6 @@ out="${OUT:-$root/gpu-out}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"  # absolute: every part runs from another folder
 py="${PYTHON:-python3}"
-build="${GPT2FT_GPU_BUILD_DIR:-$root/build-gpu}"
 budget="${GPT2FT_GPU_BUDGET_S:-540}"
 start=$(date +%s)
 summary=()
@@ -49,6 +51,7 @@ part() {
   ((avail < limit)) && limit=$avail
   if ((limit <= 5)); then
     summary+=("| $name | not run (budget spent) | - |")
+    echo "[gpu-check] $name: not run (budget spent)"
     return 1
   fi
   local t0 rc
@@ -63,65 +66,106 @@ part() {
   return $rc
 }
 
+# The kit's libraries and the machine's torch/lib, for the loader and for CMake.
+if [[ -d .devkit ]]; then eval "$(bash .devkit/install-kit.sh .devkit)"; fi
+torch_lib="$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null)"
+export LD_LIBRARY_PATH="${torch_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+# Prebuilt binaries usable here? Every library found and both start.
+prebuilt_ok() {
+  [[ -x .devbin/gpt2-finetune && -x .devbin/gpt2ft_tests ]] || { echo "no .devbin (run scripts/device/prepare.sh)"; return 1; }
+  local missing
+  missing="$(ldd .devbin/gpt2-finetune .devbin/gpt2ft_tests | grep 'not found' | sort -u)"
+  if [[ -n $missing ]]; then echo "missing libraries:"; echo "$missing"; return 1; fi
+  .devbin/gpt2-finetune --help > /dev/null || return 1
+  .devbin/gpt2ft_tests --gtest_list_tests --gtest_filter='CudaSetup.*' || return 1
+  echo "prebuilt binaries from $(cat .devbin/commit.txt 2>/dev/null) load"
+}
 configure_and_build() {
-  if [[ -d .devkit ]]; then
-    eval "$(bash .devkit/install-kit.sh .devkit)" || return 1
-  fi
   local prefix
   prefix="$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)')" || return 1
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPT2FT_USE_CCACHE=OFF \
     -DCMAKE_PREFIX_PATH="$prefix;${CMAKE_PREFIX_PATH:-}" -DGPT2FT_PYTHON="$(command -v "$py")" || return 1
   cmake --build "$build" -j "$(nproc)" --target gpt2-finetune gpt2ft_tests
 }
+# The gpu-labelled ctest entries, run straight from the test binary (ctest's files hold the
+# build machine's paths): one process each, so CudaSetup runs before any CUDA tensor exists.
+gpu_tests() {
+  local golden rc=0
+  golden="$(mktemp -d)"
+  "$py" tests/python/make_golden.py "$golden" > /dev/null || { echo "golden data failed"; return 1; }
+  for entry in "setup CudaSetup.*" "parity Shapes/CudaParity.*" "training CudaTraining.*" \
+               "nccl DistributedCuda.*" "linear_cross_entropy LinearCrossEntropyCuda.*"; do
+    set -- $entry
+    echo "=== gpu.$1 ($2)"
+    GPT2FT_GOLDEN_DIR="$golden" "$tests_bin" --gtest_filter="$2" --gtest_brief=0
+    local r=$?
+    echo "=== gpu.$1: exit $r"
+    ((r != 0)) && rc=1
+  done
+  return $rc
+}
+plan_measure() {
+  local cfg
+  cfg="$(mktemp --suffix=.json)"
+  printf '%s\n' '{"model": {"preset": "gpt2-medium", "dropout": 0.0}, "data": {"train": "'"$1"'", "seq_len": 1024},' \
+    '"train": {"max_steps": 3, "micro_batch_size": 1, "global_batch_size": 8}, "amp": {"dtype": "bfloat16"},' \
+    '"device": "cuda"}' > "$cfg"
+  for micro in 1 8; do
+    "$bin_dir/gpt2-finetune" plan --config "$cfg" --measure --set "train.micro_batch_size=$micro" \
+      --set "train.global_batch_size=$micro" || return 1
+  done
+}
 
-export root out py build
-export -f configure_and_build
-# The kit's libraries must be found at run time too.
-if [[ -d .devkit ]]; then eval "$(bash .devkit/install-kit.sh .devkit)"; fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >> "$out/nvidia-smi.txt"
-if ! part build "${GPT2FT_GPU_BUILD_S:-330}" "$out/build.log" configure_and_build; then
-  tail -n 30 "$out/build.log"
+build_path=""
+if prebuilt_ok > "$out/binaries.log" 2>&1; then
+  bin_dir="$root/.devbin"
+  tests_bin="$bin_dir/gpt2ft_tests"
+  build_path="prebuilt binaries ($(head -n 1 .devbin/commit.txt | head -c 12))"
+  summary+=("| binaries | prebuilt, loaded | 0s |")
 else
-  parts=" ${GPT2FT_GPU_PARTS:-ctest offload plan bench} "
-  if [[ $parts == *" ctest "* ]]; then
-    part "ctest -L gpu" 200 "$out/ctest-gpu.log" \
-      bash -c "cd '$build' && ctest -L gpu --output-on-failure --timeout 180"
-  fi
-  if [[ $parts == *" offload "* ]]; then
-    GPT2FT_BUILD_DIR="$build" part "offload gpt2-xl" 200 "$out/offload.log" \
-      "$py" scripts/bench/offload_bench.py --mode gpu --out "$(mktemp --suffix=.json)"  # offload.log has it all
-  fi
-  # gpt2-medium: the planner against one measured run per micro batch.
-  plan_measure() {
-    local cfg
-    cfg="$(mktemp --suffix=.json)"
-    printf '%s\n' '{"model": {"preset": "gpt2-medium", "dropout": 0.0}, "data": {"train": "'"$1"'", "seq_len": 1024},' \
-      '"train": {"max_steps": 3, "micro_batch_size": 1, "global_batch_size": 8}, "amp": {"dtype": "bfloat16"},' \
-      '"device": "cuda"}' > "$cfg"
-    for micro in 1 8; do
-      "$build/gpt2-finetune" plan --config "$cfg" --measure --set "train.micro_batch_size=$micro" \
-        --set "train.global_batch_size=$micro" || return 1
-    done
-  }
-  export -f plan_measure
+  cat "$out/binaries.log"
+  build="${GPT2FT_GPU_BUILD_DIR:-$root/build-gpu}"
+  export build
+  bin_dir="$build"
+  tests_bin="$build/tests/gpt2ft_tests"
+  build_path="built on the device machine (prebuilt did not load: see binaries.log)"
+  export py
+  export -f configure_and_build
+  part build "${GPT2FT_GPU_BUILD_S:-330}" "$out/build.log" configure_and_build || { tail -n 30 "$out/build.log"; bin_dir=""; }
+fi
+echo "[gpu-check] binaries: $build_path"
+
+if [[ -n $bin_dir ]]; then
+  export root out py bin_dir tests_bin
+  export -f gpu_tests plan_measure
+  parts=" ${GPT2FT_GPU_PARTS:-tests bench plan offload} "
   shard="$(mktemp -d)/train_000000.bin"
   "$py" -c "
 import numpy as np, sys
 h = np.zeros(256, np.int32); h[:3] = (20240520, 1, 40 * 1025)
 t = (np.arange(40 * 1025, dtype=np.int64) * 2654435761 % 50257).astype(np.uint16)
 open(sys.argv[1], 'wb').write(h.tobytes() + t.tobytes())" "$shard"
-  if [[ $parts == *" plan "* ]]; then
-    part "plan --measure gpt2-medium" 90 "$out/plan.log" plan_measure "$shard"
-  fi
-  if [[ $parts == *" bench "* ]]; then
-    GPT2FT_BUILD_DIR="$build" part benchmark 150 "$out/bench.log" \
-      "$py" scripts/bench/train_bench.py --mode gpu --preset gpt2 --dtype bf16 --micro 8 --also-eager-loss \
-      --warmup 3 --steps 12 --out "$out/bench-train-gpu.json"
-  fi
+  for p in $parts; do
+    case $p in
+      tests) part "gpu tests" 200 "$out/gpu-tests.log" gpu_tests ;;
+      bench) GPT2FT_BUILD_DIR="$bin_dir" part "bench gpt2 vs HF Trainer and eager" 150 "$out/bench.log" \
+               "$py" scripts/bench/train_bench.py --mode gpu --preset gpt2 --dtype bf16 --micro 8 --also-eager-loss \
+               --warmup 3 --steps 10 --out "$out/bench-train-gpu.json" ;;
+      plan) part "plan --measure gpt2-medium" 60 "$out/plan.log" plan_measure "$shard" ;;
+      offload) GPT2FT_BUILD_DIR="$bin_dir" part "offload gpt2-xl" "$(left)" "$out/offload.log" \
+                 "$py" scripts/bench/offload_bench.py --mode gpu --runs configured,levers --warmup 1 --steps 2 \
+                 --out "$(mktemp --suffix=.json)" ;;  # offload.log has it all
+      *) echo "[gpu-check] unknown part $p" ;;
+    esac
+  done
 fi
 
 {
   echo "## GPU check, $(date -u +%Y-%m-%dT%H:%MZ), $(head -n 12 "$out/nvidia-smi.txt" | grep -oE 'NVIDIA [A-Z0-9]+[^|]*' | head -n 1)"
+  echo
+  echo "binaries: $build_path"
   echo
   echo "| part | result | time |"
   echo "|---|---|---|"
@@ -129,16 +173,17 @@ fi
   echo "| total | | $(($(date +%s) - start))s |"
   echo
   echo "### gpu tests"
-  grep -E "^ *[0-9]+/[0-9]+ Test|tests passed|\*\*\*" "$out/ctest-gpu.log" 2>/dev/null || echo "(none ran)"
-  echo
-  echo "### planner vs measured"
-  grep -hE "^\[planner\]|measured peak allocated" "$out/ctest-gpu.log" "$out/plan.log" 2>/dev/null || echo "(none)"
-  echo
-  echo "### offload (gpt2-xl)"
-  sed -n '/^GPU:/,$p' "$out/offload.log" 2>/dev/null || echo "(none)"
+  grep -E "^=== gpu\..*exit|^\[  (PASSED|FAILED|SKIPPED) |^\[       OK \]|^\[  FAILED  \]" "$out/gpu-tests.log" 2>/dev/null || echo "(none ran)"
+  grep -hE "^\[(cuda|cuda setup|planner)" "$out/gpu-tests.log" 2>/dev/null
   echo
   echo "### benchmark"
   sed -n '/^| dtype/,$p' "$out/bench.log" 2>/dev/null || echo "(none)"
+  echo
+  echo "### planner vs measured (plan --measure)"
+  grep -hE "measured peak allocated" "$out/plan.log" 2>/dev/null || echo "(none)"
+  echo
+  echo "### offload (gpt2-xl)"
+  sed -n '/^GPU:/,$p' "$out/offload.log" 2>/dev/null || echo "(none)"
   echo
   echo "### process-group shutdown warnings (must be none)"
   grep -h "has NOT been destroyed\|destroy_process_group" "$out"/*.log 2>/dev/null || echo "none"

@@ -8,7 +8,7 @@
 #include <spdlog/spdlog.h>
 
 #include <cstdlib>
-#include <cstring>
+#include <optional>
 
 namespace gpt2ft {
 
@@ -16,8 +16,16 @@ std::string cuda_device_name(const c10::Device& device) {
   return at::cuda::getDeviceProperties(device.index())->name;
 }
 
+void cuda_init() {
+  // Creates the caching allocator's per-device state (what the first CUDA tensor would): its
+  // statistics, memory fraction and cache calls throw "Allocator not initialized" before that.
+  // Idempotent and cheap after the first call.
+  at::globalContext().lazyInitDevice(c10::kCUDA);
+}
+
 CudaMemory cuda_memory(const c10::Device& device) {
   using c10::CachingDeviceAllocator::StatType;
+  cuda_init();
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
   CudaMemory m;
   m.peak_allocated = stats.allocated_bytes[static_cast<size_t>(StatType::AGGREGATE)].peak;
@@ -27,29 +35,53 @@ CudaMemory cuda_memory(const c10::Device& device) {
 }
 
 void cuda_reset_peak_memory(const c10::Device& device) {
+  cuda_init();
   c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
 }
 
-void cuda_empty_cache() { c10::cuda::CUDACachingAllocator::emptyCache(); }
+void cuda_empty_cache() {
+  cuda_init();
+  c10::cuda::CUDACachingAllocator::emptyCache();
+}
 
 void cuda_synchronize(const c10::Device& device) {
   c10::cuda::CUDAGuard guard(device.index());
   at::cuda::device_synchronize();
 }
 
-void cuda_set_device(const c10::Device& device) { c10::cuda::set_device(device.index()); }
+void cuda_set_device(const c10::Device& device) {
+  c10::cuda::set_device(device.index());
+  cuda_init();
+}
 
 bool cuda_supports_bfloat16(const c10::Device& device) {
   return at::cuda::getDeviceProperties(device.index())->major >= 8;
 }
 
+std::optional<std::string> allocator_settings_with_expandable_segments(const char* alloc_conf,
+                                                                        const char* cuda_alloc_conf) {
+  // PyTorch reads PYTORCH_ALLOC_CONF, and PYTORCH_CUDA_ALLOC_CONF only when the first is unset.
+  const std::string user = alloc_conf ? alloc_conf : cuda_alloc_conf ? cuda_alloc_conf : "";
+  if (user.find("expandable_segments") != std::string::npos) return std::nullopt;  // theirs wins
+  // setAllocatorSettings parses the whole string anew and resets every key it does not name,
+  // so the user's keys go in again, unchanged, before ours.
+  const bool blank = user.find_first_not_of(" \t,") == std::string::npos;
+  return (blank ? std::string() : user + ",") + "expandable_segments:True";
+}
+
 void configure_cuda(const c10::Device& device, const CudaSettings& settings) {
   at::globalContext().setFloat32MatmulPrecision(settings.tf32 ? "high" : "highest");
-  // A user's own PYTORCH_CUDA_ALLOC_CONF decides, as it does for PyTorch.
-  const char* conf = std::getenv("PYTORCH_CUDA_ALLOC_CONF");
-  if (settings.expandable_segments && !(conf && std::strstr(conf, "expandable_segments"))) {
-    c10::CachingAllocator::setAllocatorSettings("expandable_segments:True");
+  if (settings.expandable_segments) {
+    const auto merged = allocator_settings_with_expandable_segments(std::getenv("PYTORCH_ALLOC_CONF"),
+                                                                    std::getenv("PYTORCH_CUDA_ALLOC_CONF"));
+    if (merged) {
+      c10::CachingAllocator::setAllocatorSettings(*merged);
+      spdlog::debug("CUDA caching allocator settings: {}", *merged);
+    } else {
+      spdlog::info("cuda.expandable_segments: left as PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF sets it");
+    }
   }
+  cuda_set_device(device);  // also initialises the allocator, which the memory fraction needs
   if (settings.memory_limit > 0) {
     const auto total = static_cast<double>(at::cuda::getDeviceProperties(device.index())->totalGlobalMem);
     if (settings.memory_limit >= total) {

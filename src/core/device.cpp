@@ -3,6 +3,7 @@
 
 #include <torch/cuda.h>
 
+#include "gpt2ft/core/cuda_info.h"
 #include "gpt2ft/core/error.h"
 
 namespace gpt2ft {
@@ -16,7 +17,7 @@ c10::Device parse_device(const std::string& spec, const std::string& where) {
     int index = 0;
     if (spec.size() > 5) {
       const std::string digits = spec.substr(5);
-      if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) {
+      if (digits.empty() || digits.size() > 4 || digits.find_first_not_of("0123456789") != std::string::npos) {
         throw Error(where + ": expected \"cuda:N\" with N a GPU index, got \"" + spec + "\"");
       }
       index = std::stoi(digits);
@@ -33,6 +34,12 @@ c10::Device parse_device(const std::string& spec, const std::string& where) {
     return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
   }
   throw Error(where + ": expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got \"" + spec + "\"");
+}
+
+c10::Device open_device(const std::string& spec, const std::string& where) {
+  const c10::Device device = parse_device(spec, where);
+  if (device.is_cuda()) cuda_set_device(device);
+  return device;
 }
 
 }  // namespace gpt2ft

@@ -77,6 +77,11 @@ c10::intrusive_ptr<c10d::Backend> make_nccl(const c10::intrusive_ptr<c10d::Store
 
 }  // namespace
 
+std::chrono::milliseconds data_group_timeout(const std::string& backend, std::chrono::milliseconds control) {
+  if (backend != "nccl") return control;  // Gloo fails its own wait() in the calling thread
+  return 2 * control + std::chrono::milliseconds(60'000);
+}
+
 PendingCollective::PendingCollective() = default;
 PendingCollective::PendingCollective(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
@@ -120,7 +125,9 @@ Communicator::Communicator(const LaunchEnv& env, c10::Device device, const std::
     auto data_store = c10::make_intrusive<c10d::PrefixStore>("gpt2ft/data/", groups_->store);
     auto control_store = c10::make_intrusive<c10d::PrefixStore>("gpt2ft/control/", groups_->store);
     groups_->control = make_gloo(control_store, env_, timeout_);
-    groups_->data = backend_ == "nccl" ? make_nccl(data_store, env_, timeout_) : make_gloo(data_store, env_, timeout_);
+    const auto data_timeout = data_group_timeout(backend_, timeout_);
+    groups_->data = backend_ == "nccl" ? make_nccl(data_store, env_, data_timeout)
+                                       : make_gloo(data_store, env_, data_timeout);
   });
   spdlog::info("distributed: rank {} of {} (local rank {}), launcher {}, backend {}, rendezvous {}:{}", env_.rank,
                env_.world_size, env_.local_rank, env_.launcher, backend_, env_.master_addr, env_.master_port);
@@ -200,6 +207,21 @@ std::vector<torch::Tensor> Communicator::all_gather_bytes(const torch::Tensor& b
 void Communicator::barrier(const std::string& what) {
   if (!active()) return;
   guarded("barrier (" + what + ")", where_, [&] { groups_->control->barrier()->wait(); });
+}
+
+std::vector<double> Communicator::reduce_device_scalars(const std::vector<torch::Tensor>& scalars, HostReduce op,
+                                                        const std::string& what) {
+  if (active()) barrier(what);
+  std::vector<double> values;
+  for (const auto& t : scalars) values.push_back(t.item<double>());
+  if (!active() || values.empty()) return values;
+  torch::Tensor t = torch::tensor(values, torch::kDouble);
+  std::vector<at::Tensor> one = {t};
+  c10d::AllreduceOptions o;
+  o.reduceOp = op == HostReduce::sum ? c10d::ReduceOp::SUM : c10d::ReduceOp::MAX;
+  guarded("all-reduce of " + what, where_, [&] { groups_->control->allreduce(one, o)->wait(); });
+  const double* p = t.data_ptr<double>();
+  return std::vector<double>(p, p + values.size());
 }
 
 }  // namespace gpt2ft

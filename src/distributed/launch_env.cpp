@@ -92,4 +92,9 @@ LaunchEnv read_launch_env(const std::function<std::optional<std::string>(const s
   return env;
 }
 
+c10::Device rank_device(const c10::Device& configured, const LaunchEnv& env) {
+  if (env.distributed() && configured.is_cuda()) return {c10::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank)};
+  return configured;
+}
+
 }  // namespace gpt2ft

@@ -105,9 +105,30 @@ void check_collectives(c10::Device device, const std::string& backend) {
   ASSERT_EQ(gathered.size(), 1u);
   EXPECT_TRUE(torch::equal(gathered[0], bytes));
   comm.barrier("test");
+  const torch::Tensor loss = torch::full({}, 2.5, opts.dtype(torch::kFloat));
+  const torch::Tensor inf = torch::ones({}, opts.dtype(torch::kFloat));
+  EXPECT_EQ(comm.reduce_device_scalars({loss, inf}, HostReduce::sum, "test scalars"), (std::vector<double>{2.5, 1.0}));
+  EXPECT_EQ(comm.reduce_device_scalars({inf}, HostReduce::max, "test flag"), (std::vector<double>{1.0}));
 }
 
 TEST(Distributed, GlooCollectivesOnOneRank) { check_collectives(c10::kCPU, "gloo"); }
+
+// NCCL counts its timeout from when a collective is issued (during backward for gradient
+// buckets), the control group from when its agreement starts: NCCL's must be longer, or its
+// watchdog ends a rank with SIGABRT before the control group can report a hung peer.
+TEST(Distributed, NcclTimesOutAfterTheControlGroup) {
+  using std::chrono::milliseconds;
+  for (const int64_t control_ms : {1'000, 60'000, 600'000, 7'200'000}) {
+    const milliseconds control(control_ms);
+    EXPECT_GE(data_group_timeout("nccl", control), 2 * control + milliseconds(60'000)) << control_ms;
+    EXPECT_EQ(data_group_timeout("gloo", control), control) << "Gloo reports in the waiting thread";
+  }
+}
+
+TEST(Distributed, ScalarsWithoutProcessGroupsAreTheLocalValues) {
+  Communicator comm(LaunchEnv{}, c10::kCPU, "auto", 60);
+  EXPECT_EQ(comm.reduce_device_scalars({torch::full({}, 3.0)}, HostReduce::sum, "x"), (std::vector<double>{3.0}));
+}
 
 TEST(Distributed, ReducerReturnsAutogradGradientsOnGloo) {
   check_reducer_returns_autograd_gradients(c10::kCPU, "gloo");

@@ -114,5 +114,18 @@ TEST(LaunchEnv, BadValuesNameTheVariable) {
             std::string::npos);
 }
 
+// Which GPU a process trains on: GPU N of "cuda:N" in one process (nothing else sets it, and a
+// run that left it to GPU 0 would put its context on someone else's GPU), the local rank's GPU
+// under a launcher, the CPU as configured.
+TEST(LaunchEnv, RankDeviceKeepsTheConfiguredGpuInOneProcessAndTakesTheLocalRanksOtherwise) {
+  const LaunchEnv one = read({});
+  EXPECT_EQ(rank_device(c10::Device(c10::kCUDA, 3), one), c10::Device(c10::kCUDA, 3));
+  EXPECT_EQ(rank_device(c10::Device(c10::kCPU), one), c10::Device(c10::kCPU));
+  const LaunchEnv ranks = read({{"RANK", "5"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"}});
+  ASSERT_TRUE(ranks.distributed());
+  EXPECT_EQ(rank_device(c10::Device(c10::kCUDA, 0), ranks), c10::Device(c10::kCUDA, 1));
+  EXPECT_EQ(rank_device(c10::Device(c10::kCPU), ranks), c10::Device(c10::kCPU));
+}
+
 }  // namespace
 }  // namespace gpt2ft

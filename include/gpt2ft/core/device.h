@@ -11,4 +11,8 @@ namespace gpt2ft {
 // machine without it is an error naming `where` (the flag or config key).
 c10::Device parse_device(const std::string& spec, const std::string& where = "--device");
 
+// parse_device, then, for a GPU, makes it the current CUDA device before anything touches
+// CUDA: otherwise contexts and page-locked host memory land on GPU 0 whatever N says.
+c10::Device open_device(const std::string& spec, const std::string& where = "--device");
+
 }  // namespace gpt2ft

@@ -1,16 +1,23 @@
 // The ranks of a data-parallel run and the collectives between them, on c10d process groups:
 //
 //   data group     NCCL for CUDA tensors (or Gloo on the CPU): gradients, the initial
-//                  broadcast, found_inf, metrics. On CUDA these never block the host.
+//                  broadcast, ZeRO-1's weights. On CUDA these never block the host.
 //   control group  Gloo over TCP on the CPU: small host-side agreements (out-of-memory,
-//                  stop requests), RNG states and barriers; it never synchronises the GPU.
+//                  stop requests, found_inf, the logged losses), RNG states and barriers.
 //
 // Both rendezvous through one c10d TCPStore at MASTER_ADDR:MASTER_PORT (rank 0 serves it,
 // unless torchrun's agent already does). With world size 1 there are no process groups and
 // every collective returns at once, so single-process training pays nothing.
 //
 // A collective that fails or times out (a peer died, hung or never started) throws Error
-// naming the operation, this rank and what to check; it never hangs past the timeout.
+// naming the operation, this rank and what to check; it never hangs past the timeout. On NCCL
+// that takes two rules, since a NCCL wait only makes a stream wait and a hung NCCL collective
+// is seen by NCCL's watchdog alone (which ends the process with SIGABRT):
+//   1. The host reads a GPU value only after a control-group step that every rank reached
+//      after issuing its data-group collectives (reduce_device_scalars), so the value never
+//      waits on a collective that a dead or hung peer did not issue.
+//   2. The data group's timeout is longer than the control group's (data_group_timeout), so
+//      the control group reports a hung peer first and every rank exits with its message.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -38,6 +45,12 @@ class PendingCollective {
  private:
   std::shared_ptr<Impl> impl_;
 };
+
+// The data group's timeout for a control-group timeout: NCCL counts from when a collective is
+// issued, which can be a whole backward before the control group's agreement starts.
+std::chrono::milliseconds data_group_timeout(const std::string& backend, std::chrono::milliseconds control);
+
+enum class HostReduce { sum, max };
 
 class Communicator {
  public:
@@ -69,6 +82,10 @@ class Communicator {
   // Every rank's copy of a 1-D uint8 CPU tensor of the same length on all ranks.
   std::vector<torch::Tensor> all_gather_bytes(const torch::Tensor& bytes, const std::string& what);
   void barrier(const std::string& what);
+  // The scalars' values on the host, reduced over the ranks on the control group, after a
+  // barrier (rule 1 above). Without process groups: the local values.
+  std::vector<double> reduce_device_scalars(const std::vector<torch::Tensor>& scalars, HostReduce op,
+                                            const std::string& what);
 
  private:
   struct Groups;

@@ -13,6 +13,8 @@
 #include <optional>
 #include <string>
 
+#include <c10/core/Device.h>
+
 namespace gpt2ft {
 
 struct LaunchEnv {
@@ -31,6 +33,10 @@ struct LaunchEnv {
 // Reads the launcher's variables through `getenv` (the process environment by default).
 // Inconsistent or malformed values are Errors that name the variable and its value.
 LaunchEnv read_launch_env(const std::function<std::optional<std::string>(const std::string&)>& getenv = {});
+
+// The device a rank trains on: its local rank's GPU when a launcher started several processes
+// on CUDA, otherwise the configured one ("cuda:N" in one process stays GPU N).
+c10::Device rank_device(const c10::Device& configured, const LaunchEnv& env);
 
 // The first host name of a Slurm node list: "gpu[07-09,12],cpu1" -> "gpu07".
 std::string first_slurm_host(const std::string& nodelist);
