@@ -23,7 +23,7 @@ $bin tokenize --train-sentencepiece --vocab-size 2000 --input "$work"/corpus/*.t
 
 echo "== a small model"
 $bin init --config-json configs/quickstart-model.json --tokenizer "$work/data/tokenizer.model" \
-  --output "$work/init" --seed 1337
+  --output "$work/init" --seed 1337 --overwrite
 echo -n "before training: " && $bin eval --model "$work/init" --data "$work/data/val_*.bin" --seq-len 128 --device cpu
 
 echo "== training"

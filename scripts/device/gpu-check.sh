@@ -133,7 +133,11 @@ else
   build_path="built on the device machine (prebuilt did not load: see binaries.log)"
   export py
   export -f configure_and_build
-  part build "${GPT2FT_GPU_BUILD_S:-330}" "$out/build.log" configure_and_build || { tail -n 30 "$out/build.log"; bin_dir=""; }
+  if ! part build "${GPT2FT_GPU_BUILD_S:-330}" "$out/build.log" configure_and_build; then
+    tail -n 30 "$out/build.log"
+    bin_dir=""
+    build_path="none: prebuilt did not load (binaries.log) and the build failed (build.log); nothing else ran"
+  fi
 fi
 echo "[gpu-check] binaries: $build_path"
 
@@ -173,7 +177,8 @@ fi
   echo "| total | | $(($(date +%s) - start))s |"
   echo
   echo "### gpu tests"
-  grep -E "^=== gpu\..*exit|^\[  (PASSED|FAILED|SKIPPED) |^\[       OK \]|^\[  FAILED  \]" "$out/gpu-tests.log" 2>/dev/null || echo "(none ran)"
+  grep -E "^=== gpu\..*exit|^\[  PASSED  \] [0-9]|^\[  SKIPPED \] [0-9]|^\[  FAILED  \] [A-Z]" "$out/gpu-tests.log" 2>/dev/null ||
+    echo "(none ran)"
   grep -hE "^\[(cuda|cuda setup|planner)" "$out/gpu-tests.log" 2>/dev/null
   echo
   echo "### benchmark"

@@ -7,6 +7,8 @@
 #       passing that micro batch explicitly with --set (the global batch is unchanged)
 #   76  stopped by a signal (Slurm's --signal=USR1@120 before the time limit, preemption)
 #       or train.time_limit; a checkpoint was saved: requeue the job
+#   77  out of GPU memory even at the smallest micro batch: a rerun would fail the same way, so
+#       the job is not requeued; the log says what would make it fit (gpt2-finetune plan)
 # A requeued job starts this script again; checkpoint.resume "auto" continues at the exact
 # next sample. GPT2FT_MAX_REQUEUES (default 20) bounds the loop.
 set -uo pipefail
@@ -35,8 +37,12 @@ if [[ -f "$latest" ]]; then
   fi
 fi
 
-log "srun: $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST, run folder $out_dir"
-srun --kill-on-bad-exit=1 "$bin" train --config "$config" "$@" "${extra[@]}"
+# Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: without it each rank gets
+# one CPU and the data loader's workers starve.
+cpus=()
+[[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && cpus=(--cpus-per-task "$SLURM_CPUS_PER_TASK")
+log "srun: $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST${cpus:+, ${SLURM_CPUS_PER_TASK} CPUs each}, run folder $out_dir"
+srun --kill-on-bad-exit=1 "${cpus[@]}" "$bin" train --config "$config" "$@" "${extra[@]}"
 rc=$?
 case "$rc" in
   0) log "training finished" ;;
@@ -55,5 +61,6 @@ case "$rc" in
     done
     exit "$rc"
     ;;
+  77) log "out of memory even at the smallest micro batch (exit 77): not requeueing; see the advice above"; exit "$rc" ;;
   *) log "gpt2-finetune failed (exit $rc); not requeueing"; exit "$rc" ;;
 esac

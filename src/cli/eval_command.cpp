@@ -9,6 +9,7 @@
 #include "gpt2ft/core/device.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/data/shard.h"
+#include "gpt2ft/data/shard_manifest.h"
 #include "gpt2ft/eval/evaluate.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/lora.h"
@@ -26,17 +27,25 @@ void add_eval_command(CLI::App& app, Runner& run) {
   cmd->add_option("--model", args->model, "Hugging Face model folder")->required();
   cmd->add_option("--adapter", args->adapter, "A LoRA adapter folder (PEFT's format) to put on the model");
   cmd->add_option("--data", args->data, "Glob of token shards, e.g. 'data/val_*.bin'")->required();
-  cmd->add_option("--seq-len", args->options.seq_len, "Tokens predicted per window (T)")->capture_default_str();
-  cmd->add_option("--batch-size", args->options.batch_size, "Windows per forward pass")->capture_default_str();
-  cmd->add_option("--max-batches", args->options.max_batches, "Stop after N batches (0 = all)")->capture_default_str();
+  cmd->add_option("--seq-len", args->options.seq_len, "Tokens predicted per window (T)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  cmd->add_option("--batch-size", args->options.batch_size, "Windows per forward pass")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{65536}));
+  cmd->add_option("--max-sequences", args->options.max_sequences, "Evaluate the first N windows only (0 = all)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--device", args->device, "auto | cpu | cuda | cuda:N")->capture_default_str();
   cmd->add_flag("--json", args->json, "Print one JSON object as the last line");
   cmd->callback([args, &run] {
     run = [args] {
-      const c10::Device device = parse_device(args->device);
+      const auto shards = expand_glob(args->data, "--data");
+      check_shards_match_model(shards, args->model, "--data");
+      const c10::Device device = open_device(args->device);
       GPT2 model = load_model_folder(args->model, device);
       if (!args->adapter.empty()) attach_adapter_folder(model, args->adapter);
-      const EvalResult r = evaluate(model, expand_glob(args->data, "--data"), args->options, device);
+      const EvalResult r = evaluate(model, shards, args->options, device);
       if (args->json) {
         std::cout << nlohmann::json{{"loss", r.loss}, {"tokens", r.tokens}, {"perplexity", r.perplexity}}.dump()
                   << std::endl;

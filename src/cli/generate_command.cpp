@@ -19,20 +19,20 @@ namespace gpt2ft::cli {
 namespace fs = std::filesystem;
 
 namespace {
-bool has_tokenizer(const fs::path& dir) {
-  return ByteLevelBpe::folder_has_files(dir) || fs::exists(dir / "tokenizer.model") || fs::exists(dir / "spiece.model");
-}
 
 std::vector<int64_t> parse_ids(const std::string& text) {
   std::vector<int64_t> ids;
   std::stringstream in(text);
   std::string item;
   while (std::getline(in, item, ',')) {
-    try {
-      ids.push_back(std::stoll(item));
-    } catch (const std::exception&) {
-      throw Error("--prompt-ids: expected comma-separated integers, got \"" + item + "\"");
+    // Whole items only: std::stoll alone reads "1.5" as 1 and "0x10" as 0.
+    const size_t first = item.find_first_not_of(' ');
+    const size_t last = item.find_last_not_of(' ');
+    const std::string digits = first == std::string::npos ? "" : item.substr(first, last - first + 1);
+    if (digits.empty() || digits.size() > 12 || digits.find_first_not_of("0123456789") != std::string::npos) {
+      throw Error("--prompt-ids: expected comma-separated token ids (non-negative integers), got \"" + item + "\"");
     }
+    ids.push_back(std::stoll(digits));
   }
   return ids;
 }
@@ -51,21 +51,52 @@ void add_generate_command(CLI::App& app, Runner& run) {
   auto* prompt = cmd->add_option("--prompt", args->prompt, "Prompt text");
   auto* ids = cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt as token ids: 1,2,3");
   prompt->excludes(ids);
-  cmd->add_option("--max-new-tokens", args->options.max_new_tokens, "Tokens to generate")->capture_default_str();
-  cmd->add_option("--temperature", args->options.temperature, "Sampling temperature; 0 = greedy")->capture_default_str();
-  cmd->add_option("--top-k", args->options.top_k, "Sample among the k most likely tokens; 0 = all")->capture_default_str();
-  cmd->add_option("--top-p", args->options.top_p, "Nucleus sampling mass; 1 = off")->capture_default_str();
-  cmd->add_option("--seed", args->options.seed, "Sampling seed")->capture_default_str();
+  cmd->add_option("--max-new-tokens", args->options.max_new_tokens, "Tokens to generate")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  cmd->add_option("--temperature", args->options.temperature, "Sampling temperature; 0 = greedy, else in [0.001, 100]")
+      ->capture_default_str()
+      ->check(CLI::Validator(
+          [](std::string& v) -> std::string {
+            double t = 0;
+            try {
+              size_t used = 0;
+              t = std::stod(v, &used);
+              if (used != v.size()) return "expected a number, got " + v;
+            } catch (const std::exception&) {
+              return "expected a number, got " + v;
+            }
+            // Below 1e-3 the logits divided by it overflow float32 and sampling turns to NaN.
+            return t == 0 || (t >= 1e-3 && t <= 100) ? "" : "expected 0 (greedy) or a number in [0.001, 100], got " + v;
+          },
+          "0 or [0.001, 100]"));
+  cmd->add_option("--top-k", args->options.top_k, "Sample among the k most likely tokens; 0 = all")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--top-p", args->options.top_p, "Nucleus sampling mass in (0, 1]; 1 = off")
+      ->capture_default_str()
+      ->check(CLI::Validator(
+          [](std::string& v) -> std::string {
+            try {
+              size_t used = 0;
+              const double p = std::stod(v, &used);
+              if (used == v.size() && p > 0 && p <= 1) return "";  // NaN fails both comparisons
+            } catch (const std::exception&) {
+            }
+            return "expected a number in (0, 1], got " + v;
+          },
+          "(0, 1]"));
+  cmd->add_option("--seed", args->options.seed, "Sampling seed")->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->add_option("--device", args->device, "auto | cpu | cuda | cuda:N")->capture_default_str();
   cmd->add_flag("--no-stop", args->no_stop, "Do not stop at the end-of-text token");
   cmd->add_flag("--json", args->json, "Print {\"prompt_ids\", \"ids\", \"text\"} as the last line");
   cmd->callback([args, &run] {
     if (args->prompt.empty() && args->prompt_ids.empty()) throw CLI::RequiredError("generate needs --prompt or --prompt-ids");
     run = [args] {
-      GPT2 model = load_model_folder(args->model, parse_device(args->device));
+      GPT2 model = load_model_folder(args->model, open_device(args->device));
       if (!args->adapter.empty()) attach_adapter_folder(model, args->adapter);
       std::unique_ptr<Tokenizer> tokenizer;
-      if (has_tokenizer(args->model)) tokenizer = load_tokenizer(args->model);
+      if (folder_has_tokenizer(args->model)) tokenizer = load_tokenizer(args->model);
       std::vector<int64_t> prompt;
       if (!args->prompt_ids.empty()) {
         prompt = parse_ids(args->prompt_ids);

@@ -15,6 +15,7 @@ void add_init_command(CLI::App& app, Runner& run) {
   struct Args {
     std::string preset, config_json, output, tokenizer;
     uint64_t seed = 1337;
+    bool overwrite = false;
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand("init", "Write a randomly initialised model folder (Hugging Face format)");
@@ -22,7 +23,8 @@ void add_init_command(CLI::App& app, Runner& run) {
   auto* config = cmd->add_option("--config-json", args->config_json, "A Hugging Face config.json giving the shape");
   preset->excludes(config);
   cmd->add_option("--output", args->output, "Folder to write (created if missing)")->required();
-  cmd->add_option("--seed", args->seed, "Initialisation seed")->capture_default_str();
+  cmd->add_option("--seed", args->seed, "Initialisation seed")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--overwrite", args->overwrite, "Replace a model already in --output");
   cmd->add_option("--tokenizer", args->tokenizer,
                   "Copy this tokenizer (a folder of tokenizer files or a SentencePiece .model) into the model folder");
   cmd->callback([args, &run] {
@@ -30,6 +32,7 @@ void add_init_command(CLI::App& app, Runner& run) {
       throw CLI::RequiredError("init needs --preset NAME or --config-json FILE");
     }
     run = [args] {
+      check_model_output(args->output, args->overwrite, "--output");
       GPT2Config config = args->preset.empty() ? GPT2Config::from_file(args->config_json)
                                                : GPT2Config::preset(args->preset);
       SaveModelOptions save;

@@ -8,6 +8,7 @@
 #include "commands.h"
 #include "gpt2ft/core/json.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/folder_lock.h"
 #include "gpt2ft/data/tokenize_corpus.h"
 #include "gpt2ft/tokenizer/sentencepiece_tokenizer.h"
 
@@ -19,7 +20,7 @@ namespace {
 std::vector<fs::path> sentencepiece_training_files(const TokenizeOptions& o, const fs::path& scratch) {
   std::vector<fs::path> files;
   for (const auto& in : o.inputs) {
-    if (in.extension() != ".jsonl") {
+    if (!is_jsonl_input(in)) {
       files.push_back(in);
       continue;
     }
@@ -66,9 +67,14 @@ void add_tokenize_command(CLI::App& app, Runner& run) {
   cmd->add_option("--jsonl-field", args->options.jsonl_field, "Field holding the text in .jsonl inputs")
       ->capture_default_str();
   cmd->add_option("--val-fraction", args->options.val_fraction, "Share of documents for val shards")
-      ->capture_default_str();
-  cmd->add_option("--shard-tokens", args->options.shard_tokens, "Tokens per shard")->capture_default_str();
-  cmd->add_option("--workers", args->options.workers, "Tokenizer threads (0 = all cores)")->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--shard-tokens", args->options.shard_tokens, "Tokens per shard")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 32));
+  cmd->add_option("--workers", args->options.workers, "Tokenizer threads (0 = all cores)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
   cmd->add_flag("--overwrite", args->options.overwrite, "Replace shards already in --output-dir");
   cmd->add_flag("--no-progress", args->no_progress, "No progress line");
   cmd->add_flag("--train-sentencepiece", args->train_sentencepiece,
@@ -87,14 +93,27 @@ void add_tokenize_command(CLI::App& app, Runner& run) {
       o.inputs.assign(args->inputs.begin(), args->inputs.end());
       o.progress = !args->no_progress;
       fs::path tokenizer_path = args->tokenizer;
+      const FolderLock lock(o.output_dir, "--output-dir");  // two tokenize runs would lose one's shards
       if (args->train_sentencepiece) {
-        fs::create_directories(o.output_dir);
+        // Everything is checked before the tokenizer is written: a refusal after it would leave
+        // shards beside a tokenizer that did not make them.
+        check_tokenize_output(o);
+        if (fs::exists(o.output_dir / "tokenizer.model") && !o.overwrite) {
+          throw Error(o.output_dir.string() + ": already holds a tokenizer.model; pass --overwrite to replace it (and "
+                      "the shards made with it), or choose another --output-dir");
+        }
         const fs::path scratch = o.output_dir / ".sentencepiece-input";
         fs::create_directories(scratch);
-        const auto files = sentencepiece_training_files(o, scratch);
-        spdlog::info("training a {}-piece SentencePiece {} model on {} file(s)", args->sp.vocab_size,
-                     args->sp.model_type, files.size());
-        tokenizer_path = train_sentencepiece(files, o.output_dir / "tokenizer", args->sp);
+        try {
+          const auto files = sentencepiece_training_files(o, scratch);
+          spdlog::info("training a {}-piece SentencePiece {} model on {} file(s)", args->sp.vocab_size,
+                       args->sp.model_type, files.size());
+          tokenizer_path = train_sentencepiece(files, o.output_dir / "tokenizer", args->sp);
+        } catch (...) {
+          std::error_code ec;
+          fs::remove_all(scratch, ec);  // nothing half-made stays behind
+          throw;
+        }
         fs::remove_all(scratch);
         spdlog::info("wrote {}", tokenizer_path.string());
       }
@@ -104,6 +123,12 @@ void add_tokenize_command(CLI::App& app, Runner& run) {
                    "{:.1f} MB in {:.1f}s ({:.1f} MB/s)",
                    s.documents[0], s.tokens[0], s.shards[0].size(), s.documents[1], s.tokens[1], s.shards[1].size(),
                    s.bytes_read / 1e6, s.seconds, s.bytes_read / 1e6 / std::max(s.seconds, 1e-9));
+      if (o.val_fraction > 0 && s.documents[1] == 0) {
+        spdlog::warn("no document went to validation: --val-fraction {} of {} document(s) rounds to none (a .txt input "
+                     "is one document). A config with data.val \"{}/val_*.bin\" will find no shards: split the text "
+                     "into several files or .jsonl lines, or leave data.val empty",
+                     o.val_fraction, s.documents[0], o.output_dir.string());
+      }
       return kExitOk;
     };
   });

@@ -43,7 +43,11 @@ void add_train_command(CLI::App& app, Runner& run) {
   CLI::App* cmd = app.add_subcommand("train", "Fine-tune or train a model from a JSON config");
   add_train_options(*cmd, *sub);
   cmd->footer("Config options (JSON paths):\n" + TrainConfig::help_text());
-  cmd->callback([sub, &run] { run = [sub] { return run_train(*sub); }; });
+  cmd->callback([sub, &run] {
+    // Usage, not an error of the run: CLI11's exit code 2 with the usage hint.
+    if (sub->config.empty()) throw CLI::RequiredError("train needs --config FILE");
+    run = [sub] { return run_train(*sub); };
+  });
   // `gpt2-finetune --config run.json` without a subcommand trains too.
   app.callback([top, &app, &run] {
     if (!run && !top->config.empty() && app.get_subcommands().empty()) run = [top] { return run_train(*top); };

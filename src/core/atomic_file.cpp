@@ -2,6 +2,7 @@
 #include "gpt2ft/core/atomic_file.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -81,14 +82,36 @@ void fsync_directory(const std::filesystem::path& dir) {
 }
 
 std::string read_text_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
+  // A regular file of a sane size only: a FIFO would block, /dev/zero never ends.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
     throw Error(path.string() + ": cannot open for reading (" +
-                (std::filesystem::exists(path) ? "permission or I/O error" : "no such file") + ")");
+                (std::filesystem::exists(path) ? std::string(std::strerror(errno)) : "no such file") + ")");
   }
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(path.string() + ": not a regular file (a folder, device, FIFO or socket)");
+  }
+  if (st.st_size > kMaxTextFileBytes) {
+    ::close(fd);
+    throw Error(path.string() + ": " + std::to_string(st.st_size) + " bytes, more than the " +
+                std::to_string(kMaxTextFileBytes >> 20) + " MiB a configuration or tokenizer file can be");
+  }
+  std::string out(static_cast<size_t>(st.st_size), '\0');
+  size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t n = ::read(fd, out.data() + done, out.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : 0;
+      ::close(fd);
+      throw Error(path.string() + ": read failed (" + (err ? std::strerror(err) : "the file shrank") + ")");
+    }
+    done += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  return out;
 }
 
 }  // namespace gpt2ft

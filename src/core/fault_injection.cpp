@@ -26,6 +26,11 @@ void maybe_crash_after_step(int64_t step) {
   }
 }
 
+bool nan_loss_at_step(int64_t step) {
+  static const char* env = std::getenv("GPT2FT_FAULT_NAN_AT_STEP");
+  return env && step == std::atoll(env);
+}
+
 void checkpoint_kill_point() {
   static const char* env = std::getenv("GPT2FT_FAULT_CRASH_IN_CHECKPOINT");
   static int64_t count = 0;

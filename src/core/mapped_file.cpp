@@ -15,14 +15,15 @@
 namespace gpt2ft {
 
 MappedFile::MappedFile(const std::filesystem::path& path) : path_(path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO would otherwise wait for a writer (a hang, not an error).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     throw Error(path.string() + ": cannot open for reading (" + std::strerror(errno) + ")");
   }
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    throw Error(path.string() + ": not a regular file");
+    throw Error(path.string() + ": not a regular file (a folder, device, FIFO or socket)");
   }
   size_ = static_cast<size_t>(st.st_size);
   if (size_ > 0) {

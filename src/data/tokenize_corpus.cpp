@@ -4,12 +4,15 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <set>
 #include <thread>
 
+#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
 #include "gpt2ft/core/atomic_file.h"
@@ -99,7 +102,7 @@ class DocumentReader {
       in_.clear();
       in_.open(path_, std::ios::binary);
       if (!in_) throw Error(path_.string() + ": cannot open for reading");
-      jsonl_ = path_.extension() == ".jsonl";
+      jsonl_ = is_jsonl_input(path_);
       line_no_ = 0;
       pending_.clear();
       in_document_ = false;
@@ -234,8 +237,31 @@ class Progress {
   Clock::time_point start_, last_{};
 };
 
-bool is_shard_name(const std::string& name) {
+// What a config's data.train / data.val glob ("train_*.bin", "val_*.bin") would read as a shard.
+bool matches_shard_glob(const std::string& name) {
   return (name.rfind("train_", 0) == 0 || name.rfind("val_", 0) == 0) && fs::path(name).extension() == ".bin";
+}
+
+// The shards an earlier tokenize recorded in the folder's manifest.json (none without one).
+std::set<std::string> recorded_shards(const fs::path& dir) {
+  std::set<std::string> out;
+  const fs::path manifest = dir / "manifest.json";
+  if (!fs::exists(manifest)) return out;
+  nlohmann::json j;
+  try {
+    j = read_json_file(manifest.string());
+  } catch (const std::exception& e) {
+    throw Error(manifest.string() + ": not a manifest tokenize can read (" + describe_exception(e) +
+                "); move the folder's contents away or choose another --output-dir");
+  }
+  if (!j.is_object() || !j.contains("shards") || !j["shards"].is_object()) return out;
+  for (const char* split : {"train", "val"}) {
+    if (!j["shards"].contains(split) || !j["shards"][split].is_array()) continue;
+    for (const auto& s : j["shards"][split]) {
+      if (s.is_object() && s.contains("file") && s["file"].is_string()) out.insert(s["file"].get<std::string>());
+    }
+  }
+  return out;
 }
 
 }  // namespace
@@ -268,6 +294,12 @@ int64_t check_inputs(const TokenizeOptions& options) {
   int64_t total_bytes = 0;
   for (const auto& in : options.inputs) {
     if (!fs::is_regular_file(in)) throw Error(in.string() + ": no such file (--input)");
+    std::string ext = in.extension().string();
+    std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+    if (ext == ".json") {  // tokenizing its raw text (braces, keys and all) is never what was meant
+      throw Error(in.string() + ": a .json file; give .jsonl (one JSON object per line, --jsonl-field naming the "
+                                "text), or rename it to .txt to tokenize its raw text");
+    }
     total_bytes += static_cast<int64_t>(fs::file_size(in));
   }
   return total_bytes;
@@ -278,10 +310,20 @@ std::vector<fs::path> existing_outputs(const TokenizeOptions& options) {
   std::error_code ec;
   fs::create_directories(options.output_dir, ec);
   if (ec) throw Error(options.output_dir.string() + ": cannot create directory (" + ec.message() + ")");
+  // --overwrite replaces only what an earlier tokenize recorded writing. Any other file that a
+  // train_*.bin / val_*.bin glob would read is the user's: never deleted, and never left to be
+  // mixed silently into the new shards either.
+  const std::set<std::string> recorded = recorded_shards(options.output_dir);
   std::vector<fs::path> existing;
   for (const auto& entry : fs::directory_iterator(options.output_dir)) {
     const std::string name = entry.path().filename().string();
-    if (is_shard_name(name) || name == "manifest.json") existing.push_back(entry.path());
+    if (name == "manifest.json" || (matches_shard_glob(name) && recorded.count(name))) {
+      existing.push_back(entry.path());
+    } else if (matches_shard_glob(name)) {
+      throw Error(options.output_dir.string() + ": holds " + name + ", which is not a shard its manifest.json records "
+                  "and which a train_*.bin / val_*.bin glob would read with the new shards; move it away or choose "
+                  "another --output-dir");
+    }
   }
   if (!existing.empty() && !options.overwrite) {
     throw Error(options.output_dir.string() + ": already holds shards or a manifest.json; pass --overwrite to "
@@ -346,6 +388,14 @@ void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const f
 }
 
 }  // namespace
+
+void check_tokenize_output(const TokenizeOptions& options) { existing_outputs(options); }
+
+bool is_jsonl_input(const fs::path& path) {
+  std::string ext = path.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+  return ext == ".jsonl";
+}
 
 TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOptions& options) {
   const auto start = std::chrono::steady_clock::now();

@@ -92,8 +92,9 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
   const Windows windows = windows_of(shards, T, config.vocab_size);
 
   const int64_t B = options.batch_size;
-  int64_t num_batches = (static_cast<int64_t>(windows.list.size()) + B - 1) / B;
-  if (options.max_batches > 0) num_batches = std::min(num_batches, options.max_batches);
+  int64_t num_windows = static_cast<int64_t>(windows.list.size());
+  if (options.max_sequences > 0) num_windows = std::min(num_windows, options.max_sequences);
+  const int64_t num_batches = (num_windows + B - 1) / B;
 
   torch::NoGradGuard no_grad;
   const bool was_training = model->is_training();
@@ -105,24 +106,27 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
   const int64_t rank = options.comm ? options.comm->rank() : 0;
   const int64_t ranks = options.comm ? options.comm->world_size() : 1;
   for (int64_t b = rank; b < num_batches; b += ranks) {
-    const int64_t rows = std::min<int64_t>(B, static_cast<int64_t>(windows.list.size()) - b * B);
+    const int64_t rows = std::min<int64_t>(B, num_windows - b * B);
     read_windows(windows.list, b * B, rows, T, host);
     loss_sum += batch_loss_sum(model, host.narrow(0, 0, rows).to(device), per_pass, options, device);  // read once, below
     tokens += rows * T;
   }
   if (was_training) model->train();
+  double loss = 0;
   if (ranks > 1) {
-    torch::Tensor sums = torch::stack({loss_sum, torch::tensor(static_cast<double>(tokens), loss_sum.options())});
-    options.comm->all_reduce_sum_(sums, "validation loss");
-    loss_sum = sums[0];
-    tokens = static_cast<int64_t>(sums[1].item<double>());
+    const std::vector<double> sums = options.comm->reduce_device_scalars(
+        {loss_sum, torch::tensor(static_cast<double>(tokens), torch::kDouble)}, HostReduce::sum, "validation loss");
+    loss = sums[0];
+    tokens = static_cast<int64_t>(sums[1]);
+  } else {
+    loss = loss_sum.item<double>();
   }
 
   EvalResult result;
   result.tokens = tokens;
   result.batches = num_batches;
   result.forward_batch = per_pass;
-  result.loss = loss_sum.item<double>() / static_cast<double>(tokens);
+  result.loss = loss / static_cast<double>(tokens);
   result.perplexity = std::exp(result.loss);
   return result;
 }

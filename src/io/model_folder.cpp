@@ -14,6 +14,7 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/strings.h"
 #include "gpt2ft/model/lora.h"
+#include "gpt2ft/tokenizer/tokenizer.h"
 
 namespace gpt2ft {
 namespace fs = std::filesystem;
@@ -226,14 +227,68 @@ void save_model_folder(GPT2& model, const fs::path& dir, const SaveModelOptions&
   });
 }
 
+void check_model_output(const fs::path& dir, bool overwrite, const std::string& flag) {
+  if (fs::exists(dir) && !fs::is_directory(dir)) {
+    throw Error(flag + " " + dir.string() + ": exists and is not a folder");
+  }
+  if (overwrite) return;
+  for (const char* name : {"model.safetensors", "model.safetensors.index.json", "config.json"}) {
+    if (fs::exists(dir / name)) {
+      throw Error(flag + " " + dir.string() + " already holds a model (" + name +
+                  "); pass --overwrite to replace it, or choose another folder");
+    }
+  }
+}
+
+namespace {
+
+// merges text as transformers reads merges.txt: its slow tokenizer drops the first line
+// unread, so a "#version" header always comes first; LF line endings.
+std::string hf_merges_text(const std::string& text) {
+  std::string out = "#version: 0.2\n", line;
+  for (size_t i = 0; i <= text.size(); ++i) {
+    const char c = i < text.size() ? text[i] : '\n';
+    if (c != '\n' && c != '\r') {
+      line += c;
+      continue;
+    }
+    if (!line.empty() && line.rfind("#version", 0) != 0) out += line + "\n";
+    line.clear();
+  }
+  return out;
+}
+
+}  // namespace
+
 void copy_tokenizer_files(const fs::path& from, const fs::path& dir) {
   if (fs::is_regular_file(from)) {  // a SentencePiece .model
     write_file_atomic(dir / "tokenizer.model", read_text_file(from));
-  } else if (fs::absolute(from) != fs::absolute(dir)) {
-    for (const auto& name : tokenizer_file_names()) {
-      const fs::path src = from / name;
-      if (fs::exists(src)) write_file_atomic(dir / name, read_text_file(src));
+    return;
+  }
+  if (fs::absolute(from) == fs::absolute(dir)) return;
+  // What transformers reads: OpenAI's encoder.json + vocab.bpe are written as vocab.json +
+  // merges.txt (the same tables; transformers does not know the OpenAI names and would load a
+  // one-token vocabulary without a word).
+  const bool hf_pair = fs::exists(from / "vocab.json") && fs::exists(from / "merges.txt");
+  const bool openai_pair = fs::exists(from / "encoder.json") && fs::exists(from / "vocab.bpe");
+  if (hf_pair || openai_pair) {
+    write_file_atomic(dir / "vocab.json", read_text_file(from / (hf_pair ? "vocab.json" : "encoder.json")));
+    write_file_atomic(dir / "merges.txt", hf_merges_text(read_text_file(from / (hf_pair ? "merges.txt" : "vocab.bpe"))));
+  }
+  for (const auto& name : tokenizer_file_names()) {
+    if (name == "vocab.json" || name == "merges.txt" || name == "encoder.json" || name == "vocab.bpe") continue;
+    const fs::path src = from / name;
+    if (fs::exists(src)) write_file_atomic(dir / name, read_text_file(src));
+  }
+  // Without a tokenizer_config.json transformers assumes GPT-2's special tokens: name ours.
+  if ((hf_pair || openai_pair) && !fs::exists(from / "tokenizer_config.json")) {
+    const auto tokenizer = load_tokenizer(from);
+    nlohmann::json config = {{"tokenizer_class", "GPT2Tokenizer"}, {"add_prefix_space", false}};
+    if (const auto eot = tokenizer->eot_id()) {
+      const std::string token = tokenizer->decode({*eot});
+      config["bos_token"] = config["eos_token"] = config["unk_token"] = token;
     }
+    write_file_atomic(dir / "tokenizer_config.json", config.dump(2) + "\n");
   }
 }
 

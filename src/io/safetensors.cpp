@@ -163,8 +163,19 @@ const SafetensorsEntry& SafetensorsReader::entry(const std::string& name) const 
 torch::Tensor SafetensorsReader::load(const std::string& name,
                                       std::optional<c10::ScalarType> dtype) const {
   const SafetensorsEntry& e = entry(name);
+  if (dtype && c10::isFloatingType(*dtype) != c10::isFloatingType(e.scalar_type)) {
+    throw Error(path().string() + ": \"" + name + "\" is stored as " + scalar_to_safetensors_dtype(e.scalar_type) +
+                " but a " + (c10::isFloatingType(*dtype) ? "floating-point" : "integer") +
+                " tensor is expected there; the file is not what it claims to be");
+  }
   torch::Tensor out = torch::empty(e.shape, torch::TensorOptions().dtype(e.scalar_type));
   if (e.end > e.begin) std::memcpy(out.data_ptr(), file_.data() + data_start_ + e.begin, e.end - e.begin);
+  if (c10::isFloatingType(e.scalar_type) && out.numel() > 0 && !torch::isfinite(out).all().item<bool>()) {
+    const int64_t bad = out.numel() - torch::isfinite(out).sum().item<int64_t>();
+    throw Error(path().string() + ": \"" + name + "\" holds NaN or infinite values (" + std::to_string(bad) + " of " +
+                std::to_string(out.numel()) + "); a model, adapter or optimizer state with them cannot train or "
+                "predict. Use an earlier checkpoint or the original weights");
+  }
   if (dtype && *dtype != e.scalar_type) out = out.to(*dtype);
   return out;
 }
@@ -189,6 +200,14 @@ void save_safetensors(const std::filesystem::path& path, const NamedTensors& ten
   for (const auto& [name, tensor] : tensors) {
     if (header.contains(name)) throw Error(path.string() + ": tensor \"" + name + "\" given twice");
     torch::Tensor t = tensor.detach().to(torch::kCPU).contiguous();
+    if (c10::isFloatingType(t.scalar_type()) && t.numel() > 0 && !torch::isfinite(t).all().item<bool>()) {
+      const int64_t bad = t.numel() - torch::isfinite(t).sum().item<int64_t>();
+      throw Error(path.string() + ": not written: tensor \"" + name + "\" holds NaN or infinite values (" +
+                  std::to_string(bad) + " of " + std::to_string(t.numel()) + ", " +
+                  scalar_to_safetensors_dtype(t.scalar_type()) +
+                  "). Values beyond float16's range (65504) become infinite when saved as float16: save as bfloat16 "
+                  "or float32; NaN means the training diverged");
+    }
     const uint64_t bytes = t.numel() * t.element_size();
     header[name] = {{"dtype", scalar_to_safetensors_dtype(t.scalar_type())},
                     {"shape", t.sizes().vec()},

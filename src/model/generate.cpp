@@ -1,6 +1,7 @@
 // Sampling loop over the KV-cached forward pass.
 #include "gpt2ft/model/generate.h"
 
+#include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
 #include "gpt2ft/core/error.h"
@@ -22,6 +23,11 @@ std::vector<int64_t> generate(GPT2& model, const std::vector<int64_t>& prompt, c
   const auto device = model->transformer->wte->weight.device();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   const int64_t capacity = std::min<int64_t>(c.n_positions, static_cast<int64_t>(prompt.size()) + o.max_new_tokens);
+  if (static_cast<int64_t>(prompt.size()) + o.max_new_tokens > c.n_positions) {
+    spdlog::warn("generate: a {}-token prompt and {} new tokens exceed the model's n_positions ({}): at most {} new "
+                 "tokens will be generated", prompt.size(), o.max_new_tokens, c.n_positions,
+                 c.n_positions - static_cast<int64_t>(prompt.size()));
+  }
   KVCache cache = model->make_cache(1, capacity);
   torch::Tensor input = torch::tensor(prompt, torch::kLong).view({1, -1}).to(device);  // (1, t)
   std::vector<int64_t> out;

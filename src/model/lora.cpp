@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include <set>
+
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -164,6 +166,7 @@ LoraConfig read_adapter_config(const fs::path& dir) {
     if (!t.is_string()) throw Error(where + ": target_modules must be a list of module names");
     c.targets.push_back(t.get<std::string>());
   }
+  if (c.targets.empty()) throw Error(where + ": target_modules is empty: the adapter would adapt nothing");
   const std::string bias = optional("bias", "none", &nlohmann::json::is_string, "a string").get<std::string>();
   if (bias != "none") throw Error(where + ": bias \"" + bias + "\" is not supported (only \"none\")");
   // What PEFT can put in an adapter that this LoRA does not do: refused by name, not ignored.
@@ -176,6 +179,26 @@ LoraConfig read_adapter_config(const fs::path& dir) {
   for (const char* key : {"use_dora", "lora_bias", "use_qalora"}) {
     if (optional(key, false, &nlohmann::json::is_boolean, "true or false").get<bool>()) {
       throw Error(where + ": " + key + " is true; only plain LoRA is supported");
+    }
+  }
+  // Any other option PEFT has or will have changes what the adapter computes unless it is at
+  // its "off" value: refused, so that an adapter is never applied in part. What is known to
+  // be metadata, or to matter only when the adapter is created, is let through.
+  static const std::set<std::string> understood = {
+      "peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "bias", "modules_to_save",
+      "rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "target_parameters",
+      "trainable_token_indices", "use_dora", "lora_bias", "use_qalora",
+      // metadata, or only read when PEFT creates the adapter:
+      "base_model_name_or_path", "revision", "task_type", "inference_mode", "fan_in_fan_out", "init_lora_weights",
+      "auto_mapping", "peft_version", "megatron_config", "megatron_core", "loftq_config", "layers_pattern",
+      "runtime_config", "eva_config", "corda_config", "qalora_group_size", "lora_ga_config"};
+  for (const auto& [key, value] : j.items()) {
+    if (understood.count(key)) continue;
+    const bool off = value.is_null() || (value.is_boolean() && !value.get<bool>()) ||
+                     ((value.is_array() || value.is_object() || value.is_string()) && value.empty());
+    if (!off) {
+      throw Error(where + ": " + key + " " + value.dump() + " is a PEFT option gpt2-finetune does not implement; the "
+                  "adapter would be applied in part. Merge it with PEFT instead");
     }
   }
   return c;
@@ -193,9 +216,25 @@ void load_adapter_weights(GPT2& model, const fs::path& dir) {
     }
     SafetensorsReader reader(file);
     const std::string hint = "the adapter does not match adapter_config.json or the base model";
+    std::set<std::string> used;
     for (auto& item : model->named_parameters()) {
       if (!is_lora_parameter(item.key())) continue;
       reader.load_into(kPeftPrefix + item.key(), item.value(), hint);
+      used.insert(kPeftPrefix + item.key());
+    }
+    // Every tensor must find its place: an extra one is an adapted module this model does not
+    // adapt (outside target_modules, a layer the base does not have: a deeper base), and an
+    // adapter applied in part is another model.
+    std::vector<std::string> extra;
+    for (const auto& [name, _] : reader.entries()) {
+      if (!used.count(name)) extra.push_back(name);
+    }
+    if (!extra.empty()) {
+      std::string list;
+      for (size_t i = 0; i < std::min<size_t>(extra.size(), 4); ++i) list += (i ? ", " : "") + extra[i];
+      throw Error(file.string() + ": " + std::to_string(extra.size()) + " tensor(s) this base model with "
+                  "adapter_config.json's target_modules has no place for (" + list + (extra.size() > 4 ? ", ..." : "") +
+                  "): the adapter is for another base (a deeper one?) or other modules; it is not applied in part");
     }
   });
 }

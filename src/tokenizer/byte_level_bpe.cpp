@@ -128,13 +128,21 @@ std::pair<std::string, std::string> split_merge_line(const std::string& line, co
 }
 
 std::vector<std::pair<std::string, std::string>> merges_from_text(const fs::path& path) {
-  std::istringstream in(read_text_file(path));
+  std::string text = read_text_file(path);
+  // CR-only line endings (old Mac editors) would read as one "#version" line: 0 merges.
+  std::string lf;
+  lf.reserve(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] != '\r') lf += text[i];
+    else if (i + 1 >= text.size() || text[i + 1] != '\n') lf += '\n';
+  }
+  text.swap(lf);
+  std::istringstream in(text);
   std::vector<std::pair<std::string, std::string>> merges;
   std::string line;
   size_t line_no = 0;
   while (std::getline(in, line)) {
     ++line_no;
-    if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.empty() || line.rfind("#version", 0) == 0) continue;
     merges.push_back(split_merge_line(line, path.string() + ":" + std::to_string(line_no)));
   }
@@ -302,10 +310,40 @@ std::unique_ptr<ByteLevelBpe> ByteLevelBpe::from_folder(const fs::path& dir) {
 
 static std::unique_ptr<ByteLevelBpe> from_tokenizer_json(const nlohmann::json& j, const std::string& where,
                                                          const fs::path& dir) {
-  if (!j.is_object() || !j.contains("model") || j["model"].value("type", "") != "BPE") {
+  if (!j.is_object() || !j.contains("model") || !j["model"].is_object() || j["model"].value("type", "") != "BPE") {
     throw Error(where + ": model.type: expected \"BPE\" (a byte-level BPE tokenizer)");
   }
-  auto vocab = vocab_from_json(j["model"]["vocab"], where + ": model.vocab");
+  const nlohmann::json& model = j["model"];
+  if (!model.contains("vocab") || !model["vocab"].is_object()) {
+    throw Error(where + ": model.vocab: expected an object mapping tokens to ids");
+  }
+  // What this tokenizer implements is GPT-2's pipeline exactly: no normalizer, the byte-level
+  // pre-tokenizer with GPT-2's regex and no prefix space, plain BPE. A tokenizer.json asking
+  // for anything else would give other ids than Hugging Face's: refused, not approximated.
+  const auto refuse = [&](const std::string& what, const nlohmann::json& value) {
+    throw Error(where + ": " + what + " " + value.dump() + " is not supported (GPT-2's byte-level BPE only: no "
+                "normalizer, a ByteLevel pre-tokenizer without add_prefix_space); its ids would differ from Hugging "
+                "Face's");
+  };
+  if (j.contains("normalizer") && !j["normalizer"].is_null()) refuse("normalizer", j["normalizer"]);
+  if (j.contains("pre_tokenizer") && !j["pre_tokenizer"].is_null()) {
+    const nlohmann::json& pre = j["pre_tokenizer"];
+    if (!pre.is_object() || pre.value("type", "") != "ByteLevel" ||
+        (pre.contains("add_prefix_space") && pre["add_prefix_space"] != false) ||
+        (pre.contains("use_regex") && pre["use_regex"] != true)) {
+      refuse("pre_tokenizer", pre);
+    }
+  }
+  for (const char* key : {"dropout", "unk_token"}) {
+    if (model.contains(key) && !model[key].is_null()) refuse(std::string("model.") + key, model[key]);
+  }
+  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
+    if (model.contains(key) && !model[key].is_null() && model[key] != "") refuse(std::string("model.") + key, model[key]);
+  }
+  for (const char* key : {"byte_fallback", "ignore_merges"}) {
+    if (model.contains(key) && model[key] != false) refuse(std::string("model.") + key, model[key]);
+  }
+  auto vocab = vocab_from_json(model["vocab"], where + ": model.vocab");
   if (j.contains("added_tokens")) {
     for (const auto& t : j["added_tokens"]) {
       const std::string content = t.value("content", "");
@@ -317,7 +355,7 @@ static std::unique_ptr<ByteLevelBpe> from_tokenizer_json(const nlohmann::json& j
     }
   }
   std::vector<std::pair<std::string, std::string>> merges;
-  for (const auto& m : j["model"].value("merges", nlohmann::json::array())) {
+  for (const auto& m : model.value("merges", nlohmann::json::array())) {
     if (m.is_string()) {
       merges.push_back(split_merge_line(m.get<std::string>(), where + ": model.merges"));
     } else if (m.is_array() && m.size() == 2) {

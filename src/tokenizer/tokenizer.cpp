@@ -47,4 +47,8 @@ std::string hex64(uint64_t value) {
   return buffer;
 }
 
+bool folder_has_tokenizer(const fs::path& dir) {
+  return ByteLevelBpe::folder_has_files(dir) || fs::exists(dir / "tokenizer.model") || fs::exists(dir / "spiece.model");
+}
+
 }  // namespace gpt2ft

@@ -5,6 +5,8 @@
 
 #include <torch/torch.h>
 
+#include "gpt2ft/core/error.h"
+
 
 namespace gpt2ft {
 
@@ -115,6 +117,12 @@ void AdamW::restore_state(const SafetensorsReader& state) {
       state.load_into("adamw.exp_avg." + g.names[i], g.exp_avg[i], hint);
       state.load_into("adamw.exp_avg_sq." + g.names[i], g.exp_avg_sq[i], hint);
       state.load_into("adamw.step." + g.names[i], g.steps[i], hint);
+      // Finite is checked on reading; the second moment is a mean of squares and the step a count.
+      if ((g.exp_avg_sq[i] < 0).any().item<bool>() || (g.steps[i] < 0).any().item<bool>()) {
+        throw Error(state.path().string() + ": adamw state of " + g.names[i] + " holds a negative " +
+                    ((g.steps[i] < 0).any().item<bool>() ? "step count" : "second moment (exp_avg_sq)") +
+                    "; the checkpoint is damaged. Resume from an earlier one");
+      }
     }
   }
 }

@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
@@ -62,6 +64,11 @@ void fsync_tree(const fs::path& dir) {
   fsync_directory(dir);
 }
 
+// "step_" and 8 digits: the folders checkpoint_folder() names.
+bool is_checkpoint_name(const std::string& n) {
+  return n.size() >= 13 && n.rfind("step_", 0) == 0 && n.find_first_not_of("0123456789", 5) == std::string::npos;
+}
+
 nlohmann::json read_json(const fs::path& path) {
   try {
     return parse_json_limited(read_text_file(path), path.string());
@@ -111,6 +118,13 @@ TrainingState parse_training_state(const nlohmann::json& meta, const fs::path& f
   }
   if (version >= 2 && (!meta.contains("checksums") || !meta["checksums"].is_object() || meta["checksums"].empty())) {
     throw Error(file.string() + ": missing \"checksums\"; the checkpoint is damaged");
+  }
+  if (meta.contains("fingerprint")) {
+    const auto& f = meta["fingerprint"];
+    if (!f.is_object() || std::any_of(f.begin(), f.end(), [](const nlohmann::json& v) { return !v.is_string(); })) {
+      throw Error(file.string() + ": \"fingerprint\" must be an object of strings; the checkpoint is damaged");
+    }
+    s.fingerprint = f;
   }
   return s;
 }
@@ -173,6 +187,7 @@ fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GP
                                {"world_size", state.world_size},
                                {"scaler", scaler != nullptr},
                                {"config", config.to_json()}};
+  if (!state.fingerprint.is_null()) meta["fingerprint"] = state.fingerprint;
   nlohmann::json checksums = nlohmann::json::object();
   for (const auto& entry : fs::directory_iterator(temp)) {
     checksums[entry.path().filename().string()] = file_checksum(entry.path());
@@ -189,12 +204,23 @@ fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GP
   write_file_atomic(root / "latest", name + "\n");
   checkpoint_kill_point();
 
-  // Prune: keep the newest keep_last complete checkpoints; drop stale temporaries.
+  // Prune: keep the newest keep_last complete checkpoints; drop stale temporaries. Only names
+  // this function writes are touched (step_NNNNNNNN, .tmp-step_NNNNNNNN-PID): a user's
+  // step_00000001_backup/ or .tmp-notes.txt stays.
   std::vector<fs::path> complete;
   for (const auto& entry : fs::directory_iterator(root)) {
     const std::string n = entry.path().filename().string();
-    if (n.rfind("step_", 0) == 0 && entry.is_directory()) complete.push_back(entry.path());
-    else if (n.rfind(".tmp-", 0) == 0 && entry.path() != temp) fs::remove_all(entry.path());
+    if (!entry.is_directory()) continue;
+    if (is_checkpoint_name(n)) {
+      complete.push_back(entry.path());
+    } else if (n.rfind(".tmp-", 0) == 0 && entry.path() != temp) {
+      const std::string rest = n.substr(5);
+      const size_t dash = rest.rfind('-');
+      if (dash != std::string::npos && is_checkpoint_name(rest.substr(0, dash)) && dash + 1 < rest.size() &&
+          rest.find_first_not_of("0123456789", dash + 1) == std::string::npos) {
+        fs::remove_all(entry.path());
+      }
+    }
   }
   std::sort(complete.begin(), complete.end());
   for (size_t i = 0; i + static_cast<size_t>(keep_last) < complete.size(); ++i) {
@@ -215,6 +241,16 @@ std::optional<fs::path> latest_checkpoint(const fs::path& run_dir) {
                                    "altered. Point checkpoint.resume at a checkpoint folder, or set it to \"none\"");
   }
   return dir;
+}
+
+TrainingState read_checkpoint_state(const fs::path& dir) {
+  return with_context("reading checkpoint " + dir.string(), [&] {
+    if (!fs::is_directory(dir)) throw Error(dir.string() + ": not a checkpoint folder");
+    const fs::path meta_path = dir / "trainer_state.json";
+    TrainingState s = parse_training_state(read_json(meta_path), meta_path);
+    s.source = dir;
+    return s;
+  });
 }
 
 TrainingState load_checkpoint(const fs::path& dir, GPT2& model, Optimizer& optimizer, GradScaler* scaler, int rank,

@@ -3,6 +3,7 @@
 #include "gpt2ft/train/config.h"
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <set>
@@ -44,7 +45,7 @@ void TrainConfig::visit(Visitor& v) {
             "Resize the vocabulary to N (new rows start at the mean embedding); 0 keeps it");
   v.integer(model.lora.rank, "model.lora.rank", 0, 0, LoraConfig::kMaxRank,
             "LoRA rank r: train low-rank adapters on a frozen base (as PEFT); 0 = full fine-tuning");
-  v.number(model.lora.alpha, "model.lora.alpha", 8.0, 0.0, kInf, "LoRA alpha: the adapters are scaled by alpha / rank");
+  v.number(model.lora.alpha, "model.lora.alpha", 8.0, 0.0, 1e4, "LoRA alpha: the adapters are scaled by alpha / rank");
   v.number(model.lora.dropout, "model.lora.dropout", 0.0, 0.0, 0.99, "Dropout on the adapters' input");
   v.strings(model.lora.targets, "model.lora.targets", {"c_attn"},
             "Modules that get adapters, matched as PEFT's target_modules: c_attn, c_proj (attention and MLP), c_fc");
@@ -69,15 +70,16 @@ void TrainConfig::visit(Visitor& v) {
             "Sequences per optimizer step over all ranks; divisible by micro batch * ranks. 0: micro * accumulation * ranks");
   v.integer(train.max_steps, "train.max_steps", 0, 0, kMaxSteps, "Optimizer steps to run (or set train.epochs)");
   v.number(train.epochs, "train.epochs", 0.0, 0.0, 1e6, "Epochs to run when train.max_steps is 0");
-  v.number(train.lr, "train.lr", 3e-4, 0.0, kInf, "Peak learning rate");
+  v.number(train.lr, "train.lr", 3e-4, 0.0, 10.0, "Peak learning rate");
   v.choice(train.lr_schedule, "train.lr_schedule", "cosine", {"constant", "linear", "cosine"},
            "Decay after warmup: constant, linear or cosine down to train.min_lr");
   v.integer(train.warmup_steps, "train.warmup_steps", 0, 0, kMaxSteps, "Linear warmup steps from 0 to train.lr");
-  v.number(train.min_lr, "train.min_lr", 0.0, 0.0, kInf, "Learning rate at the end of the decay");
-  v.number(train.weight_decay, "train.weight_decay", 0.1, 0.0, kInf,
+  v.number(train.min_lr, "train.min_lr", 0.0, 0.0, 10.0, "Learning rate at the end of the decay");
+  v.number(train.weight_decay, "train.weight_decay", 0.1, 0.0, 10.0,
            "AdamW weight decay (not applied to biases and LayerNorm weights)");
-  v.pair(train.betas, "train.betas", {0.9, 0.95}, 0.0, 1.0, "AdamW betas [beta1, beta2]");
-  v.number(train.eps, "train.eps", 1e-8, 0.0, 1.0, "AdamW epsilon");
+  // Below 1: AdamW divides by 1 - beta^t.
+  v.pair(train.betas, "train.betas", {0.9, 0.95}, 0.0, 0.999999, "AdamW betas [beta1, beta2], each below 1");
+  v.number(train.eps, "train.eps", 1e-8, 1e-30, 1.0, "AdamW epsilon (above 0: AdamW divides by sqrt(v) + eps)");
   v.number(train.grad_clip, "train.grad_clip", 1.0, 0.0, kInf, "Clip the global gradient norm to this; 0 = off");
   v.choice(train.fused_adamw, "train.fused_adamw", "auto", {"auto", "on", "off"},
            "Use the fused AdamW kernel (auto: on CUDA)");
@@ -92,8 +94,8 @@ void TrainConfig::visit(Visitor& v) {
   v.choice(amp.dtype, "amp.dtype", "auto", {"auto", "none", "bfloat16", "float16"},
            "Autocast dtype; auto: bfloat16 on GPUs that have it, float16 on older GPUs, none on the CPU. "
            "float16 uses a dynamic loss scale (GradScaler)");
-  v.number(amp.init_scale, "amp.init_scale", 65536.0, 1e-30, kInf, "float16: initial loss scale");
-  v.number(amp.growth_factor, "amp.growth_factor", 2.0, 1.0, kInf, "float16: scale growth factor");
+  v.number(amp.init_scale, "amp.init_scale", 65536.0, 1e-30, 1e30, "float16: initial loss scale");
+  v.number(amp.growth_factor, "amp.growth_factor", 2.0, 1.0, 1e3, "float16: scale growth factor");
   v.number(amp.backoff_factor, "amp.backoff_factor", 0.5, 1e-30, 1.0, "float16: scale backoff factor on inf/NaN");
   v.integer(amp.growth_interval, "amp.growth_interval", 2000, 1, kMaxInt,
             "float16: steps without inf/NaN before the scale grows");
@@ -104,10 +106,14 @@ void TrainConfig::visit(Visitor& v) {
   v.flag(checkpoint.at_end, "checkpoint.at_end", true,
          "Write a training checkpoint when the run completes (benchmarks turn it off; final/ is written anyway)");
   v.text(checkpoint.resume, "checkpoint.resume", "auto",
-         "\"auto\" (the latest checkpoint in output_dir if any), \"none\", or a checkpoint folder");
+         "\"auto\" (the latest checkpoint in output_dir, if any, of this same run: a checkpoint of another model, "
+         "data or settings is refused), \"continue\" (the latest even if those changed), \"none\", or a "
+         "checkpoint folder");
   // eval
   v.integer(eval.every_steps, "eval.every_steps", 0, 0, kMaxInt, "Validation every N steps; 0 = only at the end");
-  v.integer(eval.max_batches, "eval.max_batches", 20, 0, kMaxInt, "Validation batches per evaluation; 0 = all");
+  v.integer(eval.max_sequences, "eval.max_sequences", 0, 0, kMaxInt,
+            "Validation windows (of data.seq_len + 1 tokens) per evaluation, the first ones of data.val; 0 = all. "
+            "The same set whatever the micro batch, eval batch or number of ranks");
   v.integer(eval.batch_size, "eval.batch_size", 0, 0, kMaxMicroBatch,
             "Sequences per validation forward pass; 0: the training micro batch. Halved on out-of-memory");
   // log
@@ -121,9 +127,9 @@ void TrainConfig::visit(Visitor& v) {
   // distributed (used when launched by torchrun or srun with several ranks)
   v.choice(distributed.backend, "distributed.backend", "auto", {"auto", "nccl", "gloo"},
            "c10d backend for gradients: auto = NCCL on CUDA, Gloo on the CPU");
-  v.number(distributed.timeout_s, "distributed.timeout_s", 600.0, 1.0, kInf,
+  v.number(distributed.timeout_s, "distributed.timeout_s", 600.0, 1.0, 1e7,
            "Seconds a rendezvous or collective may wait for the other ranks before all ranks stop with an error");
-  v.number(distributed.bucket_mb, "distributed.bucket_mb", 25.0, 0.001, kInf,
+  v.number(distributed.bucket_mb, "distributed.bucket_mb", 25.0, 0.001, 1e5,
            "Gradient bucket size in MiB: buckets are all-reduced as backward finishes them");
   v.flag(distributed.shard_optimizer, "distributed.shard_optimizer", false,
          "ZeRO-1: each rank keeps and updates the AdamW state of ~1/N of the parameters, then broadcasts them");
@@ -246,6 +252,8 @@ struct ParseVisitor {
   void text(std::string& f, const char* path, const char*, const char*) {
     if (const json* v = find(path)) {
       if (!v->is_string()) fail(path, "a string", *v);
+      // A NUL ends a path at the system call: "out\u0000x" would write to "out".
+      if (v->get<std::string>().find('\0') != std::string::npos) fail(path, "a string without NUL characters", *v);
       f = v->get<std::string>();
       done(path);
     }
@@ -408,6 +416,10 @@ TrainConfig TrainConfig::parse(const json& j, const std::vector<std::string>& ov
     if (p.out.contains(section) && p.out[section].is_object()) {
       for (const auto& [k, _] : p.out[section].items()) hint += (hint.empty() ? "" : ", ") + section + "." + k;
     }
+    if (key == "eval.max_batches") {  // counted batches, so the validation set changed with the micro batch
+      throw Error(where + ": eval.max_batches was replaced by eval.max_sequences (validation windows, the same set "
+                          "whatever the micro batch, eval batch or number of ranks; 0 = all)");
+    }
     throw Error(where + ": " + key + ": unknown option" + (hint.empty() ? "" : " (options here: " + hint + ")"));
   }
   // Cross-field rules.
@@ -433,6 +445,19 @@ TrainConfig TrainConfig::parse(const json& j, const std::vector<std::string>& ov
   if (!c.cuda.memory_limit.empty()) parse_memory_size(c.cuda.memory_limit, where + ": cuda.memory_limit");
   if (c.micro_batch_auto() && c.train.global_batch_size == 0) {
     throw Error(where + ": train.micro_batch_size \"auto\" needs train.global_batch_size");
+  }
+  // The run writes into output_dir: it must not be a folder the run reads from.
+  const auto same_folder = [](const std::string& a, const std::string& b) {
+    if (a.empty() || b.empty()) return false;
+    std::error_code ec;
+    return std::filesystem::weakly_canonical(a, ec) == std::filesystem::weakly_canonical(b, ec);
+  };
+  for (const auto& [key, path] : {std::pair<const char*, const std::string*>{"model.init_from", &c.model.init_from},
+                                  {"model.lora.init_from", &c.model.lora.init_from}}) {
+    if (same_folder(c.output_dir, *path)) {
+      throw Error(where + ": output_dir is the folder of " + key + " (" + *path + "); the run would write its "
+                  "checkpoints and records into the model it starts from. Use another output_dir");
+    }
   }
   return c;
 }

@@ -246,6 +246,9 @@ int64_t parse_memory_size(const std::string& text, const std::string& where) {
   else if (unit == "gb") scale = 1e9;
   else throw Error(where + ": unknown unit \"" + unit + "\" in \"" + text + "\" (use B, KiB, MiB, GiB, KB, MB or GB)");
   if (!(value > 0)) throw Error(where + ": expected a positive size, got \"" + text + "\"");
+  // Bounded before the conversion (a double beyond int64's range, or inf, converts undefined).
+  constexpr double kMaxBytes = 1ll << 50;  // 1 PiB: no device has that much
+  if (!(value * scale <= kMaxBytes)) throw Error(where + ": \"" + text + "\" is more than 1 PiB; give a real size");
   return static_cast<int64_t>(value * scale);
 }
 

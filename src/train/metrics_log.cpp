@@ -66,6 +66,10 @@ void MetricsLog::record_step(nlohmann::json row) {
                row["grad_norm"].get<double>(), tokens_per_s, row["step_ms"].get<double>(), extra);
 }
 
+void MetricsLog::record_event(const nlohmann::json& row) {
+  if (enabled_) write(row);
+}
+
 void MetricsLog::record_validation(const nlohmann::json& row) {
   if (!enabled_) return;
   write(row);

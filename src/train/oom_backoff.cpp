@@ -37,17 +37,19 @@ std::string OomBackoff::backoff_warning(int64_t step, const BatchSplit& failed, 
 }
 
 ExitRequest OomBackoff::exit_request(int64_t step, const BatchSplit& failed, const OomDecision& decision,
-                                     const std::filesystem::path& saved) const {
-  const std::string next =
-      decision.lowered
-          ? "Run again with checkpoint.resume \"auto\": it continues with micro batch " +
-                std::to_string(decision.next_micro) + " and the same global batch " + std::to_string(failed.global)
-          : "The micro batch cannot go lower (oom.min_micro_batch_size " +
-                std::to_string(options_.min_micro_batch_size) +
-                "): " + kPlanHint + ", then run again";
-  return ExitRequest(kExitOomRestart, "out of memory at step " + std::to_string(step + 1) + " with micro batch " +
-                                          std::to_string(failed.micro) + "; saved " + saved.string() + " (step " +
-                                          std::to_string(step) + "). " + next);
+                                     const std::filesystem::path& saved, const std::string& advice) const {
+  const std::string what = "out of memory at step " + std::to_string(step + 1) + " with micro batch " +
+                           std::to_string(failed.micro) + "; saved " + saved.string() + " (step " +
+                           std::to_string(step) + "). ";
+  if (decision.lowered) {
+    return ExitRequest(kExitOomRestart, what + "Run again with checkpoint.resume \"auto\": it continues with micro batch " +
+                                            std::to_string(decision.next_micro) + " and the same global batch " +
+                                            std::to_string(failed.global));
+  }
+  return ExitRequest(kExitCannotFit, what + "The run cannot fit even at the smallest micro batch (oom.min_micro_batch_size " +
+                                         std::to_string(options_.min_micro_batch_size) + "), so running it again as it is "
+                                         "would fail the same way: " + kPlanHint + (advice.empty() ? "" : ". " + advice) +
+                                         "; then run again (it resumes from the checkpoint)");
 }
 
 }  // namespace gpt2ft

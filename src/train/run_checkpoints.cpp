@@ -5,6 +5,7 @@
 
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/rng_state.h"
+#include "gpt2ft/train/run_fingerprint.h"
 
 namespace gpt2ft {
 namespace fs = std::filesystem;
@@ -12,13 +13,41 @@ namespace fs = std::filesystem;
 RunCheckpoints::RunCheckpoints(const TrainConfig& config, Communicator& comm, c10::Device device)
     : config_(config), comm_(comm), device_(device) {}
 
+// A checkpoint found in output_dir must be of this run: the same model, data and settings
+// (run_fingerprint). "auto" refuses another run's; "continue" and an explicit checkpoint
+// folder (deliberate choices) take it with a warning that lists what changed.
+void RunCheckpoints::check_same_run(const fs::path& from, const nlohmann::json& now) const {
+  const TrainingState saved = read_checkpoint_state(from);
+  if (saved.fingerprint.is_null()) {
+    spdlog::warn("{} was written by an older gpt2-finetune without a run fingerprint: cannot check that it is of "
+                 "this model, data and settings", from.string());
+    return;
+  }
+  const std::vector<std::string> changed = fingerprint_differences(saved.fingerprint, now);
+  if (changed.empty()) return;
+  std::string list;
+  for (const auto& c : changed) list += "\n  " + c;
+  if (config_.checkpoint.resume == "auto") {
+    throw Error(config_.output_dir + " holds a checkpoint of another run (" + from.string() +
+                "), which checkpoint.resume \"auto\" would continue; what differs from this config:" + list +
+                "\nUse a new output_dir to start this run, or set checkpoint.resume to \"continue\" to go on from that "
+                "checkpoint with the new settings");
+  }
+  spdlog::warn("resuming {} although the run changed (checkpoint.resume \"{}\"):{}", from.string(),
+               config_.checkpoint.resume, list);
+}
+
 TrainingState RunCheckpoints::resume(GPT2& model, Optimizer& optimizer, GradScaler* scaler, BatchSplit& split) {
   // Every rank reads the checkpoint (the run folder is on a shared filesystem).
   std::optional<fs::path> from;
-  if (config_.checkpoint.resume == "auto") from = latest_checkpoint(config_.output_dir);
+  if (config_.checkpoint.resume == "auto" || config_.checkpoint.resume == "continue") {
+    from = latest_checkpoint(config_.output_dir);
+  }
   else if (config_.checkpoint.resume != "none") from = fs::path(config_.checkpoint.resume);
+  const nlohmann::json fingerprint = run_fingerprint(config_);
   TrainingState state;
   if (from) {
+    check_same_run(*from, fingerprint);
     state = load_checkpoint(*from, model, optimizer, scaler, comm_.rank(), static_cast<int>(split.world));
     if (state.global_batch != split.global) {
       throw Error("checkpoint " + from->string() + " was trained with a global batch of " +
@@ -57,6 +86,7 @@ TrainingState RunCheckpoints::resume(GPT2& model, Optimizer& optimizer, GradScal
   }
   state.global_batch = split.global;
   state.world_size = split.world;
+  state.fingerprint = fingerprint;  // what this run's checkpoints record from now on
   return state;
 }
 

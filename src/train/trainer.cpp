@@ -5,7 +5,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
+#include <optional>
 
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
@@ -16,10 +18,12 @@
 #include "gpt2ft/core/device.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/fault_injection.h"
+#include "gpt2ft/core/folder_lock.h"
 #include "gpt2ft/core/out_of_memory.h"
 #include "gpt2ft/core/rng_state.h"
 #include "gpt2ft/data/loader.h"
 #include "gpt2ft/data/shard.h"
+#include "gpt2ft/data/shard_manifest.h"
 #include "gpt2ft/distributed/communicator.h"
 #include "gpt2ft/distributed/grad_reducer.h"
 #include "gpt2ft/distributed/launch_env.h"
@@ -33,9 +37,11 @@
 #include "gpt2ft/train/grad_clip.h"
 #include "gpt2ft/train/grad_scaler.h"
 #include "gpt2ft/train/lr_schedule.h"
+#include "gpt2ft/train/memory_levers.h"
 #include "gpt2ft/train/offloaded_adamw.h"
 #include "gpt2ft/train/oom_backoff.h"
 #include "gpt2ft/train/run_checkpoints.h"
+#include "gpt2ft/train/run_memory.h"
 #include "gpt2ft/train/step_outcome.h"
 #include "gpt2ft/train/stop_signals.h"
 #include "gpt2ft/train/validation.h"
@@ -94,12 +100,8 @@ GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
 // The device of this process: one GPU per rank (its local rank's) when distributed, with the
 // run's CUDA settings applied before anything is allocated on it.
 c10::Device training_device(const TrainConfig& cfg, const LaunchEnv& env) {
-  c10::Device device = parse_device(cfg.device, "device");
-  if (env.distributed() && device.is_cuda()) {
-    device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
-    cuda_set_device(device);
-  }
-  if (device.is_cuda()) {
+  const c10::Device device = rank_device(parse_device(cfg.device, "device"), env);
+  if (device.is_cuda()) {  // made current here, for one process on cuda:N as for a rank
     configure_cuda(device, {cfg.cuda.tf32, cfg.cuda.expandable_segments,
                             cfg.cuda.memory_limit.empty() ? 0 : parse_memory_size(cfg.cuda.memory_limit, "cuda.memory_limit")});
   }
@@ -184,6 +186,8 @@ class Trainer {
   torch::Tensor forward_backward(std::string& oom_message, bool& interrupted);
   torch::Tensor micro_batch_loss(const Batch& batch);
   void back_off(int64_t step, std::string why, const StepStart& start);
+  std::string fit_advice() const;
+  void stop_if_not_finite(int64_t step);
   void after_step(int64_t step, const StepResult& result);
   void log_step(int64_t step, const StepResult& result);
   std::optional<double> validate(int64_t step);
@@ -212,6 +216,9 @@ class Trainer {
   std::unique_ptr<Optimizer> optimizer_;
   std::optional<GradScaler> scaler_;
   RunCheckpoints checkpoints_;
+  std::optional<FolderLock> lock_;  // output_dir, held by rank 0 for the whole run
+  torch::Tensor nonfinite_steps_;   // () float, on the device: steps skipped for non-finite gradients
+  bool poison_loss_ = false;        // GPT2FT_FAULT_NAN_AT_STEP
   TrainingState state_;
   std::unique_ptr<DataLoader> loader_;
   int64_t max_steps_ = 0;
@@ -232,10 +239,15 @@ Trainer::Trainer(const TrainConfig& cfg)
       comm_(env_, device_, cfg.distributed.backend, cfg.distributed.timeout_s),
       checkpoints_(cfg_, comm_, device_),
       backoff_(cfg.oom) {
+  if (!cfg_.model.init_from.empty()) {  // shards of another tokenizer would train without a word
+    check_shards_match_model(expand_glob(cfg_.data.train, "data.train"), cfg_.model.init_from, "data.train");
+    if (!cfg_.data.val.empty()) {
+      check_shards_match_model(expand_glob(cfg_.data.val, "data.val"), cfg_.model.init_from, "data.val");
+    }
+  }
+  if (comm_.is_main()) lock_.emplace(cfg_.output_dir, "output_dir");  // one run per folder
   fs::create_directories(cfg_.output_dir);
-  const std::string resolved = cfg_.to_json().dump(2);
-  spdlog::info("resolved config:\n{}", resolved);
-  if (comm_.is_main()) write_file_atomic(fs::path(cfg_.output_dir) / "config.json", resolved + "\n");
+  spdlog::info("resolved config:\n{}", cfg_.to_json().dump(2));
 
   // Every rank builds the same model from the same seed; rank 0's copy is broadcast anyway.
   torch::manual_seed(static_cast<uint64_t>(cfg_.train.seed));
@@ -253,11 +265,15 @@ Trainer::Trainer(const TrainConfig& cfg)
     throw Error("model.lora.base_dtype \"" + cfg_.model.lora.base_dtype + "\" computes in 16 bits and needs autocast: "
                 "set amp.dtype to \"bfloat16\" or \"float16\" (on the CPU \"auto\" means none)");
   }
+  nonfinite_steps_ = torch::zeros({}, torch::TensorOptions().device(device_));
   const auto trained = trained_parameters(model_);
   for (const auto& [name, p] : trained) params_.push_back(p);
   optimizer_ = make_optimizer(cfg_, comm_, device_, trained);
   scaler_ = make_scaler(cfg_, amp_, device_);
   state_ = checkpoints_.resume(model_, *optimizer_, scaler_ ? &*scaler_ : nullptr, split_);
+  // The run's record, written only once the checkpoint (if any) was found to be of this run.
+  // Not config.json: that name is a model folder's, and a user's own run.json may be it.
+  if (comm_.is_main()) write_file_atomic(fs::path(cfg_.output_dir) / "train_config.json", cfg_.to_json().dump(2) + "\n");
   stop_if_requested("resuming");
   start_every_rank_alike();
 
@@ -273,6 +289,12 @@ Trainer::Trainer(const TrainConfig& cfg)
   if (device_.is_cuda()) rates.peak_flops = gpu_peak_flops(cuda_device_name(device_)) * static_cast<double>(split_.world);
   metrics_ = std::make_unique<MetricsLog>(fs::path(cfg_.output_dir) / "metrics.jsonl", cfg_.log.progress, max_steps_,
                                           comm_.is_main(), rates);
+  if (!state_.source.empty()) {  // the rows after this one continue from the checkpoint, not the row before
+    metrics_->record_event({{"resumed", {{"checkpoint", state_.source.string()},
+                                         {"step", state_.step},
+                                         {"micro_batch_size", split_.micro},
+                                         {"world_size", split_.world}}}});
+  }
   log_run();
 }
 
@@ -357,6 +379,7 @@ StepResult Trainer::train_step(int64_t step) {
     const StepStart start{loader_->state(), get_rng_states(device_)};
     std::string oom_message;
     bool interrupted = false;
+    poison_loss_ = nan_loss_at_step(step + 1);
     r.loss = forward_backward(oom_message, interrupted);
     if (interrupted) interrupt(step, start);
     reducer_->finish();  // every rank issues the same collectives, even after an error
@@ -371,13 +394,20 @@ StepResult Trainer::train_step(int64_t step) {
   GradientScaling scaling;
   if (scaler_) {
     scaler_->unscale_(grads);
-    comm_.all_reduce_max_(scaler_->found_inf(), "found_inf");  // every rank skips the same steps
+    if (comm_.active()) {  // every rank skips the same steps
+      const double any_inf = comm_.reduce_device_scalars({scaler_->found_inf()}, HostReduce::max, "found_inf")[0];
+      scaler_->found_inf().fill_(any_inf);
+    }
     scaling.found_inf = scaler_->found_inf();
     scaling.inv_scale = scaler_->inv_scale();
   }
   const ClippedNorm clipped = clip_grad_norm_(grads, cfg_.train.grad_clip);
   r.grad_norm = clipped.norm;
   scaling.clip_coef = clipped.coef;
+  if (!scaler_) {  // float16's loss scale skips its own overflow steps; any other is skipped and stops the run
+    scaling.found_inf = torch::isfinite(clipped.norm).logical_not().to(torch::kFloat);
+    nonfinite_steps_.add_(scaling.found_inf->to(nonfinite_steps_.device()));
+  }
   optimizer_->step(r.lr, scaling);  // a no-op on inf/NaN gradients
   if (scaler_) scaler_->update();
   clear_gradients(params_);
@@ -400,7 +430,8 @@ torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrup
         return loss_sum;
       }
       const Batch batch = loader_->next();
-      const torch::Tensor loss = micro_batch_loss(batch) / static_cast<double>(accumulation);
+      torch::Tensor loss = micro_batch_loss(batch) / static_cast<double>(accumulation);
+      if (poison_loss_) loss = loss * std::numeric_limits<double>::quiet_NaN();  // fault injection
       loss_sum += loss.detach();
       if (m == accumulation - 1) {
         reducer_->arm();
@@ -437,9 +468,27 @@ void Trainer::back_off(int64_t step, std::string why, const StepStart& start) {
   split_.micro = decision.next_micro;
   loader_->restart(start.loader, split_.micro);
   set_rng_states(start.rng);
-  if (decision.exit) throw backoff_.exit_request(step, failed, decision, save_checkpoint());
+  if (decision.exit) {
+    const std::string advice = decision.lowered ? "" : fit_advice();
+    throw backoff_.exit_request(step, failed, decision, save_checkpoint(), advice);
+  }
   spdlog::warn(backoff_.backoff_warning(step, failed, decision, why));
   validation_->training_micro_batch_changed(split_.micro);
+}
+
+// What `plan` recommends for this run on this device at the current (smallest) micro batch.
+std::string Trainer::fit_advice() const {
+  try {
+    const MemoryAdvice advice = memory_levers(cfg_, split_.world, split_.micro, plannable_memory(cfg_, device_));
+    std::string settings;
+    for (const auto& s : advice.combined.settings) settings += " --set " + s;
+    return fmt::format("plan's advice for {:.1f} GiB: {}{} (predicted peak {:.2f} GiB at micro batch {}{})",
+                       advice.budget / double(1ll << 30), advice.combined.name, settings,
+                       advice.combined.peak / double(1ll << 30), advice.micro_batch,
+                       advice.combined_fits ? "" : "; even that does not fit");
+  } catch (const std::exception&) {
+    return "";  // the advice is a courtesy: the exit and its message stand without it
+  }
 }
 
 void Trainer::after_step(int64_t step, const StepResult& result) {
@@ -458,8 +507,9 @@ void Trainer::after_step(int64_t step, const StepResult& result) {
 
 // Metrics only at log steps: the only host syncs of the loop.
 void Trainer::log_step(int64_t step, const StepResult& r) {
-  comm_.all_reduce_sum_(r.loss, "training loss");
-  const double loss = r.loss.item<double>() / static_cast<double>(split_.world);
+  const double loss = comm_.reduce_device_scalars({r.loss}, HostReduce::sum, "training loss")[0] /
+                      static_cast<double>(split_.world);
+  stop_if_not_finite(step + 1);
   nlohmann::json row = {{"step", step + 1},
                         {"loss", loss},
                         {"lr", r.lr},
@@ -490,7 +540,24 @@ std::optional<double> Trainer::validate(int64_t step) {
   return r->loss;
 }
 
+// A step whose gradients were NaN or infinite (outside float16's own skipped steps) was not
+// applied (AdamW's found_inf), so the weights are still those of the last finite step; the
+// run stops at the next log step or save, with nothing written, the last checkpoint intact.
+void Trainer::stop_if_not_finite(int64_t step) {
+  const double bad = comm_.reduce_device_scalars({nonfinite_steps_}, HostReduce::max, "the non-finite step count")[0];
+  if (bad == 0) return;
+  const auto latest = latest_checkpoint(cfg_.output_dir);
+  throw Error(fmt::format(
+      "the gradients were NaN or infinite in {} step(s) by step {}: those updates were skipped and the run stops here "
+      "without saving ({}). Likely causes: a learning rate too high (train.lr {:g}), no clipping (train.grad_clip), "
+      "too large a loss scale or bad data; resume from the checkpoint with a lower train.lr",
+      static_cast<int64_t>(bad), step,
+      latest ? "the last checkpoint, " + latest->string() + ", is intact" : "no checkpoint was written yet",
+      cfg_.train.lr));
+}
+
 fs::path Trainer::save_checkpoint() {
+  stop_if_not_finite(state_.step);
   state_.micro_batch = split_.micro;
   state_.loader = loader_->state();
   return checkpoints_.save(state_, model_, *optimizer_, scaler_ ? &*scaler_ : nullptr);
@@ -508,6 +575,7 @@ void Trainer::stop(int64_t step, const StepOutcome& outcome) {
 // final/: a Hugging Face model folder, or with LoRA a PEFT adapter folder naming the base.
 void Trainer::save_final_model() {
   const fs::path dir = fs::path(cfg_.output_dir) / "final";
+  // (finish() checked the steps' gradients on every rank before this rank-0-only save.)
   SaveModelOptions save;
   save.dtype = cfg_.save_dtype == "bfloat16" ? c10::kBFloat16 : cfg_.save_dtype == "float16" ? c10::kHalf : c10::kFloat;
   if (!cfg_.model.init_from.empty()) save.tokenizer_from = fs::path(cfg_.model.init_from);
@@ -548,12 +616,15 @@ TrainSummary Trainer::finish() {
   summary_.val_loss = validate(summary_.steps);
   if (cfg_.checkpoint.at_end) save_checkpoint();
   summary_.final_model = fs::path(cfg_.output_dir) / "final";
+  stop_if_not_finite(state_.step);  // also every rank's barrier before rank 0 reads the weights
   if (comm_.is_main()) save_final_model();
   comm_.barrier("final model");
   if (const std::string report = optimizer_->run_report(); !report.empty()) spdlog::info("{}", report);
   summary_.seconds = std::chrono::duration<double>(Clock::now() - start_).count();
-  spdlog::info("done: {} steps in {:.1f}s; train loss {:.4f} -> {:.4f}{}; model saved to {}", summary_.steps,
-               summary_.seconds, summary_.first_loss, summary_.last_loss,
+  const std::string trained = state_.step > first_step_
+                                  ? fmt::format("train loss {:.4f} -> {:.4f}", summary_.first_loss, summary_.last_loss)
+                                  : "no step trained in this invocation (the run was already complete)";
+  spdlog::info("done: {} steps in {:.1f}s; {}{}; model saved to {}", summary_.steps, summary_.seconds, trained,
                summary_.val_loss ? fmt::format("; val loss {:.4f}", *summary_.val_loss) : "",
                summary_.final_model.string());
   return summary_;

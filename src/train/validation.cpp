@@ -1,6 +1,8 @@
 // Validation during training.
 #include "gpt2ft/train/validation.h"
 
+#include <spdlog/spdlog.h>
+
 #include "gpt2ft/data/shard.h"
 
 namespace gpt2ft {
@@ -11,7 +13,7 @@ Validation::Validation(const TrainConfig& config, int64_t micro_batch, c10::Scal
   if (!config.data.val.empty()) shards_ = expand_glob(config.data.val, "data.val");
   options_.seq_len = config.data.seq_len;
   options_.batch_size = config.eval.batch_size > 0 ? config.eval.batch_size : micro_batch;
-  options_.max_batches = config.eval.max_batches;
+  options_.max_sequences = config.eval.max_sequences;
   options_.amp_dtype = amp;
   options_.comm = &comm;
 }
@@ -20,6 +22,12 @@ std::optional<EvalResult> Validation::run(GPT2& model) {
   if (shards_.empty()) return std::nullopt;
   const EvalResult r = evaluate(model, shards_, options_, device_);
   options_.max_forward_batch = r.forward_batch;  // what fitted, for the next evaluation
+  if (!described_) {
+    described_ = true;
+    spdlog::info("validation set: {} windows of {} tokens ({}), the same for any micro batch, eval batch or number of "
+                 "ranks", r.tokens / options_.seq_len, options_.seq_len + 1,
+                 options_.max_sequences > 0 ? "the first eval.max_sequences of data.val" : "all of data.val");
+  }
   model->train();
   return r;
 }

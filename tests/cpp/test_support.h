@@ -12,9 +12,17 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "gpt2ft/core/reproducible_math.h"
 #include "gpt2ft/model/gpt2.h"
 
 namespace gpt2ft::test {
+
+// MKL's reproducible mode, as the CLI sets it (core/reproducible_math.h), at static
+// initialisation, before MKL's first call reads it.
+inline const bool kReproducibleMath = [] {
+  request_reproducible_cpu_math();
+  return true;
+}();
 
 // The folder make_golden.py wrote (ctest sets GPT2FT_GOLDEN_DIR); empty when unset.
 inline std::filesystem::path golden_dir() {

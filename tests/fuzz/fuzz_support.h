@@ -27,6 +27,18 @@ inline std::filesystem::path as_file(const uint8_t* data, size_t size) {
   return path;
 }
 
+// The input written as `name` in a per-process scratch folder (for readers that take a folder).
+inline std::filesystem::path in_folder(const uint8_t* data, size_t size, const std::string& name) {
+  static const std::filesystem::path dir =
+      (std::filesystem::exists("/dev/shm") ? std::filesystem::path("/dev/shm") : std::filesystem::temp_directory_path()) /
+      ("gpt2ft-fuzz-dir-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::FILE* f = std::fopen((dir / name).c_str(), "wb");
+  if (size > 0) std::fwrite(data, 1, size, f);
+  std::fclose(f);
+  return dir;
+}
+
 // Runs `body`; our Error (a one-line refusal) and JSON syntax errors are expected outcomes.
 template <class F>
 int refuse_cleanly(F&& body) {

@@ -75,6 +75,40 @@ def main():
     put("checkpoint_state", "version1.json", json.dumps({k: v for k, v in dict(state, format_version=1).items()
                                                           if k != "checksums"}))
 
+    adapter = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["c_attn", "c_proj"],
+               "bias": "none", "fan_in_fan_out": True, "base_model_name_or_path": "models/gpt2", "task_type": "CAUSAL_LM",
+               "layer_replication": None, "use_dora": False}
+    put("adapter_config", "valid.json", json.dumps(adapter, indent=2))
+    put("adapter_config", "no_targets.json", json.dumps(dict(adapter, target_modules=[])))
+    put("adapter_config", "layer_replication.json", json.dumps(dict(adapter, layer_replication=[[0, 1]])))
+    put("adapter_config", "regex_targets.json", json.dumps(dict(adapter, target_modules=".*attn.*")))
+    put("adapter_config", "huge_rank.json", json.dumps(dict(adapter, r=2 ** 40)))
+
+    # GPT-2's byte alphabet: printable bytes stand for themselves, the rest map to 256 + k.
+    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    vocab = {chars[b]: b for b in range(256)}
+    vocab.update({"he": 256, "\u0120w": 257, "<|endoftext|>": 258})
+    tok = {"version": "1.0", "normalizer": None,
+           "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                     "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                     "vocab": vocab, "merges": ["h e", "\u0120 w"]},
+           "added_tokens": [{"id": 258, "content": "<|endoftext|>", "special": True}]}
+    put("tokenizer_json", "valid.json", json.dumps(tok))
+    put("tokenizer_json", "no_vocab.json", json.dumps(dict(tok, model={k: v for k, v in tok["model"].items()
+                                                                        if k != "vocab"})))  # found by valgrind
+    put("tokenizer_json", "normalizer.json", json.dumps(dict(tok, normalizer={"type": "NFC"})))
+    put("tokenizer_json", "prefix_space.json", json.dumps(dict(tok, pre_tokenizer=dict(tok["pre_tokenizer"],
+                                                                                       add_prefix_space=True))))
+    put("tokenizer_json", "pair_merges.json", json.dumps(dict(tok, model=dict(tok["model"], merges=[["h", "e"]]))))
+
 
 if __name__ == "__main__":
     main()

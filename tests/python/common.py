@@ -1,5 +1,6 @@
 """Helpers shared by the Python tests: a temporary work folder per test class, and llm.c's
 shard format written with numpy (independently of the C++ writer)."""
+import hashlib
 import os
 import shutil
 import tempfile
@@ -14,6 +15,18 @@ def write_shard(path, tokens, width=2):
     with open(path, "wb") as f:
         f.write(header.tobytes())
         f.write(np.asarray(tokens, dtype=np.uint16 if width == 2 else np.uint32).tobytes())
+
+
+def tree_hashes(folder):
+    """sha256 of every file under folder, by relative path: what a test compares before and
+    after a command that must not touch the user's files."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
 
 
 class WorkDirTest(unittest.TestCase):

@@ -36,15 +36,15 @@ class CliTest(WorkDirTest):
 
     # --- eval -------------------------------------------------------------------------------
 
-    def reference_eval(self, model_dir, shards, T, B, max_batches=0):
+    def reference_eval(self, model_dir, shards, T, B, max_sequences=0):
         """Windows k = tokens[kT .. kT+T] per shard, tail dropped; mean loss over predictions."""
         model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
         windows = []
         for tokens in shards:
             for k in range((len(tokens) - 1) // T):
                 windows.append(tokens[k * T: k * T + T + 1])
-        if max_batches:
-            windows = windows[: max_batches * B]
+        if max_sequences:
+            windows = windows[:max_sequences]
         total, count = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(windows), B):
@@ -61,14 +61,14 @@ class CliTest(WorkDirTest):
         for i, tokens in enumerate(shards):
             write_shard(self.path(f"val_{i:06d}.bin"), tokens)
         pattern = self.path("val_*.bin")
-        for T, B, max_batches in ((16, 3, 0), (40, 2, 0), (16, 4, 2)):
-            with self.subTest(T=T, B=B, max_batches=max_batches):
+        for T, B, max_sequences in ((16, 3, 0), (40, 2, 0), (16, 4, 7)):
+            with self.subTest(T=T, B=B, max_sequences=max_sequences):
                 r = run("eval", "--model", self.model, "--data", pattern, "--seq-len", T,
-                        "--batch-size", B, "--max-batches", max_batches, "--device", "cpu", "--json")
+                        "--batch-size", B, "--max-sequences", max_sequences, "--device", "cpu", "--json")
                 self.assertEqual(r.returncode, 0, r.stderr)
                 got = json.loads(r.stdout.strip().splitlines()[-1])
-                ref_loss, ref_tokens = self.reference_eval(self.model, shards, T, B, max_batches)
-                print(f"[eval] T={T} B={B} max_batches={max_batches}: loss {got['loss']:.7f} vs "
+                ref_loss, ref_tokens = self.reference_eval(self.model, shards, T, B, max_sequences)
+                print(f"[eval] T={T} B={B} max_sequences={max_sequences}: loss {got['loss']:.7f} vs "
                       f"transformers {ref_loss:.7f}, tokens {got['tokens']} vs {ref_tokens}")
                 self.assertEqual(got["tokens"], ref_tokens)
                 self.assertLess(abs(got["loss"] - ref_loss) / ref_loss, 1e-6)

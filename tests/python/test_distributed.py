@@ -53,7 +53,7 @@ def base_config(model_dir, train_glob, val_glob):
         "train": {"micro_batch_size": 2, "global_batch_size": 12, "max_steps": 4, "lr": 1e-3, "min_lr": 1e-4,
                   "warmup_steps": 1, "lr_schedule": "cosine", "weight_decay": 0.1, "grad_clip": 0.5, "eps": 1e-6,
                   "fused_adamw": "off"},
-        "eval": {"max_batches": 0},
+        "eval": {"max_sequences": 0},
         "checkpoint": {"every_steps": 0},
         "log": {"every_steps": 1, "progress": "lines"},
         "distributed": {"timeout_s": 30},
@@ -148,7 +148,7 @@ class DistributedTest(WorkDirTest):
                 self.assertEqual(rc, expect_rc, f"{name}: rank {r} exited {rc}:\n{err[-3000:]}")
         return out, results
 
-    def assert_same_run(self, out, ref_out, label, tol=1e-6):
+    def assert_same_run(self, out, ref_out, label, tol=1e-6, metric_tol=1e-5, val_tol=1e-6):
         diff = final_weight_diff(out, ref_out)
         rows, base = train_rows(out), train_rows(ref_out)
         self.assertEqual([r["step"] for r in rows], [r["step"] for r in base], label)
@@ -163,8 +163,11 @@ class DistributedTest(WorkDirTest):
         print(f"[distributed] {label}: weights max|diff| {diff:.3g}; loss/grad-norm {metric_diff:.3g}; "
               f"val loss (relative) {val_diff:.3g}")
         self.assertLessEqual(diff, tol, label)
-        self.assertLess(metric_diff, 1e-5, label)
-        self.assertLess(val_diff, 1e-6, label)
+        self.assertLess(metric_diff, metric_tol, label)
+        self.assertLess(val_diff, val_tol, label)
+        # The first step sees the same weights and the same samples: its loss is the same
+        # whatever the rounding of later steps (a sample on the wrong rank changes it).
+        self.assertLess(abs(rows[0]["loss"] - base[0]["loss"]), 1e-6 * abs(base[0]["loss"]), label)
 
     def test_two_and_three_ranks_equal_one_process(self):
         _, single = self.run_single(self.cfg, "single")
@@ -182,11 +185,30 @@ class DistributedTest(WorkDirTest):
             self.assertTrue(os.path.isfile(os.path.join(out, "checkpoints", "step_00000004", "model.safetensors")))
 
     def test_bfloat16_autocast_two_ranks_equal_one_process(self):
+        # In bf16 a rounding-level difference in the fp32 weights (the gradients summed in
+        # another order) flips the bf16 rounding of a few inputs, and later steps move apart by
+        # far more than in fp32, by an amount that depends on the CPU's bf16 kernels (AMX or
+        # not): measured at 1e-7 on one machine, 8e-5 on another. The bound is therefore what
+        # bf16 rounding alone does here: one process with another micro batch (the same samples
+        # and maths, other roundings). A real fault (a sample on the wrong rank, a missing
+        # average) moves the weights and the first loss by far more.
         cfg = copy.deepcopy(self.cfg)
         cfg["amp"] = {"dtype": "bfloat16"}
         _, single = self.run_single(cfg, "single_bf16")
+        other = copy.deepcopy(cfg)
+        other["train"]["micro_batch_size"] = 3
+        _, other_split = self.run_single(other, "single_bf16_micro3")
+        noise = final_weight_diff(other_split, single)
+        rows, base = train_rows(other_split), train_rows(single)
+        metric_noise = max(max(abs(a["loss"] - b["loss"]), abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"])
+                           for a, b in zip(rows, base))
+        val_noise = max(abs(a - b) / b for a, b in zip(val_losses(other_split), val_losses(single)))
+        print(f"[distributed] bf16 rounding alone (micro 3 vs 2, one process): weights {noise:.3g}, "
+              f"loss/grad-norm {metric_noise:.3g}, val loss (relative) {val_noise:.3g}")
+        self.assertLess(noise, 5e-3, "bf16 rounding noise is small next to an lr-sized step")
         out, _ = self.run_ranks(cfg, 2, "ranks2_bf16")
-        self.assert_same_run(out, single, "2 ranks, bf16 autocast")
+        self.assert_same_run(out, single, "2 ranks, bf16 autocast", tol=max(1e-6, noise),
+                             metric_tol=max(1e-5, 2 * metric_noise), val_tol=max(1e-6, 2 * val_noise))
 
     def test_checkpoint_of_two_ranks_resumes_on_three(self):
         cfg = copy.deepcopy(self.cfg)

@@ -160,7 +160,7 @@ class ResilienceTest(WorkDirTest):
             out = self.out(name)
             c = self.no_dropout_config(out, 2)
             c["data"]["val"] = val
-            c["eval"] = {"batch_size": 8, "every_steps": 4, "max_batches": 3}
+            c["eval"] = {"batch_size": 8, "every_steps": 4, "max_sequences": 24}
             r = run(c, self.tmp, f"eval_{name}", env=env)
             self.assertEqual(r.returncode, 0, r.stderr)
             outs[name] = (out, r.stderr)
@@ -197,15 +197,22 @@ class ResilienceTest(WorkDirTest):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(set(micro_batches(out)), {4})
         self.assertLess(max_diff(final_weights(out), final_weights(clean)), 1e-6)
-        # A micro batch that may not go lower, and the "fail" policy: the message points to
-        # plan's other levers.
-        for name, oom, code in (("floor", {"min_micro_batch_size": 8}, 75), ("fail", {"policy": "fail"}, 1)):
-            c = self.no_dropout_config(self.out(name), 8)
+        # A micro batch that may not go lower (exit 77: a rerun would fail the same way, so Slurm
+        # must not requeue it; plan's advice for this device in the message), and the "fail"
+        # policy: the message points to plan's other levers.
+        for name, oom, code in (("floor", {"min_micro_batch_size": 8}, 77),
+                                ("floor, checkpoint_and_exit", {"min_micro_batch_size": 8, "policy": "checkpoint_and_exit"}, 77),
+                                ("fail", {"policy": "fail"}, 1)):
+            c = self.no_dropout_config(self.out(name.replace(", ", "-")), 8)
             c["oom"] = oom
-            r = run(c, self.tmp, name, env=env)
+            r = run(c, self.tmp, name.replace(", ", "-"), env=env)
             self.assertEqual(r.returncode, code, r.stderr[-2000:])
             self.assertIn("gpt2-finetune plan --config <this config>` lists what would make it fit", r.stderr)
             self.assertNotIn("Traceback", r.stderr)
+            if code == 77:
+                self.assertIn("cannot fit even at the smallest micro batch", r.stderr)
+                self.assertIn("plan's advice for", r.stderr)
+                print(f"[oom floor] {name}: exit 77: {r.stderr.strip().splitlines()[-1][-300:]}")
 
     def test_sigusr1_checkpoints_and_exits_76_then_resume_completes(self):
         out = self.out("run")

@@ -66,6 +66,46 @@ class TokenizerParity(WorkDirTest):
         self.assertEqual(bad[:3], [], "decode(encode(x)) differs")
         return info
 
+    def test_model_folders_carry_tokenizer_files_that_transformers_loads(self):
+        # A tokenizer given as OpenAI's encoder.json + vocab.bpe once went into model folders
+        # under those names, which transformers does not read: it loaded a one-token vocabulary
+        # and encoded "Hello world" as []. What `init --tokenizer` (and training's final/, the
+        # same function) writes must load in transformers and give our ids.
+        from transformers import AutoTokenizer
+        d = os.path.join(self.tmp, "hf_names")
+        ref.train_test_bpe(d)
+        openai = os.path.join(self.tmp, "openai_names")
+        os.makedirs(openai)
+        shutil.copy(os.path.join(d, "vocab.json"), os.path.join(openai, "encoder.json"))
+        shutil.copy(os.path.join(d, "merges.txt"), os.path.join(openai, "vocab.bpe"))
+        cases = [("vocab.json + merges.txt", d), ("encoder.json + vocab.bpe", openai)]
+        if gpt2_vocab_dir():
+            cases.append(("GPT-2's own encoder.json + vocab.bpe", gpt2_vocab_dir()))
+        strings = [s for s in ref.make_strings(seed=3, count=600) if _valid(s) and b"<|endoftext|>" not in s]
+        strings += [b"Hello world", b" leading space", b"caf\xc3\xa9 \xe2\x82\xac 12345"]
+        for name, src in cases:
+            with self.subTest(tokenizer=name):
+                vocab_file = os.path.join(src, "vocab.json" if name.startswith("vocab") else "encoder.json")
+                with open(vocab_file, encoding="utf-8") as f:
+                    vocab_size = len(json.load(f))
+                shape = os.path.join(self.tmp, "shape.json")
+                with open(shape, "w") as f:
+                    json.dump({"n_layer": 1, "n_head": 1, "n_embd": 8, "vocab_size": vocab_size, "n_positions": 32}, f)
+                model = os.path.join(self.tmp, "model_" + name.split()[0].replace("'", ""))
+                r = subprocess.run([BIN, "init", "--config-json", shape, "--tokenizer", src, "--output", model],
+                                   capture_output=True, text=True)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                self.assertEqual(sorted(f for f in os.listdir(model) if f in ("encoder.json", "vocab.bpe")), [])
+                rows, info = ref.run_tool(TOOL, src, strings, self.tmp)
+                hf = AutoTokenizer.from_pretrained(model)
+                mismatches = [(s, row["ids"]) for s, row in zip(strings, rows)
+                              if hf(s.decode("utf-8"))["input_ids"] != row["ids"]]
+                print(f"[tokenizer files] {name}: transformers loads {type(hf).__name__} with {len(hf)} tokens; "
+                      f"{len(strings)} strings, {len(mismatches)} id mismatches; eos {hf.eos_token!r} = {hf.eos_token_id}")
+                self.assertEqual(len(hf), vocab_size)
+                self.assertEqual(mismatches[:3], [])
+                self.assertEqual(hf.eos_token_id, info["eot_id"])
+
     def test_trained_byte_level_bpe_matches_hf_tokenizers(self):
         d = os.path.join(self.tmp, "trained")
         hf = ref.train_test_bpe(d)

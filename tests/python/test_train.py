@@ -59,24 +59,36 @@ class TrainTest(WorkDirTest):
     def test_any_split_of_the_global_batch_gives_the_same_weights(self):
         # AdamW and clipping undo a constant gradient scale, so the logged loss and the
         # gradient norm before clipping are compared too: a wrong normalisation changes them.
+        # The validation set (37 windows, evaluated in batches of the micro batch, the default)
+        # must be the same windows whatever the split: its losses agree as the weights do.
+        val = os.path.join(self.tmp, "split_val", "val_000000.bin")
+        os.makedirs(os.path.dirname(val), exist_ok=True)
+        ref.make_stream(val, n=37 * 16 + 1, seed=1)
         results = {}
         for micro in (8, 2, 1):
             for ckpt in ("none", "all"):
                 c = base_config(self.model_dir, self.glob)
                 c["train"].update({"micro_batch_size": micro, "global_batch_size": 8, "max_steps": 4, "lr": 1e-3,
                                    "min_lr": 1e-4})
+                c["data"]["val"] = val
+                c["eval"] = {"every_steps": 2}
                 c["model"]["activation_checkpointing"] = ckpt
                 weights, rows, _ = ref.run_trainer(BIN, c, self.tmp, f"split_{micro}_{ckpt}")
-                results[(micro, ckpt)] = (weights, [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r])
-        base_weights, base_rows = results[(8, "none")]
-        for key, (weights, rows) in results.items():
+                results[(micro, ckpt)] = (weights, [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r],
+                                          [(r["step"], r["val_loss"], r["val_tokens"]) for r in rows if "val_loss" in r])
+        base_weights, base_rows, base_val = results[(8, "none")]
+        self.assertEqual([v[2] for v in base_val], [37 * 16] * 2, "every window, at steps 2 and 4")
+        for key, (weights, rows, vals) in results.items():
             diff = ref.max_weight_diff(weights, base_weights)
             metric_diff = max(max(abs(a[0] - b[0]), abs(a[1] - b[1]) / b[1]) for a, b in zip(rows, base_rows))
+            val_diff = max(abs(a[1] - b[1]) / b[1] for a, b in zip(vals, base_val))
             print(f"[accumulation] micro {key[0]} x {8 // key[0]}, checkpointing {key[1]}: weights max|diff| "
-                  f"vs 8x1 {diff:.3g}; loss / grad-norm max diff {metric_diff:.3g}")
+                  f"vs 8x1 {diff:.3g}; loss / grad-norm max diff {metric_diff:.3g}; val loss max rel diff {val_diff:.3g}")
             self.assertEqual(len(rows), len(base_rows))
             self.assertLess(diff, 1e-6, key)
             self.assertLess(metric_diff, 1e-5, key)
+            self.assertEqual([(v[0], v[2]) for v in vals], [(v[0], v[2]) for v in base_val], key)
+            self.assertLess(val_diff, 1e-5, key)
 
     def test_loss_falls_on_a_learnable_stream(self):
         c = base_config(self.model_dir, self.glob)

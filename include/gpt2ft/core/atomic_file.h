@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <filesystem>
 #include <string>
 
@@ -34,7 +35,11 @@ void write_file_atomic(const std::filesystem::path& target, const std::string& c
 // fsyncs a directory so that renames inside it survive a crash.
 void fsync_directory(const std::filesystem::path& dir);
 
-// Reads a whole (small) file; an Error naming the path if it cannot.
+// The largest file read_text_file reads.
+inline constexpr int64_t kMaxTextFileBytes = int64_t{256} << 20;
+
+// Reads a whole (small) regular file; an Error naming the path if it cannot, if it is not a
+// regular file (a FIFO, a device) or if it is larger than kMaxTextFileBytes.
 std::string read_text_file(const std::filesystem::path& path);
 
 }  // namespace gpt2ft

@@ -11,4 +11,9 @@ namespace gpt2ft {
 // The checksum of a whole file as 16 hex digits; an unreadable file is an Error naming it.
 std::string file_checksum(const std::filesystem::path& path);
 
+// A cheap identity of a large file: its size and the checksum of its first and last
+// `sample_bytes` (all of it when smaller), as 16 hex digits. Two files that differ there or in
+// size differ here; for shards and weights that is any re-tokenization or other model.
+std::string file_sample_checksum(const std::filesystem::path& path, size_t sample_bytes = size_t{1} << 20);
+
 }  // namespace gpt2ft

@@ -20,6 +20,7 @@ inline constexpr int kExitError = 1;  // bad input or a failed operation
 inline constexpr int kExitUsage = 2;  // bad command-line arguments
 inline constexpr int kExitOomRestart = 75;  // out of GPU memory: checkpoint saved, rerun to continue
 inline constexpr int kExitStopped = 76;     // stopped by a signal or train.time_limit: checkpoint saved
+inline constexpr int kExitCannotFit = 77;   // out of GPU memory at the smallest micro batch: rerunning cannot help
 
 // A deliberate stop with a documented exit code; the message says how to continue.
 class ExitRequest : public Error {

@@ -14,6 +14,10 @@ void maybe_inject_oom(int64_t sequences);
 // optimizer step N and any checkpoint due at N.
 void maybe_crash_after_step(int64_t step);
 
+// GPT2FT_FAULT_NAN_AT_STEP=N: optimizer step N's loss (and so its gradients) is NaN, as a
+// diverging run's would be.
+bool nan_loss_at_step(int64_t step);
+
 // GPT2FT_FAULT_CRASH_IN_CHECKPOINT=K: the process ends (_exit 137) at the K-th kill point
 // inside checkpoint writing (counted over the whole run, from 1).
 void checkpoint_kill_point();

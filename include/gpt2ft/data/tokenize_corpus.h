@@ -36,6 +36,13 @@ struct TokenizeSummary {
 // temporary folder and moved into output_dir only when all are complete; manifest.json last.
 TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOptions& options);
 
+// The checks tokenize_corpus makes of output_dir before it writes anything (existing shards
+// without --overwrite, files a shard glob would mix in), for steps that write before it.
+void check_tokenize_output(const TokenizeOptions& options);
+
+// A .jsonl input (any case: .JSONL too): one JSON document per line. Others are plain text.
+bool is_jsonl_input(const std::filesystem::path& path);
+
 // The safe place to cut a long text so that tokenizing the parts gives the same ids as the
 // whole: before a '\n' that an ASCII non-space follows, or else before a ' ' that an ASCII
 // non-space precedes and an ASCII letter or digit follows. Returns 0 when there is none.

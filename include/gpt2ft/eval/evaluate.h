@@ -16,7 +16,7 @@ namespace gpt2ft {
 struct EvalOptions {
   int64_t seq_len = 1024;   // T: each window holds T+1 tokens, stride T
   int64_t batch_size = 8;   // windows per batch (and per forward pass until memory runs out)
-  int64_t max_batches = 0;  // 0 = all windows
+  int64_t max_sequences = 0;  // the first N windows; 0 = all (never depends on batch_size or ranks)
   int64_t max_forward_batch = 0;  // windows per forward pass at most (an earlier evaluation's back-off); 0 = batch_size
   c10::ScalarType amp_dtype = c10::kFloat;  // autocast dtype (kFloat: none)
   // Data-parallel: rank r evaluates batches r, r+W, ... and the sums are all-reduced, so

@@ -36,6 +36,10 @@ struct SaveModelOptions {
 void save_model_folder(GPT2& model, const std::filesystem::path& dir,
                        const SaveModelOptions& options = {});
 
+// Refuses to write a model folder over one the user has: `dir` holding config.json,
+// model.safetensors or a sharded index is an Error naming it and `flag`, unless `overwrite`.
+void check_model_output(const std::filesystem::path& dir, bool overwrite, const std::string& flag);
+
 // The model's parameters under their checkpoint names, in checkpoint layout (Conv1D
 // weights transposed to (in, out)), tied lm_head omitted. The one place that knows the layout.
 NamedTensors to_checkpoint_tensors(GPT2& model, c10::ScalarType dtype);

@@ -43,6 +43,10 @@ class Tokenizer {
 // or spiece.model) gives SentencePiece. Anything else is an Error saying what was expected.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& path);
 
+// Whether the folder holds the files of a tokenizer load_tokenizer reads (not merely, say, a
+// tokenizer_config.json or generation_config.json).
+bool folder_has_tokenizer(const std::filesystem::path& dir);
+
 // 64-bit FNV-1a, for identity hashes.
 uint64_t fnv1a64(std::string_view bytes, uint64_t seed = 0xcbf29ce484222325ull);
 std::string hex64(uint64_t value);

@@ -36,6 +36,7 @@ struct TrainingState {
   int64_t world_size = 1;    // ranks of the run that wrote it (micro_batch is per rank)
   bool rng_restored = true;  // this rank's RNG state came from a checkpoint
   std::filesystem::path source;  // the checkpoint it was read from (empty for a fresh run)
+  nlohmann::json fingerprint;    // what defines the run (run_fingerprint); null in older checkpoints
 };
 
 // Writes a checkpoint of `state` under run_dir/checkpoints and prunes to keep_last.
@@ -59,6 +60,9 @@ std::string rng_key_of_rank(int rank, const std::string& device_type);
 
 // The checkpoint `latest` names, if there is one. A `latest` naming a missing folder is an Error.
 std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& run_dir);
+
+// The state trainer_state.json of `dir` records (nothing else is read or checked).
+TrainingState read_checkpoint_state(const std::filesystem::path& dir);
 
 // Restores model weights, optimizer and scaler state and the RNG states from `dir`, checking
 // that it matches the model and optimizer built from the current config. Returns the state.

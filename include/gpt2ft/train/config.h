@@ -65,7 +65,7 @@ struct TrainConfig {
     std::string resume;
   } checkpoint;
   struct Eval {
-    int64_t every_steps = 0, max_batches = 0;
+    int64_t every_steps = 0, max_sequences = 0;
     int64_t batch_size = 0;                  // 0: the training micro batch
   } eval;
   struct Log {

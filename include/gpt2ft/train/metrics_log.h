@@ -40,6 +40,9 @@ class MetricsLog {
   void record_step(nlohmann::json row);
   // An evaluation's row (val_loss, val_perplexity, ...).
   void record_validation(const nlohmann::json& row);
+  // Any other row, written as it is (e.g. {"resumed": {...}}, a marker that the steps after
+  // it continue from a checkpoint).
+  void record_event(const nlohmann::json& row);
   void clear_bar();
 
  private:

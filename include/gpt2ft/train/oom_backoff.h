@@ -3,8 +3,10 @@
 //   "backoff"              redo the step from its first sample with a smaller micro batch
 //                          (the largest divisor of the per-rank batch at most half the old
 //                          one), the accumulation raised to keep the global batch;
-//   "checkpoint_and_exit"  (or when the micro batch cannot go lower) checkpoint the last
-//                          completed step and exit 75, naming the micro batch to continue with;
+//   "checkpoint_and_exit"  checkpoint the last completed step and exit 75, naming the micro
+//                          batch to continue with;
+// and whatever the policy, when the micro batch cannot go lower: checkpoint and exit 77 (a
+// rerun would fail the same way, so job wrappers must not requeue it) with plan's advice;
 //   "fail"                 stop with an error.
 #pragma once
 
@@ -34,9 +36,10 @@ class OomBackoff {
   // The warning logged when the step is redone with decision.next_micro.
   std::string backoff_warning(int64_t step, const BatchSplit& failed, const OomDecision& decision,
                               const std::string& why) const;
-  // The exit (code 75) after the checkpoint `saved` of the last completed step.
+  // The exit after the checkpoint `saved` of the last completed step: 75 to continue with the
+  // lowered micro batch, 77 when it could not be lowered (`advice`: what would make it fit).
   ExitRequest exit_request(int64_t step, const BatchSplit& failed, const OomDecision& decision,
-                           const std::filesystem::path& saved) const;
+                           const std::filesystem::path& saved, const std::string& advice = "") const;
 
  private:
   TrainConfig::Oom options_;

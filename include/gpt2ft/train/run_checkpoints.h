@@ -34,6 +34,8 @@ class RunCheckpoints {
                              const GradScaler* scaler);
 
  private:
+  void check_same_run(const std::filesystem::path& from, const nlohmann::json& now) const;
+
   const TrainConfig& config_;
   Communicator& comm_;
   c10::Device device_;

@@ -1,5 +1,7 @@
-// Validation during training: data.val's windows, eval.batch_size per batch (by default the
-// training micro batch), eval.max_batches of them, under the run's autocast. When an
+// Validation during training: the first eval.max_sequences windows of data.val (all by
+// default), eval.batch_size per batch (by default the training micro batch), under the run's
+// autocast. The set never depends on the batch or the ranks, so losses compare across an
+// out-of-memory back-off or a resume on another number of GPUs. When an
 // evaluation ran out of memory and went on with smaller forward passes, the next one starts
 // from what fitted. Collective with several ranks (each evaluates its share).
 #pragma once
@@ -34,6 +36,7 @@ class Validation {
   std::vector<std::filesystem::path> shards_;
   EvalOptions options_;
   c10::Device device_;
+  bool described_ = false;  // the set was logged
 };
 
 }  // namespace gpt2ft

@@ -1,0 +1,32 @@
+// What manifest.json (written by `gpt2-finetune tokenize` beside the shards) says about the
+// tokenizer that made the shards, and the check that it is the model's.
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace gpt2ft {
+
+struct ShardTokenizer {
+  std::string identity;  // "kind:hash" (Tokenizer::identity)
+  std::string source;    // the tokenizer's path when the shards were made
+  std::filesystem::path manifest;
+};
+
+// The tokenizer recorded in the manifest.json beside `shards` (the first shard's folder), or
+// nothing when there is no manifest. A manifest that is not valid JSON, or whose tokenizer
+// entry is malformed, is an Error naming the file.
+std::optional<ShardTokenizer> shard_tokenizer(const std::vector<std::filesystem::path>& shards);
+
+// The identity of the tokenizer files in a model folder, or nothing when it has none.
+std::optional<std::string> model_tokenizer_identity(const std::filesystem::path& model_dir);
+
+// Refuses shards made by another tokenizer than the model's, when both are known: the ids
+// would fit and train without a word, on the wrong vocabulary. `what` names the shards
+// ("data.train", "--data").
+void check_shards_match_model(const std::vector<std::filesystem::path>& shards, const std::filesystem::path& model_dir,
+                              const std::string& what);
+
+}  // namespace gpt2ft

@@ -1,0 +1,28 @@
+// What defines a run's trajectory, recorded in every checkpoint so that a resume never
+// silently continues another run: the model it started from (path and the weights' identity),
+// the adapter it continues, the training shards (names, sizes, contents sampled), the
+// tokenizers, and the settings that change the maths (lr and its schedule, AdamW, clipping,
+// seeds, sequence length, freezing, LoRA, dropout, autocast dtype).
+//
+// Not part of it, so free to change on resume: the micro batch (the out-of-memory restart),
+// max_steps / epochs, time_limit, logging, evaluation and checkpoint cadence, the number of
+// ranks, activation checkpointing, optimizer offload, fused AdamW (equal maths), the device.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "gpt2ft/train/config.h"
+
+namespace gpt2ft {
+
+// A flat JSON object: "path" -> readable string value.
+nlohmann::json run_fingerprint(const TrainConfig& cfg);
+
+// One line per field that differs ("data.train shards: was ..., now ..."); empty when equal.
+// A field only one side has (a newer version added it) is not a difference.
+std::vector<std::string> fingerprint_differences(const nlohmann::json& saved, const nlohmann::json& now);
+
+}  // namespace gpt2ft

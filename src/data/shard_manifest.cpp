@@ -1,0 +1,48 @@
+// Shard manifests and the tokenizer check.
+#include "gpt2ft/data/shard_manifest.h"
+
+#include <nlohmann/json.hpp>
+
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/core/json.h"
+#include "gpt2ft/tokenizer/tokenizer.h"
+
+namespace gpt2ft {
+namespace fs = std::filesystem;
+
+std::optional<ShardTokenizer> shard_tokenizer(const std::vector<fs::path>& shards) {
+  if (shards.empty()) return std::nullopt;
+  const fs::path manifest = shards.front().parent_path() / "manifest.json";
+  if (!fs::exists(manifest)) return std::nullopt;
+  const nlohmann::json j = read_json_file(manifest.string());
+  const auto& t = j.contains("tokenizer") ? j["tokenizer"] : nlohmann::json();
+  if (!t.is_object() || !t.contains("identity") || !t["identity"].is_string()) {
+    throw Error(manifest.string() + ": expected a \"tokenizer\" object with an \"identity\" string (as `gpt2-finetune "
+                                    "tokenize` writes it); the manifest is damaged. Re-run tokenize, or move the "
+                                    "manifest away to train without the tokenizer check");
+  }
+  ShardTokenizer out;
+  out.identity = t["identity"].get<std::string>();
+  if (t.contains("source") && t["source"].is_string()) out.source = t["source"].get<std::string>();
+  out.manifest = manifest;
+  return out;
+}
+
+std::optional<std::string> model_tokenizer_identity(const fs::path& model_dir) {
+  if (!fs::is_directory(model_dir) || !folder_has_tokenizer(model_dir)) return std::nullopt;
+  return load_tokenizer(model_dir)->identity();
+}
+
+void check_shards_match_model(const std::vector<fs::path>& shards, const fs::path& model_dir, const std::string& what) {
+  const std::optional<ShardTokenizer> made_by = shard_tokenizer(shards);
+  if (!made_by) return;
+  const std::optional<std::string> model = model_tokenizer_identity(model_dir);
+  if (!model || *model == made_by->identity) return;
+  throw Error(what + ": the shards were made with tokenizer " + made_by->identity + " (" +
+              (made_by->source.empty() ? "?" : made_by->source) + ", per " + made_by->manifest.string() +
+              ") but the model " + model_dir.string() + " has tokenizer " + *model +
+              "; its ids mean other tokens. Tokenize the text with the model's tokenizer (gpt2-finetune tokenize "
+              "--tokenizer " + model_dir.string() + ")");
+}
+
+}  // namespace gpt2ft

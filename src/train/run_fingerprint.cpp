@@ -1,0 +1,126 @@
+// Run fingerprints.
+#include "gpt2ft/train/run_fingerprint.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <filesystem>
+
+#include "gpt2ft/core/checksum.h"
+#include "gpt2ft/data/shard.h"
+#include "gpt2ft/data/shard_manifest.h"
+#include "gpt2ft/tokenizer/tokenizer.h"
+
+namespace gpt2ft {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string absolute(const std::string& path) { return path.empty() ? "" : fs::absolute(path).lexically_normal().string(); }
+
+// The identity of the weights (and config) in a model or adapter folder: every .safetensors
+// and .json file's sampled checksum, by name.
+std::string folder_identity(const std::string& dir) {
+  if (dir.empty() || !fs::is_directory(dir)) return "";
+  std::vector<std::string> parts;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    const std::string ext = entry.path().extension().string();
+    if (entry.is_regular_file() && (ext == ".safetensors" || name == "config.json" || name == "adapter_config.json" ||
+                                    name == "model.safetensors.index.json")) {
+      parts.push_back(name + "=" + file_sample_checksum(entry.path()));
+    }
+  }
+  std::sort(parts.begin(), parts.end());
+  std::string all;
+  for (const auto& p : parts) all += p + ";";
+  return hex64(fnv1a64(all));
+}
+
+std::string shards_identity(const std::string& pattern) {
+  std::vector<fs::path> shards;
+  try {
+    shards = expand_glob(pattern, "data.train");
+  } catch (const std::exception&) {
+    return "(no shards)";  // the loader reports this itself, with its own message
+  }
+  std::string all;
+  uintmax_t bytes = 0;
+  for (const auto& s : shards) {
+    bytes += fs::file_size(s);
+    // 64 KiB at each end: with thousands of shards a start must not read gigabytes.
+    all += s.filename().string() + "=" + file_sample_checksum(s, size_t{64} << 10) + ";";
+  }
+  return fmt::format("{} shard(s), {} bytes, id {}", shards.size(), bytes, hex64(fnv1a64(all)));
+}
+
+std::string shards_tokenizer(const std::string& pattern) {
+  try {
+    const auto t = shard_tokenizer(expand_glob(pattern, "data.train"));
+    return t ? t->identity : "";
+  } catch (const std::exception&) {
+    return "";
+  }
+}
+
+std::string number(double v) { return fmt::format("{:g}", v); }
+
+}  // namespace
+
+nlohmann::json run_fingerprint(const TrainConfig& c) {
+  nlohmann::json f = nlohmann::json::object();
+  if (!c.model.init_from.empty()) {
+    f["model.init_from"] = absolute(c.model.init_from);
+    f["model weights"] = folder_identity(c.model.init_from);
+    const auto tokenizer = model_tokenizer_identity(c.model.init_from);
+    f["model tokenizer"] = tokenizer.value_or("");
+  } else {
+    f["model.preset"] = c.model.preset;
+    f["model weights"] = "random, train.seed " + std::to_string(c.train.seed);
+  }
+  f["model.dropout"] = number(c.model.dropout);
+  f["model.resize_vocab"] = std::to_string(c.model.resize_vocab);
+  f["model.freeze_embeddings"] = c.model.freeze_embeddings ? "true" : "false";
+  f["model.freeze_blocks"] = std::to_string(c.model.freeze_blocks);
+  if (c.lora()) {
+    const LoraConfig lora = c.lora_config();
+    f["model.lora"] = fmt::format("r {}, alpha {}, dropout {}, targets {}, base {}", lora.rank, number(lora.alpha),
+                                  number(lora.dropout), nlohmann::json(lora.targets).dump(), c.model.lora.base_dtype);
+    if (!c.model.lora.init_from.empty()) {
+      f["model.lora.init_from"] = absolute(c.model.lora.init_from);
+      f["adapter weights"] = folder_identity(c.model.lora.init_from);
+    }
+  } else {
+    f["model.lora"] = "off";
+  }
+  f["data.train"] = absolute(c.data.train);
+  f["data.train shards"] = shards_identity(c.data.train);
+  f["data.train tokenizer"] = shards_tokenizer(c.data.train);
+  f["data.seq_len"] = std::to_string(c.data.seq_len);
+  f["data.shuffle"] = c.data.shuffle ? "true" : "false";
+  f["data.seed"] = std::to_string(c.data.seed);
+  f["train.lr"] = fmt::format("{} to {}, {}, warmup {}", number(c.train.lr), number(c.train.min_lr), c.train.lr_schedule,
+                              c.train.warmup_steps);
+  f["train AdamW"] = fmt::format("betas [{}, {}], eps {}, weight_decay {}", number(c.train.betas[0]),
+                                 number(c.train.betas[1]), number(c.train.eps), number(c.train.weight_decay));
+  f["train.grad_clip"] = number(c.train.grad_clip);
+  f["train.seed"] = std::to_string(c.train.seed);
+  f["amp.dtype"] = c.amp.dtype;
+  return f;
+}
+
+std::vector<std::string> fingerprint_differences(const nlohmann::json& saved, const nlohmann::json& now) {
+  std::vector<std::string> out;
+  if (!saved.is_object() || !now.is_object()) return out;
+  for (const auto& [key, value] : now.items()) {
+    if (!saved.contains(key) || saved[key] == value) continue;
+    const auto text = [](const nlohmann::json& v) {
+      const std::string s = v.is_string() ? v.get<std::string>() : v.dump();
+      return s.empty() ? std::string("(none)") : "\"" + s + "\"";
+    };
+    out.push_back(key + ": was " + text(saved[key]) + ", now " + text(value));
+  }
+  return out;
+}
+
+}  // namespace gpt2ft
