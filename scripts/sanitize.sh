@@ -2,7 +2,7 @@
 # The C++ code under AddressSanitizer + UndefinedBehaviorSanitizer (run by .ci/run after the
 # test suite): builds everything instrumented into build-asan (-O1, so it builds in minutes)
 # and runs, under it, the C++ tests that need no second process or GPU, the fuzz targets over
-# their seed corpus, and the command line's bad-input and damaged-checkpoint tests. Any
+# their seed corpus, and the command line's bad-input, damaged-checkpoint and perimeter tests. Any
 # sanitizer report fails the run. Needs scripts/setup.sh to have run (the .venv, packages).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,8 +35,13 @@ echo "[sanitize] fuzz corpus"
 for t in safetensors_header shard_header model_config train_config checkpoint_state adapter_config tokenizer_json; do
   "$build/tests/fuzz_${t}_replay" "tests/fuzz/corpus/$t"
 done
-echo "[sanitize] command line: bad inputs and damaged checkpoints"
+echo "[sanitize] command line: bad inputs, damaged checkpoints, the perimeter's hostile inputs"
 (cd tests/python && GPT2FT_BIN="$root/$build/gpt2-finetune" GPT2FT_GOLDEN_DIR="$golden" \
   ../../.venv/bin/python -m unittest -q test_cli.CliTest.test_bad_input_gives_a_clear_error_and_a_plain_exit \
-  test_resilience.ResilienceTest.test_damaged_or_mismatched_checkpoints_are_clear_errors)
+  test_resilience.ResilienceTest.test_damaged_or_mismatched_checkpoints_are_clear_errors \
+  test_perimeter.PerimeterTest.test_no_user_file_is_overwritten_or_deleted \
+  test_perimeter.PerimeterTest.test_non_finite_values_are_stopped \
+  test_perimeter.PerimeterTest.test_adapters_are_applied_whole_or_refused \
+  test_perimeter.PerimeterTest.test_flags_have_ranges_and_files_must_be_regular \
+  test_perimeter.PerimeterTest.test_two_processes_never_write_one_folder)
 echo "[sanitize] clean"

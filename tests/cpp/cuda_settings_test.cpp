@@ -91,7 +91,7 @@ TEST_F(CudaSetup, OneStepEachWayWithExpandableSegmentsAndPinnedMemory) {
     bool expandable;
     std::string offload;
   };
-  for (const Way way : {Way{false, "none"}, Way{true, "none"}, Way{true, "cpu"}}) {
+  for (const Way& way : {Way{false, "none"}, Way{true, "none"}, Way{true, "cpu"}}) {
     const std::string name = std::string(way.expandable ? "expandable" : "plain") + "-" + way.offload;
     const nlohmann::json j = {
         {"model", {{"init_from", (tmp.path() / "init").string()}}},
@@ -114,7 +114,9 @@ TEST_F(CudaSetup, OneStepEachWayWithExpandableSegmentsAndPinnedMemory) {
     if (!way.expandable && !std::getenv("PYTORCH_ALLOC_CONF") && !std::getenv("PYTORCH_CUDA_ALLOC_CONF")) {
       EXPECT_FALSE(Config::use_expandable_segments()) << "cuda.expandable_segments false left it off";
     }
-    if (way.expandable) EXPECT_TRUE(Config::use_expandable_segments()) << name;
+    if (way.expandable) {
+      EXPECT_TRUE(Config::use_expandable_segments()) << name;
+    }
   }
   std::printf("[cuda setup] page-locked host buffers: %s\n",
               host_float_buffers({{1000}}, /*pin=*/true)[0].is_pinned() ? "granted" : "REFUSED (runs unpinned)");
