@@ -36,6 +36,23 @@ std::vector<int64_t> parse_ids(const std::string& text) {
   }
   return ids;
 }
+// A flag whose whole value is a number accepted by `ok` (NaN fails every comparison, so it
+// is refused by a range test): CLI11's Range lets NaN through.
+template <class Accept>
+CLI::Validator number_in(Accept ok, const std::string& expected) {
+  return CLI::Validator(
+      [ok, expected](std::string& v) -> std::string {
+        try {
+          size_t used = 0;
+          const double x = std::stod(v, &used);
+          if (used == v.size() && ok(x)) return "";
+        } catch (const std::exception&) {
+        }
+        return "expected " + expected + ", got " + v;
+      },
+      expected);
+}
+
 }  // namespace
 
 void add_generate_command(CLI::App& app, Runner& run) {
@@ -56,36 +73,15 @@ void add_generate_command(CLI::App& app, Runner& run) {
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   cmd->add_option("--temperature", args->options.temperature, "Sampling temperature; 0 = greedy, else in [0.001, 100]")
       ->capture_default_str()
-      ->check(CLI::Validator(
-          [](std::string& v) -> std::string {
-            double t = 0;
-            try {
-              size_t used = 0;
-              t = std::stod(v, &used);
-              if (used != v.size()) return "expected a number, got " + v;
-            } catch (const std::exception&) {
-              return "expected a number, got " + v;
-            }
-            // Below 1e-3 the logits divided by it overflow float32 and sampling turns to NaN.
-            return t == 0 || (t >= 1e-3 && t <= 100) ? "" : "expected 0 (greedy) or a number in [0.001, 100], got " + v;
-          },
-          "0 or [0.001, 100]"));
+      // Below 1e-3 the logits divided by it overflow float32 and sampling turns to NaN.
+      ->check(number_in([](double t) { return t == 0 || (t >= 1e-3 && t <= 100); },
+                        "0 (greedy) or a number in [0.001, 100]"));
   cmd->add_option("--top-k", args->options.top_k, "Sample among the k most likely tokens; 0 = all")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--top-p", args->options.top_p, "Nucleus sampling mass in (0, 1]; 1 = off")
       ->capture_default_str()
-      ->check(CLI::Validator(
-          [](std::string& v) -> std::string {
-            try {
-              size_t used = 0;
-              const double p = std::stod(v, &used);
-              if (used == v.size() && p > 0 && p <= 1) return "";  // NaN fails both comparisons
-            } catch (const std::exception&) {
-            }
-            return "expected a number in (0, 1], got " + v;
-          },
-          "(0, 1]"));
+      ->check(number_in([](double p) { return p > 0 && p <= 1; }, "a number in (0, 1]"));
   cmd->add_option("--seed", args->options.seed, "Sampling seed")->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->add_option("--device", args->device, "auto | cpu | cuda | cuda:N")->capture_default_str();
   cmd->add_flag("--no-stop", args->no_stop, "Do not stop at the end-of-text token");

@@ -2,7 +2,6 @@
 #include "gpt2ft/core/atomic_file.h"
 
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -12,6 +11,7 @@
 #include <sstream>
 
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/mapped_file.h"
 
 namespace gpt2ft {
 namespace {
@@ -82,36 +82,15 @@ void fsync_directory(const std::filesystem::path& dir) {
 }
 
 std::string read_text_file(const std::filesystem::path& path) {
-  // A regular file of a sane size only: a FIFO would block, /dev/zero never ends.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) {
-    throw Error(path.string() + ": cannot open for reading (" +
-                (std::filesystem::exists(path) ? std::string(std::strerror(errno)) : "no such file") + ")");
-  }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw Error(path.string() + ": not a regular file (a folder, device, FIFO or socket)");
-  }
-  if (st.st_size > kMaxTextFileBytes) {
-    ::close(fd);
-    throw Error(path.string() + ": " + std::to_string(st.st_size) + " bytes, more than the " +
+  if (!std::filesystem::exists(path)) throw Error(path.string() + ": cannot open for reading (no such file)");
+  // MappedFile refuses what is not a regular file (a FIFO would block, /dev/zero never ends).
+  const MappedFile file(path);
+  if (file.size() > static_cast<size_t>(kMaxTextFileBytes)) {
+    throw Error(path.string() + ": " + std::to_string(file.size()) + " bytes, more than the " +
                 std::to_string(kMaxTextFileBytes >> 20) + " MiB a configuration or tokenizer file can be");
   }
-  std::string out(static_cast<size_t>(st.st_size), '\0');
-  size_t done = 0;
-  while (done < out.size()) {
-    const ssize_t n = ::read(fd, out.data() + done, out.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = n < 0 ? errno : 0;
-      ::close(fd);
-      throw Error(path.string() + ": read failed (" + (err ? std::strerror(err) : "the file shrank") + ")");
-    }
-    done += static_cast<size_t>(n);
-  }
-  ::close(fd);
-  return out;
+  if (file.size() == 0) return {};
+  return std::string(reinterpret_cast<const char*>(file.data()), file.size());
 }
 
 }  // namespace gpt2ft

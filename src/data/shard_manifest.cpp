@@ -34,10 +34,13 @@ std::optional<std::string> model_tokenizer_identity(const fs::path& model_dir) {
 }
 
 void check_shards_match_model(const std::vector<fs::path>& shards, const fs::path& model_dir, const std::string& what) {
+  check_shards_match_model(shards, model_dir, model_tokenizer_identity(model_dir), what);
+}
+
+void check_shards_match_model(const std::vector<fs::path>& shards, const fs::path& model_dir,
+                              const std::optional<std::string>& model, const std::string& what) {
   const std::optional<ShardTokenizer> made_by = shard_tokenizer(shards);
-  if (!made_by) return;
-  const std::optional<std::string> model = model_tokenizer_identity(model_dir);
-  if (!model || *model == made_by->identity) return;
+  if (!made_by || !model || *model == made_by->identity) return;
   throw Error(what + ": the shards were made with tokenizer " + made_by->identity + " (" +
               (made_by->source.empty() ? "?" : made_by->source) + ", per " + made_by->manifest.string() +
               ") but the model " + model_dir.string() + " has tokenizer " + *model +

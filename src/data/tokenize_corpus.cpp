@@ -237,6 +237,12 @@ class Progress {
   Clock::time_point start_, last_{};
 };
 
+std::string lowercase_extension(const fs::path& path) {
+  std::string ext = path.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+  return ext;
+}
+
 // What a config's data.train / data.val glob ("train_*.bin", "val_*.bin") would read as a shard.
 bool matches_shard_glob(const std::string& name) {
   return (name.rfind("train_", 0) == 0 || name.rfind("val_", 0) == 0) && fs::path(name).extension() == ".bin";
@@ -294,9 +300,7 @@ int64_t check_inputs(const TokenizeOptions& options) {
   int64_t total_bytes = 0;
   for (const auto& in : options.inputs) {
     if (!fs::is_regular_file(in)) throw Error(in.string() + ": no such file (--input)");
-    std::string ext = in.extension().string();
-    std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
-    if (ext == ".json") {  // tokenizing its raw text (braces, keys and all) is never what was meant
+    if (lowercase_extension(in) == ".json") {  // tokenizing its raw text (braces, keys and all) is never what was meant
       throw Error(in.string() + ": a .json file; give .jsonl (one JSON object per line, --jsonl-field naming the "
                                 "text), or rename it to .txt to tokenize its raw text");
     }
@@ -391,11 +395,7 @@ void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const f
 
 void check_tokenize_output(const TokenizeOptions& options) { existing_outputs(options); }
 
-bool is_jsonl_input(const fs::path& path) {
-  std::string ext = path.extension().string();
-  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
-  return ext == ".jsonl";
-}
+bool is_jsonl_input(const fs::path& path) { return lowercase_extension(path) == ".jsonl"; }
 
 TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOptions& options) {
   const auto start = std::chrono::steady_clock::now();

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <tuple>
+#include <utility>
 
 #include "gpt2ft/core/checksum.h"
 #include "gpt2ft/data/shard.h"
@@ -37,12 +39,14 @@ std::string folder_identity(const std::string& dir) {
   return hex64(fnv1a64(all));
 }
 
-std::string shards_identity(const std::string& pattern) {
+// The training shards' identity (names, sizes, sampled contents) and the tokenizer their
+// manifest records, from one listing of the glob.
+std::pair<std::string, std::string> shards_identity(const std::string& pattern) {
   std::vector<fs::path> shards;
   try {
     shards = expand_glob(pattern, "data.train");
   } catch (const std::exception&) {
-    return "(no shards)";  // the loader reports this itself, with its own message
+    return {"(no shards)", ""};  // the loader reports this itself, with its own message
   }
   std::string all;
   uintmax_t bytes = 0;
@@ -51,16 +55,13 @@ std::string shards_identity(const std::string& pattern) {
     // 64 KiB at each end: with thousands of shards a start must not read gigabytes.
     all += s.filename().string() + "=" + file_sample_checksum(s, size_t{64} << 10) + ";";
   }
-  return fmt::format("{} shard(s), {} bytes, id {}", shards.size(), bytes, hex64(fnv1a64(all)));
-}
-
-std::string shards_tokenizer(const std::string& pattern) {
+  std::string tokenizer;
   try {
-    const auto t = shard_tokenizer(expand_glob(pattern, "data.train"));
-    return t ? t->identity : "";
+    if (const auto t = shard_tokenizer(shards)) tokenizer = t->identity;
   } catch (const std::exception&) {
-    return "";
+    // a damaged manifest is reported by the tokenizer check, where one applies
   }
+  return {fmt::format("{} shard(s), {} bytes, id {}", shards.size(), bytes, hex64(fnv1a64(all))), tokenizer};
 }
 
 std::string number(double v) { return fmt::format("{:g}", v); }
@@ -94,8 +95,7 @@ nlohmann::json run_fingerprint(const TrainConfig& c) {
     f["model.lora"] = "off";
   }
   f["data.train"] = absolute(c.data.train);
-  f["data.train shards"] = shards_identity(c.data.train);
-  f["data.train tokenizer"] = shards_tokenizer(c.data.train);
+  std::tie(f["data.train shards"], f["data.train tokenizer"]) = shards_identity(c.data.train);
   f["data.seq_len"] = std::to_string(c.data.seq_len);
   f["data.shuffle"] = c.data.shuffle ? "true" : "false";
   f["data.seed"] = std::to_string(c.data.seed);

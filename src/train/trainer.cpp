@@ -240,9 +240,12 @@ Trainer::Trainer(const TrainConfig& cfg)
       checkpoints_(cfg_, comm_, device_),
       backoff_(cfg.oom) {
   if (!cfg_.model.init_from.empty()) {  // shards of another tokenizer would train without a word
-    check_shards_match_model(expand_glob(cfg_.data.train, "data.train"), cfg_.model.init_from, "data.train");
+    const auto model_tokenizer = model_tokenizer_identity(cfg_.model.init_from);
+    check_shards_match_model(expand_glob(cfg_.data.train, "data.train"), cfg_.model.init_from, model_tokenizer,
+                             "data.train");
     if (!cfg_.data.val.empty()) {
-      check_shards_match_model(expand_glob(cfg_.data.val, "data.val"), cfg_.model.init_from, "data.val");
+      check_shards_match_model(expand_glob(cfg_.data.val, "data.val"), cfg_.model.init_from, model_tokenizer,
+                               "data.val");
     }
   }
   if (comm_.is_main()) lock_.emplace(cfg_.output_dir, "output_dir");  // one run per folder

@@ -28,5 +28,9 @@ std::optional<std::string> model_tokenizer_identity(const std::filesystem::path&
 // ("data.train", "--data").
 void check_shards_match_model(const std::vector<std::filesystem::path>& shards, const std::filesystem::path& model_dir,
                               const std::string& what);
+// The same with the model's tokenizer identity already read (model_tokenizer_identity), for
+// several sets of shards against one model.
+void check_shards_match_model(const std::vector<std::filesystem::path>& shards, const std::filesystem::path& model_dir,
+                              const std::optional<std::string>& model_identity, const std::string& what);
 
 }  // namespace gpt2ft
