@@ -36,6 +36,14 @@ void add_eval_command(CLI::App& app, Runner& run) {
   cmd->add_option("--max-sequences", args->options.max_sequences, "Evaluate the first N windows only (0 = all)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--packing", args->options.packing,
+                  "Document shards: \"documents\" (each document whole, attending only to itself, as training "
+                  "packs them) or \"concat\"; auto = documents for document shards")
+      ->check(CLI::IsMember({"auto", "documents", "concat"}))
+      ->capture_default_str();
+  cmd->add_option("--too-long", args->options.too_long, "A document longer than --seq-len + 1 tokens: truncate | error")
+      ->check(CLI::IsMember({"truncate", "error"}))
+      ->capture_default_str();
   cmd->add_option("--device", args->device, "auto | cpu | cuda | cuda:N")->capture_default_str();
   cmd->add_flag("--json", args->json, "Print one JSON object as the last line");
   cmd->callback([args, &run] {
@@ -47,11 +55,17 @@ void add_eval_command(CLI::App& app, Runner& run) {
       if (!args->adapter.empty()) attach_adapter_folder(model, args->adapter);
       const EvalResult r = evaluate(model, shards, args->options, device);
       if (args->json) {
-        std::cout << nlohmann::json{{"loss", r.loss}, {"tokens", r.tokens}, {"perplexity", r.perplexity}}.dump()
+        std::cout << nlohmann::json{{"loss", r.loss},
+                                    {"tokens", r.tokens},
+                                    {"target_tokens", r.tokens},
+                                    {"sequences", r.sequences},
+                                    {"perplexity", r.perplexity}}
+                         .dump()
                   << std::endl;
       } else {
-        std::printf("loss %.6f over %lld tokens (%lld batches), perplexity %.4f\n", r.loss,
-                    static_cast<long long>(r.tokens), static_cast<long long>(r.batches), r.perplexity);
+        std::printf("loss %.6f over %lld target tokens (%lld sequences, %lld batches), perplexity %.4f\n", r.loss,
+                    static_cast<long long>(r.tokens), static_cast<long long>(r.sequences),
+                    static_cast<long long>(r.batches), r.perplexity);
       }
       return kExitOk;
     };

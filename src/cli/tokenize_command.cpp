@@ -36,8 +36,10 @@ std::vector<fs::path> sentencepiece_training_files(const TokenizeOptions& o, con
       } catch (const nlohmann::json::exception&) {
         continue;  // the tokenizer pass reports it with its line number
       }
-      if (j.is_object() && j.contains(o.jsonl_field) && j[o.jsonl_field].is_string()) {
-        dst << j[o.jsonl_field].get<std::string>() << "\n";
+      const std::vector<std::string> fields =
+          is_pairs(o) ? std::vector<std::string>{o.prompt_field, o.completion_field} : std::vector<std::string>{o.jsonl_field};
+      for (const auto& field : fields) {
+        if (j.is_object() && j.contains(field) && j[field].is_string()) dst << j[field].get<std::string>() << "\n";
       }
     }
     files.push_back(flat);
@@ -66,6 +68,14 @@ void add_tokenize_command(CLI::App& app, Runner& run) {
   cmd->add_option("--output-dir", args->options.output_dir, "Folder for the shards and manifest.json")->required();
   cmd->add_option("--jsonl-field", args->options.jsonl_field, "Field holding the text in .jsonl inputs")
       ->capture_default_str();
+  cmd->add_option("--prompt-field", args->options.prompt_field,
+                  "Prompt/completion pairs: the .jsonl field holding the prompt (with --completion-field); the loss "
+                  "is then taken on the completions only");
+  cmd->add_option("--completion-field", args->options.completion_field,
+                  "Prompt/completion pairs: the .jsonl field holding the completion the model learns to produce");
+  cmd->add_flag("--skip-bad-lines", args->options.skip_bad_lines,
+                "Pairs: skip (and count) lines that are not JSON objects with both fields as strings, instead of "
+                "stopping at the first");
   cmd->add_option("--val-fraction", args->options.val_fraction, "Share of documents for val shards")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1.0));
@@ -119,10 +129,18 @@ void add_tokenize_command(CLI::App& app, Runner& run) {
       }
       const auto tokenizer = load_tokenizer(tokenizer_path);
       const TokenizeSummary s = tokenize_corpus(*tokenizer, o);
-      spdlog::info("{} documents, {} tokens in {} train shard(s); {} documents, {} tokens in {} val shard(s); "
+      spdlog::info("{} {}, {} tokens in {} train shard(s); {} {}, {} tokens in {} val shard(s); "
                    "{:.1f} MB in {:.1f}s ({:.1f} MB/s)",
-                   s.documents[0], s.tokens[0], s.shards[0].size(), s.documents[1], s.tokens[1], s.shards[1].size(),
-                   s.bytes_read / 1e6, s.seconds, s.bytes_read / 1e6 / std::max(s.seconds, 1e-9));
+                   s.documents[0], is_pairs(o) ? "pairs" : "documents", s.tokens[0], s.shards[0].size(), s.documents[1],
+                   is_pairs(o) ? "pairs" : "documents", s.tokens[1], s.shards[1].size(), s.bytes_read / 1e6, s.seconds,
+                   s.bytes_read / 1e6 / std::max(s.seconds, 1e-9));
+      if (is_pairs(o)) {
+        spdlog::info("targets (completions + closing end-of-text): {} of {} train tokens, {} of {} val tokens; prompts "
+                     "{} and {} tokens{}",
+                     s.target_tokens[0], s.tokens[0], s.target_tokens[1], s.tokens[1], s.prompt_tokens[0],
+                     s.prompt_tokens[1],
+                     s.skipped_lines ? fmt::format("; {} bad line(s) skipped (--skip-bad-lines)", s.skipped_lines) : "");
+      }
       if (o.val_fraction > 0 && s.documents[1] == 0) {
         spdlog::warn("no document went to validation: --val-fraction {} of {} document(s) rounds to none (a .txt input "
                      "is one document). A config with data.val \"{}/val_*.bin\" will find no shards: split the text "

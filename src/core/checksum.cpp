@@ -26,12 +26,14 @@ uint64_t chain(uint64_t h, const uint8_t* p, size_t n) {
   return h;
 }
 
-std::string finish(uint64_t h) {
+uint64_t avalanche(uint64_t h) {
   h ^= h >> 33;
   h *= 0xFF51AFD7ED558CCDull;
   h ^= h >> 33;
-  return fmt::format("{:016x}", h);
+  return h;
 }
+
+std::string finish(uint64_t h) { return fmt::format("{:016x}", avalanche(h)); }
 
 }  // namespace
 
@@ -47,6 +49,10 @@ std::string file_sample_checksum(const std::filesystem::path& path, size_t sampl
   if (n <= 2 * sample_bytes) return finish(chain(h, file.data(), n));
   h = chain(h, file.data(), sample_bytes);
   return finish(chain(h, file.data() + n - sample_bytes, sample_bytes));
+}
+
+uint64_t bytes_checksum(const void* data, size_t size) {
+  return avalanche(chain(0xCBF29CE484222325ull ^ size, static_cast<const uint8_t*>(data), size));
 }
 
 }  // namespace gpt2ft

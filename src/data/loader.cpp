@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/data/samples.h"
 #include "gpt2ft/data/shard.h"
 
 namespace gpt2ft {
@@ -47,44 +48,20 @@ class SplitMix64 {
   uint64_t state_;
 };
 
-// Windows over the shards: sample s -> (shard, first token).
-class SampleIndex {
- public:
-  // Opens the shards; with vocab_size > 0 every id of each is checked once, here.
-  SampleIndex(const std::vector<std::filesystem::path>& paths, int64_t T, int64_t vocab_size) : T_(T) {
-    first_.push_back(0);
-    for (const auto& p : paths) {
-      shards_.push_back(std::make_unique<ShardReader>(p));
-      if (vocab_size > 0) shards_.back()->check_ids(vocab_size);
-      const int64_t n = shards_.back()->num_tokens();
-      first_.push_back(first_.back() + (n > T ? (n - 1) / T : 0));
-    }
-  }
-  int64_t size() const { return first_.back(); }
-  // Copies the T+1 tokens of `sample` into out.
-  void read(int64_t sample, int64_t* out) const {
-    const size_t s = static_cast<size_t>(std::upper_bound(first_.begin(), first_.end(), sample) - first_.begin() - 1);
-    shards_[s]->read((sample - first_[s]) * T_, T_ + 1, out);
-  }
-
- private:
-  int64_t T_;
-  std::vector<std::unique_ptr<ShardReader>> shards_;
-  std::vector<int64_t> first_;
-};
-
 }  // namespace
 
 struct DataLoader::Impl {
   struct Slot {
-    torch::Tensor host;  // (B, T+1) int64, pinned on CUDA
+    torch::Tensor host;  // (B, R, T) int64, rows x, y (and positions when packed); pinned on CUDA
+    torch::Tensor rows;  // (B*T) int64, the targets' indices (document shards); pinned on CUDA
+    int64_t num_targets = 0;
     std::vector<int64_t> samples;
     bool ready = false;
     std::exception_ptr error;
   };
 
   const LoaderOptions& opt;
-  SampleIndex index;
+  Samples index;
   std::mutex order_mutex;
   std::map<int64_t, std::shared_ptr<const std::vector<uint32_t>>> orders;
 
@@ -100,7 +77,17 @@ struct DataLoader::Impl {
   bool stop = false;
   std::vector<std::thread> workers;
 
-  Impl(const LoaderOptions& o) : opt(o), index(o.shards, o.seq_len, o.vocab_size) {}
+  Impl(const LoaderOptions& o) : opt(o), index(o.shards, sample_options(o)) {}
+
+  static SampleOptions sample_options(const LoaderOptions& o) {
+    SampleOptions s;
+    s.seq_len = o.seq_len;
+    s.packing = o.packing;
+    s.too_long = o.too_long;
+    s.vocab_size = o.vocab_size;
+    return s;
+  }
+  int64_t rows_per_sample() const { return index.packing() == Packing::kDocuments ? 3 : 2; }
 
   std::shared_ptr<const std::vector<uint32_t>> order(int64_t epoch) {
     std::lock_guard<std::mutex> lock(order_mutex);
@@ -124,12 +111,25 @@ struct DataLoader::Impl {
   void fill(Slot& slot, int64_t batch) {
     const int64_t B = opt.micro_batch, T = opt.seq_len;
     const int64_t first = start + batch * opt.world_size * B + opt.rank * B;
+    const int64_t R = rows_per_sample();
     slot.samples.resize(static_cast<size_t>(B));
     int64_t* dst = slot.host.data_ptr<int64_t>();
     for (int64_t i = 0; i < B; ++i) {
       slot.samples[static_cast<size_t>(i)] = sample_at(first + i);
-      index.read(slot.samples[static_cast<size_t>(i)], dst + i * (T + 1));
+      int64_t* row = dst + i * R * T;
+      index.read(slot.samples[static_cast<size_t>(i)], row, row + T, R == 3 ? row + 2 * T : nullptr);
     }
+    slot.num_targets = B * T;
+    if (!index.has_targets()) return;
+    int64_t* rows = slot.rows.data_ptr<int64_t>();
+    int64_t k = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t* y = dst + i * R * T + T;
+      for (int64_t t = 0; t < T; ++t) {
+        if (y[t] != kIgnoreTarget) rows[k++] = i * T + t;
+      }
+    }
+    slot.num_targets = k;
   }
 
   void worker_loop() {
@@ -163,8 +163,10 @@ struct DataLoader::Impl {
     const bool pin = opt.device.is_cuda();
     slots.clear();
     slots.resize(static_cast<size_t>(std::max(2, opt.prefetch)));
+    const auto options = torch::TensorOptions().dtype(torch::kLong).pinned_memory(pin);
     for (auto& s : slots) {
-      s.host = torch::empty({opt.micro_batch, opt.seq_len + 1}, torch::TensorOptions().dtype(torch::kLong).pinned_memory(pin));
+      s.host = torch::empty({opt.micro_batch, rows_per_sample(), opt.seq_len}, options);
+      if (index.has_targets()) s.rows = torch::empty({opt.micro_batch * opt.seq_len}, options);
     }
     for (int i = 0; i < std::max(1, opt.num_workers); ++i) workers.emplace_back([this] { worker_loop(); });
   }
@@ -201,8 +203,11 @@ DataLoader::DataLoader(LoaderOptions options, LoaderState start) : options_(std:
   }
   impl_ = std::make_unique<Impl>(options_);
   if (impl_->index.size() == 0) {
-    throw Error(describe_files(options_.shards) + ": no complete sample of seq_len+1 = " +
-                std::to_string(options_.seq_len + 1) + " tokens in these shards; use a shorter data.seq_len or more data");
+    throw Error(describe_files(options_.shards) +
+                (impl_->index.packing() == Packing::kDocuments
+                     ? std::string(": no document of two tokens or more in these shards; use more data")
+                     : ": no complete sample of seq_len+1 = " + std::to_string(options_.seq_len + 1) +
+                           " tokens in these shards; use a shorter data.seq_len or more data"));
   }
   if (impl_->index.size() > 0xFFFFFFFFll) throw Error("data loader: more than 2^32 samples per epoch are not supported");
   if (start.epoch < 0 || start.epoch > (1ll << 30) || start.consumed < 0 || start.consumed > impl_->index.size()) {
@@ -216,6 +221,19 @@ DataLoader::DataLoader(LoaderOptions options, LoaderState start) : options_(std:
 DataLoader::~DataLoader() { impl_->stop_workers(); }
 
 int64_t DataLoader::samples_per_epoch() const { return impl_->index.size(); }
+
+bool DataLoader::has_targets() const { return impl_->index.has_targets(); }
+
+std::string DataLoader::describe() const { return impl_->index.describe(); }
+
+int64_t DataLoader::targets_in_next(int64_t samples) const {
+  const Samples& index = impl_->index;
+  if (!index.has_targets()) return samples * options_.seq_len;
+  const int64_t start = state_.epoch * index.size() + state_.consumed;
+  int64_t total = 0;
+  for (int64_t i = 0; i < samples; ++i) total += index.targets(impl_->sample_at(start + i));
+  return total;
+}
 
 int64_t DataLoader::sample_at(int64_t epoch, int64_t position) const {
   return impl_->sample_at(epoch * impl_->index.size() + position);
@@ -234,20 +252,25 @@ Batch DataLoader::next() {
 
   Batch out;
   out.samples = slot.samples;
-  torch::Tensor tokens;  // (B, T+1)
+  out.num_targets = slot.num_targets;
+  torch::Tensor tokens;  // (B, R, T)
+  torch::Tensor rows = slot.rows.defined() ? slot.rows.narrow(0, 0, slot.num_targets) : torch::Tensor();  // (K)
   if (options_.device.is_cpu()) {
     tokens = slot.host.clone();
+    if (rows.defined()) rows = rows.clone();
     m.in_use = batch;
     m.release_in_use();
   } else {
     tokens = slot.host.to(options_.device, /*non_blocking=*/true);
+    if (rows.defined()) rows = rows.to(options_.device, /*non_blocking=*/true);
     m.copy_done.emplace(options_.device.type());
     m.copy_done->record(c10::impl::getDeviceGuardImpl(options_.device.type())->getStream(options_.device));
     m.in_use = batch;
   }
-  const int64_t T = options_.seq_len;
-  out.x = tokens.narrow(1, 0, T);
-  out.y = tokens.narrow(1, 1, T);
+  out.x = tokens.select(1, 0);
+  out.y = tokens.select(1, 1);
+  if (tokens.size(1) == 3) out.positions = tokens.select(1, 2);
+  out.target_rows = rows;
   const int64_t S = m.index.size();
   const int64_t g = m.start + (batch + 1) * options_.world_size * options_.micro_batch;
   out.state_after = LoaderState{g / S, g % S};

@@ -10,11 +10,22 @@
 #include <c10/util/Exception.h>
 
 #include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/checksum.h"
 #include "gpt2ft/core/error.h"
 
 namespace gpt2ft {
 
 int shard_token_bytes(int64_t vocab_size) { return vocab_size <= 65536 ? 2 : 4; }
+
+namespace {
+
+size_t align4(size_t n) { return (n + 3) & ~size_t{3}; }
+
+uint64_t header_checksum(const int32_t* header) {
+  return static_cast<uint32_t>(header[5]) | (static_cast<uint64_t>(static_cast<uint32_t>(header[6])) << 32);
+}
+
+}  // namespace
 
 ShardReader::ShardReader(const std::filesystem::path& path) : file_(path) {
   const std::string where = path.string();
@@ -22,7 +33,7 @@ ShardReader::ShardReader(const std::filesystem::path& path) : file_(path) {
     throw Error(where + ": not a token shard: " + std::to_string(file_.size()) +
                 " bytes is shorter than the 1024-byte header");
   }
-  int32_t header[3];
+  int32_t header[7];
   std::memcpy(header, file_.data(), sizeof(header));
   if (header[0] == kShardMagicU16) {
     token_bytes_ = 2;
@@ -36,10 +47,13 @@ ShardReader::ShardReader(const std::filesystem::path& path) : file_(path) {
       throw Error(where + ": shard version " + std::to_string(header[1]) + " with magic " +
                   std::to_string(kShardMagicU32) + " (expected version 7, uint32 tokens)");
     }
+  } else if (header[0] == kShardMagicDocuments) {
+    open_documents(header);
+    return;
   } else {
     throw Error(where + ": bad magic number " + std::to_string(header[0]) + " (expected " +
-                std::to_string(kShardMagicU16) + " or " + std::to_string(kShardMagicU32) +
-                "); not a token shard, or corrupt");
+                std::to_string(kShardMagicU16) + ", " + std::to_string(kShardMagicU32) + " or " +
+                std::to_string(kShardMagicDocuments) + "); not a token shard, or corrupt");
   }
   if (header[2] < 0) throw Error(where + ": negative token count " + std::to_string(header[2]) + " in the header");
   num_tokens_ = header[2];
@@ -49,6 +63,59 @@ ShardReader::ShardReader(const std::filesystem::path& path) : file_(path) {
                 std::to_string(expected) + " bytes) but the file has " + std::to_string(file_.size()) +
                 " bytes; truncated or corrupt");
   }
+}
+
+void ShardReader::open_documents(const int32_t* header) {
+  const std::string where = path().string() + ": document shard";
+  if (header[1] != kShardVersionDocuments) {
+    throw Error(where + " version " + std::to_string(header[1]) + " (expected " +
+                std::to_string(kShardVersionDocuments) + "); made by a newer gpt2-finetune, or corrupt");
+  }
+  if (header[3] != 2 && header[3] != 4) {
+    throw Error(where + ": token width " + std::to_string(header[3]) + " bytes in the header (expected 2 or 4); corrupt");
+  }
+  if (header[2] < 0 || header[4] < 0 || (header[2] == 0) != (header[4] == 0) || header[4] > header[2]) {
+    throw Error(where + ": " + std::to_string(header[2]) + " tokens and " + std::to_string(header[4]) +
+                " documents in the header do not go together; corrupt");
+  }
+  token_bytes_ = header[3];
+  num_tokens_ = header[2];
+  num_documents_ = header[4];
+  const size_t tokens_end = kShardHeaderBytes + static_cast<size_t>(num_tokens_) * token_bytes_;
+  const size_t starts_at = align4(tokens_end);
+  const size_t targets_at = starts_at + 4 * static_cast<size_t>(num_documents_);
+  const size_t expected = targets_at + (static_cast<size_t>(num_tokens_) + 7) / 8;
+  if (file_.size() != expected) {
+    throw Error(where + ": the header says " + std::to_string(num_tokens_) + " tokens and " +
+                std::to_string(num_documents_) + " documents (" + std::to_string(expected) +
+                " bytes with the document and target sections) but the file has " + std::to_string(file_.size()) +
+                " bytes; truncated or corrupt. Re-run tokenize");
+  }
+  starts_ = file_.data() + starts_at;
+  targets_ = file_.data() + targets_at;
+  if (bytes_checksum(starts_, expected - starts_at) != header_checksum(header)) {
+    throw Error(where + ": the document starts or target bits do not match the header's checksum; the file is "
+                        "damaged. Re-run tokenize");
+  }
+  int64_t previous = -1;
+  for (int64_t d = 0; d < num_documents_; ++d) {
+    const int64_t s = document_start(d);
+    if (s <= previous || s >= num_tokens_ || (d == 0 && s != 0)) {
+      throw Error(where + ": document " + std::to_string(d) + " starts at token " + std::to_string(s) +
+                  (d == 0 ? " (expected 0)" : " after " + std::to_string(previous)) + "; corrupt. Re-run tokenize");
+    }
+    previous = s;
+  }
+}
+
+int64_t ShardReader::document_start(int64_t d) const {
+  uint32_t v;
+  std::memcpy(&v, starts_ + 4 * d, 4);
+  return v;
+}
+
+int64_t ShardReader::document_end(int64_t d) const {
+  return d + 1 < num_documents_ ? document_start(d + 1) : num_tokens_;
 }
 
 uint32_t ShardReader::token(int64_t i) const {
@@ -109,31 +176,60 @@ std::string describe_files(const std::vector<std::filesystem::path>& files) {
 }
 
 void write_shard(const std::filesystem::path& path, const std::vector<uint32_t>& tokens,
-                 int token_bytes) {
+                 int token_bytes, const ShardDocuments* documents) {
   if (token_bytes != 2 && token_bytes != 4) throw Error(path.string() + ": token width must be 2 or 4 bytes");
   if (tokens.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
     throw Error(path.string() + ": " + std::to_string(tokens.size()) +
                 " tokens exceed the format's limit of 2^31-1 per shard; use smaller shards");
   }
-  int32_t header[kShardHeaderInts] = {};
-  header[0] = token_bytes == 2 ? kShardMagicU16 : kShardMagicU32;
-  header[1] = token_bytes == 2 ? kShardVersionU16 : kShardVersionU32;
-  header[2] = static_cast<int32_t>(tokens.size());
-  AtomicFileWriter writer(path);
-  writer.write(header, sizeof(header));
+  std::vector<uint8_t> body(tokens.size() * token_bytes);
   if (token_bytes == 4) {
-    writer.write(tokens.data(), tokens.size() * 4);
+    std::memcpy(body.data(), tokens.data(), body.size());
   } else {
-    std::vector<uint16_t> narrow(tokens.size());
     for (size_t i = 0; i < tokens.size(); ++i) {
       if (tokens[i] > 0xFFFF) {
         throw Error(path.string() + ": token id " + std::to_string(tokens[i]) + " at position " +
                     std::to_string(i) + " does not fit in uint16; write a uint32 shard");
       }
-      narrow[i] = static_cast<uint16_t>(tokens[i]);
+      const uint16_t narrow = static_cast<uint16_t>(tokens[i]);
+      std::memcpy(body.data() + 2 * i, &narrow, 2);
     }
-    writer.write(narrow.data(), narrow.size() * 2);
   }
+  int32_t header[kShardHeaderInts] = {};
+  header[0] = token_bytes == 2 ? kShardMagicU16 : kShardMagicU32;
+  header[1] = token_bytes == 2 ? kShardVersionU16 : kShardVersionU32;
+  header[2] = static_cast<int32_t>(tokens.size());
+  std::vector<uint8_t> sections;  // document starts and target bits
+  if (documents) {
+    const auto& starts = documents->starts;
+    if (documents->targets.size() != tokens.size() || (tokens.empty() != starts.empty()) ||
+        (!starts.empty() && starts[0] != 0)) {
+      throw Error(path.string() + ": a document shard needs one target flag per token and documents from token 0");
+    }
+    for (size_t d = 1; d < starts.size(); ++d) {
+      if (starts[d] <= starts[d - 1] || starts[d] >= tokens.size()) {
+        throw Error(path.string() + ": document starts must increase and lie inside the tokens");
+      }
+    }
+    header[0] = kShardMagicDocuments;
+    header[1] = kShardVersionDocuments;
+    header[3] = token_bytes;
+    header[4] = static_cast<int32_t>(starts.size());
+    body.resize(align4(body.size()), 0);
+    sections.resize(4 * starts.size() + (tokens.size() + 7) / 8, 0);
+    std::memcpy(sections.data(), starts.data(), 4 * starts.size());
+    uint8_t* bits = sections.data() + 4 * starts.size();
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      if (documents->targets[i]) bits[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+    }
+    const uint64_t sum = bytes_checksum(sections.data(), sections.size());
+    header[5] = static_cast<int32_t>(static_cast<uint32_t>(sum));
+    header[6] = static_cast<int32_t>(static_cast<uint32_t>(sum >> 32));
+  }
+  AtomicFileWriter writer(path);
+  writer.write(header, sizeof(header));
+  writer.write(body.data(), body.size());
+  if (!sections.empty()) writer.write(sections.data(), sections.size());
   writer.commit();
 }
 

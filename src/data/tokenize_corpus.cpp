@@ -31,19 +31,41 @@ constexpr size_t kBatchBytes = 32u << 20;      // text tokenized in parallel per
 bool is_ascii_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 bool is_ascii_alnum(char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 
-// A piece of one document; starts_document marks the first piece.
+// A piece of one document; starts_document marks the first piece. A prompt/completion pair
+// is one unit: text is the prompt, completion the completion.
 struct Unit {
   std::string text;
   bool starts_document = false;
   int split = 0;  // 0 train, 1 val
   std::vector<uint32_t> ids;
+  bool pair = false;
+  std::string completion;
+  std::vector<uint32_t> completion_ids;
 };
 
-// Accumulates one split's tokens and writes full shards into a folder.
+// Accumulates one split's tokens and writes full shards into a folder: plain text shards
+// (append), or document shards (append_document) whose documents are never split.
 class ShardSink {
  public:
   ShardSink(fs::path dir, std::string prefix, int token_bytes, int64_t shard_tokens)
       : dir_(std::move(dir)), prefix_(std::move(prefix)), token_bytes_(token_bytes), shard_tokens_(shard_tokens) {}
+
+  // end-of-text, prompt, completion, end-of-text; the completion and the last end-of-text are
+  // the targets. Starts a new shard first when the document would not fit in this one.
+  void append_document(uint32_t eot, const std::vector<uint32_t>& prompt, const std::vector<uint32_t>& completion) {
+    const size_t length = prompt.size() + completion.size() + 2;
+    if (!buffer_.empty() && buffer_.size() + length > static_cast<size_t>(shard_tokens_)) flush();
+    documents_.starts.push_back(static_cast<uint32_t>(buffer_.size()));
+    buffer_.push_back(eot);
+    buffer_.insert(buffer_.end(), prompt.begin(), prompt.end());
+    buffer_.insert(buffer_.end(), completion.begin(), completion.end());
+    buffer_.push_back(eot);
+    documents_.targets.resize(buffer_.size(), true);
+    std::fill(documents_.targets.end() - static_cast<std::ptrdiff_t>(length),
+              documents_.targets.end() - static_cast<std::ptrdiff_t>(completion.size() + 1), false);
+    has_documents_ = true;
+    if (buffer_.size() >= static_cast<size_t>(shard_tokens_)) flush();
+  }
 
   void append(const std::vector<uint32_t>& ids) {
     size_t i = 0;
@@ -59,9 +81,10 @@ class ShardSink {
     if (buffer_.empty()) return;
     char name[64];
     std::snprintf(name, sizeof(name), "%s_%06zu.bin", prefix_.c_str(), files_.size());
-    write_shard(dir_ / name, buffer_, token_bytes_);
+    write_shard(dir_ / name, buffer_, token_bytes_, has_documents_ ? &documents_ : nullptr);
     files_.push_back({name, static_cast<int64_t>(buffer_.size())});
     buffer_.clear();
+    documents_ = {};
   }
   const std::vector<std::pair<std::string, int64_t>>& files() const { return files_; }
 
@@ -71,6 +94,8 @@ class ShardSink {
   int token_bytes_;
   int64_t shard_tokens_;
   std::vector<uint32_t> buffer_;
+  bool has_documents_ = false;
+  ShardDocuments documents_;  // of buffer_
   std::vector<std::pair<std::string, int64_t>> files_;
 };
 
@@ -93,6 +118,7 @@ class DocumentReader {
   }
 
   int64_t bytes_read() const { return bytes_read_; }
+  int64_t skipped_lines() const { return skipped_lines_; }
 
  private:
   bool open_next_file() {
@@ -130,15 +156,21 @@ class DocumentReader {
         ++line_no_;
         bytes_read_ += static_cast<int64_t>(line.size()) + 1;
         if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+        const std::string where = path_.string() + ":" + std::to_string(line_no_);
         nlohmann::json j;
         try {
-          j = parse_json_limited(line, path_.string() + ":" + std::to_string(line_no_));
+          j = parse_json_limited(line, where);
         } catch (const nlohmann::json::exception& e) {
-          throw Error(path_.string() + ":" + std::to_string(line_no_) + ": not valid JSON (" + e.what() + ")");
+          if (skip_bad_line(where + ": not valid JSON (" + e.what() + ")")) continue;
+        }
+        if (is_pairs(options_)) {
+          if (!read_pair(j, where, unit)) continue;
+          unit.split = assign_split();
+          return true;
         }
         if (!j.is_object() || !j.contains(options_.jsonl_field) || !j[options_.jsonl_field].is_string()) {
-          throw Error(path_.string() + ":" + std::to_string(line_no_) + ": expected an object with a string field \"" +
-                      options_.jsonl_field + "\" (set another with --jsonl-field)");
+          throw Error(where + ": expected an object with a string field \"" + options_.jsonl_field +
+                      "\" (set another with --jsonl-field)");
         }
         unit.text = j[options_.jsonl_field].get<std::string>();
         unit.starts_document = true;
@@ -183,6 +215,39 @@ class DocumentReader {
     }
   }
 
+  // A bad line: an Error, or with --skip-bad-lines a warning (the first few) and a count.
+  bool skip_bad_line(const std::string& why) {
+    if (!options_.skip_bad_lines || !is_pairs(options_)) {
+      throw Error(why + (is_pairs(options_) ? "; fix the line, or pass --skip-bad-lines to skip and count such lines" : ""));
+    }
+    if (++skipped_lines_ <= 5) spdlog::warn("skipped {}", why);
+    return true;
+  }
+
+  // The prompt and completion of a pair's line; false when the line is skipped.
+  bool read_pair(const nlohmann::json& j, const std::string& where, Unit& unit) {
+    for (const std::string* field : {&options_.prompt_field, &options_.completion_field}) {
+      const char* what = field == &options_.prompt_field ? "prompt" : "completion";
+      if (!j.is_object() || !j.contains(*field)) {
+        return !skip_bad_line(where + ": no " + what + " field \"" + *field + "\"" +
+                              (j.is_object() ? "" : " (the line is not a JSON object)"));
+      }
+      if (!j[*field].is_string()) {
+        return !skip_bad_line(where + ": the " + what + " field \"" + *field + "\" is " + j[*field].type_name() +
+                              ", expected a string");
+      }
+    }
+    unit.text = j[options_.prompt_field].get<std::string>();
+    unit.completion = j[options_.completion_field].get<std::string>();
+    if (unit.completion.empty()) {
+      return !skip_bad_line(where + ": the completion field \"" + options_.completion_field +
+                            "\" is empty; there would be nothing to learn but the end of text");
+    }
+    unit.pair = true;
+    unit.starts_document = true;
+    return true;
+  }
+
   // Appends up to kBlockBytes to pending_; false at the end of the file.
   bool read_block() {
     if (eof_) return false;
@@ -207,6 +272,7 @@ class DocumentReader {
   int current_split_ = 0;
   int64_t documents_ = 0;
   int64_t bytes_read_ = 0;
+  int64_t skipped_lines_ = 0;
 };
 
 class Progress {
@@ -297,12 +363,26 @@ int64_t check_inputs(const TokenizeOptions& options) {
     throw Error("--val-fraction: expected a number in [0, 1], got " + std::to_string(options.val_fraction));
   }
   if (options.shard_tokens < 1) throw Error("--shard-tokens: expected an integer >= 1");
+  if (options.prompt_field.empty() != options.completion_field.empty()) {
+    throw Error("--prompt-field and --completion-field go together: give both for prompt/completion pairs, or "
+                "neither for text");
+  }
+  if (is_pairs(options) && options.prompt_field == options.completion_field) {
+    throw Error("--prompt-field and --completion-field both name \"" + options.prompt_field + "\"; give two fields");
+  }
+  if (options.skip_bad_lines && !is_pairs(options)) {
+    throw Error("--skip-bad-lines applies to prompt/completion pairs (--prompt-field, --completion-field)");
+  }
   int64_t total_bytes = 0;
   for (const auto& in : options.inputs) {
     if (!fs::is_regular_file(in)) throw Error(in.string() + ": no such file (--input)");
     if (lowercase_extension(in) == ".json") {  // tokenizing its raw text (braces, keys and all) is never what was meant
       throw Error(in.string() + ": a .json file; give .jsonl (one JSON object per line, --jsonl-field naming the "
                                 "text), or rename it to .txt to tokenize its raw text");
+    }
+    if (is_pairs(options) && !is_jsonl_input(in)) {
+      throw Error(in.string() + ": prompt/completion pairs are read from .jsonl files (one JSON object per line with "
+                                "the fields \"" + options.prompt_field + "\" and \"" + options.completion_field + "\")");
     }
     total_bytes += static_cast<int64_t>(fs::file_size(in));
   }
@@ -346,6 +426,10 @@ void encode_units(const Tokenizer& tokenizer, std::vector<Unit>& units, int work
         for (size_t i = static_cast<size_t>(w); i < units.size(); i += static_cast<size_t>(workers)) {
           units[i].ids.clear();
           tokenizer.encode(units[i].text, units[i].ids);
+          if (units[i].pair) {
+            units[i].completion_ids.clear();
+            tokenizer.encode(units[i].completion, units[i].completion_ids);
+          }
         }
       } catch (...) {
         errors[static_cast<size_t>(w)] = std::current_exception();
@@ -375,7 +459,7 @@ void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const f
   fsync_directory(options.output_dir);
   nlohmann::json inputs = nlohmann::json::array();
   for (const auto& in : options.inputs) inputs.push_back(in.string());
-  const nlohmann::json manifest = {
+  nlohmann::json manifest = {
       {"format", "gpt2ft-shards"},
       {"version", 1},
       {"tokenizer", {{"kind", tokenizer.kind()}, {"identity", tokenizer.identity()},
@@ -383,11 +467,23 @@ void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const f
                      {"source", fs::absolute(tokenizer.source()).string()}}},
       {"token_bytes", token_bytes},
       {"inputs", inputs},
-      {"jsonl_field", options.jsonl_field},
       {"val_fraction", options.val_fraction},
       {"documents", {{"train", summary.documents[0]}, {"val", summary.documents[1]}}},
       {"tokens", {{"train", summary.tokens[0]}, {"val", summary.tokens[1]}}},
       {"shards", shards}};
+  nlohmann::json& m = manifest;
+  if (is_pairs(options)) {  // document shards
+    m["kind"] = "prompt_completion";
+    m["prompt_field"] = options.prompt_field;
+    m["completion_field"] = options.completion_field;
+    m["pairs"] = {{"train", summary.documents[0]}, {"val", summary.documents[1]}};
+    m["prompt_tokens"] = {{"train", summary.prompt_tokens[0]}, {"val", summary.prompt_tokens[1]}};
+    m["target_tokens"] = {{"train", summary.target_tokens[0]}, {"val", summary.target_tokens[1]}};
+    m["skipped_lines"] = summary.skipped_lines;
+  } else {
+    m["kind"] = "text";
+    m["jsonl_field"] = options.jsonl_field;
+  }
   write_file_atomic(options.output_dir / "manifest.json", manifest.dump(2) + "\n");
 }
 
@@ -396,6 +492,8 @@ void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const f
 void check_tokenize_output(const TokenizeOptions& options) { existing_outputs(options); }
 
 bool is_jsonl_input(const fs::path& path) { return lowercase_extension(path) == ".jsonl"; }
+
+bool is_pairs(const TokenizeOptions& options) { return !options.prompt_field.empty(); }
 
 TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOptions& options) {
   const auto start = std::chrono::steady_clock::now();
@@ -420,6 +518,14 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
     while (reader.next_batch(units)) {
       encode_units(tokenizer, units, workers);
       for (const Unit& u : units) {  // appended in input order
+        if (u.pair) {
+          sinks[u.split].append_document(eot, u.ids, u.completion_ids);
+          ++summary.documents[u.split];
+          summary.tokens[u.split] += static_cast<int64_t>(u.ids.size() + u.completion_ids.size() + 2);
+          summary.prompt_tokens[u.split] += static_cast<int64_t>(u.ids.size());
+          summary.target_tokens[u.split] += static_cast<int64_t>(u.completion_ids.size() + 1);
+          continue;
+        }
         if (u.starts_document) {
           sinks[u.split].append({eot});
           ++summary.documents[u.split];
@@ -432,6 +538,7 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
     }
     progress.finish();
     summary.bytes_read = reader.bytes_read();
+    summary.skipped_lines = reader.skipped_lines();
 
     nlohmann::json shards = {{"train", nlohmann::json::array()}, {"val", nlohmann::json::array()}};
     for (int s = 0; s < 2; ++s) {

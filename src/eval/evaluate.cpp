@@ -11,59 +11,31 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/fault_injection.h"
 #include "gpt2ft/core/out_of_memory.h"
+#include "gpt2ft/data/samples.h"
 #include "gpt2ft/data/shard.h"
 
 namespace gpt2ft {
 namespace {
 
-struct Window {
-  const ShardReader* shard;
-  int64_t begin;
-};
-
-// The shards, opened, and their windows of T+1 tokens at stride T (incomplete tails dropped).
-struct Windows {
-  std::vector<std::unique_ptr<ShardReader>> readers;
-  std::vector<Window> list;
-};
-
-// Every id is checked against the vocabulary once, when a shard is opened.
-Windows windows_of(const std::vector<std::filesystem::path>& shards, int64_t T, int64_t vocab_size) {
-  Windows w;
-  for (const auto& path : shards) {
-    w.readers.push_back(std::make_unique<ShardReader>(path));
-    w.readers.back()->check_ids(vocab_size);
-    const ShardReader& r = *w.readers.back();
-    const int64_t count = r.num_tokens() > T ? (r.num_tokens() - 1) / T : 0;
-    for (int64_t k = 0; k < count; ++k) w.list.push_back({&r, k * T});
-  }
-  if (w.list.empty()) {
-    throw Error(describe_files(shards) + ": no complete window of seq_len+1 = " + std::to_string(T + 1) +
-                " tokens in these shards; use a smaller --seq-len or more data");
-  }
-  return w;
-}
-
-// Reads `rows` windows from `first` into host (B, T+1).
-void read_windows(const std::vector<Window>& windows, int64_t first, int64_t rows, int64_t T, torch::Tensor& host) {
-  int64_t* data = host.data_ptr<int64_t>();
-  for (int64_t i = 0; i < rows; ++i) windows[first + i].shard->read(windows[first + i].begin, T + 1, data + i * (T + 1));
-}
-
-// The summed loss (double, on the device) of a batch (rows, T+1), in forward passes of at
-// most `per_pass` windows; out of memory halves `per_pass` (down to 1) and goes on.
-torch::Tensor batch_loss_sum(GPT2& model, const torch::Tensor& batch, int64_t& per_pass, const EvalOptions& options,
-                             c10::Device device) {
-  const int64_t rows = batch.size(0), T = options.seq_len;
+// The summed loss (double, on the device) of a batch (rows, R, T): rows x, y (kIgnoreTarget
+// where no target) and, packed, positions. In forward passes of at most `per_pass` windows;
+// out of memory halves `per_pass` (down to 1) and goes on.
+torch::Tensor batch_loss_sum(GPT2& model, const torch::Tensor& batch, bool has_targets, int64_t& per_pass,
+                             const EvalOptions& options, c10::Device device) {
+  const int64_t rows = batch.size(0);
   torch::Tensor sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   for (int64_t at = 0; at < rows;) {
     const int64_t n = std::min(per_pass, rows - at);
-    const torch::Tensor x = batch.narrow(0, at, n).narrow(1, 0, T), y = batch.narrow(0, at, n).narrow(1, 1, T);  // (n, T)
+    const torch::Tensor part = batch.narrow(0, at, n);               // (n, R, T)
+    const torch::Tensor x = part.select(1, 0), y = part.select(1, 1);  // (n, T)
+    LossTargets which;
+    if (part.size(1) == 3) which.positions = part.select(1, 2);
+    if (has_targets) which.target_rows = y.reshape({-1}).ne(kIgnoreTarget).nonzero().squeeze(1);  // (K)
+    which.divisor = 1;  // the sum
     try {
       AutocastGuard autocast(device.type(), options.amp_dtype);
       maybe_inject_oom(n);
-      const torch::Tensor mean = model->forward_loss(x, y);  // () float32, mean over n*T tokens
-      sum += mean.to(torch::kDouble) * static_cast<double>(n * T);
+      sum += model->forward_loss(x, y, which).to(torch::kDouble);  // () float32, summed over the targets
       at += n;
     } catch (const std::exception& e) {
       if (!is_out_of_memory(e) || per_pass == 1) throw;
@@ -89,10 +61,20 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
                 std::to_string(config.n_positions) + ")");
   }
   if (options.batch_size < 1) throw Error("--batch-size: expected an integer >= 1");
-  const Windows windows = windows_of(shards, T, config.vocab_size);
+  SampleOptions sample_options;
+  sample_options.seq_len = T;
+  sample_options.packing = options.packing;
+  sample_options.too_long = options.too_long;
+  sample_options.vocab_size = config.vocab_size;
+  sample_options.what = options.what;
+  const Samples samples(shards, sample_options);
+  if (samples.size() == 0) {
+    throw Error(describe_files(shards) + ": no sample of seq_len+1 = " + std::to_string(T + 1) +
+                " tokens in these shards; use a smaller sequence length or more data");
+  }
 
   const int64_t B = options.batch_size;
-  int64_t num_windows = static_cast<int64_t>(windows.list.size());
+  int64_t num_windows = samples.size();
   if (options.max_sequences > 0) num_windows = std::min(num_windows, options.max_sequences);
   const int64_t num_batches = (num_windows + B - 1) / B;
 
@@ -102,14 +84,19 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   int64_t tokens = 0;
   int64_t per_pass = options.max_forward_batch > 0 ? std::min(B, options.max_forward_batch) : B;  // halved on OOM
-  torch::Tensor host = torch::empty({B, T + 1}, torch::kLong);  // (B, T+1)
+  const int64_t R = samples.packing() == Packing::kDocuments ? 3 : 2;
+  torch::Tensor host = torch::empty({B, R, T}, torch::kLong);  // (B, R, T) x, y, positions
   const int64_t rank = options.comm ? options.comm->rank() : 0;
   const int64_t ranks = options.comm ? options.comm->world_size() : 1;
   for (int64_t b = rank; b < num_batches; b += ranks) {
     const int64_t rows = std::min<int64_t>(B, num_windows - b * B);
-    read_windows(windows.list, b * B, rows, T, host);
-    loss_sum += batch_loss_sum(model, host.narrow(0, 0, rows).to(device), per_pass, options, device);  // read once, below
-    tokens += rows * T;
+    int64_t* data = host.data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows; ++i) {
+      int64_t* row = data + i * R * T;
+      tokens += samples.read(b * B + i, row, row + T, R == 3 ? row + 2 * T : nullptr);
+    }
+    loss_sum += batch_loss_sum(model, host.narrow(0, 0, rows).to(device), samples.has_targets(), per_pass,
+                               options, device);  // read once, below
   }
   if (was_training) model->train();
   double loss = 0;
@@ -122,8 +109,13 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
     loss = loss_sum.item<double>();
   }
 
+  if (tokens == 0) {
+    throw Error(describe_files(shards) + ": no target token in the " + std::to_string(num_windows) +
+                " sequences evaluated (every completion cut off by the sequence length?)");
+  }
   EvalResult result;
   result.tokens = tokens;
+  result.sequences = num_windows;
   result.batches = num_batches;
   result.forward_batch = per_pass;
   result.loss = loss / static_cast<double>(tokens);

@@ -32,9 +32,12 @@ class AutocastCacheOff {
 // gradients are returned to autograd, which accumulates them as for any other use.
 struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
   // The block is passed by address: it outlives the graph (it belongs to the model).
-  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::TensorList params, int64_t block_address) {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::TensorList params,
+                               std::optional<torch::Tensor> mask_or_none, int64_t block_address) {
     const c10::Device device = x.device();
+    const torch::Tensor mask = mask_or_none.value_or(torch::Tensor());
     ctx->saved_data["block"] = block_address;
+    ctx->saved_data["mask"] = mask;  // no gradient: kept as it is
     ctx->saved_data["cpu_rng"] = get_rng_state(c10::kCPU);
     if (device.is_cuda()) ctx->saved_data["device_rng"] = get_rng_state(device);
     const bool autocast = at::autocast::is_autocast_enabled(device.type());
@@ -44,7 +47,7 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     saved.insert(saved.end(), params.begin(), params.end());
     ctx->save_for_backward(saved);
     AutocastCacheOff cache_off;
-    return reinterpret_cast<BlockImpl*>(block_address)->forward(x);
+    return reinterpret_cast<BlockImpl*>(block_address)->forward(x, mask);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -52,6 +55,7 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     const torch::Tensor& x = saved[0];
     const c10::Device device = x.device();
     auto* block = reinterpret_cast<BlockImpl*>(ctx->saved_data["block"].toInt());
+    const torch::Tensor mask = ctx->saved_data["mask"].isTensor() ? ctx->saved_data["mask"].toTensor() : torch::Tensor();
 
     // Recompute with the forward pass's RNG state, then put the current state back.
     const torch::Tensor cpu_now = get_rng_state(c10::kCPU);
@@ -69,7 +73,7 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
                                                               : c10::kFloat;
       AutocastGuard autocast(device.type(), dtype);
       AutocastCacheOff cache_off;
-      output = block->forward(input);
+      output = block->forward(input, mask);
     }
     set_rng_state(c10::kCPU, cpu_now);
     if (device_now) set_rng_state(device, *device_now);
@@ -83,6 +87,7 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     variable_list result;
     result.push_back(x_grad ? grads[0] : torch::Tensor());
     result.insert(result.end(), grads.begin() + (x_grad ? 1 : 0), grads.end());
+    result.emplace_back();  // the mask
     result.emplace_back();  // the block's address
     return result;
   }
@@ -90,13 +95,15 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
 
 }  // namespace
 
-torch::Tensor checkpointed_block_forward(BlockImpl& block, const torch::Tensor& x) {
+torch::Tensor checkpointed_block_forward(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& mask) {
   std::vector<torch::Tensor> trained;
   for (const auto& p : block.parameters()) {
     if (p.requires_grad()) trained.push_back(p);
   }
-  if (!x.requires_grad() && trained.empty()) return block.forward(x);  // nothing to differentiate
-  return CheckpointFunction::apply(x, torch::TensorList(trained), reinterpret_cast<int64_t>(&block));
+  if (!x.requires_grad() && trained.empty()) return block.forward(x, mask);  // nothing to differentiate
+  return CheckpointFunction::apply(x, torch::TensorList(trained),
+                                   mask.defined() ? std::optional<torch::Tensor>(mask) : std::nullopt,
+                                   reinterpret_cast<int64_t>(&block));
 }
 
 }  // namespace gpt2ft

@@ -3,9 +3,13 @@
 #include "gpt2ft/model/linear_cross_entropy.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+
+#include <limits>
 #include <torch/nn/functional.h>
 
 #include "gpt2ft/core/host_memory.h"
+#include "gpt2ft/data/samples.h"
 #include "gpt2ft/model/activation_checkpoint.h"
 
 namespace gpt2ft {
@@ -51,7 +55,16 @@ AttentionImpl::AttentionImpl(const GPT2Config& c)
   c_proj = register_module("c_proj", make_linear(c.n_embd, c.n_embd));
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
+torch::Tensor document_attention_mask(const torch::Tensor& positions, c10::ScalarType dtype) {
+  const int64_t T = positions.size(1);
+  const torch::Tensor document = positions.eq(0).cumsum(1);  // (B, T) the document of each token
+  const torch::Tensor causal = torch::ones({T, T}, positions.options().dtype(torch::kBool)).tril();  // (T, T)
+  const torch::Tensor allowed = document.unsqueeze(2).eq(document.unsqueeze(1)).logical_and_(causal);  // (B, T, T)
+  return torch::zeros({positions.size(0), 1, T, T}, positions.options().dtype(dtype))
+      .masked_fill_(allowed.logical_not().unsqueeze(1), -std::numeric_limits<double>::infinity());  // (B, 1, T, T)
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   const int64_t NH = n_head_, HD = C / NH;
   auto qkv = project(c_attn, c_attn_lora, x, is_training()).split(C, /*dim=*/2);  // 3 x (B, T, C)
@@ -59,8 +72,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
     return t.view({B, T, NH, HD}).transpose(1, 2);
   };
   torch::Tensor y = at::scaled_dot_product_attention(
-      heads(qkv[0]), heads(qkv[1]), heads(qkv[2]), /*attn_mask=*/{},
-      is_training() ? attn_pdrop_ : 0.0, /*is_causal=*/true);  // (B, NH, T, HD)
+      heads(qkv[0]), heads(qkv[1]), heads(qkv[2]), mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt,
+      is_training() ? attn_pdrop_ : 0.0, /*is_causal=*/!mask.defined());  // (B, NH, T, HD)
   y = y.transpose(1, 2).contiguous().view({B, T, C});          // (B, T, C)
   return maybe_dropout(project(c_proj, c_proj_lora, y, is_training()), resid_pdrop_, is_training());
 }
@@ -97,8 +110,8 @@ BlockImpl::BlockImpl(const GPT2Config& c) {
   mlp = register_module("mlp", MLP(c));
 }
 
-torch::Tensor BlockImpl::forward(const torch::Tensor& x) {
-  torch::Tensor h = x + attn(ln_1(x));  // (B, T, C)
+torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
+  torch::Tensor h = x + attn->forward(ln_1(x), mask);  // (B, T, C)
   return h + mlp(ln_2(h));             // (B, T, C)
 }
 
@@ -133,29 +146,44 @@ torch::Tensor GPT2Impl::lm_head_weight() const {
   return config_.tie_word_embeddings ? transformer->wte->weight : lm_head->weight;
 }
 
-torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx) {
+torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx, const torch::Tensor& positions) {
   const int64_t T = idx.size(1);
   TORCH_CHECK(T <= config_.n_positions, "sequence length ", T, " exceeds n_positions ",
               config_.n_positions);
+  torch::Tensor mask;  // (B, 1, T, T) packed documents; undefined: causal
   torch::Tensor pos = torch::arange(T, idx.options().dtype(torch::kLong));  // (T)
-  torch::Tensor x = transformer->wte(idx) + transformer->wpe(pos);         // (B, T, C)
+  if (positions.defined()) {
+    TORCH_CHECK(positions.sizes() == idx.sizes(), "positions ", positions.sizes(), " do not match the tokens ", idx.sizes());
+    pos = positions;  // (B, T)
+    const auto device = idx.device().type();
+    mask = document_attention_mask(positions, at::autocast::is_autocast_enabled(device)
+                                                  ? at::autocast::get_autocast_dtype(device)
+                                                  : transformer->wte->weight.scalar_type());
+  }
+  torch::Tensor x = transformer->wte(idx) + transformer->wpe(pos);  // (B, T, C)
   x = maybe_dropout(x, config_.embd_pdrop, is_training());
   const bool checkpoint = checkpoint_every_ > 0 && is_training() && torch::GradMode::is_enabled();
   for (size_t i = 0; i < transformer->h->size(); ++i) {
     BlockImpl& b = *transformer->h[i]->as<Block>();
     const bool recompute = checkpoint && static_cast<int64_t>(i) % checkpoint_every_ == 0;
-    x = recompute ? checkpointed_block_forward(b, x) : b.forward(x);  // (B, T, C)
+    x = recompute ? checkpointed_block_forward(b, x, mask) : b.forward(x, mask);  // (B, T, C)
   }
   return transformer->ln_f(x);  // (B, T, C)
 }
 
-torch::Tensor GPT2Impl::forward(const torch::Tensor& idx) {
-  return torch::linear(forward_hidden(idx), lm_head_weight());  // (B, T, V)
+torch::Tensor GPT2Impl::forward(const torch::Tensor& idx, const torch::Tensor& positions) {
+  return torch::linear(forward_hidden(idx, positions), lm_head_weight());  // (B, T, V)
 }
 
-torch::Tensor GPT2Impl::forward_loss(const torch::Tensor& idx, const torch::Tensor& targets) {
-  const torch::Tensor h = forward_hidden(idx);  // (B, T, C)
-  return linear_cross_entropy(h.reshape({-1, h.size(-1)}), lm_head_weight(), targets.reshape({-1}));
+torch::Tensor GPT2Impl::forward_loss(const torch::Tensor& idx, const torch::Tensor& targets, const LossTargets& which) {
+  const torch::Tensor h = forward_hidden(idx, which.positions);  // (B, T, C)
+  torch::Tensor rows = h.reshape({-1, h.size(-1)});               // (B*T, C)
+  torch::Tensor wanted = targets.reshape({-1});                   // (B*T)
+  if (which.target_rows.defined()) {  // only the targets reach the output projection
+    rows = rows.index_select(0, which.target_rows);      // (K, C)
+    wanted = wanted.index_select(0, which.target_rows);  // (K)
+  }
+  return linear_cross_entropy(rows, lm_head_weight(), wanted, /*chunk_rows=*/0, which.divisor);
 }
 
 KVCache GPT2Impl::make_cache(int64_t batch, int64_t capacity) const {
@@ -180,9 +208,12 @@ torch::Tensor GPT2Impl::forward_cached(const torch::Tensor& idx, KVCache& cache)
   return torch::linear(transformer->ln_f(x), lm_head_weight());  // (B, t, V)
 }
 
-torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& targets) {
+torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& targets, double divisor) {
   const int64_t V = logits.size(-1);
-  return F::cross_entropy(logits.reshape({-1, V}).to(torch::kFloat), targets.reshape({-1}));
+  auto options = F::CrossEntropyFuncOptions().ignore_index(kIgnoreTarget);
+  const torch::Tensor z = logits.reshape({-1, V}).to(torch::kFloat);  // (B*T, V)
+  if (divisor <= 0) return F::cross_entropy(z, targets.reshape({-1}), options);
+  return F::cross_entropy(z, targets.reshape({-1}), options.reduction(torch::kSum)) / divisor;
 }
 
 }  // namespace gpt2ft

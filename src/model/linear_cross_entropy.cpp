@@ -30,7 +30,7 @@ void addmm_into_float32(torch::Tensor& out, const torch::Tensor& a, const torch:
 
 struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor hidden, torch::Tensor weight, torch::Tensor targets,
-                               int64_t chunk_rows, bool want_grad_hidden, bool want_grad_weight) {
+                               int64_t chunk_rows, double divisor, bool want_grad_hidden, bool want_grad_weight) {
     const bool want_grad = want_grad_hidden || want_grad_weight;
     const int64_t N = hidden.size(0), C = hidden.size(1), V = weight.size(0);
     const auto f32 = hidden.options().dtype(torch::kFloat);
@@ -47,7 +47,7 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
     torch::Tensor grad_hidden, grad_weight;
     if (want_grad_hidden) grad_hidden = torch::empty({N, C}, f32);                                    // (N, C)
     if (want_grad_weight) grad_weight = torch::zeros({V, C}, weight.options().dtype(torch::kFloat));  // (V, C)
-    const double inv_n = 1.0 / static_cast<double>(N);
+    const double inv_n = 1.0 / divisor;
     for (int64_t start = 0; start < N; start += chunk_rows) {
       const int64_t n = std::min(chunk_rows, N - start);
       const torch::Tensor h = hidden.narrow(0, start, n).to(compute);   // (n, C)
@@ -73,7 +73,7 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
     ctx->save_for_backward({grad_hidden, grad_weight});
     ctx->saved_data["hidden_dtype"] = hidden.scalar_type();
     ctx->saved_data["weight_dtype"] = weight.scalar_type();
-    return loss_sum / static_cast<double>(N);
+    return loss_sum / divisor;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -91,6 +91,7 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
             torch::Tensor(),
             torch::Tensor(),
             torch::Tensor(),
+            torch::Tensor(),
             torch::Tensor()};
   }
 };
@@ -103,14 +104,15 @@ int64_t linear_cross_entropy_chunk_rows(int64_t vocab_size, bool cuda) {
 }
 
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
-                                   const torch::Tensor& targets, int64_t chunk_rows) {
+                                   const torch::Tensor& targets, int64_t chunk_rows, double divisor) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
               "linear_cross_entropy: hidden (N, C) and weight (V, C) expected, got ", hidden.sizes(), " and ",
               weight.sizes());
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "linear_cross_entropy: targets (N) expected");
   if (chunk_rows <= 0) chunk_rows = linear_cross_entropy_chunk_rows(weight.size(0), hidden.is_cuda());
+  if (divisor <= 0) divisor = static_cast<double>(hidden.size(0));  // the mean (NaN without rows, as PyTorch's)
   const bool grad = torch::GradMode::is_enabled();
-  return LinearCrossEntropyFunction::apply(hidden, weight, targets, chunk_rows, grad && hidden.requires_grad(),
+  return LinearCrossEntropyFunction::apply(hidden, weight, targets, chunk_rows, divisor, grad && hidden.requires_grad(),
                                            grad && weight.requires_grad());
 }
 

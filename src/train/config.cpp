@@ -61,6 +61,12 @@ void TrainConfig::visit(Visitor& v) {
   v.integer(data.num_workers, "data.num_workers", 2, 1, 256, "Loader worker threads");
   v.integer(data.seed, "data.seed", 1337, 0, kMaxInt, "Seed of the per-epoch sample order");
   v.flag(data.shuffle, "data.shuffle", true, "Shuffle samples each epoch (false: shard order)");
+  v.choice(data.packing, "data.packing", "auto", {"auto", "documents", "concat"},
+           "Samples of document shards (prompt/completion data): \"documents\" packs whole documents into rows, "
+           "each attending only to itself; \"concat\" cuts one stream into windows. \"auto\": documents for "
+           "document shards, concat for plain text");
+  v.choice(data.too_long, "data.too_long", "truncate", {"truncate", "error"},
+           "A packed document longer than data.seq_len + 1 tokens: cut to its start (counted in the log), or an error");
   // train
   v.micro_batch(train.micro_batch_size, "train.micro_batch_size", 8,
                 "Sequences per forward/backward pass on each rank, or \"auto\" (the memory planner picks)");

@@ -28,6 +28,10 @@
 // backward. Eager: the logits in b, their float32 copy, log-softmax and its gradient
 // ((b + 12) V per token) and the cast lm_head weight.
 //
+// Packed documents (data.packing "documents") add per sequence the attention mask, one (T, T)
+// block in b shared by every layer and kept into backward, and the loader's rows x, y and
+// positions (3 x 8T, where plain text has x and y as views of one row of T+1 tokens).
+//
 // Backward adds, per token: d residual (4C, float32) and a block's transient gradients (at
 // most the MLP's two (I) gradients in b and the (C) one), and for checkpointed blocks the
 // recomputed block's activations. At the end of backward the embedding's dense gradient
@@ -139,6 +143,12 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   m.activations_per_sequence_all_checkpointed = T * (L * kept_input + outside);
   m.activations_per_sequence = T * ((L - checkpointed) * block + checkpointed * kept_input + outside) +
                                T * lora_extra_per_token * (L - checkpointed) / std::max<int64_t>(1, L);
+  if (in.packed_documents) {
+    const int64_t packing = b * T * T + 8 * (3 * T - (T + 1));
+    m.activations_per_sequence += packing;
+    m.activations_per_sequence_no_checkpointing += packing;
+    m.activations_per_sequence_all_checkpointed += packing;
+  }
   if (in.chunked_loss) {
     const int64_t rows = linear_cross_entropy_chunk_rows(V, in.cuda);
     const bool head_cast = b == 2 && !(lora && in.base_bytes == 2);  // a 16-bit head is used as it is

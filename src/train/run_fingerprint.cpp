@@ -98,6 +98,8 @@ nlohmann::json run_fingerprint(const TrainConfig& c) {
   std::tie(f["data.train shards"], f["data.train tokenizer"]) = shards_identity(c.data.train);
   f["data.seq_len"] = std::to_string(c.data.seq_len);
   f["data.shuffle"] = c.data.shuffle ? "true" : "false";
+  f["data.packing"] = c.data.packing;  // "auto" resolves by the shards, which are in the fingerprint
+  f["data.too_long"] = c.data.too_long;
   f["data.seed"] = std::to_string(c.data.seed);
   f["train.lr"] = fmt::format("{} to {}, {}, warmup {}", number(c.train.lr), number(c.train.min_lr), c.train.lr_schedule,
                               c.train.warmup_steps);

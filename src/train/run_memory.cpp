@@ -10,6 +10,7 @@
 
 #include "gpt2ft/core/autocast.h"
 #include "gpt2ft/core/cuda_info.h"
+#include "gpt2ft/data/samples.h"
 
 namespace gpt2ft {
 
@@ -31,6 +32,8 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
   in.optimizer_offload = cfg.train.optimizer_offload == "cpu";
   in.freeze_embeddings = cfg.model.freeze_embeddings;
   in.freeze_blocks = cfg.model.freeze_blocks;
+  in.packed_documents = cfg.data.packing == "documents" ||
+                        (cfg.data.packing == "auto" && !cfg.data.train.empty() && shards_hold_documents(cfg.data.train));
   const int64_t accum = std::max<int64_t>(1, cfg.train.gradient_accumulation_steps);
   in.global_batch = cfg.train.global_batch_size > 0 ? cfg.train.global_batch_size
                     : cfg.micro_batch_auto()        ? 0

@@ -184,7 +184,7 @@ class Trainer {
  private:
   StepResult train_step(int64_t step);
   torch::Tensor forward_backward(std::string& oom_message, bool& interrupted);
-  torch::Tensor micro_batch_loss(const Batch& batch);
+  torch::Tensor micro_batch_loss(const Batch& batch, double divisor);
   void back_off(int64_t step, std::string why, const StepStart& start);
   std::string fit_advice() const;
   void stop_if_not_finite(int64_t step);
@@ -328,6 +328,8 @@ std::unique_ptr<DataLoader> Trainer::make_loader() const {
   lo.rank = comm_.rank();
   lo.world_size = static_cast<int>(split_.world);
   lo.vocab_size = model_->config().vocab_size;
+  lo.packing = cfg_.data.packing;
+  lo.too_long = cfg_.data.too_long;
   lo.device = device_;
   if (state_.source.empty()) return std::make_unique<DataLoader>(lo, state_.loader);
   return with_context("resuming from checkpoint " + state_.source.string(),
@@ -354,6 +356,8 @@ void Trainer::log_run() {
                cfg_.train.optimizer_offload == "cpu" ? "on the host (fused)"
                : fused_adamw(cfg_, device_)          ? "fused"
                                                      : "unfused");
+  spdlog::info("data: {}{}", loader_->describe(),
+               loader_->has_targets() ? "; a step's loss is the mean over its global batch's targets" : "");
   if (W > 1) {
     spdlog::info("gradients: {} bucket(s), {:.1f} MiB, all-reduced during the backward of the last micro batch",
                  reducer_->num_buckets(), reducer_->bucket_bytes_total() / double(1 << 20));
@@ -417,12 +421,19 @@ StepResult Trainer::train_step(int64_t step) {
   return r;
 }
 
-// Forward and backward over this rank's micro batches. Each loss is a mean over its micro
-// batch divided by the accumulation, so the gradients sum to this rank's mean. Running out of
+// Forward and backward over this rank's micro batches. Each loss is its share of this rank's
+// mean, so the gradients sum to it: plain text, the micro batch's mean over the accumulation;
+// document shards, its targets' summed loss over the global batch's target count / ranks (the
+// count known before the step from the loader, the same on every rank), so that micro
+// batches holding more targets weigh more, as in one pass over the global batch. Running out of
 // memory is caught, its message handed back and the partial gradients dropped, so that all
 // ranks can agree on what to do; a stop signal in one process drops the step the same way.
 torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrupted) {
   const int64_t accumulation = split_.accumulation();
+  const double divisor = loader_->has_targets()
+                             ? static_cast<double>(std::max<int64_t>(1, loader_->targets_in_next(split_.global))) /
+                                   static_cast<double>(split_.world)
+                             : static_cast<double>(accumulation);
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().device(device_));
   try {
     for (int64_t m = 0; m < accumulation; ++m) {
@@ -433,7 +444,7 @@ torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrup
         return loss_sum;
       }
       const Batch batch = loader_->next();
-      torch::Tensor loss = micro_batch_loss(batch) / static_cast<double>(accumulation);
+      torch::Tensor loss = micro_batch_loss(batch, divisor);
       if (poison_loss_) loss = loss * std::numeric_limits<double>::quiet_NaN();  // fault injection
       loss_sum += loss.detach();
       if (m == accumulation - 1) {
@@ -451,12 +462,19 @@ torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrup
   return loss_sum;
 }
 
-// The mean next-token loss of one micro batch (B, T), under the run's autocast.
-torch::Tensor Trainer::micro_batch_loss(const Batch& batch) {
+// One micro batch's (B, T) share of this rank's loss, under the run's autocast (see
+// forward_backward for the divisor).
+torch::Tensor Trainer::micro_batch_loss(const Batch& batch, double divisor) {
   AutocastGuard autocast(device_.type(), amp_);
   maybe_inject_oom(split_.micro);
-  return cfg_.train.chunked_loss ? model_->forward_loss(batch.x, batch.y)
-                                 : next_token_loss(model_->forward(batch.x), batch.y);
+  if (!loader_->has_targets()) {  // plain text: the mean over B*T, over the accumulation
+    return (cfg_.train.chunked_loss ? model_->forward_loss(batch.x, batch.y)
+                                    : next_token_loss(model_->forward(batch.x), batch.y)) /
+           divisor;
+  }
+  return cfg_.train.chunked_loss
+             ? model_->forward_loss(batch.x, batch.y, {batch.positions, batch.target_rows, divisor})
+             : next_token_loss(model_->forward(batch.x, batch.positions), batch.y, divisor);
 }
 
 // Some rank ran out of memory: every rank dropped the step; all change the micro batch

@@ -65,6 +65,26 @@ TEST(MemoryPlanner, FixedBytesEqualTheRealTensors) {
   }
 }
 
+// Packed documents: the planner's extra bytes a sequence are the real mask and batch rows.
+TEST(MemoryPlanner, PackedDocumentsCountTheirMaskAndRows) {
+  for (const auto amp : {c10::kFloat, c10::kBFloat16}) {
+    MemoryPlanInput in;
+    in.model = GPT2Config::preset("gpt2");
+    in.seq_len = 256;
+    in.amp = amp;
+    const MemoryPlan plain = plan_memory(in);
+    in.packed_documents = true;
+    const MemoryPlan packed = plan_memory(in);
+    const int64_t T = in.seq_len;
+    const torch::Tensor positions = torch::arange(T).remainder(100).unsqueeze(0);  // (1, T)
+    const int64_t mask = document_attention_mask(positions, amp).nbytes();
+    const int64_t rows = torch::empty({1, 3, T}, torch::kLong).nbytes() - torch::empty({1, T + 1}, torch::kLong).nbytes();
+    EXPECT_EQ(packed.activations_per_sequence - plain.activations_per_sequence, mask + rows) << c10::toString(amp);
+    EXPECT_EQ(packed.activations_per_sequence_all_checkpointed - plain.activations_per_sequence_all_checkpointed,
+              mask + rows);
+  }
+}
+
 TEST(MemoryPlanner, CheckpointingShrinksActivationsAndSizesParse) {
   MemoryPlanInput in;
   in.model = GPT2Config::preset("gpt2");

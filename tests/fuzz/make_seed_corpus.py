@@ -5,11 +5,14 @@ and a few damaged ones. Rerun to regenerate; the files are committed so CI repla
 import json
 import os
 import struct
+import sys
 
 import numpy as np
 from safetensors.numpy import save
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "scripts", "bench"))
+from instruction_bench import document_shard_bytes  # noqa: E402  (the document shard writer in numpy)
 
 
 def put(target, name, data):
@@ -42,6 +45,12 @@ def main():
     put("shard_header", "out_of_vocab.bin", shard([1, 60000, 3]))
     put("shard_header", "short.bin", shard([1, 2, 3, 4])[:-3])
     put("shard_header", "negative_count.bin", np.array([20240520, 1, -5] + [0] * 253, dtype=np.int32).tobytes())
+    docs = document_shard_bytes([9, 1, 2, 3, 9, 9, 4, 9], [0, 5], [0, 0, 1, 1, 1, 0, 1, 1])
+    put("shard_header", "documents.bin", docs)
+    put("shard_header", "documents_bad_checksum.bin", docs[:-1] + bytes([docs[-1] ^ 1]))
+    put("shard_header", "documents_cut.bin", docs[:-4])
+    unordered = document_shard_bytes([9, 1, 2, 3, 9, 9, 4, 9], [0, 5, 3], [0] * 8)
+    put("shard_header", "documents_unordered.bin", unordered)
 
     gpt2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
             "n_head": 12, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,

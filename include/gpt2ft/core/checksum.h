@@ -16,4 +16,7 @@ std::string file_checksum(const std::filesystem::path& path);
 // size differ here; for shards and weights that is any re-tokenization or other model.
 std::string file_sample_checksum(const std::filesystem::path& path, size_t sample_bytes = size_t{1} << 20);
 
+// The same checksum of bytes in memory, as a number (a shard's document and target sections).
+uint64_t bytes_checksum(const void* data, size_t size);
+
 }  // namespace gpt2ft

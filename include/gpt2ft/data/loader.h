@@ -1,5 +1,6 @@
-// The training data loader. Samples are windows of T+1 tokens with stride T in each shard
-// (window k = tokens kT..kT+T; an incomplete tail is dropped). Each epoch visits every sample
+// The training data loader. Samples are those of data/samples.h: windows of T+1 tokens with
+// stride T in each shard (an incomplete tail is dropped), or, for document shards, whole
+// documents packed into rows of T positions. Each epoch visits every sample
 // once in an order that depends only on (seed, epoch). The loader's position is counted in
 // samples, not batches, so a run can continue with a different micro batch (or number of
 // ranks) at exactly the next sample. N worker threads fill (B, T+1) host buffers (pinned on
@@ -9,6 +10,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <c10/core/Device.h>
@@ -34,12 +36,17 @@ struct LoaderOptions {
   int rank = 0;                // ranks together consume the single-process order:
   int world_size = 1;          // each call takes the next world_size*B samples, rank r the r-th B
   int64_t vocab_size = 0;      // when > 0, token ids >= vocab_size are errors
+  std::string packing = "auto";       // data.packing
+  std::string too_long = "truncate";  // data.too_long
   c10::Device device = c10::kCPU;
 };
 
 struct Batch {
   torch::Tensor x;               // (B, T) int64 inputs, on the device
-  torch::Tensor y;               // (B, T) int64 targets (x shifted by one)
+  torch::Tensor y;               // (B, T) int64 targets (x shifted by one; kIgnoreTarget where none)
+  torch::Tensor positions;       // (B, T) int64 when documents are packed (else undefined)
+  torch::Tensor target_rows;     // (K) int64 indices b*T+t of the targets, for document shards (else undefined)
+  int64_t num_targets = 0;       // K, or B*T
   std::vector<int64_t> samples;  // the global sample ids in the batch
   LoaderState state_after;       // the loader's state once this batch is consumed
 };
@@ -59,6 +66,13 @@ class DataLoader {
   void restart(LoaderState state, int64_t micro_batch);
   int64_t samples_per_epoch() const;
   int64_t micro_batch() const { return options_.micro_batch; }
+  // Document shards: a loss is normalised by target counts (see targets_in_next).
+  bool has_targets() const;
+  // The targets of the next `samples` samples of the single-process order from state(), over
+  // all ranks: the same number on every rank, whatever the micro batch.
+  int64_t targets_in_next(int64_t samples) const;
+  // The data and its packing, for the log.
+  std::string describe() const;
 
   // The global sample at `position` of `epoch`'s order (exposed for tests and resume checks).
   int64_t sample_at(int64_t epoch, int64_t position) const;

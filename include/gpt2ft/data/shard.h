@@ -1,6 +1,13 @@
 // Token shards in llm.c's format: a header of 256 int32 (magic, version, token count, 0...)
 // followed by the tokens, uint16 (magic 20240520, version 1) or, for vocabularies larger
 // than 65,536, uint32 (magic 20240801, version 7).
+//
+// Document shards (instruction data, ours: magic 20261201, version 1) add where each document
+// starts and which tokens are targets. Header: magic, version, token count N, token bytes (2 or
+// 4), document count D, then the checksum of the two sections below as two int32 (low, high).
+// After the header: the N tokens; zero bytes up to a multiple of 4; D uint32 document starts
+// (the first is 0, increasing, each below N; a document runs to the next start); ceil(N/8)
+// bytes of target bits (token i is a target when bit i % 8 of byte i / 8 is set).
 #pragma once
 
 #include <cstdint>
@@ -16,13 +23,22 @@ inline constexpr int32_t kShardMagicU16 = 20240520;
 inline constexpr int32_t kShardVersionU16 = 1;
 inline constexpr int32_t kShardMagicU32 = 20240801;
 inline constexpr int32_t kShardVersionU32 = 7;
+inline constexpr int32_t kShardMagicDocuments = 20261201;
+inline constexpr int32_t kShardVersionDocuments = 1;
 inline constexpr size_t kShardHeaderInts = 256;
 inline constexpr size_t kShardHeaderBytes = kShardHeaderInts * sizeof(int32_t);
 
 // 2 when every id of a vocabulary fits in uint16, else 4.
 int shard_token_bytes(int64_t vocab_size);
 
-// A memory-mapped shard, validated on open (magic, version, size matching the header).
+// What a document shard holds beside its tokens.
+struct ShardDocuments {
+  std::vector<uint32_t> starts;  // the first token of each document: 0, then increasing
+  std::vector<bool> targets;     // per token: predicted and counted in the loss
+};
+
+// A memory-mapped shard, validated on open (magic, version, size matching the header; for a
+// document shard also the sections' checksum and the starts' order).
 class ShardReader {
  public:
   explicit ShardReader(const std::filesystem::path& path);
@@ -31,20 +47,34 @@ class ShardReader {
   int64_t num_tokens() const { return num_tokens_; }
   int token_bytes() const { return token_bytes_; }
   uint32_t token(int64_t i) const;
+  // Document shards only (the others have no documents and every token is a target).
+  bool has_documents() const { return starts_ != nullptr; }
+  int64_t num_documents() const { return num_documents_; }
+  int64_t document_start(int64_t d) const;
+  int64_t document_end(int64_t d) const;  // one past its last token
+  bool is_target(int64_t i) const {
+    return !targets_ || ((targets_[i >> 3] >> (i & 7)) & 1) != 0;
+  }
   // Copies tokens [begin, begin + count) into out as int64 (torch's index type).
   void read(int64_t begin, int64_t count, int64_t* out) const;
   // Every id below vocab_size, or an Error naming the file, the first bad id and its position.
   void check_ids(int64_t vocab_size) const;
 
  private:
+  void open_documents(const int32_t* header);
+
   MappedFile file_;
   int64_t num_tokens_ = 0;
   int token_bytes_ = 2;
+  int64_t num_documents_ = 0;
+  const uint8_t* starts_ = nullptr;   // D uint32, unaligned access through memcpy
+  const uint8_t* targets_ = nullptr;  // ceil(N/8) bytes
 };
 
-// Writes a shard atomically. token_bytes 2 or 4; ids must fit.
+// Writes a shard atomically. token_bytes 2 or 4; ids must fit. With `documents`, a document
+// shard (its starts checked, its targets one per token).
 void write_shard(const std::filesystem::path& path, const std::vector<uint32_t>& tokens,
-                 int token_bytes);
+                 int token_bytes, const ShardDocuments* documents = nullptr);
 
 // "a.bin, b.bin and 3 more": files for a message.
 std::string describe_files(const std::vector<std::filesystem::path>& files);

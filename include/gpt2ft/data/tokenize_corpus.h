@@ -1,5 +1,11 @@
 // `gpt2-finetune tokenize`: text files (.txt = one document, .jsonl = one document per line)
 // to token shards and a manifest.json, streamed with bounded memory on all cores.
+//
+// Prompt/completion pairs (.jsonl with prompt_field and completion_field set): the prompt and
+// the completion are encoded separately and joined, so the boundary is exact; each pair is one
+// document of document shards (data/shard.h): end-of-text, prompt, completion, end-of-text,
+// where the completion's tokens and the closing end-of-text are the targets. A document never
+// straddles two shards.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +23,8 @@ struct TokenizeOptions {
   std::vector<std::filesystem::path> inputs;
   std::filesystem::path output_dir;
   std::string jsonl_field = "text";
+  std::string prompt_field, completion_field;  // both set: prompt/completion pairs
+  bool skip_bad_lines = false;       // pairs: skip (and count) malformed lines instead of failing
   double val_fraction = 0.01;       // share of documents sent to val shards, spread evenly
   int64_t shard_tokens = 100000000;  // tokens per shard (the last one may be shorter)
   int workers = 0;                   // 0 = all cores
@@ -27,10 +35,15 @@ struct TokenizeOptions {
 struct TokenizeSummary {
   int64_t documents[2] = {0, 0};  // train, val
   int64_t tokens[2] = {0, 0};
+  int64_t prompt_tokens[2] = {0, 0};  // pairs only
+  int64_t target_tokens[2] = {0, 0};  // pairs only: completions and their closing end-of-text
+  int64_t skipped_lines = 0;
   std::vector<std::string> shards[2];
   int64_t bytes_read = 0;
   double seconds = 0;
 };
+
+bool is_pairs(const TokenizeOptions& options);
 
 // Every document is preceded by the tokenizer's end-of-text id. Shards are written under a
 // temporary folder and moved into output_dir only when all are complete; manifest.json last.

@@ -1,8 +1,10 @@
-// Evaluation: mean next-token loss of a model over token shards.
+// Evaluation: mean next-token loss of a model over token shards (over the target tokens only,
+// for document shards).
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
+#include <string>
 #include <vector>
 
 #include <c10/core/Device.h>
@@ -14,7 +16,9 @@
 namespace gpt2ft {
 
 struct EvalOptions {
-  int64_t seq_len = 1024;   // T: each window holds T+1 tokens, stride T
+  int64_t seq_len = 1024;   // T: each window holds T+1 tokens, stride T (or a row of T positions)
+  std::string packing = "auto", too_long = "truncate";  // data/samples.h
+  std::string what = "--data";  // names the shards in messages
   int64_t batch_size = 8;   // windows per batch (and per forward pass until memory runs out)
   int64_t max_sequences = 0;  // the first N windows; 0 = all (never depends on batch_size or ranks)
   int64_t max_forward_batch = 0;  // windows per forward pass at most (an earlier evaluation's back-off); 0 = batch_size
@@ -25,15 +29,17 @@ struct EvalOptions {
 };
 
 struct EvalResult {
-  double loss = 0;         // mean cross-entropy (nats) over all predicted tokens
-  int64_t tokens = 0;      // predicted tokens
+  double loss = 0;         // mean cross-entropy (nats) over the target tokens
+  int64_t tokens = 0;      // target tokens: every predicted token of plain text
+  int64_t sequences = 0;   // windows (or packed rows) evaluated
   double perplexity = 0;   // exp(loss)
   int64_t batches = 0;
   int64_t forward_batch = 0;  // windows per forward pass at the end (below batch_size after out-of-memory)
 };
 
-// Cuts each shard into windows k = tokens[kT .. kT+T] (the incomplete tail is dropped) and
-// averages the loss of predicting tokens 1..T of each window from tokens 0..T-1. The loss goes
+// Cuts each shard into windows k = tokens[kT .. kT+T] (the incomplete tail is dropped), or
+// packs document shards' documents into rows (data/samples.h), and averages the loss of
+// predicting the targets (tokens 1..T of each window) from the tokens before. The loss goes
 // through the chunked lm_head + cross-entropy (model/linear_cross_entropy.h) without
 // gradients, so no batch's logits are ever held whole. When a forward pass runs out of
 // memory, the rest is evaluated with half as many windows per pass (logged; the result is

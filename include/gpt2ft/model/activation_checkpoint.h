@@ -11,7 +11,8 @@ namespace gpt2ft {
 
 class BlockImpl;
 
-// block(x) for x (B, T, C), with the activations recomputed in backward.
-torch::Tensor checkpointed_block_forward(BlockImpl& block, const torch::Tensor& x);
+// block(x, mask) for x (B, T, C), with the activations recomputed in backward (mask: the
+// packed documents' attention mask, or undefined).
+torch::Tensor checkpointed_block_forward(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& mask = {});
 
 }  // namespace gpt2ft

@@ -42,10 +42,17 @@ struct KVCache {
   int64_t length = 0;               // positions filled
 };
 
+// Packed documents (data/samples.h): positions (B, T) restart at 0 where each document starts
+// -> an additive mask (B, 1, T, T) in `dtype` (attention's compute dtype, so that SDPA uses it
+// as it is and every layer shares it): 0 where query t may attend key s (s <= t in t's
+// document), -inf elsewhere.
+torch::Tensor document_attention_mask(const torch::Tensor& positions, c10::ScalarType dtype);
+
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const GPT2Config& config);
-  torch::Tensor forward(const torch::Tensor& x);  // (B, T, C) -> (B, T, C)
+  // (B, T, C) -> (B, T, C); causal, or with `mask` (document_attention_mask) when defined.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {});
   // x (B, t, C) at positions pos..pos+t-1, attending to the cached keys/values before them.
   torch::Tensor forward_cached(const torch::Tensor& x, torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t pos);
 
@@ -78,7 +85,7 @@ TORCH_MODULE(MLP);
 class BlockImpl : public torch::nn::Module {
  public:
   explicit BlockImpl(const GPT2Config& config);
-  torch::Tensor forward(const torch::Tensor& x);  // (B, T, C) -> (B, T, C)
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {});  // (B, T, C) -> (B, T, C)
   torch::Tensor forward_cached(const torch::Tensor& x, torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t pos);
 
   torch::nn::LayerNorm ln_1{nullptr};
@@ -100,17 +107,25 @@ class TransformerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Transformer);
 
+// What a loss counts beyond plain next-token prediction (every field optional).
+struct LossTargets {
+  torch::Tensor positions;    // (B, T) int64: packed documents (document_attention_mask)
+  torch::Tensor target_rows;  // (K) int64: the rows b*T+t that are targets; undefined: all B*T
+  double divisor = 0;         // the loss is the sum over the targets / divisor; 0: their mean
+};
+
 class GPT2Impl : public torch::nn::Module {
  public:
   explicit GPT2Impl(const GPT2Config& config);
 
-  // idx (B, T) int64 token ids -> final hidden states (B, T, C).
-  torch::Tensor forward_hidden(const torch::Tensor& idx);
+  // idx (B, T) int64 token ids -> final hidden states (B, T, C). With positions (B, T), packed
+  // documents: those positions, each document attending only to itself.
+  torch::Tensor forward_hidden(const torch::Tensor& idx, const torch::Tensor& positions = {});
   // idx (B, T) -> logits (B, T, V).
-  torch::Tensor forward(const torch::Tensor& idx);
-  // idx (B, T), targets (B, T) -> mean next-token loss, the logits computed chunk by chunk and
-  // never held for the whole batch (model/linear_cross_entropy.h).
-  torch::Tensor forward_loss(const torch::Tensor& idx, const torch::Tensor& targets);
+  torch::Tensor forward(const torch::Tensor& idx, const torch::Tensor& positions = {});
+  // idx (B, T), targets (B, T) -> next-token loss over the targets `which` selects, the logits
+  // computed chunk by chunk and never held for the whole batch (model/linear_cross_entropy.h).
+  torch::Tensor forward_loss(const torch::Tensor& idx, const torch::Tensor& targets, const LossTargets& which = {});
   // Inference with a KV cache: idx (B, t) are the tokens at positions cache.length.. ; returns
   // their logits (B, t, V) and advances the cache. A multi-token call must start at 0.
   torch::Tensor forward_cached(const torch::Tensor& idx, KVCache& cache);
@@ -136,7 +151,8 @@ class GPT2Impl : public torch::nn::Module {
 };
 TORCH_MODULE(GPT2);
 
-// Mean cross-entropy of logits (B, T, V) against targets (B, T), computed in float32.
-torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& targets);
+// Cross-entropy of logits (B, T, V) against targets (B, T), computed in float32: the mean
+// over the targets that are not kIgnoreTarget (-100), or with divisor > 0 their sum / divisor.
+torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& targets, double divisor = 0);
 
 }  // namespace gpt2ft

@@ -21,9 +21,11 @@
 namespace gpt2ft {
 
 // hidden (N, C), weight (V, C), targets (N) int64 -> mean cross-entropy of hidden @ weight^T,
-// a float32 scalar. chunk_rows <= 0 picks linear_cross_entropy_chunk_rows().
+// a float32 scalar; with divisor > 0 the sum over the N rows / divisor instead (a share of a
+// loss normalised over several micro batches). chunk_rows <= 0 picks
+// linear_cross_entropy_chunk_rows().
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
-                                   const torch::Tensor& targets, int64_t chunk_rows = 0);
+                                   const torch::Tensor& targets, int64_t chunk_rows = 0, double divisor = 0);
 
 // Rows per chunk: one chunk of float32 logits is ~64 MiB on the CPU, ~128 MiB on CUDA (fewer,
 // larger matmuls and kernels: ~25 chunks per 16K tokens of GPT-2's vocabulary instead of ~50).

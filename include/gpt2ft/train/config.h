@@ -37,6 +37,8 @@ struct TrainConfig {
     int64_t num_workers = 0;
     int64_t seed = 0;
     bool shuffle = true;
+    std::string packing;                     // "auto" | "documents" | "concat" (data/samples.h)
+    std::string too_long;                    // "truncate" | "error"
   } data;
   struct Train {
     int64_t micro_batch_size = 0;            // 0 means "auto"

@@ -44,6 +44,7 @@ struct MemoryPlanInput {
   bool lora_dropout = false;
   int64_t base_bytes = 4;
   bool optimizer_offload = false;     // train.optimizer_offload "cpu": AdamW's state on the host
+  bool packed_documents = false;      // document shards packed whole: positions and an attention mask per sequence
 };
 
 struct MemoryPlan {

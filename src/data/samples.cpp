@@ -1,0 +1,179 @@
+// Samples: windows over the token stream, or whole documents packed into rows.
+#include "gpt2ft/data/samples.h"
+
+#include <glob.h>
+
+#include <algorithm>
+#include <numeric>
+#include <set>
+
+#include <fmt/format.h>
+
+#include "gpt2ft/core/error.h"
+
+namespace gpt2ft {
+
+bool shards_hold_documents(const std::string& pattern) {
+  glob_t g{};
+  const bool any = ::glob(pattern.c_str(), 0, nullptr, &g) == 0 && g.gl_pathc > 0;
+  const std::string first = any ? g.gl_pathv[0] : "";
+  ::globfree(&g);
+  return any && ShardReader(first).has_documents();
+}
+
+Samples::~Samples() = default;
+
+Samples::Samples(const std::vector<std::filesystem::path>& shards, const SampleOptions& options) : T_(options.seq_len) {
+  if (T_ < 1) throw Error(options.what + ": seq_len must be >= 1");
+  for (const auto& p : shards) {
+    shards_.push_back(std::make_unique<ShardReader>(p));
+    if (options.vocab_size > 0) shards_.back()->check_ids(options.vocab_size);
+    if (shards_.back()->has_documents() != shards_.front()->has_documents()) {
+      throw Error(options.what + ": " + shards_.front()->path().string() + " is a " +
+                  (shards_.front()->has_documents() ? "document" : "plain text") + " shard but " + p.string() +
+                  " is not; give one kind of shards (tokenize writes prompt/completion data as document shards)");
+    }
+  }
+  documents_ = !shards_.empty() && shards_.front()->has_documents();
+  if (options.packing == "documents" || (options.packing == "auto" && documents_)) {
+    if (!documents_) {
+      throw Error(options.what + ": data.packing \"documents\" needs document shards (tokenize --prompt-field ... "
+                  "--completion-field ...), and " + describe_files(shards) +
+                  " are plain text shards; use \"auto\" or \"concat\"");
+    }
+    packing_ = Packing::kDocuments;
+    pack_documents(options.too_long, options.what);
+  } else if (options.packing == "concat" || options.packing == "auto") {
+    index_windows();
+  } else {
+    throw Error(options.what + ": unknown packing \"" + options.packing + "\" (expected auto, documents or concat)");
+  }
+}
+
+void Samples::index_windows() {
+  first_window_.push_back(0);
+  for (const auto& s : shards_) {
+    const int64_t n = s->num_tokens() > T_ ? (s->num_tokens() - 1) / T_ : 0;
+    for (int64_t k = 0; k < n; ++k) {
+      if (!documents_) continue;
+      int32_t count = 0;  // the window predicts tokens kT+1 .. kT+T
+      for (int64_t i = k * T_ + 1; i <= k * T_ + T_; ++i) count += s->is_target(i);
+      targets_.push_back(count);
+    }
+    first_window_.push_back(first_window_.back() + n);
+    size_ = first_window_.back();
+  }
+}
+
+void Samples::pack_documents(const std::string& too_long, const std::string& what) {
+  std::vector<int64_t> doc_targets;
+  for (uint32_t s = 0; s < shards_.size(); ++s) {
+    const ShardReader& r = *shards_[s];
+    for (int64_t d = 0; d < r.num_documents(); ++d) {
+      const int64_t start = r.document_start(d), length = r.document_end(d) - start;
+      if (length < 2) continue;  // nothing to predict
+      if (length > T_ + 1) {
+        if (too_long == "error") {
+          throw Error(fmt::format("{}: document {} of {} has {} tokens, more than data.seq_len + 1 = {}; raise "
+                                  "data.seq_len, shorten the data, or set data.too_long \"truncate\" to cut such "
+                                  "documents to their first {} tokens",
+                                  what, d, r.path().string(), length, T_ + 1, T_ + 1));
+        }
+        ++truncated_;
+      }
+      const int64_t used = std::min(length, T_ + 1);
+      int64_t count = 0;
+      for (int64_t i = start + 1; i < start + used; ++i) count += r.is_target(i);
+      docs_.push_back({s, start, used});
+      doc_targets.push_back(count);
+    }
+  }
+  // Best fit, longest first: each document goes to the row with the least room that holds it.
+  std::vector<uint32_t> order(docs_.size());
+  std::iota(order.begin(), order.end(), 0u);
+  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return docs_[a].length > docs_[b].length; });
+  std::vector<std::vector<uint32_t>> rows;
+  std::vector<int64_t> room;
+  std::set<std::pair<int64_t, int64_t>> open;  // (room, row)
+  for (const uint32_t d : order) {
+    const int64_t need = docs_[d].length - 1;
+    auto it = open.lower_bound({need, -1});
+    int64_t row;
+    if (it == open.end()) {
+      row = static_cast<int64_t>(rows.size());
+      rows.emplace_back();
+      room.push_back(T_);
+    } else {
+      row = it->second;
+      open.erase(it);
+    }
+    rows[static_cast<size_t>(row)].push_back(d);
+    room[static_cast<size_t>(row)] -= need;
+    if (room[static_cast<size_t>(row)] > 0) open.insert({room[static_cast<size_t>(row)], row});
+  }
+  row_first_.push_back(0);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    int64_t count = 0;
+    for (const uint32_t d : rows[r]) {
+      rows_.push_back(d);
+      count += doc_targets[d];
+    }
+    row_first_.push_back(static_cast<int64_t>(rows_.size()));
+    targets_.push_back(static_cast<int32_t>(count));
+    padding_ += room[r];
+  }
+  size_ = static_cast<int64_t>(rows.size());
+}
+
+int64_t Samples::read(int64_t sample, int64_t* x, int64_t* y, int64_t* positions) const {
+  if (packing_ == Packing::kConcat) {
+    const size_t s = static_cast<size_t>(
+        std::upper_bound(first_window_.begin(), first_window_.end(), sample) - first_window_.begin() - 1);
+    const ShardReader& r = *shards_[s];
+    const int64_t begin = (sample - first_window_[s]) * T_;
+    r.read(begin, T_, x);
+    r.read(begin + 1, T_, y);
+    if (documents_) {
+      for (int64_t i = 0; i < T_; ++i) {
+        if (!r.is_target(begin + 1 + i)) y[i] = kIgnoreTarget;
+      }
+    }
+    return targets(sample);
+  }
+  std::fill(x, x + T_, 0);
+  std::fill(y, y + T_, kIgnoreTarget);
+  std::fill(positions, positions + T_, 0);
+  int64_t at = 0;
+  std::vector<int64_t> tokens;
+  for (int64_t k = row_first_[static_cast<size_t>(sample)]; k < row_first_[static_cast<size_t>(sample) + 1]; ++k) {
+    const Document& d = docs_[rows_[static_cast<size_t>(k)]];
+    const ShardReader& r = *shards_[d.shard];
+    tokens.resize(static_cast<size_t>(d.length));
+    r.read(d.start, d.length, tokens.data());
+    for (int64_t i = 0; i + 1 < d.length; ++i) {
+      x[at + i] = tokens[static_cast<size_t>(i)];
+      y[at + i] = r.is_target(d.start + i + 1) ? tokens[static_cast<size_t>(i) + 1] : kIgnoreTarget;
+      positions[at + i] = i;
+    }
+    at += d.length - 1;
+  }
+  return targets(sample);
+}
+
+std::string Samples::describe() const {
+  const int64_t S = size();
+  const int64_t all_targets = std::accumulate(targets_.begin(), targets_.end(), int64_t{0});  // document shards
+  const double positions = static_cast<double>(S) * static_cast<double>(T_);
+  if (packing_ == Packing::kConcat) {
+    if (!documents_) return fmt::format("plain text: {} windows of {} tokens", S, T_ + 1);
+    return fmt::format("document shards read as one stream (data.packing \"concat\": documents attend to each other): "
+                       "{} windows of {} tokens, {} targets ({:.1f}% of positions)",
+                       S, T_ + 1, all_targets, 100.0 * all_targets / std::max(positions, 1.0));
+  }
+  return fmt::format("{} documents packed into {} rows of {} positions, {:.1f}% padding, {} cut to {} tokens "
+                     "(data.too_long); {} targets ({:.1f}% of positions)",
+                     docs_.size(), S, T_, 100.0 * padding_ / std::max(positions, 1.0), truncated_, T_ + 1,
+                     all_targets, 100.0 * all_targets / std::max(positions, 1.0));
+}
+
+}  // namespace gpt2ft

@@ -1,0 +1,242 @@
+// Document shards and packed samples (data/shard.h, data/samples.h): the format round trip and
+// its damage checks, best-fit packing that keeps every document whole and once, and packed
+// documents that never see each other in the model.
+#include <fstream>
+#include <map>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "gpt2ft/core/autocast.h"
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/data/samples.h"
+#include "gpt2ft/data/shard.h"
+#include "gpt2ft/model/init.h"
+#include "test_support.h"
+
+namespace gpt2ft {
+namespace {
+
+constexpr uint32_t kEot = 96;
+
+// Documents as tokenize writes them: eot, prompt, completion, eot; targets the completion and
+// the closing eot. Returns the tokens; fills `docs`.
+std::vector<uint32_t> make_documents(uint64_t seed, int count, int max_prompt, int max_completion,
+                                     ShardDocuments& docs) {
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::vector<uint32_t> tokens;
+  for (int d = 0; d < count; ++d) {
+    const int p = static_cast<int>(rng() % (max_prompt + 1)), c = 1 + static_cast<int>(rng() % max_completion);
+    docs.starts.push_back(static_cast<uint32_t>(tokens.size()));
+    tokens.push_back(kEot);
+    docs.targets.push_back(false);
+    for (int i = 0; i < p + c; ++i) {
+      tokens.push_back(rng() % kEot);
+      docs.targets.push_back(i >= p);
+    }
+    tokens.push_back(kEot);
+    docs.targets.push_back(true);
+  }
+  return tokens;
+}
+
+SampleOptions options_for(int64_t T, std::string too_long = "truncate") {
+  SampleOptions o;
+  o.seq_len = T;
+  o.too_long = std::move(too_long);
+  o.vocab_size = 97;
+  return o;
+}
+
+TEST(Samples, DocumentShardsRoundTripAndRefuseDamage) {
+  test::TempDir tmp;
+  ShardDocuments docs;
+  const auto tokens = make_documents(1, 30, 12, 9, docs);
+  const auto path = tmp.path() / "train_000000.bin";
+  write_shard(path, tokens, 2, &docs);
+  {
+    ShardReader r(path);
+    ASSERT_TRUE(r.has_documents());
+    ASSERT_EQ(r.num_tokens(), static_cast<int64_t>(tokens.size()));
+    ASSERT_EQ(r.num_documents(), 30);
+    for (int64_t d = 0; d < 30; ++d) EXPECT_EQ(r.document_start(d), docs.starts[static_cast<size_t>(d)]);
+    EXPECT_EQ(r.document_end(29), r.num_tokens());
+    for (int64_t i = 0; i < r.num_tokens(); ++i) {
+      ASSERT_EQ(r.token(i), tokens[static_cast<size_t>(i)]);
+      ASSERT_EQ(r.is_target(i), docs.targets[static_cast<size_t>(i)]) << "token " << i;
+    }
+  }
+  std::string bytes;
+  {
+    std::ifstream in(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  const auto write_variant = [&](const std::string& name, const std::string& content) {
+    std::ofstream(tmp.path() / name, std::ios::binary) << content;
+    return tmp.path() / name;
+  };
+  std::string flipped = bytes;
+  flipped[flipped.size() - 2] ^= 0x10;  // one target bit
+  test::expect_error_containing([&] { ShardReader r(write_variant("flipped.bin", flipped)); },
+                                {"flipped.bin", "target bits", "damaged"});
+  // The target section lost: the tokens alone, as if the file were cut after them.
+  test::expect_error_containing(
+      [&] { ShardReader r(write_variant("cut.bin", bytes.substr(0, kShardHeaderBytes + 2 * tokens.size()))); },
+      {"cut.bin", "30 documents", "truncated"});
+  // Plain text and document shards do not mix in one set.
+  write_shard(tmp.path() / "plain.bin", tokens, 2);
+  test::expect_error_containing([&] { Samples s({path, tmp.path() / "plain.bin"}, options_for(32)); },
+                                {"plain.bin", "one kind of shards"});
+  SampleOptions documents = options_for(32);
+  documents.packing = "documents";
+  test::expect_error_containing([&] { Samples s({tmp.path() / "plain.bin"}, documents); },
+                                {"plain text shards", "\"documents\""});
+}
+
+// Reads every packed row back and checks it against the documents written.
+TEST(Samples, PacksEveryDocumentWholeAndOnceBestFit) {
+  test::TempDir tmp;
+  ShardDocuments docs_a, docs_b;
+  const auto a = make_documents(2, 200, 40, 30, docs_a);  // some longer than T+1
+  const auto b = make_documents(3, 50, 5, 5, docs_b);
+  write_shard(tmp.path() / "train_000000.bin", a, 2, &docs_a);
+  write_shard(tmp.path() / "train_000001.bin", b, 4, &docs_b);
+  const std::vector<std::filesystem::path> paths = {tmp.path() / "train_000000.bin", tmp.path() / "train_000001.bin"};
+  const int64_t T = 48;
+  const Samples samples(paths, options_for(T));
+  ASSERT_EQ(samples.packing(), Packing::kDocuments);
+  ASSERT_TRUE(samples.has_targets());
+
+  // The documents as (input ids, target ids) sequences, cut to T+1 tokens.
+  std::multiset<std::vector<int64_t>> expected;
+  int64_t truncated = 0, total_positions = 0;
+  for (const auto& [tokens, docs] : {std::pair{&a, &docs_a}, {&b, &docs_b}}) {
+    for (size_t d = 0; d < docs->starts.size(); ++d) {
+      const size_t start = docs->starts[d], end = d + 1 < docs->starts.size() ? docs->starts[d + 1] : tokens->size();
+      const size_t used = std::min<size_t>(end - start, T + 1);
+      truncated += end - start > static_cast<size_t>(T + 1);
+      std::vector<int64_t> seq;  // x then y of each position
+      for (size_t i = 0; i + 1 < used; ++i) {
+        seq.push_back((*tokens)[start + i]);
+        seq.push_back(docs->targets[start + i + 1] ? (*tokens)[start + i + 1] : kIgnoreTarget);
+      }
+      total_positions += static_cast<int64_t>(used) - 1;
+      expected.insert(seq);
+    }
+  }
+  ASSERT_GT(truncated, 0);
+  std::multiset<std::vector<int64_t>> found;
+  std::vector<int64_t> x(T), y(T), pos(T);
+  int64_t padding = 0;
+  for (int64_t s = 0; s < samples.size(); ++s) {
+    const int64_t targets = samples.read(s, x.data(), y.data(), pos.data());
+    int64_t counted = 0;
+    std::vector<int64_t> seq;
+    for (int64_t t = 0; t < T; ++t) {
+      counted += y[t] != kIgnoreTarget;
+      if (t > 0 && pos[t] == 0 && !seq.empty()) found.insert(std::exchange(seq, {}));
+      if (pos[t] == 0 && (t + 1 == T || pos[t + 1] == 0) && y[t] == kIgnoreTarget && x[t] == 0) {
+        ++padding;  // padding: one position to itself, never a target
+        continue;
+      }
+      ASSERT_EQ(pos[t], seq.size() / 2) << "sample " << s << " position " << t;
+      seq.push_back(x[t]);
+      seq.push_back(y[t]);
+    }
+    if (!seq.empty()) found.insert(seq);
+    EXPECT_EQ(counted, targets);
+    EXPECT_EQ(samples.targets(s), targets);
+  }
+  EXPECT_EQ(found, expected);
+  EXPECT_EQ(padding, samples.size() * T - total_positions);
+  // Best fit keeps padding low: fewer rows than 1.1x the lower bound.
+  EXPECT_LE(samples.size(), static_cast<int64_t>(1.1 * std::ceil(double(total_positions) / T)) + 1);
+  EXPECT_NE(samples.describe().find(std::to_string(truncated) + " cut to"), std::string::npos) << samples.describe();
+
+  test::expect_error_containing([&] { Samples s(paths, options_for(T, "error")); },
+                                {"train_000000.bin", "more than data.seq_len + 1 = 49", "data.too_long"});
+
+  // Concat: windows over the stream, prompts still not targets.
+  SampleOptions concat = options_for(T);
+  concat.packing = "concat";
+  const Samples windows(paths, concat);
+  ASSERT_EQ(windows.packing(), Packing::kConcat);
+  EXPECT_EQ(windows.size(), static_cast<int64_t>((a.size() - 1) / T + (b.size() - 1) / T));
+  windows.read(1, x.data(), y.data(), nullptr);
+  int64_t counted = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    EXPECT_EQ(x[t], a[static_cast<size_t>(T + t)]);
+    EXPECT_EQ(y[t], docs_a.targets[static_cast<size_t>(T + t + 1)] ? a[static_cast<size_t>(T + t + 1)] : kIgnoreTarget);
+    counted += y[t] != kIgnoreTarget;
+  }
+  EXPECT_EQ(windows.targets(1), counted);
+}
+
+// Per-token losses of a packed row: changing one document leaves every other one's bitwise
+// unchanged, and each equals the document computed alone (positions from 0, nothing before it).
+TEST(Samples, PackedDocumentsDoNotInteract) {
+  test::TempDir tmp;
+  ShardDocuments docs;
+  auto tokens = make_documents(4, 40, 10, 8, docs);
+  write_shard(tmp.path() / "a.bin", tokens, 2, &docs);
+  // The same documents, the third one's tokens changed (same length: the packing is the same).
+  for (size_t i = docs.starts[2] + 1; i + 1 < docs.starts[3]; ++i) tokens[i] = (tokens[i] + 17) % kEot;
+  write_shard(tmp.path() / "b.bin", tokens, 2, &docs);
+  const int64_t T = 32;
+  const Samples sa({tmp.path() / "a.bin"}, options_for(T)), sb({tmp.path() / "b.bin"}, options_for(T));
+  ASSERT_EQ(sa.size(), sb.size());
+  const auto read_all = [&](const Samples& s) {
+    torch::Tensor t = torch::empty({s.size(), 3, T}, torch::kLong);
+    for (int64_t i = 0; i < s.size(); ++i) {
+      int64_t* row = t[i].data_ptr<int64_t>();
+      s.read(i, row, row + T, row + 2 * T);
+    }
+    return t;
+  };
+  const torch::Tensor ta = read_all(sa), tb = read_all(sb);  // (S, 3, T)
+  const torch::Tensor changed = (ta.select(1, 0) != tb.select(1, 0)).any(1);  // rows that hold document 2
+  ASSERT_EQ(changed.sum().item<int64_t>(), 1);
+
+  GPT2Config c;
+  c.n_layer = 2, c.n_head = 2, c.n_embd = 32, c.vocab_size = 97, c.n_positions = 64;
+  c.resid_pdrop = c.embd_pdrop = c.attn_pdrop = 0;
+  GPT2 model(c);
+  init_gpt2_weights(model, 5);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  for (const auto dtype : {c10::kFloat, c10::kBFloat16}) {
+    AutocastGuard autocast(c10::kCPU, dtype);
+    const auto per_token = [&](const torch::Tensor& t) {  // (S, T) losses, 0 where no target
+      const torch::Tensor logits = model->forward(t.select(1, 0), t.select(1, 2)).to(torch::kFloat);  // (S, T, V)
+      const torch::Tensor y = t.select(1, 1);
+      return torch::nn::functional::cross_entropy(
+                 logits.reshape({-1, 97}), y.reshape({-1}),
+                 torch::nn::functional::CrossEntropyFuncOptions().ignore_index(kIgnoreTarget).reduction(torch::kNone))
+          .view(y.sizes());
+    };
+    const torch::Tensor la = per_token(ta), lb = per_token(tb);
+    const torch::Tensor document = ta.select(1, 2).eq(0).cumsum(1);  // (S, T)
+    const int64_t row = changed.nonzero().item<int64_t>();
+    const torch::Tensor doc_of_2 = (ta[row][0] != tb[row][0]).nonzero()[0][0];  // a position of document 2
+    const torch::Tensor other = document[row] != document[row][doc_of_2.item<int64_t>()];
+    EXPECT_TRUE(torch::equal(la.index({changed.logical_not()}), lb.index({changed.logical_not()})));
+    EXPECT_TRUE(torch::equal(la[row].index({other}), lb[row].index({other})))
+        << "a changed document moved another one's losses in the same row (" << c10::toString(dtype) << ")";
+    EXPECT_FALSE(torch::equal(la[row], lb[row]));
+    // Each document of row 0 alone, from position 0 with plain causal attention.
+    const torch::Tensor pos = ta[0][2];
+    for (int64_t start = 0; start < T;) {
+      int64_t end = start + 1;
+      while (end < T && pos[end].item<int64_t>() != 0) ++end;
+      const torch::Tensor alone = model->forward(ta[0][0].narrow(0, start, end - start).unsqueeze(0)).to(torch::kFloat);
+      const torch::Tensor packed = model->forward(ta.select(1, 0).narrow(0, 0, 1), ta.select(1, 2).narrow(0, 0, 1))
+                                       .to(torch::kFloat)
+                                       .narrow(1, start, end - start);
+      EXPECT_LT(test::max_abs_diff(alone, packed), dtype == c10::kFloat ? 1e-5 : 0.1) << "document at " << start;
+      start = end;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace gpt2ft
