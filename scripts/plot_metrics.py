@@ -26,8 +26,14 @@ def main():
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise SystemExit(f"{args.metrics}:{n}: not valid JSON ({e})")
-    train = [r for r in rows if "loss" in r]
-    val = [r for r in rows if "val_loss" in r]
+    # A resumed run logs the steps after its checkpoint again: the later row of a step wins (as
+    # TensorBoard shows it).
+    def last_per_step(key):
+        by_step = {r["step"]: r for r in rows if key in r}
+        return [by_step[s] for s in sorted(by_step)]
+
+    train = last_per_step("loss")
+    val = last_per_step("val_loss")
     if not train:
         raise SystemExit(f"{args.metrics}: no training rows")
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
@@ -35,6 +41,12 @@ def main():
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+        best = min(val, key=lambda r: r["val_loss"])
+        ax.plot([best["step"]], [best["val_loss"]], "*", markersize=16, color="gold", markeredgecolor="black",
+                label=f"best val {best['val_loss']:.4f} (step {best['step']})")
+    for r in rows:
+        if "early_stop" in r:
+            ax.axvline(r["step"], color="grey", linestyle="--", label=f"early stop (step {r['step']})")
     ax.set_title("loss")
     ax.legend()
     axes[0][1].plot([r["step"] for r in train], [r["lr"] for r in train])

@@ -20,9 +20,11 @@
 #   bench         150  gpt2 T=1024 bf16 micro 8: ours, ours with the eager loss, PyTorch
 #                      eager, HF Trainer (no model is saved, 3 warm-up + 10 timed steps)
 #   plan           60  plan --measure, gpt2-medium at micro 1 and 8
+#   optim          45  the optimizer step for gpt2-xl's shapes: 8-bit AdamW (ATen ops) against
+#                      AdamW unfused and fused (bench_optimizer, medians of 5)
 #   offload       rest gpt2-xl T=1024 bf16 micro 4 x 4, as configured and with plan's levers
 #                      under a 24 GiB cuda.memory_limit (1 warm-up + 2 timed steps each)
-# GPT2FT_GPU_PARTS (default "tests bench plan offload") picks parts, in that order. A part that
+# GPT2FT_GPU_PARTS (default "tests bench plan optim offload") picks parts, in that order. A part that
 # the budget does not reach is listed as not run. The files under $OUT: build.log (or
 # binaries.log), nvidia-smi.txt, gpu-tests.log, bench.log, bench-train-gpu.json, plan.log,
 # offload.log, summary.txt (also printed last).
@@ -86,7 +88,7 @@ configure_and_build() {
   prefix="$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)')" || return 1
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPT2FT_USE_CCACHE=OFF \
     -DCMAKE_PREFIX_PATH="$prefix;${CMAKE_PREFIX_PATH:-}" -DGPT2FT_PYTHON="$(command -v "$py")" || return 1
-  cmake --build "$build" -j "$(nproc)" --target gpt2-finetune gpt2ft_tests
+  cmake --build "$build" -j "$(nproc)" --target gpt2-finetune gpt2ft_tests bench_optimizer
 }
 # The gpu-labelled ctest entries, run straight from the test binary (ctest's files hold the
 # build machine's paths): one process each, so CudaSetup runs before any CUDA tensor exists.
@@ -144,7 +146,7 @@ echo "[gpu-check] binaries: $build_path"
 if [[ -n $bin_dir ]]; then
   export root out py bin_dir tests_bin
   export -f gpu_tests plan_measure
-  parts=" ${GPT2FT_GPU_PARTS:-tests bench plan offload} "
+  parts=" ${GPT2FT_GPU_PARTS:-tests bench plan optim offload} "
   shard="$(mktemp -d)/train_000000.bin"
   "$py" -c "
 import numpy as np, sys
@@ -158,6 +160,8 @@ open(sys.argv[1], 'wb').write(h.tobytes() + t.tobytes())" "$shard"
                "$py" scripts/bench/train_bench.py --mode gpu --preset gpt2 --dtype bf16 --micro 8 --also-eager-loss \
                --warmup 3 --steps 10 --out "$out/bench-train-gpu.json" ;;
       plan) part "plan --measure gpt2-medium" 60 "$out/plan.log" plan_measure "$shard" ;;
+      optim) part "8-bit AdamW step vs AdamW, gpt2-xl shapes" 45 "$out/optim.log" \
+               "$bin_dir/bench_optimizer" cuda 1600 48 50257 5 ;;
       offload) GPT2FT_BUILD_DIR="$bin_dir" part "offload gpt2-xl" "$(left)" "$out/offload.log" \
                  "$py" scripts/bench/offload_bench.py --mode gpu --runs configured,levers --warmup 1 --steps 2 \
                  --out "$(mktemp --suffix=.json)" ;;  # offload.log has it all

@@ -15,13 +15,13 @@ if [[ ! -f .devkit/install-kit.sh ]]; then
   bash "$shared/device/make-kit.sh" .devkit libgloo-dev
   cp "$shared/device/install-kit.sh" .devkit/
 fi
-cmake --build "$build" --target gpt2-finetune gpt2ft_tests
+cmake --build "$build" --target gpt2-finetune gpt2ft_tests bench_optimizer
 rm -rf .devbin
 mkdir -p .devbin
-cp "$build/gpt2-finetune" "$build/tests/gpt2ft_tests" .devbin/
+cp "$build/gpt2-finetune" "$build/tests/gpt2ft_tests" "$build/bench_optimizer" .devbin/
 strip --strip-debug .devbin/* 2>/dev/null || true
 # What the binaries need beside libtorch (which the device machine's torch provides).
-ldd .devbin/gpt2-finetune .devbin/gpt2ft_tests | awk '/=>/ {print $1}' | sort -u |
+ldd .devbin/gpt2-finetune .devbin/gpt2ft_tests .devbin/bench_optimizer | awk '/=>/ {print $1}' | sort -u |
   grep -vE '^lib(torch|c10|gomp|cudart|nvrtc|cublas|cudnn|nccl|cusparse|cufft|curand|cusolver|nvJitLink|nvToolsExt|cupti)' \
   > .devbin/needed-libraries.txt
 git rev-parse HEAD > .devbin/commit.txt

@@ -64,6 +64,9 @@ void print_plan(const TrainConfig& cfg, const MemoryPlanInput& input, const Memo
   if (plan.host_bytes > 0) {
     std::printf("  optimizer state (AdamW)     %9.3f GiB  (offloaded: %.3f GiB of host memory)\n", gib(plan.optimizer),
                 gib(plan.host_bytes));
+  } else if (input.optimizer_8bit) {
+    std::printf("  optimizer state (8-bit)     %9.3f GiB  (codes, block scales, float32 moments of small tensors)\n",
+                gib(plan.optimizer));
   } else {
     std::printf("  optimizer state (AdamW)     %9.3f GiB\n", gib(plan.optimizer));
   }

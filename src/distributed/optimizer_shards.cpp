@@ -85,13 +85,11 @@ NamedTensors OptimizerShards::checkpoint_state() const {
   for (size_t i = 0; i < trained_.size(); ++i) {
     const auto& [name, p] = trained_[i];
     const bool own = owner_[i] == comm_.rank();
-    const char* kinds[3] = {"adamw.exp_avg.", "adamw.exp_avg_sq.", "adamw.step."};
-    for (int k = 0; k < 3; ++k) {
+    for (auto& [key, empty] : mine_->state_layout(name, p)) {
       // Collectives run on the training device, wherever the owner keeps its state.
-      torch::Tensor t = own ? local.at(kinds[k] + name).to(p.device())
-                            : (k == 2 ? torch::empty({}, p.options().dtype(torch::kFloat)) : torch::empty_like(p));
+      torch::Tensor t = own ? local.at(key).to(p.device()) : empty.to(p.device());
       comm_.broadcast_({t}, owner_[i], "optimizer state of " + name);
-      if (comm_.is_main()) out.emplace_back(kinds[k] + name, t.cpu());
+      if (comm_.is_main()) out.emplace_back(key, t.cpu());
     }
   }
   return out;

@@ -8,16 +8,17 @@
 #include <cstdlib>
 
 #include <algorithm>
+#include <cmath>
 
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
 #include "gpt2ft/core/atomic_file.h"
-#include "gpt2ft/core/json.h"
 #include "gpt2ft/core/checksum.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/fault_injection.h"
+#include "gpt2ft/core/json.h"
 #include "gpt2ft/core/rng_state.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/io/safetensors.h"
@@ -113,6 +114,16 @@ TrainingState parse_training_state(const nlohmann::json& meta, const fs::path& f
   s.micro_batch = integer("micro_batch", 1, s.global_batch);
   s.micro_batch_from_oom = get_field<bool>(meta, "micro_batch_from_oom", file);
   s.world_size = integer("world_size", 1, s.global_batch);
+  if (meta.contains("best_val_loss")) {  // absent in older checkpoints and before the first validation
+    if (!meta["best_val_loss"].is_number() || !std::isfinite(meta["best_val_loss"].get<double>())) {
+      throw Error(file.string() + ": \"best_val_loss\" must be a finite number; the checkpoint is damaged");
+    }
+    s.best_val_loss = meta["best_val_loss"].get<double>();
+    s.best_step = integer("best_step", 0, s.step);
+  }
+  if (meta.contains("evals_without_improvement")) {
+    s.evals_without_improvement = integer("evals_without_improvement", 0, 1ll << 40);
+  }
   if (!meta.contains("config") || !meta["config"].is_object()) {
     throw Error(file.string() + ": missing \"config\" (the run's config); the checkpoint is damaged");
   }
@@ -188,6 +199,11 @@ fs::path save_checkpoint(const fs::path& run_dir, const TrainingState& state, GP
                                {"scaler", scaler != nullptr},
                                {"config", config.to_json()}};
   if (!state.fingerprint.is_null()) meta["fingerprint"] = state.fingerprint;
+  if (state.best_val_loss) {
+    meta["best_val_loss"] = *state.best_val_loss;
+    meta["best_step"] = state.best_step;
+  }
+  meta["evals_without_improvement"] = state.evals_without_improvement;
   nlohmann::json checksums = nlohmann::json::object();
   for (const auto& entry : fs::directory_iterator(temp)) {
     checksums[entry.path().filename().string()] = file_checksum(entry.path());

@@ -87,8 +87,11 @@ void TrainConfig::visit(Visitor& v) {
   v.pair(train.betas, "train.betas", {0.9, 0.95}, 0.0, 0.999999, "AdamW betas [beta1, beta2], each below 1");
   v.number(train.eps, "train.eps", 1e-8, 1e-30, 1.0, "AdamW epsilon (above 0: AdamW divides by sqrt(v) + eps)");
   v.number(train.grad_clip, "train.grad_clip", 1.0, 0.0, kInf, "Clip the global gradient norm to this; 0 = off");
+  v.choice(train.optimizer, "train.optimizer", "adamw", {"adamw", "adamw_8bit"},
+           "\"adamw\", or \"adamw_8bit\": the moments of tensors of 4096+ values in 8-bit blocks (torchao's "
+           "AdamW8bit), 2 bytes a parameter instead of 8");
   v.choice(train.fused_adamw, "train.fused_adamw", "auto", {"auto", "on", "off"},
-           "Use the fused AdamW kernel (auto: on CUDA)");
+           "Use the fused AdamW kernel (auto: on CUDA; train.optimizer \"adamw\" only)");
   v.flag(train.chunked_loss, "train.chunked_loss", true,
          "Compute lm_head + cross-entropy in chunks, never holding the micro batch's logits (false: eager)");
   v.choice(train.optimizer_offload, "train.optimizer_offload", "none", {"none", "cpu"},
@@ -109,6 +112,8 @@ void TrainConfig::visit(Visitor& v) {
   v.integer(checkpoint.every_steps, "checkpoint.every_steps", 0, 0, kMaxInt,
             "Write a training checkpoint every N steps; 0 = only at the end");
   v.integer(checkpoint.keep_last, "checkpoint.keep_last", 2, 1, kMaxInt, "Checkpoints kept");
+  v.flag(checkpoint.keep_best, "checkpoint.keep_best", false,
+         "Keep <output_dir>/best: the model (or adapter) with the lowest validation loss so far, never pruned");
   v.flag(checkpoint.at_end, "checkpoint.at_end", true,
          "Write a training checkpoint when the run completes (benchmarks turn it off; final/ is written anyway)");
   v.text(checkpoint.resume, "checkpoint.resume", "auto",
@@ -117,13 +122,23 @@ void TrainConfig::visit(Visitor& v) {
          "checkpoint folder");
   // eval
   v.integer(eval.every_steps, "eval.every_steps", 0, 0, kMaxInt, "Validation every N steps; 0 = only at the end");
+  v.number(eval.every_epochs, "eval.every_epochs", 0.0, 0.0, 1e6,
+           "Validation also each time this many epochs (fractions allowed) have been trained; 0 = off");
+  v.integer(eval.early_stopping_patience, "eval.early_stopping_patience", 0, 0, kMaxInt,
+            "Stop (a completed run) after N validations without an improvement of eval.early_stopping_min_delta; "
+            "0 = off");
+  v.number(eval.early_stopping_min_delta, "eval.early_stopping_min_delta", 0.0, 0.0, 1e6,
+           "The least decrease of the validation loss below the best so far that counts as an improvement");
   v.integer(eval.max_sequences, "eval.max_sequences", 0, 0, kMaxInt,
             "Validation windows (of data.seq_len + 1 tokens) per evaluation, the first ones of data.val; 0 = all. "
             "The same set whatever the micro batch, eval batch or number of ranks");
   v.integer(eval.batch_size, "eval.batch_size", 0, 0, kMaxMicroBatch,
             "Sequences per validation forward pass; 0: the training micro batch. Halved on out-of-memory");
   // log
-  v.integer(log.every_steps, "log.every_steps", 10, 1, kMaxInt, "Metrics every N steps (console and metrics.jsonl)");
+  v.integer(log.every_steps, "log.every_steps", 10, 1, kMaxInt,
+            "Metrics every N steps (console and metrics.jsonl); the loss is the mean over those steps");
+  v.flag(log.tensorboard, "log.tensorboard", true,
+         "Write TensorBoard event files under <output_dir>/tensorboard (rank 0)");
   v.choice(log.progress, "log.progress", "auto", {"auto", "bar", "lines"},
            "Progress bar on a terminal (auto), always, or plain log lines");
   // oom

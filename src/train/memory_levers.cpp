@@ -21,6 +21,11 @@ struct Candidate {
   bool in_combination = true;  // false: a milder form of a lever the combination takes instead
 };
 
+MemoryPlanInput with_8bit(MemoryPlanInput in, bool on) {
+  in.optimizer_8bit = on;
+  return in;
+}
+
 // The config with `settings` applied.
 TrainConfig with(const TrainConfig& cfg, const std::vector<std::string>& settings) {
   return TrainConfig::parse(cfg.to_json(), settings, "plan");
@@ -52,7 +57,14 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
   out.push_back({{"activation checkpointing, all blocks", {"model.activation_checkpointing=all"},
                   "about 33% more compute (one extra forward pass)"},
                  every != 1});
-  out.push_back({{"AdamW state offloaded to the host", {"train.optimizer_offload=cpu"},
+  const int64_t trained = plan_memory(in).gradients / 4;
+  out.push_back({{"8-bit AdamW", {"train.optimizer=adamw_8bit"},
+                  fmt::format("the moments in 8-bit blocks on the GPU: {:.2f} GiB of state instead of {:.2f} GiB; the "
+                              "step stays on the GPU (quantization noise in the moments, as torchao's AdamW8bit)",
+                              plan_memory(with_8bit(in, true)).optimizer / double(1ll << 30),
+                              plan_memory(with_8bit(in, false)).optimizer / double(1ll << 30))},
+                 cfg.train.optimizer != "adamw_8bit" && cfg.train.optimizer_offload != "cpu" && !cfg.lora() && trained > 0});
+  out.push_back({{"AdamW state offloaded to the host", {"train.optimizer=adamw", "train.optimizer_offload=cpu"},
                   fmt::format("~{:.0f} ms a step for {:.2f}B parameters ({:.0f} bytes each over PCIe at 20 GB/s{}, the "
                               "host AdamW step at 10 GB/s); 16 bytes a parameter of host memory",
                               offload_ms, params / 1e9, pcie_bytes,
@@ -88,6 +100,26 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
   return out;
 }
 
+// The combination so far without the 8-bit AdamW lever, if it holds it.
+MemoryLever without_8bit(const MemoryLever& combo) {
+  MemoryLever out = combo;
+  const std::string name = "8-bit AdamW";
+  const auto it = std::find(out.settings.begin(), out.settings.end(), "train.optimizer=adamw_8bit");
+  if (it == out.settings.end()) return out;
+  out.settings.erase(it);
+  for (const std::string& sep : {" + " + name, name + " + ", name}) {
+    if (const auto at = out.name.find(sep); at != std::string::npos) {
+      out.name.erase(at, sep.size());
+      break;
+    }
+  }
+  if (const auto at = out.cost.find("the moments in 8-bit blocks"); at != std::string::npos) {
+    const auto end = out.cost.find("; ", out.cost.find("AdamW8bit)", at));
+    out.cost.erase(at, end == std::string::npos ? std::string::npos : end + 2 - at);
+  }
+  return out;
+}
+
 nlohmann::json lever_json(const MemoryLever& l) {
   return {{"name", l.name},     {"settings", l.settings}, {"cost", l.cost}, {"keeps_full_fine_tune", l.keeps_full_fine_tune},
           {"gpus", l.world_size}, {"peak", l.peak},         {"largest_micro_batch", l.largest_micro_batch}};
@@ -114,6 +146,10 @@ MemoryAdvice memory_levers(const TrainConfig& cfg, int64_t world, int64_t micro,
       if (!c.applies || !c.in_combination || c.lever.keeps_full_fine_tune != full || advice.combined_fits) continue;
       if (c.lever.world_size > world && combo.world_size > world) continue;  // one GPU count (ZeRO-1) only
       MemoryLever next = combo;
+      if (std::find(c.lever.settings.begin(), c.lever.settings.end(), "train.optimizer_offload=cpu") !=
+          c.lever.settings.end()) {
+        next = without_8bit(combo);  // offload replaces the 8-bit state (the two do not combine yet)
+      }
       next.name += (next.name.empty() ? "" : " + ") + c.lever.name;
       next.settings.insert(next.settings.end(), c.lever.settings.begin(), c.lever.settings.end());
       next.cost += (next.cost.empty() ? "" : "; ") + c.lever.cost;

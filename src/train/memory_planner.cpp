@@ -54,6 +54,8 @@
 // (Hopper's default size; smaller GPUs use less).
 #include "gpt2ft/train/memory_planner.h"
 
+#include "gpt2ft/optim/adamw_8bit.h"
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -94,7 +96,6 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     if (!is_frozen(name, in.freeze_embeddings, in.freeze_blocks)) trained_numels.push_back(numel);
   }
   const int64_t trained = std::accumulate(trained_numels.begin(), trained_numels.end(), int64_t{0});
-  const int64_t tensors = static_cast<int64_t>(trained_numels.size());
   const int64_t b = in.amp == c10::kFloat ? 4 : 2;
   const int64_t C = c.n_embd, I = c.inner_dim(), T = in.seq_len, L = c.n_layer, V = c.vocab_size, NH = c.n_head;
   const int64_t checkpointed = in.checkpoint_every <= 0 ? 0 : (L + in.checkpoint_every - 1) / in.checkpoint_every;
@@ -106,14 +107,20 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   m.per_rank_batch = in.global_batch > 0 ? in.global_batch / std::max<int64_t>(1, in.world_size) : 0;
   m.weights = lora ? in.base_bytes * P + 4 * trained : 4 * P;
   m.gradients = 4 * trained;
-  m.optimizer = 8 * trained + 4 * tensors;  // two moments per element, a float32 step per tensor
+  // Two moments per element and a float32 step per tensor; 8-bit: codes and block scales for
+  // tensors torchao quantizes, float32 moments for the others.
+  const auto state_bytes = [&](int64_t numel) {
+    return in.optimizer_8bit ? adamw_8bit_state_bytes(numel) : 8 * numel + 4;
+  };
+  m.optimizer = 0;
+  for (const int64_t numel : trained_numels) m.optimizer += state_bytes(numel);
   int64_t owned = trained;  // trained elements whose optimizer state this rank keeps
   if (in.shard_optimizer && in.world_size > 1) {
     // ZeRO-1: the most loaded rank's share, under the partition the trainer uses.
     const std::vector<int> owner = partition_parameters(trained_numels, static_cast<int>(in.world_size));
     std::vector<int64_t> bytes(static_cast<size_t>(in.world_size), 0), elements(bytes.size(), 0);
     for (size_t i = 0; i < owner.size(); ++i) {
-      bytes[static_cast<size_t>(owner[i])] += 8 * trained_numels[i] + 4;
+      bytes[static_cast<size_t>(owner[i])] += state_bytes(trained_numels[i]);
       elements[static_cast<size_t>(owner[i])] += trained_numels[i];
     }
     m.optimizer = *std::max_element(bytes.begin(), bytes.end());
@@ -129,6 +136,11 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     if (!in.chunked_loss) m.amp_copies += 2 * V * C;  // the eager lm_head's cast, saved by its matmul
   }
   m.workspace = in.cuda ? (32ll << 20) : 0;
+  if (in.optimizer_8bit && !trained_numels.empty()) {
+    // The 8-bit step's float32 temporaries for one piece of at most 2^22 values (dequantized
+    // moments, their squares and quotients, the updated weights: ~8 copies).
+    m.workspace += 8 * 4 * std::min<int64_t>(int64_t{1} << 22, *std::max_element(trained_numels.begin(), trained_numels.end()));
+  }
   m.gradient_buckets = in.world_size > 1 ? 4 * trained : 0;
   m.lm_head_gradient = lm_head_trained ? 4 * V * C : 0;
   m.embedding_gradient = wte_trained ? 4 * V * C : 0;

@@ -11,15 +11,20 @@
 
 namespace gpt2ft {
 
+double unix_time() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
 double model_flops_per_token(const GPT2Config& c, int64_t seq_len) {
   const double n = static_cast<double>(c.num_parameters() - c.n_positions * c.n_embd);
   return 6 * n + 12.0 * c.n_layer * c.n_embd * seq_len;
 }
 
 MetricsLog::MetricsLog(const std::filesystem::path& path, const std::string& progress, int64_t max_steps,
-                       bool enabled, Rates rates)
+                       bool enabled, Rates rates, const std::filesystem::path& tensorboard_dir)
     : enabled_(enabled), max_steps_(max_steps), rates_(rates), start_(Clock::now()), interval_start_(start_) {
   if (enabled_) out_.open(path, std::ios::app);
+  if (enabled_ && !tensorboard_dir.empty()) tensorboard_ = std::make_unique<TensorBoardWriter>(tensorboard_dir);
   bar_ = enabled_ && (progress == "bar" || (progress == "auto" && ::isatty(STDERR_FILENO)));
   last_loss_ = NAN;
 }
@@ -52,6 +57,21 @@ void MetricsLog::record_step(nlohmann::json row) {
   if (!enabled_) return;
   write(row);
   last_loss_ = row["loss"].get<double>();
+  if (tensorboard_) {
+    std::vector<std::pair<std::string, double>> scalars = {
+        {"train/loss", last_loss_},
+        {"train/learning_rate", row["lr"].get<double>()},
+        {"train/grad_norm", row["grad_norm"].get<double>()},
+        {"train/epoch", row["fractional_epoch"].get<double>()},
+        {"train/tokens_per_second", tokens_per_s},
+        {"train/micro_batch", row["micro_batch"].get<double>()}};
+    if (row.contains("mfu")) scalars.emplace_back("train/mfu", row["mfu"].get<double>());
+    if (row.contains("cuda_peak_allocated_gb")) {
+      scalars.emplace_back("train/peak_memory_gib", row["cuda_peak_allocated_gb"].get<double>() * 1e9 / (1 << 30));
+    }
+    if (row.contains("loss_scale")) scalars.emplace_back("train/loss_scale", row["loss_scale"].get<double>());
+    tensorboard_->scalars(row["step"].get<int64_t>(), scalars);
+  }
   std::string extra;
   if (row.contains("mfu")) extra += fmt::format(" | mfu {:.1f}%", 100 * row["mfu"].get<double>());
   if (row.contains("cuda_peak_allocated_gb")) {
@@ -70,9 +90,16 @@ void MetricsLog::record_event(const nlohmann::json& row) {
   if (enabled_) write(row);
 }
 
+void MetricsLog::record_resume(int64_t step, const nlohmann::json& resumed) {
+  if (!enabled_) return;
+  write({{"time", unix_time()}, {"resumed", resumed}});
+  if (tensorboard_) tensorboard_->restart(step + 1);
+}
+
 void MetricsLog::record_validation(const nlohmann::json& row) {
   if (!enabled_) return;
   write(row);
+  if (tensorboard_) tensorboard_->scalars(row["step"].get<int64_t>(), {{"eval/loss", row["val_loss"].get<double>()}});
   spdlog::info("step {:>6} | val loss {:.4f} | val perplexity {:.2f}", row["step"].get<int64_t>(),
                row["val_loss"].get<double>(), row["val_perplexity"].get<double>());
 }

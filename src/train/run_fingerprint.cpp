@@ -106,6 +106,7 @@ nlohmann::json run_fingerprint(const TrainConfig& c) {
   f["train AdamW"] = fmt::format("betas [{}, {}], eps {}, weight_decay {}", number(c.train.betas[0]),
                                  number(c.train.betas[1]), number(c.train.eps), number(c.train.weight_decay));
   f["train.grad_clip"] = number(c.train.grad_clip);
+  f["train.optimizer"] = c.train.optimizer;
   f["train.seed"] = std::to_string(c.train.seed);
   f["amp.dtype"] = c.amp.dtype;
   return f;

@@ -30,6 +30,7 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
   in.chunked_loss = cfg.train.chunked_loss;
   in.shard_optimizer = cfg.distributed.shard_optimizer;
   in.optimizer_offload = cfg.train.optimizer_offload == "cpu";
+  in.optimizer_8bit = cfg.train.optimizer == "adamw_8bit";
   in.freeze_embeddings = cfg.model.freeze_embeddings;
   in.freeze_blocks = cfg.model.freeze_blocks;
   in.packed_documents = cfg.data.packing == "documents" ||

@@ -2,6 +2,8 @@
 // out-of-memory back-off, metrics, validation and checkpoints are the members around it.
 #include "gpt2ft/train/trainer.h"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -32,13 +34,14 @@
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/init.h"
 #include "gpt2ft/model/lora.h"
-#include "gpt2ft/train/adamw.h"
+#include "gpt2ft/optim/adamw.h"
+#include "gpt2ft/optim/adamw_8bit.h"
+#include "gpt2ft/optim/grad_clip.h"
+#include "gpt2ft/optim/grad_scaler.h"
+#include "gpt2ft/optim/lr_schedule.h"
+#include "gpt2ft/optim/offloaded_adamw.h"
 #include "gpt2ft/train/batch_split.h"
-#include "gpt2ft/train/grad_clip.h"
-#include "gpt2ft/train/grad_scaler.h"
-#include "gpt2ft/train/lr_schedule.h"
 #include "gpt2ft/train/memory_levers.h"
-#include "gpt2ft/train/offloaded_adamw.h"
 #include "gpt2ft/train/oom_backoff.h"
 #include "gpt2ft/train/run_checkpoints.h"
 #include "gpt2ft/train/run_memory.h"
@@ -138,7 +141,17 @@ std::unique_ptr<Optimizer> make_optimizer(const TrainConfig& cfg, Communicator& 
   options.betas = cfg.train.betas;
   options.eps = cfg.train.eps;
   options.fused = fused_adamw(cfg, device);
+  const bool eight_bit = cfg.train.optimizer == "adamw_8bit";
+  if (eight_bit && cfg.train.optimizer_offload == "cpu") {
+    throw Error("train.optimizer \"adamw_8bit\" with train.optimizer_offload \"cpu\" is not implemented yet: the "
+                "8-bit state (2 bytes a parameter) stays on the GPU. Use one of the two");
+  }
+  if (eight_bit && cfg.train.fused_adamw == "on") {
+    throw Error("train.fused_adamw \"on\" is AdamW's fused kernel; train.optimizer \"adamw_8bit\" has its own "
+                "step: set train.fused_adamw \"auto\"");
+  }
   const auto make = [&](const std::vector<std::pair<std::string, torch::Tensor>>& params) -> std::unique_ptr<Optimizer> {
+    if (eight_bit) return std::make_unique<AdamW8bit>(params, options);
     if (cfg.train.optimizer_offload == "cpu") {
       // Gradients averaged over ranks are final only after backward: those go at step().
       return std::make_unique<OffloadedAdamW>(params, options, device,
@@ -191,12 +204,16 @@ class Trainer {
   void after_step(int64_t step, const StepResult& result);
   void log_step(int64_t step, const StepResult& result);
   std::optional<double> validate(int64_t step);
+  void track_best(int64_t step, double loss);
+  bool evaluation_due(int64_t done) const;
   fs::path save_checkpoint();
   [[noreturn]] void stop(int64_t step, const StepOutcome& outcome);
   void stop_if_requested(const char* during) const;
   [[noreturn]] void interrupt(int64_t step, const StepStart& start);
   TrainSummary finish();
   void save_final_model();
+  void save_model(const fs::path& dir);
+  void save_best(int64_t step, double loss);
 
   void start_every_rank_alike();
   std::unique_ptr<DataLoader> make_loader() const;
@@ -230,6 +247,11 @@ class Trainer {
   TrainSummary summary_;
   int64_t first_step_ = 0;  // of this invocation (after a resume, the checkpoint's step)
   bool logged_first_ = false;
+  torch::Tensor interval_loss_;  // () on the device: the summed losses of the steps since the last log row
+  int64_t interval_steps_ = 0;
+  int64_t last_val_step_ = -1;   // the step of the last validation (finish() does not repeat it)
+  std::optional<double> last_val_loss_;
+  bool early_stopped_ = false;
 };
 
 Trainer::Trainer(const TrainConfig& cfg)
@@ -291,12 +313,13 @@ Trainer::Trainer(const TrainConfig& cfg)
   rates.flops_per_token = model_flops_per_token(model_->config(), cfg_.data.seq_len);
   if (device_.is_cuda()) rates.peak_flops = gpu_peak_flops(cuda_device_name(device_)) * static_cast<double>(split_.world);
   metrics_ = std::make_unique<MetricsLog>(fs::path(cfg_.output_dir) / "metrics.jsonl", cfg_.log.progress, max_steps_,
-                                          comm_.is_main(), rates);
+                                          comm_.is_main(), rates,
+                                          cfg_.log.tensorboard ? fs::path(cfg_.output_dir) / "tensorboard" : fs::path());
   if (!state_.source.empty()) {  // the rows after this one continue from the checkpoint, not the row before
-    metrics_->record_event({{"resumed", {{"checkpoint", state_.source.string()},
-                                         {"step", state_.step},
-                                         {"micro_batch_size", split_.micro},
-                                         {"world_size", split_.world}}}});
+    metrics_->record_resume(state_.step, {{"checkpoint", state_.source.string()},
+                                          {"step", state_.step},
+                                          {"micro_batch_size", split_.micro},
+                                          {"world_size", split_.world}});
   }
   log_run();
 }
@@ -353,9 +376,10 @@ void Trainer::log_run() {
                W > 1 ? fmt::format(" x {} ranks", W) : "", split_.global, cfg_.data.seq_len, max_steps_,
                static_cast<double>(max_steps_ * split_.global) / loader_->samples_per_epoch(),
                loader_->samples_per_epoch(), amp_name(amp_), cfg_.amp.dtype == "auto" ? " (auto)" : "",
-               cfg_.train.optimizer_offload == "cpu" ? "on the host (fused)"
-               : fused_adamw(cfg_, device_)          ? "fused"
-                                                     : "unfused");
+               cfg_.train.optimizer == "adamw_8bit"   ? "8-bit (torchao's AdamW8bit)"
+               : cfg_.train.optimizer_offload == "cpu" ? "on the host (fused)"
+               : fused_adamw(cfg_, device_)            ? "fused"
+                                                       : "unfused");
   spdlog::info("data: {}{}", loader_->describe(),
                loader_->has_targets() ? "; a step's loss is the mean over its global batch's targets" : "");
   if (W > 1) {
@@ -367,7 +391,14 @@ void Trainer::log_run() {
 TrainSummary Trainer::run() {
   metrics_->start_interval();
   first_step_ = state_.step;
-  for (int64_t step = first_step_; step < max_steps_; ++step) {
+  const int64_t patience = cfg_.eval.early_stopping_patience;
+  if (patience > 0 && state_.evals_without_improvement >= patience) {  // the run had stopped early
+    spdlog::info("the run had stopped early at step {} ({} validations without improvement)", state_.step,
+                 state_.evals_without_improvement);
+    early_stopped_ = true;
+    last_val_step_ = state_.step;
+  }
+  for (int64_t step = first_step_; step < max_steps_ && !early_stopped_; ++step) {
     const StepResult result = train_step(step);
     state_.step = step + 1;
     after_step(step, result);
@@ -517,8 +548,11 @@ void Trainer::after_step(int64_t step, const StepResult& result) {
   const bool last = done == max_steps_;
   const bool log = done % cfg_.log.every_steps == 0 || last || step == first_step_;
   metrics_->step_done(done, log);
+  interval_loss_ = interval_loss_.defined() ? interval_loss_ + result.loss : result.loss.clone();  // no sync
+  ++interval_steps_;
   if (log) log_step(step, result);
-  if (cfg_.eval.every_steps > 0 && done % cfg_.eval.every_steps == 0 && !last) validate(done);
+  if (evaluation_due(done) && !last) validate(done);
+  if (early_stopped_) return;  // finish() saves the final model and the checkpoint
   if (cfg_.checkpoint.every_steps > 0 && done % cfg_.checkpoint.every_steps == 0 && !last) save_checkpoint();
   maybe_crash_after_step(done);
   // A stop request (a signal or the time limit, on any rank) ends the run at this step
@@ -527,16 +561,28 @@ void Trainer::after_step(int64_t step, const StepResult& result) {
 }
 
 // Metrics only at log steps: the only host syncs of the loop.
+// Its loss is the mean over the steps since the last row (HF Trainer's interval mean).
 void Trainer::log_step(int64_t step, const StepResult& r) {
-  const double loss = comm_.reduce_device_scalars({r.loss}, HostReduce::sum, "training loss")[0] /
-                      static_cast<double>(split_.world);
+  const double loss = comm_.reduce_device_scalars({interval_loss_}, HostReduce::sum, "training loss")[0] /
+                      static_cast<double>(split_.world) / static_cast<double>(interval_steps_);
+  const int64_t averaged = interval_steps_;
+  interval_loss_ = torch::Tensor();
+  interval_steps_ = 0;
   stop_if_not_finite(step + 1);
+  const LoaderState at = loader_->state();
   nlohmann::json row = {{"step", step + 1},
+                        {"time", unix_time()},
                         {"loss", loss},
+                        {"loss_steps", averaged},
                         {"lr", r.lr},
                         {"grad_norm", r.grad_norm.item<double>()},
-                        {"epoch", loader_->state().epoch},
-                        {"samples_in_epoch", loader_->state().consumed},
+                        {"epoch", at.epoch},
+                        {"samples_in_epoch", at.consumed},
+                        {"fractional_epoch", static_cast<double>(at.epoch) +
+                                                 static_cast<double>(at.consumed) /
+                                                     static_cast<double>(loader_->samples_per_epoch())},
+                        {"global_batch", split_.global},
+                        {"tokens_seen", (step + 1) * split_.global * cfg_.data.seq_len},
                         {"micro_batch", split_.micro}};
   if (split_.world > 1) row["world_size"] = split_.world;
   if (device_.is_cuda()) {
@@ -553,12 +599,68 @@ void Trainer::log_step(int64_t step, const StepResult& r) {
   summary_.last_loss = loss;
 }
 
+// Validation after eval.every_steps steps, and each time eval.every_epochs epochs of samples
+// have been trained (fractions allowed).
+bool Trainer::evaluation_due(int64_t done) const {
+  if (cfg_.eval.every_steps > 0 && done % cfg_.eval.every_steps == 0) return true;
+  if (cfg_.eval.every_epochs <= 0) return false;
+  const double period = cfg_.eval.every_epochs * static_cast<double>(loader_->samples_per_epoch());  // samples
+  const auto crossings = [&](int64_t steps) {
+    return std::floor(static_cast<double>(steps * split_.global) / period + 1e-9);
+  };
+  return crossings(done) > crossings(done - 1);
+}
+
 std::optional<double> Trainer::validate(int64_t step) {
+  if (step == last_val_step_) return last_val_loss_;  // the end of a run stopped early after its validation
   const std::optional<EvalResult> r = validation_->run(model_);
   if (!r) return std::nullopt;
-  metrics_->record_validation(
-      {{"step", step}, {"val_loss", r->loss}, {"val_perplexity", r->perplexity}, {"val_tokens", r->tokens}});
+  metrics_->record_validation({{"step", step},
+                               {"time", unix_time()},
+                               {"fractional_epoch", static_cast<double>(step * split_.global) /
+                                                        static_cast<double>(loader_->samples_per_epoch())},
+                               {"val_loss", r->loss},
+                               {"val_perplexity", r->perplexity},
+                               {"val_tokens", r->tokens}});
+  last_val_step_ = step;
+  last_val_loss_ = r->loss;
+  track_best(step, r->loss);
   return r->loss;
+}
+
+// The best validation loss so far: best/ (checkpoint.keep_best) and early stopping. Both
+// live in the checkpoints' state, so a resumed run continues them.
+void Trainer::track_best(int64_t step, double loss) {
+  const std::optional<double> before = state_.best_val_loss;
+  const bool improved = !before || loss < *before;
+  const bool enough = !before || loss < *before - cfg_.eval.early_stopping_min_delta;
+  if (improved) {
+    state_.best_val_loss = loss;
+    state_.best_step = step;
+    if (cfg_.checkpoint.keep_best) {
+      comm_.barrier("best model");  // every rank's weights are this step's
+      if (comm_.is_main()) {
+        save_best(step, loss);
+      }
+    }
+  }
+  state_.evals_without_improvement = enough ? 0 : state_.evals_without_improvement + 1;
+  const int64_t patience = cfg_.eval.early_stopping_patience;
+  if (patience > 0 && state_.evals_without_improvement >= patience && step < max_steps_) {
+    early_stopped_ = true;
+    const std::string why = fmt::format(
+        "early stopping: {} validation(s) without an improvement of more than {:g} below the best loss {:.4f} "
+        "(step {}); the run ends here at step {} (eval.early_stopping_patience {})",
+        state_.evals_without_improvement, cfg_.eval.early_stopping_min_delta, *state_.best_val_loss,
+        state_.best_step, step, patience);
+    spdlog::info("{}", why);
+    metrics_->record_event({{"step", step},
+                            {"time", unix_time()},
+                            {"early_stop", {{"reason", why},
+                                            {"best_val_loss", *state_.best_val_loss},
+                                            {"best_step", state_.best_step},
+                                            {"evals_without_improvement", state_.evals_without_improvement}}}});
+  }
 }
 
 // A step whose gradients were NaN or infinite (outside float16's own skipped steps) was not
@@ -595,8 +697,29 @@ void Trainer::stop(int64_t step, const StepOutcome& outcome) {
 
 // final/: a Hugging Face model folder, or with LoRA a PEFT adapter folder naming the base.
 void Trainer::save_final_model() {
-  const fs::path dir = fs::path(cfg_.output_dir) / "final";
   // (finish() checked the steps' gradients on every rank before this rank-0-only save.)
+  save_model(fs::path(cfg_.output_dir) / "final");
+}
+
+// The model folder, or with LoRA the adapter folder, into `dir`.
+// best/: written complete under a temporary name, then renamed into place; the folder it
+// replaces is removed only after that, so a crash leaves one whole best/ (or a leftover to delete).
+void Trainer::save_best(int64_t step, double loss) {
+  const fs::path out(cfg_.output_dir), best = out / "best";
+  const std::string pid = std::to_string(::getpid());
+  const fs::path temp = out / (".best.tmp." + pid), old = out / (".best.old." + pid);
+  std::error_code ec;
+  fs::remove_all(temp, ec);
+  save_model(temp);
+  write_file_atomic(temp / "best.json", nlohmann::json{{"step", step}, {"val_loss", loss}}.dump(2) + "\n");
+  if (fs::exists(best)) fs::rename(best, old);
+  fs::rename(temp, best);
+  fsync_directory(out);
+  fs::remove_all(old, ec);
+  spdlog::info("best validation loss so far ({:.4f} at step {}): saved {}", loss, step, best.string());
+}
+
+void Trainer::save_model(const fs::path& dir) {
   SaveModelOptions save;
   save.dtype = cfg_.save_dtype == "bfloat16" ? c10::kBFloat16 : cfg_.save_dtype == "float16" ? c10::kHalf : c10::kFloat;
   if (!cfg_.model.init_from.empty()) save.tokenizer_from = fs::path(cfg_.model.init_from);
@@ -645,8 +768,14 @@ TrainSummary Trainer::finish() {
   const std::string trained = state_.step > first_step_
                                   ? fmt::format("train loss {:.4f} -> {:.4f}", summary_.first_loss, summary_.last_loss)
                                   : "no step trained in this invocation (the run was already complete)";
-  spdlog::info("done: {} steps in {:.1f}s; {}{}; model saved to {}", summary_.steps, summary_.seconds, trained,
-               summary_.val_loss ? fmt::format("; val loss {:.4f}", *summary_.val_loss) : "",
+  std::string best;
+  if (state_.best_val_loss) {
+    best = fmt::format("; best val loss {:.4f} at step {}{}", *state_.best_val_loss, state_.best_step,
+                       cfg_.checkpoint.keep_best ? " in " + (fs::path(cfg_.output_dir) / "best").string() : "");
+  }
+  spdlog::info("done: {} steps in {:.1f}s{}; {}{}{}; model saved to {}", summary_.steps, summary_.seconds,
+               early_stopped_ ? " (stopped early)" : "", trained,
+               summary_.val_loss ? fmt::format("; val loss {:.4f}", *summary_.val_loss) : "", best,
                summary_.final_model.string());
   return summary_;
 }

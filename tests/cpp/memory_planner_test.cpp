@@ -6,11 +6,12 @@
 
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/distributed/optimizer_shards.h"
-#include "gpt2ft/train/checkpoint.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/init.h"
-#include "gpt2ft/train/adamw.h"
+#include "gpt2ft/optim/adamw.h"
+#include "gpt2ft/optim/adamw_8bit.h"
+#include "gpt2ft/train/checkpoint.h"
 #include "gpt2ft/train/memory_levers.h"
 #include "gpt2ft/train/trainer.h"
 #include "test_support.h"
@@ -62,6 +63,15 @@ TEST(MemoryPlanner, FixedBytesEqualTheRealTensors) {
     EXPECT_EQ(plan.gradients, grads);
     EXPECT_EQ(plan.optimizer, state);
     EXPECT_GT(plan.activations_per_sequence, 0);
+
+    // 8-bit AdamW: codes, scales and the float32 moments of small tensors, as it allocates them.
+    // (64 x 300 = 19,200 and 64 x 200 are multiples of 256; the biases and LayerNorms are not.)
+    MemoryPlanInput eight_bit = memory_plan_input(cfg);
+    eight_bit.optimizer_8bit = true;
+    int64_t state_8bit = 0;
+    for (const auto& [name, t] : AdamW8bit(named, {}).checkpoint_state()) state_8bit += t.nbytes();
+    EXPECT_EQ(plan_memory(eight_bit).optimizer, state_8bit);
+    EXPECT_LT(state_8bit, state / 3);
   }
 }
 

@@ -12,14 +12,15 @@
 
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/pinned_buffers.h"
+#include "gpt2ft/io/tensorboard_events.h"
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/gpt2.h"
 #include "gpt2ft/model/init.h"
-#include "gpt2ft/train/adamw.h"
+#include "gpt2ft/optim/adamw.h"
+#include "gpt2ft/optim/grad_clip.h"
+#include "gpt2ft/optim/grad_scaler.h"
+#include "gpt2ft/optim/offloaded_adamw.h"
 #include "gpt2ft/train/config.h"
-#include "gpt2ft/train/grad_clip.h"
-#include "gpt2ft/train/grad_scaler.h"
-#include "gpt2ft/train/offloaded_adamw.h"
 #include "test_support.h"
 
 namespace gpt2ft {
@@ -382,6 +383,32 @@ TEST(TrainConfigTest, BadConfigsNameThePathAndTheExpectation) {
   EXPECT_FALSE(ok.data.shuffle);
   EXPECT_EQ(TrainConfig::parse(ok.to_json()).to_json(), ok.to_json());
   EXPECT_NE(TrainConfig::help_text().find("train.micro_batch_size"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace gpt2ft
+
+namespace gpt2ft {
+namespace {
+
+// CRC-32C's published check value, and the TFRecord framing of the first record written.
+TEST(TensorBoardEvents, Crc32cAndRecordFraming) {
+  EXPECT_EQ(crc32c("123456789", 9), 0xE3069283u);
+  test::TempDir tmp;
+  const std::filesystem::path file = TensorBoardWriter(tmp.path()).path();
+  std::ifstream in(file, std::ios::binary);
+  uint64_t length = 0;
+  uint32_t length_crc = 0;
+  in.read(reinterpret_cast<char*>(&length), 8);
+  in.read(reinterpret_cast<char*>(&length_crc), 4);
+  EXPECT_EQ(length_crc, masked_crc32c(&length, 8));
+  std::string data(length, '\0');
+  in.read(data.data(), static_cast<std::streamsize>(length));
+  uint32_t data_crc = 0;
+  in.read(reinterpret_cast<char*>(&data_crc), 4);
+  EXPECT_TRUE(in.good());
+  EXPECT_EQ(data_crc, masked_crc32c(data.data(), data.size()));
+  EXPECT_NE(data.find("brain.Event:2"), std::string::npos);
 }
 
 }  // namespace

@@ -19,7 +19,7 @@
 
 #include "gpt2ft/distributed/communicator.h"
 #include "gpt2ft/io/safetensors.h"
-#include "gpt2ft/train/optimizer.h"
+#include "gpt2ft/optim/optimizer.h"
 
 namespace gpt2ft {
 
@@ -44,6 +44,9 @@ class OptimizerShards final : public Optimizer {
   NamedTensors checkpoint_state() const override;
   // Each rank restores the state of the parameters it owns.
   void restore_state(const SafetensorsReader& state) override { mine_->restore_state(state); }
+  NamedTensors state_layout(const std::string& name, const torch::Tensor& param) const override {
+    return mine_->state_layout(name, param);
+  }
 
   // The parameters this rank updates.
   Named owned() const;

@@ -21,9 +21,9 @@
 #include "gpt2ft/data/loader.h"
 #include "gpt2ft/io/safetensors.h"
 #include "gpt2ft/model/gpt2.h"
-#include "gpt2ft/train/optimizer.h"
+#include "gpt2ft/optim/grad_scaler.h"
+#include "gpt2ft/optim/optimizer.h"
 #include "gpt2ft/train/config.h"
-#include "gpt2ft/train/grad_scaler.h"
 
 namespace gpt2ft {
 
@@ -35,6 +35,9 @@ struct TrainingState {
   bool micro_batch_from_oom = false;  // the micro batch was lowered after an out-of-memory error
   int64_t world_size = 1;    // ranks of the run that wrote it (micro_batch is per rank)
   bool rng_restored = true;  // this rank's RNG state came from a checkpoint
+  std::optional<double> best_val_loss;     // the lowest validation loss so far
+  int64_t best_step = 0;                   // the step it was measured at
+  int64_t evals_without_improvement = 0;   // early stopping's count
   std::filesystem::path source;  // the checkpoint it was read from (empty for a fresh run)
   nlohmann::json fingerprint;    // what defines the run (run_fingerprint); null in older checkpoints
 };

@@ -50,6 +50,7 @@ struct TrainConfig {
     std::string lr_schedule;
     int64_t warmup_steps = 0;
     std::array<double, 2> betas{};
+    std::string optimizer;                   // "adamw" | "adamw_8bit" (optim/adamw_8bit.h)
     std::string fused_adamw;                 // "auto" | "on" | "off"
     bool chunked_loss = true;                // lm_head + cross-entropy without whole-batch logits
     std::string optimizer_offload;           // "none" | "cpu"
@@ -64,14 +65,19 @@ struct TrainConfig {
   struct Checkpoint {
     int64_t every_steps = 0, keep_last = 0;
     bool at_end = true;
+    bool keep_best = false;                  // <output_dir>/best: the lowest validation loss so far
     std::string resume;
   } checkpoint;
   struct Eval {
     int64_t every_steps = 0, max_sequences = 0;
+    double every_epochs = 0;                 // also at these fractions of an epoch (0: off)
+    int64_t early_stopping_patience = 0;     // stop after N evaluations without improvement (0: off)
+    double early_stopping_min_delta = 0;
     int64_t batch_size = 0;                  // 0: the training micro batch
   } eval;
   struct Log {
     int64_t every_steps = 0;
+    bool tensorboard = true;                 // event files under <output_dir>/tensorboard
     std::string progress;                    // "auto" | "bar" | "lines"
   } log;
   struct Oom {

@@ -44,13 +44,15 @@ struct MemoryPlanInput {
   bool lora_dropout = false;
   int64_t base_bytes = 4;
   bool optimizer_offload = false;     // train.optimizer_offload "cpu": AdamW's state on the host
+  bool optimizer_8bit = false;        // train.optimizer "adamw_8bit": 8-bit moments (optim/adamw_8bit.h)
   bool packed_documents = false;      // document shards packed whole: positions and an attention mask per sequence
 };
 
 struct MemoryPlan {
   // Resident through the whole step.
   int64_t weights = 0;           // float32 parameters
-  int64_t optimizer = 0;         // AdamW exp_avg + exp_avg_sq (+ step counters)
+  int64_t optimizer = 0;         // AdamW exp_avg + exp_avg_sq (+ step counters); 8-bit: codes, scales and
+                                 // the float32 moments of small tensors
   int64_t amp_copies = 0;        // 16-bit casts of the weights saved for backward (blocks not checkpointed,
                                  // plus the one block being recomputed)
   int64_t workspace = 0;         // cuBLAS workspace

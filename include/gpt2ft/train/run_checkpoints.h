@@ -11,11 +11,11 @@
 
 #include "gpt2ft/distributed/communicator.h"
 #include "gpt2ft/model/gpt2.h"
+#include "gpt2ft/optim/grad_scaler.h"
+#include "gpt2ft/optim/optimizer.h"
 #include "gpt2ft/train/batch_split.h"
 #include "gpt2ft/train/checkpoint.h"
 #include "gpt2ft/train/config.h"
-#include "gpt2ft/train/grad_scaler.h"
-#include "gpt2ft/train/optimizer.h"
 
 namespace gpt2ft {
 

@@ -1,5 +1,5 @@
 // AdamW, fused and unfused.
-#include "gpt2ft/train/adamw.h"
+#include "gpt2ft/optim/adamw.h"
 
 #include <cmath>
 
@@ -114,6 +114,11 @@ void AdamW::restore_state(const SafetensorsReader& state) {
                            "match the run's";
   for (auto& g : groups_) {
     for (size_t i = 0; i < g.params.size(); ++i) {
+      if (!state.contains("adamw.step." + g.names[i]) && state.contains("adamw8bit.step." + g.names[i])) {
+        throw Error(state.path().string() + ": the optimizer state is 8-bit AdamW's (train.optimizer \"adamw_8bit\") "
+                    "but this run uses \"adamw\"; resume with train.optimizer \"adamw_8bit\", or start the AdamW run "
+                    "from the weights (model.init_from a saved model folder)");
+      }
       state.load_into("adamw.exp_avg." + g.names[i], g.exp_avg[i], hint);
       state.load_into("adamw.exp_avg_sq." + g.names[i], g.exp_avg_sq[i], hint);
       state.load_into("adamw.step." + g.names[i], g.steps[i], hint);
@@ -128,5 +133,15 @@ void AdamW::restore_state(const SafetensorsReader& state) {
 }
 
 NamedTensors adamw_state(const AdamW& optimizer) { return optimizer.checkpoint_state(); }
+
+NamedTensors adamw_state_layout(const std::string& name, const torch::Tensor& p) {
+  return {{"adamw.exp_avg." + name, torch::empty_like(p)},
+          {"adamw.exp_avg_sq." + name, torch::empty_like(p)},
+          {"adamw.step." + name, torch::empty({}, p.options().dtype(torch::kFloat))}};
+}
+
+NamedTensors AdamW::state_layout(const std::string& name, const torch::Tensor& p) const {
+  return adamw_state_layout(name, p);
+}
 
 }  // namespace gpt2ft

@@ -1,5 +1,5 @@
 // Learning-rate schedules.
-#include "gpt2ft/train/lr_schedule.h"
+#include "gpt2ft/optim/lr_schedule.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,5 +1,5 @@
 // AdamW on the host, fed bucket by bucket as backward finishes the gradients.
-#include "gpt2ft/train/offloaded_adamw.h"
+#include "gpt2ft/optim/offloaded_adamw.h"
 
 #include <c10/core/Event.h>
 #include <c10/core/Stream.h>

@@ -13,7 +13,7 @@
 #include <torch/types.h>
 
 #include "gpt2ft/io/safetensors.h"
-#include "gpt2ft/train/optimizer.h"
+#include "gpt2ft/optim/optimizer.h"
 
 namespace gpt2ft {
 
@@ -48,6 +48,7 @@ class AdamW final : public Optimizer {
   // "adamw.exp_avg.<name>", "adamw.exp_avg_sq.<name>" and "adamw.step.<name>".
   NamedTensors checkpoint_state() const override;
   void restore_state(const SafetensorsReader& state) override;
+  NamedTensors state_layout(const std::string& name, const torch::Tensor& param) const override;
 
   std::vector<Group>& groups() { return groups_; }
   const std::vector<Group>& groups() const { return groups_; }
@@ -61,5 +62,7 @@ class AdamW final : public Optimizer {
 
 // optimizer.checkpoint_state() of a plain AdamW.
 NamedTensors adamw_state(const AdamW& optimizer);
+// AdamW's checkpoint entries for one parameter, empty (Optimizer::state_layout).
+NamedTensors adamw_state_layout(const std::string& name, const torch::Tensor& param);
 
 }  // namespace gpt2ft

@@ -1,7 +1,8 @@
 // The optimizer behind the training step, as the step and the checkpoints see it: it updates
 // the trained parameters it owns and holds their state. The trainer never asks which kind it
-// has: plain AdamW (train/adamw.h), AdamW on the host (train/offloaded_adamw.h) and ZeRO-1's
-// sharded AdamW (distributed/optimizer_shards.h) implement it.
+// has: plain AdamW (optim/adamw.h), AdamW on the host (optim/offloaded_adamw.h), 8-bit AdamW
+// (optim/adamw_8bit.h) and ZeRO-1's sharded optimizer (distributed/optimizer_shards.h)
+// implement it.
 #pragma once
 
 #include <optional>
@@ -49,6 +50,9 @@ class Optimizer {
   // Restores the state of the parameters this rank updates from a checkpoint's tensors; a
   // missing or misshapen entry is an Error naming it.
   virtual void restore_state(const SafetensorsReader& state) = 0;
+  // Empty tensors named and shaped as checkpoint_state's entries for one parameter (ZeRO-1
+  // gathers each from the rank that owns it).
+  virtual NamedTensors state_layout(const std::string& name, const torch::Tensor& param) const = 0;
 };
 
 }  // namespace gpt2ft

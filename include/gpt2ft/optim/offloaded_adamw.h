@@ -27,8 +27,8 @@
 #include <c10/core/Device.h>
 #include <torch/types.h>
 
-#include "gpt2ft/train/adamw.h"
-#include "gpt2ft/train/optimizer.h"
+#include "gpt2ft/optim/adamw.h"
+#include "gpt2ft/optim/optimizer.h"
 
 namespace gpt2ft {
 
@@ -50,6 +50,9 @@ class OffloadedAdamW final : public Optimizer {
   NamedTensors checkpoint_state() const override;
   // Restores the moments and takes the device weights (restored just before) as the host copy.
   void restore_state(const SafetensorsReader& state) override;
+  NamedTensors state_layout(const std::string& name, const torch::Tensor& param) const override {
+    return adamw_state_layout(name, param);
+  }
 
   // Host bytes it holds: the weights' copy, the moments and the gradient buffers.
   int64_t host_bytes() const;

@@ -1,5 +1,5 @@
 // Global-norm clipping on the device.
-#include "gpt2ft/train/grad_clip.h"
+#include "gpt2ft/optim/grad_clip.h"
 
 #include <torch/torch.h>
 

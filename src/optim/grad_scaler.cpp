@@ -1,5 +1,5 @@
 // GradScaler on ATen's AMP kernels.
-#include "gpt2ft/train/grad_scaler.h"
+#include "gpt2ft/optim/grad_scaler.h"
 
 #include <torch/torch.h>
 

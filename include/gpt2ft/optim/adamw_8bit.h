@@ -1,0 +1,77 @@
+// AdamW with 8-bit moments (train.optimizer "adamw_8bit"), following torchao 0.18's AdamW8bit.
+// A trained tensor of at least 4096 values, a multiple of 256, keeps each moment as 8-bit codes
+// with one float32 scale per block of 256 (optim/blockwise_quantization.h): exp_avg on the
+// signed dynamic map, exp_avg_sq on the unsigned one, 2 bytes a value plus 8 bytes a block
+// instead of 8 bytes a value. Smaller tensors (biases, LayerNorm, most LoRA adapters) keep
+// float32 moments, as torchao and bitsandbytes do.
+//
+// The update of one tensor, in float32, torchao's order of operations (lr a float32 scalar):
+//   p  = p - lr * wd * p                                  (decay: tensors of dim >= 2, as AdamW)
+//   m  = dequant(m_codes).lerp(g, 1 - beta1);  v = dequant(v_codes).lerp(g^2, 1 - beta2)
+//   m_codes, v_codes = quant(m), quant(v)                 (stored)
+//   p  = p - lr * (m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+// with the float32 m and v of this step, before they were quantized. A step with found_inf != 0
+// (one host read) changes nothing.
+//
+// Two kernels. kOps: those ATen ops, a piece of at most 2^22 values at a time (whole blocks, so
+// the result is the same; it bounds the float32 temporaries); bitwise torchao's eager step.
+// kFused (the default on the CPU): one pass per block of 256 over the same formulas in float32,
+// blocks in parallel, compiled for AVX-512 / AVX2 / baseline x86 at run time; it rounds a few
+// operations differently (an ulp), so a code at a rounding tie may differ.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/types.h>
+
+#include "gpt2ft/io/safetensors.h"
+#include "gpt2ft/optim/adamw.h"
+#include "gpt2ft/optim/optimizer.h"
+
+namespace gpt2ft {
+
+// torchao's rule: quantize the moments of a tensor of `numel` values.
+bool adamw_8bit_quantizes(int64_t numel);
+
+// Bytes of AdamW8bit's state for a tensor of `numel` values (moments, scales, step count).
+int64_t adamw_8bit_state_bytes(int64_t numel);
+
+class AdamW8bit final : public Optimizer {
+ public:
+  struct State {
+    std::string name;
+    torch::Tensor param;
+    double weight_decay = 0;
+    bool quantized = false;
+    torch::Tensor exp_avg, exp_avg_sq;                // uint8 codes (quantized) or float32, param's shape
+    torch::Tensor exp_avg_scales, exp_avg_sq_scales;  // (numel / 256) float32, quantized only
+    torch::Tensor step;                               // () float32
+  };
+
+  enum class Kernel { kAuto, kOps };  // kAuto: kFused on the CPU, kOps on CUDA
+
+  AdamW8bit(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, AdamWOptions options,
+            Kernel kernel = Kernel::kAuto);
+
+  void step(double lr, const GradientScaling& scaling = {}) override;
+  std::string run_report() const override;
+  // "adamw8bit.exp_avg.<name>" (codes or float32), "adamw8bit.exp_avg.scales.<name>" (quantized),
+  // the same for exp_avg_sq, and "adamw8bit.step.<name>".
+  NamedTensors checkpoint_state() const override;
+  void restore_state(const SafetensorsReader& state) override;
+  NamedTensors state_layout(const std::string& name, const torch::Tensor& param) const override;
+
+  const std::vector<State>& states() const { return states_; }
+
+ private:
+  void update(State& s, const torch::Tensor& lr);
+  void update_fused(State& s, const torch::Tensor& lr);
+  AdamWOptions options_;
+  Kernel kernel_;
+  std::vector<State> states_;
+  torch::Tensor signed_map_, unsigned_map_;  // (256) float32 on the parameters' device
+};
+
+}  // namespace gpt2ft

@@ -1,0 +1,146 @@
+// 8-bit AdamW against torchao 0.18 (make_adamw8bit_golden.py): the quantization maps, codes and
+// scales exactly; 8 steps on a fixed gradient sequence; a skipped step; the checkpoint state
+// round trip and its size.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "gpt2ft/core/error.h"
+#include "gpt2ft/io/safetensors.h"
+#include "gpt2ft/optim/adamw_8bit.h"
+#include "gpt2ft/optim/blockwise_quantization.h"
+#include "test_support.h"
+
+namespace gpt2ft {
+namespace {
+
+std::filesystem::path golden_file() { return test::golden_dir() / "adamw8bit.safetensors"; }
+
+TEST(AdamW8bit, QuantizationEqualsTorchaoExactly) {
+  ASSERT_TRUE(std::filesystem::exists(golden_file())) << golden_file() << " (run through ctest)";
+  SafetensorsReader golden(golden_file());
+  for (const bool is_signed : {true, false}) {
+    const std::string kind = is_signed ? "signed" : "unsigned";
+    const torch::Tensor map = dynamic_quantization_map(is_signed);
+    EXPECT_TRUE(torch::equal(map, golden.load("map_" + kind))) << kind << " map";
+    const torch::Tensor x = golden.load("input_" + kind);
+    torch::Tensor codes = torch::empty({x.numel()}, torch::kByte), scales = torch::empty({x.numel() / 256});
+    quantize_blockwise(x, map, 256, codes, scales);
+    const torch::Tensor want = golden.load("codes_" + kind);
+    EXPECT_TRUE(torch::equal(scales, golden.load("scales_" + kind))) << kind;
+    EXPECT_EQ(codes.ne(want).sum().item<int64_t>(), 0) << kind << " codes differ from torchao's";
+    // Dequantizing gives the map's value times the scale, and the nearest one.
+    const torch::Tensor back = dequantize_blockwise(codes, scales, map);
+    const torch::Tensor err = (back - x).abs().view({-1, 256}) / scales.unsqueeze(1);
+    EXPECT_LE(err.max().item<double>(), 0.5 * (map.diff().max().item<double>()) + 1e-7);
+  }
+}
+
+TEST(AdamW8bit, EightStepsFollowTorchao) {
+  ASSERT_TRUE(std::filesystem::exists(golden_file())) << golden_file() << " (run through ctest)";
+  SafetensorsReader golden(golden_file());
+  torch::Tensor big = golden.load("init_big").requires_grad_(true), small = golden.load("init_small").requires_grad_(true);
+  AdamWOptions o;
+  o.weight_decay = 0.1;
+  o.betas = {0.9, 0.95};
+  o.eps = 1e-8;
+  AdamW8bit opt({{"big", big}, {"small", small}}, o, AdamW8bit::Kernel::kOps);  // the ATen ops, as torchao
+  ASSERT_TRUE(opt.states()[0].quantized);
+  ASSERT_FALSE(opt.states()[1].quantized);
+  for (int step = 0; step < 8; ++step) {
+    const std::string s = std::to_string(step);
+    big.mutable_grad() = golden.load("grad_big_" + s);
+    small.mutable_grad() = golden.load("grad_small_" + s);
+    opt.step(1e-3);
+    const auto& st = opt.states()[0];
+    const int64_t code_diffs = st.exp_avg.ne(golden.load("exp_avg_codes_" + s)).sum().item<int64_t>() +
+                               st.exp_avg_sq.ne(golden.load("exp_avg_sq_codes_" + s)).sum().item<int64_t>();
+    const double big_diff = test::max_abs_diff(big, golden.load("big_" + s));
+    const double small_diff = test::max_abs_diff(small, golden.load("small_" + s));
+    const double weights = std::max(big_diff, small_diff);
+    const double scales = std::max(test::max_abs_diff(st.exp_avg_scales, golden.load("exp_avg_scales_" + s)),
+                                   test::max_abs_diff(st.exp_avg_sq_scales, golden.load("exp_avg_sq_scales_" + s)));
+    std::printf("[adamw8bit] step %d: weights max|diff| %.3g (quantized %.3g, float32 state %.3g), scales %.3g, codes "
+                "differing %lld of %lld\n",
+                step + 1, weights, big_diff, small_diff, scales, static_cast<long long>(code_diffs), static_cast<long long>(2 * big.numel()));
+    EXPECT_EQ(weights, 0.0) << "step " << step + 1;  // the same ops in the same order
+    EXPECT_EQ(scales, 0.0) << "step " << step + 1;
+    EXPECT_EQ(code_diffs, 0) << "step " << step + 1;
+  }
+}
+
+// The fused CPU kernel against the op path (torchao's sequence) over 8 steps: weights within
+// a few float32 ulps, and codes the same but for rare rounding ties.
+TEST(AdamW8bit, FusedCpuKernelFollowsTheOps) {
+  torch::manual_seed(5);
+  const torch::Tensor w0 = torch::randn({96, 512}) * 0.02, b0 = torch::randn({300}) * 0.02;
+  torch::Tensor wa = w0.clone().requires_grad_(true), ba = b0.clone().requires_grad_(true);
+  torch::Tensor wb = w0.clone().requires_grad_(true), bb = b0.clone().requires_grad_(true);
+  AdamW8bit ops({{"w", wa}, {"b", ba}}, AdamWOptions{}, AdamW8bit::Kernel::kOps);
+  AdamW8bit fused({{"w", wb}, {"b", bb}}, AdamWOptions{});
+  int64_t code_diffs = 0;
+  double worst = 0;
+  for (int step = 0; step < 8; ++step) {
+    const torch::Tensor gw = torch::randn({96, 512}) * std::pow(10.0, step % 3 - 3), gb = torch::randn({300});
+    wa.mutable_grad() = gw.clone(), ba.mutable_grad() = gb.clone();
+    wb.mutable_grad() = gw.clone(), bb.mutable_grad() = gb.clone();
+    ops.step(1e-3);
+    fused.step(1e-3);
+    code_diffs += ops.states()[0].exp_avg.ne(fused.states()[0].exp_avg).sum().item<int64_t>() +
+                  ops.states()[0].exp_avg_sq.ne(fused.states()[0].exp_avg_sq).sum().item<int64_t>();
+    worst = std::max({worst, test::max_abs_diff(wa, wb), test::max_abs_diff(ba, bb)});
+  }
+  std::printf("[adamw8bit] fused CPU kernel vs ops, 8 steps: weights max|diff| %.3g, codes differing %lld of %lld\n",
+              worst, static_cast<long long>(code_diffs), static_cast<long long>(8 * 2 * wa.numel()));
+  EXPECT_LT(worst, 1e-7);
+  EXPECT_LT(code_diffs, 8 * 2 * wa.numel() / 1000);
+}
+
+TEST(AdamW8bit, SkippedStepChangesNothingAndStateRoundTrips) {
+  torch::manual_seed(3);
+  torch::Tensor w = (torch::randn({32, 256}) * 0.02).requires_grad_(true);
+  torch::Tensor b = torch::zeros({256}).requires_grad_(true);
+  AdamW8bit opt({{"w", w}, {"b", b}}, AdamWOptions{});
+  for (int i = 0; i < 3; ++i) {
+    w.mutable_grad() = torch::randn({32, 256});
+    b.mutable_grad() = torch::randn({256});
+    opt.step(1e-3);
+  }
+  const NamedTensors before = opt.checkpoint_state();
+  std::vector<torch::Tensor> copies;
+  for (const auto& [name, t] : before) copies.push_back(t.clone());
+  const torch::Tensor w_before = w.detach().clone();
+  GradientScaling skip;
+  skip.found_inf = torch::ones({});
+  opt.step(1e-3, skip);
+  for (size_t i = 0; i < before.size(); ++i) EXPECT_TRUE(torch::equal(before[i].second, copies[i])) << before[i].first;
+  EXPECT_TRUE(torch::equal(w, w_before));
+
+  // Saved and restored into a fresh optimizer: the next step is bitwise the same.
+  test::TempDir tmp;
+  save_safetensors(tmp.path() / "state.safetensors", before);
+  torch::Tensor w2 = w.detach().clone().requires_grad_(true), b2 = b.detach().clone().requires_grad_(true);
+  AdamW8bit other({{"w", w2}, {"b", b2}}, AdamWOptions{});
+  other.restore_state(SafetensorsReader(tmp.path() / "state.safetensors"));
+  const torch::Tensor gw = torch::randn({32, 256}), gb = torch::randn({256});
+  w.mutable_grad() = gw.clone(), b.mutable_grad() = gb.clone();
+  w2.mutable_grad() = gw.clone(), b2.mutable_grad() = gb.clone();
+  opt.step(1e-3);
+  other.step(1e-3);
+  EXPECT_TRUE(torch::equal(w, w2));
+  EXPECT_TRUE(torch::equal(b, b2));
+
+  // The state is 2 bytes a value of w (plus a scale per block) and float32 for b.
+  int64_t bytes = 0;
+  for (const auto& [name, t] : opt.checkpoint_state()) bytes += t.nbytes();
+  EXPECT_EQ(bytes, adamw_8bit_state_bytes(w.numel()) + adamw_8bit_state_bytes(b.numel()));
+  EXPECT_EQ(adamw_8bit_state_bytes(w.numel()), 2 * 32 * 256 + 2 * 4 * 32 + 4);
+
+  // AdamW's state is refused by name.
+  AdamW plain({{"w", w}, {"b", b}}, AdamWOptions{});
+  save_safetensors(tmp.path() / "adamw.safetensors", plain.checkpoint_state());
+  test::expect_error_containing([&] { other.restore_state(SafetensorsReader(tmp.path() / "adamw.safetensors")); },
+                                {"adamw.safetensors", "AdamW's", "\"adamw_8bit\""});
+}
+
+}  // namespace
+}  // namespace gpt2ft
