@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import subprocess
+import sys
 
 import torch
 from transformers import GPT2LMHeadModel
@@ -17,6 +18,7 @@ from common import WorkDirTest
 from test_distributed import write_config
 
 BIN = os.environ.get("GPT2FT_BIN", "")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TAGS = {"train/loss": "loss", "train/learning_rate": "lr", "train/grad_norm": "grad_norm",
         "train/epoch": "fractional_epoch", "train/micro_batch": "micro_batch", "train/tokens_per_second": "tokens_per_s"}
 
@@ -109,6 +111,12 @@ class RunTrackingTest(WorkDirTest):
         self.assertEqual([s for s, _ in scalars["train/loss"]], list(range(1, 25)))
         for (s, a), (_, b) in zip(scalars["train/loss"], straight["train/loss"]):
             self.assertAlmostEqual(a, b, delta=1e-6, msg=f"step {s}: the resumed run is the straight one")
+        # The plot script reads the rows of a resumed run (the last row of a step wins).
+        png = os.path.join(crashed, "metrics.png")
+        plot = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_metrics.py"),
+                               os.path.join(crashed, "metrics.jsonl"), "-o", png], capture_output=True, text=True)
+        self.assertEqual(plot.returncode, 0, plot.stderr)
+        self.assertGreater(os.path.getsize(png), 10000)
 
     def test_the_loss_of_a_row_is_the_mean_of_its_steps(self):
         every, _ = self.run_cfg(self.cfg, "every_step")
