@@ -303,6 +303,10 @@ NamedTensors AdamW8bit::checkpoint_state() const {
 }
 
 NamedTensors AdamW8bit::state_layout(const std::string& name, const torch::Tensor& p) const {
+  return adamw_8bit_state_layout(name, p);
+}
+
+NamedTensors adamw_8bit_state_layout(const std::string& name, const torch::Tensor& p) {
   NamedTensors out;
   const auto f32 = p.options().dtype(torch::kFloat);
   const bool quantized = adamw_8bit_quantizes(p.numel());

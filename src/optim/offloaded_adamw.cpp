@@ -1,6 +1,8 @@
 // AdamW on the host, fed bucket by bucket as backward finishes the gradients.
 #include "gpt2ft/optim/offloaded_adamw.h"
 
+#include "gpt2ft/optim/adamw_8bit.h"
+
 #include <c10/core/Event.h>
 #include <c10/core/Stream.h>
 #include <c10/core/StreamGuard.h>
@@ -39,9 +41,8 @@ struct OffloadedAdamW::State {
     std::vector<size_t> members;   // indices into params
     std::vector<int64_t> offsets;  // of each member in host_grads
     torch::Tensor host_grads;      // (numel,) float32, pinned on CUDA
-    std::unique_ptr<AdamW> adamw;  // over the members' host copies
-    // Where each member's host copy sits in adamw: (group, index), by member position.
-    std::vector<std::pair<size_t, size_t>> slot;
+    std::vector<torch::Tensor> copies;    // the members' host copies (float32 weights), by member position
+    std::unique_ptr<Optimizer> adamw;     // over them: AdamW, or AdamW8bit
     // This step:
     std::vector<bool> finished;  // by member: backward finished its gradient (armed only)
     size_t num_finished = 0;
@@ -49,10 +50,12 @@ struct OffloadedAdamW::State {
     bool sent_early = false;  // sent during backward: not unscaled or clipped yet
     std::optional<c10::Event> copied;  // CUDA: recorded after its copies
 
-    torch::Tensor& host_copy(size_t j) { return adamw->groups()[slot[j].first].params[slot[j].second]; }
+    torch::Tensor& host_copy(size_t j) { return copies[j]; }
   };
 
   explicit State(c10::Device d) : device(d), cuda(d.is_cuda()) {}
+
+  bool eight_bit = false;  // the buckets' optimizers are AdamW8bit
 
   const c10::Device device;
   const bool cuda;
@@ -116,17 +119,20 @@ struct OffloadedAdamW::State {
   }
 };
 
-void check_host_memory_for_offload(int64_t trained_parameters) {
-  require_host_memory(16.0 * static_cast<double>(trained_parameters),
+void check_host_memory_for_offload(int64_t trained_parameters, bool eight_bit) {
+  require_host_memory((eight_bit ? 10.0 : 16.0) * static_cast<double>(trained_parameters),
                       "train.optimizer_offload \"cpu\" for " + std::to_string(trained_parameters) +
-                          " trained parameters (16 bytes each: a float32 copy, AdamW's two moments and the gradient "
-                          "buffer)",
+                          (eight_bit ? " trained parameters (about 10 bytes each: a float32 copy, the 8-bit moments "
+                                       "and the gradient buffer)"
+                                     : " trained parameters (16 bytes each: a float32 copy, AdamW's two moments and "
+                                       "the gradient buffer)"),
                       "free host memory, shard the optimizer over GPUs (distributed.shard_optimizer) or set "
                       "train.optimizer_offload \"none\"");
 }
 
 OffloadedAdamW::OffloadedAdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
-                               AdamWOptions options, c10::Device device, int64_t bucket_bytes, bool take_in_backward)
+                               AdamWOptions options, c10::Device device, int64_t bucket_bytes, bool take_in_backward,
+                               bool eight_bit)
     : state_(std::make_shared<State>(device)) {
   State& st = *state_;
   for (auto it = named_params.rbegin(); it != named_params.rend(); ++it) {  // backward's order, roughly
@@ -134,7 +140,8 @@ OffloadedAdamW::OffloadedAdamW(const std::vector<std::pair<std::string, torch::T
   }
   int64_t trained = 0;
   for (const auto& [name, p] : st.params) trained += p.numel();
-  check_host_memory_for_offload(trained);
+  check_host_memory_for_offload(trained, eight_bit);
+  st.eight_bit = eight_bit;
   if (st.cuda) {
     st.impl.emplace(device.type());
     st.copy_stream = st.impl->getStreamFromGlobalPool(device, /*isHighPriority=*/false);
@@ -158,16 +165,13 @@ OffloadedAdamW::OffloadedAdamW(const std::vector<std::pair<std::string, torch::T
     b.host_grads = block[0];
     std::vector<std::pair<std::string, torch::Tensor>> copies;
     for (size_t j = 0; j < b.members.size(); ++j) {
-      copies.emplace_back(st.params[b.members[j]].first, block[1 + j].requires_grad_(true));
+      b.copies.push_back(block[1 + j].requires_grad_(true));
+      copies.emplace_back(st.params[b.members[j]].first, b.copies.back());
     }
-    b.adamw = std::make_unique<AdamW>(copies, options);
-    for (size_t j = 0; j < b.members.size(); ++j) {  // AdamW groups them by decay, in order
-      const auto& groups = b.adamw->groups();
-      for (size_t g = 0; g < groups.size(); ++g) {
-        for (size_t k = 0; k < groups[g].names.size(); ++k) {
-          if (groups[g].names[k] == st.params[b.members[j]].first) b.slot.emplace_back(g, k);
-        }
-      }
+    if (eight_bit) {
+      b.adamw = std::make_unique<AdamW8bit>(copies, options);  // its fused CPU kernel
+    } else {
+      b.adamw = std::make_unique<AdamW>(copies, options);
     }
     st.buckets.push_back(std::move(b));
   }
@@ -268,6 +272,10 @@ void OffloadedAdamW::step(double lr, const GradientScaling& scaling) {
   st.start_step();
 }
 
+NamedTensors OffloadedAdamW::state_layout(const std::string& name, const torch::Tensor& param) const {
+  return state_->eight_bit ? adamw_8bit_state_layout(name, param) : adamw_state_layout(name, param);
+}
+
 NamedTensors OffloadedAdamW::checkpoint_state() const {
   NamedTensors out;
   for (const auto& b : state_->buckets) {
@@ -286,9 +294,7 @@ int64_t OffloadedAdamW::host_bytes() const {
   for (const auto& b : state_->buckets) {
     bytes += b.host_grads.nbytes();
     for (const auto& [key, t] : b.adamw->checkpoint_state()) bytes += t.nbytes();
-    for (const auto& g : b.adamw->groups()) {
-      for (const auto& p : g.params) bytes += p.nbytes();
-    }
+    for (const auto& c : b.copies) bytes += c.nbytes();
   }
   return bytes;
 }

@@ -63,8 +63,8 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
                               "step stays on the GPU (quantization noise in the moments, as torchao's AdamW8bit)",
                               plan_memory(with_8bit(in, true)).optimizer / double(1ll << 30),
                               plan_memory(with_8bit(in, false)).optimizer / double(1ll << 30))},
-                 cfg.train.optimizer != "adamw_8bit" && cfg.train.optimizer_offload != "cpu" && !cfg.lora() && trained > 0});
-  out.push_back({{"AdamW state offloaded to the host", {"train.optimizer=adamw", "train.optimizer_offload=cpu"},
+                 cfg.train.optimizer != "adamw_8bit" && !cfg.lora() && trained > 0});
+  out.push_back({{"AdamW state offloaded to the host", {"train.optimizer_offload=cpu"},
                   fmt::format("~{:.0f} ms a step for {:.2f}B parameters ({:.0f} bytes each over PCIe at 20 GB/s{}, the "
                               "host AdamW step at 10 GB/s); 16 bytes a parameter of host memory",
                               offload_ms, params / 1e9, pcie_bytes,
@@ -100,26 +100,6 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
   return out;
 }
 
-// The combination so far without the 8-bit AdamW lever, if it holds it.
-MemoryLever without_8bit(const MemoryLever& combo) {
-  MemoryLever out = combo;
-  const std::string name = "8-bit AdamW";
-  const auto it = std::find(out.settings.begin(), out.settings.end(), "train.optimizer=adamw_8bit");
-  if (it == out.settings.end()) return out;
-  out.settings.erase(it);
-  for (const std::string& sep : {" + " + name, name + " + ", name}) {
-    if (const auto at = out.name.find(sep); at != std::string::npos) {
-      out.name.erase(at, sep.size());
-      break;
-    }
-  }
-  if (const auto at = out.cost.find("the moments in 8-bit blocks"); at != std::string::npos) {
-    const auto end = out.cost.find("; ", out.cost.find("AdamW8bit)", at));
-    out.cost.erase(at, end == std::string::npos ? std::string::npos : end + 2 - at);
-  }
-  return out;
-}
-
 nlohmann::json lever_json(const MemoryLever& l) {
   return {{"name", l.name},     {"settings", l.settings}, {"cost", l.cost}, {"keeps_full_fine_tune", l.keeps_full_fine_tune},
           {"gpus", l.world_size}, {"peak", l.peak},         {"largest_micro_batch", l.largest_micro_batch}};
@@ -146,10 +126,6 @@ MemoryAdvice memory_levers(const TrainConfig& cfg, int64_t world, int64_t micro,
       if (!c.applies || !c.in_combination || c.lever.keeps_full_fine_tune != full || advice.combined_fits) continue;
       if (c.lever.world_size > world && combo.world_size > world) continue;  // one GPU count (ZeRO-1) only
       MemoryLever next = combo;
-      if (std::find(c.lever.settings.begin(), c.lever.settings.end(), "train.optimizer_offload=cpu") !=
-          c.lever.settings.end()) {
-        next = without_8bit(combo);  // offload replaces the 8-bit state (the two do not combine yet)
-      }
       next.name += (next.name.empty() ? "" : " + ") + c.lever.name;
       next.settings.insert(next.settings.end(), c.lever.settings.begin(), c.lever.settings.end());
       next.cost += (next.cost.empty() ? "" : "; ") + c.lever.cost;

@@ -127,8 +127,8 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     owned = *std::max_element(elements.begin(), elements.end());
   }
   if (in.optimizer_offload) {  // the state moves to the host, with a weights' copy and a gradient buffer
+    m.host_bytes = 8 * owned + (in.optimizer_8bit ? m.optimizer : 8 * owned);  // weights' copy, gradients, state
     m.optimizer = 0;
-    m.host_bytes = 16 * owned;
   }
   if (b == 2 && !(lora && in.base_bytes == 2)) {  // a 16-bit base needs no casts
     const int64_t block_matmul_params = C * 3 * C + 3 * C + C * C + C + C * I + I + I * C + C;  // weights and biases
@@ -136,7 +136,7 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     if (!in.chunked_loss) m.amp_copies += 2 * V * C;  // the eager lm_head's cast, saved by its matmul
   }
   m.workspace = in.cuda ? (32ll << 20) : 0;
-  if (in.optimizer_8bit && !trained_numels.empty()) {
+  if (in.optimizer_8bit && !in.optimizer_offload && !trained_numels.empty()) {
     // The 8-bit step's float32 temporaries for one piece of at most 2^22 values (dequantized
     // moments, their squares and quotients, the updated weights: ~8 copies).
     m.workspace += 8 * 4 * std::min<int64_t>(int64_t{1} << 22, *std::max_element(trained_numels.begin(), trained_numels.end()));

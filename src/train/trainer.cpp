@@ -142,22 +142,18 @@ std::unique_ptr<Optimizer> make_optimizer(const TrainConfig& cfg, Communicator& 
   options.eps = cfg.train.eps;
   options.fused = fused_adamw(cfg, device);
   const bool eight_bit = cfg.train.optimizer == "adamw_8bit";
-  if (eight_bit && cfg.train.optimizer_offload == "cpu") {
-    throw Error("train.optimizer \"adamw_8bit\" with train.optimizer_offload \"cpu\" is not implemented yet: the "
-                "8-bit state (2 bytes a parameter) stays on the GPU. Use one of the two");
-  }
   if (eight_bit && cfg.train.fused_adamw == "on") {
     throw Error("train.fused_adamw \"on\" is AdamW's fused kernel; train.optimizer \"adamw_8bit\" has its own "
                 "step: set train.fused_adamw \"auto\"");
   }
   const auto make = [&](const std::vector<std::pair<std::string, torch::Tensor>>& params) -> std::unique_ptr<Optimizer> {
-    if (eight_bit) return std::make_unique<AdamW8bit>(params, options);
     if (cfg.train.optimizer_offload == "cpu") {
       // Gradients averaged over ranks are final only after backward: those go at step().
       return std::make_unique<OffloadedAdamW>(params, options, device,
                                               static_cast<int64_t>(cfg.distributed.bucket_mb * (1 << 20)),
-                                              /*take_in_backward=*/!comm.active());
+                                              /*take_in_backward=*/!comm.active(), eight_bit);
     }
+    if (eight_bit) return std::make_unique<AdamW8bit>(params, options);
     return std::make_unique<AdamW>(params, options);
   };
   // ZeRO-1: each rank's optimizer (offloaded or not) holds only its share.
@@ -376,7 +372,9 @@ void Trainer::log_run() {
                W > 1 ? fmt::format(" x {} ranks", W) : "", split_.global, cfg_.data.seq_len, max_steps_,
                static_cast<double>(max_steps_ * split_.global) / loader_->samples_per_epoch(),
                loader_->samples_per_epoch(), amp_name(amp_), cfg_.amp.dtype == "auto" ? " (auto)" : "",
-               cfg_.train.optimizer == "adamw_8bit"   ? "8-bit (torchao's AdamW8bit)"
+               cfg_.train.optimizer == "adamw_8bit"
+                   ? (cfg_.train.optimizer_offload == "cpu" ? "8-bit (torchao's AdamW8bit) on the host"
+                                                            : "8-bit (torchao's AdamW8bit)")
                : cfg_.train.optimizer_offload == "cpu" ? "on the host (fused)"
                : fused_adamw(cfg_, device_)            ? "fused"
                                                        : "unfused");

@@ -11,6 +11,7 @@
 #include "gpt2ft/model/init.h"
 #include "gpt2ft/optim/adamw.h"
 #include "gpt2ft/optim/adamw_8bit.h"
+#include "gpt2ft/optim/offloaded_adamw.h"
 #include "gpt2ft/train/checkpoint.h"
 #include "gpt2ft/train/memory_levers.h"
 #include "gpt2ft/train/trainer.h"
@@ -72,6 +73,11 @@ TEST(MemoryPlanner, FixedBytesEqualTheRealTensors) {
     for (const auto& [name, t] : AdamW8bit(named, {}).checkpoint_state()) state_8bit += t.nbytes();
     EXPECT_EQ(plan_memory(eight_bit).optimizer, state_8bit);
     EXPECT_LT(state_8bit, state / 3);
+    // Offloaded, the host holds a float32 copy, the gradient buffer and the 8-bit state.
+    eight_bit.optimizer_offload = true;
+    const OffloadedAdamW host(named, {}, torch::kCPU, 1 << 20, /*take_in_backward=*/false, /*eight_bit=*/true);
+    EXPECT_EQ(plan_memory(eight_bit).host_bytes, host.host_bytes());
+    EXPECT_EQ(plan_memory(eight_bit).optimizer, 0);
   }
 }
 

@@ -38,6 +38,9 @@ bool adamw_8bit_quantizes(int64_t numel);
 // Bytes of AdamW8bit's state for a tensor of `numel` values (moments, scales, step count).
 int64_t adamw_8bit_state_bytes(int64_t numel);
 
+// AdamW8bit's checkpoint entries for one parameter, empty (Optimizer::state_layout).
+NamedTensors adamw_8bit_state_layout(const std::string& name, const torch::Tensor& param);
+
 class AdamW8bit final : public Optimizer {
  public:
   struct State {

@@ -36,8 +36,9 @@ class OffloadedAdamW final : public Optimizer {
  public:
   // `named_params` live on `device`; bucket_bytes bounds a transfer bucket. take_in_backward:
   // send buckets as backward finishes them (not when something averages gradients later).
+  // eight_bit: the host keeps 8-bit AdamW's state (optim/adamw_8bit.h) instead of AdamW's.
   OffloadedAdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, AdamWOptions options,
-                 c10::Device device, int64_t bucket_bytes, bool take_in_backward);
+                 c10::Device device, int64_t bucket_bytes, bool take_in_backward, bool eight_bit = false);
   ~OffloadedAdamW() override;
   OffloadedAdamW(const OffloadedAdamW&) = delete;
   OffloadedAdamW& operator=(const OffloadedAdamW&) = delete;
@@ -50,9 +51,7 @@ class OffloadedAdamW final : public Optimizer {
   NamedTensors checkpoint_state() const override;
   // Restores the moments and takes the device weights (restored just before) as the host copy.
   void restore_state(const SafetensorsReader& state) override;
-  NamedTensors state_layout(const std::string& name, const torch::Tensor& param) const override {
-    return adamw_state_layout(name, param);
-  }
+  NamedTensors state_layout(const std::string& name, const torch::Tensor& param) const override;
 
   // Host bytes it holds: the weights' copy, the moments and the gradient buffers.
   int64_t host_bytes() const;
@@ -71,6 +70,6 @@ class OffloadedAdamW final : public Optimizer {
 
 // Whether the host can hold what OffloadedAdamW needs for `trained_parameters` (with room for
 // the rest of the process); an Error naming both figures otherwise.
-void check_host_memory_for_offload(int64_t trained_parameters);
+void check_host_memory_for_offload(int64_t trained_parameters, bool eight_bit = false);
 
 }  // namespace gpt2ft
