@@ -2,7 +2,8 @@
 # The C++ code under AddressSanitizer + UndefinedBehaviorSanitizer (run by .ci/run after the
 # test suite): builds everything instrumented into build-asan (-O1, so it builds in minutes)
 # and runs, under it, the C++ tests that need no second process or GPU, the fuzz targets over
-# their seed corpus, and the command line's bad-input, damaged-checkpoint and perimeter tests. Any
+# their seed corpus, and the command line's bad-input, damaged-checkpoint, perimeter and
+# instruction-data input tests. Any
 # sanitizer report fails the run. Needs scripts/setup.sh to have run (the .venv, packages).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +28,7 @@ echo "[sanitize] reference data"
 .venv/bin/python tests/python/make_golden.py "$golden" > /dev/null
 .venv/bin/python tests/python/make_scaler_golden.py "$golden/scaler.json" > /dev/null
 (cd tests/python && ../../.venv/bin/python make_lora_golden.py "$golden" > /dev/null)
+.venv/bin/python tests/python/make_adamw8bit_golden.py "$golden/adamw8bit.safetensors" > /dev/null
 
 echo "[sanitize] C++ tests (no second process, no GPU)"
 GPT2FT_GOLDEN_DIR="$golden" GPT2FT_ROUNDTRIP_DIR="$root/$build/test-data/roundtrip" "$build/tests/gpt2ft_tests" --gtest_brief=1 \
@@ -43,5 +45,7 @@ echo "[sanitize] command line: bad inputs, damaged checkpoints, the perimeter's 
   test_perimeter.PerimeterTest.test_non_finite_values_are_stopped \
   test_perimeter.PerimeterTest.test_adapters_are_applied_whole_or_refused \
   test_perimeter.PerimeterTest.test_flags_have_ranges_and_files_must_be_regular \
-  test_perimeter.PerimeterTest.test_two_processes_never_write_one_folder)
+  test_perimeter.PerimeterTest.test_two_processes_never_write_one_folder \
+  test_instruction.InstructionTest.test_malformed_lines_are_errors_naming_file_line_and_field_or_skipped_and_counted \
+  test_instruction.InstructionTest.test_damaged_shards_and_impossible_settings_are_clear_errors)
 echo "[sanitize] clean"
