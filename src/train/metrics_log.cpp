@@ -90,6 +90,10 @@ void MetricsLog::record_event(const nlohmann::json& row) {
   if (enabled_) write(row);
 }
 
+void MetricsLog::record_fresh_start(int64_t step) {
+  if (enabled_ && tensorboard_) tensorboard_->restart(step + 1);
+}
+
 void MetricsLog::record_resume(int64_t step, const nlohmann::json& resumed) {
   if (!enabled_) return;
   write({{"time", unix_time()}, {"resumed", resumed}});

@@ -316,6 +316,8 @@ Trainer::Trainer(const TrainConfig& cfg)
                                           {"step", state_.step},
                                           {"micro_batch_size", split_.micro},
                                           {"world_size", split_.world}});
+  } else {
+    metrics_->record_fresh_start(state_.step);
   }
   log_run();
 }

@@ -86,8 +86,15 @@ class RunTrackingTest(WorkDirTest):
         return scalars
 
     def test_tensorboard_reads_every_scalar_equal_to_metrics_and_a_resume_has_no_duplicate_step(self):
-        out, _ = self.run_cfg(self.cfg, "straight")
-        self.assert_tensorboard_equals_metrics(out, "straight")
+        # A first run in the folder with another learning rate, then this one started afresh
+        # (checkpoint.resume "none"): TensorBoard shows this run's steps only.
+        earlier = copy.deepcopy(self.cfg)
+        earlier["train"]["lr"] = 1e-3
+        self.run_cfg(earlier, "straight")
+        again = copy.deepcopy(self.cfg)
+        again["checkpoint"]["resume"] = "none"
+        out, _ = self.run_cfg(again, "straight")
+        self.assert_tensorboard_equals_metrics(out, "straight, started afresh over an earlier run")
         rows = rows_of(out)
         for r in (r for r in rows if "loss" in r):
             for key in ("time", "fractional_epoch", "global_batch", "tokens_seen"):

@@ -55,6 +55,9 @@ class MetricsLog {
   // The run continues from a checkpoint of `step` steps: a {"resumed": ...} row, and in
   // TensorBoard a restart there, so the steps after it replace what an earlier attempt logged.
   void record_resume(int64_t step, const nlohmann::json& resumed);
+  // A run that starts afresh from `step` (0): in TensorBoard a restart at its first step, so an
+  // earlier run's event files in the same folder do not show beside it.
+  void record_fresh_start(int64_t step);
   void clear_bar();
 
  private:
