@@ -1,8 +1,6 @@
 // Samples: windows over the token stream, or whole documents packed into rows.
 #include "gpt2ft/data/samples.h"
 
-#include <glob.h>
-
 #include <algorithm>
 #include <numeric>
 #include <set>
@@ -14,11 +12,8 @@
 namespace gpt2ft {
 
 bool shards_hold_documents(const std::string& pattern) {
-  glob_t g{};
-  const bool any = ::glob(pattern.c_str(), 0, nullptr, &g) == 0 && g.gl_pathc > 0;
-  const std::string first = any ? g.gl_pathv[0] : "";
-  ::globfree(&g);
-  return any && ShardReader(first).has_documents();
+  const std::vector<std::filesystem::path> files = glob_files(pattern);
+  return !files.empty() && is_document_shard(files.front());
 }
 
 Samples::~Samples() = default;
@@ -131,8 +126,9 @@ int64_t Samples::read(int64_t sample, int64_t* x, int64_t* y, int64_t* positions
         std::upper_bound(first_window_.begin(), first_window_.end(), sample) - first_window_.begin() - 1);
     const ShardReader& r = *shards_[s];
     const int64_t begin = (sample - first_window_[s]) * T_;
-    r.read(begin, T_, x);
-    r.read(begin + 1, T_, y);
+    r.read(begin, T_, x);  // y is x shifted by one, and the token after the window
+    std::copy(x + 1, x + T_, y);
+    y[T_ - 1] = r.token(begin + T_);
     if (documents_) {
       for (int64_t i = 0; i < T_; ++i) {
         if (!r.is_target(begin + 1 + i)) y[i] = kIgnoreTarget;

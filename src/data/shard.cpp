@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
 #include <limits>
 
 #include <c10/util/Exception.h>
@@ -233,7 +234,7 @@ void write_shard(const std::filesystem::path& path, const std::vector<uint32_t>&
   writer.commit();
 }
 
-std::vector<std::filesystem::path> expand_glob(const std::string& pattern, const std::string& what) {
+std::vector<std::filesystem::path> glob_files(const std::string& pattern) {
   glob_t g{};
   const int rc = ::glob(pattern.c_str(), GLOB_ERR, nullptr, &g);
   std::vector<std::filesystem::path> out;
@@ -241,6 +242,17 @@ std::vector<std::filesystem::path> expand_glob(const std::string& pattern, const
     for (size_t i = 0; i < g.gl_pathc; ++i) out.emplace_back(g.gl_pathv[i]);
   }
   ::globfree(&g);
+  return out;  // glob() sorts its results
+}
+
+bool is_document_shard(const std::filesystem::path& path) {
+  int32_t magic = 0;
+  std::ifstream in(path, std::ios::binary);
+  return in.read(reinterpret_cast<char*>(&magic), sizeof(magic)) && magic == kShardMagicDocuments;
+}
+
+std::vector<std::filesystem::path> expand_glob(const std::string& pattern, const std::string& what) {
+  std::vector<std::filesystem::path> out = glob_files(pattern);
   if (out.empty()) {
     throw Error(what + ": the pattern \"" + pattern + "\" matches no file");
   }

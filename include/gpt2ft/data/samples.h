@@ -37,8 +37,8 @@ struct SampleOptions {
   std::string what = "data.train";    // names the shards in messages
 };
 
-// Whether the shards a glob names are document shards (by the first one's header); false when
-// it names none.
+// Whether the shards a glob names are document shards (by the first one's magic number: a
+// planner's question, asked once per lever); false when it names none.
 bool shards_hold_documents(const std::string& pattern);
 
 class Samples {

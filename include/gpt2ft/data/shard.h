@@ -81,5 +81,10 @@ std::string describe_files(const std::vector<std::filesystem::path>& files);
 
 // The files a glob pattern matches, sorted by name. No match is an Error naming `what`.
 std::vector<std::filesystem::path> expand_glob(const std::string& pattern, const std::string& what);
+// The same, empty when nothing matches.
+std::vector<std::filesystem::path> glob_files(const std::string& pattern);
+
+// Whether the file starts with the document shard magic (nothing else is read or checked).
+bool is_document_shard(const std::filesystem::path& path);
 
 }  // namespace gpt2ft
