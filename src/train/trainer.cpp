@@ -267,6 +267,13 @@ Trainer::Trainer(const TrainConfig& cfg)
     }
   }
   if (comm_.is_main()) lock_.emplace(cfg_.output_dir, "output_dir");  // one run per folder
+  const fs::path best = fs::path(cfg_.output_dir) / "best";
+  if (cfg_.checkpoint.keep_best && fs::exists(best) && !fs::exists(best / "best.json")) {
+    // best/ is replaced whenever validation improves: never a folder this trainer did not write.
+    throw Error(best.string() + " exists and is not a best model this trainer wrote (it has no best.json); "
+                "checkpoint.keep_best would replace it. Move it away, choose another output_dir, or set "
+                "checkpoint.keep_best false");
+  }
   fs::create_directories(cfg_.output_dir);
   spdlog::info("resolved config:\n{}", cfg_.to_json().dump(2));
 

@@ -192,6 +192,20 @@ class RunTrackingTest(WorkDirTest):
         # Run again when it has already stopped: nothing more is trained.
         _, r = self.run_cfg(c, "early_crash")
         self.assertIn("had stopped early", r.stderr)
+        # A best/ folder the trainer did not write is never replaced.
+        mine = self.path("users", "best", "weights.bin")
+        with open(mine, "wb") as f:
+            f.write(b"the user's")
+        users = copy.deepcopy(c)
+        users["output_dir"] = os.path.dirname(os.path.dirname(mine))
+        cfg_path = os.path.join(self.tmp, "users.json")
+        with open(cfg_path, "w") as f:
+            json.dump(users, f)
+        r = subprocess.run([BIN, "--config", cfg_path], capture_output=True, text=True, timeout=600)
+        self.assertEqual(r.returncode, 1, r.stderr[-2000:])
+        self.assertIn("not a best model this trainer wrote", r.stderr)
+        with open(mine, "rb") as f:
+            self.assertEqual(f.read(), b"the user's")
 
     def test_evaluation_at_epoch_ends(self):
         c = copy.deepcopy(self.cfg)
