@@ -5,7 +5,9 @@ against the same tokens trained as plain text (causal attention, every token a t
 invocation, runs interleaved. Reports median step times over the timed steps and the ratio.
 
   .venv/bin/python scripts/bench/instruction_bench.py            # CPU, small model, fp32 and bf16
-  .venv/bin/python scripts/bench/instruction_bench.py --device cuda --seq-len 1024 --micro 16
+  .venv/bin/python scripts/bench/instruction_bench.py --device cuda --seq-len 1024 --micro 16 --attention mask varlen
+
+Every run's losses must be finite (a NaN from an attention kernel fails the benchmark).
 """
 import argparse
 import json
@@ -80,21 +82,28 @@ def make_data(work, vocab, T, total_tokens, seed=0):
     return len(tokens), len(starts)
 
 
-def run(work, model, shards, args, dtype, tag):
+def run(work, model, shards, args, dtype, tag, attention="mask"):
     out = os.path.join(work, f"run_{tag}")
     cfg = {"model": {"init_from": model, "dropout": 0.0},
            "data": {"train": shards, "seq_len": args.seq_len, "shuffle": True, "num_workers": 2},
            "train": {"micro_batch_size": args.micro, "global_batch_size": args.micro,
                      "max_steps": args.warmup + args.steps, "lr": 1e-4, "lr_schedule": "constant"},
            "amp": {"dtype": AMP[dtype]}, "checkpoint": {"resume": "none", "at_end": False},
+           "attention": {"packed": attention},
            "log": {"every_steps": 1, "progress": "lines"}, "output_dir": out, "device": args.device}
     with open(out + ".json", "w") as f:
         json.dump(cfg, f)
     r = subprocess.run([BIN, "--config", out + ".json"], capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(r.stderr[-3000:])
+    for line in r.stderr.splitlines():
+        if "attention on" in line and tag.endswith("_0"):
+            print(f"  {tag}: {line.split('] ')[-1]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if '"loss"' in line]
+    bad = [row["step"] for row in rows if not isinstance(row["loss"], (int, float)) or row["loss"] != row["loss"]]
+    if bad:
+        raise SystemExit(f"{tag}: non-finite loss at steps {bad}")
     return [row["step_ms"] for row in rows[args.warmup:]]
 
 
@@ -107,6 +116,8 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each kind")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--attention", nargs="+", default=["mask"], choices=["mask", "varlen"],
+                    help="attention.packed paths to time for the packed documents")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="gpt2ft-instruction-bench-") as work:
@@ -120,16 +131,20 @@ def main():
         print(f"{n} tokens in {docs} documents; T={args.seq_len}, micro batch {args.micro}, device {args.device}")
         results = {}
         for dtype in args.dtypes:
-            times = {"plain": [], "documents": []}
+            kinds = ["plain"] + [f"documents_{a}" for a in args.attention]
+            times = {k: [] for k in kinds}
             for repeat in range(args.repeats):
-                for kind in times:
-                    times[kind] += run(work, model, os.path.join(work, "plain" if kind == "plain" else "docs",
-                                                                 "train_*.bin"), args, dtype, f"{kind}_{dtype}_{repeat}")
+                for kind in kinds:
+                    shards = os.path.join(work, "plain" if kind == "plain" else "docs", "train_*.bin")
+                    attention = kind.split("_")[1] if kind != "plain" else "mask"
+                    times[kind] += run(work, model, shards, args, dtype, f"{kind}_{dtype}_{repeat}", attention)
             med = {k: statistics.median(v) for k, v in times.items()}
-            results[dtype] = {"plain_ms": med["plain"], "documents_ms": med["documents"],
-                              "ratio": med["documents"] / med["plain"]}
-            print(f"{dtype}: plain text {med['plain']:.1f} ms/step, packed documents {med['documents']:.1f} ms/step "
-                  f"(ratio {med['documents'] / med['plain']:.3f}; median of {len(times['plain'])} steps each)")
+            results[dtype] = {f"{k}_ms": v for k, v in med.items()}
+            for kind in kinds[1:]:
+                results[dtype][f"{kind}_ratio"] = med[kind] / med["plain"]
+                print(f"{dtype}: plain text {med['plain']:.1f} ms/step, packed documents ({kind.split('_')[1]}) "
+                      f"{med[kind]:.1f} ms/step (ratio {med[kind] / med['plain']:.3f}; median of "
+                      f"{len(times['plain'])} steps each)")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)

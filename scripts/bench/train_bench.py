@@ -29,6 +29,15 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_NAMES = {"fp32": "none", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def run_ours(cmd):
+    """Runs one gpt2-finetune command; on failure, prints the tail of its output and stops."""
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.stderr.write((r.stdout + r.stderr)[-4000:])
+        raise SystemExit(f"{' '.join(cmd)}: exit {r.returncode}")
+    return r
+
+
 def make_model(work, args):
     folder = os.path.join(work, "model")
     if args.preset:
@@ -38,7 +47,7 @@ def make_model(work, args):
         with open(cfg, "w") as f:
             json.dump({"n_layer": 4, "n_head": 4, "n_embd": 256, "vocab_size": 4096, "n_positions": 512}, f)
         cmd = [BIN, "init", "--config-json", cfg, "--output", folder]
-    subprocess.run(cmd, check=True, capture_output=True)
+    run_ours(cmd)
     with open(os.path.join(folder, "config.json")) as f:
         return folder, json.load(f)["vocab_size"]
 
@@ -71,7 +80,7 @@ def bench_ours(work, model, shard, args, micro, dtype, ckpt, chunked_loss=True):
     path = out + ".json"
     with open(path, "w") as f:
         json.dump(cfg, f)
-    subprocess.run([BIN, "--config", path], check=True, capture_output=True)
+    run_ours([BIN, "--config", path])
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if '"loss"' in line]
     times = [r["step_ms"] / 1000 for r in rows[args.warmup:]]

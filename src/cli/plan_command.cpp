@@ -8,6 +8,7 @@
 #include <iostream>
 #include <memory>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
@@ -34,10 +35,10 @@ struct PlanArgs {
 
 double gib(int64_t bytes) { return static_cast<double>(bytes) / double(1ll << 30); }
 
-// Three real training steps at `micro` on the config's GPU: the peak CUDA memory they used.
+// Three real training steps at `micro` on the config's device: the peak memory they used (on
+// CUDA the caching allocator's, on the CPU the counting allocator's, with each phase's peak).
 nlohmann::json measure_peak(const TrainConfig& cfg, int64_t micro) {
   const c10::Device device = parse_device(cfg.device, "device");
-  if (!device.is_cuda()) throw Error("plan --measure needs a CUDA device (device: \"" + cfg.device + "\")");
   const fs::path dir = fs::temp_directory_path() / ("gpt2ft-plan-" + std::to_string(::getpid()));
   TrainConfig m = TrainConfig::parse(
       cfg.to_json(), {"train.max_steps=3", "train.micro_batch_size=" + std::to_string(micro), "checkpoint.resume=none",
@@ -46,11 +47,21 @@ nlohmann::json measure_peak(const TrainConfig& cfg, int64_t micro) {
   run_training(m);
   std::ifstream metrics(dir / "metrics.jsonl");
   std::string line, last;
-  while (std::getline(metrics, line)) last = line;
-  const auto row = nlohmann::json::parse(last);
+  while (std::getline(metrics, line)) {
+    if (line.find("peak_allocated_gb") != std::string::npos) last = line;
+  }
   fs::remove_all(dir);
+  const auto row = nlohmann::json::parse(last);
+  if (!device.is_cuda()) {
+    nlohmann::json phases;
+    for (const auto& [phase, gb] : row["cpu_peak_by_phase_gb"].items()) phases[phase] = static_cast<int64_t>(gb.get<double>() * 1e9);
+    return {{"measured_peak_allocated", static_cast<int64_t>(row["cpu_peak_allocated_gb"].get<double>() * 1e9)},
+            {"measured_peak_by_phase", phases},
+            {"measured_on", "cpu (counting allocator)"}};
+  }
   return {{"measured_peak_allocated", static_cast<int64_t>(row["cuda_peak_allocated_gb"].get<double>() * 1e9)},
-          {"measured_peak_reserved", static_cast<int64_t>(row["cuda_peak_reserved_gb"].get<double>() * 1e9)}};
+          {"measured_peak_reserved", static_cast<int64_t>(row["cuda_peak_reserved_gb"].get<double>() * 1e9)},
+          {"measured_on", "cuda (caching allocator)"}};
 }
 
 void print_plan(const TrainConfig& cfg, const MemoryPlanInput& input, const MemoryPlan& plan, int64_t micro,
@@ -99,6 +110,13 @@ void print_plan(const TrainConfig& cfg, const MemoryPlanInput& input, const Memo
     const double measured = out["measured_peak_allocated"].get<double>();
     std::printf("  measured peak allocated     %9.3f GiB (predicted %.3f, %+.1f%%)\n", measured / double(1ll << 30),
                 gib(plan.peak(micro)), 100.0 * (static_cast<double>(plan.peak(micro)) - measured) / measured);
+    if (out.contains("measured_peak_by_phase")) {
+      std::string phases;
+      for (const auto& [phase, bytes] : out["measured_peak_by_phase"].items()) {
+        phases += (phases.empty() ? "" : ", ") + phase + " " + fmt::format("{:.3f}", gib(bytes.get<int64_t>()));
+      }
+      std::printf("    measured peak by phase (GiB): %s\n", phases.c_str());
+    }
   }
 }
 
@@ -127,7 +145,7 @@ int run_plan(const PlanArgs& args) {
     budget = plannable_of(parse_memory_size(args.gpu_memory, "--gpu-memory"));
   } else {
     const c10::Device device = parse_device(cfg.device, "device");
-    if (device.is_cuda()) budget = plannable_memory(cfg, device);
+    if (device.is_cuda() || !cfg.cpu.memory_limit.empty()) budget = plannable_memory(cfg, device);
   }
   const BatchSplit split = batch_split_of(cfg, world);
   if (cfg.checkpointing_auto() && budget > 0) {  // as the trainer resolves it
@@ -173,7 +191,8 @@ void add_plan_command(CLI::App& app, Runner& run) {
   cmd->add_option("--gpus", args->gpus, "Data-parallel GPUs the run will use (default: the launcher's world size, else 1)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   cmd->add_flag("--json", args->json, "Print the plan as one JSON object");
-  cmd->add_flag("--measure", args->measure, "On a GPU: run 3 real steps and print measured vs predicted peak");
+  cmd->add_flag("--measure", args->measure,
+                "Run 3 real steps and print measured vs predicted peak (on the CPU: the counting allocator's, by phase)");
   cmd->callback([args, &run] { run = [args] { return run_plan(*args); }; });
 }
 

@@ -17,11 +17,13 @@
 namespace gpt2ft {
 namespace {
 
-// The summed loss (double, on the device) of a batch (rows, R, T): rows x, y (kIgnoreTarget
-// where no target) and, packed, positions. In forward passes of at most `per_pass` windows;
-// out of memory halves `per_pass` (down to 1) and goes on.
-torch::Tensor batch_loss_sum(GPT2& model, const torch::Tensor& batch, bool has_targets, int64_t& per_pass,
+// The summed loss (double, on the device) of a batch (rows, R, T) on the host: rows x, y
+// (kIgnoreTarget where no target) and, packed, positions. In forward passes of at most
+// `per_pass` windows; out of memory halves `per_pass` (down to 1) and goes on. The target rows
+// are found on the host, as the loader does, so no pass waits for the device to count them.
+torch::Tensor batch_loss_sum(GPT2& model, const torch::Tensor& host_batch, bool has_targets, int64_t& per_pass,
                              const EvalOptions& options, c10::Device device) {
+  const torch::Tensor batch = host_batch.to(device);
   const int64_t rows = batch.size(0);
   torch::Tensor sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   for (int64_t at = 0; at < rows;) {
@@ -30,7 +32,10 @@ torch::Tensor batch_loss_sum(GPT2& model, const torch::Tensor& batch, bool has_t
     const torch::Tensor x = part.select(1, 0), y = part.select(1, 1);  // (n, T)
     LossTargets which;
     if (part.size(1) == 3) which.positions = part.select(1, 2);
-    if (has_targets) which.target_rows = y.reshape({-1}).ne(kIgnoreTarget).nonzero().squeeze(1);  // (K)
+    if (has_targets) {
+      const torch::Tensor host_y = host_batch.narrow(0, at, n).select(1, 1);  // (n, T)
+      which.target_rows = host_y.reshape({-1}).ne(kIgnoreTarget).nonzero().squeeze(1).to(device);  // (K)
+    }
     which.divisor = 1;  // the sum
     try {
       AutocastGuard autocast(device.type(), options.amp_dtype);
@@ -95,7 +100,7 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
       int64_t* row = data + i * R * T;
       tokens += samples.read(b * B + i, row, row + T, R == 3 ? row + 2 * T : nullptr);
     }
-    loss_sum += batch_loss_sum(model, host.narrow(0, 0, rows).to(device), samples.has_targets(), per_pass,
+    loss_sum += batch_loss_sum(model, host.narrow(0, 0, rows), samples.has_targets(), per_pass,
                                options, device);  // read once, below
   }
   if (was_training) model->train();

@@ -33,11 +33,14 @@ class AutocastCacheOff {
 struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
   // The block is passed by address: it outlives the graph (it belongs to the model).
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::TensorList params,
-                               std::optional<torch::Tensor> mask_or_none, int64_t block_address) {
+                               std::optional<torch::Tensor> mask, std::optional<torch::Tensor> cu_seqlens,
+                               int64_t max_len, int64_t block_address) {
     const c10::Device device = x.device();
-    const torch::Tensor mask = mask_or_none.value_or(torch::Tensor());
+    const DocumentAttention docs{mask.value_or(torch::Tensor()), cu_seqlens.value_or(torch::Tensor()), max_len};
     ctx->saved_data["block"] = block_address;
-    ctx->saved_data["mask"] = mask;  // no gradient: kept as it is
+    ctx->saved_data["mask"] = docs.mask;  // no gradient: kept as they are
+    ctx->saved_data["cu_seqlens"] = docs.cu_seqlens;
+    ctx->saved_data["max_len"] = max_len;
     ctx->saved_data["cpu_rng"] = get_rng_state(c10::kCPU);
     if (device.is_cuda()) ctx->saved_data["device_rng"] = get_rng_state(device);
     const bool autocast = at::autocast::is_autocast_enabled(device.type());
@@ -47,7 +50,7 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     saved.insert(saved.end(), params.begin(), params.end());
     ctx->save_for_backward(saved);
     AutocastCacheOff cache_off;
-    return reinterpret_cast<BlockImpl*>(block_address)->forward(x, mask);
+    return reinterpret_cast<BlockImpl*>(block_address)->forward(x, docs);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -55,7 +58,10 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     const torch::Tensor& x = saved[0];
     const c10::Device device = x.device();
     auto* block = reinterpret_cast<BlockImpl*>(ctx->saved_data["block"].toInt());
-    const torch::Tensor mask = ctx->saved_data["mask"].isTensor() ? ctx->saved_data["mask"].toTensor() : torch::Tensor();
+    const auto tensor = [&](const char* key) {
+      return ctx->saved_data[key].isTensor() ? ctx->saved_data[key].toTensor() : torch::Tensor();
+    };
+    const DocumentAttention docs{tensor("mask"), tensor("cu_seqlens"), ctx->saved_data["max_len"].toInt()};
 
     // Recompute with the forward pass's RNG state, then put the current state back.
     const torch::Tensor cpu_now = get_rng_state(c10::kCPU);
@@ -73,7 +79,7 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
                                                               : c10::kFloat;
       AutocastGuard autocast(device.type(), dtype);
       AutocastCacheOff cache_off;
-      output = block->forward(input, mask);
+      output = block->forward(input, docs);
     }
     set_rng_state(c10::kCPU, cpu_now);
     if (device_now) set_rng_state(device, *device_now);
@@ -88,6 +94,8 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     result.push_back(x_grad ? grads[0] : torch::Tensor());
     result.insert(result.end(), grads.begin() + (x_grad ? 1 : 0), grads.end());
     result.emplace_back();  // the mask
+    result.emplace_back();  // the documents' starts
+    result.emplace_back();  // their longest length
     result.emplace_back();  // the block's address
     return result;
   }
@@ -95,15 +103,15 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
 
 }  // namespace
 
-torch::Tensor checkpointed_block_forward(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& mask) {
+torch::Tensor checkpointed_block_forward(BlockImpl& block, const torch::Tensor& x, const DocumentAttention& docs) {
   std::vector<torch::Tensor> trained;
   for (const auto& p : block.parameters()) {
     if (p.requires_grad()) trained.push_back(p);
   }
-  if (!x.requires_grad() && trained.empty()) return block.forward(x, mask);  // nothing to differentiate
-  return CheckpointFunction::apply(x, torch::TensorList(trained),
-                                   mask.defined() ? std::optional<torch::Tensor>(mask) : std::nullopt,
-                                   reinterpret_cast<int64_t>(&block));
+  if (!x.requires_grad() && trained.empty()) return block.forward(x, docs);  // nothing to differentiate
+  const auto optional = [](const torch::Tensor& t) { return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt; };
+  return CheckpointFunction::apply(x, torch::TensorList(trained), optional(docs.mask), optional(docs.cu_seqlens),
+                                   docs.max_len, reinterpret_cast<int64_t>(&block));
 }
 
 }  // namespace gpt2ft

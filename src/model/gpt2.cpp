@@ -10,7 +10,9 @@
 
 #include "gpt2ft/core/host_memory.h"
 #include "gpt2ft/data/samples.h"
+#include "gpt2ft/memory/counting_allocator.h"
 #include "gpt2ft/model/activation_checkpoint.h"
+#include "gpt2ft/model/packed_attention.h"
 
 namespace gpt2ft {
 namespace F = torch::nn::functional;
@@ -55,25 +57,26 @@ AttentionImpl::AttentionImpl(const GPT2Config& c)
   c_proj = register_module("c_proj", make_linear(c.n_embd, c.n_embd));
 }
 
+int64_t document_mask_row(int64_t T) { return (T + 15) / 16 * 16; }
+
 torch::Tensor document_attention_mask(const torch::Tensor& positions, c10::ScalarType dtype) {
-  const int64_t T = positions.size(1);
+  const int64_t B = positions.size(0), T = positions.size(1);
   const torch::Tensor document = positions.eq(0).cumsum(1);  // (B, T) the document of each token
   const torch::Tensor causal = torch::ones({T, T}, positions.options().dtype(torch::kBool)).tril();  // (T, T)
   const torch::Tensor allowed = document.unsqueeze(2).eq(document.unsqueeze(1)).logical_and_(causal);  // (B, T, T)
-  return torch::zeros({positions.size(0), 1, T, T}, positions.options().dtype(dtype))
-      .masked_fill_(allowed.logical_not().unsqueeze(1), -std::numeric_limits<double>::infinity());  // (B, 1, T, T)
+  return torch::zeros({B, 1, T, document_mask_row(T)}, positions.options().dtype(dtype))
+      .narrow(3, 0, T)  // (B, 1, T, T), rows 16 values apart
+      .masked_fill_(allowed.logical_not().unsqueeze(1), -std::numeric_limits<double>::infinity());
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const DocumentAttention& docs) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   const int64_t NH = n_head_, HD = C / NH;
   auto qkv = project(c_attn, c_attn_lora, x, is_training()).split(C, /*dim=*/2);  // 3 x (B, T, C)
   auto heads = [&](const torch::Tensor& t) {                 // (B, T, C) -> (B, NH, T, HD)
     return t.view({B, T, NH, HD}).transpose(1, 2);
   };
-  torch::Tensor y = at::scaled_dot_product_attention(
-      heads(qkv[0]), heads(qkv[1]), heads(qkv[2]), mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt,
-      is_training() ? attn_pdrop_ : 0.0, /*is_causal=*/!mask.defined());  // (B, NH, T, HD)
+  torch::Tensor y = attend(heads(qkv[0]), heads(qkv[1]), heads(qkv[2]), docs, is_training() ? attn_pdrop_ : 0.0);  // (B, NH, T, HD)
   y = y.transpose(1, 2).contiguous().view({B, T, C});          // (B, T, C)
   return maybe_dropout(project(c_proj, c_proj_lora, y, is_training()), resid_pdrop_, is_training());
 }
@@ -110,8 +113,8 @@ BlockImpl::BlockImpl(const GPT2Config& c) {
   mlp = register_module("mlp", MLP(c));
 }
 
-torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
-  torch::Tensor h = x + attn->forward(ln_1(x), mask);  // (B, T, C)
+torch::Tensor BlockImpl::forward(const torch::Tensor& x, const DocumentAttention& docs) {
+  torch::Tensor h = x + attn->forward(ln_1(x), docs);  // (B, T, C)
   return h + mlp(ln_2(h));             // (B, T, C)
 }
 
@@ -150,15 +153,15 @@ torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx, const torch::Te
   const int64_t T = idx.size(1);
   TORCH_CHECK(T <= config_.n_positions, "sequence length ", T, " exceeds n_positions ",
               config_.n_positions);
-  torch::Tensor mask;  // (B, 1, T, T) packed documents; undefined: causal
+  DocumentAttention docs;  // packed documents; none: causal
   torch::Tensor pos = torch::arange(T, idx.options().dtype(torch::kLong));  // (T)
   if (positions.defined()) {
     TORCH_CHECK(positions.sizes() == idx.sizes(), "positions ", positions.sizes(), " do not match the tokens ", idx.sizes());
     pos = positions;  // (B, T)
     const auto device = idx.device().type();
-    mask = document_attention_mask(positions, at::autocast::is_autocast_enabled(device)
-                                                  ? at::autocast::get_autocast_dtype(device)
-                                                  : transformer->wte->weight.scalar_type());
+    docs = document_attention(positions, packed_attention_,
+                              at::autocast::is_autocast_enabled(device) ? at::autocast::get_autocast_dtype(device)
+                                                                        : transformer->wte->weight.scalar_type());
   }
   torch::Tensor x = transformer->wte(idx) + transformer->wpe(pos);  // (B, T, C)
   x = maybe_dropout(x, config_.embd_pdrop, is_training());
@@ -166,7 +169,7 @@ torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx, const torch::Te
   for (size_t i = 0; i < transformer->h->size(); ++i) {
     BlockImpl& b = *transformer->h[i]->as<Block>();
     const bool recompute = checkpoint && static_cast<int64_t>(i) % checkpoint_every_ == 0;
-    x = recompute ? checkpointed_block_forward(b, x, mask) : b.forward(x, mask);  // (B, T, C)
+    x = recompute ? checkpointed_block_forward(b, x, docs) : b.forward(x, docs);  // (B, T, C)
   }
   return transformer->ln_f(x);  // (B, T, C)
 }
@@ -183,6 +186,7 @@ torch::Tensor GPT2Impl::forward_loss(const torch::Tensor& idx, const torch::Tens
     rows = rows.index_select(0, which.target_rows);      // (K, C)
     wanted = wanted.index_select(0, which.target_rows);  // (K)
   }
+  MemoryPhaseScope phase(MemoryPhase::kLoss);
   return linear_cross_entropy(rows, lm_head_weight(), wanted, /*chunk_rows=*/0, which.divisor);
 }
 

@@ -41,17 +41,25 @@ void clear_gradients(const std::vector<torch::Tensor>& params) {
 }
 
 void AdamW::step_unfused(Group& g, const std::vector<size_t>& with_grad, double lr) {
-  // torch.optim.AdamW's single-tensor update, op for op.
+  // torch.optim.AdamW's single-tensor update, op for op. Everything it allocates (the step
+  // counts read on the host, one buffer for the largest tensor's denominator) is allocated
+  // before the first tensor changes, so running out of memory leaves every tensor as it was.
   const double beta1 = options_.betas[0], beta2 = options_.betas[1];
   // The step counts of the tensors that step, read in one host sync for the group.
   std::vector<torch::Tensor> counts;
-  for (const size_t i : with_grad) counts.push_back(g.steps[i]);
+  int64_t largest = 0;
+  for (const size_t i : with_grad) {
+    counts.push_back(g.steps[i]);
+    largest = std::max(largest, g.params[i].numel());
+  }
   const torch::Tensor host_counts = torch::stack(counts).to(torch::kCPU, torch::kDouble);  // (n,)
+  const double* count = host_counts.data_ptr<double>();
+  torch::Tensor denom_buffer = torch::empty({largest}, g.params[with_grad.front()].options());  // (largest)
   for (size_t k = 0; k < with_grad.size(); ++k) {
     const size_t i = with_grad[k];
     torch::Tensor& p = g.params[i];
     const torch::Tensor& grad = p.grad();
-    const double step = host_counts[static_cast<int64_t>(k)].item<double>() + 1;
+    const double step = count[k] + 1;
     g.steps[i].add_(1);
     p.mul_(1 - lr * g.weight_decay);
     g.exp_avg[i].lerp_(grad, 1 - beta1);
@@ -59,7 +67,8 @@ void AdamW::step_unfused(Group& g, const std::vector<size_t>& with_grad, double 
     const double bias_correction1 = 1 - std::pow(beta1, step);
     const double bias_correction2 = 1 - std::pow(beta2, step);
     const double step_size = lr / bias_correction1;
-    const torch::Tensor denom = (g.exp_avg_sq[i].sqrt() / std::sqrt(bias_correction2)).add_(options_.eps);
+    torch::Tensor denom = denom_buffer.narrow(0, 0, p.numel()).view(p.sizes());  // the same ops, in place
+    at::sqrt_out(denom, g.exp_avg_sq[i]).div_(std::sqrt(bias_correction2)).add_(options_.eps);
     p.addcdiv_(g.exp_avg[i], denom, -step_size);
   }
 }

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <thread>
 
 #include <ATen/Parallel.h>
@@ -65,19 +66,35 @@ AdamW8bit::AdamW8bit(const std::vector<std::pair<std::string, torch::Tensor>>& n
   }
 }
 
-void AdamW8bit::update(State& s, const torch::Tensor& lr) {
+namespace {
+
+// dst = value, or with `skip` defined dst = skip != 0 ? dst : value (a step skipped on the
+// device, without reading the flag on the host).
+void commit(torch::Tensor& dst, const torch::Tensor& value, const torch::Tensor& skip) {
+  dst.copy_(skip.defined() ? torch::where(skip.ne(0), dst, value) : value);
+}
+
+}  // namespace
+
+void AdamW8bit::update(State& s, const torch::Tensor& lr, const torch::Tensor& skip) {
   const double beta1 = options_.betas[0], beta2 = options_.betas[1];
-  s.step.add_(1);
+  if (skip.defined()) {
+    s.step.add_(1 - skip);  // 1 - 0 is exactly 1
+  } else {
+    s.step.add_(1);
+  }
   const torch::Tensor bias_correction1 = 1 - torch::pow(beta1, s.step);  // () float32
   const torch::Tensor bias_correction2 = 1 - torch::pow(beta2, s.step);
   const torch::Tensor decay = lr * s.weight_decay;                         // () float32
   const int64_t n = s.param.numel();
   torch::Tensor p = s.param.view({-1}), g = s.param.grad().view({-1});     // (n)
   torch::Tensor m_state = s.exp_avg.view({-1}), v_state = s.exp_avg_sq.view({-1});
-  const int64_t piece = s.quantized ? kChunk : n;
-  for (int64_t at = 0; at < n; at += piece) {
-    const int64_t len = std::min(piece, n - at);
-    const torch::Tensor pp = p.narrow(0, at, len), gg = g.narrow(0, at, len);  // (len)
+  // Every tensor in pieces of at most kChunk values (whole blocks): the update is elementwise
+  // within a block, so the result is the same, and the float32 temporaries stay bounded.
+  for (int64_t at = 0; at < n; at += kChunk) {
+    const int64_t len = std::min(kChunk, n - at);
+    torch::Tensor pp = p.narrow(0, at, len);
+    const torch::Tensor gg = g.narrow(0, at, len);  // (len)
     torch::Tensor m_codes = m_state.narrow(0, at, len), v_codes = v_state.narrow(0, at, len);
     torch::Tensor m, v;  // float32 moments of this step
     if (s.quantized) {
@@ -85,18 +102,29 @@ void AdamW8bit::update(State& s, const torch::Tensor& lr) {
       torch::Tensor m_scales = s.exp_avg_scales.narrow(0, b0, blocks), v_scales = s.exp_avg_sq_scales.narrow(0, b0, blocks);
       m = dequantize_blockwise(m_codes, m_scales, signed_map_).lerp(gg, 1 - beta1);
       v = dequantize_blockwise(v_codes, v_scales, unsigned_map_).lerp(gg.square(), 1 - beta2);
-      quantize_blockwise(m, signed_map_, kQuantizationBlock, m_codes, m_scales);
-      quantize_blockwise(v, unsigned_map_, kQuantizationBlock, v_codes, v_scales);
+      if (skip.defined()) {  // quantized aside, then kept or dropped
+        torch::Tensor mc = torch::empty_like(m_codes), vc = torch::empty_like(v_codes);
+        torch::Tensor ms = torch::empty_like(m_scales), vs = torch::empty_like(v_scales);
+        quantize_blockwise(m, signed_map_, kQuantizationBlock, mc, ms);
+        quantize_blockwise(v, unsigned_map_, kQuantizationBlock, vc, vs);
+        commit(m_codes, mc, skip);
+        commit(m_scales, ms, skip);
+        commit(v_codes, vc, skip);
+        commit(v_scales, vs, skip);
+      } else {
+        quantize_blockwise(m, signed_map_, kQuantizationBlock, m_codes, m_scales);
+        quantize_blockwise(v, unsigned_map_, kQuantizationBlock, v_codes, v_scales);
+      }
     } else {
       m = m_codes.lerp(gg, 1 - beta1);
       v = v_codes.lerp(gg.square(), 1 - beta2);
-      m_codes.copy_(m);
-      v_codes.copy_(v);
+      commit(m_codes, m, skip);
+      commit(v_codes, v, skip);
     }
     torch::Tensor updated = pp - decay * pp;
     const torch::Tensor denom = v.sqrt() / bias_correction2.sqrt() + options_.eps;
     updated = updated - lr * (m / bias_correction1) / denom;
-    pp.copy_(updated);
+    commit(pp, updated, skip);
   }
 }
 
@@ -165,9 +193,6 @@ struct Maps {
   const MapSearch* signed_map;
   const MapSearch* unsigned_map;
 };
-struct StepScalars {
-  float lr, decay, one_minus_beta1, one_minus_beta2, bias_correction1, sqrt_bias_correction2, eps;
-};
 
 inline float lerp(float self, float end, float weight) {  // ATen's formula
   const float diff = end - self;
@@ -218,21 +243,39 @@ void fused_block(float* __restrict p, const float* __restrict g, uint8_t* __rest
 
 }  // namespace
 
-void AdamW8bit::update_fused(State& s, const torch::Tensor& lr) {
+namespace {
+
+// The maps' search tables of the fused kernel, built on first use (by fused_scalars, before any
+// tensor changes).
+Maps cpu_maps() {
+  static const torch::Tensor signed_cpu = dynamic_quantization_map(true), unsigned_cpu = dynamic_quantization_map(false);
+  static const MapSearch signed_search(signed_cpu.data_ptr<float>()), unsigned_search(unsigned_cpu.data_ptr<float>());
+  return Maps{&signed_search, &unsigned_search};
+}
+
+}  // namespace
+
+StepScalars AdamW8bit::fused_scalars(const State& s, const torch::Tensor& lr) const {
+  cpu_maps();
   const double beta1 = options_.betas[0], beta2 = options_.betas[1];
-  s.step.add_(1);
-  // The scalars as the op path computes them (float32 tensors), read once.
+  // The scalars as the op path computes them (float32 tensors, from the step count after this
+  // step), read once; nothing changes yet.
+  const torch::Tensor next = s.step + 1;
   StepScalars k;
   k.lr = lr.item<float>();
   k.decay = (lr * s.weight_decay).item<float>();
-  k.bias_correction1 = (1 - torch::pow(beta1, s.step)).item<float>();
-  k.sqrt_bias_correction2 = (1 - torch::pow(beta2, s.step)).sqrt().item<float>();
+  k.bias_correction1 = (1 - torch::pow(beta1, next)).item<float>();
+  k.sqrt_bias_correction2 = (1 - torch::pow(beta2, next)).sqrt().item<float>();
   k.one_minus_beta1 = static_cast<float>(1 - beta1);
   k.one_minus_beta2 = static_cast<float>(1 - beta2);
   k.eps = static_cast<float>(options_.eps);
-  static const torch::Tensor signed_cpu = dynamic_quantization_map(true), unsigned_cpu = dynamic_quantization_map(false);
-  static const MapSearch signed_search(signed_cpu.data_ptr<float>()), unsigned_search(unsigned_cpu.data_ptr<float>());
-  const Maps maps{&signed_search, &unsigned_search};
+  return k;
+}
+
+// No tensor is allocated here: the scalars were computed before any tensor changed.
+void AdamW8bit::update_fused(State& s, const StepScalars& k) {
+  s.step.add_(1);
+  const Maps maps = cpu_maps();
   float* p = s.param.data_ptr<float>();
   const float* g = s.param.grad().data_ptr<float>();
   const int64_t n = s.param.numel(), B = kQuantizationBlock;
@@ -266,15 +309,35 @@ void AdamW8bit::update_fused(State& s, const torch::Tensor& lr) {
 
 void AdamW8bit::step(double lr, const GradientScaling& scaling) {
   torch::NoGradGuard no_grad;
-  if (scaling.found_inf && scaling.found_inf->item<float>() != 0.0f) return;  // one sync: nothing changes
+  // A skipped step changes nothing. On the host the flag is read; on a GPU the skip is folded
+  // into the update, so the optimizer's kernels never wait for the host.
+  torch::Tensor skip;
+  if (scaling.found_inf) {
+    if (scaling.found_inf->is_cpu()) {
+      if (scaling.found_inf->item<float>() != 0.0f) return;
+    } else {
+      skip = *scaling.found_inf;
+    }
+  }
   if (states_.empty()) return;
   const torch::Tensor lr32 = torch::scalar_tensor(lr, states_.front().param.options().dtype(torch::kFloat));
-  for (auto& s : states_) {
+  // The fused CPU kernel's scalars for every tensor first: running out of memory there leaves
+  // every tensor as it was (the kernel itself allocates no tensor).
+  std::vector<std::optional<StepScalars>> fused(states_.size());
+  for (size_t i = 0; i < states_.size(); ++i) {
+    const State& s = states_[i];
+    if (s.param.grad().defined() && kernel_ == Kernel::kAuto && s.param.is_cpu() && s.param.grad().is_contiguous() &&
+        s.param.is_contiguous()) {
+      fused[i] = fused_scalars(s, lr32);
+    }
+  }
+  for (size_t i = 0; i < states_.size(); ++i) {
+    State& s = states_[i];
     if (!s.param.grad().defined()) continue;  // no gradient: no decay, no moments, no count (as AdamW)
-    if (kernel_ == Kernel::kAuto && s.param.is_cpu() && s.param.grad().is_contiguous() && s.param.is_contiguous()) {
-      update_fused(s, lr32);
+    if (fused[i]) {
+      update_fused(s, *fused[i]);
     } else {
-      update(s, lr32);
+      update(s, lr32, skip);
     }
   }
 }

@@ -35,6 +35,16 @@ torch::Tensor dynamic_quantization_map(bool is_signed) {
   return torch::tensor(values, torch::kFloat);
 }
 
+torch::Tensor nearest_codes(const torch::Tensor& y, const torch::Tensor& map) {
+  // The largest entry <= y (0 when none): one past it is the first entry > y.
+  const torch::Tensor down = (torch::searchsorted(map, y.contiguous(), /*out_int32=*/true, /*right=*/true) - 1)
+                                 .clamp_(0, 255);                         // y's shape, int32
+  const torch::Tensor up = (down + 1).clamp_max_(255);
+  const torch::Tensor down_value = map.index_select(0, down.reshape({-1})).view(y.sizes());
+  const torch::Tensor up_value = map.index_select(0, up.reshape({-1})).view(y.sizes());
+  return torch::where((y - down_value) >= (up_value - down_value) * 0.5, up, down);  // ties up
+}
+
 void quantize_blockwise(const torch::Tensor& x, const torch::Tensor& map, int64_t block, torch::Tensor& codes,
                         torch::Tensor& scales) {
   const int64_t n = x.numel();
@@ -42,22 +52,14 @@ void quantize_blockwise(const torch::Tensor& x, const torch::Tensor& map, int64_
   const torch::Tensor blocks = x.reshape({n / block, block});                  // (blocks, block)
   const torch::Tensor scale = blocks.abs().amax(1).clamp_min(1e-12);            // (blocks)
   const torch::Tensor y = (blocks / scale.unsqueeze(1)).reshape({n});            // (n) in [-1, 1]
-  // The largest entry <= y, by an eight-step branch-free binary search over the sorted map.
-  torch::Tensor code = torch::where(y >= map[128], 128, 0).to(torch::kLong);  // (n)
-  for (int64_t step = 64; step >= 1; step /= 2) {
-    code += torch::where(y >= map.index_select(0, code + step), step, 0);
-  }
-  // Then the nearer of it and the next entry (ties up).
-  const torch::Tensor up = (code + 1).clamp_max(255);
-  const torch::Tensor down_value = map.index_select(0, code), up_value = map.index_select(0, up);
-  code = torch::where((y - down_value) >= (up_value - down_value) * 0.5, up, code);
+  const torch::Tensor code = nearest_codes(y, map);                             // (n) int32
   codes.copy_(code.view(codes.sizes()));
   scales.copy_(scale);
 }
 
 torch::Tensor dequantize_blockwise(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& map) {
   const int64_t blocks = scales.numel();
-  return (map.index_select(0, codes.reshape({-1}).to(torch::kLong)).view({blocks, -1}) * scales.unsqueeze(1))
+  return (map.index_select(0, codes.reshape({-1}).to(torch::kInt)).view({blocks, -1}) * scales.unsqueeze(1))
       .reshape({-1});  // (n)
 }
 

@@ -67,6 +67,10 @@ void TrainConfig::visit(Visitor& v) {
            "document shards, concat for plain text");
   v.choice(data.too_long, "data.too_long", "truncate", {"truncate", "error"},
            "A packed document longer than data.seq_len + 1 tokens: cut to its start (counted in the log), or an error");
+  v.choice(attention.packed, "attention.packed", "mask", {"mask", "varlen"},
+           "How packed documents attend on the GPU: \"mask\" (a block-diagonal mask, every device; cuDNN attention "
+           "is off for that call), or \"varlen\" (variable-length flash attention: no T x T mask, CUDA under "
+           "bfloat16/float16 autocast only, the mask elsewhere)");
   // train
   v.micro_batch(train.micro_batch_size, "train.micro_batch_size", 8,
                 "Sequences per forward/backward pass on each rank, or \"auto\" (the memory planner picks)");
@@ -160,6 +164,9 @@ void TrainConfig::visit(Visitor& v) {
          "Expandable segments in the CUDA caching allocator: less fragmentation, fewer false out-of-memory back-offs");
   v.text(cuda.memory_limit, "cuda.memory_limit", "",
          "Cap the caching allocator at this size, e.g. \"24GiB\" (share a GPU, rehearse a smaller one); empty: no cap");
+  v.text(cpu.memory_limit, "cpu.memory_limit", "",
+         "On the CPU: refuse tensor allocations past this size, e.g. \"2GiB\", with the out-of-memory error CUDA "
+         "throws, so that the back-off, exit 75/77 and the planner are rehearsed without a GPU; empty: no limit");
   // run
   v.text(output_dir, "output_dir", "runs/run", "Run folder: config, metrics.jsonl, checkpoints, final/ model");
   v.text(device, "device", "auto", "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"");
@@ -464,6 +471,7 @@ TrainConfig TrainConfig::parse(const json& j, const std::vector<std::string>& ov
                 ") is not divisible by train.micro_batch_size (" + std::to_string(c.train.micro_batch_size) + ")");
   }
   if (!c.cuda.memory_limit.empty()) parse_memory_size(c.cuda.memory_limit, where + ": cuda.memory_limit");
+  if (!c.cpu.memory_limit.empty()) parse_memory_size(c.cpu.memory_limit, where + ": cpu.memory_limit");
   if (c.micro_batch_auto() && c.train.global_batch_size == 0) {
     throw Error(where + ": train.micro_batch_size \"auto\" needs train.global_batch_size");
   }

@@ -29,7 +29,8 @@
 // ((b + 12) V per token) and the cast lm_head weight.
 //
 // Packed documents (data.packing "documents") add per sequence the attention mask, one (T, T)
-// block in b shared by every layer and kept into backward, and the loader's rows x, y and
+// block in b with its rows 16 values apart (T rounded up to 16), shared by every layer and kept
+// into backward (attention.packed "varlen" needs none, but the mask is the default and planned), and the loader's rows x, y and
 // positions (3 x 8T, where plain text has x and y as views of one row of T+1 tokens).
 //
 // Backward adds, per token: d residual (4C, float32) and a block's transient gradients (at
@@ -54,6 +55,7 @@
 // (Hopper's default size; smaller GPUs use less).
 #include "gpt2ft/train/memory_planner.h"
 
+#include "gpt2ft/model/gpt2.h"
 #include "gpt2ft/optim/adamw_8bit.h"
 
 #include <algorithm>
@@ -156,7 +158,7 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   m.activations_per_sequence = T * ((L - checkpointed) * block + checkpointed * kept_input + outside) +
                                T * lora_extra_per_token * (L - checkpointed) / std::max<int64_t>(1, L);
   if (in.packed_documents) {
-    const int64_t packing = b * T * T + 8 * (3 * T - (T + 1));
+    const int64_t packing = b * T * document_mask_row(T) + 8 * (3 * T - (T + 1));
     m.activations_per_sequence += packing;
     m.activations_per_sequence_no_checkpointing += packing;
     m.activations_per_sequence_all_checkpointed += packing;

@@ -66,8 +66,8 @@ void MetricsLog::record_step(nlohmann::json row) {
         {"train/tokens_per_second", tokens_per_s},
         {"train/micro_batch", row["micro_batch"].get<double>()}};
     if (row.contains("mfu")) scalars.emplace_back("train/mfu", row["mfu"].get<double>());
-    if (row.contains("cuda_peak_allocated_gb")) {
-      scalars.emplace_back("train/peak_memory_gib", row["cuda_peak_allocated_gb"].get<double>() * 1e9 / (1 << 30));
+    for (const char* key : {"cuda_peak_allocated_gb", "cpu_peak_allocated_gb"}) {
+      if (row.contains(key)) scalars.emplace_back("train/peak_memory_gib", row[key].get<double>() * 1e9 / (1 << 30));
     }
     if (row.contains("loss_scale")) scalars.emplace_back("train/loss_scale", row["loss_scale"].get<double>());
     tensorboard_->scalars(row["step"].get<int64_t>(), scalars);
@@ -78,6 +78,7 @@ void MetricsLog::record_step(nlohmann::json row) {
     extra += fmt::format(" | mem {:.2f}/{:.2f} GB", row["cuda_peak_allocated_gb"].get<double>(),
                          row["cuda_peak_reserved_gb"].get<double>());
   }
+  if (row.contains("cpu_peak_allocated_gb")) extra += fmt::format(" | mem {:.2f} GB", row["cpu_peak_allocated_gb"].get<double>());
   if (row.contains("loss_scale")) {
     extra += fmt::format(" | scale {:g} skipped {}", row["loss_scale"].get<double>(), row["skipped_steps"].get<int64_t>());
   }

@@ -50,7 +50,10 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
 }
 
 int64_t plannable_memory(const TrainConfig& cfg, c10::Device device) {
-  if (!device.is_cuda()) return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE) / 2;
+  if (!device.is_cuda()) {  // cpu.memory_limit is a cap on tensor bytes alone: no context, no allocator slack
+    if (!cfg.cpu.memory_limit.empty()) return parse_memory_size(cfg.cpu.memory_limit, "cpu.memory_limit");
+    return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE) / 2;
+  }
   int64_t total = cuda_memory(device).total;
   if (!cfg.cuda.memory_limit.empty()) total = std::min(total, parse_memory_size(cfg.cuda.memory_limit, "cuda.memory_limit"));
   return plannable_of(total);

@@ -31,9 +31,11 @@
 #include "gpt2ft/distributed/launch_env.h"
 #include "gpt2ft/distributed/optimizer_shards.h"
 #include "gpt2ft/io/model_folder.h"
+#include "gpt2ft/memory/counting_allocator.h"
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/init.h"
 #include "gpt2ft/model/lora.h"
+#include "gpt2ft/model/packed_attention.h"
 #include "gpt2ft/optim/adamw.h"
 #include "gpt2ft/optim/adamw_8bit.h"
 #include "gpt2ft/optim/grad_clip.h"
@@ -89,6 +91,7 @@ GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
     model = resize_vocab(model, cfg.model.resize_vocab);
   }
   model->set_activation_checkpointing(cfg.checkpoint_every_n_blocks());
+  model->set_packed_attention(cfg.attention.packed == "varlen" ? PackedAttention::kVarlen : PackedAttention::kMask);
   freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_blocks);
   if (cfg.lora()) attach_lora(model, cfg);
   model->to(device);
@@ -100,6 +103,23 @@ GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
   return model;
 }
 
+// Out of memory where a smaller micro batch would not help (the optimizer step, validation at
+// one window per forward pass, saving) ends the run: an Error with the allocator's message.
+template <class F>
+auto fatal_if_out_of_memory(const std::string& where, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const ExitRequest&) {
+    throw;
+  } catch (const std::exception& e) {
+    if (!is_out_of_memory(e)) throw;
+    throw Error("ran out of memory " + where + " (" + describe_exception(e) +
+                "); a smaller micro batch would not shrink this. The run stops here without saving, and the last "
+                "checkpoint is intact: resume with more memory, or with a lever `gpt2-finetune plan` lists "
+                "(train.optimizer \"adamw_8bit\", train.optimizer_offload \"cpu\")");
+  }
+}
+
 // The device of this process: one GPU per rank (its local rank's) when distributed, with the
 // run's CUDA settings applied before anything is allocated on it.
 c10::Device training_device(const TrainConfig& cfg, const LaunchEnv& env) {
@@ -107,6 +127,13 @@ c10::Device training_device(const TrainConfig& cfg, const LaunchEnv& env) {
   if (device.is_cuda()) {  // made current here, for one process on cuda:N as for a rank
     configure_cuda(device, {cfg.cuda.tf32, cfg.cuda.expandable_segments,
                             cfg.cuda.memory_limit.empty() ? 0 : parse_memory_size(cfg.cuda.memory_limit, "cuda.memory_limit")});
+    if (!cfg.cpu.memory_limit.empty()) {
+      spdlog::warn("cpu.memory_limit is ignored: it limits tensor memory when training on the CPU (device \"cpu\")");
+    }
+  } else {  // the CPU rehearsal: tensor memory counted, and refused past cpu.memory_limit as CUDA would
+    install_counting_cpu_allocator();
+    set_cpu_memory_limit(cfg.cpu.memory_limit.empty() ? 0 : parse_memory_size(cfg.cpu.memory_limit, "cpu.memory_limit"));
+    reset_cpu_memory_peaks();
   }
   return device;
 }
@@ -208,6 +235,8 @@ class Trainer {
   [[noreturn]] void interrupt(int64_t step, const StepStart& start);
   TrainSummary finish();
   void save_final_model();
+  void apply_step(StepResult& r);
+  void write_model(const fs::path& dir);
   void save_model(const fs::path& dir);
   void save_best(int64_t step, double loss);
 
@@ -389,6 +418,10 @@ void Trainer::log_run() {
                                                        : "unfused");
   spdlog::info("data: {}{}", loader_->describe(),
                loader_->has_targets() ? "; a step's loss is the mean over its global batch's targets" : "");
+  if (device_.is_cuda()) {
+    spdlog::info("{}", describe_attention_kernels(mc, device_, amp_, cfg_.data.seq_len, mc.attn_pdrop,
+                                                  model_->packed_attention()));
+  }
   if (W > 1) {
     spdlog::info("gradients: {} bucket(s), {:.1f} MiB, all-reduced during the backward of the last micro batch",
                  reducer_->num_buckets(), reducer_->bucket_bytes_total() / double(1 << 20));
@@ -435,6 +468,15 @@ StepResult Trainer::train_step(int64_t step) {
     if (!r.outcome.out_of_memory) break;
     back_off(step, oom_message, start);  // or checkpoint and exit, or fail
   }
+  fatal_if_out_of_memory("in the optimizer step of step " + std::to_string(step + 1), [&] { apply_step(r); });
+  return r;
+}
+
+// Unscale, clip, the optimizer's step and the loss scale's update. Every optimizer allocates
+// what its CPU step needs before changing a tensor, so running out of memory here leaves the
+// weights of the step before.
+void Trainer::apply_step(StepResult& r) {
+  MemoryPhaseScope phase(MemoryPhase::kOptimizer);
   const std::vector<torch::Tensor> grads = gradients_of(params_);
   GradientScaling scaling;
   if (scaler_) {
@@ -456,7 +498,6 @@ StepResult Trainer::train_step(int64_t step) {
   optimizer_->step(r.lr, scaling);  // a no-op on inf/NaN gradients
   if (scaler_) scaler_->update();
   clear_gradients(params_);
-  return r;
 }
 
 // Forward and backward over this rank's micro batches. Each loss is its share of this rank's
@@ -482,13 +523,18 @@ torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrup
         return loss_sum;
       }
       const Batch batch = loader_->next();
-      torch::Tensor loss = micro_batch_loss(batch, divisor);
+      torch::Tensor loss;
+      {
+        MemoryPhaseScope phase(MemoryPhase::kForward);
+        loss = micro_batch_loss(batch, divisor);
+      }
       if (poison_loss_) loss = loss * std::numeric_limits<double>::quiet_NaN();  // fault injection
       loss_sum += loss.detach();
       if (m == accumulation - 1) {
         reducer_->arm();
         optimizer_->begin_last_backward();
       }
+      MemoryPhaseScope phase(MemoryPhase::kBackward);
       (scaler_ ? scaler_->scale(loss) : loss).backward();
     }
   } catch (const std::exception& e) {
@@ -596,6 +642,15 @@ void Trainer::log_step(int64_t step, const StepResult& r) {
     const CudaMemory mem = cuda_memory(device_);
     row["cuda_peak_allocated_gb"] = mem.peak_allocated / 1e9;
     row["cuda_peak_reserved_gb"] = mem.peak_reserved / 1e9;
+  } else {
+    const CpuMemoryCounts mem = cpu_memory_counts();
+    row["cpu_peak_allocated_gb"] = mem.peak / 1e9;
+    nlohmann::json phases;
+    for (int p = 1; p < kMemoryPhases; ++p) {
+      const int64_t bytes = mem.phase_peak[static_cast<size_t>(p)];
+      if (bytes > 0) phases[memory_phase_name(static_cast<MemoryPhase>(p))] = bytes / 1e9;
+    }
+    row["cpu_peak_by_phase_gb"] = phases;
   }
   if (scaler_) {
     row["loss_scale"] = scaler_->scale_tensor().item<double>();
@@ -620,7 +675,12 @@ bool Trainer::evaluation_due(int64_t done) const {
 
 std::optional<double> Trainer::validate(int64_t step) {
   if (step == last_val_step_) return last_val_loss_;  // the end of a run stopped early after its validation
-  const std::optional<EvalResult> r = validation_->run(model_);
+  std::optional<EvalResult> r;
+  {
+    MemoryPhaseScope phase(MemoryPhase::kValidation);
+    r = fatal_if_out_of_memory("in validation at step " + std::to_string(step) + ", even at one window per forward pass",
+                               [&] { return validation_->run(model_); });
+  }
   if (!r) return std::nullopt;
   metrics_->record_validation({{"step", step},
                                {"time", unix_time()},
@@ -687,10 +747,13 @@ void Trainer::stop_if_not_finite(int64_t step) {
 }
 
 fs::path Trainer::save_checkpoint() {
+  MemoryPhaseScope phase(MemoryPhase::kSave);
   stop_if_not_finite(state_.step);
   state_.micro_batch = split_.micro;
   state_.loader = loader_->state();
-  return checkpoints_.save(state_, model_, *optimizer_, scaler_ ? &*scaler_ : nullptr);
+  return fatal_if_out_of_memory("while saving the checkpoint of step " + std::to_string(state_.step), [&] {
+    return checkpoints_.save(state_, model_, *optimizer_, scaler_ ? &*scaler_ : nullptr);
+  });
 }
 
 void Trainer::stop(int64_t step, const StepOutcome& outcome) {
@@ -727,6 +790,11 @@ void Trainer::save_best(int64_t step, double loss) {
 }
 
 void Trainer::save_model(const fs::path& dir) {
+  MemoryPhaseScope phase(MemoryPhase::kSave);
+  fatal_if_out_of_memory("while saving " + dir.string(), [&] { write_model(dir); });
+}
+
+void Trainer::write_model(const fs::path& dir) {
   SaveModelOptions save;
   save.dtype = cfg_.save_dtype == "bfloat16" ? c10::kBFloat16 : cfg_.save_dtype == "float16" ? c10::kHalf : c10::kFloat;
   if (!cfg_.model.init_from.empty()) save.tokenizer_from = fs::path(cfg_.model.init_from);

@@ -1,6 +1,9 @@
 // 8-bit AdamW against torchao 0.18 (make_adamw8bit_golden.py): the quantization maps, codes and
 // scales exactly; 8 steps on a fixed gradient sequence; a skipped step; the checkpoint state
 // round trip and its size.
+#include <cmath>
+#include <limits>
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -32,6 +35,40 @@ TEST(AdamW8bit, QuantizationEqualsTorchaoExactly) {
     const torch::Tensor back = dequantize_blockwise(codes, scales, map);
     const torch::Tensor err = (back - x).abs().view({-1, 256}) / scales.unsqueeze(1);
     EXPECT_LE(err.max().item<double>(), 0.5 * (map.diff().max().item<double>()) + 1e-7);
+  }
+}
+
+// The codes of nearest_codes (one searchsorted) against the rule written out value by value:
+// the largest entry <= y (0 when none), then the nearer of it and the next, ties up. On the map's
+// entries, their float32 neighbours, the midpoints between entries, +-0, +-1 and +-inf.
+TEST(AdamW8bit, NearestCodesFollowTheRuleOnEveryEdge) {
+  for (const bool is_signed : {true, false}) {
+    const torch::Tensor map = dynamic_quantization_map(is_signed);
+    const float* m = map.data_ptr<float>();
+    std::vector<float> ys = {0.0f, -0.0f, 1.0f, -1.0f, std::numeric_limits<float>::infinity(),
+                             -std::numeric_limits<float>::infinity(), 2.0f, -2.0f};
+    for (int i = 0; i < 256; ++i) {
+      for (const float e : {m[i], std::nextafter(m[i], -2.0f), std::nextafter(m[i], 2.0f)}) ys.push_back(e);
+      if (i < 255) ys.push_back((m[i] + m[i + 1]) / 2);
+    }
+    const torch::Tensor y = torch::tensor(ys, torch::kFloat);
+    const torch::Tensor got = nearest_codes(y, map);
+    ASSERT_EQ(got.scalar_type(), torch::kInt);
+    int64_t wrong = 0;
+    for (size_t j = 0; j < ys.size(); ++j) {
+      int down = 0;
+      for (int i = 0; i < 256; ++i) {
+        if (m[i] <= ys[j]) down = i;
+      }
+      const int up = std::min(down + 1, 255);
+      const int want = (ys[j] - m[down]) >= (m[up] - m[down]) * 0.5f ? up : down;
+      if (got[static_cast<int64_t>(j)].item<int>() != want) {
+        ++wrong;
+        ADD_FAILURE() << (is_signed ? "signed" : "unsigned") << " map: y=" << ys[j] << " gave code "
+                      << got[static_cast<int64_t>(j)].item<int>() << ", want " << want;
+        if (wrong > 5) break;
+      }
+    }
   }
 }
 

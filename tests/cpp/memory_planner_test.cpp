@@ -93,7 +93,7 @@ TEST(MemoryPlanner, PackedDocumentsCountTheirMaskAndRows) {
     const MemoryPlan packed = plan_memory(in);
     const int64_t T = in.seq_len;
     const torch::Tensor positions = torch::arange(T).remainder(100).unsqueeze(0);  // (1, T)
-    const int64_t mask = document_attention_mask(positions, amp).nbytes();
+    const int64_t mask = static_cast<int64_t>(document_attention_mask(positions, amp).storage().nbytes());
     const int64_t rows = torch::empty({1, 3, T}, torch::kLong).nbytes() - torch::empty({1, T + 1}, torch::kLong).nbytes();
     EXPECT_EQ(packed.activations_per_sequence - plain.activations_per_sequence, mask + rows) << c10::toString(amp);
     EXPECT_EQ(packed.activations_per_sequence_all_checkpointed - plain.activations_per_sequence_all_checkpointed,

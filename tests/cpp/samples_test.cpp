@@ -2,6 +2,7 @@
 // its damage checks, best-fit packing that keeps every document whole and once, and packed
 // documents that never see each other in the model.
 #include <fstream>
+#include <limits>
 #include <map>
 #include <random>
 
@@ -234,6 +235,48 @@ TEST(Samples, PackedDocumentsDoNotInteract) {
                                        .narrow(1, start, end - start);
       EXPECT_LT(test::max_abs_diff(alone, packed), dtype == c10::kFloat ? 1e-5 : 0.1) << "document at " << start;
       start = end;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace gpt2ft
+
+namespace gpt2ft {
+namespace {
+
+// The packed documents' mask, against the rule written out position by position: 0 where key
+// s <= t lies in t's document, -inf elsewhere; its rows 16 values apart (so CUDA's
+// memory-efficient attention takes it without copying it in every layer) at T=72 and T=64.
+TEST(Samples, DocumentMaskFollowsTheRuleWithAlignedRows) {
+  for (const int64_t T : {64, 72}) {
+    torch::Tensor positions = torch::zeros({2, T}, torch::kLong);
+    const int64_t lengths[] = {5, 30, 1, 20};
+    for (int64_t b = 0; b < 2; ++b) {
+      int64_t at = 0;
+      for (const int64_t len : lengths) {
+        for (int64_t i = 0; i < len && at < T; ++i) positions[b][at++] = i;
+      }  // the rest: padding, a document of one token each
+    }
+    for (const auto dtype : {c10::kFloat, c10::kBFloat16}) {
+      const torch::Tensor mask = document_attention_mask(positions, dtype);  // (2, 1, T, T)
+      ASSERT_EQ(mask.sizes(), (std::vector<int64_t>{2, 1, T, T}));
+      EXPECT_EQ(mask.stride(2) % 16, 0);
+      EXPECT_EQ(mask.stride(1) % 16, 0);
+      EXPECT_EQ(mask.stride(0) % 16, 0);
+      EXPECT_EQ(document_mask_row(T), (T + 15) / 16 * 16);
+      const torch::Tensor m = mask.to(torch::kFloat);
+      for (int64_t b = 0; b < 2; ++b) {
+        std::vector<int64_t> doc(static_cast<size_t>(T));
+        for (int64_t t = 0, d = -1; t < T; ++t) doc[static_cast<size_t>(t)] = positions[b][t].item<int64_t>() == 0 ? ++d : d;
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t s = 0; s < T; ++s) {
+            const bool allowed = s <= t && doc[static_cast<size_t>(s)] == doc[static_cast<size_t>(t)];
+            const float v = m[b][0][t][s].item<float>();
+            ASSERT_EQ(allowed ? 0.0f : -std::numeric_limits<float>::infinity(), v) << "T=" << T << " b=" << b << " t=" << t << " s=" << s;
+          }
+        }
+      }
     }
   }
 }

@@ -7,12 +7,12 @@
 
 #include <torch/types.h>
 
+#include "gpt2ft/model/gpt2.h"
+
 namespace gpt2ft {
 
-class BlockImpl;
-
-// block(x, mask) for x (B, T, C), with the activations recomputed in backward (mask: the
-// packed documents' attention mask, or undefined).
-torch::Tensor checkpointed_block_forward(BlockImpl& block, const torch::Tensor& x, const torch::Tensor& mask = {});
+// block(x, docs) for x (B, T, C), with the activations recomputed in backward (docs: how
+// packed documents attend, or nothing for causal attention).
+torch::Tensor checkpointed_block_forward(BlockImpl& block, const torch::Tensor& x, const DocumentAttention& docs = {});
 
 }  // namespace gpt2ft

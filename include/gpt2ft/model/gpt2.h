@@ -36,6 +36,8 @@ struct LoraAdapter {
 // base(x), plus the adapter's term when it has one. x (B, T, in) -> (B, T, out).
 torch::Tensor project(torch::nn::Linear& base, LoraAdapter& lora, const torch::Tensor& x, bool training);
 
+enum class PackedAttention { kMask, kVarlen };
+
 // Keys and values of earlier positions, per layer, for incremental decoding.
 struct KVCache {
   std::vector<torch::Tensor> k, v;  // per layer (B, NH, capacity, HD)
@@ -45,14 +47,27 @@ struct KVCache {
 // Packed documents (data/samples.h): positions (B, T) restart at 0 where each document starts
 // -> an additive mask (B, 1, T, T) in `dtype` (attention's compute dtype, so that SDPA uses it
 // as it is and every layer shares it): 0 where query t may attend key s (s <= t in t's
-// document), -inf elsewhere.
+// document), -inf elsewhere. Its rows are laid out 16 values apart (the storage is
+// (B, 1, T, round_up(T, 16)), narrowed to T), so that CUDA's memory-efficient attention takes
+// it as it is instead of copying a misaligned mask in every layer.
 torch::Tensor document_attention_mask(const torch::Tensor& positions, c10::ScalarType dtype);
+// T rounded up to the mask's row alignment (16).
+int64_t document_mask_row(int64_t T);
+
+// How packed documents attend, built once per forward pass (model/packed_attention.h).
+// Neither field defined: plain causal attention over each row.
+struct DocumentAttention {
+  torch::Tensor mask;        // (B, 1, T, T) document_attention_mask (attention.packed "mask")
+  torch::Tensor cu_seqlens;  // (D + 1) int32 document starts in the B*T flattened tokens ("varlen", CUDA)
+  int64_t max_len = 0;       // the longest of the D documents ("varlen")
+  bool packed() const { return mask.defined() || cu_seqlens.defined(); }
+};
 
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const GPT2Config& config);
-  // (B, T, C) -> (B, T, C); causal, or with `mask` (document_attention_mask) when defined.
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {});
+  // (B, T, C) -> (B, T, C); causal, or each packed document attending only to itself.
+  torch::Tensor forward(const torch::Tensor& x, const DocumentAttention& docs = {});
   // x (B, t, C) at positions pos..pos+t-1, attending to the cached keys/values before them.
   torch::Tensor forward_cached(const torch::Tensor& x, torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t pos);
 
@@ -85,7 +100,7 @@ TORCH_MODULE(MLP);
 class BlockImpl : public torch::nn::Module {
  public:
   explicit BlockImpl(const GPT2Config& config);
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {});  // (B, T, C) -> (B, T, C)
+  torch::Tensor forward(const torch::Tensor& x, const DocumentAttention& docs = {});  // (B, T, C) -> (B, T, C)
   torch::Tensor forward_cached(const torch::Tensor& x, torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t pos);
 
   torch::nn::LayerNorm ln_1{nullptr};
@@ -137,6 +152,10 @@ class GPT2Impl : public torch::nn::Module {
   // Checkpoint every n-th block's activations in training (0 = none, 1 = all).
   void set_activation_checkpointing(int64_t every_n) { checkpoint_every_ = every_n; }
   int64_t activation_checkpointing() const { return checkpoint_every_; }
+  // How packed documents attend (attention.packed): the mask (every device), or variable-length
+  // flash attention on CUDA under 16-bit autocast (elsewhere the mask is used).
+  void set_packed_attention(PackedAttention how) { packed_attention_ = how; }
+  PackedAttention packed_attention() const { return packed_attention_; }
   // The settings of its LoRA adapters (model/lora.h), when it has them.
   const std::optional<LoraConfig>& lora() const { return lora_; }
   void set_lora(std::optional<LoraConfig> lora) { lora_ = std::move(lora); }
@@ -147,6 +166,7 @@ class GPT2Impl : public torch::nn::Module {
  private:
   GPT2Config config_;
   int64_t checkpoint_every_ = 0;
+  PackedAttention packed_attention_ = PackedAttention::kMask;
   std::optional<LoraConfig> lora_;
 };
 TORCH_MODULE(GPT2);

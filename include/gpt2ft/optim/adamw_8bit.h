@@ -11,10 +11,12 @@
 //   m_codes, v_codes = quant(m), quant(v)                 (stored)
 //   p  = p - lr * (m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 // with the float32 m and v of this step, before they were quantized. A step with found_inf != 0
-// (one host read) changes nothing.
+// changes nothing: on the host the flag is read once; on a GPU the skip is folded into the
+// update (torch.where), so no step waits for the host.
 //
-// Two kernels. kOps: those ATen ops, a piece of at most 2^22 values at a time (whole blocks, so
-// the result is the same; it bounds the float32 temporaries); bitwise torchao's eager step.
+// Two kernels. kOps: those ATen ops, every tensor a piece of at most 2^22 values at a time
+// (whole blocks, so the result is the same; it bounds the float32 temporaries, which the
+// planner counts); bitwise torchao's eager step. Codes come from one searchsorted per value.
 // kFused (the default on the CPU): one pass per block of 256 over the same formulas in float32,
 // blocks in parallel, compiled for AVX-512 / AVX2 / baseline x86 at run time; it rounds a few
 // operations differently (an ulp), so a code at a rounding tie may differ.
@@ -40,6 +42,11 @@ int64_t adamw_8bit_state_bytes(int64_t numel);
 
 // AdamW8bit's checkpoint entries for one parameter, empty (Optimizer::state_layout).
 NamedTensors adamw_8bit_state_layout(const std::string& name, const torch::Tensor& param);
+
+// The scalars of one tensor's fused step (float32, as the op path computes them).
+struct StepScalars {
+  float lr, decay, one_minus_beta1, one_minus_beta2, bias_correction1, sqrt_bias_correction2, eps;
+};
 
 class AdamW8bit final : public Optimizer {
  public:
@@ -69,8 +76,10 @@ class AdamW8bit final : public Optimizer {
   const std::vector<State>& states() const { return states_; }
 
  private:
-  void update(State& s, const torch::Tensor& lr);
-  void update_fused(State& s, const torch::Tensor& lr);
+  // skip: () on the device, nonzero to leave everything as it was; undefined: apply.
+  void update(State& s, const torch::Tensor& lr, const torch::Tensor& skip);
+  StepScalars fused_scalars(const State& s, const torch::Tensor& lr) const;
+  void update_fused(State& s, const StepScalars& scalars);
   AdamWOptions options_;
   Kernel kernel_;
   std::vector<State> states_;

@@ -20,6 +20,13 @@ inline constexpr int64_t kQuantizationBlock = 256;
 // The map as a (256) float32 tensor on the CPU.
 torch::Tensor dynamic_quantization_map(bool is_signed);
 
+// The code of each y (any shape, float32, already divided by its scale): the nearest entry of
+// the sorted `map` (256), ties to the larger; below map[0], code 0. (n) int32, y's shape. One
+// binary search per value (searchsorted) instead of eight steps of tensor ops, so a few
+// kernels on CUDA; the same codes as searching step by step for the largest entry <= y, for
+// every y but NaN (a NaN moment comes only from a step that is skipped).
+torch::Tensor nearest_codes(const torch::Tensor& y, const torch::Tensor& map);
+
 // x (n) float32 -> codes (n) uint8 and scales (n / block) float32, written into the given
 // tensors (on x's device). n must be a multiple of `block`.
 void quantize_blockwise(const torch::Tensor& x, const torch::Tensor& map, int64_t block, torch::Tensor& codes,

@@ -57,6 +57,9 @@ struct TrainConfig {
     int64_t seed = 0;
     double time_limit = 0;
   } train;
+  struct Attention {
+    std::string packed;                      // "mask" | "varlen" (model/packed_attention.h)
+  } attention;
   struct Amp {
     std::string dtype;                       // "auto" | "none" | "bfloat16" | "float16"
     double init_scale = 0, growth_factor = 0, backoff_factor = 0;
@@ -95,6 +98,9 @@ struct TrainConfig {
     bool expandable_segments = true;
     std::string memory_limit;                // "" or a size ("24GiB")
   } cuda;
+  struct Cpu {
+    std::string memory_limit;                // "" or a size: the counting allocator refuses past it
+  } cpu;
   std::string output_dir;
   std::string device;
   std::string save_dtype;

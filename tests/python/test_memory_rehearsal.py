@@ -1,0 +1,187 @@
+"""The CPU memory rehearsal (memory/counting_allocator.h): real out-of-memory errors from the
+counting allocator under cpu.memory_limit, wherever the allocation that crosses the cap happens,
+and the planner against what it counts.
+
+The cap sweep: uncapped runs at every micro batch from the configured one down to 1 measure the
+peak of each phase of the step (their metrics' cpu_peak_by_phase_gb); the caps are set just
+under each of those peaks (where an allocation in that phase is the one that crosses), plus
+evenly spaced caps down to below the smallest micro batch's peak. Every run must end in one of
+three ways:
+  - exit 0 with the weights of a run that used its final micro batch from the start (within the
+    accumulation tolerance), the global batch and the data position kept;
+  - exit 75 (oom.policy "checkpoint_and_exit") or 77 (out of memory at the smallest micro batch)
+    with a checkpoint that, run again (75) or run with more memory (77), finishes as above;
+  - exit 1 with a one-line error that says it ran out of memory.
+Never a crash, a hang or a traceback. The phases the errors landed in are printed."""
+import json
+import os
+import subprocess
+import unittest
+
+import numpy as np
+from safetensors.numpy import load_file
+
+import train_reference as ref
+from common import WorkDirTest
+
+BIN = os.environ.get("GPT2FT_BIN", "")
+
+
+def run(cfg, workdir, name, timeout=300):
+    path = os.path.join(workdir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=timeout)
+
+
+def rows(out, key):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if key in r]
+
+
+def final_weights(out):
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in a)
+
+
+def phases_of(stderr):
+    found = []
+    for line in stderr.splitlines():
+        at = line.find("CPU out of memory (in ")
+        if at >= 0:
+            found.append(line[at + len("CPU out of memory (in "):].split(")")[0])
+    return found
+
+
+class MemoryRehearsalTest(WorkDirTest):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model_dir = ref.make_model(os.path.join(cls.tmp, "init"), n_layer=2, n_head=2, n_embd=64, vocab_size=97,
+                                       n_positions=64)
+        ref.make_stream(os.path.join(cls.tmp, "train_000000.bin"), n=3000)
+        ref.make_stream(os.path.join(cls.tmp, "val_000000.bin"), n=12 * 32 + 1, seed=3)
+
+    def config(self, out, micro, cap=None, policy="backoff", **extra):
+        c = {"model": {"init_from": self.model_dir, "dropout": 0.0},
+             "data": {"train": os.path.join(self.tmp, "train_*.bin"), "val": os.path.join(self.tmp, "val_*.bin"),
+                      "seq_len": 32, "num_workers": 1},
+             "train": {"micro_batch_size": micro, "global_batch_size": 8, "max_steps": 4, "lr": 1e-3,
+                       "warmup_steps": 0},
+             "eval": {"every_steps": 2, "batch_size": 8},
+             "checkpoint": {"every_steps": 2, "resume": "auto"},
+             "oom": {"policy": policy},
+             "log": {"every_steps": 1, "progress": "lines", "tensorboard": False},
+             "output_dir": out, "device": "cpu"}
+        for key, value in extra.items():
+            section, name = key.split("__")
+            c.setdefault(section, {})[name] = value
+        if cap is not None:
+            c["cpu"] = {"memory_limit": str(int(cap))}
+        return c
+
+    def clean(self, micro, **extra):
+        """A run without a cap at this micro batch: its folder, its measured peak and each
+        phase's peak (bytes)."""
+        key = (micro, tuple(sorted(extra.items())))
+        if key not in self._clean:
+            out = os.path.join(self.tmp, f"clean_{len(self._clean)}")
+            r = run(self.config(out, micro, **extra), self.tmp, f"clean_{len(self._clean)}")
+            self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+            logged = rows(out, "cpu_peak_allocated_gb")
+            peak = max(row["cpu_peak_allocated_gb"] for row in logged) * 1e9
+            phases = {}
+            for row in logged:
+                for phase, gb in row["cpu_peak_by_phase_gb"].items():
+                    phases[phase] = max(phases.get(phase, 0), gb * 1e9)
+            self._clean[key] = (out, peak, phases)
+        return self._clean[key][:2]
+
+    def sweep(self, label, policy="backoff", caps=6, **extra):
+        self._clean = {}
+        _, top = self.clean(8, **extra)
+        for micro in (4, 2):
+            self.clean(micro, **extra)
+        _, floor = self.clean(1, **extra)
+        print(f"[{label}] measured peak: micro 8 {top / 2**20:.2f} MiB, micro 1 {floor / 2**20:.2f} MiB")
+        self.assertGreater(top, floor)
+        critical = {int(p) - 64 for (_, _, phases) in self._clean.values() for p in phases.values() if p < top}
+        spaced = {int(top - (top - 0.85 * floor) * (i + 0.5) / caps) for i in range(caps)}
+        caps_to_try = sorted({c // 16384 * 16384 for c in critical | spaced}, reverse=True)  # 16 KiB apart at least
+        outcomes, all_phases = [], []
+        for i, cap in enumerate(caps_to_try):
+            out = os.path.join(self.tmp, f"{label}_{i}")
+            cfg = self.config(out, 8, cap=cap, policy=policy, **extra)
+            stderr, codes = "", []
+            for attempt in range(6):  # a 75 is run again as it is, as the Slurm wrapper would
+                r = run(cfg, self.tmp, f"{label}_{i}")
+                stderr += r.stderr
+                codes.append(r.returncode)
+                self.assertNotIn("Traceback", r.stderr)
+                self.assertNotIn("terminate called", r.stderr)
+                self.assertIn(r.returncode, (0, 1, 75, 77), f"cap {cap:.0f}: exit {r.returncode}\n{r.stderr[-3000:]}")
+                if r.returncode != 75:
+                    break
+            phases = phases_of(stderr)
+            all_phases += phases
+            end = codes[-1]
+            if end == 77:  # the smallest micro batch does not fit: with more memory, it resumes and finishes
+                self.assertIn("smallest micro batch", stderr.lower().replace("oom.min_micro_batch_size", "smallest micro batch"))
+                cfg.pop("cpu")
+                r = run(cfg, self.tmp, f"{label}_{i}")
+                self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+                end = "77 then 0"
+            if end == 1:
+                last = [line for line in stderr.strip().splitlines() if line.strip()][-1]
+                self.assertIn("out of memory", last)
+                self.assertTrue(last.startswith("error:") or "error" in last[:40], last)
+                outcomes.append((cap, codes, phases, "error: " + last[-160:]))
+                continue
+            micro = rows(out, "micro_batch")[-1]["micro_batch"]
+            clean_out, _ = self.clean(micro, **extra)
+            diff = max_diff(final_weights(out), final_weights(clean_out))
+            state = rows(out, "micro_batch")[-1]
+            want = rows(clean_out, "micro_batch")[-1]
+            self.assertEqual((state["step"], state["global_batch"], state["samples_in_epoch"], state["epoch"]),
+                             (want["step"], want["global_batch"], want["samples_in_epoch"], want["epoch"]))
+            self.assertLess(diff, 2e-5, f"cap {cap:.0f}: weights vs a clean micro {micro} run")
+            outcomes.append((cap, codes, phases, f"finished at micro {micro}, max|dw| vs clean {diff:.2g}"))
+        for micro, (_, peak, phases) in sorted((k[0], v) for k, v in self._clean.items()):
+            print(f"[{label}] uncapped micro {micro}: peak {peak / 2**20:.3f} MiB; by phase (MiB): "
+                  + ", ".join(f"{p} {b / 2**20:.3f}" for p, b in sorted(phases.items(), key=lambda x: -x[1])))
+        for cap, codes, phases, what in outcomes:
+            print(f"[{label}] cap {cap / 2**20:7.2f} MiB: exits {codes}, errors in {phases or '-'}: {what}")
+        distinct = sorted(set(all_phases))
+        print(f"[{label}] {len(outcomes)} caps; errors landed in: {distinct}")
+        return outcomes, distinct
+
+    def test_cap_sweep_backs_off_or_ends_cleanly(self):
+        outcomes, phases = self.sweep("backoff", caps=8)
+        for phase in ("forward", "loss", "backward"):
+            self.assertIn(phase, phases)
+        self.assertTrue(any("finished at micro" in o[3] and o[1] == [0] for o in outcomes))
+
+    def test_cap_sweep_with_checkpoint_and_exit(self):
+        outcomes, phases = self.sweep("exit75", policy="checkpoint_and_exit", caps=4)
+        self.assertTrue(any(75 in o[1] for o in outcomes), outcomes)
+
+    def test_cap_sweep_short_rows_reach_the_optimizer_and_validation(self):
+        # Short rows and a large evaluation batch: the optimizer's step and validation, not the
+        # forward pass, hold the most memory.
+        outcomes, phases = self.sweep("short", caps=3, data__seq_len=4, eval__batch_size=96,
+                                      train__fused_adamw="off")
+        self.assertIn("optimizer", phases)
+        self.assertIn("validation", phases)
+        # Validation backed off alone: the training micro batch stayed at 8.
+        self.assertTrue(any("validation" in o[2] and "finished at micro 8" in o[3] for o in outcomes), outcomes)
+
+    def test_cap_sweep_with_8bit_adamw_and_checkpointing(self):
+        self.sweep("8bit", caps=4, train__optimizer="adamw_8bit", model__activation_checkpointing="all")
+
+
+if __name__ == "__main__":
+    unittest.main()
