@@ -6,7 +6,12 @@ Prints a markdown table: predicted, measured, error, and the phase where the pea
 
   .venv/bin/python scripts/bench/memory_rehearsal.py                      # small model, the grid
   .venv/bin/python scripts/bench/memory_rehearsal.py --preset gpt2 --seq-len 1024 --grid main
+  .venv/bin/python scripts/bench/memory_rehearsal.py --overhead       # what the counting costs a step
+
+--overhead trains the small model (T=128, micro 8, 20 steps) with the counting allocator and
+without it (GPT2FT_BENCH_UNCOUNTED=1), runs interleaved, and reports the median step times.
 """
+import statistics
 import argparse
 import json
 import os
@@ -68,6 +73,29 @@ def measure(config, micro, sets):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def overhead(work, config, repeats=3, steps=20):
+    times = {"counted": [], "uncounted": []}
+    for repeat in range(repeats):
+        for kind in times:
+            out = os.path.join(work, f"overhead_{kind}_{repeat}")
+            env = dict(os.environ)
+            if kind == "uncounted":
+                env["GPT2FT_BENCH_UNCOUNTED"] = "1"
+            r = subprocess.run([BIN, "--config", config, "--set", f"output_dir={out}", "--set", f"train.max_steps={steps}",
+                                "--set", "train.micro_batch_size=8", "--set", "train.global_batch_size=8",
+                                "--set", "checkpoint.at_end=false", "--set", "log.every_steps=1",
+                                "--set", "log.progress=lines"], capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                sys.stderr.write(r.stderr[-3000:])
+                raise SystemExit("training failed")
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f if '"step_ms"' in line]
+            times[kind] += [row["step_ms"] for row in rows[3:]]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"step time, median of {len(times['counted'])} steps each: counted {med['counted']:.2f} ms, uncounted "
+          f"{med['uncounted']:.2f} ms, ratio {med['counted'] / med['uncounted']:.4f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", help="a model preset (default: a 4-layer, 256-wide model)")
@@ -75,6 +103,7 @@ def main():
     ap.add_argument("--micro", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--grid", choices=sorted(GRIDS), default="small")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--overhead", action="store_true", help="measure the counting's cost instead")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="gpt2ft-memory-") as work:
         if args.preset:
@@ -95,6 +124,9 @@ def main():
             json.dump({"model": model, "data": {"train": os.path.join(work, "train_*.bin"), "seq_len": args.seq_len,
                                                 "num_workers": 1},
                        "train": {"max_steps": 3}, "device": "cpu", "log": {"tensorboard": False}}, f)
+        if args.overhead:
+            overhead(work, config)
+            return
         out = []
         print(f"| configuration | micro | predicted MiB | measured MiB | error | peak phase |")
         print("|---|---|---|---|---|---|")

@@ -106,6 +106,7 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   const bool wte_trained = !lora && !in.freeze_embeddings;
 
   MemoryPlan m;
+  m.tokens_per_sequence = T;
   m.per_rank_batch = in.global_batch > 0 ? in.global_batch / std::max<int64_t>(1, in.world_size) : 0;
   m.weights = lora ? in.base_bytes * P + 4 * trained : 4 * P;
   m.gradients = 4 * trained;
@@ -138,9 +139,10 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     if (!in.chunked_loss) m.amp_copies += 2 * V * C;  // the eager lm_head's cast, saved by its matmul
   }
   m.workspace = in.cuda ? (32ll << 20) : 0;
-  if (in.optimizer_8bit && !in.optimizer_offload && !trained_numels.empty()) {
-    // The 8-bit step's float32 temporaries for one piece of at most 2^22 values (dequantized
-    // moments, their squares and quotients, the updated weights: ~8 copies).
+  if (in.optimizer_8bit && !in.optimizer_offload && in.cuda && !trained_numels.empty()) {
+    // The 8-bit step's float32 temporaries on CUDA (the ATen ops, every tensor in pieces) for one
+    // piece of at most 2^22 values (dequantized moments, their squares and quotients, the
+    // updated weights: ~8 copies). The CPU's fused kernel allocates no tensor.
     m.workspace += 8 * 4 * std::min<int64_t>(int64_t{1} << 22, *std::max_element(trained_numels.begin(), trained_numels.end()));
   }
   m.gradient_buckets = in.world_size > 1 ? 4 * trained : 0;
@@ -166,7 +168,9 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   if (in.chunked_loss) {
     const int64_t rows = linear_cross_entropy_chunk_rows(V, in.cuda);
     const bool head_cast = b == 2 && !(lora && in.base_bytes == 2);  // a 16-bit head is used as it is
-    m.loss_workspace = rows * V * (b == 4 ? 4 : 4 + b) + rows * C * b + (head_cast ? 2 * V * C : 0) + m.lm_head_gradient;
+    m.loss_chunk_rows = rows;
+    m.loss_bytes_per_row = V * (b == 4 ? 4 : 4 + b) + C * b;
+    m.loss_workspace = rows * m.loss_bytes_per_row + (head_cast ? 2 * V * C : 0) + m.lm_head_gradient;
     m.logits_per_sequence = 4 * C * T;
   } else {
     m.loss_workspace = 0;
@@ -179,8 +183,14 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   return m;
 }
 
+int64_t MemoryPlan::loss_workspace_at(int64_t mb) const {
+  if (loss_chunk_rows <= 0 || tokens_per_sequence <= 0) return loss_workspace;
+  const int64_t rows = std::min(loss_chunk_rows, mb * tokens_per_sequence);  // a chunk never exceeds the rows there are
+  return loss_workspace - (loss_chunk_rows - rows) * loss_bytes_per_row;
+}
+
 int64_t MemoryPlan::forward_peak(int64_t mb) const {
-  return resident() + held_gradients(mb) + loss_workspace + mb * (activations_per_sequence + logits_per_sequence);
+  return resident() + held_gradients(mb) + loss_workspace_at(mb) + mb * (activations_per_sequence + logits_per_sequence);
 }
 
 int64_t MemoryPlan::backward_peak(int64_t mb) const {

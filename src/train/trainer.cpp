@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -130,7 +131,9 @@ c10::Device training_device(const TrainConfig& cfg, const LaunchEnv& env) {
     if (!cfg.cpu.memory_limit.empty()) {
       spdlog::warn("cpu.memory_limit is ignored: it limits tensor memory when training on the CPU (device \"cpu\")");
     }
-  } else {  // the CPU rehearsal: tensor memory counted, and refused past cpu.memory_limit as CUDA would
+  } else if (std::getenv("GPT2FT_BENCH_UNCOUNTED") == nullptr || !cfg.cpu.memory_limit.empty()) {
+    // The CPU rehearsal: tensor memory counted, and refused past cpu.memory_limit as CUDA would
+    // (GPT2FT_BENCH_UNCOUNTED: a benchmark's baseline without the counting).
     install_counting_cpu_allocator();
     set_cpu_memory_limit(cfg.cpu.memory_limit.empty() ? 0 : parse_memory_size(cfg.cpu.memory_limit, "cpu.memory_limit"));
     reset_cpu_memory_peaks();
@@ -642,7 +645,7 @@ void Trainer::log_step(int64_t step, const StepResult& r) {
     const CudaMemory mem = cuda_memory(device_);
     row["cuda_peak_allocated_gb"] = mem.peak_allocated / 1e9;
     row["cuda_peak_reserved_gb"] = mem.peak_reserved / 1e9;
-  } else {
+  } else if (counting_cpu_allocator_installed()) {
     const CpuMemoryCounts mem = cpu_memory_counts();
     row["cpu_peak_allocated_gb"] = mem.peak / 1e9;
     nlohmann::json phases;

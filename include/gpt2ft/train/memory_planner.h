@@ -61,8 +61,13 @@ struct MemoryPlan {
   int64_t gradients = 0;          // float32 gradients of trained parameters (all of them)
   int64_t lm_head_gradient = 0;   // d lm_head weight (float32, V x C), formed in the loss's forward
   int64_t embedding_gradient = 0; // the embedding's dense gradient, added into d wte at the end of backward
-  // Forward-time workspace of the loss: a chunk of logits, the 16-bit lm_head copy, d lm_head.
+  // Forward-time workspace of the loss: a chunk of logits, the 16-bit lm_head copy, d lm_head;
+  // at its largest (a whole chunk of rows). A micro batch of fewer rows than a chunk holds
+  // only its own rows: loss_workspace_at(m).
   int64_t loss_workspace = 0;
+  int64_t loss_chunk_rows = 0;       // rows of a chunk (0: the eager loss)
+  int64_t loss_bytes_per_row = 0;    // a chunk row's logits (and their 16-bit copy) and hidden row
+  int64_t tokens_per_sequence = 0;   // T
   // Per sequence of the micro batch.
   int64_t activations_per_sequence = 0;  // saved for backward, with the configured checkpointing
   int64_t activations_per_sequence_no_checkpointing = 0;
@@ -77,6 +82,7 @@ struct MemoryPlan {
                                                // moments, gradient buffer: 16 bytes a trained parameter)
 
   // The phases at micro batch m.
+  int64_t loss_workspace_at(int64_t m) const;
   int64_t forward_peak(int64_t m) const;
   int64_t backward_peak(int64_t m) const;
   int64_t backward_end_peak(int64_t m) const;
