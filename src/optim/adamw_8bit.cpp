@@ -68,10 +68,10 @@ AdamW8bit::AdamW8bit(const std::vector<std::pair<std::string, torch::Tensor>>& n
 
 namespace {
 
-// dst = value, or with `skip` defined dst = skip != 0 ? dst : value (a step skipped on the
+// dst = value, or with `skip` (() bool) defined dst = skip ? dst : value (a step skipped on the
 // device, without reading the flag on the host).
 void commit(torch::Tensor& dst, const torch::Tensor& value, const torch::Tensor& skip) {
-  dst.copy_(skip.defined() ? torch::where(skip.ne(0), dst, value) : value);
+  dst.copy_(skip.defined() ? torch::where(skip, dst, value) : value);
 }
 
 }  // namespace
@@ -79,7 +79,7 @@ void commit(torch::Tensor& dst, const torch::Tensor& value, const torch::Tensor&
 void AdamW8bit::update(State& s, const torch::Tensor& lr, const torch::Tensor& skip) {
   const double beta1 = options_.betas[0], beta2 = options_.betas[1];
   if (skip.defined()) {
-    s.step.add_(1 - skip);  // 1 - 0 is exactly 1
+    s.step.add_(skip.logical_not());  // 1 when the step is taken
   } else {
     s.step.add_(1);
   }
@@ -316,7 +316,7 @@ void AdamW8bit::step(double lr, const GradientScaling& scaling) {
     if (scaling.found_inf->is_cpu()) {
       if (scaling.found_inf->item<float>() != 0.0f) return;
     } else {
-      skip = *scaling.found_inf;
+      skip = scaling.found_inf->ne(0);  // () bool, once for every tensor's update
     }
   }
   if (states_.empty()) return;

@@ -76,7 +76,7 @@ class AdamW8bit final : public Optimizer {
   const std::vector<State>& states() const { return states_; }
 
  private:
-  // skip: () on the device, nonzero to leave everything as it was; undefined: apply.
+  // skip: () bool on the device, true to leave everything as it was; undefined: apply.
   void update(State& s, const torch::Tensor& lr, const torch::Tensor& skip);
   StepScalars fused_scalars(const State& s, const torch::Tensor& lr) const;
   void update_fused(State& s, const StepScalars& scalars);
