@@ -17,8 +17,8 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/distributed/launch_env.h"
 #include "gpt2ft/train/config.h"
-#include "gpt2ft/train/memory_levers.h"
-#include "gpt2ft/train/memory_planner.h"
+#include "gpt2ft/memory/levers.h"
+#include "gpt2ft/memory/planner.h"
 #include "gpt2ft/train/trainer.h"
 
 namespace gpt2ft::cli {

@@ -14,7 +14,7 @@
 #include "gpt2ft/core/json.h"
 #include "gpt2ft/model/config.h"
 #include "gpt2ft/model/lora.h"
-#include "gpt2ft/train/memory_planner.h"
+#include "gpt2ft/memory/planner.h"
 
 namespace gpt2ft {
 using nlohmann::json;

@@ -19,7 +19,7 @@
 #include "gpt2ft/optim/grad_clip.h"
 #include "gpt2ft/optim/grad_scaler.h"
 #include "gpt2ft/optim/offloaded_adamw.h"
-#include "gpt2ft/train/memory_planner.h"
+#include "gpt2ft/memory/planner.h"
 #include "gpt2ft/train/trainer.h"
 #include "test_support.h"
 

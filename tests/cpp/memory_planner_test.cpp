@@ -13,7 +13,7 @@
 #include "gpt2ft/optim/adamw_8bit.h"
 #include "gpt2ft/optim/offloaded_adamw.h"
 #include "gpt2ft/train/checkpoint.h"
-#include "gpt2ft/train/memory_levers.h"
+#include "gpt2ft/memory/levers.h"
 #include "gpt2ft/train/trainer.h"
 #include "test_support.h"
 

@@ -14,7 +14,7 @@
 
 #include "gpt2ft/train/config.h"
 #include "gpt2ft/train/metrics_log.h"
-#include "gpt2ft/train/run_memory.h"
+#include "gpt2ft/memory/run_memory.h"
 
 namespace gpt2ft {
 

@@ -1,13 +1,13 @@
 // The levers `plan` proposes.
-#include "gpt2ft/train/memory_levers.h"
+#include "gpt2ft/memory/levers.h"
 
 #include <algorithm>
 
 #include <fmt/format.h>
 
 #include "gpt2ft/core/autocast.h"
-#include "gpt2ft/train/memory_planner.h"
-#include "gpt2ft/train/run_memory.h"
+#include "gpt2ft/memory/planner.h"
+#include "gpt2ft/memory/run_memory.h"
 
 namespace gpt2ft {
 namespace {

@@ -2,7 +2,7 @@
 // the largest micro batch that fits a memory budget. Weights, gradients and optimizer state
 // are exact byte counts of the tensors the trainer creates; the activation terms count what
 // our forward pass saves for backward and what backward allocates on top (derived in
-// memory_planner.cpp and docs/memory.md), per sequence.
+// planner.cpp and docs/memory.md), per sequence.
 //
 // A step's memory peaks in one of three phases, each a straight line in the micro batch m:
 //   forward end   resident + held gradients + loss workspace            + m * activations

@@ -1,5 +1,5 @@
 // The planner applied to a training config.
-#include "gpt2ft/train/run_memory.h"
+#include "gpt2ft/memory/run_memory.h"
 
 #include <unistd.h>
 

@@ -9,7 +9,7 @@
 
 #include "gpt2ft/train/batch_split.h"
 #include "gpt2ft/train/config.h"
-#include "gpt2ft/train/memory_planner.h"
+#include "gpt2ft/memory/planner.h"
 
 namespace gpt2ft {
 

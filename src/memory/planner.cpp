@@ -53,7 +53,7 @@
 // most elements. Data parallel (world_size > 1) adds the gradient buckets: a float32 copy of
 // the trained gradients, per GPU. cuBLAS keeps a 32 MiB workspace on the default stream
 // (Hopper's default size; smaller GPUs use less).
-#include "gpt2ft/train/memory_planner.h"
+#include "gpt2ft/memory/planner.h"
 
 #include "gpt2ft/model/gpt2.h"
 #include "gpt2ft/optim/adamw_8bit.h"
