@@ -21,6 +21,17 @@ std::vector<torch::Tensor> host_float_buffers(const std::vector<std::vector<int6
   };
   size_t elements = 0;
   for (const auto& shape : shapes) elements += numel(shape);
+  if (!pin) {  // ordinary memory: one tensor from the CPU allocator (counted under the CPU rehearsal), in views
+    const torch::Tensor block = torch::empty({static_cast<int64_t>(elements)}, torch::kFloat);
+    std::vector<torch::Tensor> out;
+    int64_t offset = 0;
+    for (const auto& shape : shapes) {
+      const auto n = static_cast<int64_t>(numel(shape));
+      out.push_back(block.narrow(0, offset, n).view(shape));
+      offset += n;
+    }
+    return out;
+  }
   const size_t bytes = std::max<size_t>(kPage, (elements * sizeof(float) + kPage - 1) / kPage * kPage);
   void* data = nullptr;
   if (posix_memalign(&data, kPage, bytes) != 0) throw std::bad_alloc();

@@ -13,8 +13,10 @@
 //   c_fc's output (saved by gelu) and gelu's output (saved by c_proj)                2 x bI
 //   two residual-dropout masks, when dropout is on (flash attention's dropout keeps
 //   only an RNG offset)                                                              2 x C
-// On the CPU with dropout SDPA takes the math path, which also keeps the attention
-// probabilities and their dropout mask: about 2 x 4 NH T more.
+// On the CPU with dropout SDPA takes the math path instead, in float32: it keeps q and k
+// scaled, the attention probabilities, their dropout mask and the dropped probabilities
+// (8C + 12 NH T, measured with PyTorch's saved-tensor hooks) and no log-sum-exp.
+// Leading blocks that are frozen behind a frozen embedding keep nothing.
 // A checkpointed block keeps only its input (4C). The final layer norm keeps the last
 // block's output (4C + 8). The embedding's dropout keeps a mask (C).
 // Under autocast the blocks' matmul weights are cast to b and cached for the forward pass;
@@ -40,7 +42,7 @@
 //
 // Optimizer offload (train.optimizer_offload "cpu") keeps AdamW's moments on the host, with a
 // float32 copy of the weights it updates and a gradient buffer: 16 bytes a trained parameter
-// of host memory instead of 8 on the GPU.
+// of host memory instead of 8 on the GPU (training on the CPU, all 16 in the one memory).
 //
 // LoRA trains only the adapters (A and B per targeted projection): their gradients and AdamW
 // state are all that scale with training; the frozen base is 4 or 2 bytes a parameter (a
@@ -74,40 +76,108 @@
 
 namespace gpt2ft {
 
-MemoryPlan plan_memory(const MemoryPlanInput& in) {
-  const GPT2Config& c = in.model;
-  const int64_t P = c.num_parameters();
-  // The trained tensors' element counts, in the model's order (freezing as model/finetune
-  // does; with LoRA the adapters, A (r, in) and B (out, r) on each targeted projection).
-  std::vector<int64_t> trained_numels;
-  int64_t lora_extra_per_token = 0;  // the adapters' own activations, per token
-  const int64_t b_act = in.amp == c10::kFloat ? 4 : 2;
-  for (const auto& [name, shape] : c.parameter_shapes()) {
+namespace {
+
+// The sizes the terms are made of.
+struct Dims {
+  int64_t C, I, T, L, V, NH;
+  int64_t b;  // bytes of the compute dtype
+  explicit Dims(const MemoryPlanInput& in)
+      : C(in.model.n_embd), I(in.model.inner_dim()), T(in.seq_len), L(in.model.n_layer), V(in.model.vocab_size),
+        NH(in.model.n_head), b(in.amp == c10::kFloat ? 4 : 2) {}
+};
+
+constexpr const char* kBlockMatmuls[] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"};
+
+bool lora_on(const MemoryPlanInput& in, const std::string& module) {
+  return in.lora_rank > 0 && lora_targets(module, in.lora_targets);
+}
+
+// The trained tensors' element counts, in the model's order: freezing as model/finetune does;
+// with LoRA the adapters, A (r, in) and B (out, r) on each targeted projection.
+std::vector<int64_t> trained_numels(const MemoryPlanInput& in) {
+  std::vector<int64_t> numels;
+  for (const auto& [name, shape] : in.model.parameter_shapes()) {
     const int64_t numel = std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>());
-    if (in.lora_rank > 0) {
-      const std::string module = name.substr(0, name.rfind('.'));
-      if (shape.size() == 2 && ends_with(name, ".weight") &&
-          module.find(".h.") != std::string::npos && lora_targets(module, in.lora_targets)) {
-        const int64_t out = shape[0], inner = shape[1];
-        trained_numels.push_back(in.lora_rank * inner);  // A
-        trained_numels.push_back(out * in.lora_rank);    // B
-        lora_extra_per_token += b_act * in.lora_rank + (in.lora_dropout ? inner * (b_act + 1) : 0);
-      }
+    if (in.lora_rank == 0) {
+      if (!is_frozen(name, in.freeze_embeddings, in.freeze_blocks)) numels.push_back(numel);
       continue;
     }
-    if (!is_frozen(name, in.freeze_embeddings, in.freeze_blocks)) trained_numels.push_back(numel);
+    const std::string module = name.substr(0, name.rfind('.'));
+    if (shape.size() == 2 && ends_with(name, ".weight") && module.find(".h.") != std::string::npos &&
+        lora_on(in, module)) {
+      numels.push_back(in.lora_rank * shape[1]);  // A
+      numels.push_back(shape[0] * in.lora_rank);  // B
+    }
   }
-  const int64_t trained = std::accumulate(trained_numels.begin(), trained_numels.end(), int64_t{0});
-  const int64_t b = in.amp == c10::kFloat ? 4 : 2;
-  const int64_t C = c.n_embd, I = c.inner_dim(), T = in.seq_len, L = c.n_layer, V = c.vocab_size, NH = c.n_head;
-  const int64_t checkpointed = in.checkpoint_every <= 0 ? 0 : (L + in.checkpoint_every - 1) / in.checkpoint_every;
-  const bool lora = in.lora_rank > 0;
-  const bool lm_head_trained = !lora && (!c.tie_word_embeddings || !in.freeze_embeddings);
-  const bool wte_trained = !lora && !in.freeze_embeddings;
+  return numels;
+}
 
-  MemoryPlan m;
-  m.tokens_per_sequence = T;
-  m.per_rank_batch = in.global_batch > 0 ? in.global_batch / std::max<int64_t>(1, in.world_size) : 0;
+// Leading frozen blocks behind a frozen embedding: nothing before them needs a gradient, so
+// autograd saves nothing in them (and the autocast cache keeps no casts of frozen weights).
+int64_t silent_blocks(const MemoryPlanInput& in) {
+  return in.lora_rank == 0 && in.freeze_embeddings ? std::min(in.freeze_blocks, in.model.n_layer) : 0;
+}
+
+bool checkpointed_block(int64_t i, int64_t every) { return every > 0 && i % every == 0; }
+
+// What block i keeps for backward, per token, when it is not checkpointed (see the top of
+// this file). A matmul keeps its input only for its own weight's gradient: a frozen weight's
+// does not (its input gradient needs the weight alone), a LoRA adapter's A keeps the same
+// input (or, with LoRA dropout, its dropped-out copy and mask instead).
+int64_t block_bytes_per_token(const MemoryPlanInput& in, const Dims& d, int64_t i) {
+  const int64_t C = d.C, I = d.I, b = d.b, NH = d.NH;
+  const bool lora = in.lora_rank > 0;
+  const bool block_trained = !lora && i >= in.freeze_blocks;
+  int64_t bytes = 2 * (4 * C + 8) + 3 * b * C + b * C + 4 * NH + b * I;  // norms' inputs, qkv, attention out, gelu's input
+  if (lora && i == 0) bytes -= 4 * C + 8;  // ln_1 of the first block: nothing before it trains
+  const int64_t inputs[] = {C, C, C, I};  // the four matmuls' input widths
+  bool proj_keeps_input = block_trained;
+  for (size_t k = 0; k < 4; ++k) {
+    const bool adapter = lora_on(in, kBlockMatmuls[k]);
+    const bool keeps = block_trained || (adapter && !in.lora_dropout);
+    if (k == 1) proj_keeps_input = keeps;
+    else bytes += keeps ? b * inputs[k] : 0;  // attn.c_proj's input is SDPA's saved output anyway
+    if (adapter) bytes += b * in.lora_rank + (in.lora_dropout ? inputs[k] * (b + 1) : 0);
+  }
+  if (in.dropout) bytes += 2 * C;  // the residual dropouts' masks
+  if (!in.cuda && in.dropout) {
+    // With dropout the CPU's SDPA takes the math path (in float32 whatever the input), which
+    // keeps q and k scaled (8C), the attention probabilities, their dropout mask and the
+    // dropped probabilities (3 x 4 NH T), and v: a view of qkv in float32, its float32 copy
+    // under autocast. No log-sum-exp; its output is copied for c_proj, which alone keeps it.
+    bytes += (b == 4 ? 8 * C : 12 * C - 3 * b * C) + 12 * NH * d.T - 4 * NH - (proj_keeps_input ? 0 : b * C);
+  }
+  return bytes;
+}
+
+struct SavedActivations {
+  int64_t per_token = 0;   // kept through the forward pass
+  int64_t recompute = 0;   // the largest checkpointed block, recomputed in backward
+};
+
+SavedActivations saved_activations(const MemoryPlanInput& in, const Dims& d, int64_t every) {
+  SavedActivations s;
+  for (int64_t i = silent_blocks(in); i < d.L; ++i) {
+    const int64_t block = block_bytes_per_token(in, d, i);
+    if (checkpointed_block(i, every)) {
+      s.per_token += 4 * d.C;  // its input
+      s.recompute = std::max(s.recompute, block);
+    } else {
+      s.per_token += block;
+    }
+  }
+  s.per_token += 4 * d.C + 8 + (in.dropout ? d.C : 0);  // the final norm's input, the embedding's dropout mask
+  return s;
+}
+
+// Weights, optimizer state (ZeRO-1: the most loaded rank's; offload: on the host), gradients,
+// autocast's copies and the workspaces that do not depend on the micro batch.
+void plan_resident(const MemoryPlanInput& in, const Dims& d, const std::vector<int64_t>& trained_numels,
+                   MemoryPlan& m) {
+  const bool lora = in.lora_rank > 0;
+  const int64_t trained = std::accumulate(trained_numels.begin(), trained_numels.end(), int64_t{0});
+  const int64_t P = in.model.num_parameters();
   m.weights = lora ? in.base_bytes * P + 4 * trained : 4 * P;
   m.gradients = 4 * trained;
   // Two moments per element and a float32 step per tensor; 8-bit: codes and block scales for
@@ -131,12 +201,15 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   }
   if (in.optimizer_offload) {  // the state moves to the host, with a weights' copy and a gradient buffer
     m.host_bytes = 8 * owned + (in.optimizer_8bit ? m.optimizer : 8 * owned);  // weights' copy, gradients, state
-    m.optimizer = 0;
+    m.optimizer = in.cuda ? 0 : m.host_bytes;  // training on the CPU, the host is the device
   }
-  if (b == 2 && !(lora && in.base_bytes == 2)) {  // a 16-bit base needs no casts
+  if (d.b == 2 && !(lora && in.base_bytes == 2)) {  // a 16-bit base needs no casts
+    const int64_t C = d.C, I = d.I;
     const int64_t block_matmul_params = C * 3 * C + 3 * C + C * C + C + C * I + I + I * C + C;  // weights and biases
-    m.amp_copies = 2 * block_matmul_params * ((L - checkpointed) + (checkpointed > 0 ? 1 : 0));
-    if (!in.chunked_loss) m.amp_copies += 2 * V * C;  // the eager lm_head's cast, saved by its matmul
+    int64_t kept = 0, checkpointed = 0;  // blocks whose casts live through the step, and checkpointed ones
+    for (int64_t i = silent_blocks(in); i < d.L; ++i) (checkpointed_block(i, in.checkpoint_every) ? checkpointed : kept)++;
+    m.amp_copies = 2 * block_matmul_params * (kept + (checkpointed > 0 ? 1 : 0));
+    if (!in.chunked_loss) m.amp_copies += 2 * d.V * C;  // the eager lm_head's cast, saved by its matmul
   }
   m.workspace = in.cuda ? (32ll << 20) : 0;
   if (in.optimizer_8bit && !in.optimizer_offload && in.cuda && !trained_numels.empty()) {
@@ -146,28 +219,17 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     m.workspace += 8 * 4 * std::min<int64_t>(int64_t{1} << 22, *std::max_element(trained_numels.begin(), trained_numels.end()));
   }
   m.gradient_buckets = in.world_size > 1 ? 4 * trained : 0;
-  m.lm_head_gradient = lm_head_trained ? 4 * V * C : 0;
-  m.embedding_gradient = wte_trained ? 4 * V * C : 0;
+  const bool lm_head_trained = !lora && (!in.model.tie_word_embeddings || !in.freeze_embeddings);
+  m.lm_head_gradient = lm_head_trained ? 4 * d.V * d.C : 0;
+  m.embedding_gradient = !lora && !in.freeze_embeddings ? 4 * d.V * d.C : 0;
+}
 
-  // Activations per token.
-  int64_t block = 2 * 4 * C + 2 * 8 + 2 * b * C + 3 * b * C + b * C + 4 * NH + 2 * b * I;
-  if (in.dropout) block += 2 * C;
-  if (!in.cuda && in.dropout) block += 2 * 4 * NH * T;
-  const int64_t kept_input = 4 * C;
-  const int64_t outside = 4 * C + 8 + (in.dropout ? C : 0);  // final norm's input, embedding dropout mask
-  m.activations_per_sequence_no_checkpointing = T * (L * block + outside);
-  m.activations_per_sequence_all_checkpointed = T * (L * kept_input + outside);
-  m.activations_per_sequence = T * ((L - checkpointed) * block + checkpointed * kept_input + outside) +
-                               T * lora_extra_per_token * (L - checkpointed) / std::max<int64_t>(1, L);
-  if (in.packed_documents) {
-    const int64_t packing = b * T * document_mask_row(T) + 8 * (3 * T - (T + 1));
-    m.activations_per_sequence += packing;
-    m.activations_per_sequence_no_checkpointing += packing;
-    m.activations_per_sequence_all_checkpointed += packing;
-  }
+// The loss: the chunked loss's workspace and saved d hidden, or the eager logits.
+void plan_loss(const MemoryPlanInput& in, const Dims& d, MemoryPlan& m) {
+  const int64_t V = d.V, C = d.C, T = d.T, b = d.b;
   if (in.chunked_loss) {
     const int64_t rows = linear_cross_entropy_chunk_rows(V, in.cuda);
-    const bool head_cast = b == 2 && !(lora && in.base_bytes == 2);  // a 16-bit head is used as it is
+    const bool head_cast = b == 2 && !(in.lora_rank > 0 && in.base_bytes == 2);  // a 16-bit head is used as it is
     m.loss_chunk_rows = rows;
     m.loss_bytes_per_row = V * (b == 4 ? 4 : 4 + b) + C * b;
     m.loss_workspace = rows * m.loss_bytes_per_row + (head_cast ? 2 * V * C : 0) + m.lm_head_gradient;
@@ -177,9 +239,31 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     m.lm_head_gradient = 0;  // formed in backward, like every other gradient
     m.logits_per_sequence = (b + 12) * V * T;
   }
-  const int64_t transient = 4 * C + 2 * b * I + b * C;  // d residual + a block's gradients
-  m.backward_per_sequence = T * (transient + (checkpointed > 0 ? block : 0));
-  m.residual_gradient_per_sequence = T * 4 * C;
+}
+
+}  // namespace
+
+MemoryPlan plan_memory(const MemoryPlanInput& in) {
+  const Dims d(in);
+  MemoryPlan m;
+  m.tokens_per_sequence = d.T;
+  m.per_rank_batch = in.global_batch > 0 ? in.global_batch / std::max<int64_t>(1, in.world_size) : 0;
+  plan_resident(in, d, trained_numels(in), m);
+
+  const SavedActivations configured = saved_activations(in, d, in.checkpoint_every);
+  m.activations_per_sequence = d.T * configured.per_token;
+  m.activations_per_sequence_no_checkpointing = d.T * saved_activations(in, d, 0).per_token;
+  m.activations_per_sequence_all_checkpointed = d.T * saved_activations(in, d, 1).per_token;
+  if (in.packed_documents) {
+    const int64_t packing = d.b * d.T * document_mask_row(d.T) + 8 * (3 * d.T - (d.T + 1));
+    m.activations_per_sequence += packing;
+    m.activations_per_sequence_no_checkpointing += packing;
+    m.activations_per_sequence_all_checkpointed += packing;
+  }
+  plan_loss(in, d, m);
+  const int64_t transient = 4 * d.C + 2 * d.b * d.I + d.b * d.C;  // d residual + a block's gradients
+  m.backward_per_sequence = d.T * (transient + configured.recompute);
+  m.residual_gradient_per_sequence = d.T * 4 * d.C;
   return m;
 }
 

@@ -54,14 +54,20 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
       const torch::Tensor t = targets.narrow(0, start, n).unsqueeze(1); // (n, 1)
       // (n, V) float32; the compute-dtype logits are dropped as soon as they are converted.
       torch::Tensor z = torch::matmul(h, w.t()).to(torch::kFloat);
-      const torch::Tensor lse = torch::logsumexp(z, 1, /*keepdim=*/true);  // (n, 1)
-      loss_sum += (lse - z.gather(1, t)).sum();
+      // log-sum-exp as at::logsumexp computes it (max + log sum exp(z - max)), but in z's own
+      // storage: at::logsumexp would hold a second (n, V) float32 temporary, doubling the
+      // loss's peak.
+      const torch::Tensor target_logit = z.gather(1, t);              // (n, 1)
+      const torch::Tensor row_max = z.amax(1, /*keepdim=*/true);      // (n, 1)
+      z.sub_(row_max).exp_();                                         // (n, V) exp(z - max)
+      const torch::Tensor row_sum = z.sum(1, /*keepdim=*/true);       // (n, 1)
+      loss_sum += (row_sum.log() + row_max - target_logit).sum();
       if (!want_grad) continue;
       // d loss / d logits = (softmax - onehot) / N, built in z's storage without the 1/N,
       // which is applied to the float32 results instead: under float16 the cast would
       // otherwise flush small probabilities / N to zero (eager avoids that only because the
       // loss scale has already multiplied them).
-      z.sub_(lse).exp_();
+      z.div_(row_sum);
       z.scatter_add_(1, t, torch::full({n, 1}, -1.0f, f32));
       const torch::Tensor g = z.to(compute);  // (n, V), what the matmuls take, as in eager
       if (want_grad_hidden) {

@@ -441,6 +441,9 @@ TrainSummary Trainer::run() {
     early_stopped_ = true;
     last_val_step_ = state_.step;
   }
+  // The metrics' peaks are the training steps' (what the planner predicts), not loading's.
+  if (device_.is_cuda()) cuda_reset_peak_memory(device_);
+  else if (counting_cpu_allocator_installed()) reset_cpu_memory_peaks();
   for (int64_t step = first_step_; step < max_steps_ && !early_stopped_; ++step) {
     const StepResult result = train_step(step);
     state_.step = step + 1;

@@ -12,8 +12,8 @@
 namespace gpt2ft {
 
 // One float32 tensor of each shape in `shapes`, all in one allocation that is page-locked
-// for CUDA when `pin` (ordinary host memory otherwise, or, with a warning, when the system
-// refuses to lock it). Contents are uninitialised; the memory lives while any tensor does.
+// for CUDA when `pin` (with a warning, ordinary memory when the system refuses to lock it).
+// Without `pin`, one tensor from the CPU allocator, so the CPU rehearsal counts it. Contents are uninitialised; the memory lives while any tensor does.
 std::vector<torch::Tensor> host_float_buffers(const std::vector<std::vector<int64_t>>& shapes, bool pin);
 
 }  // namespace gpt2ft
