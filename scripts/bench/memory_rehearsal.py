@@ -21,6 +21,8 @@ import tempfile
 
 import numpy as np
 
+from instruction_bench import write_document_shard
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(os.environ.get("GPT2FT_BUILD_DIR", os.path.join(ROOT, "build")), "gpt2-finetune")
 
@@ -47,6 +49,9 @@ GRIDS = {
         ("LoRA r=8, bf16 base", ["model.lora.rank=8", "model.lora.base_dtype=bfloat16", "amp.dtype=bfloat16"]),
         ("frozen embeddings + 2 blocks", ["model.freeze_embeddings=true", "model.freeze_blocks=2"]),
         ("dropout 0.1", ["model.dropout=0.1"]),
+        ("packed documents", ["PACKED"]),
+        ("packed documents, bf16, checkpointing every 2nd", ["PACKED", "amp.dtype=bfloat16",
+                                                             "model.activation_checkpointing=2"]),
     ],
 }
 
@@ -59,8 +64,21 @@ def write_shard(path, vocab, tokens, seed=0):
         f.write(header.tobytes() + rng.integers(0, vocab, size=tokens).astype(np.uint16).tobytes())
 
 
-def measure(config, micro, sets):
+def write_documents(folder, vocab, T, seed=0):
+    """A document shard (data/shard.h) of random documents up to T tokens, 60% of them targets."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(5, T, size=64 * T // 32)
+    tokens = rng.integers(0, vocab - 1, size=int(lengths.sum()))
+    os.makedirs(folder, exist_ok=True)
+    write_document_shard(os.path.join(folder, "train_000000.bin"), tokens,
+                         np.concatenate([[0], np.cumsum(lengths)[:-1]]), rng.random(tokens.size) < 0.6)
+    return os.path.join(folder, "train_*.bin")
+
+
+def measure(config, micro, sets, documents=None):
     sets = [s.replace("4*MICRO", str(4 * micro)) for s in sets]
+    if "PACKED" in sets:
+        sets = [s for s in sets if s != "PACKED"] + [f"data.train={documents}", "data.packing=documents"]
     args = [BIN, "plan", "--config", config, "--measure", "--json", "--set", f"train.micro_batch_size={micro}"]
     if not any(s.startswith("train.global_batch_size") for s in sets):
         args += ["--set", f"train.global_batch_size={micro}"]
@@ -119,6 +137,7 @@ def main():
             model = {"init_from": folder, "dropout": 0.0}
             vocab = 4096
         write_shard(os.path.join(work, "train_000000.bin"), vocab, 64 * (args.seq_len + 1) + 1)
+        documents = write_documents(os.path.join(work, "docs"), vocab, args.seq_len)
         config = os.path.join(work, "run.json")
         with open(config, "w") as f:
             json.dump({"model": model, "data": {"train": os.path.join(work, "train_*.bin"), "seq_len": args.seq_len,
@@ -132,7 +151,7 @@ def main():
         print("|---|---|---|---|---|---|")
         for name, sets in GRIDS[args.grid]:
             for micro in args.micro:
-                r = measure(config, micro, sets)
+                r = measure(config, micro, sets, documents)
                 predicted, measured = r["predicted_peak"], r["measured_peak_allocated"]
                 phases = r.get("measured_peak_by_phase", {})
                 top = max(phases, key=phases.get) if phases else "-"

@@ -93,9 +93,13 @@ void print_plan(const TrainConfig& cfg, const MemoryPlanInput& input, const Memo
               gib(plan.activations_per_sequence_all_checkpointed));
   std::printf("  logits and loss per sequence %8.3f GiB\n", gib(plan.logits_per_sequence));
   std::printf("  backward buffers per sequence %7.3f GiB\n", gib(plan.backward_per_sequence));
-  std::printf("  peak at micro batch %-4lld    %9.3f GiB  (forward end %.3f, backward %.3f, backward end %.3f)\n",
+  std::printf("  peak at micro batch %-4lld    %9.3f GiB  (forward end %.3f, backward %.3f, %sbackward end %.3f)\n",
               static_cast<long long>(micro), gib(plan.peak(micro)), gib(plan.forward_peak(micro)),
-              gib(plan.backward_peak(micro)), gib(plan.backward_end_peak(micro)));
+              gib(plan.backward_peak(micro)),
+              plan.first_recompute_per_sequence > 0
+                  ? fmt::format("first checkpointed block recomputed {:.3f}, ", gib(plan.first_recompute_peak(micro))).c_str()
+                  : "",
+              gib(plan.backward_end_peak(micro)));
   if (budget > 0) {
     const int64_t largest = plan.largest_micro_batch(budget);
     std::printf("  largest micro batch in %.1f GiB usable: %lld  (the GPU's memory less 1 GiB for the CUDA context, "

@@ -12,13 +12,13 @@
 //   flash / memory-efficient attention's log-sum-exp, float32                         4 NH
 //   c_fc's output (saved by gelu) and gelu's output (saved by c_proj)                2 x bI
 //   two residual-dropout masks, when dropout is on (flash attention's dropout keeps
-//   only an RNG offset)                                                              2 x C
+//   only an RNG offset): bool on CUDA, the masked tensor's dtype on the CPU           2 x C (2 x bC)
 // On the CPU with dropout SDPA takes the math path instead, in float32: it keeps q and k
 // scaled, the attention probabilities, their dropout mask and the dropped probabilities
 // (8C + 12 NH T, measured with PyTorch's saved-tensor hooks) and no log-sum-exp.
 // Leading blocks that are frozen behind a frozen embedding keep nothing.
 // A checkpointed block keeps only its input (4C). The final layer norm keeps the last
-// block's output (4C + 8). The embedding's dropout keeps a mask (C).
+// block's output (4C + 8). The embedding's dropout keeps a mask (C; 4C on the CPU).
 // Under autocast the blocks' matmul weights are cast to b and cached for the forward pass;
 // the casts stay alive while backward needs them (2 bytes per matmul parameter of the blocks
 // not checkpointed); a checkpointed block's casts live only while it is recomputed.
@@ -95,20 +95,23 @@ bool lora_on(const MemoryPlanInput& in, const std::string& module) {
 
 // The trained tensors' element counts, in the model's order: freezing as model/finetune does;
 // with LoRA the adapters, A (r, in) and B (out, r) on each targeted projection.
-std::vector<int64_t> trained_numels(const MemoryPlanInput& in) {
+// below_block: the elements of those in the embeddings and blocks 0 to below_block.
+std::vector<int64_t> trained_numels(const MemoryPlanInput& in, int64_t below_block = -1, int64_t* below = nullptr) {
   std::vector<int64_t> numels;
   for (const auto& [name, shape] : in.model.parameter_shapes()) {
     const int64_t numel = std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>());
+    const size_t at = numels.size();
+    const std::string module = name.substr(0, name.rfind('.'));
     if (in.lora_rank == 0) {
       if (!is_frozen(name, in.freeze_embeddings, in.freeze_blocks)) numels.push_back(numel);
-      continue;
-    }
-    const std::string module = name.substr(0, name.rfind('.'));
-    if (shape.size() == 2 && ends_with(name, ".weight") && module.find(".h.") != std::string::npos &&
-        lora_on(in, module)) {
+    } else if (shape.size() == 2 && ends_with(name, ".weight") && module.find(".h.") != std::string::npos &&
+               lora_on(in, module)) {
       numels.push_back(in.lora_rank * shape[1]);  // A
       numels.push_back(shape[0] * in.lora_rank);  // B
     }
+    const size_t h = name.find(".h.");
+    const bool low = h == std::string::npos || std::stoll(name.substr(h + 3)) <= below_block;
+    if (below != nullptr && low) *below += std::accumulate(numels.begin() + static_cast<std::ptrdiff_t>(at), numels.end(), int64_t{0});
   }
   return numels;
 }
@@ -121,6 +124,10 @@ int64_t silent_blocks(const MemoryPlanInput& in) {
 
 bool checkpointed_block(int64_t i, int64_t every) { return every > 0 && i % every == 0; }
 
+// A dropout mask's bytes per element: CUDA's fused dropout keeps a bool mask; the CPU's
+// multiplies by a mask of the input's dtype and keeps that.
+int64_t mask_bytes(const MemoryPlanInput& in, int64_t dtype_bytes) { return in.cuda ? 1 : dtype_bytes; }
+
 // What block i keeps for backward, per token, when it is not checkpointed (see the top of
 // this file). A matmul keeps its input only for its own weight's gradient: a frozen weight's
 // does not (its input gradient needs the weight alone), a LoRA adapter's A keeps the same
@@ -132,15 +139,18 @@ int64_t block_bytes_per_token(const MemoryPlanInput& in, const Dims& d, int64_t 
   int64_t bytes = 2 * (4 * C + 8) + 3 * b * C + b * C + 4 * NH + b * I;  // norms' inputs, qkv, attention out, gelu's input
   if (lora && i == 0) bytes -= 4 * C + 8;  // ln_1 of the first block: nothing before it trains
   const int64_t inputs[] = {C, C, C, I};  // the four matmuls' input widths
+  const int64_t input_bytes[] = {4, b, 4, b};  // ... and dtypes: the layer norms' outputs are float32
   bool proj_keeps_input = block_trained;
   for (size_t k = 0; k < 4; ++k) {
     const bool adapter = lora_on(in, kBlockMatmuls[k]);
     const bool keeps = block_trained || (adapter && !in.lora_dropout);
     if (k == 1) proj_keeps_input = keeps;
     else bytes += keeps ? b * inputs[k] : 0;  // attn.c_proj's input is SDPA's saved output anyway
-    if (adapter) bytes += b * in.lora_rank + (in.lora_dropout ? inputs[k] * (b + 1) : 0);
+    // The adapter: B keeps A's rank-r output; with LoRA dropout A keeps the dropped-out input
+    // (cast to b) and dropout its mask.
+    if (adapter) bytes += b * in.lora_rank + (in.lora_dropout ? inputs[k] * (b + mask_bytes(in, input_bytes[k])) : 0);
   }
-  if (in.dropout) bytes += 2 * C;  // the residual dropouts' masks
+  if (in.dropout) bytes += 2 * C * mask_bytes(in, b);  // the residual dropouts' masks (on c_proj's outputs)
   if (!in.cuda && in.dropout) {
     // With dropout the CPU's SDPA takes the math path (in float32 whatever the input), which
     // keeps q and k scaled (8C), the attention probabilities, their dropout mask and the
@@ -153,21 +163,32 @@ int64_t block_bytes_per_token(const MemoryPlanInput& in, const Dims& d, int64_t 
 
 struct SavedActivations {
   int64_t per_token = 0;   // kept through the forward pass
-  int64_t recompute = 0;   // the largest checkpointed block, recomputed in backward
+  int64_t recompute = 0;   // what recomputing a checkpointed block adds at the most in backward
+  int64_t first_checkpointed = -1;  // the lowest checkpointed block that keeps anything (-1: none)
+  int64_t first_recompute = 0;      // what is kept while it is recomputed, its recomputation included
 };
 
 SavedActivations saved_activations(const MemoryPlanInput& in, const Dims& d, int64_t every) {
   SavedActivations s;
+  std::vector<int64_t> kept(static_cast<size_t>(d.L), 0), recomputed(static_cast<size_t>(d.L), 0);
   for (int64_t i = silent_blocks(in); i < d.L; ++i) {
     const int64_t block = block_bytes_per_token(in, d, i);
-    if (checkpointed_block(i, every)) {
-      s.per_token += 4 * d.C;  // its input
-      s.recompute = std::max(s.recompute, block);
-    } else {
-      s.per_token += block;
-    }
+    const bool checkpointed = checkpointed_block(i, every);
+    kept[static_cast<size_t>(i)] = checkpointed ? 4 * d.C : block;  // a checkpointed block keeps its input
+    if (checkpointed) recomputed[static_cast<size_t>(i)] = block;
+    s.per_token += kept[static_cast<size_t>(i)];
   }
-  s.per_token += 4 * d.C + 8 + (in.dropout ? d.C : 0);  // the final norm's input, the embedding's dropout mask
+  // Backward recomputes block i after the blocks above it have freed what they kept.
+  int64_t freed_above = 0;
+  for (int64_t i = d.L - 1; i >= 0; --i) {
+    s.recompute = std::max(s.recompute, recomputed[static_cast<size_t>(i)] - freed_above);
+    freed_above += kept[static_cast<size_t>(i)];
+  }
+  const int64_t embedding_mask = in.dropout ? d.C * mask_bytes(in, 4) : 0;
+  s.per_token += 4 * d.C + 8 + embedding_mask;  // the final norm's input, the embedding's dropout mask
+  for (int64_t i = 0, below = embedding_mask; i < d.L && s.first_checkpointed < 0; below += kept[static_cast<size_t>(i++)]) {
+    if (recomputed[static_cast<size_t>(i)] > 0) s.first_checkpointed = i, s.first_recompute = below + 4 * d.C + recomputed[static_cast<size_t>(i)];
+  }
   return s;
 }
 
@@ -248,9 +269,15 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   MemoryPlan m;
   m.tokens_per_sequence = d.T;
   m.per_rank_batch = in.global_batch > 0 ? in.global_batch / std::max<int64_t>(1, in.world_size) : 0;
-  plan_resident(in, d, trained_numels(in), m);
-
   const SavedActivations configured = saved_activations(in, d, in.checkpoint_every);
+  int64_t low_elements = 0;  // trained, in the embeddings and the blocks up to the first checkpointed one
+  plan_resident(in, d, trained_numels(in, configured.first_checkpointed, &low_elements), m);
+  const int64_t transient = 4 * d.C + 2 * d.b * d.I + d.b * d.C;  // d residual + a block's gradients
+  if (configured.first_checkpointed >= 0) {
+    m.first_recompute_gradients = m.gradients - 4 * low_elements;
+    m.first_recompute_per_sequence = d.T * (configured.first_recompute + transient);
+  }
+
   m.activations_per_sequence = d.T * configured.per_token;
   m.activations_per_sequence_no_checkpointing = d.T * saved_activations(in, d, 0).per_token;
   m.activations_per_sequence_all_checkpointed = d.T * saved_activations(in, d, 1).per_token;
@@ -261,7 +288,6 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     m.activations_per_sequence_all_checkpointed += packing;
   }
   plan_loss(in, d, m);
-  const int64_t transient = 4 * d.C + 2 * d.b * d.I + d.b * d.C;  // d residual + a block's gradients
   m.backward_per_sequence = d.T * (transient + configured.recompute);
   m.residual_gradient_per_sequence = d.T * 4 * d.C;
   return m;
@@ -283,11 +309,18 @@ int64_t MemoryPlan::backward_peak(int64_t mb) const {
 }
 
 int64_t MemoryPlan::backward_end_peak(int64_t mb) const {
-  return resident() + gradients + lm_head_gradient + embedding_gradient + mb * residual_gradient_per_sequence;
+  // Autocast's casts were saved by the blocks' matmuls, which backward has freed by now.
+  return resident() - amp_copies + gradients + lm_head_gradient + embedding_gradient + mb * residual_gradient_per_sequence;
+}
+
+int64_t MemoryPlan::first_recompute_peak(int64_t mb) const {
+  if (first_recompute_per_sequence == 0) return 0;
+  const int64_t grads = held_gradients(mb) > 0 ? gradients : first_recompute_gradients;
+  return resident() + grads + lm_head_gradient + mb * first_recompute_per_sequence;
 }
 
 int64_t MemoryPlan::peak(int64_t mb) const {
-  return std::max({forward_peak(mb), backward_peak(mb), backward_end_peak(mb)});
+  return std::max({forward_peak(mb), backward_peak(mb), first_recompute_peak(mb), backward_end_peak(mb)});
 }
 
 int64_t MemoryPlan::fixed() const { return resident() + gradients + lm_head_gradient; }
@@ -306,7 +339,7 @@ int64_t MemoryPlan::largest_accumulating_micro_batch(int64_t budget) const {
   const int64_t act = activations_per_sequence + logits_per_sequence;
   const int64_t fits = std::min({largest_under(resident() + gradients + loss_workspace, act),
                                  largest_under(resident() + gradients + lm_head_gradient, act + backward_per_sequence),
-                                 largest_under(resident() + gradients + lm_head_gradient + embedding_gradient,
+                                 largest_under(resident() - amp_copies + gradients + lm_head_gradient + embedding_gradient,
                                                residual_gradient_per_sequence)});
   return per_rank_batch > 0 ? std::min(fits, per_rank_batch - 1) : fits;
 }
@@ -333,6 +366,8 @@ nlohmann::json MemoryPlan::to_json(int64_t budget) const {
                       {"activations_per_sequence_all_checkpointed", activations_per_sequence_all_checkpointed},
                       {"logits_per_sequence", logits_per_sequence},
                       {"backward_per_sequence", backward_per_sequence},
+                      {"first_recompute_gradients", first_recompute_gradients},
+                      {"first_recompute_per_sequence", first_recompute_per_sequence},
                       {"host_bytes", host_bytes},
                       {"fixed", fixed()},
                       {"per_sequence", per_sequence()}};

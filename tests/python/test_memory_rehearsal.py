@@ -16,6 +16,7 @@ Never a crash, a hang or a traceback. The phases the errors landed in are printe
 import json
 import os
 import subprocess
+import sys
 import unittest
 
 import numpy as np
@@ -23,6 +24,9 @@ from safetensors.numpy import load_file
 
 import train_reference as ref
 from common import WorkDirTest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "bench"))
+from instruction_bench import write_document_shard  # noqa: E402  (the document shard writer in numpy)
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 
@@ -40,7 +44,9 @@ def rows(out, key):
 
 
 def final_weights(out):
-    return load_file(os.path.join(out, "final", "model.safetensors"))
+    """The trained tensors: the model, or a LoRA run's adapter."""
+    adapter = os.path.join(out, "final", "adapter_model.safetensors")
+    return load_file(adapter if os.path.exists(adapter) else os.path.join(out, "final", "model.safetensors"))
 
 
 def max_diff(a, b):
@@ -65,6 +71,12 @@ class MemoryRehearsalTest(WorkDirTest):
                                        n_positions=64)
         ref.make_stream(os.path.join(cls.tmp, "train_000000.bin"), n=3000)
         ref.make_stream(os.path.join(cls.tmp, "val_000000.bin"), n=12 * 32 + 1, seed=3)
+        rng = np.random.default_rng(5)  # document shards (data/shard.h): 120 documents of 4 to 31 tokens
+        lengths = rng.integers(4, 32, size=120)
+        tokens = rng.integers(0, 96, size=int(lengths.sum()))
+        os.makedirs(os.path.join(cls.tmp, "docs"))
+        write_document_shard(os.path.join(cls.tmp, "docs", "train_000000.bin"), tokens,
+                             np.concatenate([[0], np.cumsum(lengths)[:-1]]), rng.random(tokens.size) < 0.7)
 
     def config(self, out, micro, cap=None, policy="backoff", **extra):
         c = {"model": {"init_from": self.model_dir, "dropout": 0.0},
@@ -87,7 +99,7 @@ class MemoryRehearsalTest(WorkDirTest):
     def clean(self, micro, **extra):
         """A run without a cap at this micro batch: its folder, its measured peak and each
         phase's peak (bytes)."""
-        key = (micro, tuple(sorted(extra.items())))
+        key = (micro, json.dumps(extra, sort_keys=True))
         if key not in self._clean:
             out = os.path.join(self.tmp, f"clean_{len(self._clean)}")
             r = run(self.config(out, micro, **extra), self.tmp, f"clean_{len(self._clean)}")
@@ -179,8 +191,81 @@ class MemoryRehearsalTest(WorkDirTest):
         # Validation backed off alone: the training micro batch stayed at 8.
         self.assertTrue(any("validation" in o[2] and "finished at micro 8" in o[3] for o in outcomes), outcomes)
 
+    def test_cap_sweep_with_lora_on_packed_documents(self):
+        outcomes, phases = self.sweep("lora_docs", caps=5, model__lora={"rank": 4, "targets": ["c_attn", "c_fc"]},
+                                      data__train=os.path.join(self.tmp, "docs", "train_*.bin"),
+                                      data__packing="documents", data__val="")
+        self.assertGreaterEqual(len(phases), 2, outcomes)  # the errors landed in more than one phase
+        self.assertTrue(any("finished at micro" in o[3] for o in outcomes), outcomes)
+
     def test_cap_sweep_with_8bit_adamw_and_checkpointing(self):
         self.sweep("8bit", caps=4, train__optimizer="adamw_8bit", model__activation_checkpointing="all")
+
+
+class PlannerAgainstCountTest(WorkDirTest):
+    """`plan --measure` on the CPU: the planner's predicted peak against the peak the counting
+    allocator measured over 3 real steps, for each lever alone, at micro batch 1 and 4. The
+    planner derives each term from the shapes (memory/planner.cpp); nothing here comes from a
+    run of ours."""
+    GRID = [("plain", []),
+            ("checkpointing all", ["model.activation_checkpointing=all"]),
+            ("checkpointing every 2nd", ["model.activation_checkpointing=2"]),
+            ("bf16 autocast", ["amp.dtype=bfloat16"]),
+            ("accumulation x4", ["train.global_batch_size=ACC"]),
+            ("unfused AdamW", ["train.fused_adamw=off"]),
+            ("8-bit AdamW", ["train.optimizer=adamw_8bit"]),
+            ("offload", ["train.optimizer_offload=cpu"]),
+            ("LoRA r=8", ["model.lora.rank=8"]),
+            ("LoRA r=8 on every projection, dropout", ["model.lora.rank=8", "model.lora.targets=[\"c_attn\",\"c_proj\",\"c_fc\"]",
+                                                       "model.lora.dropout=0.1"]),
+            ("LoRA r=8, bf16 base", ["model.lora.rank=8", "model.lora.base_dtype=bfloat16", "amp.dtype=bfloat16"]),
+            ("frozen embeddings + 2 blocks", ["model.freeze_embeddings=true", "model.freeze_blocks=2"]),
+            ("frozen 2 blocks, embeddings trained", ["model.freeze_blocks=2"]),
+            ("dropout 0.1", ["model.dropout=0.1"]),
+            ("dropout 0.1, bf16", ["model.dropout=0.1", "amp.dtype=bfloat16"]),
+            ("packed documents", ["PACKED"]),
+            ("packed documents, bf16, checkpointing every 2nd", ["PACKED", "amp.dtype=bfloat16",
+                                                                 "model.activation_checkpointing=2"])]
+
+    def test_planner_within_ten_percent_of_the_counted_peak(self):
+        T, vocab = 64, 512
+        model = ref.make_model(os.path.join(self.tmp, "init"), n_layer=4, n_head=4, n_embd=128, vocab_size=vocab,
+                               n_positions=T)
+        ref.make_stream(os.path.join(self.tmp, "train_000000.bin"), n=40 * (T + 1), vocab=vocab)
+        rng = np.random.default_rng(0)
+        lengths = rng.integers(5, T, size=200)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        tokens = rng.integers(0, vocab - 1, size=int(lengths.sum()))
+        targets = rng.random(tokens.size) < 0.6
+        os.makedirs(os.path.join(self.tmp, "docs"))
+        write_document_shard(os.path.join(self.tmp, "docs", "train_000000.bin"), tokens, starts, targets)
+        cfg = os.path.join(self.tmp, "plan.json")
+        with open(cfg, "w") as f:
+            json.dump({"model": {"init_from": model, "dropout": 0.0},
+                       "data": {"train": os.path.join(self.tmp, "train_*.bin"), "seq_len": T, "num_workers": 1},
+                       "train": {"max_steps": 3}, "device": "cpu", "log": {"tensorboard": False}}, f)
+        worst = 0.0
+        for name, sets in self.GRID:
+            for micro in (1, 4):
+                args = [BIN, "plan", "--config", cfg, "--measure", "--json", "--set", f"train.micro_batch_size={micro}",
+                        "--set", f"train.global_batch_size={4 * micro if 'train.global_batch_size=ACC' in sets else micro}"]
+                for s in sets:
+                    if s == "PACKED":
+                        args += ["--set", "data.train=" + os.path.join(self.tmp, "docs", "train_*.bin"),
+                                 "--set", "data.packing=documents"]
+                    elif not s.startswith("train.global_batch_size"):
+                        args += ["--set", s]
+                r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+                self.assertEqual(r.returncode, 0, f"{name}: {r.stderr[-3000:]}")
+                out = json.loads(r.stdout.strip().splitlines()[-1])
+                predicted, measured = out["predicted_peak"], out["measured_peak_allocated"]
+                error = predicted / measured - 1
+                worst = max(worst, abs(error))
+                print(f"[planner] {name:48s} micro {micro}: predicted {predicted / 2**20:7.2f} MiB, "
+                      f"measured {measured / 2**20:7.2f} MiB, {100 * error:+.1f}%")
+                with self.subTest(config=name, micro=micro):
+                    self.assertLess(abs(error), 0.10)
+        print(f"[planner] worst |error| {100 * worst:.1f}%")
 
 
 if __name__ == "__main__":

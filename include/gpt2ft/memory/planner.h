@@ -4,10 +4,13 @@
 // our forward pass saves for backward and what backward allocates on top (derived in
 // planner.cpp and docs/memory.md), per sequence.
 //
-// A step's memory peaks in one of three phases, each a straight line in the micro batch m:
+// A step's memory peaks in one of four phases, each a straight line in the micro batch m:
 //   forward end   resident + held gradients + loss workspace            + m * activations
 //   backward      resident + held gradients + d lm_head                  + m * (activations + backward)
-//   backward end  resident + all gradients + the embedding's dense gradient + m * (d residual)
+//   recomputing the lowest checkpointed block
+//                 resident + the gradients above it + d lm_head          + m * (its recomputation)
+//   backward end  resident - autocast's casts (freed by backward) + all gradients + the embedding's
+//                 dense gradient + m * (d residual)
 // "Held gradients" are all of them when the step accumulates several micro batches (they
 // exist from the first one on) and none otherwise (set to none after every step, they grow
 // while backward frees the activations).
@@ -77,6 +80,10 @@ struct MemoryPlan {
   int64_t backward_per_sequence = 0;     // backward's own buffers: d residual, a block's transient gradients,
                                          // and a checkpointed block's recomputed activations
   int64_t residual_gradient_per_sequence = 0;  // d residual at the end of backward
+  // Recomputing the lowest checkpointed block, late in backward: without accumulation the
+  // gradients of everything above it exist by then, while little is left of the activations.
+  int64_t first_recompute_gradients = 0;
+  int64_t first_recompute_per_sequence = 0;     // 0: no block is checkpointed
   int64_t per_rank_batch = 0;                  // global_batch / world_size (0: unknown)
   int64_t host_bytes = 0;                      // optimizer offload: what the host holds (weights' copy,
                                                // moments, gradient buffer: 16 bytes a trained parameter)
@@ -85,6 +92,7 @@ struct MemoryPlan {
   int64_t loss_workspace_at(int64_t m) const;
   int64_t forward_peak(int64_t m) const;
   int64_t backward_peak(int64_t m) const;
+  int64_t first_recompute_peak(int64_t m) const;
   int64_t backward_end_peak(int64_t m) const;
   int64_t peak(int64_t m) const;
   // The resident bytes and the per-sequence slope of the backward phase (the usual maximum),
