@@ -27,6 +27,7 @@ $bin init --config-json configs/quickstart-model.json --tokenizer "$work/data/to
 echo -n "before training: " && $bin eval --model "$work/init" --data "$work/data/val_*.bin" --seq-len 128 --device cpu
 
 echo "== training"
+rm -rf "$work/run"  # this script's own earlier run: a new run never writes among another's checkpoints
 start=$(date +%s)
 $bin --config configs/quickstart.json --set checkpoint.resume=none
 echo "trained in $(( $(date +%s) - start ))s"

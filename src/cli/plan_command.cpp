@@ -42,7 +42,8 @@ nlohmann::json measure_peak(const TrainConfig& cfg, int64_t micro) {
   const fs::path dir = fs::temp_directory_path() / ("gpt2ft-plan-" + std::to_string(::getpid()));
   TrainConfig m = TrainConfig::parse(
       cfg.to_json(), {"train.max_steps=3", "train.micro_batch_size=" + std::to_string(micro), "checkpoint.resume=none",
-                      "checkpoint.at_end=false", "data.val=", "log.every_steps=1", "output_dir=" + dir.string()});
+                      "checkpoint.at_end=false", "data.val=", "checkpoint.keep_best=false",
+                      "eval.early_stopping_patience=0", "log.every_steps=1", "output_dir=" + dir.string()});
   m.train.epochs = 0;
   run_training(m);
   std::ifstream metrics(dir / "metrics.jsonl");

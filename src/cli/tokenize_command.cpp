@@ -102,50 +102,61 @@ void add_tokenize_command(CLI::App& app, Runner& run) {
       TokenizeOptions& o = args->options;
       o.inputs.assign(args->inputs.begin(), args->inputs.end());
       o.progress = !args->no_progress;
-      fs::path tokenizer_path = args->tokenizer;
-      const FolderLock lock(o.output_dir, "--output-dir");  // two tokenize runs would lose one's shards
-      if (args->train_sentencepiece) {
-        // Everything is checked before the tokenizer is written: a refusal after it would leave
-        // shards beside a tokenizer that did not make them.
-        check_tokenize_output(o);
-        if (fs::exists(o.output_dir / "tokenizer.model") && !o.overwrite) {
-          throw Error(o.output_dir.string() + ": already holds a tokenizer.model; pass --overwrite to replace it (and "
-                      "the shards made with it), or choose another --output-dir");
+      // A failed run leaves no folder it made (the lock below makes it at once).
+      const bool made_output_dir = !fs::exists(o.output_dir);
+      const auto work = [&] {
+        fs::path tokenizer_path = args->tokenizer;
+        const FolderLock lock(o.output_dir, "--output-dir");  // two tokenize runs would lose one's shards
+        if (args->train_sentencepiece) {
+          // Everything is checked before the tokenizer is written: a refusal after it would leave
+          // shards beside a tokenizer that did not make them.
+          check_tokenize_output(o);
+          if (fs::exists(o.output_dir / "tokenizer.model") && !o.overwrite) {
+            throw Error(o.output_dir.string() + ": already holds a tokenizer.model; pass --overwrite to replace it (and "
+                        "the shards made with it), or choose another --output-dir");
+          }
+          const fs::path scratch = o.output_dir / ".sentencepiece-input";
+          fs::create_directories(scratch);
+          try {
+            const auto files = sentencepiece_training_files(o, scratch);
+            spdlog::info("training a {}-piece SentencePiece {} model on {} file(s)", args->sp.vocab_size,
+                         args->sp.model_type, files.size());
+            tokenizer_path = train_sentencepiece(files, o.output_dir / "tokenizer", args->sp);
+          } catch (...) {
+            std::error_code ec;
+            fs::remove_all(scratch, ec);  // nothing half-made stays behind
+            throw;
+          }
+          fs::remove_all(scratch);
+          spdlog::info("wrote {}", tokenizer_path.string());
         }
-        const fs::path scratch = o.output_dir / ".sentencepiece-input";
-        fs::create_directories(scratch);
-        try {
-          const auto files = sentencepiece_training_files(o, scratch);
-          spdlog::info("training a {}-piece SentencePiece {} model on {} file(s)", args->sp.vocab_size,
-                       args->sp.model_type, files.size());
-          tokenizer_path = train_sentencepiece(files, o.output_dir / "tokenizer", args->sp);
-        } catch (...) {
-          std::error_code ec;
-          fs::remove_all(scratch, ec);  // nothing half-made stays behind
-          throw;
+        const auto tokenizer = load_tokenizer(tokenizer_path);
+        const TokenizeSummary s = tokenize_corpus(*tokenizer, o);
+        spdlog::info("{} {}, {} tokens in {} train shard(s); {} {}, {} tokens in {} val shard(s); "
+                     "{:.1f} MB in {:.1f}s ({:.1f} MB/s)",
+                     s.documents[0], is_pairs(o) ? "pairs" : "documents", s.tokens[0], s.shards[0].size(), s.documents[1],
+                     is_pairs(o) ? "pairs" : "documents", s.tokens[1], s.shards[1].size(), s.bytes_read / 1e6, s.seconds,
+                     s.bytes_read / 1e6 / std::max(s.seconds, 1e-9));
+        if (is_pairs(o)) {
+          spdlog::info("targets (completions + closing end-of-text): {} of {} train tokens, {} of {} val tokens; prompts "
+                       "{} and {} tokens{}",
+                       s.target_tokens[0], s.tokens[0], s.target_tokens[1], s.tokens[1], s.prompt_tokens[0],
+                       s.prompt_tokens[1],
+                       s.skipped_lines ? fmt::format("; {} bad line(s) skipped (--skip-bad-lines)", s.skipped_lines) : "");
         }
-        fs::remove_all(scratch);
-        spdlog::info("wrote {}", tokenizer_path.string());
-      }
-      const auto tokenizer = load_tokenizer(tokenizer_path);
-      const TokenizeSummary s = tokenize_corpus(*tokenizer, o);
-      spdlog::info("{} {}, {} tokens in {} train shard(s); {} {}, {} tokens in {} val shard(s); "
-                   "{:.1f} MB in {:.1f}s ({:.1f} MB/s)",
-                   s.documents[0], is_pairs(o) ? "pairs" : "documents", s.tokens[0], s.shards[0].size(), s.documents[1],
-                   is_pairs(o) ? "pairs" : "documents", s.tokens[1], s.shards[1].size(), s.bytes_read / 1e6, s.seconds,
-                   s.bytes_read / 1e6 / std::max(s.seconds, 1e-9));
-      if (is_pairs(o)) {
-        spdlog::info("targets (completions + closing end-of-text): {} of {} train tokens, {} of {} val tokens; prompts "
-                     "{} and {} tokens{}",
-                     s.target_tokens[0], s.tokens[0], s.target_tokens[1], s.tokens[1], s.prompt_tokens[0],
-                     s.prompt_tokens[1],
-                     s.skipped_lines ? fmt::format("; {} bad line(s) skipped (--skip-bad-lines)", s.skipped_lines) : "");
-      }
-      if (o.val_fraction > 0 && s.documents[1] == 0) {
-        spdlog::warn("no document went to validation: --val-fraction {} of {} document(s) rounds to none (a .txt input "
-                     "is one document). A config with data.val \"{}/val_*.bin\" will find no shards: split the text "
-                     "into several files or .jsonl lines, or leave data.val empty",
-                     o.val_fraction, s.documents[0], o.output_dir.string());
+        if (o.val_fraction > 0 && s.documents[1] == 0) {
+          spdlog::warn("no document went to validation: --val-fraction {} of {} document(s) rounds to none (a .txt input "
+                       "is one document). A config with data.val \"{}/val_*.bin\" will find no shards: split the text "
+                       "into several files or .jsonl lines, or leave data.val empty",
+                       o.val_fraction, s.documents[0], o.output_dir.string());
+        }
+      };
+      try {
+        work();
+      } catch (...) {
+        std::error_code ec;
+        if (made_output_dir) fs::remove(o.output_dir, ec);  // only if left empty
+        throw;
       }
       return kExitOk;
     };

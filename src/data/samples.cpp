@@ -43,6 +43,16 @@ Samples::Samples(const std::vector<std::filesystem::path>& shards, const SampleO
   } else {
     throw Error(options.what + ": unknown packing \"" + options.packing + "\" (expected auto, documents or concat)");
   }
+  if (documents_ && size_ > 0 && std::accumulate(targets_.begin(), targets_.end(), int64_t{0}) == 0) {
+    // Every loss would be 0 and nothing would train, without a word.
+    throw Error(fmt::format(
+        "{}: no sample of {} holds a target at data.seq_len {} ({} samples{}): every token is a prompt or padding. "
+        "Check the target flags the shards were written with (tokenize --completion-field), or raise data.seq_len "
+        "so that the completions fit",
+        options.what, describe_files(shards), T_, size_,
+        packing_ == Packing::kDocuments ? fmt::format(", {} documents, {} cut to {} tokens", docs_.size(), truncated_, T_ + 1)
+                                        : std::string()));
+  }
 }
 
 void Samples::index_windows() {

@@ -246,9 +246,12 @@ std::vector<std::filesystem::path> glob_files(const std::string& pattern) {
 }
 
 bool is_document_shard(const std::filesystem::path& path) {
+  // Through the same checked open as every read: a FIFO or device is an error, not a hang.
+  const MappedFile file(path);
   int32_t magic = 0;
-  std::ifstream in(path, std::ios::binary);
-  return in.read(reinterpret_cast<char*>(&magic), sizeof(magic)) && magic == kShardMagicDocuments;
+  if (file.size() < sizeof(magic)) return false;
+  std::memcpy(&magic, file.data(), sizeof(magic));
+  return magic == kShardMagicDocuments;
 }
 
 std::vector<std::filesystem::path> expand_glob(const std::string& pattern, const std::string& what) {

@@ -119,6 +119,8 @@ class DocumentReader {
 
   int64_t bytes_read() const { return bytes_read_; }
   int64_t skipped_lines() const { return skipped_lines_; }
+  // Whether anything but white space was read (a pair, or text).
+  bool saw_text() const { return saw_text_; }
 
  private:
   bool open_next_file() {
@@ -166,6 +168,7 @@ class DocumentReader {
         if (is_pairs(options_)) {
           if (!read_pair(j, where, unit)) continue;
           unit.split = assign_split();
+          saw_text_ = true;
           return true;
         }
         if (!j.is_object() || !j.contains(options_.jsonl_field) || !j[options_.jsonl_field].is_string()) {
@@ -173,6 +176,7 @@ class DocumentReader {
                       "\" (set another with --jsonl-field)");
         }
         unit.text = j[options_.jsonl_field].get<std::string>();
+        note_text(unit.text);
         unit.starts_document = true;
         unit.split = assign_split();
         return true;
@@ -204,6 +208,7 @@ class DocumentReader {
         }
       }
       unit.text = pending_.substr(0, cut);
+      note_text(unit.text);
       pending_.erase(0, cut);
       unit.starts_document = !in_document_;
       if (!in_document_) {
@@ -273,6 +278,10 @@ class DocumentReader {
   int64_t documents_ = 0;
   int64_t bytes_read_ = 0;
   int64_t skipped_lines_ = 0;
+  bool saw_text_ = false;
+  void note_text(const std::string& text) {
+    saw_text_ = saw_text_ || text.find_first_not_of(" \t\r\n\f\v") != std::string::npos;
+  }
 };
 
 class Progress {
@@ -391,9 +400,10 @@ int64_t check_inputs(const TokenizeOptions& options) {
 
 // The shards and manifest already in the output folder (refused without --overwrite).
 std::vector<fs::path> existing_outputs(const TokenizeOptions& options) {
-  std::error_code ec;
-  fs::create_directories(options.output_dir, ec);
-  if (ec) throw Error(options.output_dir.string() + ": cannot create directory (" + ec.message() + ")");
+  if (!fs::exists(options.output_dir)) return {};  // made when the shards are written
+  if (!fs::is_directory(options.output_dir)) {
+    throw Error(options.output_dir.string() + ": exists and is not a folder (--output-dir)");
+  }
   // --overwrite replaces only what an earlier tokenize recorded writing. Any other file that a
   // train_*.bin / val_*.bin glob would read is the user's: never deleted, and never left to be
   // mixed silently into the new shards either.
@@ -503,7 +513,9 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
   const std::vector<fs::path> existing = existing_outputs(options);
   const fs::path temp = options.output_dir / (".tokenize-tmp-" + std::to_string(::getpid()));
   fs::remove_all(temp);
-  fs::create_directories(temp);
+  std::error_code made;
+  fs::create_directories(temp, made);
+  if (made) throw Error(options.output_dir.string() + ": cannot create the folder (" + made.message() + ")");
 
   TokenizeSummary summary;
   std::error_code ec;
@@ -539,6 +551,16 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
     progress.finish();
     summary.bytes_read = reader.bytes_read();
     summary.skipped_lines = reader.skipped_lines();
+    if (summary.documents[0] + summary.documents[1] == 0 || !reader.saw_text()) {  // never exit 0 having written nothing
+      std::string names;
+      for (const auto& p : options.inputs) names += (names.empty() ? "" : ", ") + p.string();
+      throw Error(fmt::format("no document to write: {} ({} bytes) hold{}. Nothing was written", names,
+                              summary.bytes_read,
+                              summary.skipped_lines > 0
+                                  ? fmt::format(" no good line: {} bad line(s) skipped (--skip-bad-lines), the rest blank",
+                                                summary.skipped_lines)
+                                  : summary.bytes_read == 0 ? " nothing" : " only blank lines"));
+    }
 
     nlohmann::json shards = {{"train", nlohmann::json::array()}, {"val", nlohmann::json::array()}};
     for (int s = 0; s < 2; ++s) {

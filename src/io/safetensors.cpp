@@ -190,6 +190,14 @@ void SafetensorsReader::load_into(const std::string& name, torch::Tensor& target
   target.copy_(load(name, target.scalar_type()));
 }
 
+void SafetensorsReader::load_exact(const std::string& name, torch::Tensor& target, const std::string& hint) const {
+  if (contains(name) && entry(name).scalar_type != target.scalar_type()) {
+    throw Error(path().string() + ": \"" + name + "\" is " + entry(name).dtype + ", expected " +
+                scalar_to_safetensors_dtype(target.scalar_type()) + (hint.empty() ? "" : " (" + hint + ")"));
+  }
+  load_into(name, target, hint);
+}
+
 void save_safetensors(const std::filesystem::path& path, const NamedTensors& tensors,
                       const std::map<std::string, std::string>& metadata) {
   json header = json::object();

@@ -43,6 +43,12 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
     // The casts below are explicit: autocast is off inside.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
     const torch::Tensor w = weight.to(compute);  // (V, C)
+    // The gradients' matmuls on the CPU under 16-bit autocast take the float32 d logits and
+    // weight as they are: 16-bit products would be summed into the float32 d weight through a
+    // (V, C) 16-bit product and its float32 conversion (6VC bytes: 232 MiB for GPT-2), which
+    // CUDA's mixed-dtype addmm does not need.
+    const bool float32_gradients =
+        !hidden.is_cuda() && compute != torch::kFloat && weight.scalar_type() == torch::kFloat;
     torch::Tensor loss_sum = torch::zeros({}, f32);
     torch::Tensor grad_hidden, grad_weight;
     if (want_grad_hidden) grad_hidden = torch::empty({N, C}, f32);                                    // (N, C)
@@ -69,11 +75,14 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
       // loss scale has already multiplied them).
       z.div_(row_sum);
       z.scatter_add_(1, t, torch::full({n, 1}, -1.0f, f32));
-      const torch::Tensor g = z.to(compute);  // (n, V), what the matmuls take, as in eager
-      if (want_grad_hidden) {
-        torch::Tensor gh = grad_hidden.narrow(0, start, n);  // (n, C)
-        addmm_into_float32(gh, g, w, /*beta=*/0, inv_n);
+      torch::Tensor gh = want_grad_hidden ? grad_hidden.narrow(0, start, n) : torch::Tensor();  // (n, C)
+      if (float32_gradients) {
+        if (want_grad_hidden) addmm_into_float32(gh, z, weight, /*beta=*/0, inv_n);
+        if (want_grad_weight) addmm_into_float32(grad_weight, z.t(), hidden.narrow(0, start, n).to(torch::kFloat), 1, inv_n);
+        continue;
       }
+      const torch::Tensor g = z.to(compute);  // (n, V), what the matmuls take, as in eager
+      if (want_grad_hidden) addmm_into_float32(gh, g, w, /*beta=*/0, inv_n);
       if (want_grad_weight) addmm_into_float32(grad_weight, g.t(), h, /*beta=*/1, inv_n);  // not for frozen weights
     }
     ctx->save_for_backward({grad_hidden, grad_weight});

@@ -390,20 +390,26 @@ void AdamW8bit::restore_state(const SafetensorsReader& state) {
                   "8-bit run from the weights (model.init_from a saved model folder)");
     }
     const std::string hint = "the checkpoint is damaged, or the set of trained parameters changed";
-    state.load_into(key("exp_avg.", s.name), s.exp_avg, hint);
-    state.load_into(key("exp_avg_sq.", s.name), s.exp_avg_sq, hint);
+    // Exactly the dtypes written (codes uint8, scales and moments float32): a conversion would
+    // turn codes of another dtype, or out of range, into other codes without a word.
+    state.load_exact(key("exp_avg.", s.name), s.exp_avg, hint);
+    state.load_exact(key("exp_avg_sq.", s.name), s.exp_avg_sq, hint);
     if (s.quantized) {
-      state.load_into(key("exp_avg.scales.", s.name), s.exp_avg_scales, hint);
-      state.load_into(key("exp_avg_sq.scales.", s.name), s.exp_avg_sq_scales, hint);
+      state.load_exact(key("exp_avg.scales.", s.name), s.exp_avg_scales, hint);
+      state.load_exact(key("exp_avg_sq.scales.", s.name), s.exp_avg_sq_scales, hint);
     }
-    state.load_into(key("step.", s.name), s.step, hint);
-    const bool bad = (s.step < 0).item<bool>() || (s.quantized ? (s.exp_avg_scales < 0).any().item<bool>() ||
-                                                                     (s.exp_avg_sq_scales < 0).any().item<bool>()
-                                                               : (s.exp_avg_sq < 0).any().item<bool>());
+    state.load_exact(key("step.", s.name), s.step, hint);
+    // Scales are a block's largest |moment| (at least 1e-12 once stepped, 0 before the first
+    // step); moments and step counts finite.
+    const auto bad_scales = [](const torch::Tensor& t) { return !(torch::isfinite(t) & (t >= 0)).all().item<bool>(); };
+    const bool bad = !torch::isfinite(s.step).all().item<bool>() ||
+                     (s.quantized ? bad_scales(s.exp_avg_scales) || bad_scales(s.exp_avg_sq_scales)
+                                  : !torch::isfinite(s.exp_avg).all().item<bool>() ||
+                                        !(torch::isfinite(s.exp_avg_sq) & (s.exp_avg_sq >= 0)).all().item<bool>());
     if (bad) {
       throw Error(state.path().string() + ": adamw8bit state of " + s.name +
-                  " holds a negative step count, scale or second moment; the checkpoint is damaged. Resume from an "
-                  "earlier one");
+                  " holds a non-finite step count, a negative or non-finite scale, or a non-finite or negative "
+                  "moment; the checkpoint is damaged. Resume from an earlier one");
     }
   }
 }

@@ -20,6 +20,7 @@
 #include "gpt2ft/core/fault_injection.h"
 #include "gpt2ft/core/json.h"
 #include "gpt2ft/core/rng_state.h"
+#include "gpt2ft/core/strings.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/io/safetensors.h"
 
@@ -107,7 +108,7 @@ TrainingState parse_training_state(const nlohmann::json& meta, const fs::path& f
   };
   const int64_t version = integer("format_version", 1, kFormatVersion);
   TrainingState s;
-  s.step = integer("step", 0, kMaxSteps);
+  s.step = integer("step", 0, kMaxSteps);  // 0: out of memory in the first step, with checkpoint_and_exit
   s.loader.epoch = integer("loader_epoch", 0, 1ll << 30);
   s.loader.consumed = integer("loader_consumed", 0, 1ll << 32);
   s.global_batch = integer("global_batch", 1, 1ll << 24);
@@ -158,7 +159,15 @@ void verify_checksums(const nlohmann::json& meta, const fs::path& dir) {
     if (found != expected.get<std::string>()) {
       throw Error(file.string() + ": checksum " + found + " but " + expected.get<std::string>() +
                   " was written; the file is damaged. Resume from an earlier checkpoint (checkpoint.resume) or start "
-                  "over (checkpoint.resume \"none\")");
+                  "over in another output_dir");
+    }
+  }
+  // Every file the checkpoint is read from is covered: an entry taken out must not turn the check off.
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if ((ends_with(name, ".safetensors") || name == "config.json") && !meta["checksums"].contains(name)) {
+      throw Error((dir / "trainer_state.json").string() + ": no checksum for " + name +
+                  "; the checkpoint is damaged. Resume from an earlier one");
     }
   }
 }
@@ -269,6 +278,27 @@ TrainingState read_checkpoint_state(const fs::path& dir) {
   });
 }
 
+namespace {
+
+// Every optimizer step count must be a whole number of steps in [1, the checkpoint's step]
+// (from 0 under float16, whose loss scaler skips steps, and in a checkpoint of step 0, written
+// when the first step ran out of memory): a count of 0, a fraction or more
+// steps than were taken would change the bias correction of every later update.
+void check_step_counts(const Optimizer& optimizer, int64_t checkpoint_step, bool steps_skipped, const fs::path& file) {
+  const int64_t least = steps_skipped || checkpoint_step == 0 ? 0 : 1;
+  for (const auto& [name, t] : optimizer.checkpoint_state()) {
+    if (name.find(".step.") == std::string::npos || t.numel() != 1) continue;
+    const double v = t.to(torch::kCPU).to(torch::kDouble).item<double>();
+    if (!(v >= static_cast<double>(least) && v <= static_cast<double>(checkpoint_step) && v == std::floor(v))) {
+      throw Error(file.string() + ": \"" + name + "\" is " + fmt::format("{:g}", v) + ", expected a whole number of "
+                  "steps from " + std::to_string(least) + " to the checkpoint's step " + std::to_string(checkpoint_step) +
+                  "; the checkpoint is damaged. Resume from an earlier one");
+    }
+  }
+}
+
+}  // namespace
+
 TrainingState load_checkpoint(const fs::path& dir, GPT2& model, Optimizer& optimizer, GradScaler* scaler, int rank,
                               int world_size) {
   return with_context("resuming from checkpoint " + dir.string(), [&] {
@@ -289,12 +319,13 @@ TrainingState load_checkpoint(const fs::path& dir, GPT2& model, Optimizer& optim
                   std::to_string(saved.n_head) + " heads, " + std::to_string(saved.n_embd) + " channels and vocab " +
                   std::to_string(saved.vocab_size) + ", but the config builds " + std::to_string(now.n_layer) + ", " +
                   std::to_string(now.n_head) + ", " + std::to_string(now.n_embd) + " and " +
-                  std::to_string(now.vocab_size) + "; use the run's own config or checkpoint.resume: \"none\"");
+                  std::to_string(now.vocab_size) + "; use the run's own config, or another output_dir for a new run");
     }
     load_trained_weights(model, dir);
 
     SafetensorsReader state(dir / "trainer_state.safetensors");
     optimizer.restore_state(state);
+    check_step_counts(optimizer, s.step, scaler != nullptr, state.path());
     if (scaler) {
       if (!state.contains("scaler.scale")) {
         throw Error(dir.string() + " was written without a loss scale (amp.dtype was not float16); resuming it in "
@@ -314,7 +345,13 @@ TrainingState load_checkpoint(const fs::path& dir, GPT2& model, Optimizer& optim
         if (rank > 0) s.rng_restored = false;
         continue;
       }
-      set_rng_state(d, state.load(key));
+      try {
+        set_rng_state(d, state.load(key));
+      } catch (const c10::Error&) {  // its own text names no file ("Invalid mt19937 state", ...)
+        throw Error(state.path().string() + ": the random number generator state \"" + key +
+                    "\" is damaged (not a state of this generator). Resume from the checkpoint before this one "
+                    "(checkpoint.resume set to its folder)");
+      }
     }
     return s;
   });

@@ -475,6 +475,18 @@ TrainConfig TrainConfig::parse(const json& j, const std::vector<std::string>& ov
   if (c.micro_batch_auto() && c.train.global_batch_size == 0) {
     throw Error(where + ": train.micro_batch_size \"auto\" needs train.global_batch_size");
   }
+  // Options that could never act.
+  if (c.data.val.empty()) {
+    for (const auto& [on, key] : {std::pair<bool, const char*>{c.checkpoint.keep_best, "checkpoint.keep_best"},
+                                  {c.eval.early_stopping_patience > 0, "eval.early_stopping_patience"}}) {
+      if (on) throw Error(where + ": " + key + " needs validation data, and data.val is empty: set data.val, or drop " + key);
+    }
+  }
+  if (c.eval.early_stopping_patience > 0 && c.eval.every_steps == 0) {
+    throw Error(where + ": eval.early_stopping_patience (" + std::to_string(c.eval.early_stopping_patience) +
+                ") counts validations without improvement, and eval.every_steps 0 validates once, at the end: set "
+                "eval.every_steps, or drop eval.early_stopping_patience");
+  }
   // The run writes into output_dir: it must not be a folder the run reads from.
   const auto same_folder = [](const std::string& a, const std::string& b) {
     if (a.empty() || b.empty()) return false;

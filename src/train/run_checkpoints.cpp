@@ -44,6 +44,15 @@ TrainingState RunCheckpoints::resume(GPT2& model, Optimizer& optimizer, GradScal
     from = latest_checkpoint(config_.output_dir);
   }
   else if (config_.checkpoint.resume != "none") from = fs::path(config_.checkpoint.resume);
+  if (config_.checkpoint.resume == "none") {
+    // A new run never writes among another run's checkpoints (checkpoint.keep_last would delete them).
+    if (const auto found = latest_checkpoint(config_.output_dir)) {
+      throw Error(config_.output_dir + " holds checkpoints of an earlier run (" + found->string() +
+                  "); checkpoint.resume \"none\" starts a new run, which would write its checkpoints among them and "
+                  "delete theirs. Choose another output_dir, move that folder away, or set checkpoint.resume "
+                  "\"auto\" to continue that run");
+    }
+  }
   const nlohmann::json fingerprint = run_fingerprint(config_);
   TrainingState state;
   if (from) {
@@ -54,7 +63,7 @@ TrainingState RunCheckpoints::resume(GPT2& model, Optimizer& optimizer, GradScal
                   std::to_string(state.global_batch) + " sequences but the config asks for " +
                   std::to_string(split.global) + "; resuming would change the effective batch. Set "
                   "train.global_batch_size=" + std::to_string(state.global_batch) +
-                  ", or checkpoint.resume=none to start over");
+                  ", or another output_dir to start over");
     }
     if (state.micro_batch_from_oom && state.micro_batch < split.micro) {
       spdlog::warn("using micro batch {} from the checkpoint (lowered after running out of memory) instead of the "

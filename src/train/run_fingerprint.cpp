@@ -114,14 +114,21 @@ nlohmann::json run_fingerprint(const TrainConfig& c) {
 
 std::vector<std::string> fingerprint_differences(const nlohmann::json& saved, const nlohmann::json& now) {
   std::vector<std::string> out;
-  if (!saved.is_object() || !now.is_object()) return out;
+  const auto text = [](const nlohmann::json& v) {
+    const std::string s = v.is_string() ? v.get<std::string>() : v.dump();
+    return s.empty() ? std::string("(none)") : "\"" + s + "\"";
+  };
+  if (!saved.is_object() || saved.empty()) {  // damaged: nothing to compare would turn the check off
+    out.push_back("the run fingerprint: expected an object of " + std::to_string(now.size()) + " fields, found " +
+                  (saved.is_object() ? std::string("an empty one") : text(saved)));
+    return out;
+  }
   for (const auto& [key, value] : now.items()) {
-    if (!saved.contains(key) || saved[key] == value) continue;
-    const auto text = [](const nlohmann::json& v) {
-      const std::string s = v.is_string() ? v.get<std::string>() : v.dump();
-      return s.empty() ? std::string("(none)") : "\"" + s + "\"";
-    };
-    out.push_back(key + ": was " + text(saved[key]) + ", now " + text(value));
+    if (!saved.contains(key)) {
+      out.push_back(key + ": not recorded in the checkpoint's fingerprint, now " + text(value));
+    } else if (saved[key] != value) {
+      out.push_back(key + ": was " + text(saved[key]) + ", now " + text(value));
+    }
   }
   return out;
 }

@@ -48,6 +48,8 @@
 #include "gpt2ft/train/oom_backoff.h"
 #include "gpt2ft/train/run_checkpoints.h"
 #include "gpt2ft/memory/run_memory.h"
+#include "gpt2ft/core/json.h"
+#include "gpt2ft/train/run_fingerprint.h"
 #include "gpt2ft/train/step_outcome.h"
 #include "gpt2ft/train/stop_signals.h"
 #include "gpt2ft/train/validation.h"
@@ -241,6 +243,7 @@ class Trainer {
   void apply_step(StepResult& r);
   void write_model(const fs::path& dir);
   void save_model(const fs::path& dir);
+  void check_best_folder();
   void save_best(int64_t step, double loss);
 
   void start_every_rank_alike();
@@ -299,13 +302,6 @@ Trainer::Trainer(const TrainConfig& cfg)
     }
   }
   if (comm_.is_main()) lock_.emplace(cfg_.output_dir, "output_dir");  // one run per folder
-  const fs::path best = fs::path(cfg_.output_dir) / "best";
-  if (cfg_.checkpoint.keep_best && fs::exists(best) && !fs::exists(best / "best.json")) {
-    // best/ is replaced whenever validation improves: never a folder this trainer did not write.
-    throw Error(best.string() + " exists and is not a best model this trainer wrote (it has no best.json); "
-                "checkpoint.keep_best would replace it. Move it away, choose another output_dir, or set "
-                "checkpoint.keep_best false");
-  }
   fs::create_directories(cfg_.output_dir);
   spdlog::info("resolved config:\n{}", cfg_.to_json().dump(2));
 
@@ -331,6 +327,7 @@ Trainer::Trainer(const TrainConfig& cfg)
   optimizer_ = make_optimizer(cfg_, comm_, device_, trained);
   scaler_ = make_scaler(cfg_, amp_, device_);
   state_ = checkpoints_.resume(model_, *optimizer_, scaler_ ? &*scaler_ : nullptr, split_);
+  check_best_folder();
   // The run's record, written only once the checkpoint (if any) was found to be of this run.
   // Not config.json: that name is a model folder's, and a user's own run.json may be it.
   if (comm_.is_main()) write_file_atomic(fs::path(cfg_.output_dir) / "train_config.json", cfg_.to_json().dump(2) + "\n");
@@ -515,10 +512,17 @@ void Trainer::apply_step(StepResult& r) {
 // ranks can agree on what to do; a stop signal in one process drops the step the same way.
 torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrupted) {
   const int64_t accumulation = split_.accumulation();
-  const double divisor = loader_->has_targets()
-                             ? static_cast<double>(std::max<int64_t>(1, loader_->targets_in_next(split_.global))) /
-                                   static_cast<double>(split_.world)
-                             : static_cast<double>(accumulation);
+  const int64_t targets = loader_->has_targets() ? loader_->targets_in_next(split_.global) : 0;
+  if (loader_->has_targets() && targets == 0) {  // the same on every rank
+    const LoaderState at = loader_->state();
+    throw Error(fmt::format(
+        "the global batch of step {} ({} samples from sample {} of epoch {}) holds no target: its loss would be 0 and "
+        "it would train nothing. Some documents of data.train have no target at data.seq_len {}; check the target "
+        "flags the shards were written with, or raise data.seq_len. The last checkpoint is intact",
+        state_.step + 1, split_.global, at.consumed, at.epoch, cfg_.data.seq_len));
+  }
+  const double divisor = loader_->has_targets() ? static_cast<double>(targets) / static_cast<double>(split_.world)
+                                                : static_cast<double>(accumulation);
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().device(device_));
   try {
     for (int64_t m = 0; m < accumulation; ++m) {
@@ -688,6 +692,14 @@ std::optional<double> Trainer::validate(int64_t step) {
                                [&] { return validation_->run(model_); });
   }
   if (!r) return std::nullopt;
+  if (!std::isfinite(r->loss)) {  // the weights went non-finite: never a NaN reported as a result, with exit 0
+    const auto latest = latest_checkpoint(cfg_.output_dir);
+    throw Error(fmt::format("the validation loss at step {} is {}: the weights hold non-finite values or the model "
+                            "overflows. Nothing is saved after this ({}); resume from it with a lower train.lr, or check "
+                            "the checkpoint's optimizer state",
+                            step, r->loss, latest ? "the last checkpoint, " + latest->string() + ", is intact"
+                                                  : "no checkpoint was written yet"));
+  }
   metrics_->record_validation({{"step", step},
                                {"time", unix_time()},
                                {"fractional_epoch", static_cast<double>(step * split_.global) /
@@ -778,6 +790,37 @@ void Trainer::save_final_model() {
 }
 
 // The model folder, or with LoRA the adapter folder, into `dir`.
+// best/ is replaced whenever validation improves, so it must be this run's: written by the run
+// whose checkpoint this one continues (best.json records the run fingerprint). A resumed run
+// whose best/ has gone says so; the end of the run names best/ only if it is there.
+void Trainer::check_best_folder() {
+  const fs::path best = fs::path(cfg_.output_dir) / "best";
+  if (!cfg_.checkpoint.keep_best) return;
+  if (!fs::exists(best)) {
+    if (state_.best_val_loss && !state_.source.empty()) {
+      spdlog::warn("{} is missing: the checkpoint names a best model at step {} (val loss {:.4f}) that is gone; the "
+                   "next validation loss below it writes a new one", best.string(), state_.best_step,
+                   *state_.best_val_loss);
+    }
+    return;
+  }
+  const std::string ways = " checkpoint.keep_best would replace it. Move it away, choose another output_dir, or set "
+                           "checkpoint.keep_best false";
+  if (!fs::exists(best / "best.json")) {
+    throw Error(best.string() + " exists and is not a best model this trainer wrote (it has no best.json);" + ways);
+  }
+  const nlohmann::json written = read_json_file((best / "best.json").string());
+  std::vector<std::string> changed = fingerprint_differences(
+      written.is_object() && written.contains("fingerprint") ? written["fingerprint"] : nlohmann::json(),
+      state_.fingerprint);
+  if (state_.source.empty()) changed.insert(changed.begin(), "this run starts afresh (no checkpoint of it was resumed)");
+  if (!changed.empty()) {
+    std::string list;
+    for (const auto& c : changed) list += "\n  " + c;
+    throw Error(best.string() + " is the best model of another run:" + list + "\n" + ways.substr(1));
+  }
+}
+
 // best/: written complete under a temporary name, then renamed into place; the folder it
 // replaces is removed only after that, so a crash leaves one whole best/ (or a leftover to delete).
 void Trainer::save_best(int64_t step, double loss) {
@@ -787,7 +830,8 @@ void Trainer::save_best(int64_t step, double loss) {
   std::error_code ec;
   fs::remove_all(temp, ec);
   save_model(temp);
-  write_file_atomic(temp / "best.json", nlohmann::json{{"step", step}, {"val_loss", loss}}.dump(2) + "\n");
+  write_file_atomic(temp / "best.json",
+                    nlohmann::json{{"step", step}, {"val_loss", loss}, {"fingerprint", state_.fingerprint}}.dump(2) + "\n");
   if (fs::exists(best)) fs::rename(best, old);
   fs::rename(temp, best);
   fsync_directory(out);
@@ -851,8 +895,15 @@ TrainSummary Trainer::finish() {
                                   : "no step trained in this invocation (the run was already complete)";
   std::string best;
   if (state_.best_val_loss) {
+    const fs::path folder = fs::path(cfg_.output_dir) / "best";
+    bool there = false;
+    if (cfg_.checkpoint.keep_best && fs::exists(folder / "best.json")) {
+      const nlohmann::json written = read_json_file((folder / "best.json").string());
+      there = written.is_object() && written.value("step", nlohmann::json()) == nlohmann::json(state_.best_step);
+    }
     best = fmt::format("; best val loss {:.4f} at step {}{}", *state_.best_val_loss, state_.best_step,
-                       cfg_.checkpoint.keep_best ? " in " + (fs::path(cfg_.output_dir) / "best").string() : "");
+                       there ? " in " + folder.string()
+                             : cfg_.checkpoint.keep_best ? " (its folder best/ is missing or of another step)" : "");
   }
   spdlog::info("done: {} steps in {:.1f}s{}; {}{}{}; model saved to {}", summary_.steps, summary_.seconds,
                early_stopped_ ? " (stopped early)" : "", trained,

@@ -86,10 +86,12 @@ class RunTrackingTest(WorkDirTest):
         return scalars
 
     def test_tensorboard_reads_every_scalar_equal_to_metrics_and_a_resume_has_no_duplicate_step(self):
-        # A first run in the folder with another learning rate, then this one started afresh
+        # A first run in the folder with another learning rate and no checkpoint (a new run never
+        # writes among another run's checkpoints), then this one started afresh
         # (checkpoint.resume "none"): TensorBoard shows this run's steps only.
         earlier = copy.deepcopy(self.cfg)
         earlier["train"]["lr"] = 1e-3
+        earlier["checkpoint"].update({"every_steps": 0, "at_end": False})
         self.run_cfg(earlier, "straight")
         again = copy.deepcopy(self.cfg)
         again["checkpoint"]["resume"] = "none"

@@ -43,6 +43,8 @@ class SafetensorsReader {
   // Copies `name` into `target` (any device and dtype). A missing tensor or another shape is
   // an Error naming the file and the tensor; `hint` says what that means to the caller.
   void load_into(const std::string& name, torch::Tensor& target, const std::string& hint = "") const;
+  // The same, but the stored dtype must be the target's (no conversion).
+  void load_exact(const std::string& name, torch::Tensor& target, const std::string& hint = "") const;
 
  private:
   MappedFile file_;

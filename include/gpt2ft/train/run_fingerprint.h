@@ -22,7 +22,8 @@ namespace gpt2ft {
 nlohmann::json run_fingerprint(const TrainConfig& cfg);
 
 // One line per field that differs ("data.train shards: was ..., now ..."); empty when equal.
-// A field only one side has (a newer version added it) is not a difference.
+// A field the saved fingerprint lacks is a difference, and so is a saved fingerprint that is
+// empty or not an object: a damaged fingerprint must not turn the check off.
 std::vector<std::string> fingerprint_differences(const nlohmann::json& saved, const nlohmann::json& now);
 
 }  // namespace gpt2ft
