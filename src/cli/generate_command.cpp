@@ -1,6 +1,7 @@
 // gpt2-finetune generate: continue a prompt with a model folder and its tokenizer.
 #include <cstdio>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <sstream>
 
@@ -82,7 +83,9 @@ void add_generate_command(CLI::App& app, Runner& run) {
   cmd->add_option("--top-p", args->options.top_p, "Nucleus sampling mass in (0, 1]; 1 = off")
       ->capture_default_str()
       ->check(number_in([](double p) { return p > 0 && p <= 1; }, "a number in (0, 1]"));
-  cmd->add_option("--seed", args->options.seed, "Sampling seed")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--seed", args->options.seed, "Sampling seed")
+      ->capture_default_str()
+      ->check(CLI::Range(uint64_t{0}, std::numeric_limits<uint64_t>::max() >> 1));  // 2^64 would wrap to 0
   cmd->add_option("--device", args->device, "auto | cpu | cuda | cuda:N")->capture_default_str();
   cmd->add_flag("--no-stop", args->no_stop, "Do not stop at the end-of-text token");
   cmd->add_flag("--json", args->json, "Print {\"prompt_ids\", \"ids\", \"text\"} as the last line");

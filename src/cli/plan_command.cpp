@@ -147,7 +147,12 @@ int run_plan(const PlanArgs& args) {
   const int64_t world = args.gpus > 0 ? args.gpus : read_launch_env().world_size;
   int64_t budget = 0;
   if (!args.gpu_memory.empty()) {
-    budget = plannable_of(parse_memory_size(args.gpu_memory, "--gpu-memory"));
+    const int64_t gpu = parse_memory_size(args.gpu_memory, "--gpu-memory");
+    if (gpu < (int64_t{1} << 30)) {  // the CUDA context alone takes more; a mistyped unit, not a GPU
+      throw Error("--gpu-memory: \"" + args.gpu_memory + "\" is less than 1 GiB, and no GPU a training step can run on "
+                  "is that small; give the GPU's memory, e.g. 24GiB or 80GB");
+    }
+    budget = plannable_of(gpu);
   } else {
     const c10::Device device = parse_device(cfg.device, "device");
     if (device.is_cuda() || !cfg.cpu.memory_limit.empty()) budget = plannable_memory(cfg, device);

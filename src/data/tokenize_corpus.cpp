@@ -159,6 +159,9 @@ class DocumentReader {
         bytes_read_ += static_cast<int64_t>(line.size()) + 1;
         if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
         const std::string where = path_.string() + ":" + std::to_string(line_no_);
+        if (line.find('\0') != std::string::npos) {  // not text; JSON around it would be read as if it were
+          if (skip_bad_line(where + ": holds a NUL byte at column " + std::to_string(line.find('\0') + 1))) continue;
+        }
         nlohmann::json j;
         try {
           j = parse_json_limited(line, where);

@@ -402,6 +402,7 @@ int64_t parse_memory_size(const std::string& text, const std::string& where) {
   // Bounded before the conversion (a double beyond int64's range, or inf, converts undefined).
   constexpr double kMaxBytes = 1ll << 50;  // 1 PiB: no device has that much
   if (!(value * scale <= kMaxBytes)) throw Error(where + ": \"" + text + "\" is more than 1 PiB; give a real size");
+  if (value * scale < 1) throw Error(where + ": \"" + text + "\" is less than one byte; give a real size");
   return static_cast<int64_t>(value * scale);
 }
 

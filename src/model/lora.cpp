@@ -152,6 +152,9 @@ LoraConfig read_adapter_config(const fs::path& dir) {
   c.rank = r.get<int64_t>();
   if (!field("lora_alpha").is_number()) throw Error(where + ": lora_alpha must be a number");
   c.alpha = field("lora_alpha").get<double>();
+  if (!(c.alpha > 0 && c.alpha <= 1e4)) {  // model.lora.alpha's range: beyond it the adapters' outputs overflow
+    throw Error(where + ": lora_alpha must be in (0, 10000], got " + field("lora_alpha").dump());
+  }
   c.dropout = optional("lora_dropout", 0.0, &nlohmann::json::is_number, "a number in [0, 1)").get<double>();
   if (!(c.dropout >= 0 && c.dropout < 1)) throw Error(where + ": lora_dropout must be in [0, 1), got " + std::to_string(c.dropout));
   c.rslora = optional("use_rslora", false, &nlohmann::json::is_boolean, "true or false").get<bool>();

@@ -90,7 +90,7 @@ void TrainConfig::visit(Visitor& v) {
   // Below 1: AdamW divides by 1 - beta^t.
   v.pair(train.betas, "train.betas", {0.9, 0.95}, 0.0, 0.999999, "AdamW betas [beta1, beta2], each below 1");
   v.number(train.eps, "train.eps", 1e-8, 1e-30, 1.0, "AdamW epsilon (above 0: AdamW divides by sqrt(v) + eps)");
-  v.number(train.grad_clip, "train.grad_clip", 1.0, 0.0, kInf, "Clip the global gradient norm to this; 0 = off");
+  v.number(train.grad_clip, "train.grad_clip", 1.0, 0.0, 1e6, "Clip the global gradient norm to this; 0 = off");
   v.choice(train.optimizer, "train.optimizer", "adamw", {"adamw", "adamw_8bit"},
            "\"adamw\", or \"adamw_8bit\": the moments of tensors of 4096+ values in 8-bit blocks (torchao's "
            "AdamW8bit), 2 bytes a parameter instead of 8");

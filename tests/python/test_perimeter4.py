@@ -234,6 +234,51 @@ class Perimeter4Test(PerimeterTest):
                 "trainer_state.safetensors: the random number generator state", "Resume from the checkpoint before")
         damaged("unlisted", lambda t: None, "no checksum for trainer_state.safetensors", fresh_checksum=False)
 
+    def test_values_out_of_range_are_refused_with_their_range(self):
+        from safetensors.torch import save_file
+        import torch
+        # An adapter whose lora_alpha would overflow: eval and merge-lora refuse it by name.
+        folder = self.path("adapter")
+        save_file(self.make_adapter(folder, lora_alpha=1e308), os.path.join(folder, "adapter_model.safetensors"))
+        val = os.path.join(self.tmp, "data", "train_*.bin")
+        r = run("eval", "--model", self.model, "--adapter", folder, "--data", val, "--seq-len", 16, "--device", "cpu")
+        self.assert_refused(r, "lora_alpha must be in (0, 10000], got 1e+308")
+        r = run("merge-lora", "--base", self.model, "--adapter", folder, "--output", self.path("merged"))
+        self.assert_refused(r, "lora_alpha must be in (0, 10000]")
+        self.assertFalse(os.path.exists(self.path("merged")))
+        # train.grad_clip far beyond any gradient norm
+        cfg = self.config(self.path("run"), grad_clip=1e308)
+        r = run("--config", self.write_config(cfg, self.path("cfg", "clip.json")))
+        self.assert_refused(r, "train.grad_clip")
+        self.assertFalse(os.path.exists(self.path("run")))
+        # generate --seed beyond 2^63 - 1 would wrap
+        r = run("generate", "--model", self.model, "--prompt", "a", "--seed", 2**64, "--device", "cpu")
+        self.assert_refused(r, "--seed", "not in range", code=2)
+        # plan for a GPU of a byte, or of 1e-30 GiB
+        cfg_path = self.write_config(self.config(self.path("plan")), self.path("cfg", "plan.json"))
+        for size in ("1", "1e-30GiB", "900MiB"):
+            r = run("plan", "--config", cfg_path, "--gpu-memory", size)
+            self.assert_refused(r, "--gpu-memory")
+        # A .jsonl pair with a NUL byte before or after its JSON object is a bad line, counted once.
+        tok = self.path("tok")
+        train_tokenizer(tok, ["some text to learn a few merges from", "and a little more"])
+        good = '{"prompt": "a", "completion": "b"}'
+        for name, line in (("before", "\0" + good), ("after", good + "\0"), ("inside", good[:5] + "\0" + good[5:])):
+            path = self.path("nul", f"{name}.jsonl")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(good + "\n" + line + "\n")
+            args = ["tokenize", "--tokenizer", tok, "--input", path, "--prompt-field", "prompt", "--completion-field",
+                    "completion", "--no-progress"]
+            r = run(*args, "--output-dir", self.path("nul", f"out_{name}"))
+            self.assert_refused(r, f"{name}.jsonl:2: holds a NUL byte")
+            r = run(*args, "--output-dir", self.path("nul", f"skipped_{name}"), "--skip-bad-lines")
+            self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+            with open(self.path("nul", f"skipped_{name}", "manifest.json")) as f:
+                manifest = json.load(f)
+            self.assertEqual(manifest["skipped_lines"], 1, name)
+            self.assertEqual(manifest["pairs"]["train"] + manifest["pairs"]["val"], 1, name)
+
 
 if __name__ == "__main__":
     import unittest
