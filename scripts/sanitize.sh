@@ -46,6 +46,8 @@ echo "[sanitize] command line: bad inputs, damaged checkpoints, the perimeter's 
   test_perimeter.PerimeterTest.test_adapters_are_applied_whole_or_refused \
   test_perimeter.PerimeterTest.test_flags_have_ranges_and_files_must_be_regular \
   test_perimeter.PerimeterTest.test_two_processes_never_write_one_folder \
+  test_perimeter4.Perimeter4Test.test_a_resumed_optimizer_state_has_its_exact_dtypes_ranges_and_step_counts \
+  test_perimeter4.Perimeter4Test.test_values_out_of_range_are_refused_with_their_range \
   test_instruction.InstructionTest.test_malformed_lines_are_errors_naming_file_line_and_field_or_skipped_and_counted \
   test_instruction.InstructionTest.test_damaged_shards_and_impossible_settings_are_clear_errors)
 echo "[sanitize] clean"

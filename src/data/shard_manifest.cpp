@@ -23,6 +23,12 @@ std::optional<ShardTokenizer> shard_tokenizer(const std::vector<fs::path>& shard
   }
   ShardTokenizer out;
   out.identity = t["identity"].get<std::string>();
+  // The identity is "kind:hash": a kind that disagrees with it is not a claim to believe.
+  if (t.contains("kind") && (!t["kind"].is_string() || out.identity.rfind(t["kind"].get<std::string>() + ":", 0) != 0)) {
+    throw Error(manifest.string() + ": tokenizer.kind " + t["kind"].dump() + " disagrees with tokenizer.identity \"" +
+                out.identity + "\"; the manifest is damaged. Re-run tokenize, or move the manifest away to train "
+                "without the tokenizer check");
+  }
   if (t.contains("source") && t["source"].is_string()) out.source = t["source"].get<std::string>();
   out.manifest = manifest;
   return out;

@@ -355,10 +355,14 @@ static std::unique_ptr<ByteLevelBpe> from_tokenizer_json(const nlohmann::json& j
     }
   }
   std::vector<std::pair<std::string, std::string>> merges;
-  for (const auto& m : model.value("merges", nlohmann::json::array())) {
+  if (!model.contains("merges") || !model["merges"].is_array()) {  // transformers refuses such a file too
+    throw Error(where + ": model.merges: expected a list of merges, found " +
+                (model.contains("merges") ? std::string(model["merges"].type_name()) : std::string("none")));
+  }
+  for (const auto& m : model["merges"]) {
     if (m.is_string()) {
       merges.push_back(split_merge_line(m.get<std::string>(), where + ": model.merges"));
-    } else if (m.is_array() && m.size() == 2) {
+    } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
       merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
     } else {
       throw Error(where + ": model.merges: expected \"A B\" strings or [A, B] pairs");

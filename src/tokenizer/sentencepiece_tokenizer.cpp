@@ -1,6 +1,7 @@
 // SentencePiece through libsentencepiece.
 #include "gpt2ft/tokenizer/sentencepiece_tokenizer.h"
 
+#include <cstdio>
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
@@ -123,7 +124,19 @@ fs::path train_sentencepiece(const std::vector<fs::path>& inputs, const fs::path
       {"minloglevel", "2"}};
   LinesOfFiles lines(inputs);
   const auto status = sentencepiece::SentencePieceTrainer::Train(args, &lines);
-  if (!status.ok()) throw Error("training SentencePiece on " + input_list + ": " + status.ToString());
+  if (!status.ok()) {
+    // Its best-known refusal in our words (the text comes with SentencePiece's source line and check).
+    const std::string text = status.ToString();
+    long long asked = 0, needed = 0;
+    const size_t at = text.find("Vocabulary size is smaller than required_chars.");
+    if (at != std::string::npos && std::sscanf(text.c_str() + at, "Vocabulary size is smaller than required_chars. %lld vs %lld",
+                                               &asked, &needed) == 2) {
+      throw Error(fmt::format("--vocab-size {} is too small for this text: its characters and the special pieces "
+                              "need {} pieces (with byte fallback's 256 bytes); use --vocab-size {} or more",
+                              asked, needed, needed));
+    }
+    throw Error("training SentencePiece on " + input_list + ": " + text);
+  }
   for (const char* ext : {".model", ".vocab"}) {
     fs::rename(temp.string() + ext, output_prefix.string() + ext);
   }

@@ -306,6 +306,19 @@ class PerimeterTest(WorkDirTest):
         no_vocab = json.loads(json.dumps(tj))
         del no_vocab["model"]["vocab"]
         self.assert_refused(tokenize_with("no_vocab", no_vocab), "model.vocab")
+        no_merges = json.loads(json.dumps(tj))
+        del no_merges["model"]["merges"]  # transformers refuses it too
+        self.assert_refused(tokenize_with("no_merges", no_merges), "model.merges: expected a list of merges, found none")
+        # A manifest whose tokenizer kind disagrees with its identity is damaged, not believed.
+        manifest_path = self.path("plain_out", "manifest.json")
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        manifest["tokenizer"]["kind"] = "sentencepiece"
+        with open(manifest_path, "w") as f:
+            json.dump(manifest, f)
+        r = run("eval", "--model", self.model, "--data", self.path("plain_out", "train_*.bin"), "--seq-len", 4,
+                "--device", "cpu")
+        self.assert_refused(r, "manifest.json: tokenizer.kind \"sentencepiece\" disagrees with tokenizer.identity")
         self.assert_refused(tokenize_with("normalizer", dict(tj, normalizer={"type": "Lowercase"})), "normalizer")
         prefix = dict(tj, pre_tokenizer={"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
                                          "use_regex": True})
