@@ -32,10 +32,24 @@ BIN = os.environ.get("GPT2FT_BIN", "")
 
 
 def run(cfg, workdir, name, timeout=300):
+    """The run, in one process, or with distributed.world (a test's key, taken out) ranks over
+    Gloo: every rank must end with the same exit code; their stderr is joined."""
+    cfg = dict(cfg)
+    world = cfg.pop("world", 1)
     path = os.path.join(workdir, f"{name}.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
-    return subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=timeout)
+    if world == 1:
+        r = subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=timeout)
+        r.rank_stderr = [r.stderr]
+        return r
+    from test_distributed import finish, free_port, start_ranks
+    ends = finish(start_ranks(path, world, free_port()), timeout=timeout)
+    codes = [rc for rc, _ in ends]
+    assert len(set(codes)) == 1, f"the ranks ended differently: {codes}\n" + "\n".join(e[-2000:] for _, e in ends)
+    r = subprocess.CompletedProcess(path, codes[0], "", "".join(e for _, e in ends))
+    r.rank_stderr = [e for _, e in ends]
+    return r
 
 
 def rows(out, key):
@@ -90,6 +104,10 @@ class MemoryRehearsalTest(WorkDirTest):
              "log": {"every_steps": 1, "progress": "lines", "tensorboard": False},
              "output_dir": out, "device": "cpu"}
         for key, value in extra.items():
+            if key == "world":  # ranks over Gloo (run() starts them)
+                c["world"] = value
+                c.setdefault("distributed", {})["backend"] = "gloo"
+                continue
             section, name = key.split("__")
             c.setdefault(section, {})[name] = value
         if cap is not None:
@@ -115,9 +133,11 @@ class MemoryRehearsalTest(WorkDirTest):
 
     def sweep(self, label, policy="backoff", caps=6, **extra):
         self._clean = {}
-        _, top = self.clean(8, **extra)
+        largest = 8 // extra.get("world", 1)  # the per-rank batch
+        _, top = self.clean(largest, **extra)
         for micro in (4, 2):
-            self.clean(micro, **extra)
+            if micro < largest:
+                self.clean(micro, **extra)
         _, floor = self.clean(1, **extra)
         print(f"[{label}] measured peak: micro 8 {top / 2**20:.2f} MiB, micro 1 {floor / 2**20:.2f} MiB")
         self.assertGreater(top, floor)
@@ -127,7 +147,7 @@ class MemoryRehearsalTest(WorkDirTest):
         outcomes, all_phases = [], []
         for i, cap in enumerate(caps_to_try):
             out = os.path.join(self.tmp, f"{label}_{i}")
-            cfg = self.config(out, 8, cap=cap, policy=policy, **extra)
+            cfg = self.config(out, largest, cap=cap, policy=policy, **extra)
             stderr, codes = "", []
             for attempt in range(6):  # a 75 is run again as it is, as the Slurm wrapper would
                 r = run(cfg, self.tmp, f"{label}_{i}")
@@ -148,10 +168,14 @@ class MemoryRehearsalTest(WorkDirTest):
                 self.assertEqual(r.returncode, 0, r.stderr[-3000:])
                 end = "77 then 0"
             if end == 1:
-                last = [line for line in stderr.strip().splitlines() if line.strip()][-1]
-                self.assertIn("out of memory", last)
-                self.assertTrue(last.startswith("error:") or "error" in last[:40], last)
-                outcomes.append((cap, codes, phases, "error: " + last[-160:]))
+                # Each process ends in one error line: the rank that ran out of memory says so,
+                # the others that a rank failed.
+                lasts = [[line for line in err.strip().splitlines() if line.strip()][-1] for err in r.rank_stderr]
+                self.assertTrue(any("out of memory" in last for last in lasts), lasts)
+                for last in lasts:
+                    self.assertTrue("out of memory" in last or "Another rank probably failed" in last, last)
+                    self.assertTrue(last.startswith("error:") or "error" in last[:40], last)
+                outcomes.append((cap, codes, phases, "error: " + " | ".join(last[-160:] for last in lasts)))
                 continue
             micro = rows(out, "micro_batch")[-1]["micro_batch"]
             clean_out, _ = self.clean(micro, **extra)
@@ -196,6 +220,12 @@ class MemoryRehearsalTest(WorkDirTest):
                                       data__train=os.path.join(self.tmp, "docs", "train_*.bin"),
                                       data__packing="documents", data__val="")
         self.assertGreaterEqual(len(phases), 2, outcomes)  # the errors landed in more than one phase
+        self.assertTrue(any("finished at micro" in o[3] for o in outcomes), outcomes)
+
+    def test_cap_sweep_over_two_ranks_with_zero1(self):
+        # Each rank has the cap; a rank out of memory makes every rank back off together.
+        outcomes, phases = self.sweep("two_ranks", caps=4, world=2, distributed__shard_optimizer=True)
+        self.assertGreaterEqual(len(phases), 2, outcomes)
         self.assertTrue(any("finished at micro" in o[3] for o in outcomes), outcomes)
 
     def test_cap_sweep_with_8bit_adamw_and_checkpointing(self):
