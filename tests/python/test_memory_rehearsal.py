@@ -295,6 +295,33 @@ class PlannerAgainstCountTest(WorkDirTest):
                       f"measured {measured / 2**20:7.2f} MiB, {100 * error:+.1f}%")
                 with self.subTest(config=name, micro=micro):
                     self.assertLess(abs(error), 0.10)
+        # Two Gloo ranks, with and without ZeRO-1: rank 0's counted peak (its metrics) against
+        # `plan --gpus 2` (the most loaded rank's optimizer state under ZeRO-1).
+        from test_distributed import finish, free_port, start_ranks
+        for shard in (False, True):
+            out = os.path.join(self.tmp, f"ranks_{shard}")
+            with open(cfg) as f:
+                c = json.load(f)
+            c["train"].update({"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 3})
+            c.update(output_dir=out, distributed={"backend": "gloo", "shard_optimizer": shard},
+                     log={"every_steps": 1, "tensorboard": False}, checkpoint={"at_end": False})
+            path = os.path.join(self.tmp, f"ranks_{shard}.json")
+            with open(path, "w") as f:
+                json.dump(c, f)
+            for rank, (rc, err) in enumerate(finish(start_ranks(path, 2, free_port()))):
+                self.assertEqual(rc, 0, f"rank {rank}: {err[-3000:]}")
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                measured = max(r["cpu_peak_allocated_gb"] for r in map(json.loads, f) if "cpu_peak_allocated_gb" in r) * 1e9
+            r = subprocess.run([BIN, "plan", "--config", path, "--json", "--gpus", "2"], capture_output=True, text=True,
+                               timeout=300)
+            self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+            predicted = json.loads(r.stdout.strip().splitlines()[-1])["predicted_peak"]
+            error = predicted / measured - 1
+            worst = max(worst, abs(error))
+            print(f"[planner] {'2 ranks, ZeRO-1' if shard else '2 ranks':48s} micro 4: predicted "
+                  f"{predicted / 2**20:7.2f} MiB, measured {measured / 2**20:7.2f} MiB, {100 * error:+.1f}%")
+            with self.subTest(config="2 ranks", zero1=shard):
+                self.assertLess(abs(error), 0.10)
         print(f"[planner] worst |error| {100 * worst:.1f}%")
 
 
