@@ -86,17 +86,25 @@ TensorBoardWriter::TensorBoardWriter(const std::filesystem::path& dir) {
   ::gethostname(host, sizeof(host) - 1);
   auto seconds = static_cast<int64_t>(wall_time());
   const std::string prefix = "events.out.tfevents.";
+  std::string last;  // the greatest event file name: TensorBoard reads the files in name order
   for (const auto& entry : std::filesystem::directory_iterator(dir)) {  // after every earlier file
     const std::string name = entry.path().filename().string();
     if (name.rfind(prefix, 0) != 0) continue;
+    last = std::max(last, name);
     const std::string stamp = name.substr(prefix.size(), name.find('.', prefix.size()) - prefix.size());
     if (!stamp.empty() && stamp.size() <= 18 && stamp.find_first_not_of("0123456789") == std::string::npos) {
       seconds = std::max<int64_t>(seconds, std::stoll(stamp) + 1);
     }
   }
+  // The stamp must also sort after every name as text ("10000000000" sorts before "9999999999"):
+  // then the greatest name's stamp with a digit appended, later in both orders.
+  std::string stamp = std::to_string(seconds);
+  if (!last.empty() && prefix + stamp + "." <= last) {
+    const std::string their = last.substr(prefix.size(), last.find('.', prefix.size()) - prefix.size());
+    stamp = their + "1";  // '1' sorts after the '.' that ends their stamp
+  }
   for (int n = 0;; ++n) {  // a new file, never another run's
-    path_ = dir / ("events.out.tfevents." + std::to_string(seconds) + "." + host + "." + std::to_string(::getpid()) +
-                   "." + std::to_string(n));
+    path_ = dir / (prefix + stamp + "." + host + "." + std::to_string(::getpid()) + "." + std::to_string(n));
     if (!std::filesystem::exists(path_)) break;
   }
   out_.open(path_, std::ios::binary);

@@ -92,7 +92,12 @@ class RunTrackingTest(WorkDirTest):
         earlier = copy.deepcopy(self.cfg)
         earlier["train"]["lr"] = 1e-3
         earlier["checkpoint"].update({"every_steps": 0, "at_end": False})
-        self.run_cfg(earlier, "straight")
+        first, _ = self.run_cfg(earlier, "straight")
+        # ... whose event file carries a later timestamp, one that sorts before ours as text
+        # (10000000000 < 9999999999): TensorBoard reads files in name order.
+        tb = os.path.join(first, "tensorboard")
+        for i, name in enumerate(sorted(os.listdir(tb))):
+            os.rename(os.path.join(tb, name), os.path.join(tb, f"events.out.tfevents.9999999999.elsewhere.1.{i}"))
         again = copy.deepcopy(self.cfg)
         again["checkpoint"]["resume"] = "none"
         out, _ = self.run_cfg(again, "straight")
