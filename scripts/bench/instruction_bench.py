@@ -42,8 +42,8 @@ def document_shard_bytes(tokens, starts, targets):
     sections = np.asarray(starts, dtype="<u4").tobytes() + np.packbits(np.asarray(targets, dtype=bool),
                                                                          bitorder="little").tobytes()
     header = np.zeros(256, dtype="<i4")
-    s = checksum(sections)
-    header[:5] = [20261201, 1, len(tokens), 2, len(starts)]
+    header[:5] = [20261201, 2, len(tokens), 2, len(starts)]
+    s = (checksum(header[2:5].tobytes()) * 0x9E3779B97F4A7C15 + checksum(sections)) & MASK64  # version 2
     header[5:7] = np.array([s & 0xFFFFFFFF, s >> 32], dtype="<u4").view("<i4")
     body = np.asarray(tokens, dtype="<u2").tobytes()
     body += b"\0" * (-len(body) % 4)

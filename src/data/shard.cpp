@@ -26,6 +26,15 @@ uint64_t header_checksum(const int32_t* header) {
   return static_cast<uint32_t>(header[5]) | (static_cast<uint64_t>(static_cast<uint32_t>(header[6])) << 32);
 }
 
+// What a document shard's checksum covers: version 1 the two sections; version 2 also the
+// header's token count, token width and document count, so that a count changed by one (which
+// the file size and alignment can absorb) is found.
+uint64_t document_checksum(int32_t version, const int32_t* header, const uint8_t* sections, size_t bytes) {
+  const uint64_t body = bytes_checksum(sections, bytes);
+  if (version == 1) return body;
+  return bytes_checksum(header + 2, 3 * sizeof(int32_t)) * 0x9E3779B97F4A7C15ull + body;
+}
+
 }  // namespace
 
 ShardReader::ShardReader(const std::filesystem::path& path) : file_(path) {
@@ -68,7 +77,7 @@ ShardReader::ShardReader(const std::filesystem::path& path) : file_(path) {
 
 void ShardReader::open_documents(const int32_t* header) {
   const std::string where = path().string() + ": document shard";
-  if (header[1] != kShardVersionDocuments) {
+  if (header[1] != kShardVersionDocuments && header[1] != 1) {
     throw Error(where + " version " + std::to_string(header[1]) + " (expected " +
                 std::to_string(kShardVersionDocuments) + "); made by a newer gpt2-finetune, or corrupt");
   }
@@ -94,9 +103,9 @@ void ShardReader::open_documents(const int32_t* header) {
   }
   starts_ = file_.data() + starts_at;
   targets_ = file_.data() + targets_at;
-  if (bytes_checksum(starts_, expected - starts_at) != header_checksum(header)) {
-    throw Error(where + ": the document starts or target bits do not match the header's checksum; the file is "
-                        "damaged. Re-run tokenize");
+  if (document_checksum(header[1], header, starts_, expected - starts_at) != header_checksum(header)) {
+    throw Error(where + ": the header's counts, the document starts or the target bits do not match the header's "
+                        "checksum; the file is damaged. Re-run tokenize");
   }
   int64_t previous = -1;
   for (int64_t d = 0; d < num_documents_; ++d) {
@@ -223,7 +232,7 @@ void write_shard(const std::filesystem::path& path, const std::vector<uint32_t>&
     for (size_t i = 0; i < tokens.size(); ++i) {
       if (documents->targets[i]) bits[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
     }
-    const uint64_t sum = bytes_checksum(sections.data(), sections.size());
+    const uint64_t sum = document_checksum(kShardVersionDocuments, header, sections.data(), sections.size());
     header[5] = static_cast<int32_t>(static_cast<uint32_t>(sum));
     header[6] = static_cast<int32_t>(static_cast<uint32_t>(sum >> 32));
   }

@@ -61,7 +61,7 @@ def read_document_shard(path):
     with open(path, "rb") as f:
         raw = f.read()
     header = np.frombuffer(raw, dtype=np.int32, count=256)
-    assert tuple(header[:2]) == (20261201, 1), f"{path}: magic/version {header[:2]}"
+    assert header[0] == 20261201 and header[1] in (1, 2), f"{path}: magic/version {header[:2]}"
     n, width, docs = int(header[2]), int(header[3]), int(header[4])
     tokens = np.frombuffer(raw, dtype=np.uint16 if width == 2 else np.uint32, count=n, offset=1024)
     at = (1024 + n * width + 3) // 4 * 4

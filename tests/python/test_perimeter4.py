@@ -165,6 +165,39 @@ class Perimeter4Test(PerimeterTest):
         self.assert_refused(r, "the global batch of step 1 (4 samples from sample 0 of epoch 0) holds no target")
         self.assertFalse(os.path.exists(os.path.join(self.path("run_first_batch"), "final")))
 
+    def test_a_document_shard_whose_header_disagrees_with_its_sections_is_refused(self):
+        from instruction_bench import checksum, document_shard_bytes
+        rng = np.random.default_rng(2)
+        lengths = np.full(9, 11)  # 99 tokens: odd, so one more fits in the alignment padding
+        tokens = rng.integers(0, 96, int(lengths.sum()))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        targets = rng.random(tokens.size) < 0.5
+        good = document_shard_bytes(tokens, starts, targets)
+        header = np.frombuffer(good[:1024], dtype="<i4").copy()
+        sections = good[1024 + (2 * tokens.size + 3) // 4 * 4:]
+
+        def train_on(name, data):
+            folder = self.path(name)
+            os.makedirs(folder)
+            with open(os.path.join(folder, "train_000000.bin"), "wb") as f:
+                f.write(data)
+            cfg = self.config(self.path(f"run_{name}"), max_steps=1)
+            cfg["data"]["train"] = os.path.join(folder, "train_*.bin")
+            return run("--config", self.write_config(cfg, self.path("cfg", f"{name}.json")))
+
+        self.assertEqual(train_on("good", good).returncode, 0)
+        # One token more in the header: the size, the alignment and the target bits all still fit.
+        more = header.copy()
+        more[2] += 1
+        self.assert_refused(train_on("one_more", more.tobytes() + good[1024:]),
+                            "the header's counts, the document starts or the target bits do not match")
+        # A version 1 shard (checksum of the sections alone) still reads.
+        v1 = header.copy()
+        v1[1] = 1
+        v1[5:7] = np.array([checksum(sections) & 0xFFFFFFFF, checksum(sections) >> 32], dtype="<u4").view("<i4")
+        r = train_on("version_1", v1.tobytes() + good[1024:])
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+
     def test_options_that_can_never_act_are_refused(self):
         out = self.path("run")
         for name, edit, expect in (

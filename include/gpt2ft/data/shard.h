@@ -2,9 +2,11 @@
 // followed by the tokens, uint16 (magic 20240520, version 1) or, for vocabularies larger
 // than 65,536, uint32 (magic 20240801, version 7).
 //
-// Document shards (instruction data, ours: magic 20261201, version 1) add where each document
+// Document shards (instruction data, ours: magic 20261201, version 2) add where each document
 // starts and which tokens are targets. Header: magic, version, token count N, token bytes (2 or
-// 4), document count D, then the checksum of the two sections below as two int32 (low, high).
+// 4), document count D, then a checksum as two int32 (low, high): of the header's N, token bytes
+// and D (as 12 bytes), times 0x9E3779B97F4A7C15, plus that of the two sections below (modulo
+// 2^64). Version 1, whose checksum covers the sections alone, still reads.
 // After the header: the N tokens; zero bytes up to a multiple of 4; D uint32 document starts
 // (the first is 0, increasing, each below N; a document runs to the next start); ceil(N/8)
 // bytes of target bits (token i is a target when bit i % 8 of byte i / 8 is set).
@@ -24,7 +26,7 @@ inline constexpr int32_t kShardVersionU16 = 1;
 inline constexpr int32_t kShardMagicU32 = 20240801;
 inline constexpr int32_t kShardVersionU32 = 7;
 inline constexpr int32_t kShardMagicDocuments = 20261201;
-inline constexpr int32_t kShardVersionDocuments = 1;
+inline constexpr int32_t kShardVersionDocuments = 2;  // 1 (no header counts in the checksum) still reads
 inline constexpr size_t kShardHeaderInts = 256;
 inline constexpr size_t kShardHeaderBytes = kShardHeaderInts * sizeof(int32_t);
 
