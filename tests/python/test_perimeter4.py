@@ -198,6 +198,43 @@ class Perimeter4Test(PerimeterTest):
         r = train_on("version_1", v1.tobytes() + good[1024:])
         self.assertEqual(r.returncode, 0, r.stderr[-2000:])
 
+    def test_fifos_small_vocabularies_and_a_missing_best_are_named(self):
+        # A FIFO named by the shard glob: plan and the "auto" settings refuse it, never hang.
+        folder = self.path("fifo")
+        os.makedirs(folder, exist_ok=True)
+        os.mkfifo(os.path.join(folder, "train_000000.bin"))
+        cfg = self.config(self.path("run_fifo"))
+        cfg["data"]["train"] = os.path.join(folder, "train_*.bin")
+        cfg["train"].update({"micro_batch_size": "auto"})
+        path = self.write_config(cfg, self.path("cfg", "fifo.json"))
+        for args in (("plan", "--config", path), ("--config", path)):
+            r = run(*args, timeout=60)
+            self.assert_refused(r, "train_000000.bin: not a regular file")
+        # SentencePiece with a vocabulary below the characters it must hold: the size to use.
+        text = self.path("sp", "pairs.jsonl")
+        os.makedirs(os.path.dirname(text), exist_ok=True)
+        with open(text, "w") as f:
+            f.write(json.dumps({"prompt": "hello world, what a day", "completion": "indeed it is"}) + "\n")
+        r = run("tokenize", "--train-sentencepiece", "--vocab-size", 20, "--input", text, "--prompt-field", "prompt",
+                "--completion-field", "completion", "--output-dir", self.path("sp", "out"), "--no-progress")
+        self.assert_refused(r, "--vocab-size 20 is too small for this text", "or more")
+        self.assertNotIn("trainer_interface.cc", r.stderr)
+        # best/ gone from a run that names it: the resumed run says so, and its last line does not
+        # name a best/ that is not there.
+        out = self.path("run_best")
+        cfg = self.tracked_config(out, max_steps=2)
+        r = run("--config", self.write_config(cfg, self.path("cfg", "best.json")))
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        shutil.rmtree(os.path.join(out, "best"))
+        cfg = self.tracked_config(out, max_steps=3, lr=1e-3)
+        cfg["eval"]["every_steps"] = 100  # no validation before the end: nothing rewrites best/ on the way
+        r = run("--config", self.write_config(cfg, self.path("cfg", "best_more.json")))
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        self.assertIn(os.path.join(out, "best") + " is missing: the checkpoint names a best model", r.stderr)
+        done = [line for line in r.stderr.splitlines() if "done:" in line][-1]
+        if not os.path.exists(os.path.join(out, "best", "best.json")):
+            self.assertNotIn(os.path.join(out, "best"), done)
+
     def test_options_that_can_never_act_are_refused(self):
         out = self.path("run")
         for name, edit, expect in (
