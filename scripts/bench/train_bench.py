@@ -42,6 +42,8 @@ def make_model(work, args):
     folder = os.path.join(work, "model")
     if args.preset:
         cmd = [BIN, "init", "--preset", args.preset, "--output", folder]
+    elif args.shape:
+        cmd = [BIN, "init", "--config-json", args.shape, "--output", folder]
     else:
         cfg = os.path.join(work, "shape.json")
         with open(cfg, "w") as f:
@@ -68,13 +70,14 @@ def windows(data, T, count):
     return [data[k * T: k * T + T + 1] for k in range(count)]
 
 
-def bench_ours(work, model, shard, args, micro, dtype, ckpt, chunked_loss=True):
-    out = os.path.join(work, f"ours_{micro}_{dtype}_{ckpt}_{chunked_loss}")
+def bench_ours(work, model, shard, args, micro, dtype, ckpt, chunked_loss=True, deterministic=False):
+    out = os.path.join(work, f"ours_{micro}_{dtype}_{ckpt}_{chunked_loss}_{deterministic}")
     cfg = {"model": {"init_from": model, "dropout": 0.0, "activation_checkpointing": "all" if ckpt else "none"},
            "data": {"train": shard, "seq_len": args.seq_len, "shuffle": False, "num_workers": 2},
            "train": {"micro_batch_size": micro, "global_batch_size": micro, "max_steps": args.warmup + args.steps,
                      "lr": 1e-4, "warmup_steps": 0, "lr_schedule": "constant",
-                     "fused_adamw": os.environ.get("GPT2FT_BENCH_FUSED", "auto"), "chunked_loss": chunked_loss},
+                     "fused_adamw": os.environ.get("GPT2FT_BENCH_FUSED", "auto"), "chunked_loss": chunked_loss,
+                     "deterministic": deterministic},
            "amp": {"dtype": AMP_NAMES[dtype]}, "checkpoint": {"resume": "none", "at_end": False},
            "log": {"every_steps": 1, "progress": "lines"}, "output_dir": out, "device": args.device}
     path = out + ".json"
@@ -180,6 +183,9 @@ def main():
     ap.add_argument("--also-eager-loss", action="store_true",
                     help="also run ours with train.chunked_loss false (the before/after of the chunked loss)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--shape", help="a model shape JSON (e.g. configs/quickstart-model.json) instead of the default")
+    ap.add_argument("--also-deterministic", action="store_true",
+                    help="also time ours with train.deterministic (MKL's reproducible branch on the CPU)")
     args = ap.parse_args()
     gpu = args.mode == "gpu"
     args.device = "cuda" if gpu else "cpu"
@@ -204,8 +210,11 @@ def main():
                                  ("pytorch-eager", lambda: bench_eager(model_dir, data, args, micro, dtype, ckpt)),
                                  ("hf-trainer", lambda: bench_hf_trainer(work, model_dir, data, args, micro, dtype, ckpt)),
                                  ("gpt2-finetune-eager-loss",
-                                  lambda: bench_ours(work, model_dir, shard, args, micro, dtype, ckpt, False))):
-                    if (name == "hf-trainer" and args.skip_hf) or (name.endswith("eager-loss") and not args.also_eager_loss):
+                                  lambda: bench_ours(work, model_dir, shard, args, micro, dtype, ckpt, False)),
+                                 ("gpt2-finetune-deterministic",
+                                  lambda: bench_ours(work, model_dir, shard, args, micro, dtype, ckpt, True, True))):
+                    if ((name == "hf-trainer" and args.skip_hf) or (name.endswith("eager-loss") and not args.also_eager_loss)
+                            or (name.endswith("deterministic") and not args.also_deterministic)):
                         continue
                     t, mem = fn()
                     row[name] = {"median_step_s": t, "tokens_per_s": tokens / t, "peak_gb": mem}
@@ -214,7 +223,7 @@ def main():
 
     meta = {"mode": args.mode, "device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "model": args.preset or "4 layers, 4 heads, 256 channels, vocab 4096", "seq_len": args.seq_len,
+            "model": args.preset or args.shape or "4 layers, 4 heads, 256 channels, vocab 4096", "seq_len": args.seq_len,
             "warmup": args.warmup, "timed_steps": args.steps}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -235,6 +244,12 @@ def main():
         if gpu:
             line += f" {ours['peak_gb']:.2f} / {eager['peak_gb']:.2f} / {hf['peak_gb'] if hf else 0:.2f} |"
         print(line)
+    for r in rows:
+        if "gpt2-finetune-deterministic" in r:
+            a, d, e = r["gpt2-finetune"], r["gpt2-finetune-deterministic"], r["pytorch-eager"]
+            print(f"train.deterministic {r['dtype']} micro {r['micro']}: off {a['tokens_per_s']:,.0f} tok/s "
+                  f"({a['tokens_per_s'] / e['tokens_per_s']:.2f}x eager), on {d['tokens_per_s']:,.0f} tok/s "
+                  f"({d['tokens_per_s'] / e['tokens_per_s']:.2f}x eager); on costs {a['tokens_per_s'] / d['tokens_per_s']:.2f}x")
     for r in rows:
         if "gpt2-finetune-eager-loss" in r:
             a, b = r["gpt2-finetune"], r["gpt2-finetune-eager-loss"]

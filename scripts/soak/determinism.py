@@ -52,7 +52,8 @@ def config(work, out, amp):
     return {"amp": {"dtype": amp},"model": {"init_from": os.path.join(work, "model"), "dropout": 0.1, "activation_checkpointing": "all"},
             "data": {"train": os.path.join(work, "train_*.bin"), "val": os.path.join(work, "val_*.bin"),
                      "seq_len": 16, "num_workers": 2, "shuffle": True},
-            "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 6, "lr": 1e-3, "warmup_steps": 1},
+            "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 6, "lr": 1e-3, "warmup_steps": 1,
+                      "deterministic": True},
             "eval": {"every_steps": 2},
             "checkpoint": {"every_steps": 2, "keep_last": 1, "resume": "none"},
             "log": {"every_steps": 1, "progress": "lines"}, "output_dir": out, "device": "cpu"}

@@ -44,7 +44,7 @@ def config(work, out, steps):
     return {"model": {"init_from": os.path.join(work, "model"), "dropout": 0.1},
             "data": {"train": os.path.join(work, "train_*.bin"), "seq_len": 16, "num_workers": 2},
             "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": steps, "lr": 3e-3,
-                      "fused_adamw": "off"},
+                      "fused_adamw": "off", "deterministic": True},
             "checkpoint": {"every_steps": 1, "keep_last": 2}, "log": {"every_steps": 5, "progress": "lines"},
             "output_dir": out, "device": "cpu"}
 

@@ -10,13 +10,9 @@
 
 #include "commands.h"
 #include "gpt2ft/core/error.h"
-#include "gpt2ft/core/reproducible_math.h"
 
 int main(int argc, char** argv) {
   using namespace gpt2ft;
-  // The same run must give the same bits (a resume is compared bitwise, so are splits of the
-  // batch), also on a busy machine: before MKL's first call (core/reproducible_math.h).
-  request_reproducible_cpu_math();
   // Logs go to stderr, so stdout carries only results (--json lines, generated text).
   spdlog::set_default_logger(spdlog::stderr_color_mt("gpt2-finetune"));
   spdlog::set_pattern("[%H:%M:%S] %^%l%$ %v");

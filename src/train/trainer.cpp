@@ -49,6 +49,7 @@
 #include "gpt2ft/train/run_checkpoints.h"
 #include "gpt2ft/memory/run_memory.h"
 #include "gpt2ft/core/json.h"
+#include "gpt2ft/core/reproducible_math.h"
 #include "gpt2ft/train/run_fingerprint.h"
 #include "gpt2ft/train/step_outcome.h"
 #include "gpt2ft/train/stop_signals.h"
@@ -127,6 +128,7 @@ auto fatal_if_out_of_memory(const std::string& where, F&& f) -> decltype(f()) {
 // run's CUDA settings applied before anything is allocated on it.
 c10::Device training_device(const TrainConfig& cfg, const LaunchEnv& env) {
   const c10::Device device = rank_device(parse_device(cfg.device, "device"), env);
+  if (cfg.train.deterministic) request_deterministic_math(device.type());  // before anything computes
   if (device.is_cuda()) {  // made current here, for one process on cuda:N as for a rank
     configure_cuda(device, {cfg.cuda.tf32, cfg.cuda.expandable_segments,
                             cfg.cuda.memory_limit.empty() ? 0 : parse_memory_size(cfg.cuda.memory_limit, "cuda.memory_limit")});

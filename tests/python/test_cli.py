@@ -395,7 +395,7 @@ class CliTest(WorkDirTest):
              ["vocab.json", "expected an integer in [0, 16777216)"]),
             ("tokenizer_json_wrong_types", tokenizer_folder("tok_json", {"tokenizer.json": json.dumps(
                 {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [[1, 2]]}})}),
-             ["tokenizer.json", "expected layout"]),
+             ["tokenizer.json", "model.merges: expected \"A B\" strings or [A, B] pairs"]),
         ]
         for name, args, fragments in cases:
             with self.subTest(case=name):

@@ -145,6 +145,7 @@ class LoraTest(WorkDirTest):
         c["model"]["dropout"] = 0.1
         c["model"]["lora"]["dropout"] = 0.1
         c["checkpoint"] = {"every_steps": 2}
+        c["train"]["deterministic"] = True  # two processes compared bitwise
         straight, _ = run(c, self.tmp, "straight")
         crashed, _ = run(c, self.tmp, "crashed", env={"GPT2FT_FAULT_CRASH_AFTER_STEP": "5"}, expect=137)
         ckpt = os.path.join(crashed, "checkpoints", "step_00000004")

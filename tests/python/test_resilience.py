@@ -26,7 +26,7 @@ def config(model_dir, glob, out, **train):
         "model": {"init_from": model_dir, "dropout": 0.1},
         "data": {"train": glob, "seq_len": 16, "num_workers": 2},
         "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 12, "lr": 3e-3, "warmup_steps": 2,
-                  "fused_adamw": "off"},
+                  "fused_adamw": "off", "deterministic": True},  # runs of two processes compared bitwise
         "checkpoint": {"every_steps": 4, "keep_last": 2},
         "log": {"every_steps": 1, "progress": "lines"},
         "output_dir": out,

@@ -53,6 +53,7 @@ struct TrainConfig {
     std::string optimizer;                   // "adamw" | "adamw_8bit" (optim/adamw_8bit.h)
     std::string fused_adamw;                 // "auto" | "on" | "off"
     bool chunked_loss = true;                // lm_head + cross-entropy without whole-batch logits
+    bool deterministic = false;              // bitwise-equal runs (core/reproducible_math.h)
     std::string optimizer_offload;           // "none" | "cpu"
     int64_t seed = 0;
     double time_limit = 0;
