@@ -28,7 +28,7 @@ def base_config(model_dir, train, val):
         "model": {"init_from": model_dir, "dropout": 0.0},
         "data": {"train": train, "val": val, "seq_len": 16, "shuffle": True, "num_workers": 2},
         "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 24, "lr": 3e-3, "min_lr": 3e-4,
-                  "warmup_steps": 2},
+                  "warmup_steps": 2, "deterministic": True},  # a resumed run's losses compared to 1e-6,
         "eval": {"every_steps": 4},
         "checkpoint": {"every_steps": 5},
         "log": {"every_steps": 1, "progress": "lines"},
