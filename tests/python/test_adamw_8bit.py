@@ -26,7 +26,7 @@ def base_config(model_dir, shard):
     return {
         "model": {"init_from": model_dir, "dropout": 0.0},
         "data": {"train": shard, "seq_len": T, "shuffle": False, "num_workers": 2},
-        "train": {"optimizer": "adamw_8bit", "micro_batch_size": 8, "global_batch_size": WINDOWS, "max_steps": 8,
+        "train": {"deterministic": True, "optimizer": "adamw_8bit", "micro_batch_size": 8, "global_batch_size": WINDOWS, "max_steps": 8,
                   "lr": 1e-3, "warmup_steps": 0, "lr_schedule": "constant", "weight_decay": 0.1,
                   "betas": [0.9, 0.95], "grad_clip": 1.0},
         "log": {"every_steps": 1, "progress": "lines"},

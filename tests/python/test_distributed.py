@@ -50,7 +50,7 @@ def base_config(model_dir, train_glob, val_glob):
     return {
         "model": {"init_from": model_dir, "dropout": 0.0},
         "data": {"train": train_glob, "val": val_glob, "seq_len": 16, "num_workers": 2},
-        "train": {"micro_batch_size": 2, "global_batch_size": 12, "max_steps": 4, "lr": 1e-3, "min_lr": 1e-4,
+        "train": {"deterministic": True, "micro_batch_size": 2, "global_batch_size": 12, "max_steps": 4, "lr": 1e-3, "min_lr": 1e-4,
                   "warmup_steps": 1, "lr_schedule": "cosine", "weight_decay": 0.1, "grad_clip": 0.5, "eps": 1e-6,
                   "fused_adamw": "off"},
         "eval": {"max_sequences": 0},

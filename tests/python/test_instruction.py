@@ -80,7 +80,7 @@ def base_config(model_dir, train_glob):
     return {
         "model": {"init_from": model_dir, "dropout": 0.0},
         "data": {"train": train_glob, "seq_len": T, "shuffle": True, "num_workers": 2},
-        "train": {"micro_batch_size": 8, "global_batch_size": 8, "max_steps": 4, "lr": 2e-3, "min_lr": 2e-4,
+        "train": {"deterministic": True, "micro_batch_size": 8, "global_batch_size": 8, "max_steps": 4, "lr": 2e-3, "min_lr": 2e-4,
                   "warmup_steps": 1, "lr_schedule": "cosine", "weight_decay": 0.1, "betas": [0.9, 0.95],
                   "grad_clip": 1.0, "fused_adamw": "off"},
         "log": {"every_steps": 1, "progress": "lines"},

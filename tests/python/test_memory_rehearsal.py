@@ -96,7 +96,7 @@ class MemoryRehearsalTest(WorkDirTest):
         c = {"model": {"init_from": self.model_dir, "dropout": 0.0},
              "data": {"train": os.path.join(self.tmp, "train_*.bin"), "val": os.path.join(self.tmp, "val_*.bin"),
                       "seq_len": 32, "num_workers": 1},
-             "train": {"micro_batch_size": micro, "global_batch_size": 8, "max_steps": 4, "lr": 1e-3,
+             "train": {"deterministic": True, "micro_batch_size": micro, "global_batch_size": 8, "max_steps": 4, "lr": 1e-3,
                        "warmup_steps": 0},
              "eval": {"every_steps": 2, "batch_size": 8},
              "checkpoint": {"every_steps": 2, "resume": "auto"},

@@ -23,7 +23,7 @@ def base_config(model_dir, shard_glob):
     return {
         "model": {"init_from": model_dir, "dropout": 0.0},
         "data": {"train": shard_glob, "seq_len": 16, "shuffle": False, "num_workers": 2},
-        "train": {"micro_batch_size": 2, "global_batch_size": 4, "max_steps": 6, "lr": 3e-3, "min_lr": 3e-4,
+        "train": {"deterministic": True, "micro_batch_size": 2, "global_batch_size": 4, "max_steps": 6, "lr": 3e-3, "min_lr": 3e-4,
                   "warmup_steps": 2, "lr_schedule": "cosine", "weight_decay": 0.1, "betas": [0.9, 0.95],
                   "grad_clip": 0.5, "fused_adamw": "off"},
         "log": {"every_steps": 1, "progress": "lines"},
