@@ -16,9 +16,9 @@
 #include "gpt2ft/core/device.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/distributed/launch_env.h"
-#include "gpt2ft/train/config.h"
 #include "gpt2ft/memory/levers.h"
 #include "gpt2ft/memory/planner.h"
+#include "gpt2ft/train/config.h"
 #include "gpt2ft/train/trainer.h"
 
 namespace gpt2ft::cli {

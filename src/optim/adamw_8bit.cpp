@@ -400,16 +400,14 @@ void AdamW8bit::restore_state(const SafetensorsReader& state) {
     }
     state.load_exact(key("step.", s.name), s.step, hint);
     // Scales are a block's largest |moment| (at least 1e-12 once stepped, 0 before the first
-    // step); moments and step counts finite.
-    const auto bad_scales = [](const torch::Tensor& t) { return !(torch::isfinite(t) & (t >= 0)).all().item<bool>(); };
-    const bool bad = !torch::isfinite(s.step).all().item<bool>() ||
-                     (s.quantized ? bad_scales(s.exp_avg_scales) || bad_scales(s.exp_avg_sq_scales)
-                                  : !torch::isfinite(s.exp_avg).all().item<bool>() ||
-                                        !(torch::isfinite(s.exp_avg_sq) & (s.exp_avg_sq >= 0)).all().item<bool>());
-    if (bad) {
+    // step); moments finite. (Step counts are checked with every optimizer's, in load_checkpoint.)
+    const auto finite_not_negative = [](const torch::Tensor& t) { return (torch::isfinite(t) & (t >= 0)).all().item<bool>(); };
+    const bool good = s.quantized ? finite_not_negative(s.exp_avg_scales) && finite_not_negative(s.exp_avg_sq_scales)
+                                  : torch::isfinite(s.exp_avg).all().item<bool>() && finite_not_negative(s.exp_avg_sq);
+    if (!good) {
       throw Error(state.path().string() + ": adamw8bit state of " + s.name +
-                  " holds a non-finite step count, a negative or non-finite scale, or a non-finite or negative "
-                  "moment; the checkpoint is damaged. Resume from an earlier one");
+                  " holds a negative or non-finite scale, or a non-finite or negative moment; the checkpoint is "
+                  "damaged. Resume from an earlier one");
     }
   }
 }

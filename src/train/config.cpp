@@ -12,9 +12,9 @@
 #include "gpt2ft/core/atomic_file.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/json.h"
+#include "gpt2ft/memory/planner.h"
 #include "gpt2ft/model/config.h"
 #include "gpt2ft/model/lora.h"
-#include "gpt2ft/memory/planner.h"
 
 namespace gpt2ft {
 using nlohmann::json;

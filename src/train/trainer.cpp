@@ -22,7 +22,9 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/fault_injection.h"
 #include "gpt2ft/core/folder_lock.h"
+#include "gpt2ft/core/json.h"
 #include "gpt2ft/core/out_of_memory.h"
+#include "gpt2ft/core/reproducible_math.h"
 #include "gpt2ft/core/rng_state.h"
 #include "gpt2ft/data/loader.h"
 #include "gpt2ft/data/shard.h"
@@ -33,6 +35,8 @@
 #include "gpt2ft/distributed/optimizer_shards.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/memory/counting_allocator.h"
+#include "gpt2ft/memory/levers.h"
+#include "gpt2ft/memory/run_memory.h"
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/init.h"
 #include "gpt2ft/model/lora.h"
@@ -44,12 +48,8 @@
 #include "gpt2ft/optim/lr_schedule.h"
 #include "gpt2ft/optim/offloaded_adamw.h"
 #include "gpt2ft/train/batch_split.h"
-#include "gpt2ft/memory/levers.h"
 #include "gpt2ft/train/oom_backoff.h"
 #include "gpt2ft/train/run_checkpoints.h"
-#include "gpt2ft/memory/run_memory.h"
-#include "gpt2ft/core/json.h"
-#include "gpt2ft/core/reproducible_math.h"
 #include "gpt2ft/train/run_fingerprint.h"
 #include "gpt2ft/train/step_outcome.h"
 #include "gpt2ft/train/stop_signals.h"
@@ -246,6 +246,7 @@ class Trainer {
   void write_model(const fs::path& dir);
   void save_model(const fs::path& dir);
   void check_best_folder();
+  std::string last_checkpoint_words() const;
   void save_best(int64_t step, double loss);
 
   void start_every_rank_alike();
@@ -695,12 +696,10 @@ std::optional<double> Trainer::validate(int64_t step) {
   }
   if (!r) return std::nullopt;
   if (!std::isfinite(r->loss)) {  // the weights went non-finite: never a NaN reported as a result, with exit 0
-    const auto latest = latest_checkpoint(cfg_.output_dir);
     throw Error(fmt::format("the validation loss at step {} is {}: the weights hold non-finite values or the model "
                             "overflows. Nothing is saved after this ({}); resume from it with a lower train.lr, or check "
                             "the checkpoint's optimizer state",
-                            step, r->loss, latest ? "the last checkpoint, " + latest->string() + ", is intact"
-                                                  : "no checkpoint was written yet"));
+                            step, r->loss, last_checkpoint_words()));
   }
   metrics_->record_validation({{"step", step},
                                {"time", unix_time()},
@@ -756,14 +755,17 @@ void Trainer::track_best(int64_t step, double loss) {
 void Trainer::stop_if_not_finite(int64_t step) {
   const double bad = comm_.reduce_device_scalars({nonfinite_steps_}, HostReduce::max, "the non-finite step count")[0];
   if (bad == 0) return;
-  const auto latest = latest_checkpoint(cfg_.output_dir);
   throw Error(fmt::format(
       "the gradients were NaN or infinite in {} step(s) by step {}: those updates were skipped and the run stops here "
       "without saving ({}). Likely causes: a learning rate too high (train.lr {:g}), no clipping (train.grad_clip), "
       "too large a loss scale or bad data; resume from the checkpoint with a lower train.lr",
-      static_cast<int64_t>(bad), step,
-      latest ? "the last checkpoint, " + latest->string() + ", is intact" : "no checkpoint was written yet",
-      cfg_.train.lr));
+      static_cast<int64_t>(bad), step, last_checkpoint_words(), cfg_.train.lr));
+}
+
+// For a run that stops without saving: which checkpoint it can resume from.
+std::string Trainer::last_checkpoint_words() const {
+  const auto latest = latest_checkpoint(cfg_.output_dir);
+  return latest ? "the last checkpoint, " + latest->string() + ", is intact" : "no checkpoint was written yet";
 }
 
 fs::path Trainer::save_checkpoint() {
@@ -791,7 +793,6 @@ void Trainer::save_final_model() {
   save_model(fs::path(cfg_.output_dir) / "final");
 }
 
-// The model folder, or with LoRA the adapter folder, into `dir`.
 // best/ is replaced whenever validation improves, so it must be this run's: written by the run
 // whose checkpoint this one continues (best.json records the run fingerprint). A resumed run
 // whose best/ has gone says so; the end of the run names best/ only if it is there.
@@ -806,10 +807,10 @@ void Trainer::check_best_folder() {
     }
     return;
   }
-  const std::string ways = " checkpoint.keep_best would replace it. Move it away, choose another output_dir, or set "
+  const std::string ways = "checkpoint.keep_best would replace it. Move it away, choose another output_dir, or set "
                            "checkpoint.keep_best false";
   if (!fs::exists(best / "best.json")) {
-    throw Error(best.string() + " exists and is not a best model this trainer wrote (it has no best.json);" + ways);
+    throw Error(best.string() + " exists and is not a best model this trainer wrote (it has no best.json); " + ways);
   }
   const nlohmann::json written = read_json_file((best / "best.json").string());
   std::vector<std::string> changed = fingerprint_differences(
@@ -819,7 +820,7 @@ void Trainer::check_best_folder() {
   if (!changed.empty()) {
     std::string list;
     for (const auto& c : changed) list += "\n  " + c;
-    throw Error(best.string() + " is the best model of another run:" + list + "\n" + ways.substr(1));
+    throw Error(best.string() + " is the best model of another run:" + list + "\n" + ways);
   }
 }
 
@@ -841,6 +842,7 @@ void Trainer::save_best(int64_t step, double loss) {
   spdlog::info("best validation loss so far ({:.4f} at step {}): saved {}", loss, step, best.string());
 }
 
+// The model folder, or with LoRA the adapter folder, into `dir`.
 void Trainer::save_model(const fs::path& dir) {
   MemoryPhaseScope phase(MemoryPhase::kSave);
   fatal_if_out_of_memory("while saving " + dir.string(), [&] { write_model(dir); });

@@ -12,9 +12,9 @@
 #include "gpt2ft/distributed/communicator.h"
 #include "gpt2ft/distributed/grad_reducer.h"
 #include "gpt2ft/io/model_folder.h"
+#include "gpt2ft/memory/planner.h"
 #include "gpt2ft/model/finetune.h"
 #include "gpt2ft/model/init.h"
-#include "gpt2ft/memory/planner.h"
 #include "gpt2ft/train/trainer.h"
 #include "test_support.h"
 

@@ -7,9 +7,9 @@
 
 #include <c10/core/Device.h>
 
+#include "gpt2ft/memory/planner.h"
 #include "gpt2ft/train/batch_split.h"
 #include "gpt2ft/train/config.h"
-#include "gpt2ft/memory/planner.h"
 
 namespace gpt2ft {
 

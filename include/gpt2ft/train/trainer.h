@@ -12,9 +12,9 @@
 #include <filesystem>
 #include <optional>
 
+#include "gpt2ft/memory/run_memory.h"
 #include "gpt2ft/train/config.h"
 #include "gpt2ft/train/metrics_log.h"
-#include "gpt2ft/memory/run_memory.h"
 
 namespace gpt2ft {
 
