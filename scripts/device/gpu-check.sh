@@ -101,9 +101,10 @@ export LD_LIBRARY_PATH="${torch_lib}${cuda_lib:+:$cuda_lib}${LD_LIBRARY_PATH:+:$
 
 # Prebuilt binaries usable here? Every library found and both start.
 prebuilt_ok() {
-  [[ -x .devbin/gpt2-finetune && -x .devbin/gpt2ft_tests ]] || { echo "no .devbin (run scripts/device/prepare.sh)"; return 1; }
+  [[ -x .devbin/gpt2-finetune && -f .devbin/libgpt2ft_cli.so && -x .devbin/gpt2ft_tests ]] ||
+    { echo "no .devbin (run scripts/device/prepare.sh)"; return 1; }
   local missing
-  missing="$(ldd .devbin/gpt2-finetune .devbin/gpt2ft_tests | grep 'not found' | sort -u)"
+  missing="$(ldd .devbin/gpt2-finetune .devbin/libgpt2ft_cli.so .devbin/gpt2ft_tests | grep 'not found' | sort -u)"
   if [[ -n $missing ]]; then echo "missing libraries:"; echo "$missing"; return 1; fi
   .devbin/gpt2-finetune --help > /dev/null || return 1
   .devbin/gpt2ft_tests --gtest_list_tests --gtest_filter='CudaSetup.*' || return 1
@@ -114,7 +115,7 @@ configure_and_build() {
   prefix="$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)')" || return 1
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPT2FT_USE_CCACHE=OFF \
     -DCMAKE_PREFIX_PATH="$prefix;${CMAKE_PREFIX_PATH:-}" -DGPT2FT_PYTHON="$(command -v "$py")" || return 1
-  cmake --build "$build" -j "$(nproc)" --target gpt2-finetune gpt2ft_tests bench_optimizer
+  cmake --build "$build" -j "$(nproc)" --target gpt2-finetune gpt2ft_cli gpt2ft_tests bench_optimizer
 }
 # The gpu-labelled ctest entries, run straight from the test binary (ctest's files hold the
 # build machine's paths): one process each, most wanted first, each under its own limit, so

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares, on the dev machine, what a GPU session carries to the device machine:
 #   .devkit/  the Debian packages the C++ build and the binaries need (../shared/device/make-kit.sh)
-#   .devbin/  the binaries built here (gpt2-finetune, gpt2ft_tests), so that the device machine,
+#   .devbin/  the binaries built here (gpt2-finetune with its libgpt2ft_cli.so, gpt2ft_tests), so that the device machine,
 #             whose torch is the same version, runs them without spending 3-4 of its 15 minutes
 #             building; gpu-check.sh builds there only when these do not load.
 # Both are git-ignored. Then one device call: carry [".devkit", ".devbin"], timeout_s 560,
@@ -18,10 +18,10 @@ fi
 cmake --build "$build" --target gpt2-finetune gpt2ft_tests bench_optimizer
 rm -rf .devbin
 mkdir -p .devbin
-cp "$build/gpt2-finetune" "$build/tests/gpt2ft_tests" "$build/bench_optimizer" .devbin/
+cp "$build/gpt2-finetune" "$build/libgpt2ft_cli.so" "$build/tests/gpt2ft_tests" "$build/bench_optimizer" .devbin/
 strip --strip-debug .devbin/* 2>/dev/null || true
 # What the binaries need beside libtorch (which the device machine's torch provides).
-ldd .devbin/gpt2-finetune .devbin/gpt2ft_tests .devbin/bench_optimizer | awk '/=>/ {print $1}' | sort -u |
+ldd .devbin/gpt2-finetune .devbin/libgpt2ft_cli.so .devbin/gpt2ft_tests .devbin/bench_optimizer | awk '/=>/ {print $1}' | sort -u |
   grep -vE '^lib(torch|c10|gomp|cudart|nvrtc|cublas|cudnn|nccl|cusparse|cufft|curand|cusolver|nvJitLink|nvToolsExt|cupti)' \
   > .devbin/needed-libraries.txt
 git rev-parse HEAD > .devbin/commit.txt

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -39,16 +40,30 @@ AtomicFileWriter::~AtomicFileWriter() {
 }
 
 void AtomicFileWriter::write(const void* data, size_t size) {
+  write_at(size_, data, size);
+}
+
+void AtomicFileWriter::write_at(uint64_t offset, const void* data, size_t size) {
   const auto* p = static_cast<const char*>(data);
   while (size > 0) {
-    const ssize_t n = ::write(fd_, p, size);
+    const ssize_t n = ::pwrite(fd_, p, size, static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
       throw Error(target_.string() + ": write failed (" + errno_text() + ")");
     }
     p += n;
+    offset += static_cast<uint64_t>(n);
     size -= static_cast<size_t>(n);
   }
+  size_ = std::max(size_, offset);
+}
+
+void AtomicFileWriter::start_writeback() {
+  if (size_ <= written_back_) return;
+  // Advice only: a filesystem that does not support it leaves everything to the fsync.
+  ::sync_file_range(fd_, static_cast<off_t>(written_back_), static_cast<off_t>(size_ - written_back_),
+                    SYNC_FILE_RANGE_WRITE);
+  written_back_ = size_;
 }
 
 void AtomicFileWriter::commit() {

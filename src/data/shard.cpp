@@ -185,62 +185,91 @@ std::string describe_files(const std::vector<std::filesystem::path>& files) {
   return out;
 }
 
-void write_shard(const std::filesystem::path& path, const std::vector<uint32_t>& tokens,
-                 int token_bytes, const ShardDocuments* documents) {
+namespace {
+
+// `path`, once token_bytes is known to be a width the format has (before any file is made).
+const std::filesystem::path& with_valid_width(const std::filesystem::path& path, int token_bytes) {
   if (token_bytes != 2 && token_bytes != 4) throw Error(path.string() + ": token width must be 2 or 4 bytes");
-  if (tokens.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
-    throw Error(path.string() + ": " + std::to_string(tokens.size()) +
-                " tokens exceed the format's limit of 2^31-1 per shard; use smaller shards");
+  return path;
+}
+
+}  // namespace
+
+ShardWriter::ShardWriter(const std::filesystem::path& path, int token_bytes)
+    : path_(path), token_bytes_(token_bytes), file_(with_valid_width(path, token_bytes)) {
+  const int32_t header[kShardHeaderInts] = {};
+  file_.write(header, sizeof(header));  // the counts are known at finish()
+}
+
+void ShardWriter::append(const uint32_t* ids, size_t count) {
+  if (static_cast<uint64_t>(tokens_) + count > static_cast<uint64_t>(std::numeric_limits<int32_t>::max())) {
+    throw Error(path_.string() + ": more than the format's limit of 2^31-1 tokens per shard; use smaller shards");
   }
-  std::vector<uint8_t> body(tokens.size() * token_bytes);
-  if (token_bytes == 4) {
-    std::memcpy(body.data(), tokens.data(), body.size());
+  bytes_.resize(count * static_cast<size_t>(token_bytes_));
+  if (token_bytes_ == 4) {
+    std::memcpy(bytes_.data(), ids, bytes_.size());
   } else {
-    for (size_t i = 0; i < tokens.size(); ++i) {
-      if (tokens[i] > 0xFFFF) {
-        throw Error(path.string() + ": token id " + std::to_string(tokens[i]) + " at position " +
-                    std::to_string(i) + " does not fit in uint16; write a uint32 shard");
-      }
-      const uint16_t narrow = static_cast<uint16_t>(tokens[i]);
-      std::memcpy(body.data() + 2 * i, &narrow, 2);
+    uint32_t max = 0;
+    for (size_t i = 0; i < count; ++i) {
+      max = std::max(max, ids[i]);
+      const uint16_t narrow = static_cast<uint16_t>(ids[i]);
+      std::memcpy(bytes_.data() + 2 * i, &narrow, 2);
+    }
+    if (max > 0xFFFF) {
+      const size_t i = static_cast<size_t>(std::find_if(ids, ids + count, [](uint32_t id) { return id > 0xFFFF; }) - ids);
+      throw Error(path_.string() + ": token id " + std::to_string(ids[i]) + " at position " +
+                  std::to_string(tokens_ + static_cast<int64_t>(i)) + " does not fit in uint16; write a uint32 shard");
     }
   }
+  const uint64_t before = file_.size();
+  file_.write(bytes_.data(), bytes_.size());
+  tokens_ += static_cast<int64_t>(count);
+  if ((before >> 23) != (file_.size() >> 23)) file_.start_writeback();  // every 8 MiB
+}
+
+void ShardWriter::finish(const ShardDocuments* documents) {
   int32_t header[kShardHeaderInts] = {};
-  header[0] = token_bytes == 2 ? kShardMagicU16 : kShardMagicU32;
-  header[1] = token_bytes == 2 ? kShardVersionU16 : kShardVersionU32;
-  header[2] = static_cast<int32_t>(tokens.size());
-  std::vector<uint8_t> sections;  // document starts and target bits
+  header[0] = token_bytes_ == 2 ? kShardMagicU16 : kShardMagicU32;
+  header[1] = token_bytes_ == 2 ? kShardVersionU16 : kShardVersionU32;
+  header[2] = static_cast<int32_t>(tokens_);
   if (documents) {
     const auto& starts = documents->starts;
-    if (documents->targets.size() != tokens.size() || (tokens.empty() != starts.empty()) ||
-        (!starts.empty() && starts[0] != 0)) {
-      throw Error(path.string() + ": a document shard needs one target flag per token and documents from token 0");
+    const auto n = static_cast<size_t>(tokens_);
+    if (documents->targets.size() != n || (n == 0) != starts.empty() || (!starts.empty() && starts[0] != 0)) {
+      throw Error(path_.string() + ": a document shard needs one target flag per token and documents from token 0");
     }
     for (size_t d = 1; d < starts.size(); ++d) {
-      if (starts[d] <= starts[d - 1] || starts[d] >= tokens.size()) {
-        throw Error(path.string() + ": document starts must increase and lie inside the tokens");
+      if (starts[d] <= starts[d - 1] || starts[d] >= n) {
+        throw Error(path_.string() + ": document starts must increase and lie inside the tokens");
       }
     }
     header[0] = kShardMagicDocuments;
     header[1] = kShardVersionDocuments;
-    header[3] = token_bytes;
+    header[3] = token_bytes_;
     header[4] = static_cast<int32_t>(starts.size());
-    body.resize(align4(body.size()), 0);
-    sections.resize(4 * starts.size() + (tokens.size() + 7) / 8, 0);
+    const size_t body = n * static_cast<size_t>(token_bytes_);
+    const uint8_t zeros[4] = {};
+    file_.write(zeros, align4(body) - body);
+    std::vector<uint8_t> sections(4 * starts.size() + (n + 7) / 8, 0);  // document starts and target bits
     std::memcpy(sections.data(), starts.data(), 4 * starts.size());
     uint8_t* bits = sections.data() + 4 * starts.size();
-    for (size_t i = 0; i < tokens.size(); ++i) {
+    for (size_t i = 0; i < n; ++i) {
       if (documents->targets[i]) bits[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
     }
     const uint64_t sum = document_checksum(kShardVersionDocuments, header, sections.data(), sections.size());
     header[5] = static_cast<int32_t>(static_cast<uint32_t>(sum));
     header[6] = static_cast<int32_t>(static_cast<uint32_t>(sum >> 32));
+    file_.write(sections.data(), sections.size());
   }
-  AtomicFileWriter writer(path);
-  writer.write(header, sizeof(header));
-  writer.write(body.data(), body.size());
-  if (!sections.empty()) writer.write(sections.data(), sections.size());
-  writer.commit();
+  file_.write_at(0, header, sizeof(header));
+  file_.commit();
+}
+
+void write_shard(const std::filesystem::path& path, const std::vector<uint32_t>& tokens,
+                 int token_bytes, const ShardDocuments* documents) {
+  ShardWriter writer(path, token_bytes);
+  writer.append(tokens.data(), tokens.size());
+  writer.finish(documents);
 }
 
 std::vector<std::filesystem::path> glob_files(const std::string& pattern) {

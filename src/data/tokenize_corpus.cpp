@@ -4,11 +4,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <memory>
+#include <mutex>
 #include <set>
 #include <thread>
 
@@ -16,6 +19,7 @@
 #include <spdlog/spdlog.h>
 
 #include "gpt2ft/core/atomic_file.h"
+#include "gpt2ft/core/channel.h"
 #include "gpt2ft/core/json.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/data/shard.h"
@@ -26,7 +30,8 @@ namespace {
 
 constexpr size_t kBlockBytes = 1 << 20;        // a long document is tokenized in ~1 MiB parts
 constexpr size_t kMaxBlockBytes = 64u << 20;   // ... unless no safe cut exists within this
-constexpr size_t kBatchBytes = 32u << 20;      // text tokenized in parallel per round
+constexpr size_t kBatchBytes = 4u << 20;       // text handed from stage to stage (at least a MiB per worker)
+constexpr size_t kMaxBatchBytes = 32u << 20;
 
 bool is_ascii_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 bool is_ascii_alnum(char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
@@ -43,8 +48,9 @@ struct Unit {
   std::vector<uint32_t> completion_ids;
 };
 
-// Accumulates one split's tokens and writes full shards into a folder: plain text shards
-// (append), or document shards (append_document) whose documents are never split.
+// One split's tokens, streamed into shards of shard_tokens in a folder: plain text shards
+// (append), or document shards (append_document) whose documents are never split. Tokens are
+// staged and handed to the shard's writer ~1M at a time.
 class ShardSink {
  public:
   ShardSink(fs::path dir, std::string prefix, int token_bytes, int64_t shard_tokens)
@@ -54,48 +60,68 @@ class ShardSink {
   // the targets. Starts a new shard first when the document would not fit in this one.
   void append_document(uint32_t eot, const std::vector<uint32_t>& prompt, const std::vector<uint32_t>& completion) {
     const size_t length = prompt.size() + completion.size() + 2;
-    if (!buffer_.empty() && buffer_.size() + length > static_cast<size_t>(shard_tokens_)) flush();
-    documents_.starts.push_back(static_cast<uint32_t>(buffer_.size()));
-    buffer_.push_back(eot);
-    buffer_.insert(buffer_.end(), prompt.begin(), prompt.end());
-    buffer_.insert(buffer_.end(), completion.begin(), completion.end());
-    buffer_.push_back(eot);
-    documents_.targets.resize(buffer_.size(), true);
+    if (count_ > 0 && count_ + length > static_cast<size_t>(shard_tokens_)) flush();
+    documents_.starts.push_back(static_cast<uint32_t>(count_));
+    put(&eot, 1);
+    put(prompt.data(), prompt.size());
+    put(completion.data(), completion.size());
+    put(&eot, 1);
+    documents_.targets.resize(count_, true);
     std::fill(documents_.targets.end() - static_cast<std::ptrdiff_t>(length),
               documents_.targets.end() - static_cast<std::ptrdiff_t>(completion.size() + 1), false);
     has_documents_ = true;
-    if (buffer_.size() >= static_cast<size_t>(shard_tokens_)) flush();
+    if (count_ >= static_cast<size_t>(shard_tokens_)) flush();
   }
 
   void append(const std::vector<uint32_t>& ids) {
     size_t i = 0;
     while (i < ids.size()) {
-      const size_t room = static_cast<size_t>(shard_tokens_) - buffer_.size();
-      const size_t n = std::min(room, ids.size() - i);
-      buffer_.insert(buffer_.end(), ids.begin() + i, ids.begin() + i + n);
+      const size_t n = std::min(static_cast<size_t>(shard_tokens_) - count_, ids.size() - i);
+      put(ids.data() + i, n);
       i += n;
-      if (buffer_.size() == static_cast<size_t>(shard_tokens_)) flush();
+      if (count_ == static_cast<size_t>(shard_tokens_)) flush();
     }
   }
   void flush() {
-    if (buffer_.empty()) return;
-    char name[64];
-    std::snprintf(name, sizeof(name), "%s_%06zu.bin", prefix_.c_str(), files_.size());
-    write_shard(dir_ / name, buffer_, token_bytes_, has_documents_ ? &documents_ : nullptr);
-    files_.push_back({name, static_cast<int64_t>(buffer_.size())});
-    buffer_.clear();
+    if (count_ == 0) return;
+    drain();
+    writer_->finish(has_documents_ ? &documents_ : nullptr);
+    files_.push_back({name_, static_cast<int64_t>(count_)});
+    writer_.reset();
+    count_ = 0;
     documents_ = {};
   }
   const std::vector<std::pair<std::string, int64_t>>& files() const { return files_; }
 
  private:
+  static constexpr size_t kStagedTokens = size_t{1} << 20;
+
+  void put(const uint32_t* ids, size_t n) {
+    staged_.insert(staged_.end(), ids, ids + n);
+    count_ += n;
+    if (staged_.size() >= kStagedTokens) drain();
+  }
+  void drain() {
+    if (!writer_) {  // the shard's file starts with its first tokens
+      char name[64];
+      std::snprintf(name, sizeof(name), "%s_%06zu.bin", prefix_.c_str(), files_.size());
+      name_ = name;
+      writer_ = std::make_unique<ShardWriter>(dir_ / name_, token_bytes_);
+    }
+    writer_->append(staged_.data(), staged_.size());
+    staged_.clear();
+  }
+
   fs::path dir_;
   std::string prefix_;
   int token_bytes_;
   int64_t shard_tokens_;
-  std::vector<uint32_t> buffer_;
+  std::unique_ptr<ShardWriter> writer_;  // of the shard being written
+  std::string name_;
+  size_t count_ = 0;                     // its tokens, written and staged
+  std::vector<uint32_t> staged_;
   bool has_documents_ = false;
-  ShardDocuments documents_;  // of buffer_
+  ShardDocuments documents_;  // of the shard being written
   std::vector<std::pair<std::string, int64_t>> files_;
 };
 
@@ -104,11 +130,11 @@ class DocumentReader {
  public:
   DocumentReader(const TokenizeOptions& options) : options_(options) {}
 
-  // Fills `units` with up to ~kBatchBytes of text; false when the inputs are exhausted.
-  bool next_batch(std::vector<Unit>& units) {
+  // Fills `units` with about `batch_bytes` of text; false when the inputs are exhausted.
+  bool next_batch(std::vector<Unit>& units, size_t batch_bytes) {
     units.clear();
     size_t bytes = 0;
-    while (bytes < kBatchBytes) {
+    while (bytes < batch_bytes) {
       Unit unit;
       if (!next_unit(unit)) break;
       bytes += unit.text.size();
@@ -429,21 +455,26 @@ std::vector<fs::path> existing_outputs(const TokenizeOptions& options) {
   return existing;
 }
 
-// Tokenizes every unit's text on `workers` threads (results in unit order).
+// Tokenizes every unit's text on `workers` threads (one: the calling thread), results in
+// unit order.
 void encode_units(const Tokenizer& tokenizer, std::vector<Unit>& units, int workers) {
+  const auto encode_every = [&](size_t first, size_t step) {
+    for (size_t i = first; i < units.size(); i += step) {
+      units[i].ids.clear();
+      tokenizer.encode(units[i].text, units[i].ids);
+      if (units[i].pair) {
+        units[i].completion_ids.clear();
+        tokenizer.encode(units[i].completion, units[i].completion_ids);
+      }
+    }
+  };
+  if (workers == 1) return encode_every(0, 1);
   std::vector<std::thread> threads;
   std::vector<std::exception_ptr> errors(static_cast<size_t>(workers));
   for (int w = 0; w < workers; ++w) {
     threads.emplace_back([&, w] {
       try {
-        for (size_t i = static_cast<size_t>(w); i < units.size(); i += static_cast<size_t>(workers)) {
-          units[i].ids.clear();
-          tokenizer.encode(units[i].text, units[i].ids);
-          if (units[i].pair) {
-            units[i].completion_ids.clear();
-            tokenizer.encode(units[i].completion, units[i].completion_ids);
-          }
-        }
+        encode_every(static_cast<size_t>(w), static_cast<size_t>(workers));
       } catch (...) {
         errors[static_cast<size_t>(w)] = std::current_exception();
       }
@@ -452,6 +483,27 @@ void encode_units(const Tokenizer& tokenizer, std::vector<Unit>& units, int work
   for (auto& t : threads) t.join();
   for (auto& e : errors) {
     if (e) std::rethrow_exception(e);
+  }
+}
+
+// Appends a tokenized batch to the splits' shards, in input order, and counts it.
+void append_batch(const std::vector<Unit>& units, uint32_t eot, ShardSink (&sinks)[2], TokenizeSummary& summary) {
+  for (const Unit& u : units) {
+    if (u.pair) {
+      sinks[u.split].append_document(eot, u.ids, u.completion_ids);
+      ++summary.documents[u.split];
+      summary.tokens[u.split] += static_cast<int64_t>(u.ids.size() + u.completion_ids.size() + 2);
+      summary.prompt_tokens[u.split] += static_cast<int64_t>(u.ids.size());
+      summary.target_tokens[u.split] += static_cast<int64_t>(u.completion_ids.size() + 1);
+      continue;
+    }
+    if (u.starts_document) {
+      sinks[u.split].append({eot});
+      ++summary.documents[u.split];
+      ++summary.tokens[u.split];
+    }
+    sinks[u.split].append(u.ids);
+    summary.tokens[u.split] += static_cast<int64_t>(u.ids.size());
   }
 }
 
@@ -529,28 +581,66 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
     Progress progress(total_bytes, options.progress);
     const int workers = options.workers > 0 ? options.workers
                                             : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    std::vector<Unit> units;
-    while (reader.next_batch(units)) {
-      encode_units(tokenizer, units, workers);
-      for (const Unit& u : units) {  // appended in input order
-        if (u.pair) {
-          sinks[u.split].append_document(eot, u.ids, u.completion_ids);
-          ++summary.documents[u.split];
-          summary.tokens[u.split] += static_cast<int64_t>(u.ids.size() + u.completion_ids.size() + 2);
-          summary.prompt_tokens[u.split] += static_cast<int64_t>(u.ids.size());
-          summary.target_tokens[u.split] += static_cast<int64_t>(u.completion_ids.size() + 1);
-          continue;
-        }
-        if (u.starts_document) {
-          sinks[u.split].append({eot});
-          ++summary.documents[u.split];
-          ++summary.tokens[u.split];
-        }
-        sinks[u.split].append(u.ids);
-        summary.tokens[u.split] += static_cast<int64_t>(u.ids.size());
+    // Three stages overlap: a thread reads batches of text, this one tokenizes them (on
+    // `workers` threads), a third streams the ids into shards, in input order throughout.
+    struct Batch {
+      std::vector<Unit> units;
+      int64_t bytes_read = 0;  // of the inputs, after this batch
+    };
+    Channel<Batch> to_encode(2), to_write(2);
+    std::exception_ptr failure;
+    std::mutex failure_mutex;
+    std::atomic<bool> failed{false};
+    const auto fail = [&] {
+      {
+        std::lock_guard<std::mutex> lock(failure_mutex);
+        if (!failure) failure = std::current_exception();  // the first stage to fail says why
       }
-      progress.update(reader.bytes_read(), summary.tokens[0] + summary.tokens[1]);
+      failed = true;
+      to_encode.abort();
+      to_write.abort();
+    };
+    const size_t batch_bytes = std::min(kMaxBatchBytes, std::max(kBatchBytes, (size_t{1} << 20) * workers));
+    std::thread read_stage([&] {
+      try {
+        Batch batch;
+        while (reader.next_batch(batch.units, batch_bytes)) {
+          batch.bytes_read = reader.bytes_read();
+          if (!to_encode.push(std::move(batch))) return;
+          batch = Batch{};
+        }
+        to_encode.close();
+      } catch (...) {
+        fail();
+      }
+    });
+    std::thread write_stage([&] {
+      try {
+        Batch batch;
+        while (to_write.pop(batch)) {
+          append_batch(batch.units, eot, sinks, summary);
+          progress.update(batch.bytes_read, summary.tokens[0] + summary.tokens[1]);
+        }
+        if (!failed) {
+          for (auto& sink : sinks) sink.flush();
+        }
+      } catch (...) {
+        fail();
+      }
+    });
+    try {
+      Batch batch;
+      while (to_encode.pop(batch)) {
+        encode_units(tokenizer, batch.units, workers);
+        if (!to_write.push(std::move(batch))) break;
+      }
+      to_write.close();
+    } catch (...) {
+      fail();
     }
+    read_stage.join();
+    write_stage.join();
+    if (failure) std::rethrow_exception(failure);
     progress.finish();
     summary.bytes_read = reader.bytes_read();
     summary.skipped_lines = reader.skipped_lines();
@@ -567,7 +657,6 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
 
     nlohmann::json shards = {{"train", nlohmann::json::array()}, {"val", nlohmann::json::array()}};
     for (int s = 0; s < 2; ++s) {
-      sinks[s].flush();
       for (const auto& [name, count] : sinks[s].files()) {
         shards[s == 0 ? "train" : "val"].push_back({{"file", name}, {"tokens", count}});
         summary.shards[s].push_back(name);

@@ -2,6 +2,7 @@
 #include "gpt2ft/tokenizer/byte_level_bpe.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <fstream>
 #include <queue>
@@ -118,13 +119,21 @@ std::vector<std::pair<std::string, uint32_t>> vocab_from_json(const nlohmann::js
   return vocab;
 }
 
-std::pair<std::string, std::string> split_merge_line(const std::string& line, const std::string& where) {
+// "LEFT RIGHT", split at its one space; false when the line is not of that form.
+bool split_merge(const std::string& line, std::pair<std::string, std::string>& merge) {
   const size_t space = line.find(' ');
   if (space == std::string::npos || space == 0 || space + 1 >= line.size() ||
       line.find(' ', space + 1) != std::string::npos) {
-    throw Error(where + ": expected a merge \"LEFT RIGHT\", got \"" + line + "\"");
+    return false;
   }
-  return {line.substr(0, space), line.substr(space + 1)};
+  merge = {line.substr(0, space), line.substr(space + 1)};
+  return true;
+}
+
+std::pair<std::string, std::string> split_merge_line(const std::string& line, const std::string& where) {
+  std::pair<std::string, std::string> merge;
+  if (!split_merge(line, merge)) throw Error(where + ": expected a merge \"LEFT RIGHT\", got \"" + line + "\"");
+  return merge;
 }
 
 std::vector<std::pair<std::string, std::string>> merges_from_text(const fs::path& path) {
@@ -141,10 +150,11 @@ std::vector<std::pair<std::string, std::string>> merges_from_text(const fs::path
   std::vector<std::pair<std::string, std::string>> merges;
   std::string line;
   size_t line_no = 0;
+  const std::string where = path.string() + ":";  // the line number is added only to an error
   while (std::getline(in, line)) {
     ++line_no;
     if (line.empty() || line.rfind("#version", 0) == 0) continue;
-    merges.push_back(split_merge_line(line, path.string() + ":" + std::to_string(line_no)));
+    if (!split_merge(line, merges.emplace_back())) split_merge_line(line, where + std::to_string(line_no));  // throws
   }
   return merges;
 }
@@ -164,24 +174,41 @@ const std::vector<std::string>& gpt2_byte_to_unicode() {
   return table;
 }
 
-std::string gpt2_token_to_bytes(const std::string& token, const std::string& where) {
-  static const std::unordered_map<std::string, char> reverse = [] {
-    std::unordered_map<std::string, char> r;
+bool try_gpt2_token_to_bytes(std::string_view token, std::string& bytes) {
+  // GPT-2's alphabet is code points below U+0144 (one or two UTF-8 bytes): code point -> byte.
+  static const std::array<int16_t, 0x144> reverse = [] {
+    std::array<int16_t, 0x144> r;
+    r.fill(-1);
     const auto& t = gpt2_byte_to_unicode();
-    for (int b = 0; b < 256; ++b) r[t[b]] = static_cast<char>(b);
+    for (int b = 0; b < 256; ++b) {
+      const auto lead = static_cast<uint8_t>(t[b][0]);
+      const uint32_t cp = t[b].size() == 1 ? lead : ((lead & 0x1Fu) << 6) | (static_cast<uint8_t>(t[b][1]) & 0x3Fu);
+      r[cp] = static_cast<int16_t>(b);
+    }
     return r;
   }();
-  std::string bytes;
-  size_t i = 0;
-  while (i < token.size()) {
+  bytes.clear();
+  for (size_t i = 0; i < token.size();) {
     const auto c = static_cast<uint8_t>(token[i]);
-    const size_t len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : 4;
-    const auto it = reverse.find(token.substr(i, len));
-    if (it == reverse.end()) {
-      throw Error(where + ": token \"" + token + "\" has a character outside GPT-2's byte alphabet");
+    uint32_t cp = c;
+    size_t len = 1;
+    if (c >= 0x80) {  // only two-byte sequences can be in the alphabet
+      if ((c & 0xE0) != 0xC0 || i + 1 >= token.size() || (static_cast<uint8_t>(token[i + 1]) & 0xC0) != 0x80) return false;
+      cp = ((c & 0x1Fu) << 6) | (static_cast<uint8_t>(token[i + 1]) & 0x3Fu);
+      if (cp < 0x80) return false;  // an overlong encoding
+      len = 2;
     }
-    bytes += it->second;
+    if (cp >= reverse.size() || reverse[cp] < 0) return false;
+    bytes += static_cast<char>(reverse[cp]);
     i += len;
+  }
+  return true;
+}
+
+std::string gpt2_token_to_bytes(const std::string& token, const std::string& where) {
+  std::string bytes;
+  if (!try_gpt2_token_to_bytes(token, bytes)) {
+    throw Error(where + ": token \"" + token + "\" has a character outside GPT-2's byte alphabet");
   }
   return bytes;
 }
@@ -259,18 +286,25 @@ ByteLevelBpe::ByteLevelBpe(const std::vector<std::pair<std::string, uint32_t>>& 
     byte_to_id_[b] = it->second;
   }
   merges_ = std::make_unique<MergeTable>(merges.size());
+  // The identity hashes each token's bytes and a NUL, then each merge as "left right\n" (FNV-1a
+  // runs over the pieces as over their concatenation).
   uint64_t hash = fnv1a64("gpt2-bpe");
-  for (size_t id = 0; id < id_to_bytes_.size(); ++id) hash = fnv1a64(id_to_bytes_[id] + '\0', hash);
+  for (size_t id = 0; id < id_to_bytes_.size(); ++id) hash = fnv1a64(std::string_view("\0", 1), fnv1a64(id_to_bytes_[id], hash));
+  std::string lb, rb, both;
   for (size_t rank = 0; rank < merges.size(); ++rank) {
     const auto& [left, right] = merges[rank];
-    const std::string at = where + ": merge " + std::to_string(rank + 1) + " \"" + left + " " + right + "\"";
-    const std::string lb = gpt2_token_to_bytes(left, at), rb = gpt2_token_to_bytes(right, at);
-    const auto l = bytes_to_id.find(lb), r = bytes_to_id.find(rb), m = bytes_to_id.find(lb + rb);
+    const auto at = [&, &left = left, &right = right] {
+      return where + ": merge " + std::to_string(rank + 1) + " \"" + left + " " + right + "\"";
+    };
+    if (!try_gpt2_token_to_bytes(left, lb)) gpt2_token_to_bytes(left, at());  // throws, naming the merge
+    if (!try_gpt2_token_to_bytes(right, rb)) gpt2_token_to_bytes(right, at());
+    both.assign(lb).append(rb);
+    const auto l = bytes_to_id.find(lb), r = bytes_to_id.find(rb), m = bytes_to_id.find(both);
     if (l == bytes_to_id.end() || r == bytes_to_id.end() || m == bytes_to_id.end()) {
-      throw Error(at + ": refers to a token that is not in the vocabulary");
+      throw Error(at() + ": refers to a token that is not in the vocabulary");
     }
     merges_->insert(l->second, r->second, static_cast<uint32_t>(rank), m->second);
-    hash = fnv1a64(lb + ' ' + rb + '\n', hash);
+    hash = fnv1a64("\n", fnv1a64(rb, fnv1a64(" ", fnv1a64(lb, hash))));
   }
   identity_ = "gpt2-bpe:" + hex64(hash);
 }
@@ -429,7 +463,8 @@ void ByteLevelBpe::encode_piece(std::string_view piece, std::vector<uint32_t>& o
   const uint64_t hash = fnv1a64(piece);
   uint32_t count = 0;
   if (const uint32_t* ids = cache.find(instance_, piece, hash, count)) {
-    out.insert(out.end(), ids, ids + count);
+    if (count == 1) out.push_back(ids[0]);  // most pieces are one token
+    else out.insert(out.end(), ids, ids + count);
     return;
   }
   thread_local std::vector<uint32_t> symbols;
@@ -444,6 +479,7 @@ void ByteLevelBpe::encode_piece(std::string_view piece, std::vector<uint32_t>& o
 void ByteLevelBpe::encode(std::string_view text, std::vector<uint32_t>& out) const {
   thread_local std::vector<std::string_view> pieces;
   pretokenizer_.split(text, pieces);
+  out.reserve(out.size() + pieces.size());  // about one token per piece
   for (const auto& piece : pieces) encode_piece(piece, out);
 }
 

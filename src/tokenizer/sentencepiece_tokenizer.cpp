@@ -2,6 +2,7 @@
 #include "gpt2ft/tokenizer/sentencepiece_tokenizer.h"
 
 #include <cstdio>
+#include <fmt/format.h>
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 

@@ -190,6 +190,71 @@ class TokenizeTest(WorkDirTest):
         self.assertIn("--overwrite", r.stderr)
         self.assertEqual(before, snapshot())
 
+    def test_many_batches_stream_through_the_pipeline_and_a_late_error_leaves_nothing(self):
+        # ~12 MB of .jsonl lines: several batches in flight between the reading, tokenizing and
+        # writing threads, and documents kept whole across many 50,000-token shards.
+        rng = random.Random(11)
+        words = [w for w in ref.WORDS if "\r" not in w]
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 400))) for _ in range(9000)]
+        p = self.path("many.jsonl")
+        with open(p, "w", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
+        self.assertGreater(os.path.getsize(p), 10 << 20)
+        want = [t for ids in zip(([self.eot] for _ in docs), (e.ids for e in self.hf.encode_batch(docs)))
+                for part in ids for t in part]
+        shards = []
+        for workers in (1, 2):
+            out = self.path(f"many_out{workers}")
+            r = run("tokenize", "--tokenizer", self.tok_dir, "--input", p, "--output-dir", out, "--val-fraction", 0,
+                    "--shard-tokens", 50000, "--workers", workers, "--no-progress")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            files, got = read_split(out, "train")
+            self.assertGreater(len(files), 20)
+            self.assertEqual(len(got), len(want))
+            self.assertEqual(got, want)
+            shards.append([np.fromfile(f, dtype=np.uint8).tobytes() for f in files])
+        self.assertEqual(shards[0], shards[1])
+        # A bad last line: the reader fails while earlier batches are tokenized and written.
+        with open(p, "a", encoding="utf-8") as f:
+            f.write('{"text": unquoted}\n')
+        out = self.path("many_bad")
+        r = run("tokenize", "--tokenizer", self.tok_dir, "--input", p, "--output-dir", out, "--val-fraction", 0,
+                "--shard-tokens", 50000, "--workers", 1, "--no-progress")
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn(f"{p}:{len(docs) + 1}", r.stderr)
+        self.assertIn("not valid JSON", r.stderr)
+        self.assertFalse(os.path.exists(out) and os.listdir(out), "a failed run left files behind")
+
+    def test_tokenize_needs_no_libtorch_and_a_missing_command_library_is_named(self):
+        # The executable runs tokenize itself; the other commands live in libgpt2ft_cli.so beside
+        # it (which loads libtorch). Alone in a folder, tokenize still works and the rest say why not.
+        alone = self.path("alone")
+        os.makedirs(alone)
+        exe = shutil.copy(BIN, alone)
+        good = self.path("alone.txt")
+        with open(good, "w") as f:
+            f.write("hello world")
+        r = subprocess.run([exe, "tokenize", "--tokenizer", self.tok_dir, "--input", good, "--output-dir",
+                            self.path("alone_out"), "--val-fraction", "0", "--no-progress"],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "LD_DEBUG": "libs", "LD_DEBUG_OUTPUT": self.path("ld")})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        log_dir = os.path.dirname(self.path("ld"))
+        loaded = "".join(open(os.path.join(log_dir, n), errors="replace").read()
+                         for n in os.listdir(log_dir) if n.startswith("ld."))
+        initialised = [line.split("calling init:")[1].strip() for line in loaded.splitlines() if "calling init:" in line]
+        self.assertTrue(any("libc10" in lib for lib in initialised), initialised)  # the loader's log was read
+        self.assertEqual([lib for lib in initialised if "libtorch" in lib], [], "tokenize loaded libtorch")
+        self.assertEqual(read_split(self.path("alone_out"), "train")[1], self.expected(["hello world"]))
+        for args in (["train", "--help"], ["--help"], []):
+            with self.subTest(args=args):
+                r = subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+                self.assertEqual(r.returncode, 1, r.stderr)
+                self.assertIn(os.path.join(alone, "libgpt2ft_cli.so"), r.stderr)
+                self.assertIn("same folder", r.stderr)
+                self.assertNotIn("terminate", r.stderr)
+
 
 if __name__ == "__main__":
     unittest.main()

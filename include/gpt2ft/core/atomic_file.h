@@ -20,6 +20,13 @@ class AtomicFileWriter {
 
   void write(const void* data, size_t size);
   void write(const std::string& text) { write(text.data(), text.size()); }
+  // Overwrites bytes already written (a header patched once the counts are known).
+  void write_at(uint64_t offset, const void* data, size_t size);
+  // Bytes written so far (the file's end).
+  uint64_t size() const { return size_; }
+  // Asks the kernel to start writing what was written so far to disk, without waiting: a
+  // long file streamed out this way leaves less for commit()'s fsync.
+  void start_writeback();
   // fsyncs the data, renames the temporary file to the target and fsyncs the directory.
   void commit();
 
@@ -27,6 +34,8 @@ class AtomicFileWriter {
   std::filesystem::path target_;
   std::filesystem::path temp_;
   int fd_ = -1;
+  uint64_t size_ = 0;
+  uint64_t written_back_ = 0;
 };
 
 // Writes a whole file atomically.

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "gpt2ft/core/atomic_file.h"
 #include "gpt2ft/core/mapped_file.h"
 
 namespace gpt2ft {
@@ -73,8 +74,27 @@ class ShardReader {
   const uint8_t* targets_ = nullptr;  // ceil(N/8) bytes
 };
 
-// Writes a shard atomically. token_bytes 2 or 4; ids must fit. With `documents`, a document
-// shard (its starts checked, its targets one per token).
+// Writes one shard as its tokens arrive (the tokenizer's output streams to disk while it
+// works), atomically: nothing appears under `path` before finish(). token_bytes 2 or 4; each
+// id is checked to fit as it comes.
+class ShardWriter {
+ public:
+  ShardWriter(const std::filesystem::path& path, int token_bytes);
+  void append(const uint32_t* ids, size_t count);
+  int64_t num_tokens() const { return tokens_; }
+  // Writes the header (with `documents`, a document shard: its starts checked, its targets one
+  // per token, both written after the tokens), then fsyncs and renames the file into place.
+  void finish(const ShardDocuments* documents = nullptr);
+
+ private:
+  std::filesystem::path path_;
+  int token_bytes_;
+  AtomicFileWriter file_;
+  int64_t tokens_ = 0;
+  std::vector<uint8_t> bytes_;  // the tokens of one append at token_bytes_
+};
+
+// Writes a shard atomically (a ShardWriter given all the tokens at once).
 void write_shard(const std::filesystem::path& path, const std::vector<uint32_t>& tokens,
                  int token_bytes, const ShardDocuments* documents = nullptr);
 

@@ -60,5 +60,7 @@ class ByteLevelBpe : public Tokenizer {
 const std::vector<std::string>& gpt2_byte_to_unicode();
 // The raw bytes of a token written in that alphabet; an Error if a character is outside it.
 std::string gpt2_token_to_bytes(const std::string& token, const std::string& where);
+// The same into `bytes`; false (bytes unspecified) for a character outside the alphabet.
+bool try_gpt2_token_to_bytes(std::string_view token, std::string& bytes);
 
 }  // namespace gpt2ft
