@@ -8,7 +8,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-bash scripts/setup.sh
+bash scripts/setup.sh gpt2-finetune  # the command line only; scripts/test.sh builds the rest
 bin=build/gpt2-finetune
 work=runs/quickstart
 corpus=/usr/share/common-licenses
