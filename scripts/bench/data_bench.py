@@ -25,6 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BUILD = os.environ.get("GPT2FT_BUILD_DIR", os.path.join(ROOT, "build"))
 
 
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT-2's pre-tokenizer, for tiktoken
+
+
 def median_time(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -58,7 +61,7 @@ def main():
 
     ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(args.vocab, "vocab.bpe"), os.path.join(args.vocab, "encoder.json"))
     enc = tiktoken.Encoding(name="gpt2-local",
-                            pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+                            pat_str=GPT2_PATTERN,
                             mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
     hf_dir = tempfile.mkdtemp()
     shutil.copy(os.path.join(args.vocab, "encoder.json"), os.path.join(hf_dir, "vocab.json"))

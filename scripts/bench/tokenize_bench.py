@@ -13,24 +13,12 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUILD = os.environ.get("GPT2FT_BUILD_DIR", os.path.join(ROOT, "build"))
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def median_seconds(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from data_bench import BUILD, GPT2_PATTERN, ROOT, median_time  # noqa: E402
 
 
 def main():
@@ -59,7 +47,7 @@ def main():
                                                 os.path.join(args.vocab, "encoder.json"))
         enc = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                 special_tokens={"<|endoftext|>": 50256})
-        t_tiktoken = median_seconds(lambda: enc.encode_ordinary(text), args.repeats)
+        t_tiktoken = median_time(lambda: enc.encode_ordinary(text), args.repeats)
 
         exe = os.path.join(BUILD, "gpt2-finetune")
         out = os.path.join(work, "shards")
@@ -70,8 +58,8 @@ def main():
                             "--workers", "1", "--val-fraction", "0", "--no-progress"], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        t_command = median_seconds(whole_command, args.repeats)
-        t_start = median_seconds(lambda: subprocess.run([exe, "--version"], check=True, stdout=subprocess.DEVNULL),
+        t_command = median_time(whole_command, args.repeats)
+        t_start = median_time(lambda: subprocess.run([exe, "--version"], check=True, stdout=subprocess.DEVNULL),
                                  args.repeats)
         r = subprocess.run([os.path.join(BUILD, "bench_tokenizer"), args.vocab, corpus, "1", str(args.repeats)],
                            check=True, capture_output=True, text=True)
