@@ -23,6 +23,7 @@
 #include "gpt2ft/core/json.h"
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/data/shard.h"
+#include "gpt2ft/tokenizer/byte_level_bpe.h"
 
 namespace gpt2ft {
 namespace fs = std::filesystem;
@@ -38,6 +39,7 @@ bool is_ascii_alnum(char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <=
 
 // A piece of one document; starts_document marks the first piece. A prompt/completion pair
 // is one unit: text is the prompt, completion the completion.
+// A conversation is one unit too: its line's place (for errors) and its messages.
 struct Unit {
   std::string text;
   bool starts_document = false;
@@ -46,6 +48,11 @@ struct Unit {
   bool pair = false;
   std::string completion;
   std::vector<uint32_t> completion_ids;
+  bool chat = false;
+  std::string where;
+  Conversation conversation;
+  std::vector<uint8_t> targets;  // chat: per token of ids
+  bool truncated = false;
 };
 
 // One split's tokens, streamed into shards of shard_tokens in a folder: plain text shards
@@ -56,19 +63,13 @@ class ShardSink {
   ShardSink(fs::path dir, std::string prefix, int token_bytes, int64_t shard_tokens)
       : dir_(std::move(dir)), prefix_(std::move(prefix)), token_bytes_(token_bytes), shard_tokens_(shard_tokens) {}
 
-  // end-of-text, prompt, completion, end-of-text; the completion and the last end-of-text are
-  // the targets. Starts a new shard first when the document would not fit in this one.
-  void append_document(uint32_t eot, const std::vector<uint32_t>& prompt, const std::vector<uint32_t>& completion) {
-    const size_t length = prompt.size() + completion.size() + 2;
-    if (count_ > 0 && count_ + length > static_cast<size_t>(shard_tokens_)) flush();
+  // One whole document and its per-token targets. Starts a new shard first when the document
+  // would not fit in this one.
+  void append_document(const std::vector<uint32_t>& ids, const std::vector<uint8_t>& targets) {
+    if (count_ > 0 && count_ + ids.size() > static_cast<size_t>(shard_tokens_)) flush();
     documents_.starts.push_back(static_cast<uint32_t>(count_));
-    put(&eot, 1);
-    put(prompt.data(), prompt.size());
-    put(completion.data(), completion.size());
-    put(&eot, 1);
-    documents_.targets.resize(count_, true);
-    std::fill(documents_.targets.end() - static_cast<std::ptrdiff_t>(length),
-              documents_.targets.end() - static_cast<std::ptrdiff_t>(completion.size() + 1), false);
+    put(ids.data(), ids.size());
+    documents_.targets.insert(documents_.targets.end(), targets.begin(), targets.end());
     has_documents_ = true;
     if (count_ >= static_cast<size_t>(shard_tokens_)) flush();
   }
@@ -137,7 +138,7 @@ class DocumentReader {
     while (bytes < batch_bytes) {
       Unit unit;
       if (!next_unit(unit)) break;
-      bytes += unit.text.size();
+      bytes += unit.chat ? chat_bytes_ : unit.text.size();
       units.push_back(std::move(unit));
     }
     return !units.empty();
@@ -193,6 +194,12 @@ class DocumentReader {
           j = parse_json_limited(line, where);
         } catch (const nlohmann::json::exception& e) {
           if (skip_bad_line(where + ": not valid JSON (" + e.what() + ")")) continue;
+        }
+        if (is_chat(options_)) {
+          if (!read_chat(j, where, unit, line.size())) continue;
+          unit.split = assign_split();
+          saw_text_ = true;
+          return true;
         }
         if (is_pairs(options_)) {
           if (!read_pair(j, where, unit)) continue;
@@ -251,8 +258,9 @@ class DocumentReader {
 
   // A bad line: an Error, or with --skip-bad-lines a warning (the first few) and a count.
   bool skip_bad_line(const std::string& why) {
-    if (!options_.skip_bad_lines || !is_pairs(options_)) {
-      throw Error(why + (is_pairs(options_) ? "; fix the line, or pass --skip-bad-lines to skip and count such lines" : ""));
+    const bool skippable = is_pairs(options_) || is_chat(options_);
+    if (!options_.skip_bad_lines || !skippable) {
+      throw Error(why + (skippable ? "; fix the line, or pass --skip-bad-lines to skip and count such lines" : ""));
     }
     if (++skipped_lines_ <= 5) spdlog::warn("skipped {}", why);
     return true;
@@ -282,6 +290,23 @@ class DocumentReader {
     return true;
   }
 
+  // The conversation of a line; false when the line is skipped. The text it stands for in
+  // batch sizes is the line's length.
+  bool read_chat(const nlohmann::json& j, const std::string& where, Unit& unit, size_t line_bytes) {
+    try {
+      unit.conversation = read_conversation(j, options_.conversation_fields, where);
+    } catch (const Error& e) {
+      return !skip_bad_line(e.what());
+    }
+    unit.chat = true;
+    unit.where = where;
+    unit.starts_document = true;
+    unit.text.clear();
+    unit.completion.assign(0, '\0');
+    chat_bytes_ = line_bytes;
+    return true;
+  }
+
   // Appends up to kBlockBytes to pending_; false at the end of the file.
   bool read_block() {
     if (eof_) return false;
@@ -308,6 +333,7 @@ class DocumentReader {
   int64_t bytes_read_ = 0;
   int64_t skipped_lines_ = 0;
   bool saw_text_ = false;
+  size_t chat_bytes_ = 0;
   void note_text(const std::string& text) {
     saw_text_ = saw_text_ || text.find_first_not_of(" \t\r\n\f\v") != std::string::npos;
   }
@@ -408,9 +434,12 @@ int64_t check_inputs(const TokenizeOptions& options) {
   if (is_pairs(options) && options.prompt_field == options.completion_field) {
     throw Error("--prompt-field and --completion-field both name \"" + options.prompt_field + "\"; give two fields");
   }
-  if (options.skip_bad_lines && !is_pairs(options)) {
-    throw Error("--skip-bad-lines applies to prompt/completion pairs (--prompt-field, --completion-field)");
+  if (options.skip_bad_lines && !is_pairs(options) && !is_chat(options)) {
+    throw Error("--skip-bad-lines applies to prompt/completion pairs (--prompt-field, --completion-field) and "
+                "conversations (--chat-template)");
   }
+  if (!is_chat(options) && options.max_length > 0) throw Error("--max-length applies to conversations (--chat-template)");
+  if (options.max_length < 0) throw Error("--max-length: expected 0 (keep whole) or a number of tokens");
   int64_t total_bytes = 0;
   for (const auto& in : options.inputs) {
     if (!fs::is_regular_file(in)) throw Error(in.string() + ": no such file (--input)");
@@ -418,7 +447,11 @@ int64_t check_inputs(const TokenizeOptions& options) {
       throw Error(in.string() + ": a .json file; give .jsonl (one JSON object per line, --jsonl-field naming the "
                                 "text), or rename it to .txt to tokenize its raw text");
     }
-    if (is_pairs(options) && !is_jsonl_input(in)) {
+    if (is_chat(options) && !is_jsonl_input(in)) {
+      throw Error(in.string() + ": conversations are read from .jsonl files (one JSON object per line with a \"" +
+                  options.conversation_fields.messages + "\" list of messages)");
+    }
+    if (is_pairs(options) && !is_chat(options) && !is_jsonl_input(in)) {
       throw Error(in.string() + ": prompt/completion pairs are read from .jsonl files (one JSON object per line with "
                                 "the fields \"" + options.prompt_field + "\" and \"" + options.completion_field + "\")");
     }
@@ -455,11 +488,32 @@ std::vector<fs::path> existing_outputs(const TokenizeOptions& options) {
   return existing;
 }
 
+// A conversation's document, cut to max_length tokens (0: whole).
+void encode_conversation(const ChatEncoder& chat, int64_t max_length, Unit& unit) {
+  ChatDocument doc = chat.encode(unit.conversation);
+  if (max_length > 0 && doc.ids.size() > static_cast<size_t>(max_length)) {
+    doc.ids.resize(static_cast<size_t>(max_length));
+    doc.targets.resize(static_cast<size_t>(max_length));
+    unit.truncated = true;
+  }
+  unit.ids = std::move(doc.ids);
+  unit.targets = std::move(doc.targets);
+  if (std::find(unit.targets.begin(), unit.targets.end(), 1) == unit.targets.end() && !unit.truncated) {
+    throw Error(unit.where + ": the template gives this conversation no target token (it marks none of its text "
+                "with {% generation %})");
+  }
+}
+
 // Tokenizes every unit's text on `workers` threads (one: the calling thread), results in
 // unit order.
-void encode_units(const Tokenizer& tokenizer, std::vector<Unit>& units, int workers) {
+void encode_units(const Tokenizer& tokenizer, const ChatEncoder* chat, int64_t max_length, std::vector<Unit>& units,
+                  int workers) {
   const auto encode_every = [&](size_t first, size_t step) {
     for (size_t i = first; i < units.size(); i += step) {
+      if (units[i].chat) {
+        encode_conversation(*chat, max_length, units[i]);
+        continue;
+      }
       units[i].ids.clear();
       tokenizer.encode(units[i].text, units[i].ids);
       if (units[i].pair) {
@@ -489,8 +543,27 @@ void encode_units(const Tokenizer& tokenizer, std::vector<Unit>& units, int work
 // Appends a tokenized batch to the splits' shards, in input order, and counts it.
 void append_batch(const std::vector<Unit>& units, uint32_t eot, ShardSink (&sinks)[2], TokenizeSummary& summary) {
   for (const Unit& u : units) {
-    if (u.pair) {
-      sinks[u.split].append_document(eot, u.ids, u.completion_ids);
+    if (u.chat) {
+      const auto targets = static_cast<int64_t>(std::count(u.targets.begin(), u.targets.end(), 1));
+      if (u.truncated) ++summary.truncated[u.split];
+      if (targets == 0) continue;  // cut before its first target: nothing to learn from
+      sinks[u.split].append_document(u.ids, u.targets);
+      ++summary.documents[u.split];
+      summary.tokens[u.split] += static_cast<int64_t>(u.ids.size());
+      summary.target_tokens[u.split] += targets;
+      summary.turns[u.split] += static_cast<int64_t>(u.conversation.messages.size());
+      continue;
+    }
+    if (u.pair) {  // end-of-text, prompt, completion, end-of-text; the last two are the targets
+      std::vector<uint32_t> ids;
+      ids.reserve(u.ids.size() + u.completion_ids.size() + 2);
+      ids.push_back(eot);
+      ids.insert(ids.end(), u.ids.begin(), u.ids.end());
+      ids.insert(ids.end(), u.completion_ids.begin(), u.completion_ids.end());
+      ids.push_back(eot);
+      std::vector<uint8_t> targets(ids.size(), 1);
+      std::fill(targets.begin(), targets.begin() + static_cast<std::ptrdiff_t>(u.ids.size() + 1), 0);
+      sinks[u.split].append_document(ids, targets);
       ++summary.documents[u.split];
       summary.tokens[u.split] += static_cast<int64_t>(u.ids.size() + u.completion_ids.size() + 2);
       summary.prompt_tokens[u.split] += static_cast<int64_t>(u.ids.size());
@@ -537,7 +610,24 @@ void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const f
       {"tokens", {{"train", summary.tokens[0]}, {"val", summary.tokens[1]}}},
       {"shards", shards}};
   nlohmann::json& m = manifest;
-  if (is_pairs(options)) {  // document shards
+  if (is_chat(options)) {  // document shards of conversations
+    const auto& bpe = dynamic_cast<const ByteLevelBpe&>(tokenizer);
+    const ConversationFields& f = options.conversation_fields;
+    m["kind"] = "chat";
+    m["tokenizer"]["base_vocab_size"] = bpe.base_vocab_size();
+    m["tokenizer"]["added_tokens"] = bpe.added_tokens();
+    m["chat"] = {{"template", options.chat_template},
+                 {"template_source", load_chat_template(options.chat_template).source()},
+                 {"train_on", options.train_on},
+                 {"max_length", options.max_length},
+                 {"fields", {{"messages", f.messages}, {"role", f.role}, {"content", f.content},
+                             {"prompt", f.prompt}, {"completion", f.completion}}}};
+    m["conversations"] = {{"train", summary.documents[0]}, {"val", summary.documents[1]}};
+    m["turns"] = {{"train", summary.turns[0]}, {"val", summary.turns[1]}};
+    m["target_tokens"] = {{"train", summary.target_tokens[0]}, {"val", summary.target_tokens[1]}};
+    m["truncated"] = {{"train", summary.truncated[0]}, {"val", summary.truncated[1]}};
+    m["skipped_lines"] = summary.skipped_lines;
+  } else if (is_pairs(options)) {  // document shards
     m["kind"] = "prompt_completion";
     m["prompt_field"] = options.prompt_field;
     m["completion_field"] = options.completion_field;
@@ -560,12 +650,25 @@ bool is_jsonl_input(const fs::path& path) { return lowercase_extension(path) == 
 
 bool is_pairs(const TokenizeOptions& options) { return !options.prompt_field.empty(); }
 
+bool is_chat(const TokenizeOptions& options) { return !options.chat_template.empty(); }
+
 TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOptions& options) {
   const auto start = std::chrono::steady_clock::now();
   const int64_t total_bytes = check_inputs(options);
   const uint32_t eot = tokenizer.require_eot_id();
   const int token_bytes = shard_token_bytes(tokenizer.vocab_size());
   const std::vector<fs::path> existing = existing_outputs(options);
+  std::optional<ChatTemplate> chat_template;
+  std::unique_ptr<ChatEncoder> chat;
+  if (is_chat(options)) {
+    const auto* bpe = dynamic_cast<const ByteLevelBpe*>(&tokenizer);
+    if (!bpe) {
+      throw Error("--chat-template: chat templates need a GPT-2 byte-level BPE tokenizer (vocab.json + merges.txt); " +
+                  tokenizer.source().string() + " is " + tokenizer.kind());
+    }
+    chat_template.emplace(load_chat_template(options.chat_template));
+    chat = std::make_unique<ChatEncoder>(*chat_template, *bpe, parse_train_on(options.train_on));
+  }
   const fs::path temp = options.output_dir / (".tokenize-tmp-" + std::to_string(::getpid()));
   fs::remove_all(temp);
   std::error_code made;
@@ -631,7 +734,7 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
     try {
       Batch batch;
       while (to_encode.pop(batch)) {
-        encode_units(tokenizer, batch.units, workers);
+        encode_units(tokenizer, chat.get(), options.max_length, batch.units, workers);
         if (!to_write.push(std::move(batch))) break;
       }
       to_write.close();

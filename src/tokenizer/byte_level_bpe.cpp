@@ -5,6 +5,7 @@
 #include <array>
 #include <atomic>
 #include <fstream>
+#include <map>
 #include <queue>
 #include <sstream>
 #include <unordered_map>
@@ -319,10 +320,43 @@ bool ByteLevelBpe::folder_has_files(const fs::path& dir) {
 static std::unique_ptr<ByteLevelBpe> from_tokenizer_json(const nlohmann::json& j, const std::string& where,
                                                          const fs::path& dir);
 
+// The tokens tokenizer_config.json adds after the BPE vocabulary (its added_tokens_decoder
+// entries from `base_size` on), in id order; they must follow it without a gap.
+static std::vector<std::string> added_tokens_from_config(const fs::path& dir, size_t base_size) {
+  const fs::path file = dir / "tokenizer_config.json";
+  if (!fs::exists(file)) return {};
+  const nlohmann::json j = parse_json_file(file);
+  if (!j.is_object() || !j.contains("added_tokens_decoder") || !j["added_tokens_decoder"].is_object()) return {};
+  std::map<uint64_t, std::string> added;
+  for (const auto& [key, entry] : j["added_tokens_decoder"].items()) {
+    uint64_t id = 0;
+    try {
+      id = std::stoull(key);
+    } catch (const std::exception&) {
+      throw Error(file.string() + ": added_tokens_decoder key \"" + key + "\" is not a token id");
+    }
+    if (!entry.is_object() || !entry.contains("content") || !entry["content"].is_string()) {
+      throw Error(file.string() + ": added_tokens_decoder[\"" + key + "\"] has no \"content\" string");
+    }
+    if (id >= base_size) added[id] = entry["content"].get<std::string>();
+  }
+  std::vector<std::string> out;
+  for (const auto& [id, content] : added) {
+    if (id != base_size + out.size()) {
+      throw Error(file.string() + ": added token " + std::to_string(id) + " (\"" + content + "\") leaves a gap after " +
+                  "the vocabulary of " + std::to_string(base_size + out.size()) + "; added tokens must follow it in order");
+    }
+    out.push_back(content);
+  }
+  return out;
+}
+
 std::unique_ptr<ByteLevelBpe> ByteLevelBpe::from_folder(const fs::path& dir) {
   if (fs::exists(dir / "vocab.json") && fs::exists(dir / "merges.txt")) {
     const auto vocab = vocab_from_json(parse_json_file(dir / "vocab.json"), (dir / "vocab.json").string());
-    return std::make_unique<ByteLevelBpe>(vocab, merges_from_text(dir / "merges.txt"), dir);
+    auto bpe = std::make_unique<ByteLevelBpe>(vocab, merges_from_text(dir / "merges.txt"), dir);
+    bpe->add_tokens(added_tokens_from_config(dir, bpe->id_to_bytes_.size()));
+    return bpe;
   }
   if (fs::exists(dir / "encoder.json") && fs::exists(dir / "vocab.bpe")) {
     const auto vocab = vocab_from_json(parse_json_file(dir / "encoder.json"), (dir / "encoder.json").string());
@@ -481,6 +515,22 @@ void ByteLevelBpe::encode(std::string_view text, std::vector<uint32_t>& out) con
   pretokenizer_.split(text, pieces);
   out.reserve(out.size() + pieces.size());  // about one token per piece
   for (const auto& piece : pieces) encode_piece(piece, out);
+}
+
+void ByteLevelBpe::add_tokens(const std::vector<std::string>& tokens) {
+  for (const auto& token : tokens) {
+    if (control_id(token)) throw Error("the token \"" + token + "\" is already in the vocabulary of " + source_.string());
+    id_to_bytes_.push_back(token);
+    added_.push_back(token);
+  }
+}
+
+std::optional<uint32_t> ByteLevelBpe::control_id(std::string_view token) const {
+  for (size_t i = 0; i < added_.size(); ++i) {
+    if (added_[i] == token) return static_cast<uint32_t>(id_to_bytes_.size() - added_.size() + i);
+  }
+  if (eot_id_ && token == id_to_bytes_[*eot_id_]) return eot_id_;
+  return std::nullopt;
 }
 
 std::string ByteLevelBpe::decode(const std::vector<uint32_t>& ids) const {

@@ -6,6 +6,11 @@
 // document of document shards (data/shard.h): end-of-text, prompt, completion, end-of-text,
 // where the completion's tokens and the closing end-of-text are the targets. A document never
 // straddles two shards.
+//
+// Conversations (.jsonl with chat_template set): each line's conversation is rendered by the
+// template and tokenized (data/chat_documents.h) into one document of document shards; its
+// targets are the assistant's text and end-of-turn tokens (train_on). The tokenizer must
+// already hold the template's control tokens (missing_control_tokens).
 #pragma once
 
 #include <cstdint>
@@ -15,6 +20,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "gpt2ft/data/chat_documents.h"
 #include "gpt2ft/tokenizer/tokenizer.h"
 
 namespace gpt2ft {
@@ -24,7 +30,11 @@ struct TokenizeOptions {
   std::filesystem::path output_dir;
   std::string jsonl_field = "text";
   std::string prompt_field, completion_field;  // both set: prompt/completion pairs
-  bool skip_bad_lines = false;       // pairs: skip (and count) malformed lines instead of failing
+  std::string chat_template;          // set: conversations, rendered by this template ("chatml", a file)
+  ConversationFields conversation_fields;
+  std::string train_on = "assistant";  // conversations: "assistant" | "all" | "last"
+  int64_t max_length = 0;              // conversations: cut longer ones to this many tokens (0: keep whole)
+  bool skip_bad_lines = false;       // pairs, conversations: skip (and count) malformed lines instead of failing
   double val_fraction = 0.01;       // share of documents sent to val shards, spread evenly
   int64_t shard_tokens = 100000000;  // tokens per shard (the last one may be shorter)
   int workers = 0;                   // 0 = all cores
@@ -36,7 +46,9 @@ struct TokenizeSummary {
   int64_t documents[2] = {0, 0};  // train, val
   int64_t tokens[2] = {0, 0};
   int64_t prompt_tokens[2] = {0, 0};  // pairs only
-  int64_t target_tokens[2] = {0, 0};  // pairs only: completions and their closing end-of-text
+  int64_t target_tokens[2] = {0, 0};  // pairs and conversations
+  int64_t turns[2] = {0, 0};          // conversations: messages
+  int64_t truncated[2] = {0, 0};      // conversations cut to max_length
   int64_t skipped_lines = 0;
   std::vector<std::string> shards[2];
   int64_t bytes_read = 0;
@@ -44,6 +56,7 @@ struct TokenizeSummary {
 };
 
 bool is_pairs(const TokenizeOptions& options);
+bool is_chat(const TokenizeOptions& options);
 
 // Every document is preceded by the tokenizer's end-of-text id. Shards are written under a
 // temporary folder and moved into output_dir only when all are complete; manifest.json last.

@@ -37,6 +37,17 @@ class ByteLevelBpe : public Tokenizer {
   std::string kind() const override { return "gpt2-bpe"; }
   const std::filesystem::path& source() const override { return source_; }
 
+  // Tokens added after the BPE vocabulary (a chat template's control tokens such as
+  // "<|im_start|>"), taking ids vocab_size() on, in order. encode() never produces them: only
+  // a template's own text does (control_id). Not thread-safe: add before sharing.
+  void add_tokens(const std::vector<std::string>& tokens);
+  const std::vector<std::string>& added_tokens() const { return added_; }
+  int64_t base_vocab_size() const { return vocab_size() - static_cast<int64_t>(added_.size()); }
+  // The id of a control token's string: an added token, or "<|endoftext|>".
+  std::optional<uint32_t> control_id(std::string_view token) const;
+  // The raw bytes a token stands for (an added token: its string).
+  const std::string& token_bytes(uint32_t id) const { return id_to_bytes_.at(id); }
+
   // BPE of one piece (raw bytes), appended to out. Exposed for tests and benchmarks.
   void encode_piece(std::string_view piece, std::vector<uint32_t>& out) const;
 
@@ -51,6 +62,7 @@ class ByteLevelBpe : public Tokenizer {
   uint32_t byte_to_id_[256];
   std::unique_ptr<MergeTable> merges_;
   std::optional<uint32_t> eot_id_;
+  std::vector<std::string> added_;
   std::string identity_;
   std::filesystem::path source_;
   uint64_t instance_ = 0;  // keys the per-thread piece cache
