@@ -86,6 +86,23 @@ Conversation read_conversation(const nlohmann::json& line, const ConversationFie
   return c;
 }
 
+std::string end_of_turn_token(const ChatTemplate& chat_template) {
+  std::vector<std::string> controls = chat_template.control_strings();
+  for (const auto& [name, value] : kTemplateStrings) controls.push_back(value);
+  const std::vector<ChatSpan> spans =
+      chat_template.render({{"user", "Hi"}, {"assistant", "Hello"}}, false, kTemplateStrings);
+  std::string last;
+  for (const ChatSpan& span : spans) {
+    if (span.block < 0 || !span.from_template) continue;
+    size_t best = std::string::npos;
+    for (const auto& c : controls) {  // the one that ends last in this span
+      const size_t at = span.text.rfind(c);
+      if (at != std::string::npos && (best == std::string::npos || at + c.size() > best)) best = at + c.size(), last = c;
+    }
+  }
+  return last;
+}
+
 std::vector<std::string> missing_control_tokens(const ChatTemplate& chat_template, const ByteLevelBpe& tokenizer) {
   std::vector<std::string> missing;
   for (const auto& s : chat_template.control_strings()) {

@@ -5,6 +5,7 @@
 
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/json.h"
+#include "gpt2ft/tokenizer/byte_level_bpe.h"
 #include "gpt2ft/tokenizer/tokenizer.h"
 
 namespace gpt2ft {
@@ -32,6 +33,39 @@ std::optional<ShardTokenizer> shard_tokenizer(const std::vector<fs::path>& shard
   if (t.contains("source") && t["source"].is_string()) out.source = t["source"].get<std::string>();
   out.manifest = manifest;
   return out;
+}
+
+std::optional<ShardChat> shard_chat(const std::vector<fs::path>& shards) {
+  if (shards.empty()) return std::nullopt;
+  const fs::path manifest = shards.front().parent_path() / "manifest.json";
+  if (!fs::exists(manifest)) return std::nullopt;
+  const nlohmann::json j = read_json_file(manifest.string());
+  if (!j.is_object() || !j.contains("chat")) return std::nullopt;
+  try {
+    ShardChat c;
+    c.template_name = j.at("chat").at("template").get<std::string>();
+    c.template_source = j.at("chat").at("template_source").get<std::string>();
+    c.added_tokens = j.at("tokenizer").at("added_tokens").get<std::vector<std::string>>();
+    c.base_vocab_size = j.at("tokenizer").at("base_vocab_size").get<int64_t>();
+    return c;
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(manifest.string() + ": a chat manifest without the fields tokenize writes (" + e.what() +
+                "); the manifest is damaged. Re-run tokenize");
+  }
+}
+
+void check_added_tokens_match(const ShardChat& chat, const fs::path& model_dir, const std::string& what) {
+  if (!fs::is_directory(model_dir) || !folder_has_tokenizer(model_dir)) return;
+  const auto tokenizer = load_tokenizer(model_dir);
+  const auto* bpe = dynamic_cast<const ByteLevelBpe*>(tokenizer.get());
+  if (!bpe || bpe->added_tokens().empty()) return;
+  if (bpe->added_tokens() != chat.added_tokens || bpe->base_vocab_size() != chat.base_vocab_size) {
+    const auto list = [](const std::vector<std::string>& v) { return nlohmann::json(v).dump(); };
+    throw Error(what + ": the shards' template added the tokens " + list(chat.added_tokens) + " from id " +
+                std::to_string(chat.base_vocab_size) + ", but the model " + model_dir.string() + " has " +
+                list(bpe->added_tokens()) + " from id " + std::to_string(bpe->base_vocab_size()) +
+                "; tokenize with the model's own folder as --tokenizer");
+  }
 }
 
 std::optional<std::string> model_tokenizer_identity(const fs::path& model_dir) {

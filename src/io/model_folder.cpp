@@ -14,6 +14,8 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/strings.h"
 #include "gpt2ft/model/lora.h"
+#include "gpt2ft/data/chat_documents.h"
+#include "gpt2ft/tokenizer/chat_template.h"
 #include "gpt2ft/tokenizer/tokenizer.h"
 
 namespace gpt2ft {
@@ -107,7 +109,7 @@ const std::vector<std::string>& tokenizer_file_names() {
   static const std::vector<std::string> names = {
       "vocab.json",   "merges.txt",  "tokenizer.json",  "tokenizer_config.json",
       "special_tokens_map.json", "encoder.json", "vocab.bpe", "tokenizer.model",
-      "generation_config.json"};
+      "generation_config.json", "chat_template.jinja"};
   return names;
 }
 
@@ -290,6 +292,40 @@ void copy_tokenizer_files(const fs::path& from, const fs::path& dir) {
     }
     write_file_atomic(dir / "tokenizer_config.json", config.dump(2) + "\n");
   }
+}
+
+void write_chat_tokenizer_files(const ShardChat& chat, const fs::path& dir) {
+  const fs::path config_file = dir / "tokenizer_config.json";
+  nlohmann::json config = fs::exists(config_file) ? read_json_file(config_file.string()) : nlohmann::json::object();
+  if (!config.is_object()) config = nlohmann::json::object();
+  config["chat_template"] = chat.template_source;
+  nlohmann::json& decoder = config["added_tokens_decoder"];
+  if (!decoder.is_object()) decoder = nlohmann::json::object();
+  std::vector<std::string> tokens = {"<|endoftext|>"};
+  std::vector<int64_t> ids = {chat.base_vocab_size - 1};  // GPT-2's end of text is its last base id
+  for (size_t i = 0; i < chat.added_tokens.size(); ++i) {
+    tokens.push_back(chat.added_tokens[i]);
+    ids.push_back(chat.base_vocab_size + static_cast<int64_t>(i));
+  }
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (i == 0 && decoder.contains(std::to_string(ids[0]))) continue;
+    decoder[std::to_string(ids[i])] = {{"content", tokens[i]}, {"lstrip", false}, {"normalized", false},
+                                       {"rstrip", false}, {"single_word", false}, {"special", true}};
+  }
+  write_file_atomic(config_file, config.dump(2) + "\n");
+  write_file_atomic(dir / "chat_template.jinja", chat.template_source);
+  // generate (ours and transformers') stops at the end of a turn as well as the end of text.
+  const std::string end_of_turn = end_of_turn_token(ChatTemplate(chat.template_source, chat.template_name));
+  const auto it = std::find(tokens.begin(), tokens.end(), end_of_turn);
+  const fs::path generation_file = dir / "generation_config.json";
+  nlohmann::json generation =
+      fs::exists(generation_file) ? read_json_file(generation_file.string()) : nlohmann::json::object();
+  if (!generation.is_object()) generation = nlohmann::json::object();
+  nlohmann::json eos = {ids[0]};
+  if (it != tokens.end() && it != tokens.begin()) eos.push_back(ids[static_cast<size_t>(it - tokens.begin())]);
+  generation["bos_token_id"] = ids[0];
+  generation["eos_token_id"] = eos.size() == 1 ? eos[0] : eos;
+  write_file_atomic(generation_file, generation.dump(2) + "\n");
 }
 
 void save_trained_weights(GPT2& model, const fs::path& dir, const std::string& base_model) {

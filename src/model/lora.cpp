@@ -13,12 +13,18 @@
 #include "gpt2ft/core/strings.h"
 #include "gpt2ft/core/json.h"
 #include "gpt2ft/io/safetensors.h"
+#include "gpt2ft/model/finetune.h"
 
 namespace gpt2ft {
 namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kPeftPrefix = "base_model.model.";
+
+// The parameters modules_to_save carries: the token embedding, and an untied lm_head.
+bool is_saved_embedding(GPT2& model, const std::string& name) {
+  return name == "transformer.wte.weight" || (!model->config().tie_word_embeddings && name == "lm_head.weight");
+}
 
 // Every projection that can carry an adapter: its module name, base layer and adapter slot.
 struct Slot {
@@ -79,6 +85,10 @@ void add_lora(GPT2& model, const LoraConfig& config) {
     a.dropout = config.dropout;
     (*s.base)->register_module("lora_A", a.A);
     (*s.base)->register_module("lora_B", a.B);
+  }
+  if (config.save_embeddings) {  // modules_to_save: trained in full
+    model->transformer->wte->weight.requires_grad_(true);
+    model->lm_head_weight().requires_grad_(true);
   }
   model->set_lora(config);
   for (const auto& t : config.targets) {
@@ -172,8 +182,21 @@ LoraConfig read_adapter_config(const fs::path& dir) {
   if (c.targets.empty()) throw Error(where + ": target_modules is empty: the adapter would adapt nothing");
   const std::string bias = optional("bias", "none", &nlohmann::json::is_string, "a string").get<std::string>();
   if (bias != "none") throw Error(where + ": bias \"" + bias + "\" is not supported (only \"none\")");
+  if (j.contains("modules_to_save") && !j["modules_to_save"].is_null() && !j["modules_to_save"].empty()) {
+    const nlohmann::json& m = j["modules_to_save"];
+    const auto names = m.is_array() ? m : nlohmann::json::array();
+    for (const auto& name : names) {
+      const bool embedding = name == "wte" || name == "transformer.wte" || name == "lm_head";
+      if (!embedding) {
+        throw Error(where + ": modules_to_save " + m.dump() + " is not supported (only the token embedding, \"wte\", "
+                    "with the lm_head tied to it)");
+      }
+    }
+    if (names.empty()) throw Error(where + ": modules_to_save must be a list of module names, got " + m.dump());
+    c.save_embeddings = true;
+  }
   // What PEFT can put in an adapter that this LoRA does not do: refused by name, not ignored.
-  for (const char* key : {"modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules",
+  for (const char* key : {"rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules",
                           "target_parameters", "trainable_token_indices"}) {
     if (j.contains(key) && !j[key].is_null() && !j[key].empty()) {
       throw Error(where + ": " + key + " " + j[key].dump() + " is not supported");
@@ -189,6 +212,7 @@ LoraConfig read_adapter_config(const fs::path& dir) {
   // be metadata, or to matter only when the adapter is created, is let through.
   static const std::set<std::string> understood = {
       "peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "bias", "modules_to_save",
+      "ensure_weight_tying",
       "rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "target_parameters",
       "trainable_token_indices", "use_dora", "lora_bias", "use_qalora",
       // metadata, or only read when PEFT creates the adapter:
@@ -221,9 +245,23 @@ void load_adapter_weights(GPT2& model, const fs::path& dir) {
     const std::string hint = "the adapter does not match adapter_config.json or the base model";
     std::set<std::string> used;
     for (auto& item : model->named_parameters()) {
-      if (!is_lora_parameter(item.key())) continue;
+      const bool saved = model->lora() && model->lora()->save_embeddings && is_saved_embedding(model, item.key());
+      if (!is_lora_parameter(item.key()) && !saved) continue;
+      torch::NoGradGuard no_grad;
       reader.load_into(kPeftPrefix + item.key(), item.value(), hint);
       used.insert(kPeftPrefix + item.key());
+    }
+    // A tied model's saved lm_head is its embedding again (PEFT saves both): it must be equal.
+    const std::string tied_head = std::string(kPeftPrefix) + "lm_head.weight";
+    if (model->lora() && model->lora()->save_embeddings && model->config().tie_word_embeddings &&
+        reader.entries().count(tied_head)) {
+      torch::Tensor head = torch::empty_like(model->transformer->wte->weight);
+      reader.load_into(tied_head, head, hint);
+      if (!torch::equal(head, model->transformer->wte->weight)) {
+        throw Error(file.string() + ": lm_head.weight differs from transformer.wte.weight, but the model ties them; "
+                    "the adapter is for an untied model");
+      }
+      used.insert(tied_head);
     }
     // Every tensor must find its place: an extra one is an adapted module this model does not
     // adapt (outside target_modules, a layer the base does not have: a deeper base), and an
@@ -243,7 +281,20 @@ void load_adapter_weights(GPT2& model, const fs::path& dir) {
 }
 
 void attach_adapter_folder(GPT2& model, const fs::path& dir) {
-  add_lora(model, read_adapter_config(dir));
+  const LoraConfig config = read_adapter_config(dir);
+  if (config.save_embeddings) {  // the adapter's vocabulary may be the base's resized (a chat template's tokens)
+    const fs::path file = dir / "adapter_model.safetensors";
+    if (fs::exists(file)) {
+      const SafetensorsReader reader(file);
+      for (const auto& [name, entry] : reader.entries()) {
+        if (name == std::string(kPeftPrefix) + "transformer.wte.weight" && !entry.shape.empty() &&
+            entry.shape[0] != model->config().vocab_size) {
+          model = resize_vocab(model, entry.shape[0]);
+        }
+      }
+    }
+  }
+  add_lora(model, config);
   load_adapter_weights(model, dir);
 }
 
@@ -253,8 +304,18 @@ void save_adapter_folder(GPT2& model, const LoraConfig& config, const fs::path& 
   fs::create_directories(dir, ec);
   if (ec) throw Error(dir.string() + ": cannot create directory (" + ec.message() + ")");
   NamedTensors tensors;
+  nlohmann::json modules_to_save = nullptr;
   for (const auto& item : model->named_parameters()) {
-    if (is_lora_parameter(item.key())) tensors.emplace_back(kPeftPrefix + item.key(), item.value().detach());
+    const bool saved = config.save_embeddings && is_saved_embedding(model, item.key());
+    if (is_lora_parameter(item.key()) || saved) tensors.emplace_back(kPeftPrefix + item.key(), item.value().detach());
+  }
+  // PEFT ties a saved lm_head to the embedding (ensure_weight_tying) only when modules_to_save
+  // names "lm_head", and then loads both tensors; an untied model saves both modules.
+  if (config.save_embeddings && model->config().tie_word_embeddings) {
+    modules_to_save = nlohmann::json{"lm_head"};
+    tensors.emplace_back(std::string(kPeftPrefix) + "lm_head.weight", model->transformer->wte->weight.detach());
+  } else if (config.save_embeddings) {
+    modules_to_save = nlohmann::json{"wte", "lm_head"};
   }
   save_safetensors(dir / "adapter_model.safetensors", tensors);
   const nlohmann::json cfg = {{"peft_type", "LORA"},
@@ -267,7 +328,8 @@ void save_adapter_folder(GPT2& model, const LoraConfig& config, const fs::path& 
                               {"fan_in_fan_out", true},
                               {"bias", "none"},
                               {"use_rslora", config.rslora},
-                              {"modules_to_save", nullptr},
+                              {"modules_to_save", modules_to_save},
+                              {"ensure_weight_tying", config.save_embeddings && model->config().tie_word_embeddings},
                               {"init_lora_weights", true},
                               {"inference_mode", true}};
   write_file_atomic(dir / "adapter_config.json", cfg.dump(2) + "\n");

@@ -391,13 +391,15 @@ class Parser {
       body.push_back(parse_statement(word));
     }
     if (!stops.empty()) {
-      throw Error(where_ + ": the template ends inside a block; {% " + stops.back() + " %} is missing");
+      throw Error(where_ + ":" + std::to_string(open_line_) + ": the block opened here is never closed; {% " +
+                  stops.back() + " %} is missing");
     }
     return body;
   }
 
   std::unique_ptr<Node> parse_statement(const std::string& word) {
     const Piece& p = pieces_[pos_++];
+    open_line_ = p.line;
     ExprLexer lexer(p.text, where_, p.line);
     lexer.next();  // the word
     auto n = std::make_unique<Node>();
@@ -428,7 +430,7 @@ class Parser {
       n->name = var.text;
       lexer.expect(Token::kName, "in");
       n->expr = parse_whole(lexer);
-      n->bodies.push_back(parse_body({"endfor", "else"}));
+      n->bodies.push_back(parse_body({"else", "endfor"}));
       if (first_word(pieces_[pos_].text) == "else") lexer.fail("{% else %} in a for loop");
       ++pos_;
     } else if (word == "set") {
@@ -632,6 +634,7 @@ class Parser {
   const std::vector<Piece>& pieces_;
   std::string where_;
   size_t pos_ = 0;
+  int open_line_ = 1;  // of the block being parsed, for a missing end tag
   bool marks_generation_ = false;
 };
 

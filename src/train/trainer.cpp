@@ -63,9 +63,12 @@ using Clock = std::chrono::steady_clock;
 
 // LoRA (model.lora.*): adapters on the targeted projections of a frozen base, fresh or
 // continued from a PEFT adapter folder whose r, alpha and targets are then used.
-void attach_lora(GPT2& model, const TrainConfig& cfg) {
+// save_embeddings: the vocabulary grew for a chat template's tokens, whose rows LoRA alone
+// would leave untrained: the embedding is trained in full and saved with the adapter.
+void attach_lora(GPT2& model, const TrainConfig& cfg, bool save_embeddings) {
   const auto& o = cfg.model.lora;
-  const LoraConfig lora = cfg.lora_config();
+  LoraConfig lora = cfg.lora_config();
+  lora.save_embeddings = lora.save_embeddings || save_embeddings;
   add_lora(model, lora);
   if (!o.init_from.empty()) load_adapter_weights(model, o.init_from);
   if (o.base_dtype != "float32") cast_frozen_base(model, o.base_dtype == "bfloat16" ? c10::kBFloat16 : c10::kHalf);
@@ -75,6 +78,23 @@ void attach_lora(GPT2& model, const TrainConfig& cfg) {
                "frozen in {}",
                lora.rank, lora.alpha, lora.scaling(), lora.dropout, nlohmann::json(lora.targets).dump(),
                lora_adapters(model).size(), adapters, o.base_dtype);
+}
+
+// The vocabulary the model trains with: model.resize_vocab, or, when the shards' chat template
+// added tokens the model lacks, its size rounded up to a multiple of 64 (llm.c's padded
+// 50304 for GPT-2's 50257 + 2).
+int64_t vocab_for_data(const TrainConfig& cfg, int64_t model_vocab) {
+  const auto chat = shard_chat(expand_glob(cfg.data.train, "data.train"));
+  const int64_t needed = chat ? chat->vocab_size() : 0;
+  if (cfg.model.resize_vocab > 0) {
+    if (cfg.model.resize_vocab < needed) {
+      throw Error("model.resize_vocab is " + std::to_string(cfg.model.resize_vocab) + " but the shards of data.train "
+                  "use " + std::to_string(needed) + " ids (their chat template's tokens); set it to at least " +
+                  std::to_string(needed) + ", or to 0 to size it from the data");
+    }
+    return cfg.model.resize_vocab;
+  }
+  return needed > model_vocab ? (needed + 63) / 64 * 64 : model_vocab;
 }
 
 GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
@@ -90,14 +110,17 @@ GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
     model = GPT2(c);
     init_gpt2_weights(model, static_cast<uint64_t>(cfg.train.seed));
   }
-  if (cfg.model.resize_vocab > 0 && cfg.model.resize_vocab != model->config().vocab_size) {
-    spdlog::info("resizing the vocabulary from {} to {}", model->config().vocab_size, cfg.model.resize_vocab);
-    model = resize_vocab(model, cfg.model.resize_vocab);
+  const int64_t vocab = vocab_for_data(cfg, model->config().vocab_size);
+  const bool grown_for_chat = vocab > model->config().vocab_size && cfg.model.resize_vocab == 0;
+  if (vocab != model->config().vocab_size) {
+    spdlog::info("resizing the vocabulary from {} to {}{}", model->config().vocab_size, vocab,
+                 grown_for_chat ? " (the chat template's tokens, rounded up to a multiple of 64)" : "");
+    model = resize_vocab(model, vocab);
   }
   model->set_activation_checkpointing(cfg.checkpoint_every_n_blocks());
   model->set_packed_attention(cfg.attention.packed == "varlen" ? PackedAttention::kVarlen : PackedAttention::kMask);
   freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_blocks);
-  if (cfg.lora()) attach_lora(model, cfg);
+  if (cfg.lora()) attach_lora(model, cfg, grown_for_chat);
   model->to(device);
   model->train();
   if (cfg.data.seq_len > model->config().n_positions) {
@@ -302,6 +325,9 @@ Trainer::Trainer(const TrainConfig& cfg)
     if (!cfg_.data.val.empty()) {
       check_shards_match_model(expand_glob(cfg_.data.val, "data.val"), cfg_.model.init_from, model_tokenizer,
                                "data.val");
+    }
+    if (const auto chat = shard_chat(expand_glob(cfg_.data.train, "data.train"))) {
+      check_added_tokens_match(*chat, cfg_.model.init_from, "data.train");
     }
   }
   if (comm_.is_main()) lock_.emplace(cfg_.output_dir, "output_dir");  // one run per folder
@@ -854,11 +880,13 @@ void Trainer::write_model(const fs::path& dir) {
   if (!cfg_.model.init_from.empty()) save.tokenizer_from = fs::path(cfg_.model.init_from);
   if (!model_->lora()) {
     save_model_folder(model_, dir, save);
-    return;
+  } else {
+    save_adapter_folder(model_, *model_->lora(), dir,
+                        cfg_.model.init_from.empty() ? cfg_.model.preset : fs::absolute(cfg_.model.init_from).string());
+    if (save.tokenizer_from) copy_tokenizer_files(*save.tokenizer_from, dir);
   }
-  save_adapter_folder(model_, *model_->lora(), dir,
-                      cfg_.model.init_from.empty() ? cfg_.model.preset : fs::absolute(cfg_.model.init_from).string());
-  if (save.tokenizer_from) copy_tokenizer_files(*save.tokenizer_from, dir);
+  // Conversations: the template and its tokens travel with the model, for transformers and generate --chat.
+  if (const auto chat = shard_chat(expand_glob(cfg_.data.train, "data.train"))) write_chat_tokenizer_files(*chat, dir);
 }
 
 // A stop signal during setup: nothing new to save (the last checkpoint, if any, stands).

@@ -64,6 +64,10 @@ class ChatEncoder {
   std::vector<std::pair<std::string, uint32_t>> controls_;  // string -> id, longest first
 };
 
+// The control token that ends an assistant turn: the last one the template writes inside
+// {% generation %} ("<|im_end|>" for chatml, "<|endoftext|>" for plain); "" when none.
+std::string end_of_turn_token(const ChatTemplate& chat_template);
+
 // The control strings of `chat_template` the tokenizer lacks: the tokens to add.
 std::vector<std::string> missing_control_tokens(const ChatTemplate& chat_template, const ByteLevelBpe& tokenizer);
 

@@ -20,6 +20,23 @@ struct ShardTokenizer {
 // entry is malformed, is an Error naming the file.
 std::optional<ShardTokenizer> shard_tokenizer(const std::vector<std::filesystem::path>& shards);
 
+// What manifest.json says of conversation shards (tokenize --chat-template): the template and
+// the control tokens it added after the tokenizer's vocabulary.
+struct ShardChat {
+  std::string template_name;    // "chatml", "plain" or the file given
+  std::string template_source;  // its text, with its {% generation %} tags
+  std::vector<std::string> added_tokens;
+  int64_t base_vocab_size = 0;  // the first added token's id
+  int64_t vocab_size() const { return base_vocab_size + static_cast<int64_t>(added_tokens.size()); }
+};
+
+// The chat entry of the manifest beside `shards`; nothing for other shards or none.
+std::optional<ShardChat> shard_chat(const std::vector<std::filesystem::path>& shards);
+
+// Refuses a model folder whose tokenizer adds other tokens (or the same at other ids) than
+// the shards were made with. A folder that adds none is fine: training adds them.
+void check_added_tokens_match(const ShardChat& chat, const std::filesystem::path& model_dir, const std::string& what);
+
 // The identity of the tokenizer files in a model folder, or nothing when it has none.
 std::optional<std::string> model_tokenizer_identity(const std::filesystem::path& model_dir);
 

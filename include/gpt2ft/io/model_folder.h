@@ -10,6 +10,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
+#include "gpt2ft/data/shard_manifest.h"
 #include "gpt2ft/io/safetensors.h"
 #include "gpt2ft/model/gpt2.h"
 
@@ -56,6 +57,12 @@ void load_trained_weights(GPT2& model, const std::filesystem::path& dir);
 // Copies the tokenizer files of the model folder `from` (or a SentencePiece .model file, as
 // tokenizer.model) into `dir`.
 void copy_tokenizer_files(const std::filesystem::path& from, const std::filesystem::path& dir);
+
+// A model trained on conversations carries its template and tokens for transformers and
+// generate --chat: chat_template.jinja, and in tokenizer_config.json (merged into one already
+// in `dir`) the template as chat_template and the added tokens as special tokens in
+// added_tokens_decoder; generation_config.json stops at the end-of-turn token too.
+void write_chat_tokenizer_files(const ShardChat& chat, const std::filesystem::path& dir);
 
 // Names of the tokenizer files that travel with a model folder.
 const std::vector<std::string>& tokenizer_file_names();

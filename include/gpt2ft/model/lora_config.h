@@ -15,6 +15,10 @@ struct LoraConfig {
   double dropout = 0;  // lora_dropout
   std::vector<std::string> targets = {"c_attn"};  // target_modules
   bool rslora = false;  // use_rslora: scaling alpha / sqrt(r)
+  // modules_to_save ["wte"]: the token embedding (and so the lm_head tied to it) is trained in
+  // full and saved with the adapter, as PEFT saves modules_to_save. Set when a chat template
+  // added tokens whose rows must be learnt.
+  bool save_embeddings = false;
 
   double scaling() const;
 };
