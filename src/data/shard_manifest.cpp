@@ -54,6 +54,19 @@ std::optional<ShardChat> shard_chat(const std::vector<fs::path>& shards) {
   }
 }
 
+int64_t vocab_for_data(const std::optional<ShardChat>& chat, int64_t model_vocab, int64_t resize_vocab) {
+  const int64_t needed = chat ? chat->vocab_size() : 0;
+  if (resize_vocab > 0) {
+    if (resize_vocab < needed) {
+      throw Error("model.resize_vocab is " + std::to_string(resize_vocab) + " but the shards of data.train use " +
+                  std::to_string(needed) + " ids (their chat template's tokens); set it to at least " +
+                  std::to_string(needed) + ", or to 0 to size it from the data");
+    }
+    return resize_vocab;
+  }
+  return needed > model_vocab ? (needed + 63) / 64 * 64 : model_vocab;
+}
+
 void check_added_tokens_match(const ShardChat& chat, const fs::path& model_dir, const std::string& what) {
   if (!fs::is_directory(model_dir) || !folder_has_tokenizer(model_dir)) return;
   const auto tokenizer = load_tokenizer(model_dir);

@@ -96,23 +96,32 @@ bool lora_on(const MemoryPlanInput& in, const std::string& module) {
 // The trained tensors' element counts, in the model's order: freezing as model/finetune does;
 // with LoRA the adapters, A (r, in) and B (out, r) on each targeted projection.
 // below_block: the elements of those in the embeddings and blocks 0 to below_block.
-std::vector<int64_t> trained_numels(const MemoryPlanInput& in, int64_t below_block = -1, int64_t* below = nullptr) {
+// names: the tensors' names, in the same order.
+std::vector<int64_t> trained_numels(const MemoryPlanInput& in, int64_t below_block = -1, int64_t* below = nullptr,
+                                    std::vector<std::string>* names = nullptr) {
   std::vector<int64_t> numels;
+  std::vector<std::string> trained_names;
   for (const auto& [name, shape] : in.model.parameter_shapes()) {
     const int64_t numel = std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>());
     const size_t at = numels.size();
     const std::string module = name.substr(0, name.rfind('.'));
     if (in.lora_rank == 0) {
-      if (!is_frozen(name, in.freeze_embeddings, in.freeze_blocks)) numels.push_back(numel);
+      if (!is_frozen(name, in.freeze_embeddings, in.freeze_blocks)) numels.push_back(numel), trained_names.push_back(name);
     } else if (shape.size() == 2 && ends_with(name, ".weight") && module.find(".h.") != std::string::npos &&
                lora_on(in, module)) {
       numels.push_back(in.lora_rank * shape[1]);  // A
       numels.push_back(shape[0] * in.lora_rank);  // B
+      trained_names.push_back(module + ".lora_A.weight");
+      trained_names.push_back(module + ".lora_B.weight");
+    } else if (in.lora_embeddings && (name == "transformer.wte.weight" || name == "lm_head.weight")) {
+      numels.push_back(numel);  // modules_to_save: trained in full beside the adapters
+      trained_names.push_back(name);
     }
     const size_t h = name.find(".h.");
     const bool low = h == std::string::npos || std::stoll(name.substr(h + 3)) <= below_block;
     if (below != nullptr && low) *below += std::accumulate(numels.begin() + static_cast<std::ptrdiff_t>(at), numels.end(), int64_t{0});
   }
+  if (names != nullptr) *names = std::move(trained_names);
   return numels;
 }
 
@@ -195,7 +204,7 @@ SavedActivations saved_activations(const MemoryPlanInput& in, const Dims& d, int
 // Weights, optimizer state (ZeRO-1: the most loaded rank's; offload: on the host), gradients,
 // autocast's copies and the workspaces that do not depend on the micro batch.
 void plan_resident(const MemoryPlanInput& in, const Dims& d, const std::vector<int64_t>& trained_numels,
-                   MemoryPlan& m) {
+                   const std::vector<std::string>& trained_names, MemoryPlan& m) {
   const bool lora = in.lora_rank > 0;
   const int64_t trained = std::accumulate(trained_numels.begin(), trained_numels.end(), int64_t{0});
   const int64_t P = in.model.num_parameters();
@@ -203,18 +212,19 @@ void plan_resident(const MemoryPlanInput& in, const Dims& d, const std::vector<i
   m.gradients = 4 * trained;
   // Two moments per element and a float32 step per tensor; 8-bit: codes and block scales for
   // tensors torchao quantizes, float32 moments for the others.
-  const auto state_bytes = [&](int64_t numel) {
-    return in.optimizer_8bit ? adamw_8bit_state_bytes(numel) : 8 * numel + 4;
+  const auto state_bytes = [&](size_t i) {
+    const int64_t numel = trained_numels[i];
+    return in.optimizer_8bit ? adamw_8bit_state_bytes(trained_names[i], numel, in.quantize_embeddings) : 8 * numel + 4;
   };
   m.optimizer = 0;
-  for (const int64_t numel : trained_numels) m.optimizer += state_bytes(numel);
+  for (size_t i = 0; i < trained_numels.size(); ++i) m.optimizer += state_bytes(i);
   int64_t owned = trained;  // trained elements whose optimizer state this rank keeps
   if (in.shard_optimizer && in.world_size > 1) {
     // ZeRO-1: the most loaded rank's share, under the partition the trainer uses.
     const std::vector<int> owner = partition_parameters(trained_numels, static_cast<int>(in.world_size));
     std::vector<int64_t> bytes(static_cast<size_t>(in.world_size), 0), elements(bytes.size(), 0);
     for (size_t i = 0; i < owner.size(); ++i) {
-      bytes[static_cast<size_t>(owner[i])] += state_bytes(trained_numels[i]);
+      bytes[static_cast<size_t>(owner[i])] += state_bytes(i);
       elements[static_cast<size_t>(owner[i])] += trained_numels[i];
     }
     m.optimizer = *std::max_element(bytes.begin(), bytes.end());
@@ -271,7 +281,9 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   m.per_rank_batch = in.global_batch > 0 ? in.global_batch / std::max<int64_t>(1, in.world_size) : 0;
   const SavedActivations configured = saved_activations(in, d, in.checkpoint_every);
   int64_t low_elements = 0;  // trained, in the embeddings and the blocks up to the first checkpointed one
-  plan_resident(in, d, trained_numels(in, configured.first_checkpointed, &low_elements), m);
+  std::vector<std::string> trained_names;
+  const std::vector<int64_t> trained = trained_numels(in, configured.first_checkpointed, &low_elements, &trained_names);
+  plan_resident(in, d, trained, trained_names, m);
   const int64_t transient = 4 * d.C + 2 * d.b * d.I + d.b * d.C;  // d residual + a block's gradients
   if (configured.first_checkpointed >= 0) {
     m.first_recompute_gradients = m.gradients - 4 * low_elements;

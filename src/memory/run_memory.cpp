@@ -11,6 +11,8 @@
 #include "gpt2ft/core/autocast.h"
 #include "gpt2ft/core/cuda_info.h"
 #include "gpt2ft/data/samples.h"
+#include "gpt2ft/data/shard.h"
+#include "gpt2ft/data/shard_manifest.h"
 
 namespace gpt2ft {
 
@@ -21,7 +23,14 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
                  ? GPT2Config::preset(cfg.model.preset)
                  : GPT2Config::from_file(std::filesystem::path(cfg.model.init_from) / "config.json");
   if (cfg.model.dropout >= 0) in.model.resid_pdrop = in.model.embd_pdrop = in.model.attn_pdrop = cfg.model.dropout;
-  if (cfg.model.resize_vocab > 0) in.model.vocab_size = cfg.model.resize_vocab;
+  const int64_t vocab = in.model.vocab_size;
+  if (!cfg.data.train.empty()) {
+    in.model.vocab_size = vocab_for_data(shard_chat(glob_files(cfg.data.train)), vocab,
+                                         cfg.model.resize_vocab);
+  } else if (cfg.model.resize_vocab > 0) {
+    in.model.vocab_size = cfg.model.resize_vocab;
+  }
+  in.lora_embeddings = cfg.lora() && cfg.model.resize_vocab == 0 && in.model.vocab_size > vocab;
   in.seq_len = cfg.data.seq_len;
   in.cuda = cfg.device != "cpu";
   in.amp = resolve_amp_dtype(cfg.amp.dtype, in.cuda ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU));
@@ -31,6 +40,7 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
   in.shard_optimizer = cfg.distributed.shard_optimizer;
   in.optimizer_offload = cfg.train.optimizer_offload == "cpu";
   in.optimizer_8bit = cfg.train.optimizer == "adamw_8bit";
+  in.quantize_embeddings = cfg.train.adamw_8bit_embeddings == "8bit";
   in.freeze_embeddings = cfg.model.freeze_embeddings;
   in.freeze_blocks = cfg.model.freeze_blocks;
   in.packed_documents = cfg.data.packing == "documents" ||

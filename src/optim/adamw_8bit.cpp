@@ -26,10 +26,20 @@ std::string key(const char* what, const std::string& name) { return std::string(
 
 }  // namespace
 
-bool adamw_8bit_quantizes(int64_t numel) { return numel >= kMinQuantized && numel % kQuantizationBlock == 0; }
+bool is_embedding_parameter(const std::string& name) {
+  const auto ends = [&](const std::string& tail) {
+    return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  return ends("wte.weight") || ends("wpe.weight") || ends("lm_head.weight");
+}
 
-int64_t adamw_8bit_state_bytes(int64_t numel) {
-  if (!adamw_8bit_quantizes(numel)) return 8 * numel + 4;
+bool adamw_8bit_quantizes(const std::string& name, int64_t numel, bool quantize_embeddings) {
+  if (!quantize_embeddings && is_embedding_parameter(name)) return false;
+  return numel >= kMinQuantized && numel % kQuantizationBlock == 0;
+}
+
+int64_t adamw_8bit_state_bytes(const std::string& name, int64_t numel, bool quantize_embeddings) {
+  if (!adamw_8bit_quantizes(name, numel, quantize_embeddings)) return 8 * numel + 4;
   return 2 * numel + 2 * 4 * (numel / kQuantizationBlock) + 4;
 }
 
@@ -50,7 +60,7 @@ AdamW8bit::AdamW8bit(const std::vector<std::pair<std::string, torch::Tensor>>& n
     s.name = name;
     s.param = p;
     s.weight_decay = p.dim() >= 2 ? options.weight_decay : 0.0;  // as AdamW: no decay for biases and LayerNorm
-    s.quantized = adamw_8bit_quantizes(p.numel());
+    s.quantized = adamw_8bit_quantizes(name, p.numel(), options.quantize_embeddings);
     const auto f32 = p.options().dtype(torch::kFloat);
     if (s.quantized) {
       s.exp_avg = torch::zeros(p.sizes(), p.options().dtype(torch::kByte));
@@ -345,7 +355,7 @@ void AdamW8bit::step(double lr, const GradientScaling& scaling) {
 std::string AdamW8bit::run_report() const {
   int64_t bytes = 0, quantized = 0, kept = 0;
   for (const auto& s : states_) {
-    bytes += adamw_8bit_state_bytes(s.param.numel());
+    bytes += adamw_8bit_state_bytes(s.name, s.param.numel(), options_.quantize_embeddings);
     (s.quantized ? quantized : kept) += s.param.numel();
   }
   return fmt::format("AdamW 8-bit state: {:.1f} MiB; {} values in 8-bit blocks, {} in float32 (tensors under 4096 "
@@ -366,13 +376,13 @@ NamedTensors AdamW8bit::checkpoint_state() const {
 }
 
 NamedTensors AdamW8bit::state_layout(const std::string& name, const torch::Tensor& p) const {
-  return adamw_8bit_state_layout(name, p);
+  return adamw_8bit_state_layout(name, p, options_.quantize_embeddings);
 }
 
-NamedTensors adamw_8bit_state_layout(const std::string& name, const torch::Tensor& p) {
+NamedTensors adamw_8bit_state_layout(const std::string& name, const torch::Tensor& p, bool quantize_embeddings) {
   NamedTensors out;
   const auto f32 = p.options().dtype(torch::kFloat);
-  const bool quantized = adamw_8bit_quantizes(p.numel());
+  const bool quantized = adamw_8bit_quantizes(name, p.numel(), quantize_embeddings);
   const auto moment = quantized ? p.options().dtype(torch::kByte) : f32;
   out.emplace_back(key("exp_avg.", name), torch::empty(p.sizes(), moment));
   if (quantized) out.emplace_back(key("exp_avg.scales.", name), torch::empty({p.numel() / kQuantizationBlock}, f32));

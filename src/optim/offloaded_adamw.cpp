@@ -56,6 +56,7 @@ struct OffloadedAdamW::State {
   explicit State(c10::Device d) : device(d), cuda(d.is_cuda()) {}
 
   bool eight_bit = false;  // the buckets' optimizers are AdamW8bit
+  bool quantize_embeddings = false;  // theirs (AdamWOptions)
 
   const c10::Device device;
   const bool cuda;
@@ -142,6 +143,7 @@ OffloadedAdamW::OffloadedAdamW(const std::vector<std::pair<std::string, torch::T
   for (const auto& [name, p] : st.params) trained += p.numel();
   check_host_memory_for_offload(trained, eight_bit);
   st.eight_bit = eight_bit;
+  st.quantize_embeddings = options.quantize_embeddings;
   if (st.cuda) {
     st.impl.emplace(device.type());
     st.copy_stream = st.impl->getStreamFromGlobalPool(device, /*isHighPriority=*/false);
@@ -273,7 +275,8 @@ void OffloadedAdamW::step(double lr, const GradientScaling& scaling) {
 }
 
 NamedTensors OffloadedAdamW::state_layout(const std::string& name, const torch::Tensor& param) const {
-  return state_->eight_bit ? adamw_8bit_state_layout(name, param) : adamw_state_layout(name, param);
+  return state_->eight_bit ? adamw_8bit_state_layout(name, param, state_->quantize_embeddings)
+                           : adamw_state_layout(name, param);
 }
 
 NamedTensors OffloadedAdamW::checkpoint_state() const {

@@ -94,6 +94,9 @@ void TrainConfig::visit(Visitor& v) {
   v.choice(train.optimizer, "train.optimizer", "adamw", {"adamw", "adamw_8bit"},
            "\"adamw\", or \"adamw_8bit\": the moments of tensors of 4096+ values in 8-bit blocks (torchao's "
            "AdamW8bit), 2 bytes a parameter instead of 8");
+  v.choice(train.adamw_8bit_embeddings, "train.adamw_8bit.embeddings", "float32", {"float32", "8bit"},
+           "train.optimizer \"adamw_8bit\": the moments of wte, wpe (and an untied lm_head) in float32 (as "
+           "bitsandbytes' stable embedding), or in 8-bit blocks like every other large tensor (torchao's rule)");
   v.choice(train.fused_adamw, "train.fused_adamw", "auto", {"auto", "on", "off"},
            "Use the fused AdamW kernel (auto: on CUDA; train.optimizer \"adamw\" only)");
   v.flag(train.chunked_loss, "train.chunked_loss", true,

@@ -107,6 +107,7 @@ nlohmann::json run_fingerprint(const TrainConfig& c) {
                                  number(c.train.betas[1]), number(c.train.eps), number(c.train.weight_decay));
   f["train.grad_clip"] = number(c.train.grad_clip);
   f["train.optimizer"] = c.train.optimizer;
+  f["train.adamw_8bit.embeddings"] = c.train.adamw_8bit_embeddings;
   f["train.seed"] = std::to_string(c.train.seed);
   f["amp.dtype"] = c.amp.dtype;
   return f;

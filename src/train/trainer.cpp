@@ -80,23 +80,6 @@ void attach_lora(GPT2& model, const TrainConfig& cfg, bool save_embeddings) {
                lora_adapters(model).size(), adapters, o.base_dtype);
 }
 
-// The vocabulary the model trains with: model.resize_vocab, or, when the shards' chat template
-// added tokens the model lacks, its size rounded up to a multiple of 64 (llm.c's padded
-// 50304 for GPT-2's 50257 + 2).
-int64_t vocab_for_data(const TrainConfig& cfg, int64_t model_vocab) {
-  const auto chat = shard_chat(expand_glob(cfg.data.train, "data.train"));
-  const int64_t needed = chat ? chat->vocab_size() : 0;
-  if (cfg.model.resize_vocab > 0) {
-    if (cfg.model.resize_vocab < needed) {
-      throw Error("model.resize_vocab is " + std::to_string(cfg.model.resize_vocab) + " but the shards of data.train "
-                  "use " + std::to_string(needed) + " ids (their chat template's tokens); set it to at least " +
-                  std::to_string(needed) + ", or to 0 to size it from the data");
-    }
-    return cfg.model.resize_vocab;
-  }
-  return needed > model_vocab ? (needed + 63) / 64 * 64 : model_vocab;
-}
-
 GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
   auto set_dropout = [&](GPT2Config& c) {
     if (cfg.model.dropout >= 0) c.resid_pdrop = c.embd_pdrop = c.attn_pdrop = cfg.model.dropout;
@@ -110,7 +93,8 @@ GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
     model = GPT2(c);
     init_gpt2_weights(model, static_cast<uint64_t>(cfg.train.seed));
   }
-  const int64_t vocab = vocab_for_data(cfg, model->config().vocab_size);
+  const int64_t vocab = vocab_for_data(shard_chat(expand_glob(cfg.data.train, "data.train")),
+                                       model->config().vocab_size, cfg.model.resize_vocab);
   const bool grown_for_chat = vocab > model->config().vocab_size && cfg.model.resize_vocab == 0;
   if (vocab != model->config().vocab_size) {
     spdlog::info("resizing the vocabulary from {} to {}{}", model->config().vocab_size, vocab,
@@ -198,6 +182,7 @@ std::unique_ptr<Optimizer> make_optimizer(const TrainConfig& cfg, Communicator& 
   options.betas = cfg.train.betas;
   options.eps = cfg.train.eps;
   options.fused = fused_adamw(cfg, device);
+  options.quantize_embeddings = cfg.train.adamw_8bit_embeddings == "8bit";
   const bool eight_bit = cfg.train.optimizer == "adamw_8bit";
   if (eight_bit && cfg.train.fused_adamw == "on") {
     throw Error("train.fused_adamw \"on\" is AdamW's fused kernel; train.optimizer \"adamw_8bit\" has its own "

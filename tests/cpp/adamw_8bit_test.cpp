@@ -169,8 +169,11 @@ TEST(AdamW8bit, SkippedStepChangesNothingAndStateRoundTrips) {
   // The state is 2 bytes a value of w (plus a scale per block) and float32 for b.
   int64_t bytes = 0;
   for (const auto& [name, t] : opt.checkpoint_state()) bytes += t.nbytes();
-  EXPECT_EQ(bytes, adamw_8bit_state_bytes(w.numel()) + adamw_8bit_state_bytes(b.numel()));
-  EXPECT_EQ(adamw_8bit_state_bytes(w.numel()), 2 * 32 * 256 + 2 * 4 * 32 + 4);
+  EXPECT_EQ(bytes, adamw_8bit_state_bytes("w", w.numel(), false) + adamw_8bit_state_bytes("b", b.numel(), false));
+  EXPECT_EQ(adamw_8bit_state_bytes("w", w.numel(), false), 2 * 32 * 256 + 2 * 4 * 32 + 4);
+  // An embedding keeps float32 moments unless train.adamw_8bit.embeddings is "8bit".
+  EXPECT_EQ(adamw_8bit_state_bytes("transformer.wte.weight", w.numel(), false), 8 * w.numel() + 4);
+  EXPECT_EQ(adamw_8bit_state_bytes("transformer.wte.weight", w.numel(), true), 2 * 32 * 256 + 2 * 4 * 32 + 4);
 
   // AdamW's state is refused by name.
   AdamW plain({{"w", w}, {"b", b}}, AdamWOptions{});

@@ -67,12 +67,19 @@ TEST(MemoryPlanner, FixedBytesEqualTheRealTensors) {
 
     // 8-bit AdamW: codes, scales and the float32 moments of small tensors, as it allocates them.
     // (64 x 300 = 19,200 and 64 x 200 are multiples of 256; the biases and LayerNorms are not.)
+    // The embeddings keep float32 moments unless train.adamw_8bit.embeddings is "8bit".
     MemoryPlanInput eight_bit = memory_plan_input(cfg);
     eight_bit.optimizer_8bit = true;
-    int64_t state_8bit = 0;
-    for (const auto& [name, t] : AdamW8bit(named, {}).checkpoint_state()) state_8bit += t.nbytes();
-    EXPECT_EQ(plan_memory(eight_bit).optimizer, state_8bit);
-    EXPECT_LT(state_8bit, state / 3);
+    for (const bool quantize_embeddings : {true, false}) {
+      AdamWOptions options;
+      options.quantize_embeddings = eight_bit.quantize_embeddings = quantize_embeddings;
+      int64_t state_8bit = 0;
+      for (const auto& [name, t] : AdamW8bit(named, options).checkpoint_state()) state_8bit += t.nbytes();
+      EXPECT_EQ(plan_memory(eight_bit).optimizer, state_8bit) << "quantize_embeddings " << quantize_embeddings;
+      if (quantize_embeddings) EXPECT_LT(state_8bit, state / 3);
+      else EXPECT_LT(state_8bit, state);
+    }
+    eight_bit.quantize_embeddings = false;
     // Offloaded, the host holds a float32 copy, the gradient buffer and the 8-bit state.
     eight_bit.optimizer_offload = true;
     const OffloadedAdamW host(named, {}, torch::kCPU, 1 << 20, /*take_in_backward=*/false, /*eight_bit=*/true);

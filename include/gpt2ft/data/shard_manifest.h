@@ -33,6 +33,11 @@ struct ShardChat {
 // The chat entry of the manifest beside `shards`; nothing for other shards or none.
 std::optional<ShardChat> shard_chat(const std::vector<std::filesystem::path>& shards);
 
+// The vocabulary a model of `model_vocab` rows trains with: `resize_vocab` when set (an Error
+// if the chat shards use more ids), or, when the shards' chat template added tokens the model
+// lacks, their count rounded up to a multiple of 64 (llm.c's 50304 for GPT-2's 50257 + 2).
+int64_t vocab_for_data(const std::optional<ShardChat>& chat, int64_t model_vocab, int64_t resize_vocab);
+
 // Refuses a model folder whose tokenizer adds other tokens (or the same at other ids) than
 // the shards were made with. A folder that adds none is fine: training adds them.
 void check_added_tokens_match(const ShardChat& chat, const std::filesystem::path& model_dir, const std::string& what);

@@ -48,6 +48,8 @@ struct MemoryPlanInput {
   int64_t base_bytes = 4;
   bool optimizer_offload = false;     // train.optimizer_offload "cpu": AdamW's state on the host
   bool optimizer_8bit = false;        // train.optimizer "adamw_8bit": 8-bit moments (optim/adamw_8bit.h)
+  bool quantize_embeddings = false;   // ... for the embeddings too (train.adamw_8bit.embeddings "8bit")
+  bool lora_embeddings = false;       // LoRA trains the embedding in full (a chat template's new tokens)
   bool packed_documents = false;      // document shards packed whole: positions and an attention mask per sequence
 };
 

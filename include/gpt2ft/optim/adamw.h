@@ -22,6 +22,11 @@ struct AdamWOptions {
   std::array<double, 2> betas{0.9, 0.95};
   double eps = 1e-8;
   bool fused = false;
+  // AdamW8bit only: quantize the embeddings' moments too (torchao's rule, by size alone). Off:
+  // wte, wpe and an untied lm_head keep float32 moments, as bitsandbytes' stable embedding
+  // does: a rare token's rows see rare, large gradients that 8-bit blocks shared with common
+  // rows round away (train.adamw_8bit.embeddings).
+  bool quantize_embeddings = false;
 };
 
 // The defined gradients of `params` (a parameter that got none in this step has none), and

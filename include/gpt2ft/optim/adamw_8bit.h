@@ -34,14 +34,16 @@
 
 namespace gpt2ft {
 
-// torchao's rule: quantize the moments of a tensor of `numel` values.
-bool adamw_8bit_quantizes(int64_t numel);
+// torchao's rule: quantize the moments of a tensor of `numel` values; an embedding (wte, wpe,
+// an untied lm_head) only with quantize_embeddings (AdamWOptions).
+bool adamw_8bit_quantizes(const std::string& name, int64_t numel, bool quantize_embeddings);
+bool is_embedding_parameter(const std::string& name);
 
-// Bytes of AdamW8bit's state for a tensor of `numel` values (moments, scales, step count).
-int64_t adamw_8bit_state_bytes(int64_t numel);
+// Bytes of AdamW8bit's state for the tensor `name` of `numel` values (moments, scales, step).
+int64_t adamw_8bit_state_bytes(const std::string& name, int64_t numel, bool quantize_embeddings);
 
 // AdamW8bit's checkpoint entries for one parameter, empty (Optimizer::state_layout).
-NamedTensors adamw_8bit_state_layout(const std::string& name, const torch::Tensor& param);
+NamedTensors adamw_8bit_state_layout(const std::string& name, const torch::Tensor& param, bool quantize_embeddings);
 
 // The scalars of one tensor's fused step (float32, as the op path computes them).
 struct StepScalars {

@@ -51,6 +51,7 @@ struct TrainConfig {
     int64_t warmup_steps = 0;
     std::array<double, 2> betas{};
     std::string optimizer;                   // "adamw" | "adamw_8bit" (optim/adamw_8bit.h)
+    std::string adamw_8bit_embeddings;       // "float32" | "8bit": the embeddings' moments under adamw_8bit
     std::string fused_adamw;                 // "auto" | "on" | "off"
     bool chunked_loss = true;                // lm_head + cross-entropy without whole-batch logits
     bool deterministic = false;              // bitwise-equal runs (core/reproducible_math.h)
