@@ -1,4 +1,5 @@
 // gpt2-finetune generate: continue a prompt with a model folder and its tokenizer.
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 #include <limits>
@@ -10,10 +11,13 @@
 #include "commands.h"
 #include "gpt2ft/core/device.h"
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/core/json.h"
+#include "gpt2ft/data/chat_documents.h"
 #include "gpt2ft/io/model_folder.h"
 #include "gpt2ft/model/generate.h"
 #include "gpt2ft/model/lora.h"
 #include "gpt2ft/tokenizer/byte_level_bpe.h"
+#include "gpt2ft/tokenizer/chat_template.h"
 #include "gpt2ft/tokenizer/tokenizer.h"
 
 namespace gpt2ft::cli {
@@ -54,14 +58,104 @@ CLI::Validator number_in(Accept ok, const std::string& expected) {
       expected);
 }
 
+struct GenerateArgs {
+  std::string model, adapter, prompt, prompt_ids, messages, device = "auto";
+  GenerateOptions options;
+  bool json = false, no_stop = false, chat = false;
+};
+
+// The folder whose tokenizer (and chat template) goes with the model: an adapter folder that
+// carries tokenizer files (a chat template's added tokens live there), else the model's.
+fs::path tokenizer_folder(const GenerateArgs& a) {
+  if (!a.adapter.empty() && folder_has_tokenizer(a.adapter)) return a.adapter;
+  return a.model;
+}
+
+// The chat template a model folder carries: chat_template.jinja, or tokenizer_config.json's
+// "chat_template" string.
+ChatTemplate folder_chat_template(const fs::path& dir) {
+  if (fs::exists(dir / "chat_template.jinja")) return load_chat_template((dir / "chat_template.jinja").string());
+  const fs::path config = dir / "tokenizer_config.json";
+  if (fs::exists(config)) {
+    const nlohmann::json j = read_json_file(config.string());
+    if (j.is_object() && j.contains("chat_template") && j["chat_template"].is_string()) {
+      return ChatTemplate(j["chat_template"].get<std::string>(), config.string() + " (chat_template)");
+    }
+  }
+  throw Error(dir.string() + ": no chat template (chat_template.jinja or tokenizer_config.json's chat_template); "
+              "a model trained on conversations (tokenize --chat-template) carries one. Drop --chat to continue "
+              "plain text");
+}
+
+// --chat: the conversation (--messages FILE, or --prompt as one user message) rendered with
+// the folder's template and its generation prompt; stops at the end of a turn too.
+std::vector<int64_t> chat_prompt(const GenerateArgs& a, const Tokenizer& tokenizer, GenerateOptions& o) {
+  const auto* bpe = dynamic_cast<const ByteLevelBpe*>(&tokenizer);
+  if (!bpe) throw Error("--chat: chat templates need a GPT-2 byte-level BPE tokenizer; " + tokenizer.source().string() + " is " + tokenizer.kind());
+  const ChatTemplate chat_template = folder_chat_template(tokenizer_folder(a));
+  Conversation conversation;
+  if (!a.messages.empty()) {
+    nlohmann::json j = read_json_file(a.messages);
+    if (j.is_array()) j = nlohmann::json{{"messages", j}};
+    conversation = read_conversation(j, ConversationFields{}, a.messages, /*require_assistant=*/false);
+  } else {
+    conversation.messages.push_back({"user", a.prompt});
+  }
+  const ChatEncoder encoder(chat_template, *bpe, TrainOn::kAll);
+  const ChatDocument doc = encoder.encode(conversation, /*add_generation_prompt=*/true);
+  if (const auto end = bpe->control_id(end_of_turn_token(chat_template)); end && !a.no_stop) {
+    o.stop_tokens.push_back(*end);
+  }
+  return {doc.ids.begin(), doc.ids.end()};
+}
+
+int run_generate(const GenerateArgs& a) {
+  GPT2 model = load_model_folder(a.model, open_device(a.device));
+  if (!a.adapter.empty()) attach_adapter_folder(model, a.adapter);
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (folder_has_tokenizer(tokenizer_folder(a))) tokenizer = load_tokenizer(tokenizer_folder(a));
+  GenerateOptions o = a.options;
+  std::vector<int64_t> prompt;
+  if (!a.prompt_ids.empty()) {
+    prompt = parse_ids(a.prompt_ids);
+  } else if (!tokenizer) {
+    throw Error(a.model + ": the model folder has no tokenizer files for --prompt; copy them in "
+                          "(vocab.json + merges.txt or tokenizer.model) or pass --prompt-ids");
+  } else if (a.chat) {
+    prompt = chat_prompt(a, *tokenizer, o);
+  } else {
+    for (uint32_t id : tokenizer->encode(a.prompt)) prompt.push_back(id);
+  }
+  if (tokenizer && !a.no_stop && tokenizer->eot_id()) o.stop_tokens.push_back(*tokenizer->eot_id());
+  const std::vector<int64_t> out = generate(model, prompt, o);
+  std::string text, reply;
+  if (tokenizer) {
+    std::vector<uint32_t> all(prompt.begin(), prompt.end());
+    all.insert(all.end(), out.begin(), out.end());
+    text = tokenizer->decode(all);
+    std::vector<uint32_t> answer(out.begin(), out.end());
+    if (!answer.empty() && std::find(o.stop_tokens.begin(), o.stop_tokens.end(), answer.back()) != o.stop_tokens.end()) {
+      answer.pop_back();  // the end of the turn is not part of the reply
+    }
+    reply = tokenizer->decode(answer);
+  }
+  if (a.json) {
+    nlohmann::json j = {{"prompt_ids", prompt}, {"ids", out}, {"text", text}};
+    if (a.chat) j["reply"] = reply;
+    std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
+  } else if (tokenizer) {
+    std::cout << (a.chat ? reply : text) << std::endl;
+  } else {
+    for (size_t i = 0; i < out.size(); ++i) std::cout << (i ? "," : "") << out[i];
+    std::cout << std::endl;
+  }
+  return kExitOk;
+}
+
 }  // namespace
 
 void add_generate_command(CLI::App& app, Runner& run) {
-  struct Args {
-    std::string model, adapter, prompt, prompt_ids, device = "auto";
-    GenerateOptions options;
-    bool json = false, no_stop = false;
-  };
+  using Args = GenerateArgs;
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand("generate", "Continue a prompt with a model (KV-cached sampling)");
   cmd->add_option("--model", args->model, "Model folder (with its tokenizer files for --prompt)")->required();
@@ -89,44 +183,21 @@ void add_generate_command(CLI::App& app, Runner& run) {
   cmd->add_option("--device", args->device, "auto | cpu | cuda | cuda:N")->capture_default_str();
   cmd->add_flag("--no-stop", args->no_stop, "Do not stop at the end-of-text token");
   cmd->add_flag("--json", args->json, "Print {\"prompt_ids\", \"ids\", \"text\"} as the last line");
+  cmd->add_flag("--chat", args->chat,
+                "Answer as the assistant: the conversation (--messages, or --prompt as one user message) rendered "
+                "with the model's chat template; stops at the end of the turn and prints the reply");
+  cmd->add_option("--messages", args->messages,
+                  "With --chat: a JSON file holding the conversation ({\"messages\": [...]} or the list itself)");
   cmd->callback([args, &run] {
-    if (args->prompt.empty() && args->prompt_ids.empty()) throw CLI::RequiredError("generate needs --prompt or --prompt-ids");
-    run = [args] {
-      GPT2 model = load_model_folder(args->model, open_device(args->device));
-      if (!args->adapter.empty()) attach_adapter_folder(model, args->adapter);
-      std::unique_ptr<Tokenizer> tokenizer;
-      if (folder_has_tokenizer(args->model)) tokenizer = load_tokenizer(args->model);
-      std::vector<int64_t> prompt;
-      if (!args->prompt_ids.empty()) {
-        prompt = parse_ids(args->prompt_ids);
-      } else {
-        if (!tokenizer) {
-          throw Error(args->model + ": the model folder has no tokenizer files for --prompt; copy them in "
-                                    "(vocab.json + merges.txt or tokenizer.model) or pass --prompt-ids");
-        }
-        for (uint32_t id : tokenizer->encode(args->prompt)) prompt.push_back(id);
-      }
-      GenerateOptions o = args->options;
-      if (tokenizer && !args->no_stop && tokenizer->eot_id()) o.stop_token = *tokenizer->eot_id();
-      const std::vector<int64_t> out = generate(model, prompt, o);
-      std::string text;
-      if (tokenizer) {
-        std::vector<uint32_t> all(prompt.begin(), prompt.end());
-        all.insert(all.end(), out.begin(), out.end());
-        text = tokenizer->decode(all);
-      }
-      if (args->json) {
-        std::cout << nlohmann::json{{"prompt_ids", prompt}, {"ids", out}, {"text", text}}.dump(-1, ' ', false,
-                                                                                              nlohmann::json::error_handler_t::replace)
-                  << std::endl;
-      } else if (tokenizer) {
-        std::cout << text << std::endl;
-      } else {
-        for (size_t i = 0; i < out.size(); ++i) std::cout << (i ? "," : "") << out[i];
-        std::cout << std::endl;
-      }
-      return kExitOk;
-    };
+    if (args->prompt.empty() && args->prompt_ids.empty() && args->messages.empty()) {
+      throw CLI::RequiredError("generate needs --prompt, --prompt-ids or (with --chat) --messages");
+    }
+    if (!args->messages.empty() && !args->chat) throw CLI::ValidationError("--messages", "goes with --chat");
+    if (args->chat && !args->prompt_ids.empty()) throw CLI::ValidationError("--chat", "takes --prompt or --messages");
+    if (args->chat && !args->prompt.empty() && !args->messages.empty()) {
+      throw CLI::ValidationError("--chat", "takes --prompt or --messages, not both");
+    }
+    run = [args] { return run_generate(*args); };
   });
 }
 

@@ -58,7 +58,8 @@ TrainOn parse_train_on(const std::string& name) {
   throw Error("--train-on: expected assistant, all or last, got \"" + name + "\"");
 }
 
-Conversation read_conversation(const nlohmann::json& line, const ConversationFields& f, const std::string& where) {
+Conversation read_conversation(const nlohmann::json& line, const ConversationFields& f, const std::string& where,
+                               bool require_assistant) {
   Conversation c;
   if (line.is_object() && line.contains(f.messages)) {
     read_messages(line[f.messages], f.messages, f, where, c.messages);
@@ -80,7 +81,7 @@ Conversation read_conversation(const nlohmann::json& line, const ConversationFie
                 "; name the list with --messages-field");
   }
   if (c.messages.empty()) throw Error(where + ": \"" + f.messages + "\" is an empty conversation");
-  if (!has_assistant(c.messages, 0)) {
+  if (require_assistant && !has_assistant(c.messages, 0)) {
     throw Error(where + ": the conversation has no assistant message; there would be nothing to learn");
   }
   return c;

@@ -1,6 +1,8 @@
 // Sampling loop over the KV-cached forward pass.
 #include "gpt2ft/model/generate.h"
 
+#include <algorithm>
+
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
@@ -51,7 +53,7 @@ std::vector<int64_t> generate(GPT2& model, const std::vector<int64_t>& prompt, c
       next = torch::multinomial(logits.softmax(0), 1, /*replacement=*/false, gen).item<int64_t>();
     }
     out.push_back(next);
-    if (o.stop_token && next == *o.stop_token) break;
+    if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), next) != o.stop_tokens.end()) break;
     input = torch::full({1, 1}, next, torch::TensorOptions().dtype(torch::kLong).device(device));
   }
   return out;

@@ -57,19 +57,33 @@ def as_linear(model):
     return swapped
 
 
-def reference_run(model_dir, tokens, optimizer, steps=8, linear_layout=True):
+def reference_run(model_dir, tokens, optimizer, steps=8, linear_layout=True, embeddings="8bit"):
     """Full-batch steps (every window in each step) with clipping, as the config says; weights
-    returned in transformers' layout."""
+    returned in transformers' layout. embeddings "float32": wte and wpe under torchao's float32
+    AdamW (_AdamW), everything else under its AdamW8bit (train.adamw_8bit.embeddings)."""
     torch.compile = lambda fn=None, **kw: fn  # torchao's step, eagerly: the same ATen ops
     model = GPT2LMHeadModel.from_pretrained(model_dir).float()
     model.eval()  # no dropout (the config's model.dropout 0)
     swapped = as_linear(model) if linear_layout else []
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    embedding = [model.transformer.wte.weight, model.transformer.wpe.weight] if embeddings == "float32" else []
+    rest = [p for p in model.parameters() if all(p is not e for e in embedding)]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
     if optimizer == "adamw_8bit":
-        from torchao.optim import AdamW8bit
-        opt = AdamW8bit(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+        from torchao.optim import AdamW8bit, _AdamW
+        eight = AdamW8bit(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+        full = _AdamW(embedding, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1) if embedding else None
+
+        class Both:
+            def step(self):
+                eight.step()
+                if full:
+                    full.step()
+
+            def zero_grad(self, set_to_none=True):
+                model.zero_grad(set_to_none=set_to_none)
+        opt = Both()
     else:
         opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
     batch = torch.tensor(tokens[:WINDOWS * T + 1].astype("int64"))
@@ -109,19 +123,29 @@ class AdamW8bitTest(WorkDirTest):
         return load_file(os.path.join(out, "final", "model.safetensors"))
 
     def test_eight_full_batch_steps_follow_torchao(self):
-        out, r = self.run_ours("ours", base_config(self.model_dir, self.shard))
-        self.assertIn("8-bit", r.stderr)
-        ours = self.weights(out)
-        keys = sorted(ours)
-        ao8 = reference_run(self.model_dir, self.tokens, "adamw_8bit")
         fp32 = reference_run(self.model_dir, self.tokens, "adamw")
-        gap = (flat(ao8, keys) - flat(fp32, keys)).norm().item()
-        dist = (flat(ours, keys) - flat(ao8, keys)).norm().item()
-        ours_fp32 = (flat(ours, keys) - flat(fp32, keys)).norm().item()
-        print(f"[adamw_8bit] 8 full-batch steps: |ours - torchao 8-bit| {dist:.3g}, |torchao 8-bit - fp32 AdamW| "
-              f"{gap:.3g} (ratio {dist / gap:.3g}); |ours - fp32| {ours_fp32:.3g}")
-        self.assertGreater(gap, 0)
-        self.assertLess(dist, 0.1 * gap)
+        # torchao's rule ("8bit": every large tensor), and the default: embeddings in float32.
+        for embeddings in ("8bit", "float32"):
+            c = base_config(self.model_dir, self.shard)
+            c["train"]["adamw_8bit"] = {"embeddings": embeddings}
+            out, r = self.run_ours("ours_" + embeddings, c)
+            self.assertIn("8-bit", r.stderr)
+            ours = self.weights(out)
+            keys = sorted(ours)
+            ao8 = reference_run(self.model_dir, self.tokens, "adamw_8bit", embeddings=embeddings)
+            gap = (flat(ao8, keys) - flat(fp32, keys)).norm().item()
+            dist = (flat(ours, keys) - flat(ao8, keys)).norm().item()
+            ours_fp32 = (flat(ours, keys) - flat(fp32, keys)).norm().item()
+            print(f"[adamw_8bit] embeddings {embeddings}, 8 full-batch steps: |ours - torchao| {dist:.3g}, |torchao - "
+                  f"fp32 AdamW| {gap:.3g} (ratio {dist / gap:.3g}); |ours - fp32| {ours_fp32:.3g}")
+            self.assertGreater(gap, 0)
+            self.assertLess(dist, 0.1 * gap)
+            state = load_file(sorted(glob.glob(os.path.join(out, "checkpoints", "step_*",
+                                                            "trainer_state.safetensors")))[-1])
+            wte = state["adamw8bit.exp_avg.transformer.wte.weight"].dtype
+            self.assertEqual(wte, torch.uint8 if embeddings == "8bit" else torch.float32)
+            self.assertEqual(state["adamw8bit.exp_avg.transformer.h.0.mlp.c_fc.weight"].dtype, torch.uint8)
+        keys = sorted(ours)
         # On transformers' Conv1D layout torchao's blocks would differ from ours (and mix
         # query, key and value columns): that trajectory is farther from fp32 AdamW's.
         conv1d = reference_run(self.model_dir, self.tokens, "adamw_8bit", linear_layout=False)

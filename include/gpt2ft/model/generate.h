@@ -16,10 +16,10 @@ struct GenerateOptions {
   int64_t top_k = 0;         // 0: no limit
   double top_p = 1.0;        // 1: no limit
   uint64_t seed = 1337;
-  std::optional<int64_t> stop_token;  // stop after generating it (e.g. end-of-text)
+  std::vector<int64_t> stop_tokens;  // stop after generating one (end-of-text, a chat's end of turn)
 };
 
-// The prompt's continuation (new tokens only). Stops early at stop_token or n_positions.
+// The prompt's continuation (new tokens only). Stops early at a stop token or n_positions.
 std::vector<int64_t> generate(GPT2& model, const std::vector<int64_t>& prompt, const GenerateOptions& options);
 
 }  // namespace gpt2ft
