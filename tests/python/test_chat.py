@@ -391,3 +391,72 @@ class ChatTest(WorkDirTest):
         docs = documents(self.path("cut"))
         self.assertTrue(all(len(ids) <= longest - 5 for ids, _ in docs))
         self.assertGreaterEqual(manifest["truncated"]["train"], 1)
+
+    def test_generate_chat_answers_as_transformers_pipeline_does(self):
+        """A model that learnt four answers gives each one to `generate --chat` and, greedy, the
+        same reply through transformers' text-generation pipeline with the folder's template."""
+        from transformers import pipeline
+        qa = [("What is the river called?", "The river is called north."),
+              ("Which stone is green?", "The quiet stone is green."),
+              ("Say a number.", "Seven, then eleven."),
+              ("Where is the window?", "Beside the paper cloud.")]
+        convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa] * 8
+        shards, _ = self.tokenize("chatml", inputs=[write_jsonl(self.path("qa.jsonl"), convs)], out=self.path("qa"))
+        out = self.path("run")
+        cfg = {"model": {"init_from": self.model, "dropout": 0.0},
+               "data": {"train": os.path.join(shards, "train_*.bin"), "seq_len": 64},
+               "train": {"micro_batch_size": 8, "global_batch_size": 8, "max_steps": 150, "lr": 1e-2,
+                         "warmup_steps": 5, "deterministic": True},
+               "output_dir": out, "device": "cpu", "log": {"every_steps": 50, "progress": "lines"}}
+        with open(self.path("qa.json"), "w") as f:
+            json.dump(cfg, f)
+        r = run("train", "--config", self.path("qa.json"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        final = os.path.join(out, "final")
+        pipe = pipeline("text-generation", model=final, device="cpu")
+        for q, a in qa:
+            r = run("generate", "--model", final, "--chat", "--prompt", q, "--temperature", "0",
+                    "--max-new-tokens", "40", "--json")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            ours = json.loads(r.stdout.strip().splitlines()[-1])
+            self.assertEqual(ours["ids"][-1], self.vocab + 1)  # stopped at <|im_end|>
+            theirs = pipe([{"role": "user", "content": q}], max_new_tokens=40, do_sample=False)
+            reply = theirs[0]["generated_text"][-1]
+            print(f"[chat generate] {q!r}: ours {ours['reply']!r}, transformers {reply['content']!r}")
+            self.assertEqual(reply["role"], "assistant")
+            self.assertEqual(ours["reply"], reply["content"])
+            self.assertEqual(ours["reply"], a)
+
+    def test_lora_new_rows_combine_with_accumulation_checkpointing_8bit_and_resume(self):
+        """LoRA with the chat tokens' embedding trained in full: a crash and a resume with half the
+        micro batch and activation checkpointing give the straight run's adapter and embedding."""
+        from safetensors.torch import load_file
+        from test_distributed import write_config
+        shards, _ = self.tokenize("chatml", out=self.path("data"))
+        base = {"model": {"init_from": self.model, "dropout": 0.0,
+                          "lora": {"rank": 4, "alpha": 8, "targets": ["c_attn", "c_fc"]}},
+                "data": {"train": os.path.join(shards, "train_*.bin"), "seq_len": T},
+                "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 4, "lr": 1e-2,
+                          "deterministic": True, "optimizer": "adamw_8bit"},
+                "checkpoint": {"every_steps": 2}, "device": "cpu", "log": {"every_steps": 1, "progress": "lines"}}
+
+        def go(name, patch=None, env=None, expect=0):
+            import copy
+            import subprocess
+            c = copy.deepcopy(base)
+            for section, values in (patch or {}).items():
+                c.setdefault(section, {}).update(values)
+            path, out = write_config(c, self.tmp, name)
+            r = subprocess.run([os.environ["GPT2FT_BIN"], "--config", path], capture_output=True, text=True,
+                               timeout=600, env=dict(os.environ, **(env or {})))
+            self.assertEqual(r.returncode, expect, r.stderr[-3000:])
+            return load_file(os.path.join(out, "final", "adapter_model.safetensors")) if expect == 0 else None
+
+        straight = go("straight")
+        self.assertIn("base_model.model.transformer.wte.weight", straight)
+        go("resumed", env={"GPT2FT_FAULT_CRASH_AFTER_STEP": "2"}, expect=137)
+        resumed = go("resumed", {"train": {"micro_batch_size": 2}, "model": {"activation_checkpointing": "all"}})
+        diff = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
+        print(f"[chat lora] crash after step 2, resume at micro batch 2 with checkpointing: max|diff| {diff:.3g}")
+        self.assertEqual(sorted(straight), sorted(resumed))
+        self.assertLess(diff, 1e-5)
