@@ -11,7 +11,6 @@ the default). Same data, seed and schedule; CPU.
 
   .venv/bin/python scripts/bench/adamw8bit_embeddings.py [--steps 80]
 """
-import argparse
 import json
 import os
 import shutil
@@ -20,18 +19,13 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_bench import BUILD, ROOT  # noqa: E402
+from data_bench import BUILD, corpus_arguments, parse_corpus_arguments  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", default=os.environ.get("GPT2FT_GPT2_VOCAB_DIR", os.path.join(ROOT, "..", "shared", "data", "gpt2")))
-    ap.add_argument("--text", default=os.path.join(ROOT, "..", "shared", "data", "corpora", "brown.txt"))
+    ap = corpus_arguments(__doc__)
     ap.add_argument("--steps", type=int, default=80)
-    args = ap.parse_args()
-    for p in (os.path.join(args.vocab, "encoder.json"), args.text):
-        if not os.path.exists(p):
-            sys.exit(f"missing {p}: the benchmark needs the GPT-2 vocabulary and a text corpus")
+    args = parse_corpus_arguments(ap)
     exe = os.path.join(BUILD, "gpt2-finetune")
     work = tempfile.mkdtemp(prefix="gpt2ft-8bit-embeddings-")
     try:

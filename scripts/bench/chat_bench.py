@@ -11,7 +11,6 @@ built-in chatml template, the documents as text.
 
   .venv/bin/python scripts/bench/chat_bench.py [--copies 4] [--repeats 5]
 """
-import argparse
 import json
 import os
 import random
@@ -22,7 +21,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_bench import BUILD, ROOT, median_time  # noqa: E402
+from data_bench import BUILD, corpus_arguments, median_time, parse_corpus_arguments  # noqa: E402
 
 
 def conversations(text, seed=0):
@@ -44,15 +43,10 @@ def conversations(text, seed=0):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", default=os.environ.get("GPT2FT_GPT2_VOCAB_DIR", os.path.join(ROOT, "..", "shared", "data", "gpt2")))
-    ap.add_argument("--text", default=os.path.join(ROOT, "..", "shared", "data", "corpora", "brown.txt"))
+    ap = corpus_arguments(__doc__)
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-    for p in (os.path.join(args.vocab, "encoder.json"), args.text):
-        if not os.path.exists(p):
-            sys.exit(f"missing {p}: the benchmark needs the GPT-2 vocabulary and a text corpus")
+    args = parse_corpus_arguments(ap)
     work = tempfile.mkdtemp(prefix="gpt2ft-chat-bench-")
     try:
         with open(args.text, encoding="utf-8") as f:

@@ -37,17 +37,30 @@ def median_time(fn, repeats):
     return statistics.median(times)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def corpus_arguments(doc):
+    """An argument parser with --vocab (GPT-2's vocabulary) and --text (a corpus), the shared
+    folder's by default."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", default=os.environ.get("GPT2FT_GPT2_VOCAB_DIR", os.path.join(ROOT, "..", "shared", "data", "gpt2")))
     ap.add_argument("--text", default=os.path.join(ROOT, "..", "shared", "data", "corpora", "brown.txt"))
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "bench-data.json"))
+    return ap
+
+
+def parse_corpus_arguments(ap):
+    """The arguments, after checking that the vocabulary and the corpus are there."""
     args = ap.parse_args()
     for p in (os.path.join(args.vocab, "encoder.json"), args.text):
         if not os.path.exists(p):
             sys.exit(f"missing {p}: the benchmark needs the GPT-2 vocabulary and a text corpus")
+    return args
+
+
+def main():
+    ap = corpus_arguments(__doc__)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "bench-data.json"))
+    args = parse_corpus_arguments(ap)
 
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks

@@ -9,7 +9,6 @@ of --repeats runs each, all in this invocation; ratios are against tiktoken's me
 
   .venv/bin/python scripts/bench/tokenize_bench.py [--copies 10] [--repeats 5]
 """
-import argparse
 import json
 import os
 import shutil
@@ -18,19 +17,14 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_bench import BUILD, GPT2_PATTERN, ROOT, median_time  # noqa: E402
+from data_bench import BUILD, GPT2_PATTERN, corpus_arguments, median_time, parse_corpus_arguments  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", default=os.environ.get("GPT2FT_GPT2_VOCAB_DIR", os.path.join(ROOT, "..", "shared", "data", "gpt2")))
-    ap.add_argument("--text", default=os.path.join(ROOT, "..", "shared", "data", "corpora", "brown.txt"))
+    ap = corpus_arguments(__doc__)
     ap.add_argument("--copies", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-    for p in (os.path.join(args.vocab, "encoder.json"), args.text):
-        if not os.path.exists(p):
-            sys.exit(f"missing {p}: the benchmark needs the GPT-2 vocabulary and a text corpus")
+    args = parse_corpus_arguments(ap)
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 

@@ -184,6 +184,20 @@ class ChatTest(WorkDirTest):
         with open(os.path.join(out, "manifest.json")) as f:
             return out, json.load(f)
 
+    def train(self, name, shards, model=None, train=None, seq_len=T, log_every=1):
+        """Trains from the test model on the shards; returns the run's final/ folder."""
+        out = self.path(name)
+        cfg = {"model": {"init_from": self.model, "dropout": 0.0, **(model or {})},
+               "data": {"train": os.path.join(shards, "train_*.bin"), "seq_len": seq_len},
+               "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 3, "lr": 3e-3,
+                         "deterministic": True, **(train or {})},
+               "output_dir": out, "device": "cpu", "log": {"every_steps": log_every, "progress": "lines"}}
+        with open(out + ".json", "w") as f:
+            json.dump(cfg, f)
+        r = run("train", "--config", out + ".json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return os.path.join(out, "final")
+
     def reference(self, manifest, folder=None):
         """transformers' tokenizer of our vocabulary with the manifest's template and tokens."""
         from transformers import AutoTokenizer
@@ -269,17 +283,7 @@ class ChatTest(WorkDirTest):
     def test_trained_model_folder_round_trips_through_transformers(self):
         from transformers import AutoTokenizer, GPT2LMHeadModel
         shards, _ = self.tokenize("chatml", out=self.path("data"))
-        out = self.path("run")
-        cfg = {"model": {"init_from": self.model, "dropout": 0.0},
-               "data": {"train": os.path.join(shards, "train_*.bin"), "seq_len": T},
-               "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 3, "lr": 3e-3,
-                         "deterministic": True},
-               "output_dir": out, "device": "cpu", "log": {"every_steps": 1, "progress": "lines"}}
-        with open(self.path("run.json"), "w") as f:
-            json.dump(cfg, f)
-        r = run("train", "--config", self.path("run.json"))
-        self.assertEqual(r.returncode, 0, r.stderr)
-        final = os.path.join(out, "final")
+        final = self.train("run", shards)
         model = GPT2LMHeadModel.from_pretrained(final).eval()
         padded = (self.vocab + 2 + 63) // 64 * 64
         self.assertEqual(model.config.vocab_size, padded)
@@ -308,17 +312,8 @@ class ChatTest(WorkDirTest):
         from safetensors.torch import load_file
         from transformers import GPT2LMHeadModel
         shards, _ = self.tokenize("chatml", out=self.path("data"))
-        out = self.path("lora")
-        cfg = {"model": {"init_from": self.model, "dropout": 0.0, "lora": {"rank": 4, "alpha": 8, "targets": ["c_attn"]}},
-               "data": {"train": os.path.join(shards, "train_*.bin"), "seq_len": T},
-               "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 3, "lr": 1e-2,
-                         "deterministic": True},
-               "output_dir": out, "device": "cpu", "log": {"every_steps": 1, "progress": "lines"}}
-        with open(self.path("lora.json"), "w") as f:
-            json.dump(cfg, f)
-        r = run("train", "--config", self.path("lora.json"))
-        self.assertEqual(r.returncode, 0, r.stderr)
-        final = os.path.join(out, "final")
+        final = self.train("lora", shards, model={"lora": {"rank": 4, "alpha": 8, "targets": ["c_attn"]}},
+                           train={"lr": 1e-2})
         with open(os.path.join(final, "adapter_config.json")) as f:
             adapter = json.load(f)
         self.assertEqual(adapter["modules_to_save"], ["lm_head"])  # PEFT ties it to wte (ensure_weight_tying)
@@ -414,17 +409,8 @@ class ChatTest(WorkDirTest):
               ("Where is the window?", "Beside the paper cloud.")]
         convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa] * 8
         shards, _ = self.tokenize("chatml", inputs=[write_jsonl(self.path("qa.jsonl"), convs)], out=self.path("qa"))
-        out = self.path("run")
-        cfg = {"model": {"init_from": self.model, "dropout": 0.0},
-               "data": {"train": os.path.join(shards, "train_*.bin"), "seq_len": 64},
-               "train": {"micro_batch_size": 8, "global_batch_size": 8, "max_steps": 150, "lr": 1e-2,
-                         "warmup_steps": 5, "deterministic": True},
-               "output_dir": out, "device": "cpu", "log": {"every_steps": 50, "progress": "lines"}}
-        with open(self.path("qa.json"), "w") as f:
-            json.dump(cfg, f)
-        r = run("train", "--config", self.path("qa.json"))
-        self.assertEqual(r.returncode, 0, r.stderr)
-        final = os.path.join(out, "final")
+        final = self.train("run", shards, train={"micro_batch_size": 8, "max_steps": 150, "lr": 1e-2,
+                                                 "warmup_steps": 5}, seq_len=64, log_every=50)
         pipe = pipeline("text-generation", model=final, device="cpu")
         for q, a in qa:
             r = run("generate", "--model", final, "--chat", "--prompt", q, "--temperature", "0",
