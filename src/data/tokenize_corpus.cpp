@@ -642,6 +642,99 @@ void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const f
   write_file_atomic(options.output_dir / "manifest.json", manifest.dump(2) + "\n");
 }
 
+// Three stages overlap: a thread reads batches of text, the calling thread tokenizes them (on
+// `workers` threads), a third streams the ids into shards, in input order throughout. The
+// first stage to fail stops the others and its error is rethrown.
+void run_stages(const Tokenizer& tokenizer, const ChatEncoder* chat, const TokenizeOptions& options,
+                DocumentReader& reader, ShardSink (&sinks)[2], Progress& progress, TokenizeSummary& summary) {
+  const uint32_t eot = tokenizer.require_eot_id();
+  const int workers = options.workers > 0 ? options.workers
+                                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  struct Batch {
+    std::vector<Unit> units;
+    int64_t bytes_read = 0;  // of the inputs, after this batch
+  };
+  Channel<Batch> to_encode(2), to_write(2);
+  std::exception_ptr failure;
+  std::mutex failure_mutex;
+  std::atomic<bool> failed{false};
+  const auto fail = [&] {
+    {
+      std::lock_guard<std::mutex> lock(failure_mutex);
+      if (!failure) failure = std::current_exception();  // the first stage to fail says why
+    }
+    failed = true;
+    to_encode.abort();
+    to_write.abort();
+  };
+  const size_t batch_bytes = std::min(kMaxBatchBytes, std::max(kBatchBytes, (size_t{1} << 20) * workers));
+  std::thread read_stage([&] {
+    try {
+      Batch batch;
+      while (reader.next_batch(batch.units, batch_bytes)) {
+        batch.bytes_read = reader.bytes_read();
+        if (!to_encode.push(std::move(batch))) return;
+        batch = Batch{};
+      }
+      to_encode.close();
+    } catch (...) {
+      fail();
+    }
+  });
+  std::thread write_stage([&] {
+    try {
+      Batch batch;
+      while (to_write.pop(batch)) {
+        append_batch(batch.units, eot, sinks, summary);
+        progress.update(batch.bytes_read, summary.tokens[0] + summary.tokens[1]);
+      }
+      if (!failed) {
+        for (auto& sink : sinks) sink.flush();
+      }
+    } catch (...) {
+      fail();
+    }
+  });
+  try {
+    Batch batch;
+    while (to_encode.pop(batch)) {
+      encode_units(tokenizer, chat, options.max_length, batch.units, workers);
+      if (!to_write.push(std::move(batch))) break;
+    }
+    to_write.close();
+  } catch (...) {
+    fail();
+  }
+  read_stage.join();
+  write_stage.join();
+  if (failure) std::rethrow_exception(failure);
+}
+
+// Never exit 0 having written nothing.
+void check_wrote_something(const TokenizeOptions& options, const TokenizeSummary& summary, bool saw_text) {
+  if (summary.documents[0] + summary.documents[1] > 0 && saw_text) return;
+  std::string names;
+  for (const auto& p : options.inputs) names += (names.empty() ? "" : ", ") + p.string();
+  throw Error(fmt::format("no document to write: {} ({} bytes) hold{}. Nothing was written", names, summary.bytes_read,
+                          summary.skipped_lines > 0
+                              ? fmt::format(" no good line: {} bad line(s) skipped (--skip-bad-lines), the rest blank",
+                                            summary.skipped_lines)
+                              : summary.bytes_read == 0 ? " nothing" : " only blank lines"));
+}
+
+// The conversations' encoder (nullptr for text and pairs); `chat_template` holds its template.
+std::unique_ptr<ChatEncoder> chat_encoder(const Tokenizer& tokenizer, const TokenizeOptions& options,
+                                          std::optional<ChatTemplate>& chat_template) {
+  if (!is_chat(options)) return nullptr;
+  const auto* bpe = dynamic_cast<const ByteLevelBpe*>(&tokenizer);
+  if (!bpe) {
+    throw Error("--chat-template: chat templates need a GPT-2 byte-level BPE tokenizer (vocab.json + merges.txt); " +
+                tokenizer.source().string() + " is " + tokenizer.kind());
+  }
+  chat_template.emplace(load_chat_template(options.chat_template));
+  return std::make_unique<ChatEncoder>(*chat_template, *bpe, parse_train_on(options.train_on));
+}
+
 }  // namespace
 
 void check_tokenize_output(const TokenizeOptions& options) { existing_outputs(options); }
@@ -655,20 +748,11 @@ bool is_chat(const TokenizeOptions& options) { return !options.chat_template.emp
 TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOptions& options) {
   const auto start = std::chrono::steady_clock::now();
   const int64_t total_bytes = check_inputs(options);
-  const uint32_t eot = tokenizer.require_eot_id();
+  tokenizer.require_eot_id();
   const int token_bytes = shard_token_bytes(tokenizer.vocab_size());
   const std::vector<fs::path> existing = existing_outputs(options);
   std::optional<ChatTemplate> chat_template;
-  std::unique_ptr<ChatEncoder> chat;
-  if (is_chat(options)) {
-    const auto* bpe = dynamic_cast<const ByteLevelBpe*>(&tokenizer);
-    if (!bpe) {
-      throw Error("--chat-template: chat templates need a GPT-2 byte-level BPE tokenizer (vocab.json + merges.txt); " +
-                  tokenizer.source().string() + " is " + tokenizer.kind());
-    }
-    chat_template.emplace(load_chat_template(options.chat_template));
-    chat = std::make_unique<ChatEncoder>(*chat_template, *bpe, parse_train_on(options.train_on));
-  }
+  const std::unique_ptr<ChatEncoder> chat = chat_encoder(tokenizer, options, chat_template);
   const fs::path temp = options.output_dir / (".tokenize-tmp-" + std::to_string(::getpid()));
   fs::remove_all(temp);
   std::error_code made;
@@ -682,82 +766,11 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
                           {temp, "val", token_bytes, options.shard_tokens}};
     DocumentReader reader(options);
     Progress progress(total_bytes, options.progress);
-    const int workers = options.workers > 0 ? options.workers
-                                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    // Three stages overlap: a thread reads batches of text, this one tokenizes them (on
-    // `workers` threads), a third streams the ids into shards, in input order throughout.
-    struct Batch {
-      std::vector<Unit> units;
-      int64_t bytes_read = 0;  // of the inputs, after this batch
-    };
-    Channel<Batch> to_encode(2), to_write(2);
-    std::exception_ptr failure;
-    std::mutex failure_mutex;
-    std::atomic<bool> failed{false};
-    const auto fail = [&] {
-      {
-        std::lock_guard<std::mutex> lock(failure_mutex);
-        if (!failure) failure = std::current_exception();  // the first stage to fail says why
-      }
-      failed = true;
-      to_encode.abort();
-      to_write.abort();
-    };
-    const size_t batch_bytes = std::min(kMaxBatchBytes, std::max(kBatchBytes, (size_t{1} << 20) * workers));
-    std::thread read_stage([&] {
-      try {
-        Batch batch;
-        while (reader.next_batch(batch.units, batch_bytes)) {
-          batch.bytes_read = reader.bytes_read();
-          if (!to_encode.push(std::move(batch))) return;
-          batch = Batch{};
-        }
-        to_encode.close();
-      } catch (...) {
-        fail();
-      }
-    });
-    std::thread write_stage([&] {
-      try {
-        Batch batch;
-        while (to_write.pop(batch)) {
-          append_batch(batch.units, eot, sinks, summary);
-          progress.update(batch.bytes_read, summary.tokens[0] + summary.tokens[1]);
-        }
-        if (!failed) {
-          for (auto& sink : sinks) sink.flush();
-        }
-      } catch (...) {
-        fail();
-      }
-    });
-    try {
-      Batch batch;
-      while (to_encode.pop(batch)) {
-        encode_units(tokenizer, chat.get(), options.max_length, batch.units, workers);
-        if (!to_write.push(std::move(batch))) break;
-      }
-      to_write.close();
-    } catch (...) {
-      fail();
-    }
-    read_stage.join();
-    write_stage.join();
-    if (failure) std::rethrow_exception(failure);
+    run_stages(tokenizer, chat.get(), options, reader, sinks, progress, summary);
     progress.finish();
     summary.bytes_read = reader.bytes_read();
     summary.skipped_lines = reader.skipped_lines();
-    if (summary.documents[0] + summary.documents[1] == 0 || !reader.saw_text()) {  // never exit 0 having written nothing
-      std::string names;
-      for (const auto& p : options.inputs) names += (names.empty() ? "" : ", ") + p.string();
-      throw Error(fmt::format("no document to write: {} ({} bytes) hold{}. Nothing was written", names,
-                              summary.bytes_read,
-                              summary.skipped_lines > 0
-                                  ? fmt::format(" no good line: {} bad line(s) skipped (--skip-bad-lines), the rest blank",
-                                                summary.skipped_lines)
-                                  : summary.bytes_read == 0 ? " nothing" : " only blank lines"));
-    }
-
+    check_wrote_something(options, summary, reader.saw_text());
     nlohmann::json shards = {{"train", nlohmann::json::array()}, {"val", nlohmann::json::array()}};
     for (int s = 0; s < 2; ++s) {
       for (const auto& [name, count] : sinks[s].files()) {
