@@ -426,8 +426,10 @@ class ChatTest(WorkDirTest):
             self.assertEqual(ours["reply"], a)
 
     def test_lora_new_rows_combine_with_accumulation_checkpointing_8bit_and_resume(self):
-        """LoRA with the chat tokens' embedding trained in full: a crash and a resume with half the
-        micro batch and activation checkpointing give the straight run's adapter and embedding."""
+        """LoRA with the chat tokens' embedding trained in full, under 8-bit AdamW (its float32
+        path here: the adapters are small, the embedding keeps float32 moments by default): a
+        crash and a resume with half the micro batch and activation checkpointing, and two
+        ranks, give the straight run's adapter and embedding."""
         from safetensors.torch import load_file
         from test_distributed import write_config
         shards, _ = self.tokenize("chatml", out=self.path("data"))
@@ -458,3 +460,28 @@ class ChatTest(WorkDirTest):
         print(f"[chat lora] crash after step 2, resume at micro batch 2 with checkpointing: max|diff| {diff:.3g}")
         self.assertEqual(sorted(straight), sorted(resumed))
         self.assertLess(diff, 1e-5)
+        # Two ranks of micro batch 2, accumulating 2: the same global batch, the same update
+        # (float32 AdamW: 8-bit codes at a rounding tie would flip on the reduced gradients).
+        from test_distributed import finish, free_port, start_ranks
+        import copy
+        one = go("one_rank", {"train": {"optimizer": "adamw"}})
+        c = copy.deepcopy(base)
+        c["train"].update({"micro_batch_size": 2, "optimizer": "adamw"})
+        path, out = write_config(c, self.tmp, "two_ranks")
+        for rank, (rc, err) in enumerate(finish(start_ranks(path, 2, free_port()))):
+            self.assertEqual(rc, 0, f"rank {rank}: {err[-2000:]}")
+        ranks = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
+        rows = {}
+        for name in ("one_rank", "two_ranks"):
+            with open(os.path.join(self.tmp, name, "metrics.jsonl")) as f:
+                rows[name] = [(r["loss"], r["grad_norm"]) for r in map(json.loads, f) if "loss" in r]
+        metric = max(abs(x / y - 1) for a, b in zip(rows["one_rank"], rows["two_ranks"]) for x, y in zip(a, b))
+        diff = max((one[k] - ranks[k]).abs().max().item() for k in one)
+        # lora_B starts at zero: how far it moved is the scale of the update.
+        moved = max(one[k].abs().max().item() for k in one if k.endswith("lora_B.weight"))
+        print(f"[chat lora] 2 ranks x micro batch 2 x accumulation 2: loss / grad-norm max rel diff {metric:.3g}; "
+              f"weights max|diff| {diff:.3g} ({diff / moved:.3g} of lora_B's largest, {moved:.3g}: Adam's step "
+              f"divides by sqrt(v), so a near-zero gradient's rounding moves its update)")
+        self.assertEqual(len(rows["one_rank"]), 4)
+        self.assertLess(metric, 1e-5)
+        self.assertLess(diff, 1e-2 * moved)
