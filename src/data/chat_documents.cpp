@@ -16,14 +16,14 @@ const std::map<std::string, std::string> kTemplateStrings = {{"bos_token", "<|en
                                                              {"eos_token", "<|endoftext|>"}};
 
 // Appends the messages of a JSON list; `what` names the list in errors ("messages").
-void read_messages(const nlohmann::json& list, const std::string& what, const ConversationFields& f,
+void read_messages(nlohmann::json& list, const std::string& what, const ConversationFields& f,
                    const std::string& where, std::vector<ChatMessage>& out) {
   if (!list.is_array()) {
     throw Error(where + ": \"" + what + "\" is " + list.type_name() + ", expected a list of messages");
   }
   for (size_t i = 0; i < list.size(); ++i) {
     const std::string at = where + ": " + what + "[" + std::to_string(i) + "]";
-    const nlohmann::json& m = list[i];
+    nlohmann::json& m = list[i];
     if (!m.is_object()) throw Error(at + " is " + m.type_name() + ", expected an object with \"" + f.role + "\" and \"" + f.content + "\"");
     if (!m.contains(f.role) || !m[f.role].is_string()) {
       throw Error(at + ": no \"" + f.role + "\" string" + (m.contains(f.role) ? std::string(" (it is ") + m[f.role].type_name() + ")" : "") +
@@ -40,7 +40,7 @@ void read_messages(const nlohmann::json& list, const std::string& what, const Co
     if (!m[f.content].is_string()) {
       throw Error(at + ": \"" + f.content + "\" is " + m[f.content].type_name() + ", expected a string");
     }
-    out.push_back({std::move(role), m[f.content].get<std::string>()});
+    out.push_back({std::move(role), std::move(m[f.content].get_ref<std::string&>())});
   }
 }
 
@@ -58,7 +58,7 @@ TrainOn parse_train_on(const std::string& name) {
   throw Error("--train-on: expected assistant, all or last, got \"" + name + "\"");
 }
 
-Conversation read_conversation(const nlohmann::json& line, const ConversationFields& f, const std::string& where,
+Conversation read_conversation(nlohmann::json& line, const ConversationFields& f, const std::string& where,
                                bool require_assistant) {
   Conversation c;
   if (line.is_object() && line.contains(f.messages)) {
@@ -158,7 +158,7 @@ ChatDocument ChatEncoder::encode(const Conversation& conversation, bool add_gene
     tokenizer_.encode(run, doc.ids);
     size_t offset = 0, r = 0;
     for (size_t t = first; t < doc.ids.size(); ++t) {
-      const size_t end = offset + tokenizer_.token_bytes(doc.ids[t]).size();
+      const size_t end = offset + tokenizer_.token_length(doc.ids[t]);
       while (r < marked.size() && marked[r].second <= offset) ++r;
       doc.targets.push_back(all || (r < marked.size() && marked[r].first < end));
       offset = end;

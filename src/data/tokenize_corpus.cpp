@@ -292,7 +292,7 @@ class DocumentReader {
 
   // The conversation of a line; false when the line is skipped. The text it stands for in
   // batch sizes is the line's length.
-  bool read_chat(const nlohmann::json& j, const std::string& where, Unit& unit, size_t line_bytes) {
+  bool read_chat(nlohmann::json& j, const std::string& where, Unit& unit, size_t line_bytes) {
     try {
       unit.conversation = read_conversation(j, options_.conversation_fields, where);
     } catch (const Error& e) {

@@ -308,6 +308,7 @@ ByteLevelBpe::ByteLevelBpe(const std::vector<std::pair<std::string, uint32_t>>& 
     hash = fnv1a64("\n", fnv1a64(rb, fnv1a64(" ", fnv1a64(lb, hash))));
   }
   identity_ = "gpt2-bpe:" + hex64(hash);
+  for (const auto& bytes : id_to_bytes_) token_lengths_.push_back(static_cast<uint32_t>(bytes.size()));
 }
 
 ByteLevelBpe::~ByteLevelBpe() = default;
@@ -513,7 +514,9 @@ void ByteLevelBpe::encode_piece(std::string_view piece, std::vector<uint32_t>& o
 void ByteLevelBpe::encode(std::string_view text, std::vector<uint32_t>& out) const {
   thread_local std::vector<std::string_view> pieces;
   pretokenizer_.split(text, pieces);
-  out.reserve(out.size() + pieces.size());  // about one token per piece
+  // About one token per piece; growing geometrically, as callers appending several texts to
+  // one vector (a conversation's runs between control tokens) would otherwise copy it each time.
+  if (out.capacity() < out.size() + pieces.size()) out.reserve(std::max(2 * out.capacity(), out.size() + pieces.size()));
   for (const auto& piece : pieces) encode_piece(piece, out);
 }
 
@@ -521,6 +524,7 @@ void ByteLevelBpe::add_tokens(const std::vector<std::string>& tokens) {
   for (const auto& token : tokens) {
     if (control_id(token)) throw Error("the token \"" + token + "\" is already in the vocabulary of " + source_.string());
     id_to_bytes_.push_back(token);
+    token_lengths_.push_back(static_cast<uint32_t>(token.size()));
     added_.push_back(token);
   }
 }

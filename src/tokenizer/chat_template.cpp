@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cctype>
 #include <cstring>
+#include <deque>
+#include <string_view>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -17,8 +19,10 @@ namespace {
 // ---------------------------------------------------------------- values
 
 // Part of a string value: from the template (a literal, bos_token) or from the conversation.
+// A view: into the template's literals, the conversation, the caller's strings or the
+// renderer's own storage, all of which outlive the rendering.
 struct Segment {
-  std::string text;
+  std::string_view text;
   bool from_template = true;
 };
 
@@ -43,9 +47,9 @@ struct Value {
     v.integer = i;
     return v;
   }
-  static Value text(std::string s, bool from_template) {
+  static Value text(std::string_view s, bool from_template) {
     Value v = with_kind(kString);
-    v.segments.push_back({std::move(s), from_template});
+    v.segments.push_back({s, from_template});
     return v;
   }
   static Value with_kind(Kind k) {
@@ -58,7 +62,23 @@ struct Value {
     for (const auto& s : segments) out += s.text;
     return out;
   }
+  bool empty_text() const {
+    for (const auto& s : segments) {
+      if (!s.text.empty()) return false;
+    }
+    return true;
+  }
 };
+
+// Whether two string values hold the same text (without joining the usual single segments).
+bool same_text(const Value& a, const Value& b) {
+  if (a.segments.size() <= 1 && b.segments.size() <= 1) {
+    const std::string_view x = a.segments.empty() ? std::string_view() : a.segments[0].text;
+    const std::string_view y = b.segments.empty() ? std::string_view() : b.segments[0].text;
+    return x == y;
+  }
+  return a.str() == b.str();
+}
 
 const char* kind_name(const Value& v) {
   switch (v.kind) {
@@ -78,7 +98,7 @@ bool truthy(const Value& v) {
   switch (v.kind) {
     case Value::kBool: return v.boolean;
     case Value::kInt: return v.integer != 0;
-    case Value::kString: return !v.str().empty();
+    case Value::kString: return !v.empty_text();
     case Value::kMessages: return v.end > v.begin;
     case Value::kMessage:
     case Value::kLoop: return true;
@@ -88,7 +108,7 @@ bool truthy(const Value& v) {
 
 // Jinja's == between the kinds a chat template compares.
 bool equal(const Value& a, const Value& b) {
-  if (a.kind == Value::kString && b.kind == Value::kString) return a.str() == b.str();
+  if (a.kind == Value::kString && b.kind == Value::kString) return same_text(a, b);
   if ((a.kind == Value::kInt || a.kind == Value::kBool) && (b.kind == Value::kInt || b.kind == Value::kBool)) {
     return (a.kind == Value::kInt ? a.integer : a.boolean) == (b.kind == Value::kInt ? b.integer : b.boolean);
   }
@@ -101,17 +121,15 @@ void strip(std::vector<Segment>& segments, bool left, bool right) {
   const auto is_space = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; };
   if (left) {
     for (auto it = segments.begin(); it != segments.end();) {
-      size_t n = 0;
-      while (n < it->text.size() && is_space(it->text[n])) ++n;
-      it->text.erase(0, n);
+      while (!it->text.empty() && is_space(it->text.front())) it->text.remove_prefix(1);
       if (!it->text.empty()) break;
       it = segments.erase(it);
     }
   }
   if (right) {
     while (!segments.empty()) {
-      std::string& t = segments.back().text;
-      while (!t.empty() && is_space(t.back())) t.pop_back();
+      std::string_view& t = segments.back().text;
+      while (!t.empty() && is_space(t.back())) t.remove_suffix(1);
       if (!t.empty()) break;
       segments.pop_back();
     }
@@ -126,6 +144,7 @@ struct Expr {
     kNot, kNeg, kAnd, kOr, kEq, kNe, kLt, kLe, kGt, kGe, kIn, kNotIn, kAdd, kSub, kConcat, kTernary
   } op;
   Value literal;
+  std::string literal_text;  // a string literal's characters, which `literal` views
   std::string name;  // kName, kAttr, kFilter, kMethod, kCall, kTest
   bool negated = false;  // kTest: "is not"
   std::vector<std::unique_ptr<Expr>> args;
@@ -603,7 +622,12 @@ class Parser {
       return e;
     };
     switch (t.kind) {
-      case Token::kString: return literal(Value::text(t.text, true));
+      case Token::kString: {
+        ExprPtr e = make(Expr::kLiteral, lx.line());
+        e->literal_text = t.text;
+        e->literal = Value::text(e->literal_text, true);
+        return e;
+      }
       case Token::kInt: return literal(Value::of(static_cast<int64_t>(std::stoll(t.text))));
       case Token::kName:
         if (t.text == "true" || t.text == "True") return literal(Value::of(true));
@@ -697,13 +721,27 @@ class Renderer {
     scope = outer;
   }
 
-  void emit(const std::string& text, bool from_template) {
+  void emit(std::string_view text, bool from_template) {
     if (text.empty()) return;
     if (!out_.empty() && out_.back().from_template == from_template && out_.back().block == block_) {
-      out_.back().text += text;
+      out_.back().text.append(text);
     } else {
-      out_.push_back({text, from_template, block_});
+      out_.push_back({std::string(text), from_template, block_});
     }
+  }
+
+  // A string the rendering computed (a number written out, an upper-cased copy), kept for
+  // the values that view it.
+  Value own(std::string text, bool from_template) {
+    owned_.push_back(std::move(text));
+    return Value::text(owned_.back(), from_template);
+  }
+
+  // An operand: a literal in place, anything else evaluated into `scratch`.
+  const Value& operand(const Expr& x, Value& scratch) {
+    if (x.op == Expr::kLiteral) return x.literal;
+    scratch = eval(x);
+    return scratch;
   }
 
   [[noreturn]] void fail(int line, const std::string& what) const {
@@ -723,13 +761,16 @@ class Renderer {
 
   Value eval(const Expr& e) {
     switch (e.op) {
-      case Expr::kLiteral: return e.literal;
+      case Expr::kLiteral: return e.literal;  // (binary and index read literals in place: operand())
       case Expr::kName: {
         const auto it = scope.find(e.name);
         return it == scope.end() ? Value() : it->second;
       }
       case Expr::kAttr: return attribute(eval(*e.args[0]), e.name, e.line);
-      case Expr::kIndex: return index(eval(*e.args[0]), eval(*e.args[1]), e.line);
+      case Expr::kIndex: {
+        Value scratch;
+        return index(eval(*e.args[0]), operand(*e.args[1], scratch), e.line);
+      }
       case Expr::kSlice: return slice(e);
       case Expr::kFilter:
       case Expr::kMethod: return transform(eval(*e.args[0]), e.name, e.line);
@@ -751,7 +792,9 @@ class Renderer {
   }
 
   Value binary(const Expr& e) {
-    const Value a = eval(*e.args[0]), b = eval(*e.args[1]);
+    Value scratch_a, scratch_b;
+    const Value& a = operand(*e.args[0], scratch_a);
+    const Value& b = operand(*e.args[1], scratch_b);
     switch (e.op) {
       case Expr::kEq: return Value::of(equal(a, b));
       case Expr::kNe: return Value::of(!equal(a, b));
@@ -784,8 +827,8 @@ class Renderer {
     if (v.kind == Value::kBool) return v.boolean;
     fail(line, std::string("expected a number, found ") + kind_name(v));
   }
-  Value stringify(const Value& v, int line) const {
-    return v.kind == Value::kString ? v : Value::text(to_string(v, line), true);
+  Value stringify(const Value& v, int line) {
+    return v.kind == Value::kString ? v : own(to_string(v, line), true);
   }
   static Value concat(Value a, const Value& b) {
     a.segments.insert(a.segments.end(), b.segments.begin(), b.segments.end());
@@ -810,7 +853,7 @@ class Renderer {
     return v.kind == Value::kInt;  // number
   }
 
-  Value attribute(const Value& v, const std::string& name, int line) const {
+  Value attribute(const Value& v, std::string_view name, int line) const {
     if (v.kind == Value::kMessage) {
       if (name == "role") return Value::text(v.message->role, false);
       if (name == "content") return Value::text(v.message->content, false);
@@ -824,14 +867,18 @@ class Renderer {
       if (name == "first") return Value::of(v.index0 == 0);
       if (name == "last") return Value::of(v.index0 == v.length - 1);
       if (name == "length") return Value::of(v.length);
-      fail(line, "loop." + name + " is outside the subset (index, index0, revindex, revindex0, first, last, length)");
+      fail(line, "loop." + std::string(name) + " is outside the subset (index, index0, revindex, revindex0, first, last, "
+                 "length)");
     }
-    if (v.kind == Value::kUndefined) fail(line, "." + name + " of an undefined value");
+    if (v.kind == Value::kUndefined) fail(line, "." + std::string(name) + " of an undefined value");
     return Value();
   }
 
   Value index(const Value& v, const Value& key, int line) const {
-    if (key.kind == Value::kString) return attribute(v, key.str(), line);
+    if (key.kind == Value::kString) {
+      if (key.segments.size() == 1) return attribute(v, key.segments[0].text, line);
+      return attribute(v, key.str(), line);
+    }
     if (v.kind != Value::kMessages) fail(line, std::string("indexing ") + kind_name(v) + " by a number");
     int64_t i = integer(key, line);
     const auto n = static_cast<int64_t>(v.end - v.begin);
@@ -859,7 +906,7 @@ class Renderer {
     return v;
   }
 
-  Value transform(Value v, const std::string& name, int line) const {
+  Value transform(Value v, const std::string& name, int line) {
     if (name == "length") {
       if (v.kind == Value::kMessages) return Value::of(static_cast<int64_t>(v.end - v.begin));
       if (v.kind == Value::kString) return Value::of(static_cast<int64_t>(v.str().size()));
@@ -872,8 +919,10 @@ class Renderer {
     else if (name == "rstrip") strip(v.segments, false, true);
     else {
       for (auto& s : v.segments) {
-        for (char& c : s.text) c = static_cast<char>(name == "upper" ? std::toupper(static_cast<unsigned char>(c))
-                                                                     : std::tolower(static_cast<unsigned char>(c)));
+        std::string cased(s.text);
+        for (char& c : cased) c = static_cast<char>(name == "upper" ? std::toupper(static_cast<unsigned char>(c))
+                                                                    : std::tolower(static_cast<unsigned char>(c)));
+        s.text = own(std::move(cased), s.from_template).segments[0].text;
       }
     }
     return v;
@@ -882,6 +931,7 @@ class Renderer {
   std::string where_;
   std::vector<ChatSpan>& out_;
   int block_ = -1, blocks_ = 0;
+  std::deque<std::string> owned_;  // strings values view (a deque keeps them in place)
 };
 
 // Built-in templates. Both mark the assistant's text and its end-of-turn token with

@@ -37,8 +37,9 @@ struct Conversation {
 // The conversation of one parsed line. Roles are system, user and assistant (ShareGPT's
 // human and gpt stand for user and assistant). An Error names `where` (file:line), the
 // message's index and what is wrong: another role, content missing or not a string, no
-// messages, no assistant turn (unless !require_assistant: a conversation to continue).
-Conversation read_conversation(const nlohmann::json& line, const ConversationFields& fields, const std::string& where,
+// messages, no assistant turn (unless !require_assistant: a conversation to continue). The
+// messages' text is moved out of `line`.
+Conversation read_conversation(nlohmann::json& line, const ConversationFields& fields, const std::string& where,
                                bool require_assistant = true);
 
 struct ChatDocument {

@@ -45,8 +45,10 @@ class ByteLevelBpe : public Tokenizer {
   int64_t base_vocab_size() const { return vocab_size() - static_cast<int64_t>(added_.size()); }
   // The id of a control token's string: an added token, or "<|endoftext|>".
   std::optional<uint32_t> control_id(std::string_view token) const;
-  // The raw bytes a token stands for (an added token: its string).
+  // The raw bytes a token stands for (an added token: its string), and their number (from a
+  // compact table: reading it for every token of a text stays in cache).
   const std::string& token_bytes(uint32_t id) const { return id_to_bytes_.at(id); }
+  size_t token_length(uint32_t id) const { return token_lengths_[id]; }
 
   // BPE of one piece (raw bytes), appended to out. Exposed for tests and benchmarks.
   void encode_piece(std::string_view piece, std::vector<uint32_t>& out) const;
@@ -59,6 +61,7 @@ class ByteLevelBpe : public Tokenizer {
 
   Gpt2Pretokenizer pretokenizer_;
   std::vector<std::string> id_to_bytes_;
+  std::vector<uint32_t> token_lengths_;  // id_to_bytes_[id].size()
   uint32_t byte_to_id_[256];
   std::unique_ptr<MergeTable> merges_;
   std::optional<uint32_t> eot_id_;
