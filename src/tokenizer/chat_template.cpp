@@ -420,6 +420,7 @@ class Parser {
     const Piece& p = pieces_[pos_++];
     open_line_ = p.line;
     ExprLexer lexer(p.text, where_, p.line);
+    const Deeper deeper(depth_, lexer);
     lexer.next();  // the word
     auto n = std::make_unique<Node>();
     n->line = p.line;
@@ -465,6 +466,8 @@ class Parser {
       marks_generation_ = true;
       n->bodies.push_back(parse_body({"endgeneration"}));
       ++pos_;
+    } else if (word == "endfor" || word == "endif" || word == "endgeneration" || word == "else" || word == "elif") {
+      throw Error(where_ + ":" + std::to_string(p.line) + ": {% " + word + " %} closes no open block");
     } else {
       lexer.fail("{% " + word + " %}");
     }
@@ -477,8 +480,20 @@ class Parser {
     return e;
   }
 
+  // Nesting beyond this (parentheses, "not not ...", blocks in blocks) is refused rather than
+  // followed down the stack.
+  static constexpr int kMaxDepth = 100;
+  struct Deeper {
+    Deeper(int& depth, const ExprLexer& lx) : depth_(depth) {
+      if (++depth_ > kMaxDepth) lx.fail("nesting deeper than " + std::to_string(kMaxDepth) + " levels");
+    }
+    ~Deeper() { --depth_; }
+    int& depth_;
+  };
+
   // expr := or [ "if" or "else" expr ]
   ExprPtr parse_expr(ExprLexer& lx) {
+    const Deeper deeper(depth_, lx);
     ExprPtr value = parse_or(lx);
     if (!lx.accept(Token::kName, "if")) return value;
     ExprPtr condition = parse_or(lx);
@@ -500,6 +515,7 @@ class Parser {
     return e;
   }
   ExprPtr parse_not(ExprLexer& lx) {
+    const Deeper deeper(depth_, lx);
     if (lx.accept(Token::kName, "not")) {
       std::vector<ExprPtr> a;
       a.push_back(parse_not(lx));
@@ -553,6 +569,7 @@ class Parser {
     }
   }
   ExprPtr parse_unary(ExprLexer& lx) {
+    const Deeper deeper(depth_, lx);
     if (lx.accept(Token::kOp, "-")) {
       std::vector<ExprPtr> a;
       a.push_back(parse_unary(lx));
@@ -658,6 +675,7 @@ class Parser {
   const std::vector<Piece>& pieces_;
   std::string where_;
   size_t pos_ = 0;
+  int depth_ = 0;
   int open_line_ = 1;  // of the block being parsed, for a missing end tag
   bool marks_generation_ = false;
 };

@@ -28,6 +28,29 @@ def shard(tokens, width=2):
     return header.tobytes() + np.asarray(tokens, dtype=np.uint16 if width == 2 else np.uint32).tobytes()
 
 
+def chat_templates(here):
+    """The built-in templates' kind of text, the test's templates, refused constructs and a few
+    broken ones."""
+    sys.path.insert(0, os.path.join(here, "..", "python"))
+    from test_chat import REFUSED, TEMPLATES
+    for name, source in TEMPLATES.items():
+        put("chat_template", name + ".jinja", source)
+    for name, (source, _, _) in REFUSED.items():
+        put("chat_template", "refused_" + name + ".jinja", source)
+    put("chat_template", "chatml.jinja", "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == "
+        "'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n\n{% else %}{{ m['content'] }}"
+        "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    put("chat_template", "deep_parens.jinja", "{{ " + "(" * 300 + "1" + ")" * 300 + " }}")
+    put("chat_template", "deep_not.jinja", "{{ " + "not " * 300 + "true }}")
+    put("chat_template", "deep_blocks.jinja", "{% if true %}" * 300 + "x" + "{% endif %}" * 300)
+    put("chat_template", "unclosed_string.jinja", "{{ 'abc }}")
+    put("chat_template", "unclosed_tag.jinja", "text {% if")
+    put("chat_template", "stray_end.jinja", "{% endfor %}")
+    put("chat_template", "slices.jinja", "{% for m in messages[1:-1] %}{{ loop.revindex }}{{ m.content | length }}"
+        "{% endfor %}{{ messages[-1]['role'] | upper }}{{ messages[99] is defined }}{{ -3 + 2 ~ 'x' }}")
+    put("chat_template", "raise.jinja", "{{ raise_exception('no ' ~ messages | length) }}")
+
+
 def main():
     st = save({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, dtype=np.float16),
                "empty": np.zeros((0, 3), dtype=np.float32)}, metadata={"format": "pt"})
@@ -117,6 +140,7 @@ def main():
     put("tokenizer_json", "prefix_space.json", json.dumps(dict(tok, pre_tokenizer=dict(tok["pre_tokenizer"],
                                                                                        add_prefix_space=True))))
     put("tokenizer_json", "pair_merges.json", json.dumps(dict(tok, model=dict(tok["model"], merges=[["h", "e"]]))))
+    chat_templates(HERE)
 
 
 if __name__ == "__main__":
