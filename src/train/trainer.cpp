@@ -74,10 +74,14 @@ void attach_lora(GPT2& model, const TrainConfig& cfg, bool save_embeddings) {
   if (o.base_dtype != "float32") cast_frozen_base(model, o.base_dtype == "bfloat16" ? c10::kBFloat16 : c10::kHalf);
   int64_t adapters = 0;
   for (const auto& p : model->parameters()) adapters += p.requires_grad() ? p.numel() : 0;
+  const int64_t embedding = lora.save_embeddings ? model->transformer->wte->weight.numel() : 0;
   spdlog::info("LoRA: rank {}, alpha {:g} (scaling {:g}), dropout {:g}, targets {}: {} adapters, {} parameters; base "
-               "frozen in {}",
+               "frozen in {}{}",
                lora.rank, lora.alpha, lora.scaling(), lora.dropout, nlohmann::json(lora.targets).dump(),
-               lora_adapters(model).size(), adapters, o.base_dtype);
+               lora_adapters(model).size(), adapters - embedding, o.base_dtype,
+               embedding ? fmt::format("; the token embedding ({} parameters) trains in full for the chat template's "
+                                       "new tokens and is saved with the adapter (modules_to_save)", embedding)
+                         : std::string());
 }
 
 GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
