@@ -24,13 +24,9 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
                  : GPT2Config::from_file(std::filesystem::path(cfg.model.init_from) / "config.json");
   if (cfg.model.dropout >= 0) in.model.resid_pdrop = in.model.embd_pdrop = in.model.attn_pdrop = cfg.model.dropout;
   const int64_t vocab = in.model.vocab_size;
-  if (!cfg.data.train.empty()) {
-    in.model.vocab_size = vocab_for_data(shard_chat(glob_files(cfg.data.train)), vocab,
-                                         cfg.model.resize_vocab);
-  } else if (cfg.model.resize_vocab > 0) {
-    in.model.vocab_size = cfg.model.resize_vocab;
-  }
-  in.lora_embeddings = cfg.lora() && cfg.model.resize_vocab == 0 && in.model.vocab_size > vocab;
+  const auto chat = cfg.data.train.empty() ? std::nullopt : shard_chat(glob_files(cfg.data.train));
+  in.model.vocab_size = vocab_for_data(chat, vocab, cfg.model.resize_vocab);
+  in.lora_embeddings = cfg.lora() && chat && chat->vocab_size() > vocab;  // the chat tokens' rows train
   in.seq_len = cfg.data.seq_len;
   in.cuda = cfg.device != "cpu";
   in.amp = resolve_amp_dtype(cfg.amp.dtype, in.cuda ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU));

@@ -97,9 +97,16 @@ GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
     model = GPT2(c);
     init_gpt2_weights(model, static_cast<uint64_t>(cfg.train.seed));
   }
-  const int64_t vocab = vocab_for_data(shard_chat(expand_glob(cfg.data.train, "data.train")),
-                                       model->config().vocab_size, cfg.model.resize_vocab);
-  const bool grown_for_chat = vocab > model->config().vocab_size && cfg.model.resize_vocab == 0;
+  const auto chat = shard_chat(expand_glob(cfg.data.train, "data.train"));
+  const int64_t vocab = vocab_for_data(chat, model->config().vocab_size, cfg.model.resize_vocab);
+  // Rows for the chat template's tokens that the model does not have: they must train.
+  const bool grown_for_chat = chat && chat->vocab_size() > model->config().vocab_size;
+  if (grown_for_chat && cfg.model.freeze_embeddings) {
+    throw Error("model.freeze_embeddings: the shards of data.train use the chat template's tokens " +
+                nlohmann::json(chat->added_tokens).dump() + ", which " + (cfg.model.init_from.empty() ? std::string("the model") : cfg.model.init_from) +
+                " does not have; frozen, their new rows would never learn. Unfreeze the embeddings, or tokenize with "
+                "--chat-template plain (no new tokens)");
+  }
   if (vocab != model->config().vocab_size) {
     spdlog::info("resizing the vocabulary from {} to {}{}", model->config().vocab_size, vocab,
                  grown_for_chat ? " (the chat template's tokens, rounded up to a multiple of 64)" : "");

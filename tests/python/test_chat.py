@@ -485,3 +485,55 @@ class ChatTest(WorkDirTest):
         self.assertEqual(len(rows["one_rank"]), 4)
         self.assertLess(metric, 1e-5)
         self.assertLess(diff, 1e-2 * moved)
+
+    def test_settings_that_would_leave_the_new_rows_untrained_or_misread_are_refused(self):
+        shards, _ = self.tokenize("chatml", out=self.path("data"))
+        needed = self.vocab + 2
+
+        def train(name, model):
+            out = self.path(name)
+            cfg = {"model": {"init_from": self.model, **model},
+                   "data": {"train": os.path.join(shards, "train_*.bin"), "seq_len": T},
+                   "train": {"micro_batch_size": 8, "global_batch_size": 8, "max_steps": 1},
+                   "output_dir": out, "device": "cpu"}
+            with open(out + ".json", "w") as f:
+                json.dump(cfg, f)
+            return run("train", "--config", out + ".json"), out
+
+        r, _ = train("frozen", {"freeze_embeddings": True})
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("model.freeze_embeddings", r.stderr)
+        self.assertIn("<|im_start|>", r.stderr)
+        r, _ = train("small", {"resize_vocab": needed - 1})
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn(f"set it to at least {needed}", r.stderr)
+        # An explicit size still trains the new rows under LoRA.
+        r, out = train("sized", {"resize_vocab": 1024, "lora": {"rank": 2, "targets": ["c_attn"]}})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(os.path.join(out, "final", "adapter_config.json")) as f:
+            self.assertEqual(json.load(f)["modules_to_save"], ["lm_head"])
+        # A model folder whose tokenizer added other tokens: its ids would mean other tokens.
+        other = self.path("other_model")
+        shutil.copytree(self.model, other)
+        with open(os.path.join(other, "tokenizer_config.json")) as f:
+            config = json.load(f)
+        config["added_tokens_decoder"] = {str(self.vocab): {"content": "<|user|>", "special": True}}
+        with open(os.path.join(other, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f)
+        out = self.path("other_run")
+        cfg = {"model": {"init_from": other}, "data": {"train": os.path.join(shards, "train_*.bin"), "seq_len": T},
+               "train": {"micro_batch_size": 8, "max_steps": 1}, "output_dir": out, "device": "cpu"}
+        with open(out + ".json", "w") as f:
+            json.dump(cfg, f)
+        r = run("train", "--config", out + ".json")
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn('["<|user|>"]', r.stderr)
+        self.assertIn("tokenize with the model's own folder", r.stderr)
+        # Chat templates need GPT-2's byte-level BPE.
+        import sentencepiece as spm
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 50 + ["a b c d e f g"] * 50),
+                                       model_prefix=self.path("sp"), vocab_size=20, model_type="bpe")
+        r = run("tokenize", "--tokenizer", self.path("sp.model"), "--input", self.jsonl, "--output-dir",
+                self.path("sp_out"), "--chat-template", "chatml", "--no-progress")
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("GPT-2 byte-level BPE", r.stderr)
