@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_bench import BUILD, corpus_arguments, parse_corpus_arguments  # noqa: E402
+from data_bench import BUILD, corpus_arguments, parse_corpus_arguments, print_table  # noqa: E402
 
 
 def main():
@@ -70,10 +70,7 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{args.steps} steps of 16 x 128 tokens, ~7M parameters, Brown corpus\n")
-    print("| optimizer | vocabulary | val loss |")
-    print("|---|---|---|")
-    for name, vocab, loss in rows:
-        print(f"| {name} | {vocab} rows | {loss:.3f} |")
+    print_table(("optimizer", "vocabulary", "val loss"), [(n, f"{v} rows", f"{loss:.3f}") for n, v, loss in rows])
 
 
 if __name__ == "__main__":

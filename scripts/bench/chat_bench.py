@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_bench import BUILD, corpus_arguments, median_time, parse_corpus_arguments  # noqa: E402
+from data_bench import BUILD, corpus_arguments, median_time, parse_corpus_arguments, print_table  # noqa: E402
 
 
 def conversations(text, seed=0):
@@ -80,10 +80,8 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     print(f"{count} conversations, {turns} turns ({args.copies} x {os.path.basename(args.text)}; the documents' "
           f".jsonl is {mb:.1f} MB), whole command, median of {args.repeats} runs\n")
-    print("| workers | plain documents | conversations (chatml) | ratio |")
-    print("|---|---|---|---|")
-    for workers, t_docs, t_chat in rows:
-        print(f"| {workers} | {t_docs:.2f} s | {t_chat:.2f} s | {t_chat / t_docs:.2f}x |")
+    print_table(("workers", "plain documents", "conversations (chatml)", "ratio"),
+                [(str(w), f"{d:.2f} s", f"{c:.2f} s", f"{c / d:.2f}x") for w, d, c in rows])
 
 
 if __name__ == "__main__":

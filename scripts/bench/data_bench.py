@@ -55,6 +55,14 @@ def parse_corpus_arguments(ap):
     return args
 
 
+def print_table(headers, rows):
+    """A markdown table of already formatted cells."""
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main():
     ap = corpus_arguments(__doc__)
     ap.add_argument("--repeats", type=int, default=5)
