@@ -53,6 +53,12 @@ void add_eval_command(CLI::App& app, Runner& run) {
       const c10::Device device = open_device(args->device);
       GPT2 model = load_model_folder(args->model, device);
       if (!args->adapter.empty()) attach_adapter_folder(model, args->adapter);
+      if (const auto chat = shard_chat(shards); chat && chat->vocab_size() > model->config().vocab_size) {
+        throw Error("--data: the shards' chat template (" + chat->template_name + ") added the tokens " +
+                    nlohmann::json(chat->added_tokens).dump() + " after the vocabulary, which " + args->model +
+                    " (" + std::to_string(model->config().vocab_size) + " rows) does not have; evaluate the model "
+                    "trained on them (its final/ folder, or the base with --adapter)");
+      }
       const EvalResult r = evaluate(model, shards, args->options, device);
       if (args->json) {
         std::cout << nlohmann::json{{"loss", r.loss},

@@ -529,6 +529,10 @@ class ChatTest(WorkDirTest):
         self.assertEqual(r.returncode, 1, r.stderr)
         self.assertIn('["<|user|>"]', r.stderr)
         self.assertIn("tokenize with the model's own folder", r.stderr)
+        # eval of a model without the template's tokens names them.
+        r = run("eval", "--model", self.model, "--data", os.path.join(shards, "train_*.bin"), "--seq-len", T)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn('added the tokens ["<|im_start|>","<|im_end|>"]', r.stderr)
         # Chat templates need GPT-2's byte-level BPE.
         import sentencepiece as spm
         spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 50 + ["a b c d e f g"] * 50),
