@@ -16,7 +16,8 @@ if [[ ! -f "$build/CMakeCache.txt" ]]; then
     -DPython3_EXECUTABLE="$root/.venv/bin/python" > /dev/null
 fi
 targets=(gpt2-finetune gpt2ft_tests)
-for t in safetensors_header shard_header model_config train_config checkpoint_state adapter_config tokenizer_json; do targets+=("fuzz_${t}_replay"); done
+mapfile -t fuzz_targets < <(grep -E '^[a-z_]+$' tests/fuzz/targets.txt)
+for t in "${fuzz_targets[@]}"; do targets+=("fuzz_${t}_replay"); done
 cmake --build "$build" -j "${GPT2FT_BUILD_JOBS:-$(nproc)}" --target "${targets[@]}"
 
 # libtorch is not instrumented and keeps allocations until exit: no leak checking. Every
@@ -34,7 +35,7 @@ echo "[sanitize] C++ tests (no second process, no GPU)"
 GPT2FT_GOLDEN_DIR="$golden" GPT2FT_ROUNDTRIP_DIR="$root/$build/test-data/roundtrip" "$build/tests/gpt2ft_tests" --gtest_brief=1 \
   --gtest_filter='-Distributed*:Cuda*:*CudaParity*:LinearCrossEntropyCuda*'
 echo "[sanitize] fuzz corpus"
-for t in safetensors_header shard_header model_config train_config checkpoint_state adapter_config tokenizer_json; do
+for t in "${fuzz_targets[@]}"; do
   "$build/tests/fuzz_${t}_replay" "tests/fuzz/corpus/$t"
 done
 echo "[sanitize] command line: bad inputs, damaged checkpoints, the perimeter's hostile inputs"

@@ -2,7 +2,7 @@
 # Fuzzes the readers of untrusted files with libFuzzer (clang, AddressSanitizer + UBSan):
 #   scripts/fuzz/run.sh [MINUTES_PER_TARGET] [TARGET ...]
 # Targets (tests/fuzz/*.cpp): safetensors_header shard_header model_config train_config
-# checkpoint_state adapter_config tokenizer_json; all by default, 2 minutes each. Builds into build-fuzz (needs clang-14 and
+# checkpoint_state adapter_config tokenizer_json chat_template (tests/fuzz/targets.txt); all by default, 2 minutes each. Builds into build-fuzz (needs clang-14 and
 # libclang-rt-14-dev from Debian), starts from the seed corpus tests/fuzz/corpus/<target> and
 # works in fuzz-work/<target> (new inputs, crash-* reproducers). Prints executions and
 # findings per target. A reproducer replays with: build-fuzz/tests/fuzz/fuzz_<target> CRASH_FILE
@@ -14,7 +14,7 @@ minutes="${1:-2}"
 [[ "$minutes" =~ ^[1-9][0-9]*$ ]] || { echo "fuzz: MINUTES must be a whole number >= 1, got '$minutes'" >&2; exit 2; }
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(safetensors_header shard_header model_config train_config checkpoint_state adapter_config tokenizer_json)
+((${#targets[@]})) || mapfile -t targets < <(grep -E "^[a-z_]+$" tests/fuzz/targets.txt)
 command -v clang++-14 >/dev/null || { echo "fuzz: clang++-14 not found (apt-get install clang-14 libclang-rt-14-dev)" >&2; exit 3; }
 if [[ ! -f build-fuzz/CMakeCache.txt ]]; then
   CC=clang-14 CXX=clang++-14 cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DGPT2FT_FUZZ=ON \
