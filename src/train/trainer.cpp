@@ -48,6 +48,7 @@
 #include "gpt2ft/optim/lr_schedule.h"
 #include "gpt2ft/optim/offloaded_adamw.h"
 #include "gpt2ft/train/batch_split.h"
+#include "gpt2ft/train/objective.h"
 #include "gpt2ft/train/oom_backoff.h"
 #include "gpt2ft/train/run_checkpoints.h"
 #include "gpt2ft/train/run_fingerprint.h"
@@ -291,6 +292,7 @@ class Trainer {
   bool poison_loss_ = false;        // GPT2FT_FAULT_NAN_AT_STEP
   TrainingState state_;
   std::unique_ptr<DataLoader> loader_;
+  std::unique_ptr<Objective> objective_;  // what the step minimises, for the loader's kind of data
   int64_t max_steps_ = 0;
   LrSchedule schedule_;
   std::unique_ptr<GradReducer> reducer_;
@@ -360,6 +362,7 @@ Trainer::Trainer(const TrainConfig& cfg)
   start_every_rank_alike();
 
   loader_ = make_loader();
+  objective_ = make_objective(loader_->has_targets(), cfg_.train.chunked_loss);
   stop_if_requested("opening the data");
   max_steps_ = steps_to_run();
   schedule_ = {cfg_.train.lr_schedule, cfg_.train.lr, cfg_.train.min_lr, cfg_.train.warmup_steps, max_steps_};
@@ -528,17 +531,17 @@ void Trainer::apply_step(StepResult& r) {
   clear_gradients(params_);
 }
 
-// Forward and backward over this rank's micro batches. Each loss is its share of this rank's
-// mean, so the gradients sum to it: plain text, the micro batch's mean over the accumulation;
-// document shards, its targets' summed loss over the global batch's target count / ranks (the
-// count known before the step from the loader, the same on every rank), so that micro
-// batches holding more targets weigh more, as in one pass over the global batch. Running out of
-// memory is caught, its message handed back and the partial gradients dropped, so that all
-// ranks can agree on what to do; a stop signal in one process drops the step the same way.
+// Forward and backward over this rank's micro batches. Each loss is the objective's share
+// (train/objective.h), so the gradients sum to the global batch's mean: plain text, a micro
+// batch's mean over the accumulation; document shards, its summed target loss over the global
+// batch's target count / ranks (counted before the step from the loader, the same on every
+// rank). Running out of memory is caught, its message handed back and the partial gradients
+// dropped, so that all ranks can agree on what to do; a stop signal in one process drops the
+// step the same way.
 torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrupted) {
   const int64_t accumulation = split_.accumulation();
-  const int64_t targets = loader_->has_targets() ? loader_->targets_in_next(split_.global) : 0;
-  if (loader_->has_targets() && targets == 0) {  // the same on every rank
+  const int64_t targets = objective_->counts_targets() ? loader_->targets_in_next(split_.global) : 0;
+  if (objective_->counts_targets() && targets == 0) {  // the same on every rank
     const LoaderState at = loader_->state();
     throw Error(fmt::format(
         "the global batch of step {} ({} samples from sample {} of epoch {}) holds no target: its loss would be 0 and "
@@ -546,8 +549,7 @@ torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrup
         "flags the shards were written with, or raise data.seq_len. The last checkpoint is intact",
         state_.step + 1, split_.global, at.consumed, at.epoch, cfg_.data.seq_len));
   }
-  const double divisor = loader_->has_targets() ? static_cast<double>(targets) / static_cast<double>(split_.world)
-                                                : static_cast<double>(accumulation);
+  const double divisor = objective_->divisor(accumulation, split_.world, targets);
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().device(device_));
   try {
     for (int64_t m = 0; m < accumulation; ++m) {
@@ -581,19 +583,11 @@ torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrup
   return loss_sum;
 }
 
-// One micro batch's (B, T) share of this rank's loss, under the run's autocast (see
-// forward_backward for the divisor).
+// One micro batch's (B, T) share of this rank's loss, under the run's autocast.
 torch::Tensor Trainer::micro_batch_loss(const Batch& batch, double divisor) {
   AutocastGuard autocast(device_.type(), amp_);
   maybe_inject_oom(split_.micro);
-  if (!loader_->has_targets()) {  // plain text: the mean over B*T, over the accumulation
-    return (cfg_.train.chunked_loss ? model_->forward_loss(batch.x, batch.y)
-                                    : next_token_loss(model_->forward(batch.x), batch.y)) /
-           divisor;
-  }
-  return cfg_.train.chunked_loss
-             ? model_->forward_loss(batch.x, batch.y, {batch.positions, batch.target_rows, divisor})
-             : next_token_loss(model_->forward(batch.x, batch.positions), batch.y, divisor);
+  return objective_->loss(model_, batch, divisor);
 }
 
 // Some rank ran out of memory: every rank dropped the step; all change the micro batch
