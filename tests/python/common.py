@@ -29,6 +29,15 @@ def tree_hashes(folder):
     return out
 
 
+def reproducible_env():
+    """MKL's reproducible branch for a process we start, as train.deterministic sets it
+    (core/reproducible_math.h). Otherwise MKL picks its kernel by how busy the machine is:
+    two evals of one model on one shard, beside other tests, gave losses 1.5e-5 apart."""
+    with open("/proc/cpuinfo") as f:
+        flags = set(f.read().split())
+    return {"MKL_CBWR": os.environ.get("MKL_CBWR", "AVX2" if {"avx2", "fma"} <= flags else "COMPATIBLE")}
+
+
 class WorkDirTest(unittest.TestCase):
     """cls.tmp is a fresh folder for the class, removed afterwards; self.path(...) is a path
     inside a folder of the running test. The environment variables named in `required_env`

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import WorkDirTest
+from common import WorkDirTest, reproducible_env
 from test_instruction import read_document_shard, run, write_jsonl
 
 WORDS = ("alpha beta gamma delta river stone cloud paper green quiet seven eleven north south apple window "
@@ -123,14 +123,6 @@ def documents(shards):
         ends = list(starts[1:]) + [len(tokens)]
         out += [(tokens[s:e].tolist(), targets[s:e].astype(int).tolist()) for s, e in zip(starts, ends)]
     return out
-
-
-def reproducible_env():
-    """MKL's reproducible branch for our process, as train.deterministic sets it: otherwise MKL
-    picks its kernel by how busy the machine is, and a loss moves by 1e-5 (measured here)."""
-    with open("/proc/cpuinfo") as f:
-        flags = set(f.read().split())
-    return {"MKL_CBWR": os.environ.get("MKL_CBWR", "AVX2" if {"avx2", "fma"} <= flags else "COMPATIBLE")}
 
 
 def reference_loss(model, docs):

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
 
-from common import WorkDirTest, write_shard
+from common import WorkDirTest, reproducible_env, write_shard
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 GOLDEN = os.environ.get("GPT2FT_GOLDEN_DIR", "")
 
 
-def run(*args):
-    return subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=300)
+def run(*args, env=None):
+    return subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, **(env or {})))
 
 
 class CliTest(WorkDirTest):
@@ -81,9 +82,7 @@ class CliTest(WorkDirTest):
         args = ("eval", "--model", self.model, "--data", self.path("val_*.bin"), "--seq-len", 16, "--batch-size", 6,
                 "--device", "cpu", "--json")
         # Two processes compared to 1e-7: MKL's reproducible branch, as train.deterministic sets it.
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-        cbwr = {"MKL_CBWR": os.environ.get("MKL_CBWR", "AVX2" if {"avx2", "fma"} <= flags else "COMPATIBLE")}
+        cbwr = reproducible_env()
         clean = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=300,
                                env=dict(os.environ, **cbwr))
         self.assertEqual(clean.returncode, 0, clean.stderr)
@@ -134,8 +133,10 @@ class CliTest(WorkDirTest):
         tokens = rng.integers(0, 1000, size=100)
         write_shard(self.path("a.bin"), tokens, width=2)
         write_shard(self.path("b.bin"), tokens, width=4)
+        # Two processes compared exactly: MKL's reproducible branch.
         outs = [json.loads(run("eval", "--model", self.model, "--data", self.path(f"{n}.bin"), "--seq-len", 16,
-                               "--device", "cpu", "--json").stdout.strip().splitlines()[-1]) for n in "ab"]
+                               "--device", "cpu", "--json", env=reproducible_env()).stdout.strip().splitlines()[-1])
+                for n in "ab"]
         self.assertEqual(outs[0], outs[1])
 
     # --- generate ---------------------------------------------------------------------------
@@ -161,7 +162,8 @@ class CliTest(WorkDirTest):
         outs = {}
         for seed in (1, 1, 2):
             r = run("generate", "--model", self.model, "--prompt-ids", "1,2,3", "--max-new-tokens", 20,
-                    "--temperature", 1.0, "--top-k", 50, "--top-p", 0.9, "--seed", seed, "--device", "cpu", "--json")
+                    "--temperature", 1.0, "--top-k", 50, "--top-p", 0.9, "--seed", seed, "--device", "cpu", "--json",
+                    env=reproducible_env())  # one kernel for both processes: the same logits, bit for bit
             self.assertEqual(r.returncode, 0, r.stderr)
             outs.setdefault(seed, []).append(json.loads(r.stdout.strip().splitlines()[-1])["ids"])
         self.assertEqual(outs[1][0], outs[1][1])
