@@ -38,8 +38,9 @@ class CliTest(WorkDirTest):
     # --- eval -------------------------------------------------------------------------------
 
     def reference_eval(self, model_dir, shards, T, B, max_sequences=0):
-        """Windows k = tokens[kT .. kT+T] per shard, tail dropped; mean loss over predictions."""
-        model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+        """Windows k = tokens[kT .. kT+T] per shard, tail dropped; mean loss over predictions, in
+        float64 (a reference with no rounding of its own, whichever kernels this process gets)."""
+        model = GPT2LMHeadModel.from_pretrained(model_dir).eval().double()
         windows = []
         for tokens in shards:
             for k in range((len(tokens) - 1) // T):
@@ -65,7 +66,8 @@ class CliTest(WorkDirTest):
         for T, B, max_sequences in ((16, 3, 0), (40, 2, 0), (16, 4, 7)):
             with self.subTest(T=T, B=B, max_sequences=max_sequences):
                 r = run("eval", "--model", self.model, "--data", pattern, "--seq-len", T,
-                        "--batch-size", B, "--max-sequences", max_sequences, "--device", "cpu", "--json")
+                        "--batch-size", B, "--max-sequences", max_sequences, "--device", "cpu", "--json",
+                        env=reproducible_env())
                 self.assertEqual(r.returncode, 0, r.stderr)
                 got = json.loads(r.stdout.strip().splitlines()[-1])
                 ref_loss, ref_tokens = self.reference_eval(self.model, shards, T, B, max_sequences)

@@ -221,16 +221,18 @@ class LoraTest(WorkDirTest):
         rng = np.random.default_rng(3)
         tokens = rng.integers(0, 97, size=16 * 6 + 1)
         write_shard(os.path.join(self.tmp, "val_eval.bin"), tokens)
+        from common import reproducible_env
         r = subprocess.run([BIN, "eval", "--model", self.base, "--adapter", self.adapter, "--data",
                             os.path.join(self.tmp, "val_eval.bin"), "--seq-len", "16", "--device", "cpu", "--json"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=dict(os.environ, **reproducible_env()))
         self.assertEqual(r.returncode, 0, r.stderr)
         got = json.loads(r.stdout.strip().splitlines()[-1])["loss"]
-        model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(self.base), self.adapter).eval()
+        # PEFT's loss in float64: a reference with no rounding of its own.
+        model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(self.base), self.adapter).eval().double()
         windows = torch.tensor(np.stack([tokens[k * 16: k * 16 + 17] for k in range(6)]).astype(np.int64))
         with torch.no_grad():
             logits = model(windows[:, :-1]).logits
-            want = F.cross_entropy(logits.reshape(-1, 97).double(), windows[:, 1:].reshape(-1)).item()
+            want = F.cross_entropy(logits.reshape(-1, 97), windows[:, 1:].reshape(-1)).item()
         print(f"[lora eval] --adapter loss {got:.7f} vs PEFT {want:.7f}")
         self.assertLess(abs(got - want) / want, 1e-6)
         merged = os.path.join(self.tmp, "merged_for_generate")
