@@ -14,7 +14,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 import train_reference as ref
-from common import WorkDirTest
+from common import WorkDirTest, reproducible_env
 from test_distributed import write_config
 
 BIN = os.environ.get("GPT2FT_BIN", "")
@@ -179,8 +179,10 @@ class RunTrackingTest(WorkDirTest):
         self.assertEqual((best_json["step"], round(best_json["val_loss"], 6)), (lowest[0], round(lowest[1], 6)))
         self.assertFalse(glob.glob(os.path.join(out, ".best.*")), "no temporary folder left")
         model = GPT2LMHeadModel.from_pretrained(os.path.join(out, "best"))
+        # The run is deterministic (MKL's reproducible branch): eval on the same branch.
         ev = subprocess.run([BIN, "eval", "--model", os.path.join(out, "best"), "--data", c["data"]["val"],
-                             "--seq-len", "16", "--json"], capture_output=True, text=True, timeout=600)
+                             "--seq-len", "16", "--json"], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, **reproducible_env()))
         self.assertEqual(ev.returncode, 0, ev.stderr)
         best_eval = json.loads(ev.stdout.strip().splitlines()[-1])["loss"]
         print(f"[tracking] validations {[(s, round(v, 4)) for s, v in vals]}; early stop at step {stop}; best/ = step "
