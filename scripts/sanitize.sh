@@ -30,6 +30,7 @@ echo "[sanitize] reference data"
 .venv/bin/python tests/python/make_scaler_golden.py "$golden/scaler.json" > /dev/null
 (cd tests/python && ../../.venv/bin/python make_lora_golden.py "$golden" > /dev/null)
 .venv/bin/python tests/python/make_adamw8bit_golden.py "$golden/adamw8bit.safetensors" > /dev/null
+.venv/bin/python tests/python/make_dpo_golden.py "$golden/dpo.safetensors" > /dev/null
 
 echo "[sanitize] C++ tests (no second process, no GPU)"
 GPT2FT_GOLDEN_DIR="$golden" GPT2FT_ROUNDTRIP_DIR="$root/$build/test-data/roundtrip" "$build/tests/gpt2ft_tests" --gtest_brief=1 \
