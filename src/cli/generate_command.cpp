@@ -90,8 +90,7 @@ ChatTemplate folder_chat_template(const fs::path& dir) {
 // --chat: the conversation (--messages FILE, or --prompt as one user message) rendered with
 // the folder's template and its generation prompt; stops at the end of a turn too.
 std::vector<int64_t> chat_prompt(const GenerateArgs& a, const Tokenizer& tokenizer, GenerateOptions& o) {
-  const auto* bpe = dynamic_cast<const ByteLevelBpe*>(&tokenizer);
-  if (!bpe) throw Error("--chat: chat templates need a GPT-2 byte-level BPE tokenizer; " + tokenizer.source().string() + " is " + tokenizer.kind());
+  const ByteLevelBpe* bpe = &chat_tokenizer(tokenizer, "--chat");
   const ChatTemplate chat_template = folder_chat_template(tokenizer_folder(a));
   Conversation conversation;
   if (!a.messages.empty()) {

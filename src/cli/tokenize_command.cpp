@@ -147,11 +147,7 @@ fs::path train_sentencepiece_first(TokenizeArgs& args) {
 std::unique_ptr<Tokenizer> tokenizer_for(const fs::path& path, const TokenizeOptions& o) {
   auto tokenizer = load_tokenizer(path);
   if (!is_chat(o)) return tokenizer;
-  auto* bpe = dynamic_cast<ByteLevelBpe*>(tokenizer.get());
-  if (!bpe) {
-    throw Error("--chat-template: chat templates need a GPT-2 byte-level BPE tokenizer (vocab.json + merges.txt); " +
-                path.string() + " is " + tokenizer->kind());
-  }
+  ByteLevelBpe* bpe = &chat_tokenizer(*tokenizer, "--chat-template");
   const auto missing = missing_control_tokens(load_chat_template(o.chat_template), *bpe);
   if (!missing.empty()) {
     std::string names;

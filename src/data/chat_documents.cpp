@@ -87,6 +87,19 @@ Conversation read_conversation(nlohmann::json& line, const ConversationFields& f
   return c;
 }
 
+const ByteLevelBpe& chat_tokenizer(const Tokenizer& tokenizer, const std::string& flag) {
+  const auto* bpe = dynamic_cast<const ByteLevelBpe*>(&tokenizer);
+  if (!bpe) {
+    throw Error(flag + ": chat templates need a GPT-2 byte-level BPE tokenizer (vocab.json + merges.txt); " +
+                tokenizer.source().string() + " is " + tokenizer.kind());
+  }
+  return *bpe;
+}
+
+ByteLevelBpe& chat_tokenizer(Tokenizer& tokenizer, const std::string& flag) {
+  return const_cast<ByteLevelBpe&>(chat_tokenizer(static_cast<const Tokenizer&>(tokenizer), flag));
+}
+
 std::string end_of_turn_token(const ChatTemplate& chat_template) {
   std::vector<std::string> controls = chat_template.control_strings();
   for (const auto& [name, value] : kTemplateStrings) controls.push_back(value);
@@ -122,8 +135,9 @@ ChatEncoder::ChatEncoder(const ChatTemplate& chat_template, const ByteLevelBpe& 
     }
     controls_.push_back({s, *id});
   }
-  for (const auto& [name, value] : kTemplateStrings) {
-    if (const auto id = tokenizer.control_id(value)) controls_.push_back({value, *id});
+  for (const auto& [name, value] : kTemplateStrings) {  // bos_token and eos_token: one string, once
+    const bool listed = std::any_of(controls_.begin(), controls_.end(), [&](const auto& c) { return c.first == value; });
+    if (const auto id = tokenizer.control_id(value); id && !listed) controls_.push_back({value, *id});
   }
   std::sort(controls_.begin(), controls_.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
   if (train_on != TrainOn::kAll && !chat_template.marks_generation()) {

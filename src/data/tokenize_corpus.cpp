@@ -49,6 +49,7 @@ struct Unit {
   std::string completion;
   std::vector<uint32_t> completion_ids;
   bool chat = false;
+  size_t line_bytes = 0;  // chat: its line's length, which stands for its text in batch sizes
   std::string where;
   Conversation conversation;
   std::vector<uint8_t> targets;  // chat: per token of ids
@@ -138,7 +139,7 @@ class DocumentReader {
     while (bytes < batch_bytes) {
       Unit unit;
       if (!next_unit(unit)) break;
-      bytes += unit.chat ? chat_bytes_ : unit.text.size();
+      bytes += unit.chat ? unit.line_bytes : unit.text.size();
       units.push_back(std::move(unit));
     }
     return !units.empty();
@@ -301,9 +302,7 @@ class DocumentReader {
     unit.chat = true;
     unit.where = where;
     unit.starts_document = true;
-    unit.text.clear();
-    unit.completion.assign(0, '\0');
-    chat_bytes_ = line_bytes;
+    unit.line_bytes = line_bytes;
     return true;
   }
 
@@ -333,7 +332,6 @@ class DocumentReader {
   int64_t bytes_read_ = 0;
   int64_t skipped_lines_ = 0;
   bool saw_text_ = false;
-  size_t chat_bytes_ = 0;
   void note_text(const std::string& text) {
     saw_text_ = saw_text_ || text.find_first_not_of(" \t\r\n\f\v") != std::string::npos;
   }
@@ -581,10 +579,10 @@ void append_batch(const std::vector<Unit>& units, uint32_t eot, ShardSink (&sink
 }
 
 // Moves the complete shards from `temp` into the output folder, removes stale ones, and
-// writes the manifest last.
-void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const fs::path& temp,
-             const std::vector<fs::path>& existing, const TokenizeSummary& summary, const nlohmann::json& shards,
-             int token_bytes) {
+// writes the manifest last. chat_template: the conversations' (nullptr for text and pairs).
+void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const ChatTemplate* chat_template,
+             const fs::path& temp, const std::vector<fs::path>& existing, const TokenizeSummary& summary,
+             const nlohmann::json& shards, int token_bytes) {
   for (int s = 0; s < 2; ++s) {
     for (const auto& name : summary.shards[s]) fs::rename(temp / name, options.output_dir / name);
   }
@@ -610,14 +608,14 @@ void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const f
       {"tokens", {{"train", summary.tokens[0]}, {"val", summary.tokens[1]}}},
       {"shards", shards}};
   nlohmann::json& m = manifest;
-  if (is_chat(options)) {  // document shards of conversations
-    const auto& bpe = dynamic_cast<const ByteLevelBpe&>(tokenizer);
+  if (chat_template) {  // document shards of conversations
+    const ByteLevelBpe& bpe = chat_tokenizer(tokenizer, "--chat-template");
     const ConversationFields& f = options.conversation_fields;
     m["kind"] = "chat";
     m["tokenizer"]["base_vocab_size"] = bpe.base_vocab_size();
     m["tokenizer"]["added_tokens"] = bpe.added_tokens();
     m["chat"] = {{"template", options.chat_template},
-                 {"template_source", load_chat_template(options.chat_template).source()},
+                 {"template_source", chat_template->source()},
                  {"train_on", options.train_on},
                  {"max_length", options.max_length},
                  {"fields", {{"messages", f.messages}, {"role", f.role}, {"content", f.content},
@@ -726,13 +724,9 @@ void check_wrote_something(const TokenizeOptions& options, const TokenizeSummary
 std::unique_ptr<ChatEncoder> chat_encoder(const Tokenizer& tokenizer, const TokenizeOptions& options,
                                           std::optional<ChatTemplate>& chat_template) {
   if (!is_chat(options)) return nullptr;
-  const auto* bpe = dynamic_cast<const ByteLevelBpe*>(&tokenizer);
-  if (!bpe) {
-    throw Error("--chat-template: chat templates need a GPT-2 byte-level BPE tokenizer (vocab.json + merges.txt); " +
-                tokenizer.source().string() + " is " + tokenizer.kind());
-  }
+  const ByteLevelBpe& bpe = chat_tokenizer(tokenizer, "--chat-template");
   chat_template.emplace(load_chat_template(options.chat_template));
-  return std::make_unique<ChatEncoder>(*chat_template, *bpe, parse_train_on(options.train_on));
+  return std::make_unique<ChatEncoder>(*chat_template, bpe, parse_train_on(options.train_on));
 }
 
 }  // namespace
@@ -778,7 +772,8 @@ TokenizeSummary tokenize_corpus(const Tokenizer& tokenizer, const TokenizeOption
         summary.shards[s].push_back(name);
       }
     }
-    publish(tokenizer, options, temp, existing, summary, shards, token_bytes);
+    publish(tokenizer, options, chat_template ? &*chat_template : nullptr, temp, existing, summary, shards,
+            token_bytes);
   } catch (...) {
     fs::remove_all(temp, ec);
     throw;

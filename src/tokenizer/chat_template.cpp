@@ -1040,10 +1040,4 @@ ChatTemplate load_chat_template(const std::string& name_or_file) {
   return ChatTemplate(text.str(), name_or_file);
 }
 
-std::string chat_text(const std::vector<ChatSpan>& spans) {
-  std::string out;
-  for (const auto& s : spans) out += s.text;
-  return out;
-}
-
 }  // namespace gpt2ft

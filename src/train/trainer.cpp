@@ -85,7 +85,8 @@ void attach_lora(GPT2& model, const TrainConfig& cfg, bool save_embeddings) {
                          : std::string());
 }
 
-GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
+// chat: what data.train's manifest says of its chat template's tokens (shard_chat).
+GPT2 build_model(const TrainConfig& cfg, c10::Device device, const std::optional<ShardChat>& chat) {
   auto set_dropout = [&](GPT2Config& c) {
     if (cfg.model.dropout >= 0) c.resid_pdrop = c.embd_pdrop = c.attn_pdrop = cfg.model.dropout;
   };
@@ -98,7 +99,6 @@ GPT2 build_model(const TrainConfig& cfg, c10::Device device) {
     model = GPT2(c);
     init_gpt2_weights(model, static_cast<uint64_t>(cfg.train.seed));
   }
-  const auto chat = shard_chat(expand_glob(cfg.data.train, "data.train"));
   const int64_t vocab = vocab_for_data(chat, model->config().vocab_size, cfg.model.resize_vocab);
   // Rows for the chat template's tokens that the model does not have: they must train.
   const bool grown_for_chat = chat && chat->vocab_size() > model->config().vocab_size;
@@ -293,6 +293,7 @@ class Trainer {
   TrainingState state_;
   std::unique_ptr<DataLoader> loader_;
   std::unique_ptr<Objective> objective_;  // what the step minimises, for the loader's kind of data
+  std::optional<ShardChat> chat_;         // data.train's chat template and its added tokens, if any
   int64_t max_steps_ = 0;
   LrSchedule schedule_;
   std::unique_ptr<GradReducer> reducer_;
@@ -316,6 +317,7 @@ Trainer::Trainer(const TrainConfig& cfg)
       comm_(env_, device_, cfg.distributed.backend, cfg.distributed.timeout_s),
       checkpoints_(cfg_, comm_, device_),
       backoff_(cfg.oom) {
+  chat_ = shard_chat(expand_glob(cfg_.data.train, "data.train"));
   if (!cfg_.model.init_from.empty()) {  // shards of another tokenizer would train without a word
     const auto model_tokenizer = model_tokenizer_identity(cfg_.model.init_from);
     check_shards_match_model(expand_glob(cfg_.data.train, "data.train"), cfg_.model.init_from, model_tokenizer,
@@ -324,9 +326,7 @@ Trainer::Trainer(const TrainConfig& cfg)
       check_shards_match_model(expand_glob(cfg_.data.val, "data.val"), cfg_.model.init_from, model_tokenizer,
                                "data.val");
     }
-    if (const auto chat = shard_chat(expand_glob(cfg_.data.train, "data.train"))) {
-      check_added_tokens_match(*chat, cfg_.model.init_from, "data.train");
-    }
+    if (chat_) check_added_tokens_match(*chat_, cfg_.model.init_from, "data.train");
   }
   if (comm_.is_main()) lock_.emplace(cfg_.output_dir, "output_dir");  // one run per folder
   fs::create_directories(cfg_.output_dir);
@@ -334,7 +334,7 @@ Trainer::Trainer(const TrainConfig& cfg)
 
   // Every rank builds the same model from the same seed; rank 0's copy is broadcast anyway.
   torch::manual_seed(static_cast<uint64_t>(cfg_.train.seed));
-  model_ = build_model(cfg_, device_);
+  model_ = build_model(cfg_, device_, chat_);
   stop_if_requested("building the model");
   split_ = batch_split_of(cfg_, comm_.world_size());
   if (cfg_.checkpointing_auto()) {
@@ -876,7 +876,7 @@ void Trainer::write_model(const fs::path& dir) {
     if (save.tokenizer_from) copy_tokenizer_files(*save.tokenizer_from, dir);
   }
   // Conversations: the template and its tokens travel with the model, for transformers and generate --chat.
-  if (const auto chat = shard_chat(expand_glob(cfg_.data.train, "data.train"))) write_chat_tokenizer_files(*chat, dir);
+  if (chat_) write_chat_tokenizer_files(*chat_, dir);
 }
 
 // A stop signal during setup: nothing new to save (the last checkpoint, if any, stands).

@@ -66,6 +66,11 @@ class ChatEncoder {
   std::vector<std::pair<std::string, uint32_t>> controls_;  // string -> id, longest first
 };
 
+// The tokenizer as GPT-2 byte-level BPE, which chat templates need; an Error naming `flag`
+// (the option that asked for a template) and what the tokenizer is otherwise.
+const ByteLevelBpe& chat_tokenizer(const Tokenizer& tokenizer, const std::string& flag);
+ByteLevelBpe& chat_tokenizer(Tokenizer& tokenizer, const std::string& flag);
+
 // The control token that ends an assistant turn: the last one the template writes inside
 // {% generation %} ("<|im_end|>" for chatml, "<|endoftext|>" for plain); "" when none.
 std::string end_of_turn_token(const ChatTemplate& chat_template);

@@ -45,9 +45,8 @@ class ByteLevelBpe : public Tokenizer {
   int64_t base_vocab_size() const { return vocab_size() - static_cast<int64_t>(added_.size()); }
   // The id of a control token's string: an added token, or "<|endoftext|>".
   std::optional<uint32_t> control_id(std::string_view token) const;
-  // The raw bytes a token stands for (an added token: its string), and their number (from a
-  // compact table: reading it for every token of a text stays in cache).
-  const std::string& token_bytes(uint32_t id) const { return id_to_bytes_.at(id); }
+  // The number of raw bytes a token stands for (an added token: its string's), from a compact
+  // table: reading it for every token of a text stays in cache.
   size_t token_length(uint32_t id) const { return token_lengths_[id]; }
 
   // BPE of one piece (raw bytes), appended to out. Exposed for tests and benchmarks.

@@ -75,7 +75,4 @@ ChatTemplate load_chat_template(const std::string& name_or_file);
 // The built-in template's source, or nullptr for another name.
 const char* builtin_chat_template(const std::string& name);
 
-// Concatenated text of rendered spans.
-std::string chat_text(const std::vector<ChatSpan>& spans);
-
 }  // namespace gpt2ft
