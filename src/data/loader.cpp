@@ -52,8 +52,8 @@ class SplitMix64 {
 
 struct DataLoader::Impl {
   struct Slot {
-    torch::Tensor host;  // (B, R, T) int64, rows x, y (and positions when packed); pinned on CUDA
-    torch::Tensor rows;  // (B*T) int64, the targets' indices (document shards); pinned on CUDA
+    torch::Tensor host;  // (B*S, R, T) int64, rows x, y (and positions when packed); pinned on CUDA
+    torch::Tensor rows;  // (B*S*T) int64, the targets' indices (document shards); pinned on CUDA
     int64_t num_targets = 0;
     std::vector<int64_t> samples;
     bool ready = false;
@@ -111,19 +111,22 @@ struct DataLoader::Impl {
   void fill(Slot& slot, int64_t batch) {
     const int64_t B = opt.micro_batch, T = opt.seq_len;
     const int64_t first = start + batch * opt.world_size * B + opt.rank * B;
-    const int64_t R = rows_per_sample();
+    const int64_t R = rows_per_sample(), S = index.sequences_per_sample();
     slot.samples.resize(static_cast<size_t>(B));
     int64_t* dst = slot.host.data_ptr<int64_t>();
     for (int64_t i = 0; i < B; ++i) {
-      slot.samples[static_cast<size_t>(i)] = sample_at(first + i);
-      int64_t* row = dst + i * R * T;
-      index.read(slot.samples[static_cast<size_t>(i)], row, row + T, R == 3 ? row + 2 * T : nullptr);
+      const int64_t sample = slot.samples[static_cast<size_t>(i)] = sample_at(first + i);
+      for (int64_t j = 0; j < S; ++j) {  // a pair's sides are rows 2i and 2i+1
+        int64_t* row = dst + (i * S + j) * R * T;
+        if (S == 2) index.read_pair(sample, static_cast<int>(j), row, row + T);
+        else index.read(sample, row, row + T, R == 3 ? row + 2 * T : nullptr);
+      }
     }
-    slot.num_targets = B * T;
+    slot.num_targets = B * S * T;
     if (!index.has_targets()) return;
     int64_t* rows = slot.rows.data_ptr<int64_t>();
     int64_t k = 0;
-    for (int64_t i = 0; i < B; ++i) {
+    for (int64_t i = 0; i < B * S; ++i) {
       const int64_t* y = dst + i * R * T + T;
       for (int64_t t = 0; t < T; ++t) {
         if (y[t] != kIgnoreTarget) rows[k++] = i * T + t;
@@ -131,7 +134,6 @@ struct DataLoader::Impl {
     }
     slot.num_targets = k;
   }
-
   void worker_loop() {
     const int64_t P = static_cast<int64_t>(slots.size());
     for (;;) {
@@ -165,8 +167,9 @@ struct DataLoader::Impl {
     slots.resize(static_cast<size_t>(std::max(2, opt.prefetch)));
     const auto options = torch::TensorOptions().dtype(torch::kLong).pinned_memory(pin);
     for (auto& s : slots) {
-      s.host = torch::empty({opt.micro_batch, rows_per_sample(), opt.seq_len}, options);
-      if (index.has_targets()) s.rows = torch::empty({opt.micro_batch * opt.seq_len}, options);
+      const int64_t sequences = opt.micro_batch * index.sequences_per_sample();
+      s.host = torch::empty({sequences, rows_per_sample(), opt.seq_len}, options);
+      if (index.has_targets()) s.rows = torch::empty({sequences * opt.seq_len}, options);
     }
     for (int i = 0; i < std::max(1, opt.num_workers); ++i) workers.emplace_back([this] { worker_loop(); });
   }
@@ -223,6 +226,7 @@ DataLoader::~DataLoader() { impl_->stop_workers(); }
 int64_t DataLoader::samples_per_epoch() const { return impl_->index.size(); }
 
 bool DataLoader::has_targets() const { return impl_->index.has_targets(); }
+bool DataLoader::holds_pairs() const { return impl_->index.packing() == Packing::kPairs; }
 
 std::string DataLoader::describe() const { return impl_->index.describe(); }
 
@@ -253,7 +257,7 @@ Batch DataLoader::next() {
   Batch out;
   out.samples = slot.samples;
   out.num_targets = slot.num_targets;
-  torch::Tensor tokens;  // (B, R, T)
+  torch::Tensor tokens;  // (B*S, R, T): S sequences a sample (2 for a preference pair)
   torch::Tensor rows = slot.rows.defined() ? slot.rows.narrow(0, 0, slot.num_targets) : torch::Tensor();  // (K)
   if (options_.device.is_cpu()) {
     tokens = slot.host.clone();

@@ -16,6 +16,11 @@ bool shards_hold_documents(const std::string& pattern) {
   return !files.empty() && is_document_shard(files.front());
 }
 
+bool shards_hold_pairs(const std::string& pattern) {
+  const std::vector<std::filesystem::path> files = glob_files(pattern);
+  return !files.empty() && is_document_shard(files.front()) && ShardReader(files.front()).holds_pairs();
+}
+
 Samples::~Samples() = default;
 
 Samples::Samples(const std::vector<std::filesystem::path>& shards, const SampleOptions& options) : T_(options.seq_len) {
@@ -23,6 +28,12 @@ Samples::Samples(const std::vector<std::filesystem::path>& shards, const SampleO
   for (const auto& p : shards) {
     shards_.push_back(std::make_unique<ShardReader>(p));
     if (options.vocab_size > 0) shards_.back()->check_ids(options.vocab_size);
+    if (shards_.back()->holds_pairs() != shards_.front()->holds_pairs()) {
+      throw Error(options.what + ": " + shards_.front()->path().string() + " is " +
+                  (shards_.front()->holds_pairs() ? "a preference shard" : "not a preference shard") + " but " +
+                  p.string() + (shards_.front()->holds_pairs() ? " is not" : " is") +
+                  "; give one kind of shards (tokenize --chosen-field/--rejected-field writes preference shards)");
+    }
     if (shards_.back()->has_documents() != shards_.front()->has_documents()) {
       throw Error(options.what + ": " + shards_.front()->path().string() + " is a " +
                   (shards_.front()->has_documents() ? "document" : "plain text") + " shard but " + p.string() +
@@ -30,7 +41,14 @@ Samples::Samples(const std::vector<std::filesystem::path>& shards, const SampleO
     }
   }
   documents_ = !shards_.empty() && shards_.front()->has_documents();
-  if (options.packing == "documents" || (options.packing == "auto" && documents_)) {
+  if (!shards_.empty() && shards_.front()->holds_pairs()) {
+    if (options.packing != "auto") {
+      throw Error(options.what + ": " + describe_files(shards) + " are preference shards, read only as pairs; data.packing \"" +
+                  options.packing + "\" does not apply to them: use \"auto\"");
+    }
+    packing_ = Packing::kPairs;
+    index_pairs(options.too_long, options.what);
+  } else if (options.packing == "documents" || (options.packing == "auto" && documents_)) {
     if (!documents_) {
       throw Error(options.what + ": data.packing \"documents\" needs document shards (tokenize --prompt-field ... "
                   "--completion-field ...), and " + describe_files(shards) +
@@ -130,6 +148,57 @@ void Samples::pack_documents(const std::string& too_long, const std::string& wha
   size_ = static_cast<int64_t>(rows.size());
 }
 
+int64_t Samples::targets_of(const Document& d) const {
+  const ShardReader& r = *shards_[d.shard];
+  int64_t count = 0;
+  for (int64_t i = d.start + 1; i < d.start + d.length; ++i) count += r.is_target(i);
+  return count;
+}
+
+void Samples::index_pairs(const std::string& too_long, const std::string& what) {
+  for (uint32_t s = 0; s < shards_.size(); ++s) {
+    const ShardReader& r = *shards_[s];
+    for (int64_t d = 0; d < r.num_documents(); d += 2) {
+      const int64_t chosen = r.document_start(d), rejected = r.document_start(d + 1);
+      const int64_t longest = std::max(r.document_end(d) - chosen, r.document_end(d + 1) - rejected);
+      const int64_t excess = std::max<int64_t>(0, longest - (T_ + 1));
+      if (excess > 0 && too_long == "error") {
+        throw Error(fmt::format("{}: example {} of {} (documents {} and {}) has {} tokens on its longer side, more "
+                                "than data.seq_len + 1 = {}; raise data.seq_len, shorten the data, or set "
+                                "data.too_long \"truncate\" to cut its prompt's beginning first",
+                                what, d / 2, r.path().string(), d, d + 1, longest, T_ + 1));
+      }
+      // The prompt's beginning goes first (it keeps its last token), then each continuation's end.
+      const int64_t cut = std::min(excess, r.prompt_length(d) - 1);
+      truncated_ += excess > 0;
+      for (const int64_t start : {chosen, rejected}) {
+        const int64_t length = r.document_end(start == chosen ? d : d + 1) - start;
+        docs_.push_back({s, start + cut, std::min(length - cut, T_ + 1)});
+      }
+      const Document& a = docs_[docs_.size() - 2];
+      const Document& b = docs_.back();
+      targets_.push_back(static_cast<int32_t>(targets_of(a) + targets_of(b)));
+      padding_ += 2 * T_ - (a.length - 1) - (b.length - 1);
+    }
+  }
+  size_ = static_cast<int64_t>(targets_.size());
+}
+
+int64_t Samples::read_pair(int64_t sample, int side, int64_t* x, int64_t* y) const {
+  const Document& d = docs_[static_cast<size_t>(2 * sample + side)];
+  const ShardReader& r = *shards_[d.shard];
+  std::fill(x, x + T_, 0);
+  std::fill(y, y + T_, kIgnoreTarget);
+  std::vector<int64_t> tokens(static_cast<size_t>(d.length));
+  r.read(d.start, d.length, tokens.data());
+  int64_t count = 0;
+  for (int64_t i = 0; i + 1 < d.length; ++i) {
+    x[i] = tokens[static_cast<size_t>(i)];
+    if (r.is_target(d.start + i + 1)) y[i] = tokens[static_cast<size_t>(i) + 1], ++count;
+  }
+  return count;
+}
+
 int64_t Samples::read(int64_t sample, int64_t* x, int64_t* y, int64_t* positions) const {
   if (packing_ == Packing::kConcat) {
     const size_t s = static_cast<size_t>(
@@ -170,6 +239,12 @@ std::string Samples::describe() const {
   const int64_t S = size();
   const int64_t all_targets = std::accumulate(targets_.begin(), targets_.end(), int64_t{0});  // document shards
   const double positions = static_cast<double>(S) * static_cast<double>(T_);
+  if (packing_ == Packing::kPairs) {
+    return fmt::format("{} preference pairs, each a chosen and a rejected row of {} positions, {:.1f}% padding, {} cut "
+                       "to fit (the prompt's beginning first; data.too_long); {} targets ({:.1f}% of positions)",
+                       S, T_, 100.0 * padding_ / std::max(2 * positions, 1.0), truncated_, all_targets,
+                       100.0 * all_targets / std::max(2 * positions, 1.0));
+  }
   if (packing_ == Packing::kConcat) {
     if (!documents_) return fmt::format("plain text: {} windows of {} tokens", S, T_ + 1);
     return fmt::format("document shards read as one stream (data.packing \"concat\": documents attend to each other): "

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include <c10/util/Exception.h>
+#include <fmt/format.h>
 
 #include "gpt2ft/core/atomic_file.h"
 #include "gpt2ft/core/checksum.h"
@@ -57,13 +58,14 @@ ShardReader::ShardReader(const std::filesystem::path& path) : file_(path) {
       throw Error(where + ": shard version " + std::to_string(header[1]) + " with magic " +
                   std::to_string(kShardMagicU32) + " (expected version 7, uint32 tokens)");
     }
-  } else if (header[0] == kShardMagicDocuments) {
+  } else if (header[0] == kShardMagicDocuments || header[0] == kShardMagicPreference) {
     open_documents(header);
     return;
   } else {
     throw Error(where + ": bad magic number " + std::to_string(header[0]) + " (expected " +
-                std::to_string(kShardMagicU16) + ", " + std::to_string(kShardMagicU32) + " or " +
-                std::to_string(kShardMagicDocuments) + "); not a token shard, or corrupt");
+                std::to_string(kShardMagicU16) + ", " + std::to_string(kShardMagicU32) + ", " +
+                std::to_string(kShardMagicDocuments) + " or " + std::to_string(kShardMagicPreference) +
+                "); not a token shard, or corrupt");
   }
   if (header[2] < 0) throw Error(where + ": negative token count " + std::to_string(header[2]) + " in the header");
   num_tokens_ = header[2];
@@ -76,10 +78,14 @@ ShardReader::ShardReader(const std::filesystem::path& path) : file_(path) {
 }
 
 void ShardReader::open_documents(const int32_t* header) {
-  const std::string where = path().string() + ": document shard";
-  if (header[1] != kShardVersionDocuments && header[1] != 1) {
+  pairs_ = header[0] == kShardMagicPreference;
+  const std::string where = path().string() + (pairs_ ? ": preference shard" : ": document shard");
+  // A preference shard's checksum is version 2's (the header's counts included).
+  const int32_t version = pairs_ ? (header[1] == kShardVersionPreference ? kShardVersionDocuments : -1) : header[1];
+  if (version != kShardVersionDocuments && version != 1) {
     throw Error(where + " version " + std::to_string(header[1]) + " (expected " +
-                std::to_string(kShardVersionDocuments) + "); made by a newer gpt2-finetune, or corrupt");
+                std::to_string(pairs_ ? kShardVersionPreference : kShardVersionDocuments) +
+                "); made by a newer gpt2-finetune, or corrupt");
   }
   if (header[3] != 2 && header[3] != 4) {
     throw Error(where + ": token width " + std::to_string(header[3]) + " bytes in the header (expected 2 or 4); corrupt");
@@ -103,7 +109,7 @@ void ShardReader::open_documents(const int32_t* header) {
   }
   starts_ = file_.data() + starts_at;
   targets_ = file_.data() + targets_at;
-  if (document_checksum(header[1], header, starts_, expected - starts_at) != header_checksum(header)) {
+  if (document_checksum(version, header, starts_, expected - starts_at) != header_checksum(header)) {
     throw Error(where + ": the header's counts, the document starts or the target bits do not match the header's "
                         "checksum; the file is damaged. Re-run tokenize");
   }
@@ -115,6 +121,34 @@ void ShardReader::open_documents(const int32_t* header) {
                   (d == 0 ? " (expected 0)" : " after " + std::to_string(previous)) + "; corrupt. Re-run tokenize");
     }
     previous = s;
+  }
+  if (pairs_) check_pairs(where);
+}
+
+int64_t ShardReader::prompt_length(int64_t d) const {
+  const int64_t start = document_start(d), end = document_end(d);
+  int64_t i = start;
+  while (i < end && !is_target(i)) ++i;
+  return i - start;
+}
+
+void ShardReader::check_pairs(const std::string& where) const {
+  if (num_documents_ % 2 != 0) {
+    throw Error(where + ": " + std::to_string(num_documents_) +
+                " documents, an odd count; each example is a chosen and a rejected document. Corrupt: re-run tokenize");
+  }
+  for (int64_t d = 0; d < num_documents_; d += 2) {
+    const int64_t p = prompt_length(d);
+    const bool same_prompt = p == prompt_length(d + 1) && p > 0 &&
+                             std::memcmp(file_.data() + kShardHeaderBytes + document_start(d) * token_bytes_,
+                                         file_.data() + kShardHeaderBytes + document_start(d + 1) * token_bytes_,
+                                         static_cast<size_t>(p * token_bytes_)) == 0;
+    if (!same_prompt || p == document_end(d) - document_start(d) || p == document_end(d + 1) - document_start(d + 1)) {
+      throw Error(fmt::format("{}: example {} (documents {} and {}) {}; corrupt. Re-run tokenize", where, d / 2, d,
+                              d + 1,
+                              same_prompt ? "has a continuation without a target token"
+                                          : "does not start its chosen and rejected documents with one non-empty prompt"));
+    }
   }
 }
 
@@ -243,8 +277,11 @@ void ShardWriter::finish(const ShardDocuments* documents) {
         throw Error(path_.string() + ": document starts must increase and lie inside the tokens");
       }
     }
-    header[0] = kShardMagicDocuments;
-    header[1] = kShardVersionDocuments;
+    if (documents->pairs && starts.size() % 2 != 0) {
+      throw Error(path_.string() + ": a preference shard needs its documents in pairs (chosen, rejected)");
+    }
+    header[0] = documents->pairs ? kShardMagicPreference : kShardMagicDocuments;
+    header[1] = documents->pairs ? kShardVersionPreference : kShardVersionDocuments;
     header[3] = token_bytes_;
     header[4] = static_cast<int32_t>(starts.size());
     const size_t body = n * static_cast<size_t>(token_bytes_);
@@ -289,7 +326,7 @@ bool is_document_shard(const std::filesystem::path& path) {
   int32_t magic = 0;
   if (file.size() < sizeof(magic)) return false;
   std::memcpy(&magic, file.data(), sizeof(magic));
-  return magic == kShardMagicDocuments;
+  return magic == kShardMagicDocuments || magic == kShardMagicPreference;
 }
 
 std::vector<std::filesystem::path> expand_glob(const std::string& pattern, const std::string& what) {

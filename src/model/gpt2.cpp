@@ -47,7 +47,7 @@ torch::Tensor activate(const torch::Tensor& x, Activation a) {
 
 torch::Tensor project(torch::nn::Linear& base, LoraAdapter& lora, const torch::Tensor& x, bool training) {
   torch::Tensor y = base(x);
-  if (!lora.active()) return y;
+  if (!lora.active() || !lora.enabled) return y;
   return y + lora.B(lora.A(maybe_dropout(x, lora.dropout, training))) * lora.scaling;
 }
 
@@ -188,6 +188,27 @@ torch::Tensor GPT2Impl::forward_loss(const torch::Tensor& idx, const torch::Tens
   }
   MemoryPhaseScope phase(MemoryPhase::kLoss);
   return linear_cross_entropy(rows, lm_head_weight(), wanted, /*chunk_rows=*/0, which.divisor);
+}
+
+torch::Tensor GPT2Impl::forward_logprobs(const torch::Tensor& idx, const torch::Tensor& targets,
+                                         const LossTargets& which, bool chunked) {
+  const int64_t B = idx.size(0), T = idx.size(1);
+  torch::Tensor rows = which.target_rows.defined() ? which.target_rows
+                                                   : torch::arange(B * T, idx.options().dtype(torch::kLong));  // (K)
+  const torch::Tensor wanted = targets.reshape({-1}).index_select(0, rows);                                // (K)
+  torch::Tensor logprobs;                                                                                  // (K)
+  if (chunked) {
+    const torch::Tensor h = forward_hidden(idx, which.positions);  // (B, T, C)
+    MemoryPhaseScope phase(MemoryPhase::kLoss);
+    logprobs = linear_target_logprobs(h.reshape({-1, h.size(-1)}).index_select(0, rows), lm_head_weight(), wanted);
+  } else {
+    const torch::Tensor logits = forward(idx, which.positions);  // (B, T, V)
+    logprobs = torch::log_softmax(logits.reshape({B * T, -1}).index_select(0, rows).to(torch::kFloat), 1)
+                   .gather(1, wanted.unsqueeze(1))
+                   .squeeze(1);
+  }
+  // (B): each target's log-prob added to its row.
+  return torch::zeros({B}, logprobs.options()).index_add(0, rows.div(T, "floor"), logprobs);
 }
 
 KVCache GPT2Impl::make_cache(int64_t batch, int64_t capacity) const {

@@ -111,7 +111,78 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
   }
 };
 
+// log p(target) per row; backward recomputes the chunks' logits (see the header).
+struct LinearTargetLogprobsFunction : public torch::autograd::Function<LinearTargetLogprobsFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor hidden, torch::Tensor weight, torch::Tensor targets,
+                               int64_t chunk_rows) {
+    const auto device_type = hidden.device().type();
+    const c10::ScalarType compute = at::autocast::is_autocast_enabled(device_type)
+                                        ? at::autocast::get_autocast_dtype(device_type)
+                                        : weight.scalar_type();
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
+    const int64_t N = hidden.size(0);
+    const torch::Tensor w = weight.to(compute);                                        // (V, C)
+    torch::Tensor logprobs = torch::empty({N}, hidden.options().dtype(torch::kFloat));  // (N)
+    torch::Tensor lse = torch::empty({N}, hidden.options().dtype(torch::kFloat));       // (N) log-sum-exp
+    for (int64_t start = 0; start < N; start += chunk_rows) {
+      const int64_t n = std::min(chunk_rows, N - start);
+      torch::Tensor z = torch::matmul(hidden.narrow(0, start, n).to(compute), w.t()).to(torch::kFloat);  // (n, V)
+      const torch::Tensor target_logit = z.gather(1, targets.narrow(0, start, n).unsqueeze(1)).squeeze(1);  // (n)
+      const torch::Tensor row_max = z.amax(1, /*keepdim=*/true);                                          // (n, 1)
+      const torch::Tensor row_lse = z.sub_(row_max).exp_().sum(1).log_().add_(row_max.squeeze(1));         // (n)
+      lse.narrow(0, start, n).copy_(row_lse);
+      logprobs.narrow(0, start, n).copy_(target_logit - row_lse);
+    }
+    ctx->save_for_backward({hidden, weight, targets, lse});
+    ctx->saved_data["chunk_rows"] = chunk_rows;
+    ctx->saved_data["compute"] = compute;
+    return logprobs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &hidden = saved[0], &weight = saved[1], &targets = saved[2], &lse = saved[3];
+    const torch::Tensor go = grad_outputs[0].to(torch::kFloat);  // (N) d loss / d logprob per row
+    const int64_t chunk_rows = ctx->saved_data["chunk_rows"].toInt();
+    const c10::ScalarType compute = ctx->saved_data["compute"].toScalarType();
+    const bool want_hidden = ctx->needs_input_grad(0), want_weight = ctx->needs_input_grad(1);
+    const int64_t N = hidden.size(0), C = hidden.size(1), V = weight.size(0);
+    const auto f32 = hidden.options().dtype(torch::kFloat);
+    const torch::Tensor w = weight.to(compute);
+    torch::Tensor grad_hidden, grad_weight;
+    if (want_hidden) grad_hidden = torch::empty({N, C}, f32);
+    if (want_weight) grad_weight = torch::zeros({V, C}, weight.options().dtype(torch::kFloat));
+    for (int64_t start = 0; start < N; start += chunk_rows) {
+      const int64_t n = std::min(chunk_rows, N - start);
+      const torch::Tensor h = hidden.narrow(0, start, n).to(compute);                         // (n, C)
+      torch::Tensor z = torch::matmul(h, w.t()).to(torch::kFloat);                            // (n, V)
+      // d logprob / d z = onehot - softmax, times the row's incoming gradient.
+      z.sub_(lse.narrow(0, start, n).unsqueeze(1)).exp_().neg_();                             // -softmax
+      z.scatter_add_(1, targets.narrow(0, start, n).unsqueeze(1), torch::ones({n, 1}, f32));
+      z.mul_(go.narrow(0, start, n).unsqueeze(1));
+      const torch::Tensor g = compute == torch::kFloat ? z : z.to(compute);
+      if (want_hidden) {
+        torch::Tensor gh = grad_hidden.narrow(0, start, n);
+        addmm_into_float32(gh, g, w, /*beta=*/0, 1.0);
+      }
+      if (want_weight) addmm_into_float32(grad_weight, g.t(), h, /*beta=*/1, 1.0);
+    }
+    return {want_hidden ? grad_hidden.to(hidden.scalar_type()) : torch::Tensor(),
+            want_weight ? grad_weight.to(weight.scalar_type()) : torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
 }  // namespace
+
+torch::Tensor linear_target_logprobs(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                     const torch::Tensor& targets, int64_t chunk_rows) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "linear_target_logprobs: hidden (N, C) and weight (V, C) expected, got ", hidden.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "linear_target_logprobs: targets (N) expected");
+  if (chunk_rows <= 0) chunk_rows = linear_cross_entropy_chunk_rows(weight.size(0), hidden.is_cuda());
+  return LinearTargetLogprobsFunction::apply(hidden, weight, targets, chunk_rows);
+}
 
 int64_t linear_cross_entropy_chunk_rows(int64_t vocab_size, bool cuda) {
   const int64_t chunk_bytes = (cuda ? 128ll : 64ll) << 20;  // of float32 logits

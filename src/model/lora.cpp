@@ -124,6 +124,17 @@ void merge_lora(GPT2& model) {
   model->set_lora(std::nullopt);
 }
 
+AdaptersOff::AdaptersOff(GPT2& model) {
+  for (auto& [name, adapter] : lora_adapters(model)) {
+    adapter->enabled = false;
+    adapters_.push_back(adapter);
+  }
+}
+
+AdaptersOff::~AdaptersOff() {
+  for (LoraAdapter* adapter : adapters_) adapter->enabled = true;
+}
+
 void cast_frozen_base(GPT2& model, c10::ScalarType dtype) {
   torch::NoGradGuard no_grad;
   for (auto& item : model->named_parameters()) {

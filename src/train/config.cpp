@@ -101,6 +101,19 @@ void TrainConfig::visit(Visitor& v) {
            "Use the fused AdamW kernel (auto: on CUDA; train.optimizer \"adamw\" only)");
   v.flag(train.chunked_loss, "train.chunked_loss", true,
          "Compute lm_head + cross-entropy in chunks, never holding the micro batch's logits (false: eager)");
+  v.choice(train.objective, "train.objective", "auto", {"auto", "dpo"},
+           "What a step minimises: \"auto\", the data's own loss (next tokens of plain text, the targets of "
+           "document shards); \"dpo\", direct preference optimisation on preference shards (dpo.*)");
+  v.number(dpo.beta, "dpo.beta", 0.1, 1e-6, 1e6, "DPO's beta: how far the policy may move from the reference");
+  v.choice(dpo.loss, "dpo.loss", "sigmoid", {"sigmoid", "ipo", "hinge"},
+           "The preference loss, as TRL's loss_type: \"sigmoid\" (DPO), \"ipo\" (on per-token mean log-probs) "
+           "or \"hinge\"");
+  v.number(dpo.label_smoothing, "dpo.label_smoothing", 0.0, 0.0, 0.4999,
+           "\"sigmoid\": conservative DPO's epsilon, the assumed share of flipped labels");
+  v.choice(dpo.reference, "dpo.reference", "precomputed", {"precomputed", "base", "model"},
+           "The reference's log-probs: \"precomputed\" once before training by the initial model and kept beside "
+           "the run; \"base\" (LoRA) the base with its adapters off, on the fly; \"model\" a frozen copy (16-bit "
+           "under 16-bit autocast)");
   v.flag(train.deterministic, "train.deterministic", false,
          "Two runs of this config give the same bits on machines of one kind: MKL's reproducible branch on the "
          "CPU (about 1.4x a CPU step), deterministic kernels on CUDA. A resume is exact without it");
@@ -480,6 +493,14 @@ TrainConfig TrainConfig::parse(const json& j, const std::vector<std::string>& ov
   if (!c.cpu.memory_limit.empty()) parse_memory_size(c.cpu.memory_limit, where + ": cpu.memory_limit");
   if (c.micro_batch_auto() && c.train.global_batch_size == 0) {
     throw Error(where + ": train.micro_batch_size \"auto\" needs train.global_batch_size");
+  }
+  if (c.preference_training() && c.dpo.reference == "base" && !c.lora()) {
+    throw Error(where + ": dpo.reference \"base\" is the base model with the LoRA adapters switched off, and this "
+                        "run has none (model.lora.rank 0): use \"precomputed\" (the default) or \"model\"");
+  }
+  if (c.preference_training() && c.dpo.label_smoothing > 0 && c.dpo.loss != "sigmoid") {
+    throw Error(where + ": dpo.label_smoothing applies to dpo.loss \"sigmoid\" only, and dpo.loss is \"" +
+                c.dpo.loss + "\"");
   }
   // Options that could never act.
   if (c.data.val.empty()) {

@@ -109,6 +109,11 @@ nlohmann::json run_fingerprint(const TrainConfig& c) {
   f["train.optimizer"] = c.train.optimizer;
   f["train.adamw_8bit.embeddings"] = c.train.adamw_8bit_embeddings;
   f["train.seed"] = std::to_string(c.train.seed);
+  if (c.preference_training()) {  // only then, so that earlier runs' fingerprints still match
+    f["train.objective"] = c.train.objective;
+    f["dpo"] = fmt::format("{}, beta {}, label_smoothing {}, reference {}", c.dpo.loss, number(c.dpo.beta),
+                           number(c.dpo.label_smoothing), c.dpo.reference);
+  }
   f["amp.dtype"] = c.amp.dtype;
   return f;
 }

@@ -87,8 +87,11 @@ void attach_lora(GPT2& model, const TrainConfig& cfg, bool save_embeddings) {
 
 // chat: what data.train's manifest says of its chat template's tokens (shard_chat).
 GPT2 build_model(const TrainConfig& cfg, c10::Device device, const std::optional<ShardChat>& chat) {
+  // DPO turns dropout off unless model.dropout asks for it, as TRL's disable_dropout does: the
+  // policy's log-probs then match the reference's at the start.
+  const double dropout = cfg.model.dropout >= 0 ? cfg.model.dropout : cfg.preference_training() ? 0.0 : -1.0;
   auto set_dropout = [&](GPT2Config& c) {
-    if (cfg.model.dropout >= 0) c.resid_pdrop = c.embd_pdrop = c.attn_pdrop = cfg.model.dropout;
+    if (dropout >= 0) c.resid_pdrop = c.embd_pdrop = c.attn_pdrop = dropout;
   };
   GPT2 model{nullptr};
   if (!cfg.model.init_from.empty()) {
@@ -228,6 +231,7 @@ const char* amp_name(c10::ScalarType amp) {
 // What one optimizer step produced, still on the device.
 struct StepResult {
   torch::Tensor loss;       // () this rank's mean loss over its share of the global batch
+  torch::Tensor metrics;    // (M) the objective's metric sums over this rank's examples, or undefined
   torch::Tensor grad_norm;  // () before clipping
   double lr = 0;
   StepOutcome outcome;
@@ -246,8 +250,8 @@ class Trainer {
 
  private:
   StepResult train_step(int64_t step);
-  torch::Tensor forward_backward(std::string& oom_message, bool& interrupted);
-  torch::Tensor micro_batch_loss(const Batch& batch, double divisor);
+  torch::Tensor forward_backward(std::string& oom_message, bool& interrupted, torch::Tensor& metrics);
+  ObjectiveLoss micro_batch_loss(const Batch& batch, double divisor);
   void back_off(int64_t step, std::string why, const StepStart& start);
   std::string fit_advice() const;
   void stop_if_not_finite(int64_t step);
@@ -292,6 +296,7 @@ class Trainer {
   bool poison_loss_ = false;        // GPT2FT_FAULT_NAN_AT_STEP
   TrainingState state_;
   std::unique_ptr<DataLoader> loader_;
+  std::unique_ptr<PreferenceReference> reference_;  // train.objective "dpo": the reference's log-probs
   std::unique_ptr<Objective> objective_;  // what the step minimises, for the loader's kind of data
   std::optional<ShardChat> chat_;         // data.train's chat template and its added tokens, if any
   int64_t max_steps_ = 0;
@@ -304,6 +309,7 @@ class Trainer {
   int64_t first_step_ = 0;  // of this invocation (after a resume, the checkpoint's step)
   bool logged_first_ = false;
   torch::Tensor interval_loss_;  // () on the device: the summed losses of the steps since the last log row
+  torch::Tensor interval_metrics_;  // (M) on the device: the objective's metric sums since the last log row
   int64_t interval_steps_ = 0;
   int64_t last_val_step_ = -1;   // the step of the last validation (finish() does not repeat it)
   std::optional<double> last_val_loss_;
@@ -349,6 +355,8 @@ Trainer::Trainer(const TrainConfig& cfg)
                 "set amp.dtype to \"bfloat16\" or \"float16\" (on the CPU \"auto\" means none)");
   }
   nonfinite_steps_ = torch::zeros({}, torch::TensorOptions().device(device_));
+  // The precomputed reference is the initial model's: scored before a checkpoint's weights load.
+  if (cfg_.preference_training()) reference_ = make_preference_reference(cfg_, model_, amp_, comm_, device_);
   const auto trained = trained_parameters(model_);
   for (const auto& [name, p] : trained) params_.push_back(p);
   optimizer_ = make_optimizer(cfg_, comm_, device_, trained);
@@ -362,12 +370,21 @@ Trainer::Trainer(const TrainConfig& cfg)
   start_every_rank_alike();
 
   loader_ = make_loader();
-  objective_ = make_objective(loader_->has_targets(), cfg_.train.chunked_loss);
+  if (loader_->holds_pairs() != cfg_.preference_training()) {
+    throw Error(cfg_.preference_training() ? "train.objective \"dpo\" trains on preference shards (tokenize --prompt-field "
+                             "--chosen-field --rejected-field), and data.train (" + cfg_.data.train + ") holds " +
+                                 (loader_->has_targets() ? "documents" : "plain text")
+                           : "data.train (" + cfg_.data.train + ") holds preference pairs: set train.objective \"dpo\" "
+                             "to train on them");
+  }
+  objective_ = cfg_.preference_training() ? make_preference_objective({cfg_.dpo.loss, cfg_.dpo.beta, cfg_.dpo.label_smoothing},
+                                                      cfg_.train.chunked_loss, split_.global, *reference_)
+                          : make_objective(loader_->has_targets(), cfg_.train.chunked_loss);
   stop_if_requested("opening the data");
   max_steps_ = steps_to_run();
   schedule_ = {cfg_.train.lr_schedule, cfg_.train.lr, cfg_.train.min_lr, cfg_.train.warmup_steps, max_steps_};
   reducer_ = std::make_unique<GradReducer>(comm_, params_, static_cast<int64_t>(cfg_.distributed.bucket_mb * (1 << 20)));
-  validation_ = std::make_unique<Validation>(cfg_, split_.micro, amp_, comm_, device_);
+  validation_ = std::make_unique<Validation>(cfg_, split_.micro, amp_, comm_, device_, reference_.get());
   MetricsLog::Rates rates;
   rates.tokens_per_step = static_cast<double>(split_.global * cfg_.data.seq_len);
   rates.flops_per_token = model_flops_per_token(model_->config(), cfg_.data.seq_len);
@@ -489,7 +506,7 @@ StepResult Trainer::train_step(int64_t step) {
     std::string oom_message;
     bool interrupted = false;
     poison_loss_ = nan_loss_at_step(step + 1);
-    r.loss = forward_backward(oom_message, interrupted);
+    r.loss = forward_backward(oom_message, interrupted, r.metrics);
     if (interrupted) interrupt(step, start);
     reducer_->finish();  // every rank issues the same collectives, even after an error
     optimizer_->end_backward();
@@ -538,7 +555,7 @@ void Trainer::apply_step(StepResult& r) {
 // rank). Running out of memory is caught, its message handed back and the partial gradients
 // dropped, so that all ranks can agree on what to do; a stop signal in one process drops the
 // step the same way.
-torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrupted) {
+torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrupted, torch::Tensor& metrics) {
   const int64_t accumulation = split_.accumulation();
   const int64_t targets = objective_->counts_targets() ? loader_->targets_in_next(split_.global) : 0;
   if (objective_->counts_targets() && targets == 0) {  // the same on every rank
@@ -551,6 +568,7 @@ torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrup
   }
   const double divisor = objective_->divisor(accumulation, split_.world, targets);
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().device(device_));
+  metrics = torch::Tensor();
   try {
     for (int64_t m = 0; m < accumulation; ++m) {
       // One process stops mid-step when asked (ranks agree only at the step's end).
@@ -563,7 +581,9 @@ torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrup
       torch::Tensor loss;
       {
         MemoryPhaseScope phase(MemoryPhase::kForward);
-        loss = micro_batch_loss(batch, divisor);
+        ObjectiveLoss out = micro_batch_loss(batch, divisor);
+        loss = out.loss;
+        if (out.metrics.defined()) metrics = metrics.defined() ? metrics + out.metrics : out.metrics;
       }
       if (poison_loss_) loss = loss * std::numeric_limits<double>::quiet_NaN();  // fault injection
       loss_sum += loss.detach();
@@ -584,7 +604,7 @@ torch::Tensor Trainer::forward_backward(std::string& oom_message, bool& interrup
 }
 
 // One micro batch's (B, T) share of this rank's loss, under the run's autocast.
-torch::Tensor Trainer::micro_batch_loss(const Batch& batch, double divisor) {
+ObjectiveLoss Trainer::micro_batch_loss(const Batch& batch, double divisor) {
   AutocastGuard autocast(device_.type(), amp_);
   maybe_inject_oom(split_.micro);
   return objective_->loss(model_, batch, divisor);
@@ -631,6 +651,9 @@ void Trainer::after_step(int64_t step, const StepResult& result) {
   const bool log = done % cfg_.log.every_steps == 0 || last || step == first_step_;
   metrics_->step_done(done, log);
   interval_loss_ = interval_loss_.defined() ? interval_loss_ + result.loss : result.loss.clone();  // no sync
+  if (result.metrics.defined()) {
+    interval_metrics_ = interval_metrics_.defined() ? interval_metrics_ + result.metrics : result.metrics.clone();
+  }
   ++interval_steps_;
   if (log) log_step(step, result);
   if (evaluation_due(done) && !last) validate(done);
@@ -667,6 +690,14 @@ void Trainer::log_step(int64_t step, const StepResult& r) {
                         {"tokens_seen", (step + 1) * split_.global * cfg_.data.seq_len},
                         {"micro_batch", split_.micro}};
   if (split_.world > 1) row["world_size"] = split_.world;
+  if (interval_metrics_.defined()) {  // the objective's own (DPO: TRL's rewards/*, logps/*), averaged over its examples
+    std::vector<torch::Tensor> sums;
+    for (int64_t i = 0; i < interval_metrics_.size(0); ++i) sums.push_back(interval_metrics_[i]);
+    const std::vector<double> total = comm_.reduce_device_scalars(sums, HostReduce::sum, "objective metrics");
+    const std::vector<std::string> names = objective_->metric_names();
+    for (size_t i = 0; i + 1 < names.size(); ++i) row[names[i]] = total[i] / total.back();
+    interval_metrics_ = torch::Tensor();
+  }
   if (device_.is_cuda()) {
     const CudaMemory mem = cuda_memory(device_);
     row["cuda_peak_allocated_gb"] = mem.peak_allocated / 1e9;
@@ -717,13 +748,15 @@ std::optional<double> Trainer::validate(int64_t step) {
                             "the checkpoint's optimizer state",
                             step, r->loss, last_checkpoint_words()));
   }
-  metrics_->record_validation({{"step", step},
-                               {"time", unix_time()},
-                               {"fractional_epoch", static_cast<double>(step * split_.global) /
-                                                        static_cast<double>(loader_->samples_per_epoch())},
-                               {"val_loss", r->loss},
-                               {"val_perplexity", r->perplexity},
-                               {"val_tokens", r->tokens}});
+  nlohmann::json row = {{"step", step},
+                        {"time", unix_time()},
+                        {"fractional_epoch", static_cast<double>(step * split_.global) /
+                                                 static_cast<double>(loader_->samples_per_epoch())},
+                        {"val_loss", r->loss},
+                        {"val_tokens", r->tokens}};
+  if (r->metrics.empty()) row["val_perplexity"] = r->perplexity;  // not of a DPO loss
+  for (const auto& [name, value] : r->metrics) row["val_" + name] = value;
+  metrics_->record_validation(row);
   last_val_step_ = step;
   last_val_loss_ = r->loss;
   track_best(step, r->loss);

@@ -2,14 +2,18 @@
 #include "gpt2ft/train/validation.h"
 
 #include <spdlog/spdlog.h>
+#include <torch/torch.h>
 
+#include "gpt2ft/core/autocast.h"
+#include "gpt2ft/core/error.h"
 #include "gpt2ft/data/shard.h"
+#include "gpt2ft/train/objective.h"
 
 namespace gpt2ft {
 
 Validation::Validation(const TrainConfig& config, int64_t micro_batch, c10::ScalarType amp, Communicator& comm,
-                       c10::Device device)
-    : config_(config), device_(device) {
+                       c10::Device device, PreferenceReference* reference)
+    : config_(config), reference_(reference), device_(device) {
   if (!config.data.val.empty()) shards_ = expand_glob(config.data.val, "data.val");
   options_.seq_len = config.data.seq_len;
   options_.packing = config.data.packing;
@@ -23,7 +27,7 @@ Validation::Validation(const TrainConfig& config, int64_t micro_batch, c10::Scal
 
 std::optional<EvalResult> Validation::run(GPT2& model) {
   if (shards_.empty()) return std::nullopt;
-  const EvalResult r = evaluate(model, shards_, options_, device_);
+  const EvalResult r = reference_ ? run_pairs(model) : evaluate(model, shards_, options_, device_);
   options_.max_forward_batch = r.forward_batch;  // what fitted, for the next evaluation
   if (!described_) {
     described_ = true;
@@ -32,6 +36,55 @@ std::optional<EvalResult> Validation::run(GPT2& model) {
                  options_.max_sequences > 0 ? "the first eval.max_sequences of data.val" : "all of data.val");
   }
   model->train();
+  return r;
+}
+
+// The DPO loss and TRL's metrics over data.val's first eval.max_sequences pairs (all by
+// default), rank r scoring pairs r, r+W, ... in passes that halve on out of memory.
+EvalResult Validation::run_pairs(GPT2& model) {
+  if (!pairs_) {
+    SampleOptions so;
+    so.seq_len = options_.seq_len;
+    so.too_long = options_.too_long;
+    so.vocab_size = model->config().vocab_size;
+    so.what = "data.val";
+    pairs_ = std::make_unique<Samples>(shards_, so);
+    if (pairs_->packing() != Packing::kPairs) {
+      throw Error("data.val (" + config_.data.val + "): train.objective \"dpo\" validates on preference shards, and "
+                  "these hold " + (pairs_->has_targets() ? "documents" : "plain text"));
+    }
+  }
+  const int64_t N = options_.max_sequences > 0 ? std::min(pairs_->size(), options_.max_sequences) : pairs_->size();
+  std::vector<int64_t> mine;
+  for (int64_t i = options_.comm->rank(); i < N; i += options_.comm->world_size()) mine.push_back(i);
+  int64_t per_pass = options_.max_forward_batch > 0 ? std::min(options_.batch_size, options_.max_forward_batch)
+                                                    : options_.batch_size;
+  const PreferenceLossOptions loss_options{config_.dpo.loss, config_.dpo.beta, config_.dpo.label_smoothing};
+  std::vector<torch::Tensor> sums(8, torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device_)));
+  if (!mine.empty()) {
+    torch::NoGradGuard no_grad;
+    AutocastGuard autocast(device_.type(), options_.amp_dtype);
+    const torch::Tensor scored = score_in_passes(*pairs_, mine, per_pass, device_, [&](const Batch& b) {
+      return torch::stack({reference_row_logprobs(model, b, config_.train.chunked_loss),
+                           reference_->logps(model, b, /*validation=*/true).to(torch::kFloat), row_target_counts(b)},
+                          1);  // (2n, 3) policy, reference, targets
+    });
+    const PreferenceLoss l =
+        preference_loss_of_rows(scored.select(1, 0), scored.select(1, 1), scored.select(1, 2), loss_options);
+    const double n = static_cast<double>(mine.size());
+    const torch::Tensor means[] = {l.loss, l.chosen_reward, l.rejected_reward, l.accuracy, l.margin, l.chosen_logp,
+                                   l.rejected_logp};
+    for (size_t i = 0; i < 7; ++i) sums[i] = means[i].to(torch::kDouble) * n;
+    sums[7] = scored.select(1, 2).sum().to(torch::kDouble);
+  }
+  const std::vector<double> total = options_.comm->reduce_device_scalars(sums, HostReduce::sum, "validation");
+  EvalResult r;
+  r.loss = total[0] / static_cast<double>(N);
+  r.sequences = N;
+  r.tokens = static_cast<int64_t>(total[7]);
+  r.forward_batch = per_pass;
+  const std::vector<std::string> names = preference_metric_names();
+  for (size_t i = 0; i + 1 < names.size(); ++i) r.metrics.emplace_back(names[i], total[i + 1] / static_cast<double>(N));
   return r;
 }
 

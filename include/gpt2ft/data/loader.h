@@ -41,6 +41,8 @@ struct LoaderOptions {
   c10::Device device = c10::kCPU;
 };
 
+// Preference pairs: B examples read as 2B rows, example i's chosen in row 2i and its rejected
+// in row 2i+1 (the shapes below then have 2B rows).
 struct Batch {
   torch::Tensor x;               // (B, T) int64 inputs, on the device
   torch::Tensor y;               // (B, T) int64 targets (x shifted by one; kIgnoreTarget where none)
@@ -68,6 +70,8 @@ class DataLoader {
   int64_t micro_batch() const { return options_.micro_batch; }
   // Document shards: a loss is normalised by target counts (see targets_in_next).
   bool has_targets() const;
+  // Preference shards: each sample is a (chosen, rejected) pair read as two rows.
+  bool holds_pairs() const;
   // The targets of the next `samples` samples of the single-process order from state(), over
   // all ranks: the same number on every rank, whatever the micro batch.
   int64_t targets_in_next(int64_t samples) const;

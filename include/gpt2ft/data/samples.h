@@ -12,6 +12,13 @@
 // itself), never a target. A document longer than T+1 tokens is cut to its first T+1, or,
 // with too_long "error", refused. The packing depends only on the shards and T, so a run
 // resumes at the same sample with any micro batch or number of ranks.
+//
+// "pairs" (preference shards, always): a sample is one example, read as two rows of T
+// positions, its prompt + chosen and its prompt + rejected, each from position 0 and padded
+// (never packed with another example, so a pair is never split). An example whose longer side
+// exceeds T+1 tokens is cut, with too_long "truncate", first at its prompt's beginning (the
+// prompt keeps at least its last token, and both continuations all their targets), and only
+// then at each continuation's end; with too_long "error" it is refused.
 #pragma once
 
 #include <cstdint>
@@ -27,7 +34,7 @@ namespace gpt2ft {
 // A target that is not predicted (PyTorch's ignore_index).
 inline constexpr int64_t kIgnoreTarget = -100;
 
-enum class Packing { kConcat, kDocuments };
+enum class Packing { kConcat, kDocuments, kPairs };
 
 struct SampleOptions {
   int64_t seq_len = 1024;             // T
@@ -37,9 +44,11 @@ struct SampleOptions {
   std::string what = "data.train";    // names the shards in messages
 };
 
-// Whether the shards a glob names are document shards (by the first one's magic number: a
-// planner's question, asked once per lever); false when it names none.
+// Whether the shards a glob names are document (or preference) shards (by the first one's
+// magic number: a planner's question, asked once per lever); false when it names none.
 bool shards_hold_documents(const std::string& pattern);
+// Whether they are preference shards (the first one's header).
+bool shards_hold_pairs(const std::string& pattern);
 
 class Samples {
  public:
@@ -53,9 +62,14 @@ class Samples {
   Packing packing() const { return packing_; }
   // Document shards: only some tokens are targets, and a loss is normalised by their count.
   bool has_targets() const { return documents_; }
+  // Rows a sample reads as: 2 for preference pairs (chosen, rejected), else 1.
+  int64_t sequences_per_sample() const { return packing_ == Packing::kPairs ? 2 : 1; }
   // Sample s into x (T) inputs, y (T) targets (kIgnoreTarget where there is none) and, when
-  // packed by documents, positions (T). Returns its number of targets.
+  // packed by documents, positions (T). Returns its number of targets. Pairs: read_pair.
   int64_t read(int64_t sample, int64_t* x, int64_t* y, int64_t* positions) const;
+  // Pairs: side 0 (prompt + chosen) or 1 (prompt + rejected) of example `sample` into x (T)
+  // and y (T), padded after its end. Returns its number of targets.
+  int64_t read_pair(int64_t sample, int side, int64_t* x, int64_t* y) const;
   int64_t targets(int64_t sample) const { return documents_ ? targets_[static_cast<size_t>(sample)] : T_; }
   // One line for the log: the kind of data, the packing, padding, truncation and targets.
   std::string describe() const;
@@ -68,6 +82,8 @@ class Samples {
   };
   void index_windows();
   void pack_documents(const std::string& too_long, const std::string& what);
+  void index_pairs(const std::string& too_long, const std::string& what);
+  int64_t targets_of(const Document& d) const;
 
   int64_t T_;
   Packing packing_ = Packing::kConcat;
@@ -77,7 +93,8 @@ class Samples {
   std::vector<int32_t> targets_;  // per sample, for document shards
   // concat: the first sample of each shard (and the total at the end)
   std::vector<int64_t> first_window_;
-  // documents: the documents of sample s are rows_[row_first_[s] .. row_first_[s+1])
+  // documents: the documents of sample s are rows_[row_first_[s] .. row_first_[s+1]);
+  // pairs: docs_[2s] and docs_[2s+1] are its two sides, already cut to fit
   std::vector<Document> docs_;
   std::vector<int64_t> row_first_;
   std::vector<uint32_t> rows_;

@@ -10,6 +10,13 @@
 // After the header: the N tokens; zero bytes up to a multiple of 4; D uint32 document starts
 // (the first is 0, increasing, each below N; a document runs to the next start); ceil(N/8)
 // bytes of target bits (token i is a target when bit i % 8 of byte i / 8 is set).
+//
+// Preference shards (DPO pairs, ours: magic 20261206, version 1) are document shards in that
+// same layout and checksum whose documents come in pairs: document 2k is example k's prompt
+// followed by its chosen continuation, 2k+1 the same prompt followed by the rejected one.
+// Each continuation's tokens (and its closing end-of-text) are the targets; the prompt's are
+// not. Checked on open: an even count, and in each pair the same prompt and a target on each
+// side.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +35,8 @@ inline constexpr int32_t kShardMagicU32 = 20240801;
 inline constexpr int32_t kShardVersionU32 = 7;
 inline constexpr int32_t kShardMagicDocuments = 20261201;
 inline constexpr int32_t kShardVersionDocuments = 2;  // 1 (no header counts in the checksum) still reads
+inline constexpr int32_t kShardMagicPreference = 20261206;
+inline constexpr int32_t kShardVersionPreference = 1;
 inline constexpr size_t kShardHeaderInts = 256;
 inline constexpr size_t kShardHeaderBytes = kShardHeaderInts * sizeof(int32_t);
 
@@ -38,6 +47,7 @@ int shard_token_bytes(int64_t vocab_size);
 struct ShardDocuments {
   std::vector<uint32_t> starts;  // the first token of each document: 0, then increasing
   std::vector<bool> targets;     // per token: predicted and counted in the loss
+  bool pairs = false;            // a preference shard: documents 2k and 2k+1 are example k's chosen and rejected
 };
 
 // A memory-mapped shard, validated on open (magic, version, size matching the header; for a
@@ -52,6 +62,10 @@ class ShardReader {
   uint32_t token(int64_t i) const;
   // Document shards only (the others have no documents and every token is a target).
   bool has_documents() const { return starts_ != nullptr; }
+  // A preference shard: documents 2k and 2k+1 are one example's chosen and rejected.
+  bool holds_pairs() const { return pairs_; }
+  // Tokens of document d before its first target (a pair's shared prompt).
+  int64_t prompt_length(int64_t d) const;
   int64_t num_documents() const { return num_documents_; }
   int64_t document_start(int64_t d) const;
   int64_t document_end(int64_t d) const;  // one past its last token
@@ -65,11 +79,13 @@ class ShardReader {
 
  private:
   void open_documents(const int32_t* header);
+  void check_pairs(const std::string& where) const;
 
   MappedFile file_;
   int64_t num_tokens_ = 0;
   int token_bytes_ = 2;
   int64_t num_documents_ = 0;
+  bool pairs_ = false;
   const uint8_t* starts_ = nullptr;   // D uint32, unaligned access through memcpy
   const uint8_t* targets_ = nullptr;  // ceil(N/8) bytes
 };
@@ -106,7 +122,8 @@ std::vector<std::filesystem::path> expand_glob(const std::string& pattern, const
 // The same, empty when nothing matches.
 std::vector<std::filesystem::path> glob_files(const std::string& pattern);
 
-// Whether the file starts with the document shard magic (nothing else is read or checked).
+// Whether the file starts with the document (or preference) shard magic (nothing else is read
+// or checked).
 bool is_document_shard(const std::filesystem::path& path);
 
 }  // namespace gpt2ft

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <c10/core/Device.h>
@@ -34,7 +35,10 @@ struct EvalResult {
   int64_t sequences = 0;   // windows (or packed rows) evaluated
   double perplexity = 0;   // exp(loss)
   int64_t batches = 0;
-  int64_t forward_batch = 0;  // windows per forward pass at the end (below batch_size after out-of-memory)
+  int64_t forward_batch = 0;
+  // Preference validation (train.objective "dpo"): loss is the DPO loss, and these are TRL's
+  // rewards/* and logps/* means over the pairs.
+  std::vector<std::pair<std::string, double>> metrics;  // windows per forward pass at the end (below batch_size after out-of-memory)
 };
 
 // Cuts each shard into windows k = tokens[kT .. kT+T] (the incomplete tail is dropped), or

@@ -30,6 +30,7 @@ struct LoraAdapter {
   torch::nn::Linear B{nullptr};  // r -> out
   double scaling = 0;
   double dropout = 0;
+  bool enabled = true;  // false: the base alone (a preference reference, AdaptersOff)
   bool active() const { return !A.is_empty(); }
 };
 
@@ -141,6 +142,11 @@ class GPT2Impl : public torch::nn::Module {
   // idx (B, T), targets (B, T) -> next-token loss over the targets `which` selects, the logits
   // computed chunk by chunk and never held for the whole batch (model/linear_cross_entropy.h).
   torch::Tensor forward_loss(const torch::Tensor& idx, const torch::Tensor& targets, const LossTargets& which = {});
+  // idx (B, T), targets (B, T) -> (B) float32: each row's summed log-probability of its
+  // targets (`which.target_rows`, or every position), chunked like forward_loss. With
+  // chunked false, through the eager logits (B, T, V) instead.
+  torch::Tensor forward_logprobs(const torch::Tensor& idx, const torch::Tensor& targets, const LossTargets& which,
+                                 bool chunked = true);
   // Inference with a KV cache: idx (B, t) are the tokens at positions cache.length.. ; returns
   // their logits (B, t, V) and advances the cache. A multi-token call must start at 0.
   torch::Tensor forward_cached(const torch::Tensor& idx, KVCache& cache);

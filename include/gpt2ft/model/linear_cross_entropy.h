@@ -27,6 +27,13 @@ namespace gpt2ft {
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                    const torch::Tensor& targets, int64_t chunk_rows = 0, double divisor = 0);
 
+// hidden (N, C), weight (V, C), targets (N) int64 -> (N) float32 log-probabilities of each
+// row's target under softmax(hidden @ weight^T), chunked as above. The incoming gradient
+// differs per row (a preference loss weighs each sequence), so nothing is precomputed:
+// backward recomputes each chunk's logits and softmax (four matmuls in all instead of three).
+torch::Tensor linear_target_logprobs(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                     const torch::Tensor& targets, int64_t chunk_rows = 0);
+
 // Rows per chunk: one chunk of float32 logits is ~64 MiB on the CPU, ~128 MiB on CUDA (fewer,
 // larger matmuls and kernels: ~25 chunks per 16K tokens of GPT-2's vocabulary instead of ~50).
 int64_t linear_cross_entropy_chunk_rows(int64_t vocab_size, bool cuda);

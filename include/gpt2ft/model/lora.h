@@ -38,6 +38,19 @@ void add_lora(GPT2& model, const LoraConfig& config);
 // The model's adapters by module name, or none.
 std::vector<std::pair<std::string, LoraAdapter*>> lora_adapters(GPT2& model);
 
+// While it lives, the model computes with its base alone (every adapter switched off, as
+// PEFT's disable_adapter()): a preference reference without a second model.
+class AdaptersOff {
+ public:
+  explicit AdaptersOff(GPT2& model);
+  ~AdaptersOff();
+  AdaptersOff(const AdaptersOff&) = delete;
+  AdaptersOff& operator=(const AdaptersOff&) = delete;
+
+ private:
+  std::vector<LoraAdapter*> adapters_;
+};
+
 // Folds every adapter into its base weight (W += scaling * B A) and removes the adapters.
 void merge_lora(GPT2& model);
 

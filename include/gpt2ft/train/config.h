@@ -54,11 +54,18 @@ struct TrainConfig {
     std::string adamw_8bit_embeddings;       // "float32" | "8bit": the embeddings' moments under adamw_8bit
     std::string fused_adamw;                 // "auto" | "on" | "off"
     bool chunked_loss = true;                // lm_head + cross-entropy without whole-batch logits
+    std::string objective;                   // "auto" (the data's) | "dpo" (preference shards)
     bool deterministic = false;              // bitwise-equal runs (core/reproducible_math.h)
     std::string optimizer_offload;           // "none" | "cpu"
     int64_t seed = 0;
     double time_limit = 0;
   } train;
+  struct Dpo {                              // train.objective "dpo" (train/objective.h)
+    double beta = 0;
+    std::string loss;                        // "sigmoid" | "ipo" | "hinge"
+    double label_smoothing = 0;              // "sigmoid" only
+    std::string reference;                   // "precomputed" | "base" (LoRA) | "model"
+  } dpo;
   struct Attention {
     std::string packed;                      // "mask" | "varlen" (model/packed_attention.h)
   } attention;
@@ -131,6 +138,7 @@ struct TrainConfig {
   int64_t checkpoint_every_n_blocks() const;
   bool checkpointing_auto() const { return model.activation_checkpointing == "auto"; }
   // LoRA is on (model.lora.rank > 0 or model.lora.init_from).
+  bool preference_training() const { return train.objective == "dpo"; }
   bool lora() const { return model.lora.rank > 0 || !model.lora.init_from.empty(); }
   // The adapters' settings: model.lora.*, or the r, alpha and targets of the PEFT folder in
   // model.lora.init_from (whose adapter_config.json this reads), with model.lora.dropout.

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <filesystem>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -17,13 +18,16 @@
 #include "gpt2ft/eval/evaluate.h"
 #include "gpt2ft/model/gpt2.h"
 #include "gpt2ft/train/config.h"
+#include "gpt2ft/train/preference_reference.h"
 
 namespace gpt2ft {
 
 class Validation {
  public:
+  // reference: DPO, whose validation is the preference loss and reward accuracy of data.val's
+  // pairs against it (else null: the mean next-token loss).
   Validation(const TrainConfig& config, int64_t micro_batch, c10::ScalarType amp, Communicator& comm,
-             c10::Device device);
+             c10::Device device, PreferenceReference* reference = nullptr);
 
   // The model's validation loss (it is left in training mode); nullopt without data.val.
   std::optional<EvalResult> run(GPT2& model);
@@ -32,7 +36,11 @@ class Validation {
   void training_micro_batch_changed(int64_t micro_batch);
 
  private:
+  EvalResult run_pairs(GPT2& model);
+
   const TrainConfig& config_;
+  PreferenceReference* reference_;
+  std::unique_ptr<Samples> pairs_;  // data.val's pairs (DPO)
   std::vector<std::filesystem::path> shards_;
   EvalOptions options_;
   c10::Device device_;

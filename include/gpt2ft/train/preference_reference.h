@@ -1,0 +1,62 @@
+// The reference model of preference training (DPO), without a second model in memory where
+// one can be avoided (dpo.reference):
+//
+//   "precomputed"  the initial model scores every example of data.train (and data.val) once,
+//                  before training, in eval mode, in passes that halve on out of memory; the
+//                  table (examples, 2) lies beside the run in reference_logps.safetensors under
+//                  the run's fingerprint, written whole then renamed, and a resume reuses it
+//   "base"         LoRA: the policy itself with its adapters switched off (AdaptersOff), on the
+//                  fly, in eval mode; nothing extra is held
+//   "model"        a frozen copy of the initial model (adapters folded in), 16-bit under a
+//                  16-bit autocast, float32 otherwise
+//
+// Each gives a batch's (2B) reference log-prob sums, chosen and rejected alternating as the
+// loader lays a batch of pairs out (data/loader.h), without gradients.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <torch/types.h>
+
+#include "gpt2ft/data/loader.h"
+#include "gpt2ft/data/samples.h"
+#include "gpt2ft/distributed/communicator.h"
+#include "gpt2ft/model/gpt2.h"
+#include "gpt2ft/train/config.h"
+
+namespace gpt2ft {
+
+// Examples `ids` of pair samples as one batch on `device`: (2n, T) rows, targets and their rows.
+Batch pair_batch(const Samples& samples, const std::vector<int64_t>& ids, c10::Device device);
+
+// score(batch) of examples `ids`, in passes of at most `per_pass` examples, the results (2n
+// rows each) concatenated; out of memory halves `per_pass` (down to 1, then it is rethrown).
+torch::Tensor score_in_passes(const Samples& samples, const std::vector<int64_t>& ids, int64_t& per_pass,
+                              c10::Device device, const std::function<torch::Tensor(const Batch&)>& score);
+
+// Each row's summed target log-prob (2B) under `model`, in eval mode and without gradients
+// (the model's mode is restored).
+torch::Tensor reference_row_logprobs(GPT2& model, const Batch& batch, bool chunked);
+
+class PreferenceReference {
+ public:
+  virtual ~PreferenceReference() = default;
+  // (2B) float32 on the batch's device. `validation`: batch.samples are data.val's examples.
+  virtual torch::Tensor logps(GPT2& policy, const Batch& batch, bool validation) = 0;
+  // Bytes it holds on the device (the frozen copy's weights, the tables), for the log.
+  virtual int64_t device_bytes() const = 0;
+};
+
+// The run's reference. "precomputed" scores the data here with `policy` as it is (the initial
+// model: call before a checkpoint's weights are loaded), collectively over the ranks, or reads
+// the table a previous start of this run left.
+std::unique_ptr<PreferenceReference> make_preference_reference(const TrainConfig& cfg, GPT2& policy,
+                                                               c10::ScalarType amp, Communicator& comm,
+                                                               c10::Device device);
+
+}  // namespace gpt2ft
