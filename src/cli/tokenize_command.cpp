@@ -39,7 +39,9 @@ std::vector<fs::path> sentencepiece_training_files(const TokenizeOptions& o, con
         continue;  // the tokenizer pass reports it with its line number
       }
       const std::vector<std::string> fields =
-          is_pairs(o) ? std::vector<std::string>{o.prompt_field, o.completion_field} : std::vector<std::string>{o.jsonl_field};
+          is_preference(o) ? std::vector<std::string>{o.prompt_field, o.chosen_field, o.rejected_field}
+          : is_pairs(o)    ? std::vector<std::string>{o.prompt_field, o.completion_field}
+                           : std::vector<std::string>{o.jsonl_field};
       for (const auto& field : fields) {
         if (j.is_object() && j.contains(field) && j[field].is_string()) dst << j[field].get<std::string>() << "\n";
       }
@@ -74,7 +76,9 @@ void add_chat_options(CLI::App* cmd, TokenizeArgs& args) {
                   "or the last assistant turn")
       ->check(CLI::IsMember({"assistant", "all", "last"}))
       ->capture_default_str();
-  cmd->add_option("--max-length", o.max_length, "Conversations: cut longer ones to this many tokens (0: keep whole)")
+  cmd->add_option("--max-length", o.max_length,
+                  "Conversations: cut longer ones to this many tokens; preference pairs: cut a longer side's prompt "
+                  "from its beginning first, then its continuation's end (0: keep whole)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 31));
 }
@@ -94,6 +98,11 @@ void add_text_options(CLI::App* cmd, TokenizeArgs& args) {
   cmd->add_option("--completion-field", o.completion_field,
                   "Prompt/completion pairs: the .jsonl field holding the completion the model learns to produce. "
                   "With --chat-template: the completion's list of messages");
+  cmd->add_option("--chosen-field", o.chosen_field,
+                  "Preference pairs (DPO, with --prompt-field and --rejected-field): the .jsonl field holding the "
+                  "preferred continuation");
+  cmd->add_option("--rejected-field", o.rejected_field,
+                  "Preference pairs: the .jsonl field holding the continuation the model learns to rank below");
   cmd->add_flag("--skip-bad-lines", o.skip_bad_lines,
                 "Pairs and conversations: skip (and count) bad lines instead of stopping at the first");
   cmd->add_option("--val-fraction", o.val_fraction, "Share of documents for val shards")
@@ -160,7 +169,7 @@ std::unique_ptr<Tokenizer> tokenizer_for(const fs::path& path, const TokenizeOpt
 }
 
 void log_summary(const TokenizeOptions& o, const TokenizeSummary& s) {
-  const char* unit = is_chat(o) ? "conversations" : is_pairs(o) ? "pairs" : "documents";
+  const char* unit = is_chat(o) ? "conversations" : is_preference(o) ? "preference examples" : is_pairs(o) ? "pairs" : "documents";
   spdlog::info("{} {}, {} tokens in {} train shard(s); {} {}, {} tokens in {} val shard(s); "
                "{:.1f} MB in {:.1f}s ({:.1f} MB/s)",
                s.documents[0], unit, s.tokens[0], s.shards[0].size(), s.documents[1], unit, s.tokens[1],
@@ -172,6 +181,11 @@ void log_summary(const TokenizeOptions& o, const TokenizeSummary& s) {
                  "--max-length{}",
                  o.train_on, s.target_tokens[0], s.tokens[0], s.target_tokens[1], s.tokens[1], s.turns[0] + s.turns[1],
                  s.truncated[0] + s.truncated[1], skipped);
+  } else if (is_preference(o)) {
+    spdlog::info("targets (chosen and rejected continuations + closing end-of-text): {} of {} train tokens, {} of {} "
+                 "val tokens; {} example(s) cut to --max-length{}",
+                 s.target_tokens[0], s.tokens[0], s.target_tokens[1], s.tokens[1], s.truncated[0] + s.truncated[1],
+                 skipped);
   } else if (is_pairs(o)) {
     spdlog::info("targets (completions + closing end-of-text): {} of {} train tokens, {} of {} val tokens; prompts "
                  "{} and {} tokens{}",

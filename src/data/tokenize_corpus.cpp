@@ -54,6 +54,9 @@ struct Unit {
   Conversation conversation;
   std::vector<uint8_t> targets;  // chat: per token of ids
   bool truncated = false;
+  bool preference = false;       // completion is the chosen continuation, rejected the other
+  std::string rejected;
+  std::vector<uint32_t> rejected_ids;
 };
 
 // One split's tokens, streamed into shards of shard_tokens in a folder: plain text shards
@@ -72,6 +75,19 @@ class ShardSink {
     put(ids.data(), ids.size());
     documents_.targets.insert(documents_.targets.end(), targets.begin(), targets.end());
     has_documents_ = true;
+    if (count_ >= static_cast<size_t>(shard_tokens_)) flush();
+  }
+
+  // A preference example's two documents, always in one shard.
+  void append_pair(const std::vector<uint32_t> (&ids)[2], const std::vector<uint8_t> (&targets)[2]) {
+    if (count_ > 0 && count_ + ids[0].size() + ids[1].size() > static_cast<size_t>(shard_tokens_)) flush();
+    for (int side = 0; side < 2; ++side) {
+      documents_.starts.push_back(static_cast<uint32_t>(count_));
+      put(ids[side].data(), ids[side].size());
+      documents_.targets.insert(documents_.targets.end(), targets[side].begin(), targets[side].end());
+    }
+    has_documents_ = true;
+    documents_.pairs = true;
     if (count_ >= static_cast<size_t>(shard_tokens_)) flush();
   }
 
@@ -202,7 +218,7 @@ class DocumentReader {
           saw_text_ = true;
           return true;
         }
-        if (is_pairs(options_)) {
+        if (is_pairs(options_) || is_preference(options_)) {
           if (!read_pair(j, where, unit)) continue;
           unit.split = assign_split();
           saw_text_ = true;
@@ -259,7 +275,7 @@ class DocumentReader {
 
   // A bad line: an Error, or with --skip-bad-lines a warning (the first few) and a count.
   bool skip_bad_line(const std::string& why) {
-    const bool skippable = is_pairs(options_) || is_chat(options_);
+    const bool skippable = is_pairs(options_) || is_chat(options_) || is_preference(options_);
     if (!options_.skip_bad_lines || !skippable) {
       throw Error(why + (skippable ? "; fix the line, or pass --skip-bad-lines to skip and count such lines" : ""));
     }
@@ -269,6 +285,7 @@ class DocumentReader {
 
   // The prompt and completion of a pair's line; false when the line is skipped.
   bool read_pair(const nlohmann::json& j, const std::string& where, Unit& unit) {
+    if (is_preference(options_)) return read_preference(j, where, unit);
     for (const std::string* field : {&options_.prompt_field, &options_.completion_field}) {
       const char* what = field == &options_.prompt_field ? "prompt" : "completion";
       if (!j.is_object() || !j.contains(*field)) {
@@ -287,6 +304,37 @@ class DocumentReader {
                             "\" is empty; there would be nothing to learn but the end of text");
     }
     unit.pair = true;
+    unit.starts_document = true;
+    return true;
+  }
+
+  // The prompt, chosen and rejected of a preference line; false when the line is skipped.
+  bool read_preference(const nlohmann::json& j, const std::string& where, Unit& unit) {
+    const std::pair<const std::string*, const char*> fields[] = {
+        {&options_.prompt_field, "prompt"}, {&options_.chosen_field, "chosen"}, {&options_.rejected_field, "rejected"}};
+    for (const auto& [field, what] : fields) {
+      if (!j.is_object() || !j.contains(*field)) {
+        return !skip_bad_line(where + ": no " + what + " field \"" + *field + "\"" +
+                              (j.is_object() ? "" : " (the line is not a JSON object)"));
+      }
+      if (!j[*field].is_string()) {
+        return !skip_bad_line(where + ": the " + what + " field \"" + *field + "\" is " + j[*field].type_name() +
+                              ", expected a string" +
+                              (j[*field].is_array() ? " (lists of messages are not read yet: render them to text)" : ""));
+      }
+      if (field != &options_.prompt_field && j[*field].get_ref<const std::string&>().empty()) {
+        return !skip_bad_line(where + ": the " + what + " field \"" + *field +
+                              "\" is empty; there would be nothing to compare but the end of text");
+      }
+    }
+    unit.text = j[options_.prompt_field].get<std::string>();
+    unit.completion = j[options_.chosen_field].get<std::string>();
+    unit.rejected = j[options_.rejected_field].get<std::string>();
+    if (unit.completion == unit.rejected) {
+      return !skip_bad_line(where + ": the chosen field \"" + options_.chosen_field + "\" and the rejected field \"" +
+                            options_.rejected_field + "\" hold the same text; the pair teaches no preference");
+    }
+    unit.preference = true;
     unit.starts_document = true;
     return true;
   }
@@ -425,18 +473,32 @@ int64_t check_inputs(const TokenizeOptions& options) {
     throw Error("--val-fraction: expected a number in [0, 1], got " + std::to_string(options.val_fraction));
   }
   if (options.shard_tokens < 1) throw Error("--shard-tokens: expected an integer >= 1");
-  if (options.prompt_field.empty() != options.completion_field.empty()) {
+  if (options.chosen_field.empty() != options.rejected_field.empty() ||
+      (is_preference(options) && (options.prompt_field.empty() || !options.completion_field.empty() || is_chat(options)))) {
+    throw Error("preference pairs take --prompt-field, --chosen-field and --rejected-field together (and neither "
+                "--completion-field nor --chat-template)");
+  }
+  if (is_preference(options) && (options.chosen_field == options.rejected_field || options.prompt_field == options.chosen_field ||
+                                 options.prompt_field == options.rejected_field)) {
+    throw Error("--prompt-field, --chosen-field and --rejected-field must name three different fields");
+  }
+  if (!is_preference(options) && options.prompt_field.empty() != options.completion_field.empty()) {
     throw Error("--prompt-field and --completion-field go together: give both for prompt/completion pairs, or "
                 "neither for text");
   }
   if (is_pairs(options) && options.prompt_field == options.completion_field) {
     throw Error("--prompt-field and --completion-field both name \"" + options.prompt_field + "\"; give two fields");
   }
-  if (options.skip_bad_lines && !is_pairs(options) && !is_chat(options)) {
+  if (options.skip_bad_lines && !is_pairs(options) && !is_chat(options) && !is_preference(options)) {
     throw Error("--skip-bad-lines applies to prompt/completion pairs (--prompt-field, --completion-field) and "
                 "conversations (--chat-template)");
   }
-  if (!is_chat(options) && options.max_length > 0) throw Error("--max-length applies to conversations (--chat-template)");
+  if (!is_chat(options) && !is_preference(options) && options.max_length > 0) {
+    throw Error("--max-length applies to conversations (--chat-template) and preference pairs (--chosen-field)");
+  }
+  if (is_preference(options) && options.max_length == 1) {
+    throw Error("--max-length 1 leaves a preference pair no continuation token; give 2 or more");
+  }
   if (options.max_length < 0) throw Error("--max-length: expected 0 (keep whole) or a number of tokens");
   int64_t total_bytes = 0;
   for (const auto& in : options.inputs) {
@@ -449,7 +511,7 @@ int64_t check_inputs(const TokenizeOptions& options) {
       throw Error(in.string() + ": conversations are read from .jsonl files (one JSON object per line with a \"" +
                   options.conversation_fields.messages + "\" list of messages)");
     }
-    if (is_pairs(options) && !is_chat(options) && !is_jsonl_input(in)) {
+    if ((is_pairs(options) || is_preference(options)) && !is_chat(options) && !is_jsonl_input(in)) {
       throw Error(in.string() + ": prompt/completion pairs are read from .jsonl files (one JSON object per line with "
                                 "the fields \"" + options.prompt_field + "\" and \"" + options.completion_field + "\")");
     }
@@ -514,9 +576,13 @@ void encode_units(const Tokenizer& tokenizer, const ChatEncoder* chat, int64_t m
       }
       units[i].ids.clear();
       tokenizer.encode(units[i].text, units[i].ids);
-      if (units[i].pair) {
+      if (units[i].pair || units[i].preference) {
         units[i].completion_ids.clear();
         tokenizer.encode(units[i].completion, units[i].completion_ids);
+      }
+      if (units[i].preference) {
+        units[i].rejected_ids.clear();
+        tokenizer.encode(units[i].rejected, units[i].rejected_ids);
       }
     }
   };
@@ -538,9 +604,55 @@ void encode_units(const Tokenizer& tokenizer, const ChatEncoder* chat, int64_t m
   }
 }
 
+// A preference example's two documents, end-of-text, prompt, continuation, end-of-text (the
+// last two the targets), cut to max_length as training cuts (data/samples.h): the prompt's
+// beginning first, keeping its last token, then each continuation's end.
+void append_preference(const Unit& u, uint32_t eot, int64_t max_length, ShardSink& sink, TokenizeSummary& summary) {
+  std::vector<uint32_t> ids[2];
+  std::vector<uint8_t> targets[2];
+  const int64_t prompt = static_cast<int64_t>(u.ids.size()) + 1;
+  int64_t longest = 0;
+  for (int side = 0; side < 2; ++side) {
+    const std::vector<uint32_t>& continuation = side == 0 ? u.completion_ids : u.rejected_ids;
+    ids[side].reserve(static_cast<size_t>(prompt) + continuation.size() + 1);
+    ids[side].push_back(eot);
+    ids[side].insert(ids[side].end(), u.ids.begin(), u.ids.end());
+    ids[side].insert(ids[side].end(), continuation.begin(), continuation.end());
+    ids[side].push_back(eot);
+    targets[side].assign(ids[side].size(), 1);
+    std::fill(targets[side].begin(), targets[side].begin() + prompt, 0);
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(ids[side].size()));
+  }
+  const int64_t excess = max_length > 0 ? std::max<int64_t>(0, longest - max_length) : 0;
+  if (excess > 0) {
+    const int64_t cut = std::min(excess, prompt - 1);
+    for (int side = 0; side < 2; ++side) {
+      ids[side].erase(ids[side].begin(), ids[side].begin() + cut);
+      targets[side].erase(targets[side].begin(), targets[side].begin() + cut);
+      if (static_cast<int64_t>(ids[side].size()) > max_length) {
+        ids[side].resize(static_cast<size_t>(max_length));
+        targets[side].resize(static_cast<size_t>(max_length));
+      }
+    }
+    ++summary.truncated[u.split];
+  }
+  sink.append_pair(ids, targets);
+  ++summary.documents[u.split];
+  summary.prompt_tokens[u.split] += prompt - std::min(excess, prompt - 1);
+  for (int side = 0; side < 2; ++side) {
+    summary.tokens[u.split] += static_cast<int64_t>(ids[side].size());
+    summary.target_tokens[u.split] += static_cast<int64_t>(std::count(targets[side].begin(), targets[side].end(), 1));
+  }
+}
+
 // Appends a tokenized batch to the splits' shards, in input order, and counts it.
-void append_batch(const std::vector<Unit>& units, uint32_t eot, ShardSink (&sinks)[2], TokenizeSummary& summary) {
+void append_batch(const std::vector<Unit>& units, uint32_t eot, int64_t max_length, ShardSink (&sinks)[2],
+                  TokenizeSummary& summary) {
   for (const Unit& u : units) {
+    if (u.preference) {
+      append_preference(u, eot, max_length, sinks[u.split], summary);
+      continue;
+    }
     if (u.chat) {
       const auto targets = static_cast<int64_t>(std::count(u.targets.begin(), u.targets.end(), 1));
       if (u.truncated) ++summary.truncated[u.split];
@@ -625,6 +737,15 @@ void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const C
     m["target_tokens"] = {{"train", summary.target_tokens[0]}, {"val", summary.target_tokens[1]}};
     m["truncated"] = {{"train", summary.truncated[0]}, {"val", summary.truncated[1]}};
     m["skipped_lines"] = summary.skipped_lines;
+  } else if (is_preference(options)) {  // preference shards
+    m["kind"] = "preference";
+    m["fields"] = {{"prompt", options.prompt_field}, {"chosen", options.chosen_field}, {"rejected", options.rejected_field}};
+    m["examples"] = {{"train", summary.documents[0]}, {"val", summary.documents[1]}};
+    m["prompt_tokens"] = {{"train", summary.prompt_tokens[0]}, {"val", summary.prompt_tokens[1]}};
+    m["target_tokens"] = {{"train", summary.target_tokens[0]}, {"val", summary.target_tokens[1]}};
+    m["max_length"] = options.max_length;
+    m["truncated"] = {{"train", summary.truncated[0]}, {"val", summary.truncated[1]}};
+    m["skipped_lines"] = summary.skipped_lines;
   } else if (is_pairs(options)) {  // document shards
     m["kind"] = "prompt_completion";
     m["prompt_field"] = options.prompt_field;
@@ -683,7 +804,7 @@ void run_stages(const Tokenizer& tokenizer, const ChatEncoder* chat, const Token
     try {
       Batch batch;
       while (to_write.pop(batch)) {
-        append_batch(batch.units, eot, sinks, summary);
+        append_batch(batch.units, eot, options.max_length, sinks, summary);
         progress.update(batch.bytes_read, summary.tokens[0] + summary.tokens[1]);
       }
       if (!failed) {
@@ -735,7 +856,9 @@ void check_tokenize_output(const TokenizeOptions& options) { existing_outputs(op
 
 bool is_jsonl_input(const fs::path& path) { return lowercase_extension(path) == ".jsonl"; }
 
-bool is_pairs(const TokenizeOptions& options) { return !options.prompt_field.empty(); }
+bool is_pairs(const TokenizeOptions& options) { return !options.completion_field.empty(); }
+
+bool is_preference(const TokenizeOptions& options) { return !options.chosen_field.empty(); }
 
 bool is_chat(const TokenizeOptions& options) { return !options.chat_template.empty(); }
 

@@ -70,6 +70,9 @@ void MetricsLog::record_step(nlohmann::json row) {
       if (row.contains(key)) scalars.emplace_back("train/peak_memory_gib", row[key].get<double>() * 1e9 / (1 << 30));
     }
     if (row.contains("loss_scale")) scalars.emplace_back("train/loss_scale", row["loss_scale"].get<double>());
+    for (const auto& [key, value] : row.items()) {  // DPO's metrics as TRL names them: train/rewards/chosen, ...
+      if (key.rfind("rewards/", 0) == 0 || key.rfind("logps/", 0) == 0) scalars.emplace_back("train/" + key, value.get<double>());
+    }
     tensorboard_->scalars(row["step"].get<int64_t>(), scalars);
   }
   std::string extra;
@@ -104,9 +107,23 @@ void MetricsLog::record_resume(int64_t step, const nlohmann::json& resumed) {
 void MetricsLog::record_validation(const nlohmann::json& row) {
   if (!enabled_) return;
   write(row);
-  if (tensorboard_) tensorboard_->scalars(row["step"].get<int64_t>(), {{"eval/loss", row["val_loss"].get<double>()}});
-  spdlog::info("step {:>6} | val loss {:.4f} | val perplexity {:.2f}", row["step"].get<int64_t>(),
-               row["val_loss"].get<double>(), row["val_perplexity"].get<double>());
+  if (tensorboard_) {
+    std::vector<std::pair<std::string, double>> scalars = {{"eval/loss", row["val_loss"].get<double>()}};
+    for (const auto& [key, value] : row.items()) {  // DPO: eval/rewards/accuracies, ...
+      if (key.rfind("val_rewards/", 0) == 0 || key.rfind("val_logps/", 0) == 0) {
+        scalars.emplace_back("eval/" + key.substr(4), value.get<double>());
+      }
+    }
+    tensorboard_->scalars(row["step"].get<int64_t>(), scalars);
+  }
+  if (row.contains("val_rewards/accuracies")) {
+    spdlog::info("step {:>6} | val DPO loss {:.4f} | val reward accuracy {:.3f} | val reward margin {:.4f}",
+                 row["step"].get<int64_t>(), row["val_loss"].get<double>(),
+                 row["val_rewards/accuracies"].get<double>(), row["val_rewards/margins"].get<double>());
+  } else {
+    spdlog::info("step {:>6} | val loss {:.4f} | val perplexity {:.2f}", row["step"].get<int64_t>(),
+                 row["val_loss"].get<double>(), row["val_perplexity"].get<double>());
+  }
 }
 
 // A one-line bar with the last logged loss; no host sync.

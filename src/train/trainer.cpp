@@ -462,7 +462,11 @@ void Trainer::log_run() {
                : fused_adamw(cfg_, device_)            ? "fused"
                                                        : "unfused");
   spdlog::info("data: {}{}", loader_->describe(),
-               loader_->has_targets() ? "; a step's loss is the mean over its global batch's targets" : "");
+               cfg_.preference_training()
+                   ? fmt::format("; DPO ({} loss, beta {:g}, reference {}): a step's loss is the mean over its global "
+                                 "batch's {} pairs", cfg_.dpo.loss, cfg_.dpo.beta, cfg_.dpo.reference, split_.global)
+               : loader_->has_targets() ? "; a step's loss is the mean over its global batch's targets"
+                                        : "");
   if (device_.is_cuda()) {
     spdlog::info("{}", describe_attention_kernels(mc, device_, amp_, cfg_.data.seq_len, mc.attn_pdrop,
                                                   model_->packed_attention()));

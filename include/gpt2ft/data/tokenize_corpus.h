@@ -7,6 +7,11 @@
 // where the completion's tokens and the closing end-of-text are the targets. A document never
 // straddles two shards.
 //
+// Preference pairs (.jsonl with prompt_field, chosen_field and rejected_field set): each line
+// is one example of preference shards (data/shard.h), two documents: end-of-text, prompt,
+// chosen, end-of-text; and end-of-text, prompt, rejected, end-of-text; the continuation and
+// its closing end-of-text are the targets. Both documents always go to one shard.
+//
 // Conversations (.jsonl with chat_template set): each line's conversation is rendered by the
 // template and tokenized (data/chat_documents.h) into one document of document shards; its
 // targets are the assistant's text and end-of-turn tokens (train_on). The tokenizer must
@@ -30,10 +35,12 @@ struct TokenizeOptions {
   std::filesystem::path output_dir;
   std::string jsonl_field = "text";
   std::string prompt_field, completion_field;  // both set: prompt/completion pairs
+  std::string chosen_field, rejected_field;    // with prompt_field: preference pairs (DPO)
   std::string chat_template;          // set: conversations, rendered by this template ("chatml", a file)
   ConversationFields conversation_fields;
   std::string train_on = "assistant";  // conversations: "assistant" | "all" | "last"
-  int64_t max_length = 0;              // conversations: cut longer ones to this many tokens (0: keep whole)
+  int64_t max_length = 0;              // conversations: cut longer ones to this many tokens (0: keep whole);
+                                       // preference pairs: the prompt's beginning first (data/samples.h)
   bool skip_bad_lines = false;       // pairs, conversations: skip (and count) malformed lines instead of failing
   double val_fraction = 0.01;       // share of documents sent to val shards, spread evenly
   int64_t shard_tokens = 100000000;  // tokens per shard (the last one may be shorter)
@@ -48,7 +55,7 @@ struct TokenizeSummary {
   int64_t prompt_tokens[2] = {0, 0};  // pairs only
   int64_t target_tokens[2] = {0, 0};  // pairs and conversations
   int64_t turns[2] = {0, 0};          // conversations: messages
-  int64_t truncated[2] = {0, 0};      // conversations cut to max_length
+  int64_t truncated[2] = {0, 0};      // conversations (preference examples) cut to max_length
   int64_t skipped_lines = 0;
   std::vector<std::string> shards[2];
   int64_t bytes_read = 0;
@@ -56,6 +63,7 @@ struct TokenizeSummary {
 };
 
 bool is_pairs(const TokenizeOptions& options);
+bool is_preference(const TokenizeOptions& options);
 bool is_chat(const TokenizeOptions& options);
 
 // Every document is preceded by the tokenizer's end-of-text id. Shards are written under a
