@@ -20,7 +20,7 @@ from transformers import GPT2LMHeadModel
 import train_reference as ref
 from common import WorkDirTest
 from make_dpo_golden import trl_dpo_loss
-from test_distributed import finish, start_ranks, write_config
+from test_distributed import finish, free_port, start_ranks, write_config
 from test_instruction import WORDS, make_pairs, run, train_tokenizer, write_jsonl
 
 BIN = os.environ.get("GPT2FT_BIN", "")
@@ -214,9 +214,9 @@ class DpoTest(WorkDirTest):
                 c["model"].update(model_patch)
                 c["dpo"] = {"reference": kind}
                 c["eval"] = {"every_steps": 2}
-                name = f"ref_{label}_{kind}"
-                ref.run_trainer(BIN, c, self.tmp, name)
-                out = os.path.join(self.tmp, name)
+                path, out = write_config(c, self.tmp, f"ref_{label}_{kind}")
+                r = subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=600)
+                self.assertEqual(r.returncode, 0, r.stderr[-3000:])
                 losses[kind] = [r["loss"] for r in train_rows(out)] + [r["val_loss"] for r in val_rows(out)]
             first = losses[kinds[0]]
             worst = max(abs(a / b - 1) for k in kinds for a, b in zip(losses[k], first))
@@ -226,7 +226,9 @@ class DpoTest(WorkDirTest):
             self.assertNotEqual(first[0], first[-1])  # it trained
 
     def test_every_split_of_the_global_batch_and_two_ranks_give_the_same_update(self):
-        c = self.config(lr=1e-2)
+        # eps 1: AdamW's update is then about lr * m, so the weights show the gradients' differences
+        # instead of sqrt(v) blowing up the rounding of near-zero gradients to a whole step.
+        c = self.config(lr=0.5, eps=1.0)
         results = {}
         for micro, world in ((8, 1), (2, 1), (1, 1), (2, 2)):
             cc = copy.deepcopy(c)
@@ -237,7 +239,8 @@ class DpoTest(WorkDirTest):
             else:
                 cc["distributed"] = {"backend": "gloo"}
                 path, _ = write_config(cc, self.tmp, name)
-                finish(self, start_ranks(BIN, path, world))
+                for rank, (rc, err) in enumerate(finish(start_ranks(path, world, free_port()))):
+                    self.assertEqual(rc, 0, f"rank {rank}: {err[-3000:]}")
             out = os.path.join(self.tmp, name)
             results[name] = (load_file(os.path.join(out, "final", "model.safetensors")), train_rows(out))
         base_w, base_rows = results["split_8x1_1ranks"]
@@ -245,7 +248,10 @@ class DpoTest(WorkDirTest):
             diff = ref.max_weight_diff(w, base_w)
             loss = max(abs(a["loss"] / b["loss"] - 1) for a, b in zip(rows, base_rows))
             acc = max(abs(a["rewards/accuracies"] - b["rewards/accuracies"]) for a, b in zip(rows, base_rows))
-            print(f"[dpo] {name}: weights max|diff| {diff:.3g}; losses rel {loss:.2g}; accuracies {acc:.2g}")
+            norm = max(abs(a["grad_norm"] / b["grad_norm"] - 1) for a, b in zip(rows, base_rows))
+            print(f"[dpo] {name}: weights max|diff| {diff:.3g}; losses rel {loss:.2g}; gradient norms rel {norm:.2g}; "
+                  f"accuracies {acc:.2g}")
+            self.assertLess(norm, 1e-5)
             self.assertLess(diff, 1e-5)
             self.assertLess(loss, 1e-5)
             self.assertEqual(acc, 0.0)
@@ -294,9 +300,8 @@ class DpoTest(WorkDirTest):
         a, b = train_rows(bf16), train_rows(straight)
         print(f"[dpo] bf16: loss {a[0]['loss']:.4f} -> {a[-1]['loss']:.4f}; fp32 {b[0]['loss']:.4f} -> "
               f"{b[-1]['loss']:.4f}")
-        self.assertLess(abs(a[0]["loss"] - b[0]["loss"]), 1e-3)
-        self.assertNotEqual([r["loss"] for r in a], [r["loss"] for r in b])
-        self.assertLess(a[-1]["loss"], a[0]["loss"])
+        self.assertLess(max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)), 5e-3)  # follows float32
+        self.assertNotEqual([r["loss"] for r in a], [r["loss"] for r in b])  # autocast really ran
 
     def test_bad_input_is_a_clear_error(self):
         bad = [json.dumps(self.rows[0]), json.dumps({"prompt": "Q", "chosen": " a"}),
@@ -372,13 +377,15 @@ class DpoTest(WorkDirTest):
                 "--output-dir", out, "--prompt-field", "prompt", "--chosen-field", "chosen", "--rejected-field",
                 "rejected", "--val-fraction", "0.2", "--no-progress")
         self.assertEqual(r.returncode, 0, r.stderr)
-        c = {"model": {"preset": "tiny"},
+        model = ref.make_model(os.path.join(self.tmp, "brown_init"), vocab_size=50257, n_positions=64, n_embd=64,
+                               n_head=4)
+        c = {"model": {"init_from": model},
              "data": {"train": os.path.join(out, "train_*.bin"), "val": os.path.join(out, "val_*.bin"),
                       "seq_len": 48, "num_workers": 2},
-             "train": {"objective": "dpo", "micro_batch_size": 32, "global_batch_size": 32, "max_steps": 80,
+             "train": {"objective": "dpo", "micro_batch_size": 32, "global_batch_size": 32, "max_steps": 40,
                        "lr": 3e-3, "warmup_steps": 5},
              "dpo": {"beta": 0.1},
-             "eval": {"every_steps": 40},
+             "eval": {"every_steps": 20},
              "log": {"every_steps": 10, "progress": "lines"}, "device": "cpu"}
         ref.run_trainer(BIN, c, self.tmp, "brown_run")
         vals = val_rows(os.path.join(self.tmp, "brown_run"))
