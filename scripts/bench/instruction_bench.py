@@ -37,12 +37,13 @@ def checksum(data: bytes) -> int:
     return h ^ (h >> 33)
 
 
-def document_shard_bytes(tokens, starts, targets):
-    """data/shard.h's document shard: header, uint16 tokens, padding, starts, target bits."""
+def document_shard_bytes(tokens, starts, targets, magic=20261201, version=2):
+    """data/shard.h's document shard: header, uint16 tokens, padding, starts, target bits (a
+    preference shard with magic 20261206, version 1: the same layout and checksum)."""
     sections = np.asarray(starts, dtype="<u4").tobytes() + np.packbits(np.asarray(targets, dtype=bool),
                                                                          bitorder="little").tobytes()
     header = np.zeros(256, dtype="<i4")
-    header[:5] = [20261201, 2, len(tokens), 2, len(starts)]
+    header[:5] = [magic, version, len(tokens), 2, len(starts)]
     s = (checksum(header[2:5].tobytes()) * 0x9E3779B97F4A7C15 + checksum(sections)) & MASK64  # version 2
     header[5:7] = np.array([s & 0xFFFFFFFF, s >> 32], dtype="<u4").view("<i4")
     body = np.asarray(tokens, dtype="<u2").tobytes()
@@ -50,9 +51,9 @@ def document_shard_bytes(tokens, starts, targets):
     return header.tobytes() + body + sections
 
 
-def write_document_shard(path, tokens, starts, targets):
+def write_document_shard(path, tokens, starts, targets, **kind):
     with open(path, "wb") as f:
-        f.write(document_shard_bytes(tokens, starts, targets))
+        f.write(document_shard_bytes(tokens, starts, targets, **kind))
 
 
 def write_plain_shard(path, tokens):

@@ -88,12 +88,19 @@ void print_plan(const TrainConfig& cfg, const MemoryPlanInput& input, const Memo
     std::printf("  gradient buckets (%lld GPUs) %8.3f GiB\n", static_cast<long long>(input.world_size),
                 gib(plan.gradient_buckets));
   }
+  if (plan.reference > 0) std::printf("  DPO reference copy          %9.3f GiB  (dpo.reference \"model\")\n", gib(plan.reference));
   if (plan.loss_workspace > 0) std::printf("  chunked loss workspace      %9.3f GiB\n", gib(plan.loss_workspace));
-  std::printf("  activations per sequence    %9.3f GiB  (no checkpointing %.3f, all blocks %.3f)\n",
+  // DPO: a micro batch counts pairs, each two rows (the terms below are per pair).
+  const char* unit = input.sequences_per_sample == 2 ? "pair    " : "sequence";
+  std::printf("  activations per %s    %9.3f GiB  (no checkpointing %.3f, all blocks %.3f)\n", unit,
               gib(plan.activations_per_sequence), gib(plan.activations_per_sequence_no_checkpointing),
               gib(plan.activations_per_sequence_all_checkpointed));
-  std::printf("  logits and loss per sequence %8.3f GiB\n", gib(plan.logits_per_sequence));
-  std::printf("  backward buffers per sequence %7.3f GiB\n", gib(plan.backward_per_sequence));
+  std::printf("  logits and loss per %s %8.3f GiB\n", unit, gib(plan.logits_per_sequence));
+  std::printf("  backward buffers per %s %7.3f GiB\n", unit, gib(plan.backward_per_sequence));
+  if (plan.reference_per_sequence > 0) {
+    std::printf("  DPO reference pass per pair %9.3f GiB  (dpo.reference \"%s\", no gradients)\n",
+                gib(plan.reference_per_sequence), cfg.dpo.reference.c_str());
+  }
   std::printf("  peak at micro batch %-4lld    %9.3f GiB  (forward end %.3f, backward %.3f, %sbackward end %.3f)\n",
               static_cast<long long>(micro), gib(plan.peak(micro)), gib(plan.forward_peak(micro)),
               gib(plan.backward_peak(micro)),

@@ -176,7 +176,7 @@ void log_summary(const TokenizeOptions& o, const TokenizeSummary& s) {
                s.shards[1].size(), s.bytes_read / 1e6, s.seconds, s.bytes_read / 1e6 / std::max(s.seconds, 1e-9));
   const std::string skipped =
       s.skipped_lines ? fmt::format("; {} bad line(s) skipped (--skip-bad-lines)", s.skipped_lines) : "";
-  if (is_chat(o)) {
+  if (is_chat(o) && !is_preference(o)) {
     spdlog::info("targets ({} turns): {} of {} train tokens, {} of {} val tokens; {} turns; {} conversation(s) cut to "
                  "--max-length{}",
                  o.train_on, s.target_tokens[0], s.tokens[0], s.target_tokens[1], s.tokens[1], s.turns[0] + s.turns[1],
@@ -209,7 +209,7 @@ int run_tokenize(TokenizeArgs& args) {
     o.conversation_fields.completion = o.completion_field;
     o.prompt_field.clear();
     o.completion_field.clear();
-  } else if (is_chat(o) && o.prompt_field.empty() != o.completion_field.empty()) {
+  } else if (is_chat(o) && !is_preference(o) && o.prompt_field.empty() != o.completion_field.empty()) {
     throw Error("--prompt-field and --completion-field go together");
   }
   // A failed run leaves no folder it made (the lock below makes it at once).

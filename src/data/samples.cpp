@@ -200,6 +200,7 @@ int64_t Samples::read_pair(int64_t sample, int side, int64_t* x, int64_t* y) con
 }
 
 int64_t Samples::read(int64_t sample, int64_t* x, int64_t* y, int64_t* positions) const {
+  if (packing_ == Packing::kPairs) throw Error("preference pairs are read a side at a time (read_pair)");
   if (packing_ == Packing::kConcat) {
     const size_t s = static_cast<size_t>(
         std::upper_bound(first_window_.begin(), first_window_.end(), sample) - first_window_.begin() - 1);

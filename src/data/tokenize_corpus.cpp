@@ -57,6 +57,8 @@ struct Unit {
   bool preference = false;       // completion is the chosen continuation, rejected the other
   std::string rejected;
   std::vector<uint32_t> rejected_ids;
+  Conversation rejected_conversation;     // chat preference: conversation is prompt + chosen
+  std::vector<uint8_t> rejected_targets;  // chat preference: per token of rejected_ids
 };
 
 // One split's tokens, streamed into shards of shard_tokens in a folder: plain text shards
@@ -212,14 +214,15 @@ class DocumentReader {
         } catch (const nlohmann::json::exception& e) {
           if (skip_bad_line(where + ": not valid JSON (" + e.what() + ")")) continue;
         }
-        if (is_chat(options_)) {
-          if (!read_chat(j, where, unit, line.size())) continue;
+        if (is_pairs(options_) || is_preference(options_)) {  // preference pairs may be conversations
+          if (!read_pair(j, where, unit)) continue;
+          unit.line_bytes = line.size();
           unit.split = assign_split();
           saw_text_ = true;
           return true;
         }
-        if (is_pairs(options_) || is_preference(options_)) {
-          if (!read_pair(j, where, unit)) continue;
+        if (is_chat(options_)) {
+          if (!read_chat(j, where, unit, line.size())) continue;
           unit.split = assign_split();
           saw_text_ = true;
           return true;
@@ -284,7 +287,7 @@ class DocumentReader {
   }
 
   // The prompt and completion of a pair's line; false when the line is skipped.
-  bool read_pair(const nlohmann::json& j, const std::string& where, Unit& unit) {
+  bool read_pair(nlohmann::json& j, const std::string& where, Unit& unit) {
     if (is_preference(options_)) return read_preference(j, where, unit);
     for (const std::string* field : {&options_.prompt_field, &options_.completion_field}) {
       const char* what = field == &options_.prompt_field ? "prompt" : "completion";
@@ -309,7 +312,8 @@ class DocumentReader {
   }
 
   // The prompt, chosen and rejected of a preference line; false when the line is skipped.
-  bool read_preference(const nlohmann::json& j, const std::string& where, Unit& unit) {
+  bool read_preference(nlohmann::json& j, const std::string& where, Unit& unit) {
+    if (is_chat(options_)) return read_chat_preference(j, where, unit);
     const std::pair<const std::string*, const char*> fields[] = {
         {&options_.prompt_field, "prompt"}, {&options_.chosen_field, "chosen"}, {&options_.rejected_field, "rejected"}};
     for (const auto& [field, what] : fields) {
@@ -335,6 +339,43 @@ class DocumentReader {
                             options_.rejected_field + "\" hold the same text; the pair teaches no preference");
     }
     unit.preference = true;
+    unit.starts_document = true;
+    return true;
+  }
+
+  // TRL's conversational preference form: the prompt's messages, then the chosen and the
+  // rejected assistant messages, as two prompt/completion conversations.
+  bool read_chat_preference(nlohmann::json& j, const std::string& where, Unit& unit) {
+    ConversationFields fields = options_.conversation_fields;
+    fields.prompt = "prompt";
+    fields.completion = "completion";
+    Conversation sides[2];
+    for (int side = 0; side < 2; ++side) {
+      const std::string& field = side == 0 ? options_.chosen_field : options_.rejected_field;
+      if (!j.is_object() || !j.contains(options_.prompt_field) || !j.contains(field)) {
+        return !skip_bad_line(where + ": no " + (j.is_object() && j.contains(options_.prompt_field)
+                                                     ? std::string(side == 0 ? "chosen" : "rejected") + " field \"" + field
+                                                     : "prompt field \"" + options_.prompt_field) +
+                              "\"" + (j.is_object() ? "" : " (the line is not a JSON object)"));
+      }
+      nlohmann::json conversation = {{"prompt", j[options_.prompt_field]}, {"completion", j[field]}};
+      try {
+        sides[side] = read_conversation(conversation, fields, where + " (" + field + ")");
+      } catch (const Error& e) {
+        return !skip_bad_line(e.what());
+      }
+    }
+    const auto same = [](const ChatMessage& x, const ChatMessage& y) { return x.role == y.role && x.content == y.content; };
+    if (std::equal(sides[0].messages.begin(), sides[0].messages.end(), sides[1].messages.begin(), sides[1].messages.end(),
+                   same)) {
+      return !skip_bad_line(where + ": the chosen field \"" + options_.chosen_field + "\" and the rejected field \"" +
+                            options_.rejected_field + "\" hold the same messages; the pair teaches no preference");
+    }
+    unit.conversation = std::move(sides[0]);
+    unit.rejected_conversation = std::move(sides[1]);
+    unit.chat = true;
+    unit.preference = true;
+    unit.where = where;
     unit.starts_document = true;
     return true;
   }
@@ -474,9 +515,9 @@ int64_t check_inputs(const TokenizeOptions& options) {
   }
   if (options.shard_tokens < 1) throw Error("--shard-tokens: expected an integer >= 1");
   if (options.chosen_field.empty() != options.rejected_field.empty() ||
-      (is_preference(options) && (options.prompt_field.empty() || !options.completion_field.empty() || is_chat(options)))) {
-    throw Error("preference pairs take --prompt-field, --chosen-field and --rejected-field together (and neither "
-                "--completion-field nor --chat-template)");
+      (is_preference(options) && (options.prompt_field.empty() || !options.completion_field.empty()))) {
+    throw Error("preference pairs take --prompt-field, --chosen-field and --rejected-field together (and no "
+                "--completion-field)");
   }
   if (is_preference(options) && (options.chosen_field == options.rejected_field || options.prompt_field == options.chosen_field ||
                                  options.prompt_field == options.rejected_field)) {
@@ -570,6 +611,14 @@ void encode_units(const Tokenizer& tokenizer, const ChatEncoder* chat, int64_t m
                   int workers) {
   const auto encode_every = [&](size_t first, size_t step) {
     for (size_t i = first; i < units.size(); i += step) {
+      if (units[i].chat && units[i].preference) {  // cut later, as a pair
+        ChatDocument chosen = chat->encode(units[i].conversation), rejected = chat->encode(units[i].rejected_conversation);
+        units[i].ids = std::move(chosen.ids);
+        units[i].targets = std::move(chosen.targets);
+        units[i].rejected_ids = std::move(rejected.ids);
+        units[i].rejected_targets = std::move(rejected.targets);
+        continue;
+      }
       if (units[i].chat) {
         encode_conversation(*chat, max_length, units[i]);
         continue;
@@ -607,12 +656,33 @@ void encode_units(const Tokenizer& tokenizer, const ChatEncoder* chat, int64_t m
 // A preference example's two documents, end-of-text, prompt, continuation, end-of-text (the
 // last two the targets), cut to max_length as training cuts (data/samples.h): the prompt's
 // beginning first, keeping its last token, then each continuation's end.
+// A conversational example is its two rendered conversations, whose targets the template
+// marks; their prompts (the tokens before the first target) must be the same.
 void append_preference(const Unit& u, uint32_t eot, int64_t max_length, ShardSink& sink, TokenizeSummary& summary) {
   std::vector<uint32_t> ids[2];
   std::vector<uint8_t> targets[2];
-  const int64_t prompt = static_cast<int64_t>(u.ids.size()) + 1;
+  int64_t prompt = static_cast<int64_t>(u.ids.size()) + 1;
   int64_t longest = 0;
-  for (int side = 0; side < 2; ++side) {
+  if (u.chat) {
+    ids[0] = u.ids, ids[1] = u.rejected_ids;
+    targets[0] = u.targets, targets[1] = u.rejected_targets;
+    int64_t prompts[2];
+    for (int side = 0; side < 2; ++side) {
+      prompts[side] = std::find(targets[side].begin(), targets[side].end(), 1) - targets[side].begin();
+      if (prompts[side] == static_cast<int64_t>(targets[side].size())) {
+        throw Error(u.where + ": the template gives the " + (side == 0 ? "chosen" : "rejected") +
+                    " conversation no target token (it marks none of its text with {% generation %})");
+      }
+      longest = std::max<int64_t>(longest, static_cast<int64_t>(ids[side].size()));
+    }
+    if (prompts[0] != prompts[1] || prompts[0] == 0 ||
+        !std::equal(ids[0].begin(), ids[0].begin() + prompts[0], ids[1].begin())) {
+      throw Error(u.where + ": the template renders the prompt differently before the chosen and the rejected "
+                  "messages (or renders none), so the pair has no common prompt; check the template");
+    }
+    prompt = prompts[0];
+  }
+  for (int side = 0; side < 2 && !u.chat; ++side) {
     const std::vector<uint32_t>& continuation = side == 0 ? u.completion_ids : u.rejected_ids;
     ids[side].reserve(static_cast<size_t>(prompt) + continuation.size() + 1);
     ids[side].push_back(eot);
@@ -690,6 +760,18 @@ void append_batch(const std::vector<Unit>& units, uint32_t eot, int64_t max_leng
   }
 }
 
+// A preference manifest's fields and counts (beside a conversational one's chat entry).
+void add_preference_counts(const TokenizeOptions& options, const TokenizeSummary& summary, nlohmann::json& m) {
+  m["kind"] = "preference";
+  m["fields"] = {{"prompt", options.prompt_field}, {"chosen", options.chosen_field}, {"rejected", options.rejected_field}};
+  m["examples"] = {{"train", summary.documents[0]}, {"val", summary.documents[1]}};
+  m["prompt_tokens"] = {{"train", summary.prompt_tokens[0]}, {"val", summary.prompt_tokens[1]}};
+  m["target_tokens"] = {{"train", summary.target_tokens[0]}, {"val", summary.target_tokens[1]}};
+  m["max_length"] = options.max_length;
+  m["truncated"] = {{"train", summary.truncated[0]}, {"val", summary.truncated[1]}};
+  m["skipped_lines"] = summary.skipped_lines;
+}
+
 // Moves the complete shards from `temp` into the output folder, removes stale ones, and
 // writes the manifest last. chat_template: the conversations' (nullptr for text and pairs).
 void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const ChatTemplate* chat_template,
@@ -723,7 +805,7 @@ void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const C
   if (chat_template) {  // document shards of conversations
     const ByteLevelBpe& bpe = chat_tokenizer(tokenizer, "--chat-template");
     const ConversationFields& f = options.conversation_fields;
-    m["kind"] = "chat";
+    m["kind"] = is_preference(options) ? "preference" : "chat";
     m["tokenizer"]["base_vocab_size"] = bpe.base_vocab_size();
     m["tokenizer"]["added_tokens"] = bpe.added_tokens();
     m["chat"] = {{"template", options.chat_template},
@@ -737,15 +819,9 @@ void publish(const Tokenizer& tokenizer, const TokenizeOptions& options, const C
     m["target_tokens"] = {{"train", summary.target_tokens[0]}, {"val", summary.target_tokens[1]}};
     m["truncated"] = {{"train", summary.truncated[0]}, {"val", summary.truncated[1]}};
     m["skipped_lines"] = summary.skipped_lines;
+    if (is_preference(options)) add_preference_counts(options, summary, m);
   } else if (is_preference(options)) {  // preference shards
-    m["kind"] = "preference";
-    m["fields"] = {{"prompt", options.prompt_field}, {"chosen", options.chosen_field}, {"rejected", options.rejected_field}};
-    m["examples"] = {{"train", summary.documents[0]}, {"val", summary.documents[1]}};
-    m["prompt_tokens"] = {{"train", summary.prompt_tokens[0]}, {"val", summary.prompt_tokens[1]}};
-    m["target_tokens"] = {{"train", summary.target_tokens[0]}, {"val", summary.target_tokens[1]}};
-    m["max_length"] = options.max_length;
-    m["truncated"] = {{"train", summary.truncated[0]}, {"val", summary.truncated[1]}};
-    m["skipped_lines"] = summary.skipped_lines;
+    add_preference_counts(options, summary, m);
   } else if (is_pairs(options)) {  // document shards
     m["kind"] = "prompt_completion";
     m["prompt_field"] = options.prompt_field;

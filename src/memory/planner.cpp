@@ -263,7 +263,9 @@ void plan_loss(const MemoryPlanInput& in, const Dims& d, MemoryPlan& m) {
     const bool head_cast = b == 2 && !(in.lora_rank > 0 && in.base_bytes == 2);  // a 16-bit head is used as it is
     m.loss_chunk_rows = rows;
     m.loss_bytes_per_row = V * (b == 4 ? 4 : 4 + b) + C * b;
-    m.loss_workspace = rows * m.loss_bytes_per_row + (head_cast ? 2 * V * C : 0) + m.lm_head_gradient;
+    // Per-row log-probs (DPO) form d lm_head in backward, when the chunks are recomputed.
+    m.loss_workspace = rows * m.loss_bytes_per_row + (head_cast ? 2 * V * C : 0) +
+                       (in.target_logprobs ? 0 : m.lm_head_gradient);
     m.logits_per_sequence = 4 * C * T;
   } else {
     m.loss_workspace = 0;
@@ -302,6 +304,17 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   plan_loss(in, d, m);
   m.backward_per_sequence = d.T * (transient + configured.recompute);
   m.residual_gradient_per_sequence = d.T * 4 * d.C;
+  if (in.reference_forward) m.reference_per_sequence = d.T * (8 * d.C + 2 * d.b * d.I);
+  m.reference = in.reference_weights;
+  if (in.sequences_per_sample > 1) {  // DPO: a sample is a pair of rows
+    const int64_t S = in.sequences_per_sample;
+    for (int64_t* term : {&m.activations_per_sequence, &m.activations_per_sequence_no_checkpointing,
+                          &m.activations_per_sequence_all_checkpointed, &m.logits_per_sequence,
+                          &m.backward_per_sequence, &m.residual_gradient_per_sequence,
+                          &m.first_recompute_per_sequence, &m.reference_per_sequence, &m.tokens_per_sequence}) {
+      *term *= S;
+    }
+  }
   return m;
 }
 
@@ -312,7 +325,8 @@ int64_t MemoryPlan::loss_workspace_at(int64_t mb) const {
 }
 
 int64_t MemoryPlan::forward_peak(int64_t mb) const {
-  return resident() + held_gradients(mb) + loss_workspace_at(mb) + mb * (activations_per_sequence + logits_per_sequence);
+  return resident() + held_gradients(mb) + loss_workspace_at(mb) +
+         mb * (activations_per_sequence + logits_per_sequence + reference_per_sequence);
 }
 
 int64_t MemoryPlan::backward_peak(int64_t mb) const {
@@ -349,7 +363,7 @@ int64_t MemoryPlan::largest_accumulating_micro_batch(int64_t budget) const {
     return s <= 0 ? std::numeric_limits<int64_t>::max() : (budget - a) / s;
   };
   const int64_t act = activations_per_sequence + logits_per_sequence;
-  const int64_t fits = std::min({largest_under(resident() + gradients + loss_workspace, act),
+  const int64_t fits = std::min({largest_under(resident() + gradients + loss_workspace, act + reference_per_sequence),
                                  largest_under(resident() + gradients + lm_head_gradient, act + backward_per_sequence),
                                  largest_under(resident() - amp_copies + gradients + lm_head_gradient + embedding_gradient,
                                                residual_gradient_per_sequence)});
@@ -370,6 +384,8 @@ nlohmann::json MemoryPlan::to_json(int64_t budget) const {
                       {"amp_copies", amp_copies},
                       {"workspace", workspace},
                       {"gradient_buckets", gradient_buckets},
+                      {"reference", reference},
+                      {"reference_per_sequence", reference_per_sequence},
                       {"lm_head_gradient", lm_head_gradient},
                       {"embedding_gradient", embedding_gradient},
                       {"loss_workspace", loss_workspace},

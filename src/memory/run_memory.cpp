@@ -22,7 +22,9 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
   in.model = cfg.model.init_from.empty()
                  ? GPT2Config::preset(cfg.model.preset)
                  : GPT2Config::from_file(std::filesystem::path(cfg.model.init_from) / "config.json");
-  if (cfg.model.dropout >= 0) in.model.resid_pdrop = in.model.embd_pdrop = in.model.attn_pdrop = cfg.model.dropout;
+  // DPO turns dropout off unless model.dropout sets it (train/trainer.cpp's build_model).
+  const double dropout = cfg.model.dropout >= 0 ? cfg.model.dropout : cfg.preference_training() ? 0.0 : -1.0;
+  if (dropout >= 0) in.model.resid_pdrop = in.model.embd_pdrop = in.model.attn_pdrop = dropout;
   const int64_t vocab = in.model.vocab_size;
   const auto chat = cfg.data.train.empty() ? std::nullopt : shard_chat(glob_files(cfg.data.train));
   in.model.vocab_size = vocab_for_data(chat, vocab, cfg.model.resize_vocab);
@@ -45,6 +47,15 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
   in.global_batch = cfg.train.global_batch_size > 0 ? cfg.train.global_batch_size
                     : cfg.micro_batch_auto()        ? 0
                                                     : cfg.train.micro_batch_size * accum * world_size;
+  if (cfg.preference_training()) {  // each sample a pair of rows, not packed
+    in.sequences_per_sample = 2;
+    in.packed_documents = false;
+    in.target_logprobs = cfg.train.chunked_loss;
+    in.reference_forward = cfg.dpo.reference != "precomputed";
+    if (cfg.dpo.reference == "model") {  // the copy: 16-bit under a 16-bit autocast
+      in.reference_weights = (in.amp == c10::kFloat ? 4 : 2) * in.model.num_parameters();
+    }
+  }
   if (cfg.lora()) {
     const LoraConfig lora = cfg.lora_config();
     in.lora_rank = lora.rank;

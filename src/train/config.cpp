@@ -66,7 +66,8 @@ void TrainConfig::visit(Visitor& v) {
            "each attending only to itself; \"concat\" cuts one stream into windows. \"auto\": documents for "
            "document shards, concat for plain text");
   v.choice(data.too_long, "data.too_long", "truncate", {"truncate", "error"},
-           "A packed document longer than data.seq_len + 1 tokens: cut to its start (counted in the log), or an error");
+           "A packed document longer than data.seq_len + 1 tokens: cut to its start (counted in the log), or an error. "
+           "A preference pair: its prompt's beginning first, then its continuations' ends");
   v.choice(attention.packed, "attention.packed", "mask", {"mask", "varlen"},
            "How packed documents attend on the GPU: \"mask\" (a block-diagonal mask, every device; cuDNN attention "
            "is off for that call), or \"varlen\" (variable-length flash attention: no T x T mask, CUDA under "

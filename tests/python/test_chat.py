@@ -478,6 +478,42 @@ class ChatTest(WorkDirTest):
         self.assertLess(metric, 1e-5)
         self.assertLess(diff, 1e-2 * moved)
 
+    def test_conversational_preference_pairs_give_transformers_ids_and_train_with_dpo(self):
+        """TRL's conversational preference form: the prompt's messages, then one chosen and one
+        rejected assistant message. Each side is transformers' rendering of prompt + side, its
+        targets the side's assistant mask; DPO trains on them and saves the template's tokenizer."""
+        rng = random.Random(5)
+        rows = []
+        for c in self.convs:
+            last = c["messages"][-1]
+            other = " ".join(rng.choice(WORDS) for _ in range(len(last["content"].split()) + 1))
+            rows.append({"prompt": c["messages"][:-1], "chosen": [last],
+                         "rejected": [{"role": "assistant", "content": other}]})
+        out, manifest = self.tokenize("chatml", "--prompt-field", "prompt", "--chosen-field", "chosen",
+                                      "--rejected-field", "rejected", inputs=[write_jsonl(self.path("prefs.jsonl"), rows)],
+                                      out=self.path("prefs"))
+        self.assertEqual((manifest["kind"], manifest["examples"]["train"]), ("preference", len(rows)))
+        self.assertEqual(manifest["tokenizer"]["added_tokens"], ["<|im_start|>", "<|im_end|>"])
+        docs = documents(out)
+        tok = self.reference(manifest)
+        for side, key in enumerate(("chosen", "rejected")):
+            convs = [{"prompt": r["prompt"], "completion": r[key]} for r in rows]
+            self.assertEqual(self.compare(tok, docs[side::2], convs, last_run), (0, 0), key)
+        print(f"[chat] conversational preference pairs: {len(rows)} x 2 sides, 0 id and 0 target mismatches against "
+              f"transformers' apply_chat_template")
+        # The same messages on both sides are refused.
+        same = [{"prompt": rows[0]["prompt"], "chosen": rows[0]["chosen"], "rejected": rows[0]["chosen"]}]
+        r = run("tokenize", "--tokenizer", self.tok, "--input", write_jsonl(self.path("same.jsonl"), same),
+                "--output-dir", self.path("same"), "--chat-template", "chatml", "--prompt-field", "prompt",
+                "--chosen-field", "chosen", "--rejected-field", "rejected", "--no-progress")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("same.jsonl:1: the chosen field \"chosen\" and the rejected field \"rejected\" hold the same "
+                      "messages", r.stderr)
+        final = self.train("dpo_chat", out, train={"objective": "dpo"})
+        with open(os.path.join(final, "config.json")) as f:
+            self.assertEqual(json.load(f)["vocab_size"], (self.vocab + 2 + 63) // 64 * 64)
+        self.assertTrue(os.path.exists(os.path.join(final, "chat_template.jinja")))
+
     def test_settings_that_would_leave_the_new_rows_untrained_or_misread_are_refused(self):
         shards, _ = self.tokenize("chatml", out=self.path("data"))
         needed = self.vocab + 2

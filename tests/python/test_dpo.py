@@ -230,10 +230,10 @@ class DpoTest(WorkDirTest):
         # instead of sqrt(v) blowing up the rounding of near-zero gradients to a whole step.
         c = self.config(lr=0.5, eps=1.0)
         results = {}
-        for micro, world in ((8, 1), (2, 1), (1, 1), (2, 2)):
+        for micro, world, chunked in ((8, 1, True), (2, 1, True), (1, 1, True), (2, 2, True), (2, 1, False)):
             cc = copy.deepcopy(c)
-            cc["train"]["micro_batch_size"] = micro
-            name = f"split_{micro}x{8 // micro // world}_{world}ranks"
+            cc["train"].update({"micro_batch_size": micro, "chunked_loss": chunked})
+            name = f"split_{micro}x{8 // micro // world}_{world}ranks" + ("" if chunked else "_eager")
             if world == 1:
                 ref.run_trainer(BIN, cc, self.tmp, name)
             else:
@@ -285,7 +285,8 @@ class DpoTest(WorkDirTest):
         compare("checkpointing all vs none", go("combo_ckpt", {"model": {"activation_checkpointing": "all"}})[0],
                 straight, 1e-6)
         backed, r = go("combo_oom", env={"GPT2FT_FAULT_OOM_ABOVE_MICRO": "2"})
-        self.assertIn("OUT OF MEMORY", r.stderr)
+        self.assertIn("with micro batch 4 (", r.stderr)
+        self.assertIn("backing off to micro batch 2 x accumulation 4", r.stderr)  # 8 pairs: 2 x 4
         compare("out-of-memory back-off 4 -> 2", backed, straight, 1e-5)
         crashed, _ = go("combo_crash", env={"GPT2FT_FAULT_CRASH_AFTER_STEP": "3"}, expect=137)
         go("combo_crash", {"train": {"micro_batch_size": 2}})

@@ -57,11 +57,12 @@ def train_tokenizer(out_dir, texts):
 
 
 def read_document_shard(path):
-    """Our document shard format, read with numpy: (tokens, document starts, target flags)."""
+    """Our document (or preference) shard format, read with numpy: (tokens, document starts, target flags)."""
     with open(path, "rb") as f:
         raw = f.read()
     header = np.frombuffer(raw, dtype=np.int32, count=256)
-    assert header[0] == 20261201 and header[1] in (1, 2), f"{path}: magic/version {header[:2]}"
+    # a document shard (20261201, version 1 or 2), or a preference shard (20261206: the same layout)
+    assert (header[0], header[1]) in ((20261201, 1), (20261201, 2), (20261206, 1)), f"{path}: magic/version {header[:2]}"
     n, width, docs = int(header[2]), int(header[3]), int(header[4])
     tokens = np.frombuffer(raw, dtype=np.uint16 if width == 2 else np.uint32, count=n, offset=1024)
     at = (1024 + n * width + 3) // 4 * 4

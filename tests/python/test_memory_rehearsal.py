@@ -255,7 +255,11 @@ class PlannerAgainstCountTest(WorkDirTest):
             ("dropout 0.1, bf16", ["model.dropout=0.1", "amp.dtype=bfloat16"]),
             ("packed documents", ["PACKED"]),
             ("packed documents, bf16, checkpointing every 2nd", ["PACKED", "amp.dtype=bfloat16",
-                                                                 "model.activation_checkpointing=2"])]
+                                                                 "model.activation_checkpointing=2"]),
+            ("DPO, precomputed reference", ["PREF"]),
+            ("DPO, frozen copy, bf16", ["PREF", "dpo.reference=model", "amp.dtype=bfloat16"]),
+            ("DPO, LoRA r=8, base reference, checkpointing all", ["PREF", "model.lora.rank=8", "dpo.reference=base",
+                                                                  "model.activation_checkpointing=all"])]
 
     def test_planner_within_ten_percent_of_the_counted_peak(self):
         T, vocab = 64, 512
@@ -269,6 +273,18 @@ class PlannerAgainstCountTest(WorkDirTest):
         targets = rng.random(tokens.size) < 0.6
         os.makedirs(os.path.join(self.tmp, "docs"))
         write_document_shard(os.path.join(self.tmp, "docs", "train_000000.bin"), tokens, starts, targets)
+        # Preference pairs: one prompt, two continuations, each side at most T+1 tokens.
+        tokens, starts, targets = [], [], []
+        for _ in range(60):
+            prompt = [vocab - 1] + rng.integers(0, vocab - 1, size=int(rng.integers(2, T // 2))).tolist()
+            for _side in range(2):
+                continuation = rng.integers(0, vocab - 1, size=int(rng.integers(2, T // 2))).tolist() + [vocab - 1]
+                starts.append(len(tokens))
+                tokens += prompt + continuation
+                targets += [False] * len(prompt) + [True] * len(continuation)
+        os.makedirs(os.path.join(self.tmp, "pref"))
+        write_document_shard(os.path.join(self.tmp, "pref", "train_000000.bin"), tokens, starts, targets,
+                             magic=20261206, version=1)
         cfg = os.path.join(self.tmp, "plan.json")
         with open(cfg, "w") as f:
             json.dump({"model": {"init_from": model, "dropout": 0.0},
@@ -283,6 +299,9 @@ class PlannerAgainstCountTest(WorkDirTest):
                     if s == "PACKED":
                         args += ["--set", "data.train=" + os.path.join(self.tmp, "docs", "train_*.bin"),
                                  "--set", "data.packing=documents"]
+                    elif s == "PREF":
+                        args += ["--set", "data.train=" + os.path.join(self.tmp, "pref", "train_*.bin"),
+                                 "--set", "train.objective=dpo"]
                     elif not s.startswith("train.global_batch_size"):
                         args += ["--set", s]
                 r = subprocess.run(args, capture_output=True, text=True, timeout=300)

@@ -51,6 +51,13 @@ struct MemoryPlanInput {
   bool quantize_embeddings = false;   // ... for the embeddings too (train.adamw_8bit.embeddings "8bit")
   bool lora_embeddings = false;       // LoRA trains the embedding in full (a chat template's new tokens)
   bool packed_documents = false;      // document shards packed whole: positions and an attention mask per sequence
+  // Preference training (DPO): a sample is a pair of rows, the loss takes per-row log-probs
+  // (the LM head's gradient is formed in backward), and the reference may add a frozen copy's
+  // weights and a no-grad forward per micro batch (train/preference_reference.h).
+  int64_t sequences_per_sample = 1;   // 2 for DPO: "per sequence" below is then per pair
+  bool target_logprobs = false;       // the loss is linear_target_logprobs, not linear_cross_entropy
+  int64_t reference_weights = 0;      // dpo.reference "model": the copy's bytes
+  bool reference_forward = false;     // dpo.reference "base" or "model": a reference pass per micro batch
 };
 
 struct MemoryPlan {
@@ -62,6 +69,7 @@ struct MemoryPlan {
                                  // plus the one block being recomputed)
   int64_t workspace = 0;         // cuBLAS workspace
   int64_t gradient_buckets = 0;  // data parallel: the flat all-reduce buckets (a float32 copy of the gradients)
+  int64_t reference = 0;         // DPO's frozen reference copy (dpo.reference "model")
   // Gradients.
   int64_t gradients = 0;          // float32 gradients of trained parameters (all of them)
   int64_t lm_head_gradient = 0;   // d lm_head weight (float32, V x C), formed in the loss's forward
@@ -82,6 +90,8 @@ struct MemoryPlan {
   int64_t backward_per_sequence = 0;     // backward's own buffers: d residual, a block's transient gradients,
                                          // and a checkpointed block's recomputed activations
   int64_t residual_gradient_per_sequence = 0;  // d residual at the end of backward
+  int64_t reference_per_sequence = 0;          // DPO's reference pass after the policy's forward: its transient
+                                               // residual stream and one block's intermediates
   // Recomputing the lowest checkpointed block, late in backward: without accumulation the
   // gradients of everything above it exist by then, while little is left of the activations.
   int64_t first_recompute_gradients = 0;
@@ -111,7 +121,7 @@ struct MemoryPlan {
   nlohmann::json to_json(int64_t budget) const;
 
  private:
-  int64_t resident() const { return weights + optimizer + amp_copies + workspace + gradient_buckets; }
+  int64_t resident() const { return weights + optimizer + amp_copies + workspace + gradient_buckets + reference; }
   int64_t held_gradients(int64_t m) const { return per_rank_batch > 0 && m >= per_rank_batch ? 0 : gradients; }
 };
 
