@@ -291,6 +291,9 @@ class DpoTest(WorkDirTest):
         crashed, _ = go("combo_crash", env={"GPT2FT_FAULT_CRASH_AFTER_STEP": "3"}, expect=137)
         go("combo_crash", {"train": {"micro_batch_size": 2}})
         compare("crash after step 3, resumed at micro batch 2", crashed, straight, 1e-5)
+        same, _ = go("combo_same", env={"GPT2FT_FAULT_CRASH_AFTER_STEP": "3"}, expect=137)
+        go("combo_same")
+        compare("crash after step 3, resumed as it was (bitwise)", same, straight, 0.0)
         # The precomputed reference is reused by a resume, not scored again.
         pre, _ = go("combo_pre", {"dpo": {"reference": "precomputed"}}, env={"GPT2FT_FAULT_CRASH_AFTER_STEP": "3"},
                     expect=137)
@@ -303,6 +306,38 @@ class DpoTest(WorkDirTest):
               f"{b[-1]['loss']:.4f}")
         self.assertLess(max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)), 5e-3)  # follows float32
         self.assertNotEqual([r["loss"] for r in a], [r["loss"] for r in b])  # autocast really ran
+
+    def test_freezing_offload_and_8bit_adamw_combine(self):
+        """Full fine-tuning: a frozen block under activation checkpointing stays put while the
+        others train; AdamW's state on the host gives the same weights; 8-bit AdamW trains."""
+        before = load_file(os.path.join(self.model_dir, "model.safetensors"))
+        c = self.config(lr=1e-2)
+        c["model"].update({"freeze_blocks": 1, "activation_checkpointing": "all"})
+        frozen, _, _ = ref.run_trainer(BIN, c, self.tmp, "freeze_ckpt")
+        moved = {k: (frozen[k] - before[k]).abs().max().item() for k in before}
+        block0 = max(v for k, v in moved.items() if k.startswith("transformer.h.0."))
+        block1 = min(v for k, v in moved.items() if k.startswith("transformer.h.1.") and "ln_" not in k)
+        print(f"[dpo] freeze_blocks 1 + checkpointing all: block 0 moved {block0:.3g}, block 1 at least {block1:.3g}")
+        self.assertEqual(block0, 0.0)
+        self.assertGreater(block1, 0.0)
+        c = self.config(lr=1e-2)
+        plain, _, _ = ref.run_trainer(BIN, c, self.tmp, "host_plain")
+        c["train"]["optimizer_offload"] = "cpu"
+        host, _, _ = ref.run_trainer(BIN, c, self.tmp, "host_offload")
+        diff = ref.max_weight_diff(host, plain)
+        print(f"[dpo] optimizer_offload cpu vs on the device: weights max|diff| {diff:.3g}")
+        self.assertLess(diff, 1e-6)
+        # 8-bit AdamW (c_fc's 4096 values and up in 8-bit blocks) follows AdamW's losses.
+        c = self.config(lr=1e-2, optimizer="adamw_8bit")
+        _, metrics, _ = ref.run_trainer(BIN, c, self.tmp, "adamw8bit")
+        eight = [r["loss"] for r in metrics if "loss" in r]
+        full = [r["loss"] for r in train_rows(os.path.join(self.tmp, "host_plain"))]
+        gap = max(abs(a - b) for a, b in zip(eight, full))
+        print(f"[dpo] 8-bit AdamW: losses {['%.4f' % x for x in eight]} vs AdamW's {['%.4f' % x for x in full]}, "
+              f"max gap {gap:.3g}")
+        self.assertEqual(len(eight), len(full))
+        self.assertLess(gap, 0.02)
+        self.assertNotEqual(eight, full)
 
     def test_bad_input_is_a_clear_error(self):
         bad = [json.dumps(self.rows[0]), json.dumps({"prompt": "Q", "chosen": " a"}),
