@@ -143,3 +143,43 @@ TEST_F(LinearCrossEntropyCuda, MatchesEagerInFloat32Bfloat16AndFloat16) {
 
 }  // namespace
 }  // namespace gpt2ft
+
+namespace gpt2ft {
+namespace {
+
+// Per-row target log-probs against PyTorch's log_softmax + gather, with a different incoming
+// gradient on every row (as a preference loss gives) and the weight used elsewhere too.
+Result run_logprobs(bool chunked, int64_t chunk, c10::ScalarType amp) {
+  torch::manual_seed(1);
+  const int64_t N = 29, C = 16, V = 83;
+  torch::Tensor h = torch::randn({N, C}).requires_grad_(true);
+  torch::Tensor w = (0.3 * torch::randn({V, C})).requires_grad_(true);
+  const torch::Tensor t = torch::randint(0, V, {N});
+  const torch::Tensor weights = torch::randn({N});  // d loss / d logprob per row
+  torch::Tensor logprobs;
+  {
+    AutocastGuard autocast(c10::kCPU, amp);
+    logprobs = chunked ? linear_target_logprobs(h, w, t, chunk)
+                       : torch::log_softmax(torch::linear(h, w).to(torch::kFloat), 1).gather(1, t.unsqueeze(1)).squeeze(1);
+  }
+  ((logprobs * weights).sum() + w.sum() * 0.01).backward();
+  return {logprobs.detach(), h.grad(), w.grad()};
+}
+
+TEST(LinearCrossEntropy, TargetLogprobsMatchLogSoftmaxAndTheirPerRowGradients) {
+  const Result ref = run_logprobs(false, 0, c10::kFloat);
+  for (const int64_t chunk : {1, 4, 29, 64, 0}) {
+    SCOPED_TRACE(::testing::Message() << "chunk rows " << chunk);
+    const Result got = run_logprobs(true, chunk, c10::kFloat);
+    EXPECT_LT(rel(got.loss, ref.loss), 1e-6);
+    EXPECT_LT(rel(got.grad_hidden, ref.grad_hidden), 1e-5);
+    EXPECT_LT(rel(got.grad_weight, ref.grad_weight), 1e-5);
+  }
+  const Result bf16_ref = run_logprobs(false, 0, c10::kBFloat16), bf16 = run_logprobs(true, 8, c10::kBFloat16);
+  EXPECT_LT(rel(bf16.loss, bf16_ref.loss), 1e-5);
+  EXPECT_LT(rel_l2(bf16.grad_hidden, bf16_ref.grad_hidden), 1e-2);
+  EXPECT_LT(rel_l2(bf16.grad_weight, bf16_ref.grad_weight), 1e-2);
+}
+
+}  // namespace
+}  // namespace gpt2ft

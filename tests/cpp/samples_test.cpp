@@ -283,3 +283,103 @@ TEST(Samples, DocumentMaskFollowsTheRuleWithAlignedRows) {
 
 }  // namespace
 }  // namespace gpt2ft
+
+namespace gpt2ft {
+namespace {
+
+// One preference example as tokenize writes it: eot + prompt + each continuation + eot.
+void add_pair(const std::vector<uint32_t>& prompt, const std::vector<uint32_t>& chosen,
+              const std::vector<uint32_t>& rejected, std::vector<uint32_t>& tokens, ShardDocuments& docs) {
+  for (const auto* continuation : {&chosen, &rejected}) {
+    docs.starts.push_back(static_cast<uint32_t>(tokens.size()));
+    tokens.push_back(kEot);
+    docs.targets.push_back(false);
+    for (const uint32_t t : prompt) tokens.push_back(t), docs.targets.push_back(false);
+    for (const uint32_t t : *continuation) tokens.push_back(t), docs.targets.push_back(true);
+    tokens.push_back(kEot);
+    docs.targets.push_back(true);
+  }
+  docs.pairs = true;
+}
+
+std::vector<uint32_t> range(uint32_t from, uint32_t count) {
+  std::vector<uint32_t> out;
+  for (uint32_t i = 0; i < count; ++i) out.push_back(from + i);
+  return out;
+}
+
+TEST(Samples, PairsAreReadAsTwoRowsAndCutAtThePromptsBeginningFirst) {
+  test::TempDir tmp;
+  std::vector<uint32_t> tokens;
+  ShardDocuments docs;
+  add_pair(range(1, 3), range(10, 2), range(20, 4), tokens, docs);    // sides of 7 and 9 tokens: fits T+1 = 9
+  add_pair(range(30, 6), range(40, 2), range(50, 3), tokens, docs);   // 10 and 11: 2 prompt tokens go
+  add_pair(range(60, 2), range(70, 12), range(80, 1), tokens, docs);  // 16: the prompt but its last, then the end
+  write_shard(tmp.path() / "p.bin", tokens, 2, &docs);
+  const Samples s({tmp.path() / "p.bin"}, options_for(8));
+  ASSERT_EQ(s.packing(), Packing::kPairs);
+  ASSERT_EQ(s.size(), 3);
+  ASSERT_EQ(s.sequences_per_sample(), 2);
+  std::vector<int64_t> x(8), y(8);
+  const auto row = [&](int64_t sample, int side) {
+    const int64_t n = s.read_pair(sample, side, x.data(), y.data());
+    return std::make_pair(n, std::vector<int64_t>(x.begin(), x.end()));
+  };
+  const int64_t I = kIgnoreTarget;
+  // Example 0 fits: eot 1 2 3 10 11 eot, targets 10 11 eot (and for the rejected 20..23 eot).
+  auto [n0, x0] = row(0, 0);
+  EXPECT_EQ(n0, 3);
+  EXPECT_EQ(x0, (std::vector<int64_t>{96, 1, 2, 3, 10, 11, 0, 0}));
+  EXPECT_EQ(std::vector<int64_t>(y.begin(), y.end()), (std::vector<int64_t>{I, I, I, 10, 11, 96, I, I}));
+  EXPECT_EQ(row(0, 1).first, 5);
+  // Example 1: its longer side (11 tokens) is 2 over T+1 = 9: eot and 30 go from both sides,
+  // which keep every target.
+  auto [n1, x1] = row(1, 1);
+  EXPECT_EQ(n1, 4);
+  EXPECT_EQ(x1, (std::vector<int64_t>{31, 32, 33, 34, 35, 50, 51, 52}));
+  EXPECT_EQ(std::vector<int64_t>(y.begin(), y.end()), (std::vector<int64_t>{I, I, I, I, 50, 51, 52, 96}));
+  EXPECT_EQ(row(1, 0).second, (std::vector<int64_t>{31, 32, 33, 34, 35, 40, 41, 0}));
+  // Example 2: 16 tokens; the prompt keeps only its last token (61), then the continuation's end goes.
+  auto [n2, x2] = row(2, 0);
+  EXPECT_EQ(n2, 8);
+  EXPECT_EQ(x2, (std::vector<int64_t>{61, 70, 71, 72, 73, 74, 75, 76}));
+  EXPECT_EQ(y[7], 77);
+  EXPECT_EQ(row(2, 1).second, (std::vector<int64_t>{61, 80, 0, 0, 0, 0, 0, 0}));
+  EXPECT_NE(s.describe().find("2 cut to fit"), std::string::npos) << s.describe();
+  // data.too_long "error" names the example.
+  try {
+    Samples refused({tmp.path() / "p.bin"}, options_for(8, "error"));
+    FAIL() << "a too-long example was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("example 1 of"), std::string::npos) << e.what();
+  }
+  // Another packing does not apply to pairs.
+  SampleOptions concat = options_for(8);
+  concat.packing = "concat";
+  EXPECT_THROW(Samples({tmp.path() / "p.bin"}, concat), Error);
+}
+
+TEST(Samples, PreferenceShardsWithoutOneSharedPromptAreRefused) {
+  test::TempDir tmp;
+  std::vector<uint32_t> tokens;
+  ShardDocuments docs;
+  add_pair(range(1, 3), range(10, 2), range(20, 4), tokens, docs);
+  tokens[docs.starts[1] + 2] = 7;  // the rejected side's prompt differs
+  write_shard(tmp.path() / "bad.bin", tokens, 2, &docs);
+  try {
+    ShardReader reader(tmp.path() / "bad.bin");
+    FAIL() << "pairs with two prompts were accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("example 0 (documents 0 and 1) does not start its chosen and rejected"),
+              std::string::npos)
+        << e.what();
+  }
+  ShardDocuments odd;
+  odd.starts = {0};
+  odd.targets = {false, true};
+  odd.pairs = true;
+  EXPECT_THROW(write_shard(tmp.path() / "odd.bin", {96, 5}, 2, &odd), Error);
+}
+
+}  // namespace
+}  // namespace gpt2ft
