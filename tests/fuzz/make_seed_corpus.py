@@ -28,6 +28,18 @@ def shard(tokens, width=2):
     return header.tobytes() + np.asarray(tokens, dtype=np.uint16 if width == 2 else np.uint32).tobytes()
 
 
+def preference_seeds():
+    """Preference shards (magic 20261206): a valid pair, one whose sides' prompts differ and one
+    with an odd document count (both with valid checksums), and a damaged one."""
+    kind = {"magic": 20261206, "version": 1}
+    pair = document_shard_bytes([9, 1, 2, 5, 9, 9, 1, 2, 6, 7, 9], [0, 5], [0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1], **kind)
+    yield "preference.bin", pair
+    yield "preference_two_prompts.bin", document_shard_bytes([9, 1, 2, 5, 9, 9, 3, 2, 6, 9], [0, 5],
+                                                             [0, 0, 0, 1, 1, 0, 0, 0, 1, 1], **kind)
+    yield "preference_odd.bin", document_shard_bytes([9, 1, 5, 9], [0], [0, 0, 1, 1], **kind)
+    yield "preference_bad_checksum.bin", pair[:-1] + bytes([pair[-1] ^ 2])
+
+
 def chat_templates(here):
     """The built-in templates' kind of text, the test's templates, refused constructs and a few
     broken ones."""
@@ -74,6 +86,8 @@ def main():
     put("shard_header", "documents_cut.bin", docs[:-4])
     unordered = document_shard_bytes([9, 1, 2, 3, 9, 9, 4, 9], [0, 5, 3], [0] * 8)
     put("shard_header", "documents_unordered.bin", unordered)
+    for name, data in preference_seeds():
+        put("shard_header", name, data)
 
     gpt2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
             "n_head": 12, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
