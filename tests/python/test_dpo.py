@@ -13,15 +13,14 @@ import subprocess
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
 import train_reference as ref
 from common import WorkDirTest
 from make_dpo_golden import trl_dpo_loss
-from test_distributed import finish, free_port, start_ranks, write_config
-from test_instruction import WORDS, make_pairs, run, train_tokenizer, write_jsonl
+from test_distributed import write_config
+from test_instruction import WORDS, make_pairs, run, train_splits, train_tokenizer, write_jsonl
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 T = 64
@@ -229,21 +228,8 @@ class DpoTest(WorkDirTest):
         # eps 1: AdamW's update is then about lr * m, so the weights show the gradients' differences
         # instead of sqrt(v) blowing up the rounding of near-zero gradients to a whole step.
         c = self.config(lr=0.5, eps=1.0)
-        results = {}
-        for micro, world, chunked in ((8, 1, True), (2, 1, True), (1, 1, True), (2, 2, True), (2, 1, False)):
-            cc = copy.deepcopy(c)
-            cc["train"].update({"micro_batch_size": micro, "chunked_loss": chunked})
-            name = f"split_{micro}x{8 // micro // world}_{world}ranks" + ("" if chunked else "_eager")
-            if world == 1:
-                ref.run_trainer(BIN, cc, self.tmp, name)
-            else:
-                cc["distributed"] = {"backend": "gloo"}
-                path, _ = write_config(cc, self.tmp, name)
-                for rank, (rc, err) in enumerate(finish(start_ranks(path, world, free_port()))):
-                    self.assertEqual(rc, 0, f"rank {rank}: {err[-3000:]}")
-            out = os.path.join(self.tmp, name)
-            results[name] = (load_file(os.path.join(out, "final", "model.safetensors")), train_rows(out))
-        base_w, base_rows = results["split_8x1_1ranks"]
+        results = train_splits(self, c, ((8, 1, True), (2, 1, True), (1, 1, True), (2, 2, True), (2, 1, False)))
+        base_w, base_rows = results["split_8x1_1ranks_chunked"]
         for name, (w, rows) in results.items():
             diff = ref.max_weight_diff(w, base_w)
             loss = max(abs(a["loss"] / b["loss"] - 1) for a, b in zip(rows, base_rows))

@@ -98,6 +98,26 @@ def weights_of(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
 
+def train_splits(test, cfg, cases):
+    """Trains `cfg` (a global batch of 8) once per (micro batch, ranks, chunked loss) in `cases`;
+    returns {name: (final weights, training rows)}, names like split_2x4_1ranks_chunked."""
+    results = {}
+    for micro, world, chunked in cases:
+        cc = copy.deepcopy(cfg)
+        cc["train"].update({"micro_batch_size": micro, "chunked_loss": chunked})
+        name = f"split_{micro}x{8 // micro // world}_{world}ranks_{'chunked' if chunked else 'eager'}"
+        if world == 1:
+            ref.run_trainer(BIN, cc, test.tmp, name)
+        else:
+            cc["distributed"] = {"backend": "gloo"}
+            path, _ = write_config(cc, test.tmp, name)
+            for rank, (rc, err) in enumerate(finish(start_ranks(path, world, free_port()))):
+                test.assertEqual(rc, 0, f"rank {rank}: {err[-3000:]}")
+        out = os.path.join(test.tmp, name)
+        results[name] = (weights_of(out), train_rows(out))
+    return results
+
+
 class InstructionTest(WorkDirTest):
     @classmethod
     def setUpClass(cls):
@@ -247,20 +267,7 @@ class InstructionTest(WorkDirTest):
 
     def test_every_split_of_the_global_batch_and_two_ranks_give_the_same_update(self):
         c = base_config(self.model_dir, self.glob)
-        results = {}
-        for micro, world, chunked in ((8, 1, True), (2, 1, True), (1, 1, True), (2, 1, False), (2, 2, True)):
-            cc = copy.deepcopy(c)
-            cc["train"].update({"micro_batch_size": micro, "chunked_loss": chunked})
-            name = f"split_{micro}x{8 // micro // world}_{world}ranks_{'chunked' if chunked else 'eager'}"
-            if world == 1:
-                ref.run_trainer(BIN, cc, self.tmp, name)
-            else:
-                cc["distributed"] = {"backend": "gloo"}
-                path, _ = write_config(cc, self.tmp, name)
-                for rank, (rc, err) in enumerate(finish(start_ranks(path, world, free_port()))):
-                    self.assertEqual(rc, 0, f"rank {rank}: {err[-3000:]}")
-            out = os.path.join(self.tmp, name)
-            results[name] = (weights_of(out), train_rows(out))
+        results = train_splits(self, c, ((8, 1, True), (2, 1, True), (1, 1, True), (2, 1, False), (2, 2, True)))
         base_w, base_rows = results["split_8x1_1ranks_chunked"]
         for name, (w, rows) in results.items():
             diff = ref.max_weight_diff(w, base_w)
