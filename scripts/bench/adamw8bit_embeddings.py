@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_bench import BUILD, corpus_arguments, parse_corpus_arguments, print_table  # noqa: E402
+from data_bench import BUILD, corpus_arguments, init_model, parse_corpus_arguments, print_table  # noqa: E402
 
 
 def main():
@@ -38,12 +38,7 @@ def main():
         shards = os.path.join(work, "shards")
         subprocess.run([exe, "tokenize", "--tokenizer", args.vocab, "--input", corpus, "--output-dir", shards,
                         "--val-fraction", "0.02", "--no-progress"], check=True, capture_output=True)
-        shape = os.path.join(work, "shape.json")
-        with open(shape, "w") as f:
-            json.dump({"n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 50257, "n_positions": 128}, f)
-        model = os.path.join(work, "model")
-        subprocess.run([exe, "init", "--config-json", shape, "--tokenizer", args.vocab, "--output", model],
-                       check=True, capture_output=True)
+        model = init_model(exe, work, args.vocab, n_layer=4, n_head=4, n_embd=128, vocab_size=50257, n_positions=128)
         runs = [("AdamW", 50304, "adamw", "float32"),
                 ("8-bit AdamW", 50257, "adamw_8bit", "float32"),
                 ("8-bit AdamW, embeddings 8-bit (torchao's rule)", 50304, "adamw_8bit", "8bit"),

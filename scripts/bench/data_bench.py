@@ -55,6 +55,18 @@ def parse_corpus_arguments(ap):
     return args
 
 
+def init_model(exe, work, vocab, **shape):
+    """A GPT-2-initialised model of `shape` (config.json fields) made by `gpt2-finetune init`
+    under work/model, with the tokenizer files of `vocab`; returns its folder."""
+    path = os.path.join(work, "shape.json")
+    with open(path, "w") as f:
+        json.dump(shape, f)
+    model = os.path.join(work, "model")
+    subprocess.run([exe, "init", "--config-json", path, "--tokenizer", vocab, "--output", model], check=True,
+                   capture_output=True)
+    return model
+
+
 def print_table(headers, rows):
     """A markdown table of already formatted cells."""
     print("| " + " | ".join(headers) + " |")

@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_bench import BUILD, corpus_arguments, parse_corpus_arguments, print_table  # noqa: E402
+from data_bench import BUILD, corpus_arguments, init_model, parse_corpus_arguments, print_table  # noqa: E402
 
 
 def write_data(text, work, n=400):
@@ -55,12 +55,7 @@ def main():
             subprocess.run([exe, "tokenize", "--tokenizer", args.vocab, "--input", path, "--output-dir",
                             os.path.join(work, name), "--prompt-field", "prompt", *fields[name], "--val-fraction", "0",
                             "--no-progress"], check=True, capture_output=True)
-        shape = os.path.join(work, "shape.json")
-        with open(shape, "w") as f:
-            json.dump({"n_layer": 4, "n_head": 4, "n_embd": 256, "vocab_size": 50257, "n_positions": 64}, f)
-        model = os.path.join(work, "model")
-        subprocess.run([exe, "init", "--config-json", shape, "--tokenizer", args.vocab, "--output", model],
-                       check=True, capture_output=True)
+        model = init_model(exe, work, args.vocab, n_layer=4, n_head=4, n_embd=256, vocab_size=50257, n_positions=64)
 
         def peak(name, reference, lora, amp):
             out = os.path.join(work, f"run_{name}_{reference}_{lora}_{amp}")
