@@ -88,15 +88,14 @@ class CopyReference final : public PreferenceReference {
  public:
   CopyReference(GPT2& policy, c10::ScalarType amp, bool chunked) : copy_(policy->config()), chunked_(chunked) {
     torch::NoGradGuard no_grad;
-    GPT2& source = policy;
     auto wanted = copy_->named_parameters();
-    for (const auto& item : source->named_parameters()) {
+    for (const auto& item : policy->named_parameters()) {
       if (is_lora_parameter(item.key())) continue;
       torch::Tensor* p = wanted.find(item.key());
       if (p == nullptr) throw Error("dpo.reference \"model\": the copy has no parameter " + item.key());
       p->set_data(item.value().detach().to(torch::kFloat).clone());
     }
-    copy_->to(source->transformer->wte->weight.device());
+    copy_->to(policy->transformer->wte->weight.device());
     fold_adapters(policy);
     const c10::ScalarType dtype = amp == c10::kFloat ? c10::kFloat : amp;
     for (auto& p : copy_->parameters()) {
@@ -135,7 +134,7 @@ class CopyReference final : public PreferenceReference {
 class PrecomputedReference final : public PreferenceReference {
  public:
   PrecomputedReference(const TrainConfig& cfg, GPT2& policy, c10::ScalarType amp, Communicator& comm,
-                       c10::Device device) {
+                       c10::Device device, int64_t per_pass) {
     const fs::path path = fs::path(cfg.output_dir) / "reference_logps.safetensors";
     nlohmann::json key = run_fingerprint(cfg);
     key["data.val"] = cfg.data.val.empty() ? "" : fs::absolute(cfg.data.val).lexically_normal().string();
@@ -148,8 +147,10 @@ class PrecomputedReference final : public PreferenceReference {
       return;
     }
     const auto started = std::chrono::steady_clock::now();
-    train_ = score(cfg, cfg.data.train, "data.train", 0, policy, amp, comm, device);
-    if (!cfg.data.val.empty()) val_ = score(cfg, cfg.data.val, "data.val", cfg.eval.max_sequences, policy, amp, comm, device);
+    train_ = score(cfg, cfg.data.train, "data.train", 0, per_pass, policy, amp, comm, device);
+    if (!cfg.data.val.empty()) {
+      val_ = score(cfg, cfg.data.val, "data.val", cfg.eval.max_sequences, per_pass, policy, amp, comm, device);
+    }
     if (comm.is_main()) {
       NamedTensors tensors = {{"train", train_}};
       if (val_.defined()) tensors.emplace_back("val", val_);
@@ -192,8 +193,8 @@ class PrecomputedReference final : public PreferenceReference {
 
   // (S, 2) log-prob sums of every example of `pattern`, rank r scoring examples r, r+W, ...
   static torch::Tensor score(const TrainConfig& cfg, const std::string& pattern, const std::string& what,
-                             int64_t max_examples, GPT2& policy, c10::ScalarType amp, Communicator& comm,
-                             c10::Device device) {
+                             int64_t max_examples, int64_t per_pass, GPT2& policy, c10::ScalarType amp,
+                             Communicator& comm, c10::Device device) {
     SampleOptions so;
     so.seq_len = cfg.data.seq_len;
     so.too_long = cfg.data.too_long;
@@ -209,7 +210,6 @@ class PrecomputedReference final : public PreferenceReference {
     for (int64_t i = comm.rank(); i < S; i += comm.world_size()) mine.push_back(i);
     torch::Tensor table = torch::zeros({S, 2}, torch::TensorOptions().device(device));
     if (!mine.empty()) {
-      int64_t per_pass = cfg.eval.batch_size > 0 ? cfg.eval.batch_size : std::max<int64_t>(1, cfg.train.micro_batch_size);
       AutocastGuard autocast(device.type(), amp);
       const torch::Tensor scores = score_in_passes(samples, mine, per_pass, device, [&](const Batch& b) {
         return reference_row_logprobs(policy, b, cfg.train.chunked_loss);
@@ -227,10 +227,11 @@ class PrecomputedReference final : public PreferenceReference {
 
 std::unique_ptr<PreferenceReference> make_preference_reference(const TrainConfig& cfg, GPT2& policy,
                                                                c10::ScalarType amp, Communicator& comm,
-                                                               c10::Device device) {
+                                                               c10::Device device, int64_t micro_batch) {
   if (cfg.dpo.reference == "base") return std::make_unique<BaseReference>(cfg.train.chunked_loss);
   if (cfg.dpo.reference == "model") return std::make_unique<CopyReference>(policy, amp, cfg.train.chunked_loss);
-  return std::make_unique<PrecomputedReference>(cfg, policy, amp, comm, device);
+  return std::make_unique<PrecomputedReference>(cfg, policy, amp, comm, device,
+                                                cfg.eval.batch_size > 0 ? cfg.eval.batch_size : micro_batch);
 }
 
 }  // namespace gpt2ft

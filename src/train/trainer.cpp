@@ -276,6 +276,7 @@ class Trainer {
   void start_every_rank_alike();
   std::unique_ptr<DataLoader> make_loader() const;
   int64_t steps_to_run() const;
+  int64_t rows_per_sample() const { return loader_->holds_pairs() ? 2 : 1; }
   void log_run();
 
   TrainConfig cfg_;  // as given, with "auto" settings resolved once known
@@ -356,7 +357,7 @@ Trainer::Trainer(const TrainConfig& cfg)
   }
   nonfinite_steps_ = torch::zeros({}, torch::TensorOptions().device(device_));
   // The precomputed reference is the initial model's: scored before a checkpoint's weights load.
-  if (cfg_.preference_training()) reference_ = make_preference_reference(cfg_, model_, amp_, comm_, device_);
+  if (cfg_.preference_training()) reference_ = make_preference_reference(cfg_, model_, amp_, comm_, device_, split_.micro);
   const auto trained = trained_parameters(model_);
   for (const auto& [name, p] : trained) params_.push_back(p);
   optimizer_ = make_optimizer(cfg_, comm_, device_, trained);
@@ -386,7 +387,7 @@ Trainer::Trainer(const TrainConfig& cfg)
   reducer_ = std::make_unique<GradReducer>(comm_, params_, static_cast<int64_t>(cfg_.distributed.bucket_mb * (1 << 20)));
   validation_ = std::make_unique<Validation>(cfg_, split_.micro, amp_, comm_, device_, reference_.get());
   MetricsLog::Rates rates;
-  rates.tokens_per_step = static_cast<double>(split_.global * cfg_.data.seq_len);
+  rates.tokens_per_step = static_cast<double>(split_.global * rows_per_sample() * cfg_.data.seq_len);
   rates.flops_per_token = model_flops_per_token(model_->config(), cfg_.data.seq_len);
   if (device_.is_cuda()) rates.peak_flops = gpu_peak_flops(cuda_device_name(device_)) * static_cast<double>(split_.world);
   metrics_ = std::make_unique<MetricsLog>(fs::path(cfg_.output_dir) / "metrics.jsonl", cfg_.log.progress, max_steps_,
@@ -449,10 +450,11 @@ void Trainer::log_run() {
   for (const auto& p : params_) trained += p.numel();
   const int64_t W = split_.world;
   spdlog::info("model: {} parameters ({} trained); device {}{}; micro batch {} x accumulation {}{} = global batch {} "
-               "sequences of {} tokens; {} steps ({:.2f} epochs of {} samples); amp {}{}; AdamW {}",
+               "{} of {} tokens; {} steps ({:.2f} epochs of {} samples); amp {}{}; AdamW {}",
                mc.num_parameters(), trained, device_.str(),
                device_.is_cuda() ? " (" + cuda_device_name(device_) + ")" : "", split_.micro, split_.accumulation(),
-               W > 1 ? fmt::format(" x {} ranks", W) : "", split_.global, cfg_.data.seq_len, max_steps_,
+               W > 1 ? fmt::format(" x {} ranks", W) : "", split_.global,
+               rows_per_sample() == 2 ? "preference pairs (two rows each)" : "sequences", cfg_.data.seq_len, max_steps_,
                static_cast<double>(max_steps_ * split_.global) / loader_->samples_per_epoch(),
                loader_->samples_per_epoch(), amp_name(amp_), cfg_.amp.dtype == "auto" ? " (auto)" : "",
                cfg_.train.optimizer == "adamw_8bit"
@@ -691,7 +693,7 @@ void Trainer::log_step(int64_t step, const StepResult& r) {
                                                  static_cast<double>(at.consumed) /
                                                      static_cast<double>(loader_->samples_per_epoch())},
                         {"global_batch", split_.global},
-                        {"tokens_seen", (step + 1) * split_.global * cfg_.data.seq_len},
+                        {"tokens_seen", (step + 1) * split_.global * rows_per_sample() * cfg_.data.seq_len},
                         {"micro_batch", split_.micro}};
   if (split_.world > 1) row["world_size"] = split_.world;
   if (interval_metrics_.defined()) {  // the objective's own (DPO: TRL's rewards/*, logps/*), averaged over its examples

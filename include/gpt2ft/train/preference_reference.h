@@ -54,9 +54,10 @@ class PreferenceReference {
 
 // The run's reference. "precomputed" scores the data here with `policy` as it is (the initial
 // model: call before a checkpoint's weights are loaded), collectively over the ranks, or reads
-// the table a previous start of this run left.
+// the table a previous start of this run left, `micro_batch` examples a pass (eval.batch_size
+// when set) until memory runs out.
 std::unique_ptr<PreferenceReference> make_preference_reference(const TrainConfig& cfg, GPT2& policy,
                                                                c10::ScalarType amp, Communicator& comm,
-                                                               c10::Device device);
+                                                               c10::Device device, int64_t micro_batch);
 
 }  // namespace gpt2ft
