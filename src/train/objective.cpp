@@ -54,7 +54,8 @@ class Preference final : public Objective {
     // (2B) rows: example i's chosen in row 2i, its rejected in 2i+1.
     const torch::Tensor policy = model->forward_logprobs(batch.x, batch.y, {batch.positions, batch.target_rows}, chunked_);
     const torch::Tensor reference = reference_.logps(model, batch, /*validation=*/false);
-    const PreferenceLoss l = preference_loss_of_rows(policy, reference, row_target_counts(batch), options_);
+    const torch::Tensor counts = options_.loss == "ipo" ? row_target_counts(batch) : torch::Tensor();  // (2B)
+    const PreferenceLoss l = preference_loss_of_rows(policy, reference, counts, options_);
     const double pairs = static_cast<double>(batch.samples.size());
     const torch::Tensor metrics = torch::stack({l.chosen_reward, l.rejected_reward, l.accuracy, l.margin,
                                                 l.chosen_logp, l.rejected_logp, torch::ones_like(l.margin)}) *

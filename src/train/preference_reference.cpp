@@ -134,8 +134,9 @@ class CopyReference final : public PreferenceReference {
 class PrecomputedReference final : public PreferenceReference {
  public:
   PrecomputedReference(const TrainConfig& cfg, GPT2& policy, c10::ScalarType amp, Communicator& comm,
-                       c10::Device device, int64_t per_pass) {
-    const fs::path path = fs::path(cfg.output_dir) / "reference_logps.safetensors";
+                       c10::Device device, int64_t per_pass)
+      : path_(fs::path(cfg.output_dir) / "reference_logps.safetensors") {
+    const fs::path& path = path_;
     nlohmann::json key = run_fingerprint(cfg);
     key["data.val"] = cfg.data.val.empty() ? "" : fs::absolute(cfg.data.val).lexically_normal().string();
     key["eval.max_sequences"] = std::to_string(cfg.eval.max_sequences);
@@ -151,15 +152,19 @@ class PrecomputedReference final : public PreferenceReference {
     if (!cfg.data.val.empty()) {
       val_ = score(cfg, cfg.data.val, "data.val", cfg.eval.max_sequences, per_pass, policy, amp, comm, device);
     }
-    if (comm.is_main()) {
-      NamedTensors tensors = {{"train", train_}};
-      if (val_.defined()) tensors.emplace_back("val", val_);
-      save_safetensors(path, tensors, {{"format", "pt"}, {"gpt2ft.reference_of", key_text}});
-    }
+    unsaved_key_ = key_text;
     spdlog::info("DPO reference: the initial model scored {} training and {} validation examples in {:.1f} s "
                  "(eval mode, under the run's autocast); kept in {} for resumes",
                  train_.size(0), val_.defined() ? val_.size(0) : 0,
-                 std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(), path.string());
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(), path_.string());
+  }
+
+  void save(Communicator& comm) override {
+    if (unsaved_key_.empty() || !comm.is_main()) return;
+    NamedTensors tensors = {{"train", train_}};
+    if (val_.defined()) tensors.emplace_back("val", val_);
+    save_safetensors(path_, tensors, {{"format", "pt"}, {"gpt2ft.reference_of", unsaved_key_}});
+    unsaved_key_.clear();
   }
 
   torch::Tensor logps(GPT2&, const Batch& batch, bool validation) override {
@@ -220,6 +225,8 @@ class PrecomputedReference final : public PreferenceReference {
     return table;
   }
 
+  fs::path path_;
+  std::string unsaved_key_;    // scored here, not yet saved: the key to save the tables under
   torch::Tensor train_, val_;  // (S, 2) on the device
 };
 

@@ -367,6 +367,7 @@ Trainer::Trainer(const TrainConfig& cfg)
   // The run's record, written only once the checkpoint (if any) was found to be of this run.
   // Not config.json: that name is a model folder's, and a user's own run.json may be it.
   if (comm_.is_main()) write_file_atomic(fs::path(cfg_.output_dir) / "train_config.json", cfg_.to_json().dump(2) + "\n");
+  if (reference_) reference_->save(comm_);
   stop_if_requested("resuming");
   start_every_rank_alike();
 

@@ -372,7 +372,23 @@ class DpoTest(WorkDirTest):
         r = subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=600)
         self.assertEqual(r.returncode, 1)
         self.assertIn("dpo.reference \"base\"", r.stderr)
-        print("[dpo] bad lines, a damaged shard and impossible settings are named errors")
+        # Another run's folder: refused, and its precomputed table is left as it was.
+        c = self.config()
+        c["checkpoint"] = {"every_steps": 2}
+        path, out = write_config(c, self.tmp, "owner")
+        self.assertEqual(subprocess.run([BIN, "--config", path], capture_output=True, timeout=600).returncode, 0)
+        table = os.path.join(out, "reference_logps.safetensors")
+        with open(table, "rb") as f:
+            before = f.read()
+        c["train"]["lr"] = 1e-4
+        c["data"]["val"] = ""
+        path, _ = write_config(c, self.tmp, "owner")
+        r = subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=600)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("another run", r.stderr)
+        with open(table, "rb") as f:
+            self.assertEqual(f.read(), before)
+        print("[dpo] bad lines, a damaged shard, impossible settings and another run's folder are named errors")
 
     def test_real_text_raises_the_held_out_reward_accuracy(self):
         """Real Brown-corpus sentences against the same words shuffled, on GPT-2's real vocabulary."""

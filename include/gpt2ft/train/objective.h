@@ -61,7 +61,7 @@ std::unique_ptr<Objective> make_preference_objective(const PreferenceLossOptions
 // TRL's metric names, in the order of a preference objective's sums (the last: "pairs").
 std::vector<std::string> preference_metric_names();
 // (2B) log-prob sums -> the (B) chosen and rejected halves, divided by each row's target count
-// `counts` (2B) for "ipo" (TRL's mean over the continuation's tokens).
+// `counts` (2B) for "ipo" (TRL's mean over the continuation's tokens; unused by the others).
 PreferenceLoss preference_loss_of_rows(const torch::Tensor& policy, const torch::Tensor& reference,
                                        const torch::Tensor& counts, const PreferenceLossOptions& options);
 // (2B) float32: the targets of each row of a batch of pairs.

@@ -4,7 +4,8 @@
 //   "precomputed"  the initial model scores every example of data.train (and data.val) once,
 //                  before training, in eval mode, in passes that halve on out of memory; the
 //                  table (examples, 2) lies beside the run in reference_logps.safetensors under
-//                  the run's fingerprint, written whole then renamed, and a resume reuses it
+//                  the run's fingerprint, written whole then renamed (save()), and a resume
+//                  reuses it
 //   "base"         LoRA: the policy itself with its adapters switched off (AdaptersOff), on the
 //                  fly, in eval mode; nothing extra is held
 //   "model"        a frozen copy of the initial model (adapters folded in), 16-bit under a
@@ -50,6 +51,9 @@ class PreferenceReference {
   virtual torch::Tensor logps(GPT2& policy, const Batch& batch, bool validation) = 0;
   // Bytes it holds on the device (the frozen copy's weights, the tables), for the log.
   virtual int64_t device_bytes() const = 0;
+  // Keeps what a resume needs beside the run (the precomputed tables; rank 0 writes). Called
+  // once output_dir is known to be this run's, so another run's files are never replaced.
+  virtual void save(Communicator&) {}
 };
 
 // The run's reference. "precomputed" scores the data here with `policy` as it is (the initial
