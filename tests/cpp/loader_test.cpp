@@ -7,6 +7,7 @@
 
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/data/loader.h"
+#include "gpt2ft/data/samples.h"
 #include "gpt2ft/data/shard.h"
 #include "test_support.h"
 
@@ -176,6 +177,78 @@ TEST(Loader, ErrorsNameTheShardWhenItIsOpened) {
   o.vocab_size = 0;
   o.seq_len = 5000;
   test::expect_error_containing([&] { DataLoader l(o); }, {"train_000000.bin", "no complete sample", "5001"});
+}
+
+}  // namespace
+}  // namespace gpt2ft
+
+namespace gpt2ft {
+namespace {
+
+// Preference pairs: example k's prompt is {k, k} and its continuations {1000 + k} (chosen) and
+// {2000 + k, 2000 + k} (rejected), each closed by 4999 (the end-of-text).
+std::filesystem::path make_pairs(const std::filesystem::path& dir, int examples) {
+  std::vector<uint32_t> tokens;
+  ShardDocuments docs;
+  docs.pairs = true;
+  for (int k = 0; k < examples; ++k) {
+    const std::vector<uint32_t> sides[2] = {{1000u + k}, {2000u + k, 2000u + k}};
+    for (const auto& side : sides) {
+      docs.starts.push_back(static_cast<uint32_t>(tokens.size()));
+      for (const uint32_t t : {4999u, static_cast<uint32_t>(k), static_cast<uint32_t>(k)}) tokens.push_back(t), docs.targets.push_back(false);
+      for (const uint32_t t : side) tokens.push_back(t), docs.targets.push_back(true);
+      tokens.push_back(4999);
+      docs.targets.push_back(true);
+    }
+  }
+  const auto path = dir / "pairs.bin";
+  write_shard(path, tokens, 2, &docs);
+  return path;
+}
+
+TEST(Loader, PairsTravelWholeAsTwoRowsOnEveryRankAndMicroBatch) {
+  test::TempDir tmp;
+  const auto shard = make_pairs(tmp.path(), 40);
+  const auto check = [](const Batch& b) {  // rows 2i and 2i+1 are example samples[i]'s chosen and rejected
+    EXPECT_EQ(b.x.size(0), 2 * static_cast<int64_t>(b.samples.size()));
+    for (size_t i = 0; i < b.samples.size(); ++i) {
+      const int64_t k = b.samples[i];
+      const auto chosen = b.x[2 * i], rejected = b.x[2 * i + 1];
+      EXPECT_EQ(chosen[1].item<int64_t>(), k);
+      EXPECT_EQ(chosen[3].item<int64_t>(), 1000 + k);
+      EXPECT_EQ(rejected[4].item<int64_t>(), 2000 + k);
+      EXPECT_EQ(b.y[2 * i][2].item<int64_t>(), 1000 + k);  // the first target: the continuation's first token
+      EXPECT_EQ(b.y[2 * i][1].item<int64_t>(), kIgnoreTarget);
+    }
+  };
+  auto o = options({shard}, 8, 2);
+  DataLoader single(o);
+  ASSERT_TRUE(single.holds_pairs());
+  std::vector<int64_t> expected;
+  for (int s = 0; s < 6; ++s) {
+    const Batch b = single.next();
+    check(b);
+    EXPECT_EQ(b.num_targets, 2 * 8 + 3 * 8);  // chosen: 1 + end-of-text, rejected: 2 + end-of-text
+    expected.insert(expected.end(), b.samples.begin(), b.samples.end());
+  }
+  // Two ranks of micro batch 2, two micro batches a step: the same examples, each whole.
+  std::vector<int64_t> merged;
+  std::vector<std::vector<int64_t>> per_rank(2);
+  for (int r = 0; r < 2; ++r) {
+    auto ro = options({shard}, 2, 1);
+    ro.rank = r;
+    ro.world_size = 2;
+    DataLoader loader(ro);
+    for (int call = 0; call < 12; ++call) {
+      const Batch b = loader.next();
+      check(b);
+      per_rank[static_cast<size_t>(r)].insert(per_rank[static_cast<size_t>(r)].end(), b.samples.begin(), b.samples.end());
+    }
+  }
+  for (int call = 0; call < 12; ++call) {
+    for (int r = 0; r < 2; ++r) merged.insert(merged.end(), per_rank[r].begin() + 2 * call, per_rank[r].begin() + 2 * call + 2);
+  }
+  EXPECT_EQ(merged, expected);
 }
 
 }  // namespace
