@@ -149,16 +149,16 @@ namespace {
 
 // Per-row target log-probs against PyTorch's log_softmax + gather, with a different incoming
 // gradient on every row (as a preference loss gives) and the weight used elsewhere too.
-Result run_logprobs(bool chunked, int64_t chunk, c10::ScalarType amp) {
+Result run_logprobs(bool chunked, int64_t chunk, c10::ScalarType amp, c10::Device device = c10::kCPU) {
   torch::manual_seed(1);
   const int64_t N = 29, C = 16, V = 83;
-  torch::Tensor h = torch::randn({N, C}).requires_grad_(true);
-  torch::Tensor w = (0.3 * torch::randn({V, C})).requires_grad_(true);
-  const torch::Tensor t = torch::randint(0, V, {N});
-  const torch::Tensor weights = torch::randn({N});  // d loss / d logprob per row
+  torch::Tensor h = torch::randn({N, C}).to(device).requires_grad_(true);
+  torch::Tensor w = (0.3 * torch::randn({V, C})).to(device).requires_grad_(true);
+  const torch::Tensor t = torch::randint(0, V, {N}).to(device);
+  const torch::Tensor weights = torch::randn({N}).to(device);  // d loss / d logprob per row
   torch::Tensor logprobs;
   {
-    AutocastGuard autocast(c10::kCPU, amp);
+    AutocastGuard autocast(device.type(), amp);
     logprobs = chunked ? linear_target_logprobs(h, w, t, chunk)
                        : torch::log_softmax(torch::linear(h, w).to(torch::kFloat), 1).gather(1, t.unsqueeze(1)).squeeze(1);
   }
@@ -179,6 +179,21 @@ TEST(LinearCrossEntropy, TargetLogprobsMatchLogSoftmaxAndTheirPerRowGradients) {
   EXPECT_LT(rel(bf16.loss, bf16_ref.loss), 1e-5);
   EXPECT_LT(rel_l2(bf16.grad_hidden, bf16_ref.grad_hidden), 1e-2);
   EXPECT_LT(rel_l2(bf16.grad_weight, bf16_ref.grad_weight), 1e-2);
+}
+
+TEST_F(LinearCrossEntropyCuda, TargetLogprobsMatchEagerInFloat32Bfloat16AndFloat16) {
+  const c10::Device cuda(c10::kCUDA, 0);
+  for (const auto amp : {c10::kFloat, c10::kBFloat16, c10::kHalf}) {
+    SCOPED_TRACE(c10::toString(amp));
+    const Result ref = run_logprobs(false, 0, amp, cuda), got = run_logprobs(true, 8, amp, cuda);
+    const double tol = amp == c10::kFloat ? 1e-5 : 2e-2;
+    std::printf("[cuda target log-probs] %s: log-probs %.3g, d hidden %.3g, d weight %.3g (relative)\n",
+                c10::toString(amp), rel(got.loss, ref.loss), rel_l2(got.grad_hidden, ref.grad_hidden),
+                rel_l2(got.grad_weight, ref.grad_weight));
+    EXPECT_LT(rel(got.loss, ref.loss), amp == c10::kFloat ? 1e-6 : 1e-5);
+    EXPECT_LT(rel_l2(got.grad_hidden, ref.grad_hidden), tol);
+    EXPECT_LT(rel_l2(got.grad_weight, ref.grad_weight), tol);
+  }
 }
 
 }  // namespace
