@@ -266,6 +266,10 @@ void plan_loss(const MemoryPlanInput& in, const Dims& d, MemoryPlan& m) {
     // Per-row log-probs (DPO) form d lm_head in backward, when the chunks are recomputed.
     m.loss_workspace = rows * m.loss_bytes_per_row + (head_cast ? 2 * V * C : 0) +
                        (in.target_logprobs ? 0 : m.lm_head_gradient);
+    if (in.target_logprobs) {
+      m.loss_gradient_in_backward = true;
+      m.loss_backward_workspace = rows * m.loss_bytes_per_row + (head_cast ? 2 * V * C : 0);
+    }
     m.logits_per_sequence = 4 * C * T;
   } else {
     m.loss_workspace = 0;
@@ -330,13 +334,20 @@ int64_t MemoryPlan::forward_peak(int64_t mb) const {
 }
 
 int64_t MemoryPlan::backward_peak(int64_t mb) const {
-  return resident() + held_gradients(mb) + lm_head_gradient +
-         mb * (activations_per_sequence + logits_per_sequence + backward_per_sequence);
+  const int64_t base = resident() + held_gradients(mb) + lm_head_gradient + mb * (activations_per_sequence + logits_per_sequence);
+  if (!loss_gradient_in_backward) return base + mb * backward_per_sequence;
+  // Per-row log-probs (DPO): backward starts with the loss's, which recomputes the chunks (no
+  // more rows than there are) while every activation is still held; the blocks' own buffers
+  // come after.
+  const int64_t recompute = loss_workspace_at(mb) - loss_workspace + loss_backward_workspace;
+  return base + std::max(recompute, mb * backward_per_sequence);
 }
 
 int64_t MemoryPlan::backward_end_peak(int64_t mb) const {
-  // Autocast's casts were saved by the blocks' matmuls, which backward has freed by now.
-  return resident() - amp_copies + gradients + lm_head_gradient + embedding_gradient + mb * residual_gradient_per_sequence;
+  // Autocast's casts were saved by the blocks' matmuls, which backward has freed by now. Per-row
+  // log-probs' d lm_head (formed in backward) has become the tied weight's gradient by then.
+  return resident() - amp_copies + gradients + (loss_gradient_in_backward ? 0 : lm_head_gradient) + embedding_gradient +
+         mb * residual_gradient_per_sequence;
 }
 
 int64_t MemoryPlan::first_recompute_peak(int64_t mb) const {

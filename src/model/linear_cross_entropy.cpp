@@ -149,6 +149,10 @@ struct LinearTargetLogprobsFunction : public torch::autograd::Function<LinearTar
     const int64_t N = hidden.size(0), C = hidden.size(1), V = weight.size(0);
     const auto f32 = hidden.options().dtype(torch::kFloat);
     const torch::Tensor w = weight.to(compute);
+    // On the CPU under 16-bit autocast the gradients' matmuls take the float32 d logits and
+    // weight as they are (as linear_cross_entropy's forward does): no 16-bit (V, C) product.
+    const bool float32_gradients =
+        !hidden.is_cuda() && compute != torch::kFloat && weight.scalar_type() == torch::kFloat;
     torch::Tensor grad_hidden, grad_weight;
     if (want_hidden) grad_hidden = torch::empty({N, C}, f32);
     if (want_weight) grad_weight = torch::zeros({V, C}, weight.options().dtype(torch::kFloat));
@@ -160,12 +164,16 @@ struct LinearTargetLogprobsFunction : public torch::autograd::Function<LinearTar
       z.sub_(lse.narrow(0, start, n).unsqueeze(1)).exp_().neg_();                             // -softmax
       z.scatter_add_(1, targets.narrow(0, start, n).unsqueeze(1), torch::ones({n, 1}, f32));
       z.mul_(go.narrow(0, start, n).unsqueeze(1));
-      const torch::Tensor g = compute == torch::kFloat ? z : z.to(compute);
+      const bool in_float32 = compute == torch::kFloat || float32_gradients;
+      const torch::Tensor g = in_float32 ? z : z.to(compute);
       if (want_hidden) {
         torch::Tensor gh = grad_hidden.narrow(0, start, n);
-        addmm_into_float32(gh, g, w, /*beta=*/0, 1.0);
+        addmm_into_float32(gh, g, float32_gradients ? weight : w, /*beta=*/0, 1.0);
       }
-      if (want_weight) addmm_into_float32(grad_weight, g.t(), h, /*beta=*/1, 1.0);
+      if (want_weight) {
+        addmm_into_float32(grad_weight, g.t(), float32_gradients ? hidden.narrow(0, start, n).to(torch::kFloat) : h,
+                           /*beta=*/1, 1.0);
+      }
     }
     return {want_hidden ? grad_hidden.to(hidden.scalar_type()) : torch::Tensor(),
             want_weight ? grad_weight.to(weight.scalar_type()) : torch::Tensor(), torch::Tensor(), torch::Tensor()};

@@ -79,6 +79,10 @@ struct MemoryPlan {
   // only its own rows: loss_workspace_at(m).
   int64_t loss_workspace = 0;
   int64_t loss_chunk_rows = 0;       // rows of a chunk (0: the eager loss)
+  // Per-row log-probs (DPO): d lm_head is formed at the start of backward, where the chunks'
+  // logits are recomputed (and the 16-bit head cast again): this workspace then, beside it.
+  bool loss_gradient_in_backward = false;
+  int64_t loss_backward_workspace = 0;
   int64_t loss_bytes_per_row = 0;    // a chunk row's logits (and their 16-bit copy) and hidden row
   int64_t tokens_per_sequence = 0;   // T
   // Per sequence of the micro batch.
