@@ -6,8 +6,8 @@ rest as chosen, the rest shuffled as rejected), and the same sequences as prompt
 pairs. Then it trains a ~16M-parameter GPT-2 (4 layers, 256 channels, GPT-2's vocabulary) for 3
 steps of 16 rows of 32 positions each: SFT at micro batch 16, DPO at 8 pairs (16 rows) with each
 dpo.reference, in full and with LoRA (rank 8 on c_attn, c_fc, c_proj), in float32 and bfloat16
-autocast. It reports the counting CPU allocator's peak (cpu_peak_allocated_gb, what `plan`
-predicts) and DPO's ratio to SFT.
+autocast. It reports the counting CPU allocator's peak (cpu_peak_allocated_gb), DPO's ratio to
+SFT, and what `plan` predicts for the same config.
 
   .venv/bin/python scripts/bench/dpo_memory.py
 """
@@ -75,23 +75,27 @@ def main():
             path = out + ".json"
             with open(path, "w") as f:
                 json.dump(cfg, f)
+            plan = subprocess.run([exe, "plan", "--config", path, "--json"], check=True, capture_output=True, text=True)
+            predicted = json.loads(plan.stdout.strip().splitlines()[-1])["predicted_peak"] / 1e6
             subprocess.run([exe, "train", "--config", path], check=True, capture_output=True)
             with open(os.path.join(out, "metrics.jsonl")) as f:
-                return [r for r in map(json.loads, f) if "loss" in r][-1]["cpu_peak_allocated_gb"] * 1e3  # MB
+                measured = [r for r in map(json.loads, f) if "loss" in r][-1]["cpu_peak_allocated_gb"] * 1e3  # MB
+            return measured, predicted
 
         rows = []
         for lora in (False, True):
             for amp in ("none", "bfloat16"):
-                base = peak("SFT", "-", lora, amp)
-                rows.append(("LoRA" if lora else "full", amp, "SFT", f"{base:.1f}", "1.00"))
+                base, planned = peak("SFT", "-", lora, amp)
+                rows.append(("LoRA" if lora else "full", amp, "SFT", f"{base:.1f}", "1.00", f"{planned:.1f}"))
                 for reference in (("precomputed", "base", "model") if lora else ("precomputed", "model")):
-                    mb = peak("DPO", reference, lora, amp)
-                    rows.append(("LoRA" if lora else "full", amp, f"DPO {reference}", f"{mb:.1f}", f"{mb / base:.2f}"))
+                    mb, planned = peak("DPO", reference, lora, amp)
+                    rows.append(("LoRA" if lora else "full", amp, f"DPO {reference}", f"{mb:.1f}", f"{mb / base:.2f}",
+                                 f"{planned:.1f} ({100 * (planned / mb - 1):+.0f}%)"))
                     print(rows[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n3 steps of 16 rows x 32 positions, ~16M parameters (64 MB in float32), CPU counting allocator\n")
-    print_table(("training", "autocast", "objective", "peak MB", "ratio to SFT"), rows)
+    print_table(("training", "autocast", "objective", "peak MB", "ratio to SFT", "plan's prediction MB"), rows)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,14 @@ bool shards_hold_pairs(const std::string& pattern) {
   return !files.empty() && is_document_shard(files.front()) && ShardReader(files.front()).holds_pairs();
 }
 
+double mean_targets_per_pair(const std::string& pattern) {
+  const std::vector<std::filesystem::path> files = glob_files(pattern);
+  if (files.empty() || !is_document_shard(files.front())) return 0;
+  const ShardReader r(files.front());
+  if (!r.holds_pairs() || r.num_documents() == 0) return 0;
+  return static_cast<double>(r.count_targets()) / static_cast<double>(r.num_documents() / 2);
+}
+
 Samples::~Samples() = default;
 
 Samples::Samples(const std::vector<std::filesystem::path>& shards, const SampleOptions& options) : T_(options.seq_len) {

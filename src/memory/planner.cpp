@@ -284,6 +284,7 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   const Dims d(in);
   MemoryPlan m;
   m.tokens_per_sequence = d.T;
+  m.head_rows_per_sequence = d.T;
   m.per_rank_batch = in.global_batch > 0 ? in.global_batch / std::max<int64_t>(1, in.world_size) : 0;
   const SavedActivations configured = saved_activations(in, d, in.checkpoint_every);
   int64_t low_elements = 0;  // trained, in the embeddings and the blocks up to the first checkpointed one
@@ -315,16 +316,18 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     for (int64_t* term : {&m.activations_per_sequence, &m.activations_per_sequence_no_checkpointing,
                           &m.activations_per_sequence_all_checkpointed, &m.logits_per_sequence,
                           &m.backward_per_sequence, &m.residual_gradient_per_sequence,
-                          &m.first_recompute_per_sequence, &m.reference_per_sequence, &m.tokens_per_sequence}) {
+                          &m.first_recompute_per_sequence, &m.reference_per_sequence, &m.tokens_per_sequence,
+                          &m.head_rows_per_sequence}) {
       *term *= S;
     }
+    if (in.head_rows_per_sample > 0) m.head_rows_per_sequence = std::min(m.head_rows_per_sequence, in.head_rows_per_sample);
   }
   return m;
 }
 
 int64_t MemoryPlan::loss_workspace_at(int64_t mb) const {
   if (loss_chunk_rows <= 0 || tokens_per_sequence <= 0) return loss_workspace;
-  const int64_t rows = std::min(loss_chunk_rows, mb * tokens_per_sequence);  // a chunk never exceeds the rows there are
+  const int64_t rows = std::min(loss_chunk_rows, mb * head_rows_per_sequence);  // a chunk never exceeds the rows there are
   return loss_workspace - (loss_chunk_rows - rows) * loss_bytes_per_row;
 }
 
