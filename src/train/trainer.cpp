@@ -28,6 +28,7 @@
 #include "gpt2ft/core/rng_state.h"
 #include "gpt2ft/data/loader.h"
 #include "gpt2ft/data/shard.h"
+#include "gpt2ft/data/samples.h"
 #include "gpt2ft/data/shard_manifest.h"
 #include "gpt2ft/distributed/communicator.h"
 #include "gpt2ft/distributed/grad_reducer.h"
@@ -325,6 +326,11 @@ Trainer::Trainer(const TrainConfig& cfg)
       checkpoints_(cfg_, comm_, device_),
       backoff_(cfg.oom) {
   chat_ = shard_chat(expand_glob(cfg_.data.train, "data.train"));
+  if (cfg_.preference_training() && !cfg_.data.val.empty() && !shards_hold_pairs(cfg_.data.val)) {
+    expand_glob(cfg_.data.val, "data.val");  // no match: that error first
+    throw Error("data.val (" + cfg_.data.val + ") holds no preference pairs: train.objective \"dpo\" validates on "
+                "preference shards (tokenize --chosen-field --rejected-field), or leave data.val empty");
+  }
   if (!cfg_.model.init_from.empty()) {  // shards of another tokenizer would train without a word
     const auto model_tokenizer = model_tokenizer_identity(cfg_.model.init_from);
     check_shards_match_model(expand_glob(cfg_.data.train, "data.train"), cfg_.model.init_from, model_tokenizer,

@@ -367,6 +367,19 @@ class DpoTest(WorkDirTest):
         self.assertEqual(r.returncode, 1)
         self.assertIn("holds preference pairs: set train.objective \"dpo\"", r.stderr)
         c = self.config()
+        docs = os.path.join(self.tmp, "docs_val")  # prompt/completion document shards as data.val
+        c["data"]["val"] = os.path.join(docs, "train_*.bin")
+        r = run("tokenize", "--tokenizer", os.path.join(self.tmp, "tok"), "--input",
+                write_jsonl(os.path.join(self.tmp, "docs.jsonl"), [{"prompt": "Q", "completion": " a"}]),
+                "--output-dir", docs, "--prompt-field", "prompt", "--completion-field", "completion",
+                "--val-fraction", "0", "--no-progress")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        path, _ = write_config(c, self.tmp, "val_of_documents")
+        r = subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=600)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("holds no preference pairs", r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "val_of_documents", "metrics.jsonl")))  # refused at start
+        c = self.config()
         c["dpo"] = {"reference": "base"}
         path, _ = write_config(c, self.tmp, "base_no_lora")
         r = subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=600)
