@@ -21,12 +21,18 @@ bool shards_hold_pairs(const std::string& pattern) {
   return !files.empty() && is_document_shard(files.front()) && ShardReader(files.front()).holds_pairs();
 }
 
-double mean_targets_per_pair(const std::string& pattern) {
+int64_t max_targets_per_pair(const std::string& pattern) {
   const std::vector<std::filesystem::path> files = glob_files(pattern);
   if (files.empty() || !is_document_shard(files.front())) return 0;
   const ShardReader r(files.front());
-  if (!r.holds_pairs() || r.num_documents() == 0) return 0;
-  return static_cast<double>(r.count_targets()) / static_cast<double>(r.num_documents() / 2);
+  if (!r.holds_pairs()) return 0;
+  int64_t most = 0;
+  for (int64_t d = 0; d + 1 < r.num_documents(); d += 2) {
+    int64_t count = 0;
+    for (int64_t i = r.document_start(d); i < r.document_end(d + 1); ++i) count += r.is_target(i);
+    most = std::max(most, count);
+  }
+  return most;
 }
 
 Samples::~Samples() = default;

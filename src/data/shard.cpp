@@ -125,15 +125,6 @@ void ShardReader::open_documents(const int32_t* header) {
   if (pairs_) check_pairs(where);
 }
 
-int64_t ShardReader::count_targets() const {
-  if (!targets_) return num_tokens_;
-  int64_t count = 0;
-  const int64_t full = num_tokens_ / 8;
-  for (int64_t i = 0; i < full; ++i) count += __builtin_popcount(targets_[i]);
-  for (int64_t i = full * 8; i < num_tokens_; ++i) count += is_target(i);
-  return count;
-}
-
 int64_t ShardReader::prompt_length(int64_t d) const {
   const int64_t start = document_start(d), end = document_end(d);
   int64_t i = start;

@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <filesystem>
 
 #include <spdlog/spdlog.h>
@@ -51,8 +50,8 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
   if (cfg.preference_training()) {  // each sample a pair of rows, not packed
     in.sequences_per_sample = 2;
     in.packed_documents = false;
-    // Only the targets reach the LM head: the chunks hold that many rows a pair.
-    in.head_rows_per_sample = static_cast<int64_t>(std::ceil(mean_targets_per_pair(cfg.data.train)));
+    // Only the targets reach the LM head: a chunk holds at most that many rows a pair.
+    in.head_rows_per_sample = max_targets_per_pair(cfg.data.train);
     in.target_logprobs = cfg.train.chunked_loss;
     in.reference_forward = cfg.dpo.reference != "precomputed";
     if (cfg.dpo.reference == "model") {  // the copy: 16-bit under a 16-bit autocast

@@ -49,9 +49,10 @@ struct SampleOptions {
 bool shards_hold_documents(const std::string& pattern);
 // Whether they are preference shards (the first one's header).
 bool shards_hold_pairs(const std::string& pattern);
-// The mean target tokens of an example of the first of those preference shards (both sides),
-// for the planner; 0 when there is none.
-double mean_targets_per_pair(const std::string& pattern);
+// The most target tokens of one example (both sides) of the first of those preference shards,
+// for the planner: a micro batch of m examples sends at most m times that many rows to the LM
+// head. 0 when there is none.
+int64_t max_targets_per_pair(const std::string& pattern);
 
 class Samples {
  public:

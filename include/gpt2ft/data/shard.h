@@ -72,8 +72,6 @@ class ShardReader {
   bool is_target(int64_t i) const {
     return !targets_ || ((targets_[i >> 3] >> (i & 7)) & 1) != 0;
   }
-  // Target tokens in the whole shard (every token of a plain one).
-  int64_t count_targets() const;
   // Copies tokens [begin, begin + count) into out as int64 (torch's index type).
   void read(int64_t begin, int64_t count, int64_t* out) const;
   // Every id below vocab_size, or an Error naming the file, the first bad id and its position.

@@ -55,7 +55,7 @@ struct MemoryPlanInput {
   // (the LM head's gradient is formed in backward), and the reference may add a frozen copy's
   // weights and a no-grad forward per micro batch (train/preference_reference.h).
   int64_t sequences_per_sample = 1;   // 2 for DPO: "per sequence" below is then per pair
-  int64_t head_rows_per_sample = 0;   // DPO: the target rows of a pair that reach the LM head (0: every row)
+  int64_t head_rows_per_sample = 0;   // DPO: the most target rows of a pair, which reach the LM head (0: every row)
   bool target_logprobs = false;       // the loss is linear_target_logprobs, not linear_cross_entropy
   int64_t reference_weights = 0;      // dpo.reference "model": the copy's bytes
   bool reference_forward = false;     // dpo.reference "base" or "model": a reference pass per micro batch
