@@ -242,7 +242,7 @@ class DpoTest(WorkDirTest):
             self.assertLess(loss, 1e-5)
             self.assertEqual(acc, 0.0)
 
-    def test_lora_checkpointing_bf16_back_off_and_resume_combine(self):
+    def test_lora_checkpointing_bf16_fp16_back_off_and_resume_combine(self):
         c = self.config(micro_batch_size=4, max_steps=6, lr=1e-2)
         c["model"]["lora"] = {"rank": 4, "alpha": 8, "targets": ["c_attn", "c_fc"]}
         c["dpo"] = {"reference": "base"}
@@ -292,6 +292,16 @@ class DpoTest(WorkDirTest):
               f"{b[-1]['loss']:.4f}")
         self.assertLess(max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)), 5e-3)  # follows float32
         self.assertNotEqual([r["loss"] for r in a], [r["loss"] for r in b])  # autocast really ran
+        # float16 with its loss scale: the scaled DPO loss unscales to float32's.
+        fp16, _ = go("combo_fp16", {"amp": {"dtype": "float16"}})
+        h = train_rows(fp16)
+        print(f"[dpo] float16: loss {h[0]['loss']:.4f} -> {h[-1]['loss']:.4f}, loss scale {h[-1]['loss_scale']:g}, "
+              f"skipped {h[-1]['skipped_steps']}; gradient norms vs float32's within "
+              f"{max(abs(x['grad_norm'] / y['grad_norm'] - 1) for x, y in zip(h, b)):.2g}")
+        self.assertLess(max(abs(x["loss"] - y["loss"]) for x, y in zip(h, b)), 5e-3)
+        self.assertEqual(h[-1]["skipped_steps"], 0)
+        # The gradients are unscaled before clipping and the log: float32's norms, not 65536 times them.
+        self.assertLess(max(abs(x["grad_norm"] / y["grad_norm"] - 1) for x, y in zip(h, b)), 0.05)
 
     def test_freezing_offload_and_8bit_adamw_combine(self):
         """Full fine-tuning: a frozen block under activation checkpointing stays put while the
