@@ -54,6 +54,7 @@ struct DataLoader::Impl {
   struct Slot {
     torch::Tensor host;  // (B*S, R, T) int64, rows x, y (and positions when packed); pinned on CUDA
     torch::Tensor rows;  // (B*S*T) int64, the targets' indices (document shards); pinned on CUDA
+    torch::Tensor ids;   // (B) int64, the samples' ids (preference pairs); pinned on CUDA
     int64_t num_targets = 0;
     std::vector<int64_t> samples;
     bool ready = false;
@@ -116,6 +117,7 @@ struct DataLoader::Impl {
     int64_t* dst = slot.host.data_ptr<int64_t>();
     for (int64_t i = 0; i < B; ++i) {
       const int64_t sample = slot.samples[static_cast<size_t>(i)] = sample_at(first + i);
+      if (S == 2) slot.ids.data_ptr<int64_t>()[i] = sample;
       for (int64_t j = 0; j < S; ++j) {  // a pair's sides are rows 2i and 2i+1
         int64_t* row = dst + (i * S + j) * R * T;
         if (S == 2) index.read_pair(sample, static_cast<int>(j), row, row + T);
@@ -170,6 +172,7 @@ struct DataLoader::Impl {
       const int64_t sequences = opt.micro_batch * index.sequences_per_sample();
       s.host = torch::empty({sequences, rows_per_sample(), opt.seq_len}, options);
       if (index.has_targets()) s.rows = torch::empty({sequences * opt.seq_len}, options);
+      if (index.packing() == Packing::kPairs) s.ids = torch::empty({opt.micro_batch}, options);
     }
     for (int i = 0; i < std::max(1, opt.num_workers); ++i) workers.emplace_back([this] { worker_loop(); });
   }
@@ -259,14 +262,17 @@ Batch DataLoader::next() {
   out.num_targets = slot.num_targets;
   torch::Tensor tokens;  // (B*S, R, T): S sequences a sample (2 for a preference pair)
   torch::Tensor rows = slot.rows.defined() ? slot.rows.narrow(0, 0, slot.num_targets) : torch::Tensor();  // (K)
+  torch::Tensor ids = slot.ids;  // (B) or undefined
   if (options_.device.is_cpu()) {
     tokens = slot.host.clone();
     if (rows.defined()) rows = rows.clone();
+    if (ids.defined()) ids = ids.clone();
     m.in_use = batch;
     m.release_in_use();
   } else {
     tokens = slot.host.to(options_.device, /*non_blocking=*/true);
     if (rows.defined()) rows = rows.to(options_.device, /*non_blocking=*/true);
+    if (ids.defined()) ids = ids.to(options_.device, /*non_blocking=*/true);
     m.copy_done.emplace(options_.device.type());
     m.copy_done->record(c10::impl::getDeviceGuardImpl(options_.device.type())->getStream(options_.device));
     m.in_use = batch;
@@ -275,6 +281,7 @@ Batch DataLoader::next() {
   out.y = tokens.select(1, 1);
   if (tokens.size(1) == 3) out.positions = tokens.select(1, 2);
   out.target_rows = rows;
+  out.sample_ids = ids;
   const int64_t S = m.index.size();
   const int64_t g = m.start + (batch + 1) * options_.world_size * options_.micro_batch;
   out.state_after = LoaderState{g / S, g % S};

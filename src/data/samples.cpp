@@ -118,11 +118,8 @@ void Samples::pack_documents(const std::string& too_long, const std::string& wha
         }
         ++truncated_;
       }
-      const int64_t used = std::min(length, T_ + 1);
-      int64_t count = 0;
-      for (int64_t i = start + 1; i < start + used; ++i) count += r.is_target(i);
-      docs_.push_back({s, start, used});
-      doc_targets.push_back(count);
+      docs_.push_back({s, start, std::min(length, T_ + 1)});
+      doc_targets.push_back(targets_of(docs_.back()));
     }
   }
   // Best fit, longest first: each document goes to the row with the least room that holds it.

@@ -287,18 +287,28 @@ class DocumentReader {
   }
 
   // The prompt and completion of a pair's line; false when the line is skipped.
-  bool read_pair(nlohmann::json& j, const std::string& where, Unit& unit) {
-    if (is_preference(options_)) return read_preference(j, where, unit);
-    for (const std::string* field : {&options_.prompt_field, &options_.completion_field}) {
-      const char* what = field == &options_.prompt_field ? "prompt" : "completion";
+  // Whether the line holds each of `fields` (the option's value, what it is) as a string; a
+  // line without is an error, or false when it is skipped.
+  bool has_string_fields(const nlohmann::json& j, const std::string& where,
+                         std::initializer_list<std::pair<const std::string*, const char*>> fields) {
+    for (const auto& [field, what] : fields) {
       if (!j.is_object() || !j.contains(*field)) {
         return !skip_bad_line(where + ": no " + what + " field \"" + *field + "\"" +
                               (j.is_object() ? "" : " (the line is not a JSON object)"));
       }
       if (!j[*field].is_string()) {
         return !skip_bad_line(where + ": the " + what + " field \"" + *field + "\" is " + j[*field].type_name() +
-                              ", expected a string");
+                              ", expected a string" +
+                              (j[*field].is_array() ? " (a list of messages is read with --chat-template)" : ""));
       }
+    }
+    return true;
+  }
+
+  bool read_pair(nlohmann::json& j, const std::string& where, Unit& unit) {
+    if (is_preference(options_)) return read_preference(j, where, unit);
+    if (!has_string_fields(j, where, {{&options_.prompt_field, "prompt"}, {&options_.completion_field, "completion"}})) {
+      return false;
     }
     unit.text = j[options_.prompt_field].get<std::string>();
     unit.completion = j[options_.completion_field].get<std::string>();
@@ -314,19 +324,13 @@ class DocumentReader {
   // The prompt, chosen and rejected of a preference line; false when the line is skipped.
   bool read_preference(nlohmann::json& j, const std::string& where, Unit& unit) {
     if (is_chat(options_)) return read_chat_preference(j, where, unit);
-    const std::pair<const std::string*, const char*> fields[] = {
-        {&options_.prompt_field, "prompt"}, {&options_.chosen_field, "chosen"}, {&options_.rejected_field, "rejected"}};
-    for (const auto& [field, what] : fields) {
-      if (!j.is_object() || !j.contains(*field)) {
-        return !skip_bad_line(where + ": no " + what + " field \"" + *field + "\"" +
-                              (j.is_object() ? "" : " (the line is not a JSON object)"));
-      }
-      if (!j[*field].is_string()) {
-        return !skip_bad_line(where + ": the " + what + " field \"" + *field + "\" is " + j[*field].type_name() +
-                              ", expected a string" +
-                              (j[*field].is_array() ? " (lists of messages are not read yet: render them to text)" : ""));
-      }
-      if (field != &options_.prompt_field && j[*field].get_ref<const std::string&>().empty()) {
+    if (!has_string_fields(j, where, {{&options_.prompt_field, "prompt"}, {&options_.chosen_field, "chosen"},
+                                      {&options_.rejected_field, "rejected"}})) {
+      return false;
+    }
+    for (const auto& [field, what] : {std::pair<const std::string*, const char*>{&options_.chosen_field, "chosen"},
+                                      {&options_.rejected_field, "rejected"}}) {
+      if (j[*field].get_ref<const std::string&>().empty()) {
         return !skip_bad_line(where + ": the " + what + " field \"" + *field +
                               "\" is empty; there would be nothing to compare but the end of text");
       }

@@ -22,8 +22,7 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
   in.model = cfg.model.init_from.empty()
                  ? GPT2Config::preset(cfg.model.preset)
                  : GPT2Config::from_file(std::filesystem::path(cfg.model.init_from) / "config.json");
-  // DPO turns dropout off unless model.dropout sets it (train/trainer.cpp's build_model).
-  const double dropout = cfg.model.dropout >= 0 ? cfg.model.dropout : cfg.preference_training() ? 0.0 : -1.0;
+  const double dropout = cfg.model_dropout();
   if (dropout >= 0) in.model.resid_pdrop = in.model.embd_pdrop = in.model.attn_pdrop = dropout;
   const int64_t vocab = in.model.vocab_size;
   const auto chat = cfg.data.train.empty() ? std::nullopt : shard_chat(glob_files(cfg.data.train));

@@ -109,14 +109,17 @@ std::vector<std::pair<std::string, LoraAdapter*>> lora_adapters(GPT2& model) {
   return out;
 }
 
+torch::Tensor lora_product(const LoraAdapter& adapter) {
+  return torch::matmul(adapter.B->weight.to(torch::kFloat), adapter.A->weight.to(torch::kFloat));
+}
+
 void merge_lora(GPT2& model) {
   torch::NoGradGuard no_grad;
   for (Slot& s : projections(model)) {
     LoraAdapter& a = *s.adapter;
     if (!a.active()) continue;
     torch::Tensor& w = (*s.base)->weight;  // (out, in)
-    w.add_(torch::matmul(a.B->weight.to(torch::kFloat), a.A->weight.to(torch::kFloat)).to(w.scalar_type()),
-           a.scaling);
+    w.add_(lora_product(a).to(w.scalar_type()), a.scaling);
     (*s.base)->unregister_module("lora_A");
     (*s.base)->unregister_module("lora_B");
     a = LoraAdapter{};

@@ -35,6 +35,7 @@ Batch pair_batch(const Samples& samples, const std::vector<int64_t>& ids, c10::D
   b.target_rows = rows.to(device);
   b.num_targets = rows.size(0);
   b.samples = ids;
+  b.sample_ids = torch::tensor(ids, torch::kLong).to(device);
   return b;
 }
 
@@ -77,7 +78,6 @@ class BaseReference final : public PreferenceReference {
     AdaptersOff off(policy);
     return reference_row_logprobs(policy, batch, chunked_);
   }
-  int64_t device_bytes() const override { return 0; }
 
  private:
   bool chunked_;
@@ -97,21 +97,15 @@ class CopyReference final : public PreferenceReference {
     }
     copy_->to(policy->transformer->wte->weight.device());
     fold_adapters(policy);
-    const c10::ScalarType dtype = amp == c10::kFloat ? c10::kFloat : amp;
-    for (auto& p : copy_->parameters()) {
+    for (auto& p : copy_->parameters()) {  // 16-bit under a 16-bit autocast (amp is kFloat without one)
       p.set_requires_grad(false);
-      if (dtype != c10::kFloat) p.set_data(p.to(dtype));
+      p.set_data(p.to(amp));
     }
     copy_->set_activation_checkpointing(0);
     copy_->eval();
   }
   torch::Tensor logps(GPT2&, const Batch& batch, bool) override {
     return reference_row_logprobs(copy_, batch, chunked_);
-  }
-  int64_t device_bytes() const override {
-    int64_t bytes = 0;
-    for (const auto& p : copy_->parameters()) bytes += p.numel() * static_cast<int64_t>(p.element_size());
-    return bytes;
   }
 
  private:
@@ -121,8 +115,7 @@ class CopyReference final : public PreferenceReference {
     for (const auto& [name, adapter] : lora_adapters(policy)) {
       torch::Tensor* w = weights.find(name + ".weight");
       if (w == nullptr) throw Error("dpo.reference \"model\": the copy has no projection " + name);
-      w->add_(torch::matmul(adapter->B->weight.to(torch::kFloat), adapter->A->weight.to(torch::kFloat)),
-              adapter->scaling);
+      w->add_(lora_product(*adapter), adapter->scaling);
     }
   }
 
@@ -169,11 +162,8 @@ class PrecomputedReference final : public PreferenceReference {
 
   torch::Tensor logps(GPT2&, const Batch& batch, bool validation) override {
     const torch::Tensor& table = validation ? val_ : train_;  // (S, 2)
-    const torch::Tensor ids = torch::tensor(batch.samples, torch::kLong).to(table.device());
-    return table.index_select(0, ids).reshape({-1});  // (2B) chosen, rejected, ...
-  }
-  int64_t device_bytes() const override {
-    return train_.numel() * 4 + (val_.defined() ? val_.numel() * 4 : 0);
+    // The ids came to the device with the batch (no blocking copy inside the step).
+    return table.index_select(0, batch.sample_ids).reshape({-1});  // (2B) chosen, rejected, ...
   }
 
  private:
@@ -205,11 +195,7 @@ class PrecomputedReference final : public PreferenceReference {
     so.too_long = cfg.data.too_long;
     so.vocab_size = policy->config().vocab_size;
     so.what = what;
-    const Samples samples(expand_glob(pattern, what), so);
-    if (samples.packing() != Packing::kPairs) {
-      throw Error(what + ": train.objective \"dpo\" needs preference shards (tokenize --prompt-field --chosen-field "
-                         "--rejected-field), and " + pattern + " holds " + (samples.has_targets() ? "documents" : "plain text"));
-    }
+    const Samples samples(expand_glob(pattern, what), so);  // preference shards: the trainer checked
     const int64_t S = max_examples > 0 ? std::min(samples.size(), max_examples) : samples.size();
     std::vector<int64_t> mine;
     for (int64_t i = comm.rank(); i < S; i += comm.world_size()) mine.push_back(i);

@@ -88,9 +88,7 @@ void attach_lora(GPT2& model, const TrainConfig& cfg, bool save_embeddings) {
 
 // chat: what data.train's manifest says of its chat template's tokens (shard_chat).
 GPT2 build_model(const TrainConfig& cfg, c10::Device device, const std::optional<ShardChat>& chat) {
-  // DPO turns dropout off unless model.dropout asks for it, as TRL's disable_dropout does: the
-  // policy's log-probs then match the reference's at the start.
-  const double dropout = cfg.model.dropout >= 0 ? cfg.model.dropout : cfg.preference_training() ? 0.0 : -1.0;
+  const double dropout = cfg.model_dropout();
   auto set_dropout = [&](GPT2Config& c) {
     if (dropout >= 0) c.resid_pdrop = c.embd_pdrop = c.attn_pdrop = dropout;
   };
@@ -274,6 +272,7 @@ class Trainer {
   std::string last_checkpoint_words() const;
   void save_best(int64_t step, double loss);
 
+  void check_data_fits_objective() const;
   void start_every_rank_alike();
   std::unique_ptr<DataLoader> make_loader() const;
   int64_t steps_to_run() const;
@@ -326,11 +325,7 @@ Trainer::Trainer(const TrainConfig& cfg)
       checkpoints_(cfg_, comm_, device_),
       backoff_(cfg.oom) {
   chat_ = shard_chat(expand_glob(cfg_.data.train, "data.train"));
-  if (cfg_.preference_training() && !cfg_.data.val.empty() && !shards_hold_pairs(cfg_.data.val)) {
-    expand_glob(cfg_.data.val, "data.val");  // no match: that error first
-    throw Error("data.val (" + cfg_.data.val + ") holds no preference pairs: train.objective \"dpo\" validates on "
-                "preference shards (tokenize --chosen-field --rejected-field), or leave data.val empty");
-  }
+  check_data_fits_objective();
   if (!cfg_.model.init_from.empty()) {  // shards of another tokenizer would train without a word
     const auto model_tokenizer = model_tokenizer_identity(cfg_.model.init_from);
     check_shards_match_model(expand_glob(cfg_.data.train, "data.train"), cfg_.model.init_from, model_tokenizer,
@@ -378,13 +373,6 @@ Trainer::Trainer(const TrainConfig& cfg)
   start_every_rank_alike();
 
   loader_ = make_loader();
-  if (loader_->holds_pairs() != cfg_.preference_training()) {
-    throw Error(cfg_.preference_training() ? "train.objective \"dpo\" trains on preference shards (tokenize --prompt-field "
-                             "--chosen-field --rejected-field), and data.train (" + cfg_.data.train + ") holds " +
-                                 (loader_->has_targets() ? "documents" : "plain text")
-                           : "data.train (" + cfg_.data.train + ") holds preference pairs: set train.objective \"dpo\" "
-                             "to train on them");
-  }
   objective_ = cfg_.preference_training() ? make_preference_objective({cfg_.dpo.loss, cfg_.dpo.beta, cfg_.dpo.label_smoothing},
                                                       cfg_.train.chunked_loss, split_.global, *reference_)
                           : make_objective(loader_->has_targets(), cfg_.train.chunked_loss);
@@ -413,6 +401,25 @@ Trainer::Trainer(const TrainConfig& cfg)
 
 // Identical start on every rank; dropout draws differ per rank (rank 0 continues the
 // single-process stream) unless the checkpoint restored each rank's own state.
+// Preference shards train (and validate) under DPO, and only they do: refused before anything
+// is scored, made or written.
+void Trainer::check_data_fits_objective() const {
+  const bool pairs = shards_hold_pairs(cfg_.data.train);
+  if (pairs != cfg_.preference_training()) {
+    throw Error(cfg_.preference_training()
+                    ? "train.objective \"dpo\" trains on preference shards (tokenize --prompt-field --chosen-field "
+                      "--rejected-field), and data.train (" + cfg_.data.train + ") holds " +
+                          (shards_hold_documents(cfg_.data.train) ? "documents" : "plain text")
+                    : "data.train (" + cfg_.data.train + ") holds preference pairs: set train.objective \"dpo\" to "
+                      "train on them");
+  }
+  if (pairs && !cfg_.data.val.empty() && !shards_hold_pairs(cfg_.data.val)) {
+    expand_glob(cfg_.data.val, "data.val");  // no match: that error first
+    throw Error("data.val (" + cfg_.data.val + ") holds no preference pairs: train.objective \"dpo\" validates on "
+                "preference shards (tokenize --chosen-field --rejected-field), or leave data.val empty");
+  }
+}
+
 void Trainer::start_every_rank_alike() {
   {
     torch::NoGradGuard no_grad;

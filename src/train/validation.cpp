@@ -5,7 +5,6 @@
 #include <torch/torch.h>
 
 #include "gpt2ft/core/autocast.h"
-#include "gpt2ft/core/error.h"
 #include "gpt2ft/data/shard.h"
 #include "gpt2ft/train/objective.h"
 
@@ -48,11 +47,7 @@ EvalResult Validation::run_pairs(GPT2& model) {
     so.too_long = options_.too_long;
     so.vocab_size = model->config().vocab_size;
     so.what = "data.val";
-    pairs_ = std::make_unique<Samples>(shards_, so);
-    if (pairs_->packing() != Packing::kPairs) {
-      throw Error("data.val (" + config_.data.val + "): train.objective \"dpo\" validates on preference shards, and "
-                  "these hold " + (pairs_->has_targets() ? "documents" : "plain text"));
-    }
+    pairs_ = std::make_unique<Samples>(shards_, so);  // preference shards: the trainer checked
   }
   const int64_t N = options_.max_sequences > 0 ? std::min(pairs_->size(), options_.max_sequences) : pairs_->size();
   std::vector<int64_t> mine;

@@ -4,7 +4,6 @@ the formulas of TRL's DPOTrainer (make_dpo_golden.trl_dpo_loss) on transformers'
 three references, every split of the global batch and two ranks, the combinations with LoRA,
 checkpointing, bf16, back-off and resume, bad input, and a run on real text. Run by ctest
 (`dpo.*`), which sets GPT2FT_BIN."""
-import copy
 import glob
 import json
 import os
@@ -20,7 +19,7 @@ import train_reference as ref
 from common import WorkDirTest
 from make_dpo_golden import trl_dpo_loss
 from test_distributed import write_config
-from test_instruction import WORDS, make_pairs, run, train_splits, train_tokenizer, write_jsonl
+from test_instruction import WORDS, make_pairs, run, train_patched, train_splits, train_tokenizer, write_jsonl
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 T = 64
@@ -249,14 +248,7 @@ class DpoTest(WorkDirTest):
         c["checkpoint"] = {"every_steps": 2}
 
         def go(name, patch=None, env=None, expect=0):
-            cc = copy.deepcopy(c)
-            for section, values in (patch or {}).items():
-                cc.setdefault(section, {}).update(values)
-            path, out = write_config(cc, self.tmp, name)
-            r = subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=600,
-                               env=dict(os.environ, **(env or {})))
-            self.assertEqual(r.returncode, expect, r.stderr[-3000:])
-            return out, r
+            return train_patched(self, c, name, patch, env, expect)
 
         def adapter(out):
             return load_file(os.path.join(out, "final", "adapter_model.safetensors"))

@@ -98,6 +98,19 @@ def weights_of(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
 
+def train_patched(test, cfg, name, patch=None, env=None, expect=0):
+    """Trains `cfg` with `patch` ({section: {key: value}}) merged in and `env` added, under
+    test.tmp/name, asserting the exit status; returns (output folder, completed process)."""
+    cc = copy.deepcopy(cfg)
+    for section, values in (patch or {}).items():
+        cc.setdefault(section, {}).update(values)
+    path, out = write_config(cc, test.tmp, name)
+    r = subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, **(env or {})))
+    test.assertEqual(r.returncode, expect, r.stderr[-3000:])
+    return out, r
+
+
 def train_splits(test, cfg, cases):
     """Trains `cfg` (a global batch of 8) once per (micro batch, ranks, chunked loss) in `cases`;
     returns {name: (final weights, training rows)}, names like split_2x4_1ranks_chunked."""
@@ -284,14 +297,7 @@ class InstructionTest(WorkDirTest):
         c["checkpoint"] = {"every_steps": 2}
 
         def go(name, patch=None, env=None, expect=0, cfg=None):
-            cc = copy.deepcopy(cfg or c)
-            for section, values in (patch or {}).items():
-                cc.setdefault(section, {}).update(values)
-            path, out = write_config(cc, self.tmp, name)
-            r = subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=600,
-                               env=dict(os.environ, **(env or {})))
-            self.assertEqual(r.returncode, expect, r.stderr[-3000:])
-            return out, r
+            return train_patched(self, cfg or c, name, patch, env, expect)
 
         def compare(label, out, base, tol):
             diff = ref.max_weight_diff(weights_of(out), weights_of(base))

@@ -15,7 +15,7 @@ from transformers import GPT2LMHeadModel
 
 import train_reference as ref
 from common import WorkDirTest, reproducible_env
-from test_distributed import write_config
+from test_instruction import train_patched
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,11 +64,7 @@ class RunTrackingTest(WorkDirTest):
         cls.cfg = base_config(cls.model_dir, os.path.join(cls.tmp, "train_*.bin"), os.path.join(cls.tmp, "val_*.bin"))
 
     def run_cfg(self, cfg, name, env=None, expect=0):
-        path, out = write_config(cfg, self.tmp, name)
-        r = subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=600,
-                           env=dict(os.environ, **(env or {})))
-        self.assertEqual(r.returncode, expect, r.stderr[-3000:])
-        return out, r
+        return train_patched(self, cfg, name, env=env, expect=expect)
 
     def assert_tensorboard_equals_metrics(self, out, label):
         rows = rows_of(out)

@@ -50,6 +50,7 @@ struct Batch {
   torch::Tensor target_rows;     // (K) int64 indices b*T+t of the targets, for document shards (else undefined)
   int64_t num_targets = 0;       // K, or B*T
   std::vector<int64_t> samples;  // the global sample ids in the batch
+  torch::Tensor sample_ids;      // (B) int64 the same ids on the device, for preference pairs (else undefined)
   LoaderState state_after;       // the loader's state once this batch is consumed
 };
 

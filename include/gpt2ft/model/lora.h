@@ -51,6 +51,9 @@ class AdaptersOff {
   std::vector<LoraAdapter*> adapters_;
 };
 
+// B A (out, in) of an adapter, in float32: scaled by its scaling, its term of the projection's weight.
+torch::Tensor lora_product(const LoraAdapter& adapter);
+
 // Folds every adapter into its base weight (W += scaling * B A) and removes the adapters.
 void merge_lora(GPT2& model);
 

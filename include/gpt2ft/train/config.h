@@ -139,6 +139,9 @@ struct TrainConfig {
   bool checkpointing_auto() const { return model.activation_checkpointing == "auto"; }
   // LoRA is on (model.lora.rank > 0 or model.lora.init_from).
   bool preference_training() const { return train.objective == "dpo"; }
+  // The dropout the model trains with: model.dropout, or under DPO 0 unless set (TRL's
+  // disable_dropout); -1 keeps the model's own.
+  double model_dropout() const { return model.dropout >= 0 ? model.dropout : preference_training() ? 0.0 : -1.0; }
   bool lora() const { return model.lora.rank > 0 || !model.lora.init_from.empty(); }
   // The adapters' settings: model.lora.*, or the r, alpha and targets of the PEFT folder in
   // model.lora.init_from (whose adapter_config.json this reads), with model.lora.dropout.

@@ -49,8 +49,6 @@ class PreferenceReference {
   virtual ~PreferenceReference() = default;
   // (2B) float32 on the batch's device. `validation`: batch.samples are data.val's examples.
   virtual torch::Tensor logps(GPT2& policy, const Batch& batch, bool validation) = 0;
-  // Bytes it holds on the device (the frozen copy's weights, the tables), for the log.
-  virtual int64_t device_bytes() const = 0;
   // Keeps what a resume needs beside the run (the precomputed tables; rank 0 writes). Called
   // once output_dir is known to be this run's, so another run's files are never replaced.
   virtual void save(Communicator&) {}
