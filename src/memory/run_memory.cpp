@@ -53,8 +53,16 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t world_size) {
     in.head_rows_per_sample = max_targets_per_pair(cfg.data.train);
     in.target_logprobs = cfg.train.chunked_loss;
     in.reference_forward = cfg.dpo.reference != "precomputed";
-    if (cfg.dpo.reference == "model") {  // the copy: 16-bit under a 16-bit autocast
-      in.reference_weights = (in.amp == c10::kFloat ? 4 : 2) * in.model.num_parameters();
+    const GPT2Config& m = in.model;
+    const int64_t embedding = m.vocab_size * m.n_embd * (m.tie_word_embeddings ? 1 : 2);  // wte (and lm_head)
+    if (cfg.dpo.reference == "model") {
+      // The copy: its matmul weights in the autocast dtype, everything else as the policy holds it.
+      const int64_t C = m.n_embd, I = m.inner_dim();
+      const int64_t matmul = m.n_layer * (4 * C * C + 2 * C * I) + (m.tie_word_embeddings ? 0 : m.vocab_size * C);
+      const int64_t rest_bytes = cfg.lora() && cfg.model.lora.base_dtype != "float32" ? 2 : 4;
+      in.reference_weights = (in.amp == c10::kFloat ? 4 : 2) * matmul + rest_bytes * (m.num_parameters() - matmul);
+    } else if (cfg.dpo.reference == "base" && in.lora_embeddings) {
+      in.reference_weights = 4 * embedding;  // the embedding as it was, kept frozen beside the trained one
     }
   }
   if (cfg.lora()) {

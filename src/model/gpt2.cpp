@@ -18,8 +18,14 @@ namespace gpt2ft {
 namespace F = torch::nn::functional;
 namespace {
 
-torch::nn::Linear make_linear(int64_t in, int64_t out) {
+torch::nn::Linear make_linear(int64_t in, int64_t out, Weights weights) {
+  if (weights == Weights::kPlaceholders) in = out = 1;  // forward reads only the tensors, never the options
   return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(true));
+}
+
+torch::nn::Embedding make_embedding(int64_t rows, int64_t dim, Weights weights) {
+  if (weights == Weights::kPlaceholders) rows = dim = 1;
+  return torch::nn::Embedding(rows, dim);
 }
 
 torch::nn::LayerNorm make_layer_norm(const GPT2Config& c) {
@@ -51,10 +57,10 @@ torch::Tensor project(torch::nn::Linear& base, LoraAdapter& lora, const torch::T
   return y + lora.B(lora.A(maybe_dropout(x, lora.dropout, training))) * lora.scaling;
 }
 
-AttentionImpl::AttentionImpl(const GPT2Config& c)
+AttentionImpl::AttentionImpl(const GPT2Config& c, Weights weights)
     : n_head_(c.n_head), attn_pdrop_(c.attn_pdrop), resid_pdrop_(c.resid_pdrop) {
-  c_attn = register_module("c_attn", make_linear(c.n_embd, 3 * c.n_embd));
-  c_proj = register_module("c_proj", make_linear(c.n_embd, c.n_embd));
+  c_attn = register_module("c_attn", make_linear(c.n_embd, 3 * c.n_embd, weights));
+  c_proj = register_module("c_proj", make_linear(c.n_embd, c.n_embd, weights));
 }
 
 int64_t document_mask_row(int64_t T) { return (T + 15) / 16 * 16; }
@@ -96,9 +102,9 @@ torch::Tensor AttentionImpl::forward_cached(const torch::Tensor& x, torch::Tenso
   return project(c_proj, c_proj_lora, y.transpose(1, 2).contiguous().view({B, t, C}), false);
 }
 
-MLPImpl::MLPImpl(const GPT2Config& c) : activation_(c.activation()), resid_pdrop_(c.resid_pdrop) {
-  c_fc = register_module("c_fc", make_linear(c.n_embd, c.inner_dim()));
-  c_proj = register_module("c_proj", make_linear(c.inner_dim(), c.n_embd));
+MLPImpl::MLPImpl(const GPT2Config& c, Weights weights) : activation_(c.activation()), resid_pdrop_(c.resid_pdrop) {
+  c_fc = register_module("c_fc", make_linear(c.n_embd, c.inner_dim(), weights));
+  c_proj = register_module("c_proj", make_linear(c.inner_dim(), c.n_embd, weights));
 }
 
 torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
@@ -106,11 +112,11 @@ torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
   return maybe_dropout(project(c_proj, c_proj_lora, h, is_training()), resid_pdrop_, is_training());  // (B, T, C)
 }
 
-BlockImpl::BlockImpl(const GPT2Config& c) {
+BlockImpl::BlockImpl(const GPT2Config& c, Weights weights) {
   ln_1 = register_module("ln_1", make_layer_norm(c));
-  attn = register_module("attn", Attention(c));
+  attn = register_module("attn", Attention(c, weights));
   ln_2 = register_module("ln_2", make_layer_norm(c));
-  mlp = register_module("mlp", MLP(c));
+  mlp = register_module("mlp", MLP(c, weights));
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const DocumentAttention& docs) {
@@ -124,32 +130,58 @@ torch::Tensor BlockImpl::forward_cached(const torch::Tensor& x, torch::Tensor& k
   return h + mlp(ln_2(h));
 }
 
-TransformerImpl::TransformerImpl(const GPT2Config& c) {
-  wte = register_module("wte", torch::nn::Embedding(c.vocab_size, c.n_embd));
-  wpe = register_module("wpe", torch::nn::Embedding(c.n_positions, c.n_embd));
+TransformerImpl::TransformerImpl(const GPT2Config& c, Weights weights) {
+  wte = register_module("wte", make_embedding(c.vocab_size, c.n_embd, weights));
+  wpe = register_module("wpe", make_embedding(c.n_positions, c.n_embd, weights));
   h = register_module("h", torch::nn::ModuleList());
-  for (int64_t i = 0; i < c.n_layer; ++i) h->push_back(Block(c));
+  for (int64_t i = 0; i < c.n_layer; ++i) h->push_back(Block(c, weights));
   ln_f = register_module("ln_f", make_layer_norm(c));
 }
 
-GPT2Impl::GPT2Impl(const GPT2Config& config) : config_(config) {
+GPT2Impl::GPT2Impl(const GPT2Config& config, Weights weights) : config_(config) {
   config_.validate("model config");
-  require_host_memory(config_.weight_bytes(),
-                      "a model of " + std::to_string(config_.n_layer) + " layers, " + std::to_string(config_.n_embd) +
-                          " channels and vocabulary " + std::to_string(config_.vocab_size),
-                      "check config.json (a damaged size?) or use a host with more memory");
-  transformer = register_module("transformer", Transformer(config_));
+  if (weights == Weights::kInitialised) {
+    require_host_memory(config_.weight_bytes(),
+                        "a model of " + std::to_string(config_.n_layer) + " layers, " + std::to_string(config_.n_embd) +
+                            " channels and vocabulary " + std::to_string(config_.vocab_size),
+                        "check config.json (a damaged size?) or use a host with more memory");
+  }
+  transformer = register_module("transformer", Transformer(config_, weights));
   if (!config_.tie_word_embeddings) {
-    lm_head = register_module(
-        "lm_head", torch::nn::Linear(torch::nn::LinearOptions(config_.n_embd, config_.vocab_size).bias(false)));
+    const bool placeholder = weights == Weights::kPlaceholders;
+    lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(placeholder ? 1 : config_.n_embd,
+                                                                                    placeholder ? 1 : config_.vocab_size)
+                                                               .bias(false)));
   }
 }
 
 torch::Tensor GPT2Impl::lm_head_weight() const {
+  if (use_kept_) return config_.tie_word_embeddings ? kept_.wte : kept_.lm_head;
   return config_.tie_word_embeddings ? transformer->wte->weight : lm_head->weight;
 }
 
-torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx, const torch::Tensor& positions) {
+torch::Tensor GPT2Impl::embed_tokens(const torch::Tensor& idx) {
+  return use_kept_ ? torch::embedding(kept_.wte, idx) : transformer->wte(idx);  // (B, T) -> (B, T, C)
+}
+
+void GPT2Impl::keep_embeddings() {
+  torch::NoGradGuard no_grad;
+  kept_.wte = transformer->wte->weight.detach().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true);
+  if (!config_.tie_word_embeddings) kept_.lm_head = lm_head->weight.detach().to(torch::kCPU, false, true);
+}
+
+void GPT2Impl::use_kept_embeddings(bool on) {
+  TORCH_CHECK(!on || has_kept_embeddings(), "use_kept_embeddings: no embeddings were kept");
+  const c10::Device device = transformer->wte->weight.device();
+  if (on && kept_.wte.device() != device) {  // once: the host copy moves to the model's device
+    kept_.wte = kept_.wte.to(device);
+    if (kept_.lm_head.defined()) kept_.lm_head = kept_.lm_head.to(device);
+  }
+  use_kept_ = on;
+}
+
+torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx, const torch::Tensor& positions,
+                                       const SequenceBounds& bounds) {
   const int64_t T = idx.size(1);
   TORCH_CHECK(T <= config_.n_positions, "sequence length ", T, " exceeds n_positions ",
               config_.n_positions);
@@ -161,9 +193,10 @@ torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx, const torch::Te
     const auto device = idx.device().type();
     docs = document_attention(positions, packed_attention_,
                               at::autocast::is_autocast_enabled(device) ? at::autocast::get_autocast_dtype(device)
-                                                                        : transformer->wte->weight.scalar_type());
+                                                                        : transformer->wte->weight.scalar_type(),
+                              bounds);
   }
-  torch::Tensor x = transformer->wte(idx) + transformer->wpe(pos);  // (B, T, C)
+  torch::Tensor x = embed_tokens(idx) + transformer->wpe(pos);  // (B, T, C)
   x = maybe_dropout(x, config_.embd_pdrop, is_training());
   const bool checkpoint = checkpoint_every_ > 0 && is_training() && torch::GradMode::is_enabled();
   for (size_t i = 0; i < transformer->h->size(); ++i) {
@@ -174,12 +207,12 @@ torch::Tensor GPT2Impl::forward_hidden(const torch::Tensor& idx, const torch::Te
   return transformer->ln_f(x);  // (B, T, C)
 }
 
-torch::Tensor GPT2Impl::forward(const torch::Tensor& idx, const torch::Tensor& positions) {
-  return torch::linear(forward_hidden(idx, positions), lm_head_weight());  // (B, T, V)
+torch::Tensor GPT2Impl::forward(const torch::Tensor& idx, const torch::Tensor& positions, const SequenceBounds& bounds) {
+  return torch::linear(forward_hidden(idx, positions, bounds), lm_head_weight());  // (B, T, V)
 }
 
 torch::Tensor GPT2Impl::forward_loss(const torch::Tensor& idx, const torch::Tensor& targets, const LossTargets& which) {
-  const torch::Tensor h = forward_hidden(idx, which.positions);  // (B, T, C)
+  const torch::Tensor h = forward_hidden(idx, which.positions, which.bounds);  // (B, T, C)
   torch::Tensor rows = h.reshape({-1, h.size(-1)});               // (B*T, C)
   torch::Tensor wanted = targets.reshape({-1});                   // (B*T)
   if (which.target_rows.defined()) {  // only the targets reach the output projection
@@ -198,11 +231,11 @@ torch::Tensor GPT2Impl::forward_logprobs(const torch::Tensor& idx, const torch::
   const torch::Tensor wanted = targets.reshape({-1}).index_select(0, rows);                                // (K)
   torch::Tensor logprobs;                                                                                  // (K)
   if (chunked) {
-    const torch::Tensor h = forward_hidden(idx, which.positions);  // (B, T, C)
+    const torch::Tensor h = forward_hidden(idx, which.positions, which.bounds);  // (B, T, C)
     MemoryPhaseScope phase(MemoryPhase::kLoss);
     logprobs = linear_target_logprobs(h.reshape({-1, h.size(-1)}).index_select(0, rows), lm_head_weight(), wanted);
   } else {
-    const torch::Tensor logits = forward(idx, which.positions);  // (B, T, V)
+    const torch::Tensor logits = forward(idx, which.positions, which.bounds);  // (B, T, V)
     logprobs = torch::log_softmax(logits.reshape({B * T, -1}).index_select(0, rows).to(torch::kFloat), 1)
                    .gather(1, wanted.unsqueeze(1))
                    .squeeze(1);
@@ -225,7 +258,7 @@ torch::Tensor GPT2Impl::forward_cached(const torch::Tensor& idx, KVCache& cache)
   const int64_t t = idx.size(1), pos = cache.length;
   TORCH_CHECK(pos + t <= config_.n_positions, "position ", pos + t, " exceeds n_positions ", config_.n_positions);
   torch::Tensor positions = torch::arange(pos, pos + t, idx.options().dtype(torch::kLong));  // (t)
-  torch::Tensor x = transformer->wte(idx) + transformer->wpe(positions);                     // (B, t, C)
+  torch::Tensor x = embed_tokens(idx) + transformer->wpe(positions);  // (B, t, C)
   for (size_t i = 0; i < transformer->h->size(); ++i) {
     x = transformer->h[i]->as<Block>()->forward_cached(x, cache.k[i], cache.v[i], pos);
   }

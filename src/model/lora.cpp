@@ -86,7 +86,8 @@ void add_lora(GPT2& model, const LoraConfig& config) {
     (*s.base)->register_module("lora_A", a.A);
     (*s.base)->register_module("lora_B", a.B);
   }
-  if (config.save_embeddings) {  // modules_to_save: trained in full
+  if (config.save_embeddings) {  // modules_to_save: trained in full, the base's kept for AdaptersOff
+    model->keep_embeddings();
     model->transformer->wte->weight.requires_grad_(true);
     model->lm_head_weight().requires_grad_(true);
   }
@@ -127,15 +128,17 @@ void merge_lora(GPT2& model) {
   model->set_lora(std::nullopt);
 }
 
-AdaptersOff::AdaptersOff(GPT2& model) {
+AdaptersOff::AdaptersOff(GPT2& model) : model_(model) {
   for (auto& [name, adapter] : lora_adapters(model)) {
     adapter->enabled = false;
     adapters_.push_back(adapter);
   }
+  if (model->has_kept_embeddings()) model->use_kept_embeddings(true);
 }
 
 AdaptersOff::~AdaptersOff() {
   for (LoraAdapter* adapter : adapters_) adapter->enabled = true;
+  if (model_->has_kept_embeddings()) model_->use_kept_embeddings(false);
 }
 
 void cast_frozen_base(GPT2& model, c10::ScalarType dtype) {

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <map>
 
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
@@ -11,6 +12,7 @@
 #include "gpt2ft/core/error.h"
 #include "gpt2ft/core/fault_injection.h"
 #include "gpt2ft/core/out_of_memory.h"
+#include "gpt2ft/core/strings.h"
 #include "gpt2ft/data/shard.h"
 #include "gpt2ft/io/safetensors.h"
 #include "gpt2ft/model/lora.h"
@@ -63,7 +65,8 @@ torch::Tensor reference_row_logprobs(GPT2& model, const Batch& batch, bool chunk
   torch::NoGradGuard no_grad;
   const bool was_training = model->is_training();
   model->eval();
-  torch::Tensor out = model->forward_logprobs(batch.x, batch.y, {batch.positions, batch.target_rows}, chunked);
+  const LossTargets which{batch.positions, batch.target_rows, 0, {batch.cu_seqlens, batch.max_len}};
+  torch::Tensor out = model->forward_logprobs(batch.x, batch.y, which, chunked);
   if (was_training) model->train();
   return out;
 }
@@ -83,25 +86,46 @@ class BaseReference final : public PreferenceReference {
   bool chunked_;
 };
 
-// "model": a frozen copy of the initial policy.
+// Whether a parameter is a matmul weight that autocast casts at every use: the blocks'
+// projections and an untied lm_head.
+bool is_matmul_weight(const std::string& name) {
+  return name == "lm_head.weight" || ends_with(name, "attn.c_attn.weight") || ends_with(name, "attn.c_proj.weight") ||
+         ends_with(name, "mlp.c_fc.weight") || ends_with(name, "mlp.c_proj.weight");
+}
+
+// "model": a frozen copy of the initial policy (a continued adapter folded in) that computes as
+// the policy does: its matmul weights, which autocast casts at every use anyway, are held in
+// the autocast dtype; the embeddings, biases and LayerNorms in the policy's own dtype, so the
+// residual stream is the policy's. Made tensor by tensor on the policy's device: no float32
+// copy of the model, and no model initialised only to be overwritten.
 class CopyReference final : public PreferenceReference {
  public:
-  CopyReference(GPT2& policy, c10::ScalarType amp, bool chunked) : copy_(policy->config()), chunked_(chunked) {
+  CopyReference(GPT2& policy, c10::ScalarType amp, bool chunked)
+      : copy_(policy->config(), Weights::kPlaceholders), chunked_(chunked) {
     torch::NoGradGuard no_grad;
+    std::map<std::string, const LoraAdapter*> adapters;  // by the adapted weight's name
+    for (const auto& [name, adapter] : lora_adapters(policy)) adapters[name + ".weight"] = adapter;
     auto wanted = copy_->named_parameters();
+    size_t filled = 0;
     for (const auto& item : policy->named_parameters()) {
       if (is_lora_parameter(item.key())) continue;
       torch::Tensor* p = wanted.find(item.key());
       if (p == nullptr) throw Error("dpo.reference \"model\": the copy has no parameter " + item.key());
-      p->set_data(item.value().detach().to(torch::kFloat).clone());
+      const torch::Tensor& w = item.value();
+      const c10::ScalarType dtype = is_matmul_weight(item.key()) ? amp : w.scalar_type();
+      const auto adapter = adapters.find(item.key());
+      p->set_data(adapter == adapters.end()
+                      ? w.detach().to(dtype, /*non_blocking=*/false, /*copy=*/true)
+                      : (w.to(torch::kFloat) + lora_product(*adapter->second) * adapter->second->scaling).to(dtype));
+      p->set_requires_grad(false);
+      ++filled;
     }
-    copy_->to(policy->transformer->wte->weight.device());
-    fold_adapters(policy);
-    for (auto& p : copy_->parameters()) {  // 16-bit under a 16-bit autocast (amp is kFloat without one)
-      p.set_requires_grad(false);
-      p.set_data(p.to(amp));
+    if (filled != wanted.size()) {
+      throw Error("dpo.reference \"model\": the policy gave " + std::to_string(filled) + " of the copy's " +
+                  std::to_string(wanted.size()) + " parameters");
     }
     copy_->set_activation_checkpointing(0);
+    copy_->set_packed_attention(policy->packed_attention());
     copy_->eval();
   }
   torch::Tensor logps(GPT2&, const Batch& batch, bool) override {
@@ -109,42 +133,50 @@ class CopyReference final : public PreferenceReference {
   }
 
  private:
-  // A continued adapter is part of the initial policy: W += scaling * B A in the copy.
-  void fold_adapters(GPT2& policy) {
-    auto weights = copy_->named_parameters();
-    for (const auto& [name, adapter] : lora_adapters(policy)) {
-      torch::Tensor* w = weights.find(name + ".weight");
-      if (w == nullptr) throw Error("dpo.reference \"model\": the copy has no projection " + name);
-      w->add_(lora_product(*adapter), adapter->scaling);
-    }
-  }
-
   GPT2 copy_;
   bool chunked_;
 };
 
-// "precomputed": tables of the initial model's log-probs, by example.
+// The pair samples of a preference glob (the trainer checked their kind at its start).
+std::unique_ptr<Samples> open_pairs(const TrainConfig& cfg, const std::string& pattern, const std::string& what,
+                                    int64_t vocab_size) {
+  SampleOptions so;
+  so.seq_len = cfg.data.seq_len;
+  so.too_long = cfg.data.too_long;
+  so.vocab_size = vocab_size;
+  so.what = what;
+  return std::make_unique<Samples>(expand_glob(pattern, what), so);
+}
+
+// "precomputed": tables of the initial model's log-probs, by example. A table is reused only
+// when its key (the run's fingerprint, and both data sets' shard identities) and its row
+// counts are this run's: a replaced data.val is scored again, never indexed out of bounds.
 class PrecomputedReference final : public PreferenceReference {
  public:
   PrecomputedReference(const TrainConfig& cfg, GPT2& policy, c10::ScalarType amp, Communicator& comm,
                        c10::Device device, int64_t per_pass)
       : path_(fs::path(cfg.output_dir) / "reference_logps.safetensors") {
     const fs::path& path = path_;
-    nlohmann::json key = run_fingerprint(cfg);
+    nlohmann::json key = run_fingerprint(cfg);  // holds data.train's shard identity
     key["data.val"] = cfg.data.val.empty() ? "" : fs::absolute(cfg.data.val).lexically_normal().string();
+    key["data.val shards"] = cfg.data.val.empty() ? "" : shards_identity(cfg.data.val, "data.val");
     key["eval.max_sequences"] = std::to_string(cfg.eval.max_sequences);
     const std::string key_text = key.dump();
-    const bool have = read(path, key_text, device);
+    const int64_t vocab = policy->config().vocab_size;
+    const auto train = open_pairs(cfg, cfg.data.train, "data.train", vocab);
+    const auto val = cfg.data.val.empty() ? nullptr : open_pairs(cfg, cfg.data.val, "data.val", vocab);
+    const int64_t val_rows = val ? (cfg.eval.max_sequences > 0 ? std::min(val->size(), cfg.eval.max_sequences)
+                                                               : val->size())
+                                 : 0;
+    const bool have = read(path, key_text, train->size(), val_rows, device);
     if (comm.agree_max({have ? 0 : 1}, "the precomputed reference")[0] == 0) {
       spdlog::info("DPO reference: the log-probs precomputed for this run in {} ({} training and {} validation "
                    "examples)", path.string(), train_.size(0), val_.defined() ? val_.size(0) : 0);
       return;
     }
     const auto started = std::chrono::steady_clock::now();
-    train_ = score(cfg, cfg.data.train, "data.train", 0, per_pass, policy, amp, comm, device);
-    if (!cfg.data.val.empty()) {
-      val_ = score(cfg, cfg.data.val, "data.val", cfg.eval.max_sequences, per_pass, policy, amp, comm, device);
-    }
+    train_ = score(cfg, *train, train->size(), per_pass, policy, amp, comm, device);
+    if (val) val_ = score(cfg, *val, val_rows, per_pass, policy, amp, comm, device);
     unsaved_key_ = key_text;
     spdlog::info("DPO reference: the initial model scored {} training and {} validation examples in {:.1f} s "
                  "(eval mode, under the run's autocast); kept in {} for resumes",
@@ -167,8 +199,9 @@ class PrecomputedReference final : public PreferenceReference {
   }
 
  private:
-  // The table of `path` when it was made for this run (`key`), else false.
-  bool read(const fs::path& path, const std::string& key, c10::Device device) {
+  // The tables of `path` when they were made for this run (`key`) with these row counts
+  // (val_rows 0: no data.val), else false (and nothing kept).
+  bool read(const fs::path& path, const std::string& key, int64_t train_rows, int64_t val_rows, c10::Device device) {
     if (!fs::exists(path)) return false;
     try {
       const SafetensorsReader reader(path);
@@ -177,8 +210,17 @@ class PrecomputedReference final : public PreferenceReference {
         spdlog::info("DPO reference: {} was made for another run or data; scoring again", path.string());
         return false;
       }
-      train_ = reader.load("train", c10::kFloat).to(device);
-      if (reader.contains("val")) val_ = reader.load("val", c10::kFloat).to(device);
+      const torch::Tensor train = reader.load("train", c10::kFloat);
+      const torch::Tensor val = reader.contains("val") ? reader.load("val", c10::kFloat) : torch::Tensor();
+      const auto rows = [](const torch::Tensor& t) { return t.defined() && t.dim() == 2 && t.size(1) == 2 ? t.size(0) : -1; };
+      const int64_t found_val = val.defined() ? rows(val) : 0;
+      if (rows(train) != train_rows || found_val != val_rows) {
+        spdlog::info("DPO reference: {} holds {} training and {} validation examples, the data {} and {}; scoring "
+                     "again", path.string(), rows(train), found_val, train_rows, val_rows);
+        return false;
+      }
+      train_ = train.to(device);
+      if (val.defined()) val_ = val.to(device);
       return true;
     } catch (const Error& e) {
       spdlog::warn("DPO reference: {} is unreadable ({}); scoring again", path.string(), e.what());
@@ -186,17 +228,9 @@ class PrecomputedReference final : public PreferenceReference {
     }
   }
 
-  // (S, 2) log-prob sums of every example of `pattern`, rank r scoring examples r, r+W, ...
-  static torch::Tensor score(const TrainConfig& cfg, const std::string& pattern, const std::string& what,
-                             int64_t max_examples, int64_t per_pass, GPT2& policy, c10::ScalarType amp,
-                             Communicator& comm, c10::Device device) {
-    SampleOptions so;
-    so.seq_len = cfg.data.seq_len;
-    so.too_long = cfg.data.too_long;
-    so.vocab_size = policy->config().vocab_size;
-    so.what = what;
-    const Samples samples(expand_glob(pattern, what), so);  // preference shards: the trainer checked
-    const int64_t S = max_examples > 0 ? std::min(samples.size(), max_examples) : samples.size();
+  // (S, 2) log-prob sums of the first S examples of `samples`, rank r scoring examples r, r+W, ...
+  static torch::Tensor score(const TrainConfig& cfg, const Samples& samples, int64_t S, int64_t per_pass,
+                             GPT2& policy, c10::ScalarType amp, Communicator& comm, c10::Device device) {
     std::vector<int64_t> mine;
     for (int64_t i = comm.rank(); i < S; i += comm.world_size()) mine.push_back(i);
     torch::Tensor table = torch::zeros({S, 2}, torch::TensorOptions().device(device));

@@ -39,12 +39,12 @@ std::string folder_identity(const std::string& dir) {
   return hex64(fnv1a64(all));
 }
 
-// The training shards' identity (names, sizes, sampled contents) and the tokenizer their
-// manifest records, from one listing of the glob.
-std::pair<std::string, std::string> shards_identity(const std::string& pattern) {
+// The shards' identity (names, sizes, sampled contents) and the tokenizer their manifest
+// records, from one listing of the glob.
+std::pair<std::string, std::string> shards_and_tokenizer(const std::string& pattern, const std::string& what) {
   std::vector<fs::path> shards;
   try {
-    shards = expand_glob(pattern, "data.train");
+    shards = expand_glob(pattern, what);
   } catch (const std::exception&) {
     return {"(no shards)", ""};  // the loader reports this itself, with its own message
   }
@@ -67,6 +67,10 @@ std::pair<std::string, std::string> shards_identity(const std::string& pattern) 
 std::string number(double v) { return fmt::format("{:g}", v); }
 
 }  // namespace
+
+std::string shards_identity(const std::string& pattern, const std::string& what) {
+  return shards_and_tokenizer(pattern, what).first;
+}
 
 nlohmann::json run_fingerprint(const TrainConfig& c) {
   nlohmann::json f = nlohmann::json::object();
@@ -95,7 +99,7 @@ nlohmann::json run_fingerprint(const TrainConfig& c) {
     f["model.lora"] = "off";
   }
   f["data.train"] = absolute(c.data.train);
-  std::tie(f["data.train shards"], f["data.train tokenizer"]) = shards_identity(c.data.train);
+  std::tie(f["data.train shards"], f["data.train tokenizer"]) = shards_and_tokenizer(c.data.train, "data.train");
   f["data.seq_len"] = std::to_string(c.data.seq_len);
   f["data.shuffle"] = c.data.shuffle ? "true" : "false";
   f["data.packing"] = c.data.packing;  // "auto" resolves by the shards, which are in the fingerprint

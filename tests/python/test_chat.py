@@ -176,7 +176,22 @@ class ChatTest(WorkDirTest):
         with open(os.path.join(out, "manifest.json")) as f:
             return out, json.load(f)
 
-    def train(self, name, shards, model=None, train=None, seq_len=T, log_every=1):
+    def preference_shards(self, name):
+        """The conversations as TRL's conversational preference pairs (a chosen and a random
+        rejected last message), tokenized with chatml: (rows, shard folder, manifest)."""
+        rng = random.Random(5)
+        rows = []
+        for c in self.convs:
+            last = c["messages"][-1]
+            other = " ".join(rng.choice(WORDS) for _ in range(len(last["content"].split()) + 1))
+            rows.append({"prompt": c["messages"][:-1], "chosen": [last],
+                         "rejected": [{"role": "assistant", "content": other}]})
+        out, manifest = self.tokenize("chatml", "--prompt-field", "prompt", "--chosen-field", "chosen",
+                                      "--rejected-field", "rejected",
+                                      inputs=[write_jsonl(self.path(name + ".jsonl"), rows)], out=self.path(name))
+        return rows, out, manifest
+
+    def train(self, name, shards, model=None, train=None, seq_len=T, log_every=1, dpo=None):
         """Trains from the test model on the shards; returns the run's final/ folder."""
         out = self.path(name)
         cfg = {"model": {"init_from": self.model, "dropout": 0.0, **(model or {})},
@@ -184,6 +199,8 @@ class ChatTest(WorkDirTest):
                "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 3, "lr": 3e-3,
                          "deterministic": True, **(train or {})},
                "output_dir": out, "device": "cpu", "log": {"every_steps": log_every, "progress": "lines"}}
+        if dpo:
+            cfg["dpo"] = dpo
         with open(out + ".json", "w") as f:
             json.dump(cfg, f)
         r = run("train", "--config", out + ".json")
@@ -482,16 +499,7 @@ class ChatTest(WorkDirTest):
         """TRL's conversational preference form: the prompt's messages, then one chosen and one
         rejected assistant message. Each side is transformers' rendering of prompt + side, its
         targets the side's assistant mask; DPO trains on them and saves the template's tokenizer."""
-        rng = random.Random(5)
-        rows = []
-        for c in self.convs:
-            last = c["messages"][-1]
-            other = " ".join(rng.choice(WORDS) for _ in range(len(last["content"].split()) + 1))
-            rows.append({"prompt": c["messages"][:-1], "chosen": [last],
-                         "rejected": [{"role": "assistant", "content": other}]})
-        out, manifest = self.tokenize("chatml", "--prompt-field", "prompt", "--chosen-field", "chosen",
-                                      "--rejected-field", "rejected", inputs=[write_jsonl(self.path("prefs.jsonl"), rows)],
-                                      out=self.path("prefs"))
+        rows, out, manifest = self.preference_shards("prefs")
         self.assertEqual((manifest["kind"], manifest["examples"]["train"]), ("preference", len(rows)))
         self.assertEqual(manifest["tokenizer"]["added_tokens"], ["<|im_start|>", "<|im_end|>"])
         docs = documents(out)
@@ -513,6 +521,31 @@ class ChatTest(WorkDirTest):
         with open(os.path.join(final, "config.json")) as f:
             self.assertEqual(json.load(f)["vocab_size"], (self.vocab + 2 + 63) // 64 * 64)
         self.assertTrue(os.path.exists(os.path.join(final, "chat_template.jinja")))
+
+    def test_dpo_references_agree_when_lora_trains_the_new_rows(self):
+        """LoRA with a chat template's new tokens trains the embedding in full (modules_to_save).
+        The "base" reference must then use the embedding as it was, as PEFT's disable_adapter()
+        does, not the one training moves: "base", "model" and "precomputed" give the same losses
+        and rewards at every step."""
+        _, shards, _ = self.preference_shards("prefs_refs")
+        losses, margins = {}, {}
+        for kind in ("precomputed", "base", "model"):
+            out = self.path("dpo_ref_" + kind)
+            self.train("dpo_ref_" + kind, shards, model={"lora": {"rank": 4, "alpha": 8, "targets": ["c_attn"]}},
+                       train={"objective": "dpo", "max_steps": 4, "lr": 3e-2}, dpo={"reference": kind})
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f if '"loss"' in line]
+            self.assertEqual(len(rows), 4, kind)
+            losses[kind] = [r["loss"] for r in rows]
+            margins[kind] = [r["rewards/margins"] for r in rows]
+        for kind in ("base", "model"):
+            loss = max(abs(a - b) for a, b in zip(losses[kind], losses["precomputed"]))
+            margin = max(abs(a - b) for a, b in zip(margins[kind], margins["precomputed"]))
+            print(f"[chat] DPO, LoRA + new rows: {kind} vs precomputed: losses max|diff| {loss:.2g}, "
+                  f"margins {margin:.2g} (losses {['%.5f' % x for x in losses[kind]]})")
+            self.assertLess(loss, 1e-5, kind)
+            self.assertLess(margin, 1e-5, kind)
+        self.assertGreater(losses["base"][0] - losses["base"][-1], 1e-3)  # it trained
 
     def test_settings_that_would_leave_the_new_rows_untrained_or_misread_are_refused(self):
         shards, _ = self.tokenize("chatml", out=self.path("data"))

@@ -57,7 +57,7 @@ struct MemoryPlanInput {
   int64_t sequences_per_sample = 1;   // 2 for DPO: "per sequence" below is then per pair
   int64_t head_rows_per_sample = 0;   // DPO: the most target rows of a pair, which reach the LM head (0: every row)
   bool target_logprobs = false;       // the loss is linear_target_logprobs, not linear_cross_entropy
-  int64_t reference_weights = 0;      // dpo.reference "model": the copy's bytes
+  int64_t reference_weights = 0;      // dpo.reference "model": the copy's bytes; "base": a kept embedding
   bool reference_forward = false;     // dpo.reference "base" or "model": a reference pass per micro batch
 };
 
@@ -70,7 +70,7 @@ struct MemoryPlan {
                                  // plus the one block being recomputed)
   int64_t workspace = 0;         // cuBLAS workspace
   int64_t gradient_buckets = 0;  // data parallel: the flat all-reduce buckets (a float32 copy of the gradients)
-  int64_t reference = 0;         // DPO's frozen reference copy (dpo.reference "model")
+  int64_t reference = 0;         // DPO's frozen reference copy ("model"), or kept embedding ("base")
   // Gradients.
   int64_t gradients = 0;          // float32 gradients of trained parameters (all of them)
   int64_t lm_head_gradient = 0;   // d lm_head weight (float32, V x C), formed in the loss's forward

@@ -39,6 +39,12 @@ torch::Tensor project(torch::nn::Linear& base, LoraAdapter& lora, const torch::T
 
 enum class PackedAttention { kMask, kVarlen };
 
+// How a model's modules get their weights: initialised (each module's default), or as
+// one-element placeholders that the caller replaces, every one, with set_data (a copy of
+// another model's weights without allocating and initialising a model only to overwrite it).
+// LayerNorms are made whole either way (their shape is part of their forward).
+enum class Weights { kInitialised, kPlaceholders };
+
 // Keys and values of earlier positions, per layer, for incremental decoding.
 struct KVCache {
   std::vector<torch::Tensor> k, v;  // per layer (B, NH, capacity, HD)
@@ -66,7 +72,7 @@ struct DocumentAttention {
 
 class AttentionImpl : public torch::nn::Module {
  public:
-  explicit AttentionImpl(const GPT2Config& config);
+  explicit AttentionImpl(const GPT2Config& config, Weights weights = Weights::kInitialised);
   // (B, T, C) -> (B, T, C); causal, or each packed document attending only to itself.
   torch::Tensor forward(const torch::Tensor& x, const DocumentAttention& docs = {});
   // x (B, t, C) at positions pos..pos+t-1, attending to the cached keys/values before them.
@@ -85,7 +91,7 @@ TORCH_MODULE(Attention);
 
 class MLPImpl : public torch::nn::Module {
  public:
-  explicit MLPImpl(const GPT2Config& config);
+  explicit MLPImpl(const GPT2Config& config, Weights weights = Weights::kInitialised);
   torch::Tensor forward(const torch::Tensor& x);  // (B, T, C) -> (B, T, C)
 
   torch::nn::Linear c_fc{nullptr};    // C -> I
@@ -100,7 +106,7 @@ TORCH_MODULE(MLP);
 
 class BlockImpl : public torch::nn::Module {
  public:
-  explicit BlockImpl(const GPT2Config& config);
+  explicit BlockImpl(const GPT2Config& config, Weights weights = Weights::kInitialised);
   torch::Tensor forward(const torch::Tensor& x, const DocumentAttention& docs = {});  // (B, T, C) -> (B, T, C)
   torch::Tensor forward_cached(const torch::Tensor& x, torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t pos);
 
@@ -114,7 +120,7 @@ TORCH_MODULE(Block);
 // The trunk, registered as "transformer" to match GPT2LMHeadModel.
 class TransformerImpl : public torch::nn::Module {
  public:
-  explicit TransformerImpl(const GPT2Config& config);
+  explicit TransformerImpl(const GPT2Config& config, Weights weights = Weights::kInitialised);
 
   torch::nn::Embedding wte{nullptr};  // (V, C) token embeddings
   torch::nn::Embedding wpe{nullptr};  // (n_positions, C) position embeddings
@@ -123,22 +129,40 @@ class TransformerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Transformer);
 
+// The token embedding and an untied lm_head's weight, (V, C) each (lm_head undefined when tied).
+struct EmbeddingWeights {
+  torch::Tensor wte;
+  torch::Tensor lm_head;
+};
+
+// Packed documents' sequences for variable-length attention, found with the batch on the host
+// (data/loader.h, packed_sequence_bounds): (D + 1) int32 starts in the B*T flattened tokens,
+// on the device, and the longest. Undefined: found from the positions on the device instead,
+// which reads them back to the host (a sync) in every forward pass.
+struct SequenceBounds {
+  torch::Tensor cu_seqlens;
+  int64_t max_len = 0;
+};
+
 // What a loss counts beyond plain next-token prediction (every field optional).
 struct LossTargets {
   torch::Tensor positions;    // (B, T) int64: packed documents (document_attention_mask)
   torch::Tensor target_rows;  // (K) int64: the rows b*T+t that are targets; undefined: all B*T
   double divisor = 0;         // the loss is the sum over the targets / divisor; 0: their mean
+  SequenceBounds bounds;      // packed documents under attention.packed "varlen" (optional)
 };
 
 class GPT2Impl : public torch::nn::Module {
  public:
-  explicit GPT2Impl(const GPT2Config& config);
+  explicit GPT2Impl(const GPT2Config& config, Weights weights = Weights::kInitialised);
 
   // idx (B, T) int64 token ids -> final hidden states (B, T, C). With positions (B, T), packed
   // documents: those positions, each document attending only to itself.
-  torch::Tensor forward_hidden(const torch::Tensor& idx, const torch::Tensor& positions = {});
+  // `bounds`: their sequences for varlen attention, when the loader found them.
+  torch::Tensor forward_hidden(const torch::Tensor& idx, const torch::Tensor& positions = {},
+                               const SequenceBounds& bounds = {});
   // idx (B, T) -> logits (B, T, V).
-  torch::Tensor forward(const torch::Tensor& idx, const torch::Tensor& positions = {});
+  torch::Tensor forward(const torch::Tensor& idx, const torch::Tensor& positions = {}, const SequenceBounds& bounds = {});
   // idx (B, T), targets (B, T) -> next-token loss over the targets `which` selects, the logits
   // computed chunk by chunk and never held for the whole batch (model/linear_cross_entropy.h).
   torch::Tensor forward_loss(const torch::Tensor& idx, const torch::Tensor& targets, const LossTargets& which = {});
@@ -151,8 +175,16 @@ class GPT2Impl : public torch::nn::Module {
   // their logits (B, t, V) and advances the cache. A multi-token call must start at 0.
   torch::Tensor forward_cached(const torch::Tensor& idx, KVCache& cache);
   KVCache make_cache(int64_t batch, int64_t capacity) const;
-  // The output projection's weight (V, C): wte's when tied.
+  // The output projection's weight (V, C): wte's when tied (the kept ones while in use).
   torch::Tensor lm_head_weight() const;
+  // Keeps frozen copies of the embeddings as they are now (on the host), beside the ones that
+  // train: LoRA's modules_to_save (model/lora.h), so that the base model stays computable.
+  void keep_embeddings();
+  bool has_kept_embeddings() const { return kept_.wte.defined(); }
+  // While on, the model computes with the kept embeddings (moved to the model's device on first
+  // use) instead of its trained ones: AdaptersOff, as PEFT's disable_adapter() returns
+  // modules_to_save's original module.
+  void use_kept_embeddings(bool on);
 
   const GPT2Config& config() const { return config_; }
   // Checkpoint every n-th block's activations in training (0 = none, 1 = all).
@@ -164,13 +196,21 @@ class GPT2Impl : public torch::nn::Module {
   PackedAttention packed_attention() const { return packed_attention_; }
   // The settings of its LoRA adapters (model/lora.h), when it has them.
   const std::optional<LoraConfig>& lora() const { return lora_; }
-  void set_lora(std::optional<LoraConfig> lora) { lora_ = std::move(lora); }
+  // Without LoRA, the kept embeddings go too.
+  void set_lora(std::optional<LoraConfig> lora) {
+    lora_ = std::move(lora);
+    if (!lora_) kept_ = {};
+  }
 
   Transformer transformer{nullptr};
   torch::nn::Linear lm_head{nullptr};  // C -> V; registered only when embeddings are untied
 
  private:
+  torch::Tensor embed_tokens(const torch::Tensor& idx);  // (B, T) -> (B, T, C), kept or trained
+
   GPT2Config config_;
+  EmbeddingWeights kept_;  // keep_embeddings(): frozen, never saved or trained
+  bool use_kept_ = false;
   int64_t checkpoint_every_ = 0;
   PackedAttention packed_attention_ = PackedAttention::kMask;
   std::optional<LoraConfig> lora_;

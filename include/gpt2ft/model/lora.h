@@ -33,13 +33,15 @@ bool lora_targets(const std::string& module_name, const std::vector<std::string>
 bool is_lora_parameter(const std::string& name);
 
 // Puts an adapter on every targeted projection (A initialised from the current RNG, B zeros)
-// and freezes every other parameter. A target that matches nothing is an Error.
+// and freezes every other parameter but, with save_embeddings (modules_to_save), the
+// embeddings, whose current weights it keeps frozen beside them (GPT2Impl::keep_embeddings). A target that matches nothing is an Error.
 void add_lora(GPT2& model, const LoraConfig& config);
 // The model's adapters by module name, or none.
 std::vector<std::pair<std::string, LoraAdapter*>> lora_adapters(GPT2& model);
 
-// While it lives, the model computes with its base alone (every adapter switched off, as
-// PEFT's disable_adapter()): a preference reference without a second model.
+// While it lives, the model computes with its base alone, as PEFT's disable_adapter(): every
+// adapter switched off and, with modules_to_save, the embeddings as they were when the
+// adapters were added (kept frozen by add_lora): a preference reference without a second model.
 class AdaptersOff {
  public:
   explicit AdaptersOff(GPT2& model);
@@ -48,6 +50,7 @@ class AdaptersOff {
   AdaptersOff& operator=(const AdaptersOff&) = delete;
 
  private:
+  GPT2 model_;
   std::vector<LoraAdapter*> adapters_;
 };
 

@@ -4,12 +4,15 @@
 //   "precomputed"  the initial model scores every example of data.train (and data.val) once,
 //                  before training, in eval mode, in passes that halve on out of memory; the
 //                  table (examples, 2) lies beside the run in reference_logps.safetensors under
-//                  the run's fingerprint, written whole then renamed (save()), and a resume
-//                  reuses it
+//                  the run's fingerprint and both data sets' shard identities, written whole
+//                  then renamed (save()); a resume reuses it when that key and its row counts
+//                  match, and otherwise scores again
 //   "base"         LoRA: the policy itself with its adapters switched off (AdaptersOff), on the
-//                  fly, in eval mode; nothing extra is held
-//   "model"        a frozen copy of the initial model (adapters folded in), 16-bit under a
-//                  16-bit autocast, float32 otherwise
+//                  fly, in eval mode; with modules_to_save (a chat template's new tokens) the
+//                  embedding kept frozen when the adapters were added: one embedding, not a model
+//   "model"        a frozen copy of the initial model (adapters folded in): the blocks' matmul
+//                  weights (and an untied lm_head) in the autocast dtype, everything else as
+//                  the policy holds it, so that it computes exactly as the initial policy
 //
 // Each gives a batch's (2B) reference log-prob sums, chosen and rejected alternating as the
 // loader lays a batch of pairs out (data/loader.h), without gradients.

@@ -21,6 +21,10 @@ namespace gpt2ft {
 // A flat JSON object: "path" -> readable string value.
 nlohmann::json run_fingerprint(const TrainConfig& cfg);
 
+// The shards of a glob (`what`: its JSON path), as the fingerprint identifies data.train's:
+// names, sizes and sampled contents. A glob that matches nothing gives "(no shards)".
+std::string shards_identity(const std::string& pattern, const std::string& what);
+
 // One line per field that differs ("data.train shards: was ..., now ..."); empty when equal.
 // A field the saved fingerprint lacks is a difference, and so is a saved fingerprint that is
 // empty or not an object: a damaged fingerprint must not turn the check off.
