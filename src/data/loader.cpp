@@ -55,6 +55,8 @@ struct DataLoader::Impl {
     torch::Tensor host;  // (B*S, R, T) int64, rows x, y (and positions when packed); pinned on CUDA
     torch::Tensor rows;  // (B*S*T) int64, the targets' indices (document shards); pinned on CUDA
     torch::Tensor ids;   // (B) int64, the samples' ids (preference pairs); pinned on CUDA
+    torch::Tensor cu_seqlens;  // (B*S*T + 1) int32, packed rows' sequence starts (D + 1 used); pinned on CUDA
+    int64_t num_sequences = 0, max_len = 0;
     int64_t num_targets = 0;
     std::vector<int64_t> samples;
     bool ready = false;
@@ -125,6 +127,10 @@ struct DataLoader::Impl {
       }
     }
     slot.num_targets = B * S * T;
+    if (R == 3) {
+      slot.num_sequences = packed_sequence_bounds(dst + 2 * T, dst + T, B * S, T, R * T,
+                                                  slot.cu_seqlens.data_ptr<int32_t>(), slot.max_len);
+    }
     if (!index.has_targets()) return;
     int64_t* rows = slot.rows.data_ptr<int64_t>();
     int64_t k = 0;
@@ -173,6 +179,7 @@ struct DataLoader::Impl {
       s.host = torch::empty({sequences, rows_per_sample(), opt.seq_len}, options);
       if (index.has_targets()) s.rows = torch::empty({sequences * opt.seq_len}, options);
       if (index.packing() == Packing::kPairs) s.ids = torch::empty({opt.micro_batch}, options);
+      if (rows_per_sample() == 3) s.cu_seqlens = torch::empty({sequences * opt.seq_len + 1}, options.dtype(torch::kInt));
     }
     for (int i = 0; i < std::max(1, opt.num_workers); ++i) workers.emplace_back([this] { worker_loop(); });
   }
@@ -263,16 +270,20 @@ Batch DataLoader::next() {
   torch::Tensor tokens;  // (B*S, R, T): S sequences a sample (2 for a preference pair)
   torch::Tensor rows = slot.rows.defined() ? slot.rows.narrow(0, 0, slot.num_targets) : torch::Tensor();  // (K)
   torch::Tensor ids = slot.ids;  // (B) or undefined
+  torch::Tensor bounds = slot.cu_seqlens.defined() ? slot.cu_seqlens.narrow(0, 0, slot.num_sequences + 1)
+                                                   : torch::Tensor();  // (D + 1) or undefined
   if (options_.device.is_cpu()) {
     tokens = slot.host.clone();
     if (rows.defined()) rows = rows.clone();
     if (ids.defined()) ids = ids.clone();
+    if (bounds.defined()) bounds = bounds.clone();
     m.in_use = batch;
     m.release_in_use();
   } else {
     tokens = slot.host.to(options_.device, /*non_blocking=*/true);
     if (rows.defined()) rows = rows.to(options_.device, /*non_blocking=*/true);
     if (ids.defined()) ids = ids.to(options_.device, /*non_blocking=*/true);
+    if (bounds.defined()) bounds = bounds.to(options_.device, /*non_blocking=*/true);
     m.copy_done.emplace(options_.device.type());
     m.copy_done->record(c10::impl::getDeviceGuardImpl(options_.device.type())->getStream(options_.device));
     m.in_use = batch;
@@ -282,6 +293,8 @@ Batch DataLoader::next() {
   if (tokens.size(1) == 3) out.positions = tokens.select(1, 2);
   out.target_rows = rows;
   out.sample_ids = ids;
+  out.cu_seqlens = bounds;
+  out.max_len = slot.max_len;
   const int64_t S = m.index.size();
   const int64_t g = m.start + (batch + 1) * options_.world_size * options_.micro_batch;
   out.state_after = LoaderState{g / S, g % S};

@@ -269,4 +269,26 @@ std::string Samples::describe() const {
                      all_targets, 100.0 * all_targets / std::max(positions, 1.0));
 }
 
+int64_t packed_sequence_bounds(const int64_t* positions, const int64_t* targets, int64_t rows, int64_t T,
+                               int64_t stride, int32_t* cu_seqlens, int64_t& max_len) {
+  int64_t d = 0;
+  max_len = 0;
+  auto start = [&](int64_t at) {
+    if (d > 0) max_len = std::max<int64_t>(max_len, at - cu_seqlens[d - 1]);
+    cu_seqlens[d++] = static_cast<int32_t>(at);
+  };
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t* pos = positions + i * stride;
+    const int64_t* y = targets + i * stride;
+    int64_t padding = T;  // where the row's trailing padding begins
+    while (padding > 0 && pos[padding - 1] == 0 && y[padding - 1] == kIgnoreTarget) --padding;
+    for (int64_t t = 0; t < padding; ++t) {
+      if (pos[t] == 0 || t == 0) start(i * T + t);  // a row always starts a sequence
+    }
+    if (padding < T) start(i * T + padding);
+  }
+  start(rows * T);
+  return d - 1;
+}
+
 }  // namespace gpt2ft

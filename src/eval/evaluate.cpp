@@ -31,7 +31,17 @@ torch::Tensor batch_loss_sum(GPT2& model, const torch::Tensor& host_batch, bool 
     const torch::Tensor part = batch.narrow(0, at, n);               // (n, R, T)
     const torch::Tensor x = part.select(1, 0), y = part.select(1, 1);  // (n, T)
     LossTargets which;
-    if (part.size(1) == 3) which.positions = part.select(1, 2);
+    if (part.size(1) == 3) {
+      which.positions = part.select(1, 2);
+      if (model->packed_attention() == PackedAttention::kVarlen) {  // the sequences, found here on the host
+        const torch::Tensor host = host_batch.narrow(0, at, n).contiguous();  // (n, 3, T)
+        const int64_t T = host.size(2);
+        torch::Tensor starts = torch::empty({n * T + 1}, torch::kInt);
+        const int64_t D = packed_sequence_bounds(host.data_ptr<int64_t>() + 2 * T, host.data_ptr<int64_t>() + T, n, T,
+                                                 3 * T, starts.data_ptr<int32_t>(), which.bounds.max_len);
+        which.bounds.cu_seqlens = starts.narrow(0, 0, D + 1).to(device);  // (D + 1)
+      }
+    }
     if (has_targets) {
       const torch::Tensor host_y = host_batch.narrow(0, at, n).select(1, 1);  // (n, T)
       which.target_rows = host_y.reshape({-1}).ne(kIgnoreTarget).nonzero().squeeze(1).to(device);  // (K)

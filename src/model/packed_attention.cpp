@@ -51,9 +51,15 @@ CudnnAttentionOff::~CudnnAttentionOff() {
   if (switched_) at::globalContext().setSDPUseCuDNN(true);
 }
 
-DocumentAttention document_attention(const torch::Tensor& positions, PackedAttention how, c10::ScalarType dtype) {
+DocumentAttention document_attention(const torch::Tensor& positions, PackedAttention how, c10::ScalarType dtype,
+                                     const SequenceBounds& bounds) {
   DocumentAttention docs;
   if (how == PackedAttention::kVarlen && varlen_possible(positions.device(), dtype)) {
+    if (bounds.cu_seqlens.defined()) {  // found by the loader on the host: no sync here
+      docs.cu_seqlens = bounds.cu_seqlens;
+      docs.max_len = bounds.max_len;
+      return docs;
+    }
     const int64_t n = positions.numel();
     const torch::Tensor starts = positions.reshape({-1}).eq(0).nonzero().squeeze(1);  // (D) int64, one host sync
     const torch::Tensor bounds = torch::cat({starts, torch::full({1}, n, starts.options())});  // (D + 1)
@@ -83,15 +89,17 @@ std::string sdpa_backend(const torch::Tensor& q, const torch::Tensor& k, const t
 
 std::string describe_attention_kernels(const GPT2Config& config, c10::Device device, c10::ScalarType dtype,
                                        int64_t T, double dropout_p, PackedAttention how) {
-  torch::NoGradGuard no_grad;
+  // q requires grad, as in training: SDPA's choice depends on it (some kernels have no backward
+  // for some inputs). Nothing is computed, so no graph is built.
+  torch::AutoGradMode grad_on(true);
   const auto options = torch::TensorOptions().device(device).dtype(dtype);
-  const torch::Tensor q = torch::zeros({1, config.n_head, T, config.head_dim()}, options);  // (1, NH, T, HD)
+  const torch::Tensor q = torch::zeros({1, config.n_head, T, config.head_dim()}, options.requires_grad(true));  // (1, NH, T, HD)
   const std::string causal = sdpa_backend(q, q, q, {}, dropout_p, true);
   std::string packed;
   if (how == PackedAttention::kVarlen && varlen_possible(device, dtype)) {
     packed = "flash attention over variable-length documents (attention.packed \"varlen\")";
   } else {
-    const torch::Tensor mask = document_attention_mask(torch::zeros({1, T}, options.dtype(torch::kLong)), dtype);
+    const torch::Tensor mask = document_attention_mask(torch::zeros({1, T}, options.dtype(torch::kLong)), dtype);  // (1, 1, T, T)
     CudnnAttentionOff no_cudnn(device);
     packed = sdpa_backend(q, q, q, mask, dropout_p, false) + " with the document mask" +
              (how == PackedAttention::kVarlen ? " (attention.packed \"varlen\" needs CUDA and 16-bit autocast)" : "") +

@@ -100,9 +100,7 @@ void AdamW::step(double lr, const GradientScaling& scaling) {
     at::_fused_adamw_(params, grads, exp_avg, exp_avg_sq, /*max_exp_avg_sqs=*/{}, steps, lr, options_.betas[0],
                       options_.betas[1], g.weight_decay, options_.eps, /*amsgrad=*/false,
                       /*maximize=*/false, /*grad_scale=*/std::nullopt, found_inf);
-    if (found_inf) {
-      for (auto& s : steps) s.sub_(*found_inf);
-    }
+    if (found_inf) torch::_foreach_add_(steps, *found_inf, -1);  // one launch, not one per tensor
   }
 }
 

@@ -33,8 +33,9 @@ class Completion final : public Objective {
   }
   ObjectiveLoss loss(GPT2& model, const Batch& batch, double divisor) const override {
     // Packed documents: positions restart per document; only the target rows reach the head.
-    return {chunked_ ? model->forward_loss(batch.x, batch.y, {batch.positions, batch.target_rows, divisor})
-                     : next_token_loss(model->forward(batch.x, batch.positions), batch.y, divisor),
+    const SequenceBounds bounds{batch.cu_seqlens, batch.max_len};
+    return {chunked_ ? model->forward_loss(batch.x, batch.y, {batch.positions, batch.target_rows, divisor, bounds})
+                     : next_token_loss(model->forward(batch.x, batch.positions, bounds), batch.y, divisor),
             {}};
   }
 
@@ -52,7 +53,8 @@ class Preference final : public Objective {
   }
   ObjectiveLoss loss(GPT2& model, const Batch& batch, double divisor) const override {
     // (2B) rows: example i's chosen in row 2i, its rejected in 2i+1.
-    const torch::Tensor policy = model->forward_logprobs(batch.x, batch.y, {batch.positions, batch.target_rows}, chunked_);
+    const LossTargets which{batch.positions, batch.target_rows, 0, {batch.cu_seqlens, batch.max_len}};
+    const torch::Tensor policy = model->forward_logprobs(batch.x, batch.y, which, chunked_);
     const torch::Tensor reference = reference_.logps(model, batch, /*validation=*/false);
     const torch::Tensor counts = options_.loss == "ipo" ? row_target_counts(batch) : torch::Tensor();  // (2B)
     const PreferenceLoss l = preference_loss_of_rows(policy, reference, counts, options_);
@@ -80,7 +82,10 @@ std::vector<std::string> preference_metric_names() {
 
 torch::Tensor row_target_counts(const Batch& batch) {
   const int64_t rows = batch.x.size(0), T = batch.x.size(1);
-  return torch::bincount(batch.target_rows.div(T, "floor"), {}, rows).to(torch::kFloat);  // (2B)
+  // Not bincount: on CUDA it reads the ids' min and max on the host, a sync every micro batch.
+  const auto options = batch.target_rows.options().dtype(torch::kFloat);
+  return torch::zeros({rows}, options)
+      .index_add_(0, batch.target_rows.div(T, "floor"), torch::ones({batch.target_rows.size(0)}, options));  // (2B)
 }
 
 PreferenceLoss preference_loss_of_rows(const torch::Tensor& policy, const torch::Tensor& reference,

@@ -1,6 +1,7 @@
 // Document shards and packed samples (data/shard.h, data/samples.h): the format round trip and
 // its damage checks, best-fit packing that keeps every document whole and once, and packed
 // documents that never see each other in the model.
+#include <algorithm>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -379,6 +380,77 @@ TEST(Samples, PreferenceShardsWithoutOneSharedPromptAreRefused) {
   odd.targets = {false, true};
   odd.pairs = true;
   EXPECT_THROW(write_shard(tmp.path() / "odd.bin", {96, 5}, 2, &odd), Error);
+}
+
+}  // namespace
+}  // namespace gpt2ft
+
+namespace gpt2ft {
+namespace {
+
+// Varlen attention's sequences, found on the host: hand-laid rows first, then every packed row
+// of real document shards against the rule (a target's sequence is exactly its document; a
+// row's trailing padding is one sequence).
+TEST(Samples, PackedSequenceBoundsFollowTheDocumentsWithTrailingPaddingMerged) {
+  constexpr int64_t I = kIgnoreTarget;
+  // Row 0: a document of 3 positions, one of 1 (a target), 4 padding. Row 1: a document of 1
+  // position without a target (a prompt token), one of 5 (targets from its second), 2 padding.
+  const std::vector<int64_t> positions = {0, 1, 2, 0, 0, 0, 0, 0, /**/ 0, 0, 1, 2, 3, 4, 0, 0};
+  const std::vector<int64_t> targets = {5, 6, 7, 8, I, I, I, I, /**/ I, I, 3, 4, 5, 6, I, I};
+  std::vector<int32_t> cu(2 * 8 + 1, -1);
+  int64_t max_len = 0;
+  const int64_t D = packed_sequence_bounds(positions.data(), targets.data(), 2, 8, 8, cu.data(), max_len);
+  EXPECT_EQ(D, 6);
+  EXPECT_EQ(std::vector<int32_t>(cu.begin(), cu.begin() + D + 1), (std::vector<int32_t>{0, 3, 4, 8, 9, 14, 16}));
+  EXPECT_EQ(max_len, 5);
+
+  test::TempDir tmp;
+  ShardDocuments docs;
+  const auto tokens = make_documents(6, 120, 6, 12, docs);
+  write_shard(tmp.path() / "a.bin", tokens, 2, &docs);
+  const int64_t T = 40;
+  const Samples samples({tmp.path() / "a.bin"}, options_for(T));
+  const int64_t S = samples.size();
+  torch::Tensor t = torch::empty({S, 3, T}, torch::kLong);
+  for (int64_t i = 0; i < S; ++i) {
+    int64_t* row = t[i].data_ptr<int64_t>();
+    samples.read(i, row, row + T, row + 2 * T);
+  }
+  std::vector<int32_t> starts(static_cast<size_t>(S * T + 1));
+  const int64_t n = packed_sequence_bounds(t.data_ptr<int64_t>() + 2 * T, t.data_ptr<int64_t>() + T, S, T, 3 * T,
+                                           starts.data(), max_len);
+  ASSERT_EQ(starts[0], 0);
+  ASSERT_EQ(starts[static_cast<size_t>(n)], S * T);
+  int64_t longest = 0, padded_rows = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t s = starts[static_cast<size_t>(k)], e = starts[static_cast<size_t>(k + 1)];
+    ASSERT_LT(s, e);
+    ASSERT_EQ(s / T, (e - 1) / T) << "sequence " << k << " crosses a row";
+    longest = std::max(longest, e - s);
+  }
+  EXPECT_EQ(max_len, longest);
+  for (int64_t i = 0; i < S; ++i) {
+    const auto pos = t[i][2], y = t[i][1];
+    int64_t padding = T;  // the row's trailing run of position 0 without a target
+    while (padding > 0 && pos[padding - 1].item<int64_t>() == 0 && y[padding - 1].item<int64_t>() == I) --padding;
+    if (T - padding > 1) ++padded_rows;
+    for (int64_t p = 0; p < T; ++p) {
+      const int64_t flat = i * T + p;
+      const auto it = std::upper_bound(starts.begin(), starts.begin() + n + 1, static_cast<int32_t>(flat)) - 1;
+      const int64_t s = *it, e = *(it + 1);
+      if (p >= padding) {  // the padding: one sequence from its first token to the row's end
+        EXPECT_EQ(s, i * T + padding);
+        EXPECT_EQ(e, (i + 1) * T);
+      } else if (y[p].item<int64_t>() != I) {  // a target: its sequence is its document, whole
+        const int64_t doc_start = p - pos[p].item<int64_t>();
+        int64_t doc_end = p + 1;
+        while (doc_end < T && pos[doc_end].item<int64_t>() != 0) ++doc_end;
+        EXPECT_EQ(s, i * T + doc_start) << "row " << i << " position " << p;
+        EXPECT_EQ(e, i * T + doc_end) << "row " << i << " position " << p;
+      }
+    }
+  }
+  EXPECT_GT(padded_rows, 0);  // the data exercised the merge
 }
 
 }  // namespace

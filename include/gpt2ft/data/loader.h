@@ -51,6 +51,10 @@ struct Batch {
   int64_t num_targets = 0;       // K, or B*T
   std::vector<int64_t> samples;  // the global sample ids in the batch
   torch::Tensor sample_ids;      // (B) int64 the same ids on the device, for preference pairs (else undefined)
+  // Packed documents, for variable-length attention (packed_sequence_bounds, data/samples.h):
+  // (D + 1) int32 sequence starts in the B*T flattened tokens, found on the host, and the longest.
+  torch::Tensor cu_seqlens;
+  int64_t max_len = 0;
   LoaderState state_after;       // the loader's state once this batch is consumed
 };
 

@@ -54,6 +54,16 @@ bool shards_hold_pairs(const std::string& pattern);
 // head. 0 when there is none.
 int64_t max_targets_per_pair(const std::string& pattern);
 
+// The sequences of packed rows for variable-length attention, found on the host so that no
+// forward pass reads them back from the device. Row i's positions and targets are
+// positions[i * stride + t] and targets[i * stride + t] (t < T). A sequence starts wherever
+// the position is 0, except inside a row's trailing padding (position 0 and no target), which
+// is one sequence of its own instead of one a token. Writes the D + 1 starts in the
+// rows * T flattened tokens (the last is rows * T) to cu_seqlens, which has room for
+// rows * T + 1; returns D, and the longest sequence in max_len.
+int64_t packed_sequence_bounds(const int64_t* positions, const int64_t* targets, int64_t rows, int64_t T,
+                               int64_t stride, int32_t* cu_seqlens, int64_t& max_len);
+
 class Samples {
  public:
   Samples(const std::vector<std::filesystem::path>& shards, const SampleOptions& options);

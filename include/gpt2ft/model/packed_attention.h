@@ -10,10 +10,12 @@
 //
 // attention.packed "varlen" (CUDA under bfloat16 / float16 autocast; elsewhere the mask is
 // used): flash attention over variable-length sequences. The B rows are flattened into B*T
-// tokens and each document (positions restart at 0 where one starts; a padding token is a
-// document of one) is a sequence of its own, causal within itself: no T x T mask, no tile
-// outside a document computed. Finding the documents reads their lengths on the host once per
-// forward pass.
+// tokens and each document (positions restart at 0 where one starts) is a sequence of its own,
+// causal within itself: no T x T mask, no tile outside a document computed. The loader finds
+// the sequences on the host with the batch (a row's trailing padding one sequence) and ships
+// them with it, so the forward pass never waits on the device; without them (a caller that
+// passes positions alone) they are found on the device, one host sync a pass, each padding
+// token its own sequence.
 #pragma once
 
 #include <string>
@@ -39,8 +41,10 @@ class CudnnAttentionOff {
 };
 
 // How the documents of a packed batch attend: positions (B, T) -> the mask, or on CUDA with a
-// 16-bit `dtype` and how == kVarlen the documents' starts for varlen flash attention.
-DocumentAttention document_attention(const torch::Tensor& positions, PackedAttention how, c10::ScalarType dtype);
+// 16-bit `dtype` and how == kVarlen the sequences for varlen flash attention: `bounds` when the
+// loader found them, else found here from the positions (one host sync).
+DocumentAttention document_attention(const torch::Tensor& positions, PackedAttention how, c10::ScalarType dtype,
+                                     const SequenceBounds& bounds = {});
 
 // q, k, v (B, NH, T, HD) -> (B, NH, T, HD): causal attention when `docs` is not packed, else
 // each document attending only to itself, by the path `docs` holds.
