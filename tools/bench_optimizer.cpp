@@ -1,5 +1,6 @@
 // Optimizer step time: 8-bit AdamW against AdamW (unfused and fused) on the same parameters and
-// gradients, steps interleaved, medians. Prints one JSON line.
+// gradients, steps interleaved, medians, each given a found_inf of 0 as the trainer gives it.
+// Prints one JSON line.
 //   bench_optimizer DEVICE N_EMBD N_LAYER VOCAB STEPS
 // The parameters are GPT-2's shapes for those sizes (wte, and per block c_attn, c_proj, c_fc,
 // the MLP's c_proj, two LayerNorms and the biases).
@@ -25,7 +26,8 @@ using Named = std::vector<std::pair<std::string, torch::Tensor>>;
 Named gpt2_shaped(int64_t C, int64_t L, int64_t V, c10::Device device) {
   Named out;
   const auto add = [&](const std::string& name, std::vector<int64_t> shape) {
-    out.emplace_back(name, (torch::randn(shape) * 0.02).to(device).requires_grad_(true));
+    // Made on the device: randn of gpt2-xl's 1.5B values on the host takes seconds.
+    out.emplace_back(name, (torch::randn(shape, torch::TensorOptions().device(device)) * 0.02).requires_grad_(true));
   };
   add("wte", {V, C});
   for (int64_t l = 0; l < L; ++l) {
@@ -76,12 +78,16 @@ int main(int argc, char** argv) {
     const auto sync = [&] {
       if (device.is_cuda()) params.front().second.sum().item<float>();
     };
+    // found_inf as the trainer passes it on every step (fp32 and bf16 too: a non-finite norm
+    // skips), so each optimizer is timed on the path training takes.
+    gpt2ft::GradientScaling scaling;
+    scaling.found_inf = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat).device(device));
     std::vector<std::vector<double>> times(optimizers.size());
     for (int s = -1; s < steps; ++s) {  // step -1 warms up
       for (size_t k = 0; k < optimizers.size(); ++k) {
         sync();
         const auto start = std::chrono::steady_clock::now();
-        optimizers[k].second->step(1e-4);
+        optimizers[k].second->step(1e-4, scaling);
         sync();
         const double ms = 1e3 * std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         if (s >= 0) times[k].push_back(ms);

@@ -12,24 +12,26 @@
 #
 # Parts, most wanted first, each with its own time limit (seconds on an H100/H200 machine):
 #   gpu tests     each `gpu` test group in its own process, as ctest runs them, each under its
-#                 own limit, the trainer's last: CUDA setup 20 (the allocator before the first
+#                 own limit (300 in all, make_golden.py included), the trainer's last: CUDA setup 20 (the allocator before the first
 #                 tensor, expandable segments and pinned memory one step each way), parity with
 #                 transformers 30, NCCL with one rank 25, the chunked loss 25, packed documents
 #                 and 8-bit AdamW 45 (against the CPU; varlen against the mask; the SDPA kernel
 #                 each call picks in bf16/fp16/fp32 with and without dropout; PyTorch issue
 #                 196678's pattern at T=704 and 1024, cuDNN alone against our path; evaluation
-#                 of document shards), training 120 (fp16 scaler, bf16, fused AdamW,
-#                 checkpointing with dropout, offload during backward, the planner against
-#                 measured peaks of gpt2 at micro 1/8/32)
-#   attention     50  instruction_bench on CUDA: packed documents (mask and varlen) against
+#                 of document shards), training 135 (fp16 scaler, bf16, fused AdamW,
+#                 checkpointing with dropout, offload during backward, DPO with each reference
+#                 in bf16 and fp16, the planner against measured peaks of gpt2 at micro 1/8/32)
+#   attention     45  instruction_bench on CUDA: packed documents (mask and varlen) against
 #                     plain text, T=1024, bf16 and fp32, every loss finite
-#   bench        120  gpt2 T=1024 bf16 micro 8: ours, ours with the eager loss, PyTorch
+#   bench        100  gpt2 T=1024 bf16 micro 8: ours, ours with the eager loss, PyTorch
 #                     eager, HF Trainer (no model is saved, 3 warm-up + 10 timed steps)
-#   plan          45  plan --measure, gpt2-medium at micro 1 and 8
-#   optim         30  the optimizer step for gpt2-xl's shapes: 8-bit AdamW (ATen ops) against
+#   plan          35  plan --measure, gpt2-medium at micro 1 and 8 (no model saved)
+#   optim         25  the optimizer step for gpt2-xl's shapes: 8-bit AdamW (ATen ops) against
 #                     AdamW unfused and fused (bench_optimizer, medians of 5)
 #   offload     rest  gpt2-xl T=1024 bf16 micro 4 x 4, as configured and with plan's levers
-#                     under a 24 GiB cuda.memory_limit (1 warm-up + 2 timed steps each)
+#                     under a 24 GiB cuda.memory_limit (1 warm-up + 2 timed steps each); run
+#                     only with at least 90 s left (a dry run, which counts every limit as
+#                     spent, leaves it 35 s: not run)
 # GPT2FT_GPU_PARTS (default "tests attention bench plan optim offload") picks parts, in that
 # order. A part that the budget does not reach is listed as not run. At most 8 files come back
 # from $OUT; this writes 7: setup.log (nvidia-smi, which binaries, the build if one ran),
@@ -123,7 +125,10 @@ configure_and_build() {
 gpu_group() {
   local name=$1 filter=$2 limit=$3
   echo "=== gpu.$name ($filter, limit ${limit}s)"
-  GPT2FT_GOLDEN_DIR="$golden" timeout --kill-after=5 "$limit" "$tests_bin" --gtest_filter="$filter" --gtest_brief=0
+  # --foreground: this timeout stays in the part's process group, so the part's own limit
+  # kills it and the test binary with it (without, it would outlive the part).
+  GPT2FT_GOLDEN_DIR="$golden" timeout --foreground --kill-after=5 "$limit" "$tests_bin" --gtest_filter="$filter" \
+    --gtest_brief=0
   local r=$?
   ((r == 124 || r == 137)) && echo "gpu.$name: timed out after ${limit}s"
   echo "=== gpu.$name: exit $r"
@@ -139,7 +144,7 @@ gpu_tests() {
   gpu_group nccl "DistributedCuda.*" 25 || rc=1
   gpu_group linear_cross_entropy "LinearCrossEntropyCuda.*" 25 || rc=1
   gpu_group packed "CudaPacked.*" 45 || rc=1
-  gpu_group training "CudaTraining.*" 120 || rc=1
+  gpu_group training "CudaTraining.*" 135 || rc=1
   return $rc
 }
 plan_measure() {
@@ -197,19 +202,25 @@ t = (np.arange(40 * 1025, dtype=np.int64) * 2654435761 % 50257).astype(np.uint16
 open(sys.argv[1], 'wb').write(h.tobytes() + t.tobytes())" "$shard"
   for p in $parts; do
     case $p in
-      tests) part "gpu tests" 270 "$out/gpu-tests.log" gpu_tests ;;
-      attention) GPT2FT_BUILD_DIR="$bin_dir" part "packed documents vs plain text, T=1024" 50 "$out/attention.log" \
+      tests) part "gpu tests" 300 "$out/gpu-tests.log" gpu_tests ;;
+      attention) GPT2FT_BUILD_DIR="$bin_dir" part "packed documents vs plain text, T=1024" 45 "$out/attention.log" \
                    "$py" scripts/bench/instruction_bench.py --device cuda --seq-len 1024 --micro 8 --warmup 2 \
                    --steps 6 --repeats 1 --dtypes bf16 fp32 --attention mask varlen ;;
-      bench) GPT2FT_BUILD_DIR="$bin_dir" part "bench gpt2 vs HF Trainer and eager" 120 "$out/bench.log" \
+      bench) GPT2FT_BUILD_DIR="$bin_dir" part "bench gpt2 vs HF Trainer and eager" 100 "$out/bench.log" \
                "$py" scripts/bench/train_bench.py --mode gpu --preset gpt2 --dtype bf16 --micro 8 --also-eager-loss \
                --warmup 3 --steps 10 --out "$scratch/bench-train-gpu.json" ;;
-      plan) part "plan --measure gpt2-medium" 45 "$out/measure.log" plan_measure "$shard" ;;
-      optim) part "8-bit AdamW step vs AdamW, gpt2-xl shapes" 30 "$out/measure.log" \
+      plan) part "plan --measure gpt2-medium" 35 "$out/measure.log" plan_measure "$shard" ;;
+      optim) part "8-bit AdamW step vs AdamW, gpt2-xl shapes" 25 "$out/measure.log" \
                "$bin_dir/bench_optimizer" cuda 1600 48 50257 5 ;;
-      offload) GPT2FT_BUILD_DIR="$bin_dir" part "offload gpt2-xl" "$(left)" "$out/offload.log" \
-                 "$py" scripts/bench/offload_bench.py --mode gpu --runs configured,levers --warmup 1 --steps 2 \
-                 --out "$scratch/offload.json" ;;  # offload.log has it all
+      offload)  # gpt2-xl's start alone takes a minute: with less left it would only be killed
+        if (($(left) < 90)); then
+          summary+=("| offload gpt2-xl | not run ($(left)s left, it needs 90s) | - |")
+          echo "[gpu-check] offload gpt2-xl: not run ($(left)s left, it needs 90s)"
+        else
+          GPT2FT_BUILD_DIR="$bin_dir" part "offload gpt2-xl" "$(left)" "$out/offload.log" \
+            "$py" scripts/bench/offload_bench.py --mode gpu --runs configured,levers --warmup 1 --steps 2 \
+            --out "$scratch/offload.json"  # offload.log has it all
+        fi ;;
       *) echo "[gpu-check] unknown part $p" ;;
     esac
   done

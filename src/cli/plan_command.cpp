@@ -45,7 +45,9 @@ nlohmann::json measure_peak(const TrainConfig& cfg, int64_t micro) {
                       "checkpoint.at_end=false", "data.val=", "checkpoint.keep_best=false",
                       "eval.early_stopping_patience=0", "log.every_steps=1", "output_dir=" + dir.string()});
   m.train.epochs = 0;
-  run_training(m);
+  RunEnd end;
+  end.save_final_model = false;  // three steps to measure, not a model anyone asked for
+  run_training(m, end);
   std::ifstream metrics(dir / "metrics.jsonl");
   std::string line, last;
   while (std::getline(metrics, line)) {

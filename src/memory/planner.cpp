@@ -53,8 +53,9 @@
 // step accumulates; without accumulation they are created while backward frees the
 // activations. ZeRO-1 (shard_optimizer) keeps the optimizer state of the rank that owns the
 // most elements. Data parallel (world_size > 1) adds the gradient buckets: a float32 copy of
-// the trained gradients, per GPU. cuBLAS keeps a 32 MiB workspace on the default stream
-// (Hopper's default size; smaller GPUs use less).
+// the trained gradients, per GPU. cuBLAS keeps a 32 MiB workspace (Hopper's default size;
+// smaller GPUs use less) per handle and stream, and every thread has its own handle: one for
+// the training thread's forward, one for autograd's backward thread.
 #include "gpt2ft/memory/planner.h"
 
 #include "gpt2ft/model/gpt2.h"
@@ -242,7 +243,7 @@ void plan_resident(const MemoryPlanInput& in, const Dims& d, const std::vector<i
     m.amp_copies = 2 * block_matmul_params * (kept + (checkpointed > 0 ? 1 : 0));
     if (!in.chunked_loss) m.amp_copies += 2 * d.V * C;  // the eager lm_head's cast, saved by its matmul
   }
-  m.workspace = in.cuda ? (32ll << 20) : 0;
+  m.workspace = in.cuda ? 2 * (32ll << 20) : 0;  // forward's handle and the autograd thread's
   if (in.optimizer_8bit && !in.optimizer_offload && in.cuda && !trained_numels.empty()) {
     // The 8-bit step's float32 temporaries on CUDA (the ATen ops, every tensor in pieces) for one
     // piece of at most 2^22 values (dequantized moments, their squares and quotients, the

@@ -244,7 +244,7 @@ struct StepStart {
 
 class Trainer {
  public:
-  explicit Trainer(const TrainConfig& cfg);
+  Trainer(const TrainConfig& cfg, const RunEnd& end);
   TrainSummary run();
 
  private:
@@ -280,6 +280,7 @@ class Trainer {
   void log_run();
 
   TrainConfig cfg_;  // as given, with "auto" settings resolved once known
+  RunEnd end_;
   const Clock::time_point start_ = Clock::now();
   const LaunchEnv env_;
   const c10::Device device_;
@@ -317,8 +318,9 @@ class Trainer {
   bool early_stopped_ = false;
 };
 
-Trainer::Trainer(const TrainConfig& cfg)
+Trainer::Trainer(const TrainConfig& cfg, const RunEnd& end)
     : cfg_(cfg),
+      end_(end),
       env_(launch_env_with_logging()),
       device_(training_device(cfg, env_)),
       comm_(env_, device_, cfg.distributed.backend, cfg.distributed.timeout_s),
@@ -959,10 +961,12 @@ TrainSummary Trainer::finish() {
   if (state_.step >= max_steps_ && !logged_first_) spdlog::info("the run is already complete ({} steps)", max_steps_);
   summary_.val_loss = validate(summary_.steps);
   if (cfg_.checkpoint.at_end) save_checkpoint();
-  summary_.final_model = fs::path(cfg_.output_dir) / "final";
   stop_if_not_finite(state_.step);  // also every rank's barrier before rank 0 reads the weights
-  if (comm_.is_main()) save_final_model();
-  comm_.barrier("final model");
+  if (end_.save_final_model) {
+    summary_.final_model = fs::path(cfg_.output_dir) / "final";
+    if (comm_.is_main()) save_final_model();
+    comm_.barrier("final model");
+  }
   if (const std::string report = optimizer_->run_report(); !report.empty()) spdlog::info("{}", report);
   summary_.seconds = std::chrono::duration<double>(Clock::now() - start_).count();
   const std::string trained = state_.step > first_step_
@@ -980,15 +984,15 @@ TrainSummary Trainer::finish() {
                        there ? " in " + folder.string()
                              : cfg_.checkpoint.keep_best ? " (its folder best/ is missing or of another step)" : "");
   }
-  spdlog::info("done: {} steps in {:.1f}s{}; {}{}{}; model saved to {}", summary_.steps, summary_.seconds,
+  spdlog::info("done: {} steps in {:.1f}s{}; {}{}{}; {}", summary_.steps, summary_.seconds,
                early_stopped_ ? " (stopped early)" : "", trained,
                summary_.val_loss ? fmt::format("; val loss {:.4f}", *summary_.val_loss) : "", best,
-               summary_.final_model.string());
+               end_.save_final_model ? "model saved to " + summary_.final_model.string() : "no model saved");
   return summary_;
 }
 
 }  // namespace
 
-TrainSummary run_training(const TrainConfig& config) { return Trainer(config).run(); }
+TrainSummary run_training(const TrainConfig& config, const RunEnd& end) { return Trainer(config, end).run(); }
 
 }  // namespace gpt2ft

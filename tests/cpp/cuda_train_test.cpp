@@ -1,7 +1,10 @@
 // GPU training checks (ctest label `gpu`, skipped without CUDA): float16 with the GradScaler
 // and bfloat16 runs learn; fused AdamW equals the unfused update on CUDA; optimizer offload's
-// copies during backward equal its copies at the step.
+// copies during backward equal its copies at the step; DPO with each reference in bf16 and
+// fp16 starts at loss log 2 with rewards 0, and its precomputed table equals the CPU's.
+#include <cmath>
 #include <fstream>
+#include <random>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -13,6 +16,7 @@
 #include "gpt2ft/core/pinned_buffers.h"
 #include "gpt2ft/data/shard.h"
 #include "gpt2ft/io/model_folder.h"
+#include "gpt2ft/io/safetensors.h"
 #include "gpt2ft/memory/planner.h"
 #include "gpt2ft/model/gpt2.h"
 #include "gpt2ft/model/init.h"
@@ -20,6 +24,7 @@
 #include "gpt2ft/optim/grad_clip.h"
 #include "gpt2ft/optim/grad_scaler.h"
 #include "gpt2ft/optim/offloaded_adamw.h"
+#include "gpt2ft/train/preference_reference.h"
 #include "gpt2ft/train/trainer.h"
 #include "test_support.h"
 
@@ -247,6 +252,98 @@ TEST_F(CudaTraining, PlannerPredictsThePeakWithinTenPercent) {
                   100 * (predicted - measured) / measured);
       EXPECT_LT(std::abs(predicted - measured) / measured, 0.10) << ckpt << " micro " << micro;
       std::filesystem::remove_all(tmp.path() / (ckpt + std::to_string(micro)));
+    }
+  }
+}
+
+// Preference pairs of random tokens (ids below 127; 127 is the end-of-text): prompts of 2-7
+// tokens, continuations of 2-6, as tokenize writes them.
+void write_pairs(const std::filesystem::path& path, int examples) {
+  std::mt19937 rng(5);
+  std::vector<uint32_t> tokens;
+  ShardDocuments docs;
+  docs.pairs = true;
+  for (int k = 0; k < examples; ++k) {
+    std::vector<uint32_t> prompt(2 + rng() % 6);
+    for (auto& t : prompt) t = rng() % 127;
+    for (int side = 0; side < 2; ++side) {
+      docs.starts.push_back(static_cast<uint32_t>(tokens.size()));
+      tokens.push_back(127);
+      docs.targets.push_back(false);
+      for (const uint32_t t : prompt) tokens.push_back(t), docs.targets.push_back(false);
+      for (uint32_t i = 0, n = 2 + rng() % 5; i < n; ++i) tokens.push_back(rng() % 127), docs.targets.push_back(true);
+      tokens.push_back(127);
+      docs.targets.push_back(true);
+    }
+  }
+  write_shard(path, tokens, 2, &docs);
+}
+
+std::vector<nlohmann::json> metric_rows(const std::filesystem::path& file) {
+  std::ifstream in(file);
+  std::vector<nlohmann::json> rows;
+  for (std::string line; std::getline(in, line);) {
+    const auto row = nlohmann::json::parse(line);
+    if (row.contains("loss")) rows.push_back(row);
+  }
+  return rows;
+}
+
+// DPO on CUDA with LoRA, each reference, under bf16 and fp16 autocast (fp16 with its loss
+// scale): two steps, finite; at the first the policy is the initial model, so the loss is log 2
+// and the rewards 0; the precomputed table equals the initial model's log-probs on the CPU in
+// float32 within 16-bit rounding.
+TEST_F(CudaTraining, DpoEachReferenceInBfloat16AndFloat16) {
+  test::TempDir tmp;
+  GPT2Config c;
+  c.n_layer = 2, c.n_head = 2, c.n_embd = 64, c.vocab_size = 128, c.n_positions = 32;
+  GPT2 init(c);
+  init_gpt2_weights(init, 4);
+  save_model_folder(init, tmp.path() / "init");
+  write_pairs(tmp.path() / "train_000000.bin", 32);
+  for (const std::string dtype : {"bfloat16", "float16"}) {
+    for (const std::string reference : {"precomputed", "base", "model"}) {
+      const auto out = tmp.path() / (dtype + "_" + reference);
+      const nlohmann::json j = {
+          {"model", {{"init_from", (tmp.path() / "init").string()}, {"lora", {{"rank", 4}, {"targets", {"c_attn"}}}}}},
+          {"data", {{"train", (tmp.path() / "train_*.bin").string()}, {"seq_len", 24}}},
+          {"train", {{"objective", "dpo"}, {"micro_batch_size", 4}, {"global_batch_size", 8}, {"max_steps", 2},
+                     {"lr", 1e-2}}},
+          {"dpo", {{"reference", reference}}},
+          {"amp", {{"dtype", dtype}}},
+          {"checkpoint", {{"at_end", false}}},
+          {"log", {{"every_steps", 1}, {"progress", "lines"}}},
+          {"output_dir", out.string()},
+          {"device", "cuda"}};
+      run_training(TrainConfig::parse(j));
+      const auto rows = metric_rows(out / "metrics.jsonl");
+      ASSERT_EQ(rows.size(), 2u) << dtype << " " << reference;
+      const auto& first = rows[0];
+      const double loss = first["loss"].get<double>(), chosen = first["rewards/chosen"].get<double>(),
+                   rejected = first["rewards/rejected"].get<double>();
+      std::printf("[cuda dpo] %s reference %s: step 1 loss %.6f (log 2 %.6f), rewards %.2g / %.2g; step 2 loss %.6f\n",
+                  dtype.c_str(), reference.c_str(), loss, std::log(2.0), chosen, rejected, rows[1]["loss"].get<double>());
+      // "base" and "model" run the policy's own shapes and kernels: equal to 16-bit rounding. The
+      // precomputed table was scored in other batches (other GEMM shapes, other 16-bit rounding
+      // of each logit): a few thousandths of a log-prob sum, times beta.
+      const double tol = reference == "precomputed" ? 5e-3 : 1e-3;
+      EXPECT_LT(std::abs(loss - std::log(2.0)), tol) << dtype << " " << reference;
+      EXPECT_LT(std::abs(chosen), tol) << dtype << " " << reference;
+      EXPECT_LT(std::abs(rejected), tol) << dtype << " " << reference;
+      EXPECT_TRUE(std::isfinite(rows[1]["loss"].get<double>())) << dtype << " " << reference;
+      if (reference != "precomputed") continue;
+      const torch::Tensor table = SafetensorsReader(out / "reference_logps.safetensors").load("train", c10::kFloat);  // (S, 2)
+      SampleOptions so;
+      so.seq_len = 24;
+      const Samples samples({tmp.path() / "train_000000.bin"}, so);
+      std::vector<int64_t> ids(static_cast<size_t>(samples.size()));
+      for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int64_t>(i);
+      init->eval();
+      const torch::Tensor cpu = reference_row_logprobs(init, pair_batch(samples, ids, torch::kCPU), true).view({-1, 2});
+      const double worst = ((table - cpu).abs() / (cpu.abs() + 1)).max().item<double>();
+      std::printf("[cuda dpo] %s precomputed table vs the CPU in float32: worst relative diff %.3g over %lld pairs\n",
+                  dtype.c_str(), worst, static_cast<long long>(samples.size()));
+      EXPECT_LT(worst, 2e-2) << dtype;
     }
   }
 }

@@ -1,7 +1,8 @@
 """scripts/device/gpu-check.sh without a GPU (GPT2FT_GPU_DRY_RUN=1): the device tool returns at
 most 8 files from $OUT, so the script must leave no more there on any path; every part must
 have its row in summary.txt within the budget; a budget too small for all parts lists the
-rest as not run."""
+rest as not run; the offload part runs only with 90 s left, which a dry run (every limit
+counted as spent) does not leave."""
 import os
 import re
 import subprocess
@@ -35,7 +36,10 @@ class DeviceCheckTest(unittest.TestCase):
             for part in PARTS:
                 row = next((line for line in summary.splitlines() if line.startswith(f"| {part}")), None)
                 self.assertIsNotNone(row, f"no summary row for {part}:\n{summary}")
-                self.assertIn("dry run", row)
+                if part == "offload gpt2-xl":
+                    self.assertRegex(row, r"dry run|not run \(\d+s left, it needs 90s\)")
+                else:
+                    self.assertIn("dry run", row)
                 print(row)
             planned = int(re.search(r"planned at most (\d+)s", summary).group(1))
             self.assertLessEqual(planned, 540)
@@ -47,7 +51,7 @@ class DeviceCheckTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as out:
             summary = dry_run(out, budget=300)
             self.assertIn("| gpu tests | dry run", summary)
-            self.assertRegex(summary, r"\| offload gpt2-xl \| not run \(budget spent\)")
+            self.assertRegex(summary, r"\| offload gpt2-xl \| not run")
             self.assertLessEqual(len(os.listdir(out)), 8)
 
 

@@ -29,9 +29,14 @@ struct TrainSummary {
   std::filesystem::path final_model;
 };
 
+// How a run ends beyond what its config says: for runs that are a means, not the user's run.
+struct RunEnd {
+  bool save_final_model = true;  // false: no <output_dir>/final (plan --measure's three steps)
+};
+
 // Trains as the config says (resuming per checkpoint.resume). A deliberate stop (out of
 // memory under oom.policy "checkpoint_and_exit", a stop signal, train.time_limit) throws
 // ExitRequest with its exit code after writing a checkpoint; bad input throws Error.
-TrainSummary run_training(const TrainConfig& config);
+TrainSummary run_training(const TrainConfig& config, const RunEnd& end = {});
 
 }  // namespace gpt2ft
