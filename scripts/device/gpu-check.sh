@@ -115,8 +115,11 @@ prebuilt_ok() {
 configure_and_build() {
   local prefix
   prefix="$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)')" || return 1
+  local nvcc  # our own kernels need it (8-bit AdamW's step); the gpu tests check they were built
+  nvcc="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPT2FT_USE_CCACHE=OFF \
-    -DCMAKE_PREFIX_PATH="$prefix;${CMAKE_PREFIX_PATH:-}" -DGPT2FT_PYTHON="$(command -v "$py")" || return 1
+    -DCMAKE_PREFIX_PATH="$prefix;${CMAKE_PREFIX_PATH:-}" -DGPT2FT_PYTHON="$(command -v "$py")" \
+    -DCMAKE_CUDA_COMPILER="$nvcc" || return 1
   cmake --build "$build" -j "$(nproc)" --target gpt2-finetune gpt2ft_cli gpt2ft_tests bench_optimizer
 }
 # The gpu-labelled ctest entries, run straight from the test binary (ctest's files hold the

@@ -60,6 +60,7 @@
 
 #include "gpt2ft/model/gpt2.h"
 #include "gpt2ft/optim/adamw_8bit.h"
+#include "gpt2ft/optim/adamw_8bit_cuda.h"
 
 #include <algorithm>
 #include <cctype>
@@ -244,10 +245,11 @@ void plan_resident(const MemoryPlanInput& in, const Dims& d, const std::vector<i
     if (!in.chunked_loss) m.amp_copies += 2 * d.V * C;  // the eager lm_head's cast, saved by its matmul
   }
   m.workspace = in.cuda ? 2 * (32ll << 20) : 0;  // forward's handle and the autograd thread's
-  if (in.optimizer_8bit && !in.optimizer_offload && in.cuda && !trained_numels.empty()) {
-    // The 8-bit step's float32 temporaries on CUDA (the ATen ops, every tensor in pieces) for one
-    // piece of at most 2^22 values (dequantized moments, their squares and quotients, the
-    // updated weights: ~8 copies). The CPU's fused kernel allocates no tensor.
+  if (in.optimizer_8bit && !in.optimizer_offload && in.cuda && !trained_numels.empty() &&
+      !adamw_8bit_cuda_kernel_available()) {
+    // Without the CUDA kernel, the 8-bit step's float32 temporaries (the ATen ops, every tensor
+    // in pieces) for one piece of at most 2^22 values (dequantized moments, their squares and
+    // quotients, the updated weights: ~8 copies). The kernels (CPU and CUDA) allocate no tensor.
     m.workspace += 8 * 4 * std::min<int64_t>(int64_t{1} << 22, *std::max_element(trained_numels.begin(), trained_numels.end()));
   }
   m.gradient_buckets = in.world_size > 1 ? 4 * trained : 0;

@@ -9,11 +9,13 @@
 #include <thread>
 
 #include <ATen/Parallel.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <fmt/format.h>
 #include <torch/torch.h>
 
 #include "gpt2ft/core/error.h"
+#include "gpt2ft/optim/adamw_8bit_cuda.h"
 #include "gpt2ft/optim/blockwise_quantization.h"
 
 namespace gpt2ft {
@@ -330,6 +332,10 @@ void AdamW8bit::step(double lr, const GradientScaling& scaling) {
     }
   }
   if (states_.empty()) return;
+  if (kernel_ == Kernel::kAuto && states_.front().param.is_cuda() && adamw_8bit_cuda_kernel_available()) {
+    step_cuda(lr, scaling);
+    return;
+  }
   const torch::Tensor lr32 = torch::scalar_tensor(lr, states_.front().param.options().dtype(torch::kFloat));
   // The fused CPU kernel's scalars for every tensor first: running out of memory there leaves
   // every tensor as it was (the kernel itself allocates no tensor).
@@ -349,6 +355,47 @@ void AdamW8bit::step(double lr, const GradientScaling& scaling) {
     } else {
       update(s, lr32, skip);
     }
+  }
+}
+
+// One kernel per tensor, and two launches for all the step counts: advanced, then (as fused
+// AdamW) taken back by found_inf, all on the device.
+void AdamW8bit::step_cuda(double lr, const GradientScaling& scaling) {
+  std::vector<torch::Tensor> steps;
+  for (const State& s : states_) {
+    if (!s.param.grad().defined()) continue;  // no gradient: no decay, no moments, no count (as AdamW)
+    if (!s.param.is_contiguous() || !s.param.grad().is_contiguous() || s.param.grad().scalar_type() != torch::kFloat) {
+      throw Error("train.optimizer \"adamw_8bit\": " + s.name + " or its gradient is not contiguous float32 on CUDA");
+    }
+    steps.push_back(s.step);
+  }
+  if (steps.empty()) return;
+  torch::_foreach_add_(steps, 1);
+  if (scaling.found_inf) torch::_foreach_add_(steps, *scaling.found_inf, -1);
+  const float* found_inf = scaling.found_inf ? scaling.found_inf->data_ptr<float>() : nullptr;
+  AdamW8bitCudaScalars k;
+  k.lr = static_cast<float>(lr);
+  k.beta1 = options_.betas[0];
+  k.beta2 = options_.betas[1];
+  k.one_minus_beta1 = static_cast<float>(1 - options_.betas[0]);
+  k.one_minus_beta2 = static_cast<float>(1 - options_.betas[1]);
+  k.eps = static_cast<float>(options_.eps);
+  const c10::Device device = states_.front().param.device();
+  void* stream = c10::impl::getDeviceGuardImpl(device.type())->getStream(device).native_handle();
+  for (State& s : states_) {
+    if (!s.param.grad().defined()) continue;
+    AdamW8bitCudaTensor t;
+    t.param = s.param.data_ptr<float>();
+    t.grad = s.param.grad().data_ptr<float>();
+    t.exp_avg = s.exp_avg.data_ptr();
+    t.exp_avg_sq = s.exp_avg_sq.data_ptr();
+    t.exp_avg_scales = s.quantized ? s.exp_avg_scales.data_ptr<float>() : nullptr;
+    t.exp_avg_sq_scales = s.quantized ? s.exp_avg_sq_scales.data_ptr<float>() : nullptr;
+    t.step = s.step.data_ptr<float>();
+    t.numel = s.param.numel();
+    t.quantized = s.quantized;
+    t.weight_decay = static_cast<float>(s.weight_decay);
+    adamw_8bit_cuda_step(t, k, found_inf, signed_map_.data_ptr<float>(), unsigned_map_.data_ptr<float>(), stream);
   }
 }
 

@@ -22,6 +22,7 @@
 #include "gpt2ft/model/init.h"
 #include "gpt2ft/model/packed_attention.h"
 #include "gpt2ft/optim/adamw_8bit.h"
+#include "gpt2ft/optim/adamw_8bit_cuda.h"
 #include "test_support.h"
 
 namespace gpt2ft {
@@ -304,6 +305,69 @@ TEST_F(CudaPacked, AdamW8bitStepsEqualTheCpuSkipOnTheDeviceAndRoundTrip) {
   other.step(1e-3);
   EXPECT_TRUE(torch::equal(wg, w2));
   EXPECT_TRUE(torch::equal(bg, b2));
+}
+
+// The CUDA kernel (one launch a tensor, the skip on the device) against the CPU's fused kernel,
+// which runs the same formulas block by block: 3 steps with weight decay, a quantized tensor and
+// a float32 one. The bias corrections are rounded independently on each side (the CPU's float32
+// pow may be an ulp off the correctly rounded one), so the bound is a few ulps of the weights,
+// and a code may differ by one where that ulp moves a value across a rounding tie; the counts
+// of bitwise-equal weights and codes are printed. Then a skipped step changes nothing.
+TEST_F(CudaPacked, AdamW8bitCudaKernelEqualsTheCpuKernelAndSkipsOnTheDevice) {
+  ASSERT_TRUE(adamw_8bit_cuda_kernel_available()) << "built without nvcc: the GPU check must build the kernel";
+  const c10::Device cuda(torch::kCUDA);
+  torch::manual_seed(4);
+  const torch::Tensor w0 = torch::randn({64, 256}) * 0.02, b0 = torch::randn({100}) * 0.02;
+  torch::Tensor wc = w0.clone().requires_grad_(true), bc = b0.clone().requires_grad_(true);
+  torch::Tensor wg = w0.to(cuda).requires_grad_(true), bg = b0.to(cuda).requires_grad_(true);
+  AdamWOptions options;
+  options.weight_decay = 0.1;
+  AdamW8bit cpu({{"w", wc}, {"b", bc}}, options), gpu({{"w", wg}, {"b", bg}}, options);  // kAuto: the kernels
+  for (int step = 0; step < 3; ++step) {
+    const torch::Tensor gw = torch::randn({64, 256}) * 1e-2, gb = torch::randn({100}) * 1e-2;
+    wc.mutable_grad() = gw.clone(), bc.mutable_grad() = gb.clone();
+    wg.mutable_grad() = gw.to(cuda), bg.mutable_grad() = gb.to(cuda);
+    GradientScaling finite;
+    finite.found_inf = torch::zeros({}, torch::TensorOptions().device(cuda));
+    cpu.step(1e-3);
+    gpu.step(1e-3, finite);
+  }
+  const auto relative = [](const torch::Tensor& a, const torch::Tensor& b) {
+    return ((a.cpu() - b).abs() / (b.abs() + 1e-6)).max().item<double>();
+  };
+  const auto& sc = cpu.states()[0];
+  const auto& sg = gpu.states()[0];
+  const torch::Tensor m_codes = sg.exp_avg.cpu().to(torch::kInt), v_codes = sg.exp_avg_sq.cpu().to(torch::kInt);
+  const int64_t m_differ = (m_codes != sc.exp_avg.to(torch::kInt)).sum().item<int64_t>();
+  const int64_t v_differ = (v_codes != sc.exp_avg_sq.to(torch::kInt)).sum().item<int64_t>();
+  const int64_t far = ((m_codes - sc.exp_avg.to(torch::kInt)).abs() > 1).sum().item<int64_t>() +
+                      ((v_codes - sc.exp_avg_sq.to(torch::kInt)).abs() > 1).sum().item<int64_t>();
+  const int64_t w_equal = (wg.detach().cpu() == wc.detach()).sum().item<int64_t>();
+  std::printf("[cuda 8-bit] CUDA kernel vs the CPU kernel, 3 steps: weights max rel %.3g (%lld of %lld bitwise), "
+              "bias max rel %.3g; exp_avg codes differing %lld, exp_avg_sq %lld of %lld; scales max rel %.3g / %.3g; "
+              "moments of the bias max rel %.3g\n",
+              relative(wg, wc), static_cast<long long>(w_equal), static_cast<long long>(wc.numel()), relative(bg, bc),
+              static_cast<long long>(m_differ), static_cast<long long>(v_differ), static_cast<long long>(wc.numel()),
+              relative(sg.exp_avg_scales, sc.exp_avg_scales), relative(sg.exp_avg_sq_scales, sc.exp_avg_sq_scales),
+              relative(gpu.states()[1].exp_avg, cpu.states()[1].exp_avg));
+  EXPECT_LT(relative(wg, wc), 1e-6);
+  EXPECT_LT(relative(bg, bc), 1e-6);
+  EXPECT_EQ(far, 0) << "codes more than one apart";
+  EXPECT_LT(static_cast<double>(m_differ + v_differ) / static_cast<double>(2 * wc.numel()), 1e-3);
+  EXPECT_LT(relative(sg.exp_avg_scales, sc.exp_avg_scales), 1e-6);
+  EXPECT_LT(relative(sg.exp_avg_sq_scales, sc.exp_avg_sq_scales), 1e-6);
+
+  std::vector<torch::Tensor> before;
+  for (const auto& [name, t] : gpu.checkpoint_state()) before.push_back(t.clone());
+  const torch::Tensor w_before = wg.detach().clone();
+  wg.mutable_grad() = torch::full_like(wg, std::numeric_limits<float>::quiet_NaN());
+  bg.mutable_grad() = torch::randn_like(bg);
+  GradientScaling skip;
+  skip.found_inf = torch::ones({}, torch::TensorOptions().device(cuda));
+  gpu.step(1e-3, skip);
+  EXPECT_TRUE(torch::equal(wg, w_before));
+  const NamedTensors after = gpu.checkpoint_state();  // step counts taken back too
+  for (size_t i = 0; i < after.size(); ++i) EXPECT_TRUE(torch::equal(after[i].second, before[i])) << after[i].first;
 }
 
 TEST_F(CudaPacked, EvaluationOfDocumentShardsEqualsTheCpu) {

@@ -14,12 +14,15 @@
 // changes nothing: on the host the flag is read once; on a GPU the skip is folded into the
 // update (torch.where), so no step waits for the host.
 //
-// Two kernels. kOps: those ATen ops, every tensor a piece of at most 2^22 values at a time
-// (whole blocks, so the result is the same; it bounds the float32 temporaries, which the
-// planner counts); bitwise torchao's eager step. Codes come from one searchsorted per value.
-// kFused (the default on the CPU): one pass per block of 256 over the same formulas in float32,
-// blocks in parallel, compiled for AVX-512 / AVX2 / baseline x86 at run time; it rounds a few
-// operations differently (an ulp), so a code at a rounding tie may differ.
+// Three kernels. kOps: those ATen ops, every tensor a piece of at most 2^22 values at a time
+// (whole blocks, so the result is the same; it bounds the float32 temporaries); bitwise
+// torchao's eager step. Codes come from one searchsorted per value. kFused (the default on the
+// CPU): one pass per block of 256 over the same formulas in float32, blocks in parallel,
+// compiled for AVX-512 / AVX2 / baseline x86 at run time; it rounds a few operations
+// differently (an ulp), so a code at a rounding tie may differ. The CUDA kernel (the default
+// on CUDA, optim/adamw_8bit_cuda.h): one launch per tensor, a CUDA block per block of 256, the
+// same formulas, the skip on the device, no temporary tensor; the bias corrections are the
+// correctly rounded float32 powers, which ATen's float32 pow may miss by an ulp.
 #pragma once
 
 #include <string>
@@ -62,7 +65,9 @@ class AdamW8bit final : public Optimizer {
     torch::Tensor step;                               // () float32
   };
 
-  enum class Kernel { kAuto, kOps };  // kAuto: kFused on the CPU, kOps on CUDA
+  // kAuto: kFused on the CPU, the CUDA kernel on CUDA (optim/adamw_8bit_cuda.h; kOps when it
+  // was not built); kOps: the ATen ops everywhere (torchao's eager step, for comparisons).
+  enum class Kernel { kAuto, kOps };
 
   AdamW8bit(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, AdamWOptions options,
             Kernel kernel = Kernel::kAuto);
@@ -82,6 +87,7 @@ class AdamW8bit final : public Optimizer {
   void update(State& s, const torch::Tensor& lr, const torch::Tensor& skip);
   StepScalars fused_scalars(const State& s, const torch::Tensor& lr) const;
   void update_fused(State& s, const StepScalars& scalars);
+  void step_cuda(double lr, const GradientScaling& scaling);
   AdamWOptions options_;
   Kernel kernel_;
   std::vector<State> states_;
