@@ -139,16 +139,25 @@ void print_advice(const MemoryAdvice& advice) {
               static_cast<long long>(advice.micro_batch), gib(advice.budget));
   for (const auto& l : advice.single) {
     std::printf("  %-52s peak %7.2f GiB, largest micro batch %lld%s\n      cost: %s\n", l.name.c_str(), gib(l.peak),
-                static_cast<long long>(l.largest_micro_batch), l.keeps_full_fine_tune ? "" : " (changes what is trained)",
+                static_cast<long long>(l.largest_micro_batch),
+                !l.resumable ? " (a new run)" : l.keeps_full_fine_tune ? "" : " (changes what is trained)",
                 l.cost.c_str());
   }
   const MemoryLever& c = advice.combined;
-  std::string sets;
-  for (const auto& s : c.settings) sets += " --set " + s;
-  if (c.world_size > 1) sets += " (on " + std::to_string(c.world_size) + " GPUs)";
-  std::printf("recommended%s: %s\n  peak %.2f GiB at micro batch %lld, largest micro batch %lld\n  %s\n",
+  const auto sets = [](const std::vector<std::string>& settings) {
+    std::string out;
+    for (const auto& s : settings) out += " --set " + s;
+    return out;
+  };
+  std::string how = c.settings.empty() ? "" : "  resumes a run's checkpoint:" + sets(c.settings) + "\n";
+  if (!c.new_run_settings.empty()) {
+    how += "  a new run (other samples or another trained set; from a checkpoint's weights with --set "
+           "model.init_from=CHECKPOINT in another output_dir):" + sets(c.new_run_settings) + "\n";
+  }
+  if (c.world_size > 1) how += "  on " + std::to_string(c.world_size) + " GPUs\n";
+  std::printf("recommended%s: %s\n  peak %.2f GiB at micro batch %lld, largest micro batch %lld\n%s",
               advice.combined_fits ? "" : " (still short)", c.name.c_str(), gib(c.peak),
-              static_cast<long long>(advice.micro_batch), static_cast<long long>(c.largest_micro_batch), sets.c_str());
+              static_cast<long long>(advice.micro_batch), static_cast<long long>(c.largest_micro_batch), how.c_str());
 }
 
 int run_plan(const PlanArgs& args) {

@@ -81,6 +81,24 @@ void check_added_tokens_match(const ShardChat& chat, const fs::path& model_dir, 
   }
 }
 
+fs::path model_tokenizer_folder(const fs::path& model_dir) {
+  fs::path dir = model_dir;
+  for (int depth = 0; depth < 16; ++depth) {  // a chain of runs, each started from the last one's checkpoint
+    if (!fs::is_directory(dir) || folder_has_tokenizer(dir) || !fs::is_regular_file(dir / "trainer_state.json")) break;
+    const nlohmann::json state = read_json_file((dir / "trainer_state.json").string());
+    const nlohmann::json* from = state.is_object() && state.contains("config") && state["config"].is_object() &&
+                                         state["config"].contains("model") && state["config"]["model"].is_object()
+                                     ? &state["config"]["model"]
+                                     : nullptr;
+    if (from == nullptr || !from->contains("init_from") || !(*from)["init_from"].is_string() ||
+        (*from)["init_from"].get<std::string>().empty()) {
+      break;
+    }
+    dir = (*from)["init_from"].get<std::string>();
+  }
+  return dir;
+}
+
 std::optional<std::string> model_tokenizer_identity(const fs::path& model_dir) {
   if (!fs::is_directory(model_dir) || !folder_has_tokenizer(model_dir)) return std::nullopt;
   return load_tokenizer(model_dir)->identity();

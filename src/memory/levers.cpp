@@ -2,6 +2,7 @@
 #include "gpt2ft/memory/levers.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include <fmt/format.h>
 
@@ -32,7 +33,7 @@ TrainConfig with(const TrainConfig& cfg, const std::vector<std::string>& setting
 }
 
 void evaluate(MemoryLever& lever, const TrainConfig& cfg, int64_t micro, int64_t budget) {
-  const MemoryPlan plan = plan_memory(memory_plan_input(with(cfg, lever.settings), lever.world_size));
+  const MemoryPlan plan = plan_memory(memory_plan_input(with(cfg, all_settings(lever)), lever.world_size));
   lever.peak = plan.peak(micro);
   lever.largest_micro_batch = plan.largest_micro_batch(budget);
 }
@@ -58,7 +59,10 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
                   "about 33% more compute (one extra forward pass)"},
                  every != 1});
   const int64_t trained = plan_memory(in).gradients / 4;
-  out.push_back({{"8-bit AdamW", {"train.optimizer=adamw_8bit"},
+  // fused_adamw "on" names AdamW's kernel, which the trainer refuses beside 8-bit AdamW's own step.
+  std::vector<std::string> eight_bit = {"train.optimizer=adamw_8bit"};
+  if (cfg.train.fused_adamw == "on") eight_bit.push_back("train.fused_adamw=auto");
+  out.push_back({{"8-bit AdamW", eight_bit,
                   fmt::format("the moments in 8-bit blocks on the GPU: {:.2f} GiB of state instead of {:.2f} GiB; the "
                               "step stays on the GPU (quantization noise in the moments, as torchao's AdamW8bit)",
                               plan_memory(with_8bit(in, true)).optimizer / double(1ll << 30),
@@ -84,6 +88,7 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
                   "trains low-rank adapters only: less capacity than a full fine-tune"},
                  !cfg.lora() && in.cuda};
   lora.lever.keeps_full_fine_tune = false;
+  lora.lever.resumable = false;  // another set of trained parameters
   out.push_back(lora);
   Candidate freeze{{fmt::format("freeze the first {} blocks and the embeddings", L / 2),
                     {fmt::format("model.freeze_blocks={}", L / 2), "model.freeze_embeddings=true"},
@@ -95,14 +100,22 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
                      "half the context per sample"},
                     T >= 64};
   shorter.lever.keeps_full_fine_tune = false;
+  shorter.lever.resumable = false;  // other samples: the data position means nothing in them
   out.push_back(shorter);
   for (Candidate& c : out) c.lever.world_size = std::max(c.lever.world_size, world);  // ZeRO-1's are larger
   return out;
 }
 
 nlohmann::json lever_json(const MemoryLever& l) {
-  return {{"name", l.name},     {"settings", l.settings}, {"cost", l.cost}, {"keeps_full_fine_tune", l.keeps_full_fine_tune},
-          {"gpus", l.world_size}, {"peak", l.peak},         {"largest_micro_batch", l.largest_micro_batch}};
+  return {{"name", l.name},
+          {"settings", l.settings},
+          {"new_run_settings", l.new_run_settings},
+          {"resumable", l.resumable && l.new_run_settings.empty()},
+          {"cost", l.cost},
+          {"keeps_full_fine_tune", l.keeps_full_fine_tune},
+          {"gpus", l.world_size},
+          {"peak", l.peak},
+          {"largest_micro_batch", l.largest_micro_batch}};
 }
 
 }  // namespace
@@ -127,7 +140,8 @@ MemoryAdvice memory_levers(const TrainConfig& cfg, int64_t world, int64_t micro,
       if (c.lever.world_size > world && combo.world_size > world) continue;  // one GPU count (ZeRO-1) only
       MemoryLever next = combo;
       next.name += (next.name.empty() ? "" : " + ") + c.lever.name;
-      next.settings.insert(next.settings.end(), c.lever.settings.begin(), c.lever.settings.end());
+      auto& into = c.lever.resumable ? next.settings : next.new_run_settings;
+      into.insert(into.end(), c.lever.settings.begin(), c.lever.settings.end());
       next.cost += (next.cost.empty() ? "" : "; ") + c.lever.cost;
       next.world_size = std::max(next.world_size, c.lever.world_size);
       next.keeps_full_fine_tune = combo.keeps_full_fine_tune && c.lever.keeps_full_fine_tune;
@@ -138,6 +152,18 @@ MemoryAdvice memory_levers(const TrainConfig& cfg, int64_t world, int64_t micro,
     }
   }
   return advice;
+}
+
+std::string format_memory(int64_t bytes) {
+  const double b = static_cast<double>(bytes);
+  if (std::llabs(bytes) < (int64_t{1} << 30)) return fmt::format("{:.1f} MiB", b / double(1 << 20));
+  return fmt::format("{:.1f} GiB", b / double(int64_t{1} << 30));
+}
+
+std::vector<std::string> all_settings(const MemoryLever& lever) {
+  std::vector<std::string> out = lever.settings;
+  out.insert(out.end(), lever.new_run_settings.begin(), lever.new_run_settings.end());
+  return out;
 }
 
 nlohmann::json MemoryAdvice::to_json() const {

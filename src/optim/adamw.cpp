@@ -3,10 +3,11 @@
 
 #include <cmath>
 
+#include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
 #include "gpt2ft/core/error.h"
-
+#include "gpt2ft/optim/adamw_8bit.h"
 
 namespace gpt2ft {
 
@@ -119,16 +120,25 @@ NamedTensors AdamW::checkpoint_state() const {
 void AdamW::restore_state(const SafetensorsReader& state) {
   const std::string hint = "the checkpoint is damaged, or the set of trained parameters changed: model.freeze_* must "
                            "match the run's";
+  int64_t dequantized = 0;  // tensors whose state was 8-bit AdamW's (train.optimizer changed)
   for (auto& g : groups_) {
     for (size_t i = 0; i < g.params.size(); ++i) {
-      if (!state.contains("adamw.step." + g.names[i]) && state.contains("adamw8bit.step." + g.names[i])) {
-        throw Error(state.path().string() + ": the optimizer state is 8-bit AdamW's (train.optimizer \"adamw_8bit\") "
-                    "but this run uses \"adamw\"; resume with train.optimizer \"adamw_8bit\", or start the AdamW run "
-                    "from the weights (model.init_from a saved model folder)");
+      const auto saved = state.contains("adamw.step." + g.names[i]) ? std::nullopt : saved_moments(state, g.names[i]);
+      if (saved) {  // 8-bit AdamW's moments, dequantized
+        if (saved->exp_avg.numel() != g.params[i].numel()) {
+          throw Error(state.path().string() + ": the optimizer state of " + g.names[i] + " holds " +
+                      std::to_string(saved->exp_avg.numel()) + " values, the parameter " +
+                      std::to_string(g.params[i].numel()) + "; the checkpoint is of another model");
+        }
+        g.exp_avg[i].copy_(saved->exp_avg.view(g.exp_avg[i].sizes()));
+        g.exp_avg_sq[i].copy_(saved->exp_avg_sq.view(g.exp_avg_sq[i].sizes()));
+        g.steps[i].copy_(saved->step);
+        ++dequantized;
+      } else {
+        state.load_into("adamw.exp_avg." + g.names[i], g.exp_avg[i], hint);
+        state.load_into("adamw.exp_avg_sq." + g.names[i], g.exp_avg_sq[i], hint);
+        state.load_into("adamw.step." + g.names[i], g.steps[i], hint);
       }
-      state.load_into("adamw.exp_avg." + g.names[i], g.exp_avg[i], hint);
-      state.load_into("adamw.exp_avg_sq." + g.names[i], g.exp_avg_sq[i], hint);
-      state.load_into("adamw.step." + g.names[i], g.steps[i], hint);
       // Finite is checked on reading; the second moment is a mean of squares and the step a count.
       if ((g.exp_avg_sq[i] < 0).any().item<bool>() || (g.steps[i] < 0).any().item<bool>()) {
         throw Error(state.path().string() + ": adamw state of " + g.names[i] + " holds a negative " +
@@ -136,6 +146,10 @@ void AdamW::restore_state(const SafetensorsReader& state) {
                     "; the checkpoint is damaged. Resume from an earlier one");
       }
     }
+  }
+  if (dequantized > 0) {
+    spdlog::info("AdamW resumed from 8-bit AdamW's state: the moments of {} tensor(s) dequantized to float32",
+                 dequantized);
   }
 }
 

@@ -12,6 +12,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
 #include "gpt2ft/core/error.h"
@@ -439,12 +440,63 @@ NamedTensors adamw_8bit_state_layout(const std::string& name, const torch::Tenso
   return out;
 }
 
+std::optional<SavedMoments> saved_moments(const SafetensorsReader& state, const std::string& name) {
+  SavedMoments out;
+  if (state.contains("adamw.step." + name)) {
+    out.exp_avg = state.load("adamw.exp_avg." + name, torch::kFloat).reshape({-1});
+    out.exp_avg_sq = state.load("adamw.exp_avg_sq." + name, torch::kFloat).reshape({-1});
+    out.step = state.load("adamw.step." + name, torch::kFloat).reshape({});
+    return out;
+  }
+  if (!state.contains(key("step.", name))) return std::nullopt;
+  out.step = state.load(key("step.", name), torch::kFloat).reshape({});
+  out.in_blocks = state.contains(key("exp_avg.scales.", name));
+  if (!out.in_blocks) {
+    out.exp_avg = state.load(key("exp_avg.", name), torch::kFloat).reshape({-1});
+    out.exp_avg_sq = state.load(key("exp_avg_sq.", name), torch::kFloat).reshape({-1});
+    return out;
+  }
+  const torch::Tensor m_codes = state.load(key("exp_avg.", name)), v_codes = state.load(key("exp_avg_sq.", name));
+  const torch::Tensor m_scales = state.load(key("exp_avg.scales.", name), torch::kFloat);
+  const torch::Tensor v_scales = state.load(key("exp_avg_sq.scales.", name), torch::kFloat);
+  if (m_codes.scalar_type() != torch::kByte || v_codes.scalar_type() != torch::kByte ||
+      m_codes.numel() != m_scales.numel() * kQuantizationBlock || v_codes.numel() != v_scales.numel() * kQuantizationBlock) {
+    throw Error(state.path().string() + ": adamw8bit state of " + name + " holds codes and scales that do not match "
+                "(uint8 codes, one scale a block of 256); the checkpoint is damaged. Resume from an earlier one");
+  }
+  out.exp_avg = dequantize_blockwise(m_codes, m_scales, dynamic_quantization_map(true));
+  out.exp_avg_sq = dequantize_blockwise(v_codes, v_scales, dynamic_quantization_map(false));
+  return out;
+}
+
 void AdamW8bit::restore_state(const SafetensorsReader& state) {
+  int64_t quantized_now = 0, kept_now = 0;  // tensors whose saved form was another (converted here)
   for (auto& s : states_) {
-    if (!state.contains(key("step.", s.name)) && state.contains("adamw.step." + s.name)) {
-      throw Error(state.path().string() + ": the optimizer state is AdamW's (train.optimizer \"adamw\", 8 bytes a "
-                  "parameter) but this run uses \"adamw_8bit\"; resume with train.optimizer \"adamw\", or start the "
-                  "8-bit run from the weights (model.init_from a saved model folder)");
+    const bool saved_8bit = state.contains(key("step.", s.name));
+    const bool saved_in_blocks = state.contains(key("exp_avg.scales.", s.name));
+    if (!saved_8bit || saved_in_blocks != s.quantized) {
+      // AdamW's moments (train.optimizer was "adamw"), or 8-bit AdamW's in the other form
+      // (train.adamw_8bit.embeddings changed): quantized with torchao's rule, or dequantized.
+      if (const auto saved = saved_moments(state, s.name)) {
+        if (saved->exp_avg.numel() != s.param.numel() || saved->exp_avg_sq.numel() != s.param.numel()) {
+          throw Error(state.path().string() + ": the optimizer state of " + s.name + " holds " +
+                      std::to_string(saved->exp_avg.numel()) + " values, the parameter " +
+                      std::to_string(s.param.numel()) + "; the checkpoint is of another model");
+        }
+        const torch::Tensor m = saved->exp_avg.to(s.param.device()), v = saved->exp_avg_sq.to(s.param.device());
+        if (s.quantized) {
+          torch::Tensor m_codes = s.exp_avg.view({-1}), v_codes = s.exp_avg_sq.view({-1});
+          quantize_blockwise(m, signed_map_, kQuantizationBlock, m_codes, s.exp_avg_scales);
+          quantize_blockwise(v, unsigned_map_, kQuantizationBlock, v_codes, s.exp_avg_sq_scales);
+          ++quantized_now;
+        } else {
+          s.exp_avg.view({-1}).copy_(m);
+          s.exp_avg_sq.view({-1}).copy_(v);
+          ++kept_now;
+        }
+        s.step.copy_(saved->step);
+        continue;
+      }
     }
     const std::string hint = "the checkpoint is damaged, or the set of trained parameters changed";
     // Exactly the dtypes written (codes uint8, scales and moments float32): a conversion would
@@ -466,6 +518,10 @@ void AdamW8bit::restore_state(const SafetensorsReader& state) {
                   " holds a negative or non-finite scale, or a non-finite or negative moment; the checkpoint is "
                   "damaged. Resume from an earlier one");
     }
+  }
+  if (quantized_now + kept_now > 0) {
+    spdlog::info("8-bit AdamW resumed from another optimizer state: the moments of {} tensor(s) quantized into 8-bit "
+                 "blocks (torchao's rule), {} kept in float32", quantized_now, kept_now);
   }
 }
 

@@ -325,12 +325,12 @@ TrainingState load_checkpoint(const fs::path& dir, GPT2& model, Optimizer& optim
 
     SafetensorsReader state(dir / "trainer_state.safetensors");
     optimizer.restore_state(state);
-    check_step_counts(optimizer, s.step, scaler != nullptr, state.path());
-    if (scaler) {
-      if (!state.contains("scaler.scale")) {
-        throw Error(dir.string() + " was written without a loss scale (amp.dtype was not float16); resuming it in "
-                                   "float16 would start the scale from scratch. Use the run's amp.dtype");
-      }
+    // Steps a loss scale skipped (then or now) leave a tensor's count below the run's.
+    check_step_counts(optimizer, s.step, scaler != nullptr || meta.value("scaler", false), state.path());
+    if (scaler && !state.contains("scaler.scale")) {  // amp.dtype changed to float16 (a memory lever)
+      spdlog::info("{} was written without a loss scale (amp.dtype was not float16): float16's loss scale starts at "
+                   "amp.init_scale", dir.string());
+    } else if (scaler) {
       torch::Tensor scale = scaler->scale_tensor().clone(), tracker = scaler->growth_tracker().clone(),
                     skipped = scaler->skipped_steps().clone();
       state.load_into("scaler.scale", scale);

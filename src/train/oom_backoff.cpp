@@ -48,8 +48,9 @@ ExitRequest OomBackoff::exit_request(int64_t step, const BatchSplit& failed, con
   }
   return ExitRequest(kExitCannotFit, what + "The run cannot fit even at the smallest micro batch (oom.min_micro_batch_size " +
                                          std::to_string(options_.min_micro_batch_size) + "), so running it again as it is "
-                                         "would fail the same way: " + kPlanHint + (advice.empty() ? "" : ". " + advice) +
-                                         "; then run again (it resumes from the checkpoint)");
+                                         "would fail the same way: " + kPlanHint +
+                                         (advice.empty() ? "; with more memory, run again (it resumes from the checkpoint)"
+                                                         : ". " + advice));
 }
 
 }  // namespace gpt2ft

@@ -14,19 +14,21 @@ RunCheckpoints::RunCheckpoints(const TrainConfig& config, Communicator& comm, c1
     : config_(config), comm_(comm), device_(device) {}
 
 // A checkpoint found in output_dir must be of this run: the same model, data and settings
-// (run_fingerprint). "auto" refuses another run's; "continue" and an explicit checkpoint
-// folder (deliberate choices) take it with a warning that lists what changed.
-void RunCheckpoints::check_same_run(const fs::path& from, const nlohmann::json& now) const {
+// (run_fingerprint), but for the memory levers a resume converts (classify_fingerprint_changes),
+// which are logged and returned. "auto" refuses another run's; "continue" and an explicit
+// checkpoint folder (deliberate choices) take it with a warning that lists what changed.
+std::vector<std::string> RunCheckpoints::check_same_run(const fs::path& from, const nlohmann::json& now) const {
   const TrainingState saved = read_checkpoint_state(from);
   if (saved.fingerprint.is_null()) {
     spdlog::warn("{} was written by an older gpt2-finetune without a run fingerprint: cannot check that it is of "
                  "this model, data and settings", from.string());
-    return;
+    return {};
   }
-  const std::vector<std::string> changed = fingerprint_differences(saved.fingerprint, now);
-  if (changed.empty()) return;
+  const FingerprintChanges changes = classify_fingerprint_changes(saved.fingerprint, now);
+  for (const auto& c : changes.resumable) spdlog::info("resuming {} with a changed setting: {}", from.string(), c);
+  if (changes.other.empty()) return changes.resumable;
   std::string list;
-  for (const auto& c : changed) list += "\n  " + c;
+  for (const auto& c : changes.other) list += "\n  " + c;
   if (config_.checkpoint.resume == "auto") {
     throw Error(config_.output_dir + " holds a checkpoint of another run (" + from.string() +
                 "), which checkpoint.resume \"auto\" would continue; what differs from this config:" + list +
@@ -35,6 +37,9 @@ void RunCheckpoints::check_same_run(const fs::path& from, const nlohmann::json& 
   }
   spdlog::warn("resuming {} although the run changed (checkpoint.resume \"{}\"):{}", from.string(),
                config_.checkpoint.resume, list);
+  std::vector<std::string> all = changes.resumable;
+  all.insert(all.end(), changes.other.begin(), changes.other.end());
+  return all;
 }
 
 TrainingState RunCheckpoints::resume(GPT2& model, Optimizer& optimizer, GradScaler* scaler, BatchSplit& split) {
@@ -56,8 +61,9 @@ TrainingState RunCheckpoints::resume(GPT2& model, Optimizer& optimizer, GradScal
   const nlohmann::json fingerprint = run_fingerprint(config_);
   TrainingState state;
   if (from) {
-    check_same_run(*from, fingerprint);
+    const std::vector<std::string> changed = check_same_run(*from, fingerprint);
     state = load_checkpoint(*from, model, optimizer, scaler, comm_.rank(), static_cast<int>(split.world));
+    state.changed_settings = changed;
     if (state.global_batch != split.global) {
       throw Error("checkpoint " + from->string() + " was trained with a global batch of " +
                   std::to_string(state.global_batch) + " sequences but the config asks for " +

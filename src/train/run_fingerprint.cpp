@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -77,7 +78,7 @@ nlohmann::json run_fingerprint(const TrainConfig& c) {
   if (!c.model.init_from.empty()) {
     f["model.init_from"] = absolute(c.model.init_from);
     f["model weights"] = folder_identity(c.model.init_from);
-    const auto tokenizer = model_tokenizer_identity(c.model.init_from);
+    const auto tokenizer = model_tokenizer_identity(model_tokenizer_folder(c.model.init_from));
     f["model tokenizer"] = tokenizer.value_or("");
   } else {
     f["model.preset"] = c.model.preset;
@@ -140,6 +141,60 @@ std::vector<std::string> fingerprint_differences(const nlohmann::json& saved, co
       out.push_back(key + ": was " + text(saved[key]) + ", now " + text(value));
     }
   }
+  return out;
+}
+
+FingerprintChanges classify_fingerprint_changes(const nlohmann::json& saved, const nlohmann::json& now) {
+  FingerprintChanges out;
+  if (!saved.is_object() || saved.empty()) {
+    out.other = fingerprint_differences(saved, now);
+    return out;
+  }
+  const auto text = [](const nlohmann::json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); };
+  const auto number = [&](const nlohmann::json& v) -> std::optional<int64_t> {
+    try {
+      return std::stoll(text(v));
+    } catch (const std::exception&) {
+      return std::nullopt;
+    }
+  };
+  nlohmann::json rest_saved = saved, rest_now = now;
+  const auto take = [&](const std::string& key, const std::string& line) {
+    out.resumable.push_back(line);
+    rest_saved.erase(key);
+    rest_now.erase(key);
+  };
+  const auto changed = [&](const std::string& key) {
+    return saved.contains(key) && now.contains(key) && saved[key] != now[key];
+  };
+  if (changed("amp.dtype")) {
+    take("amp.dtype", "amp.dtype \"" + text(saved["amp.dtype"]) + "\" -> \"" + text(now["amp.dtype"]) +
+                          "\": autocast computes in the new dtype" +
+                          (text(now["amp.dtype"]) == "float16" ? " (float16's loss scale starts afresh)" : ""));
+  }
+  if (changed("train.optimizer")) {
+    const std::string to = text(now["train.optimizer"]);
+    take("train.optimizer", "train.optimizer \"" + text(saved["train.optimizer"]) + "\" -> \"" + to + "\": " +
+                                (to == "adamw_8bit" ? "the moments quantized into 8-bit blocks"
+                                                    : "the moments dequantized to float32"));
+  }
+  if (changed("train.adamw_8bit.embeddings")) {
+    take("train.adamw_8bit.embeddings", "train.adamw_8bit.embeddings \"" + text(saved["train.adamw_8bit.embeddings"]) +
+                                            "\" -> \"" + text(now["train.adamw_8bit.embeddings"]) +
+                                            "\": the embeddings' moments converted");
+  }
+  if (changed("model.freeze_blocks")) {
+    const auto was = number(saved["model.freeze_blocks"]), is = number(now["model.freeze_blocks"]);
+    if (was && is && *is > *was) {  // more frozen: their state dropped (fewer is another run: no state for them)
+      take("model.freeze_blocks", fmt::format("model.freeze_blocks {} -> {}: blocks {}..{} stop training; their "
+                                              "optimizer state is dropped, their weights kept", *was, *is, *was, *is - 1));
+    }
+  }
+  if (changed("model.freeze_embeddings") && text(now["model.freeze_embeddings"]) == "true") {
+    take("model.freeze_embeddings", "model.freeze_embeddings false -> true: the embeddings stop training; their "
+                                    "optimizer state is dropped, their weights kept");
+  }
+  out.other = fingerprint_differences(rest_saved, rest_now);
   return out;
 }
 

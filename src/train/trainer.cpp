@@ -252,7 +252,7 @@ class Trainer {
   torch::Tensor forward_backward(std::string& oom_message, bool& interrupted, torch::Tensor& metrics);
   ObjectiveLoss micro_batch_loss(const Batch& batch, double divisor);
   void back_off(int64_t step, std::string why, const StepStart& start);
-  std::string fit_advice() const;
+  std::string fit_advice(const fs::path& saved, int64_t step) const;
   void stop_if_not_finite(int64_t step);
   void after_step(int64_t step, const StepResult& result);
   void log_step(int64_t step, const StepResult& result);
@@ -329,14 +329,13 @@ Trainer::Trainer(const TrainConfig& cfg, const RunEnd& end)
   chat_ = shard_chat(expand_glob(cfg_.data.train, "data.train"));
   check_data_fits_objective();
   if (!cfg_.model.init_from.empty()) {  // shards of another tokenizer would train without a word
-    const auto model_tokenizer = model_tokenizer_identity(cfg_.model.init_from);
-    check_shards_match_model(expand_glob(cfg_.data.train, "data.train"), cfg_.model.init_from, model_tokenizer,
-                             "data.train");
+    const fs::path tokenizer_dir = model_tokenizer_folder(cfg_.model.init_from);  // a checkpoint: its run's model
+    const auto model_tokenizer = model_tokenizer_identity(tokenizer_dir);
+    check_shards_match_model(expand_glob(cfg_.data.train, "data.train"), tokenizer_dir, model_tokenizer, "data.train");
     if (!cfg_.data.val.empty()) {
-      check_shards_match_model(expand_glob(cfg_.data.val, "data.val"), cfg_.model.init_from, model_tokenizer,
-                               "data.val");
+      check_shards_match_model(expand_glob(cfg_.data.val, "data.val"), tokenizer_dir, model_tokenizer, "data.val");
     }
-    if (chat_) check_added_tokens_match(*chat_, cfg_.model.init_from, "data.train");
+    if (chat_) check_added_tokens_match(*chat_, tokenizer_dir, "data.train");
   }
   if (comm_.is_main()) lock_.emplace(cfg_.output_dir, "output_dir");  // one run per folder
   fs::create_directories(cfg_.output_dir);
@@ -391,10 +390,12 @@ Trainer::Trainer(const TrainConfig& cfg, const RunEnd& end)
                                           comm_.is_main(), rates,
                                           cfg_.log.tensorboard ? fs::path(cfg_.output_dir) / "tensorboard" : fs::path());
   if (!state_.source.empty()) {  // the rows after this one continue from the checkpoint, not the row before
-    metrics_->record_resume(state_.step, {{"checkpoint", state_.source.string()},
-                                          {"step", state_.step},
-                                          {"micro_batch_size", split_.micro},
-                                          {"world_size", split_.world}});
+    nlohmann::json resumed = {{"checkpoint", state_.source.string()},
+                              {"step", state_.step},
+                              {"micro_batch_size", split_.micro},
+                              {"world_size", split_.world}};
+    if (!state_.changed_settings.empty()) resumed["changed"] = state_.changed_settings;  // a lever's conversion
+    metrics_->record_resume(state_.step, resumed);
   } else {
     metrics_->record_fresh_start(state_.step);
   }
@@ -645,23 +646,42 @@ void Trainer::back_off(int64_t step, std::string why, const StepStart& start) {
   loader_->restart(start.loader, split_.micro);
   set_rng_states(start.rng);
   if (decision.exit) {
-    const std::string advice = decision.lowered ? "" : fit_advice();
-    throw backoff_.exit_request(step, failed, decision, save_checkpoint(), advice);
+    const fs::path saved = save_checkpoint();
+    const std::string advice = decision.lowered ? "" : fit_advice(saved, step);
+    throw backoff_.exit_request(step, failed, decision, saved, advice);
   }
   spdlog::warn(backoff_.backoff_warning(step, failed, decision, why));
   validation_->training_micro_batch_changed(split_.micro);
 }
 
-// What `plan` recommends for this run on this device at the current (smallest) micro batch.
-std::string Trainer::fit_advice() const {
+// What `plan` recommends for this run on this device at the current (smallest) micro batch,
+// as commands to run: the levers a resume converts continue the checkpoint `saved` (after
+// `step` steps) at its next sample; those that make another run (other samples, another
+// trained set) start a new run from its weights in a new output_dir.
+std::string Trainer::fit_advice(const fs::path& saved, int64_t step) const {
   try {
     const MemoryAdvice advice = memory_levers(cfg_, split_.world, split_.micro, plannable_memory(cfg_, device_));
-    std::string settings;
-    for (const auto& s : advice.combined.settings) settings += " --set " + s;
-    return fmt::format("plan's advice for {:.1f} GiB: {}{} (predicted peak {:.2f} GiB at micro batch {}{})",
-                       advice.budget / double(1ll << 30), advice.combined.name, settings,
-                       advice.combined.peak / double(1ll << 30), advice.micro_batch,
-                       advice.combined_fits ? "" : "; even that does not fit");
+    const MemoryLever& c = advice.combined;
+    const auto sets = [](const std::vector<std::string>& settings) {
+      std::string out;
+      for (const auto& s : settings) out += " --set " + s;
+      return out;
+    };
+    const std::string gpus = c.world_size > split_.world ? fmt::format(" on {} GPUs", c.world_size) : "";
+    std::string text = fmt::format("plan's advice for {}: {} (predicted peak {} at micro batch {}{})",
+                                   format_memory(advice.budget), c.name, format_memory(c.peak), advice.micro_batch,
+                                   advice.combined_fits ? "" : "; even that does not fit");
+    if (c.new_run_settings.empty()) {
+      return text + ". Run the same command again" + gpus + " with" + sets(c.settings) +
+             ": it resumes from the checkpoint at the next sample, with the same global batch";
+    }
+    // A new run from the checkpoint's weights: the model folder, or with LoRA its adapter.
+    const std::string init = (cfg_.lora() ? "model.lora.init_from=" : "model.init_from=") + saved.string();
+    const std::string folder = fmt::format("{}-from-step-{}", fs::path(cfg_.output_dir).lexically_normal().string(), step);
+    return text + ". Part of it makes another run (" + sets(c.new_run_settings).substr(1) +
+           " changes the samples or what trains), which cannot continue this checkpoint: start a new run from its "
+           "weights in another output_dir, with the same command" + gpus + " and --set " + init + " --set output_dir=" +
+           folder + sets(c.settings) + sets(c.new_run_settings);
   } catch (const std::exception&) {
     return "";  // the advice is a courtesy: the exit and its message stand without it
   }
@@ -922,7 +942,7 @@ void Trainer::save_model(const fs::path& dir) {
 void Trainer::write_model(const fs::path& dir) {
   SaveModelOptions save;
   save.dtype = cfg_.save_dtype == "bfloat16" ? c10::kBFloat16 : cfg_.save_dtype == "float16" ? c10::kHalf : c10::kFloat;
-  if (!cfg_.model.init_from.empty()) save.tokenizer_from = fs::path(cfg_.model.init_from);
+  if (!cfg_.model.init_from.empty()) save.tokenizer_from = model_tokenizer_folder(cfg_.model.init_from);
   if (!model_->lora()) {
     save_model_folder(model_, dir, save);
   } else {

@@ -184,3 +184,60 @@ TEST(AdamW8bit, SkippedStepChangesNothingAndStateRoundTrips) {
 
 }  // namespace
 }  // namespace gpt2ft
+
+namespace gpt2ft {
+namespace {
+
+// Resuming after train.optimizer changed (an out-of-memory exit's advice): AdamW's float32
+// moments quantized into 8-bit AdamW's blocks with torchao's rule (quantize_blockwise, checked
+// against torchao above), 8-bit AdamW's dequantized into AdamW's, step counts carried; tensors
+// that stay float32 under 8-bit AdamW copied as they are.
+TEST(AdamW8bit, StateConvertsBetweenAdamWAndEightBitOnResume) {
+  test::TempDir tmp;
+  torch::manual_seed(5);
+  const auto named = [](const torch::Tensor& w, const torch::Tensor& b) {
+    return std::vector<std::pair<std::string, torch::Tensor>>{{"w", w}, {"b", b}};
+  };
+  torch::Tensor w = (torch::randn({32, 256}) * 0.02).requires_grad_(true), b = torch::randn({40}).requires_grad_(true);
+  AdamW adamw(named(w, b), AdamWOptions{});
+  for (int step = 0; step < 3; ++step) {
+    w.mutable_grad() = torch::randn_like(w) * 1e-2, b.mutable_grad() = torch::randn_like(b) * 1e-2;
+    adamw.step(1e-3);
+  }
+  save_safetensors(tmp.path() / "adamw.safetensors", adamw.checkpoint_state());
+  AdamW8bit eight(named(w.detach().clone().requires_grad_(true), b.detach().clone().requires_grad_(true)), AdamWOptions{});
+  eight.restore_state(SafetensorsReader(tmp.path() / "adamw.safetensors"));
+  const SafetensorsReader saved(tmp.path() / "adamw.safetensors");
+  const auto& q = eight.states()[0];
+  ASSERT_TRUE(q.quantized);
+  torch::Tensor codes = torch::empty({w.numel()}, torch::kByte), scales = torch::empty({w.numel() / 256});
+  quantize_blockwise(saved.load("adamw.exp_avg.w").reshape({-1}), dynamic_quantization_map(true), 256, codes, scales);
+  EXPECT_TRUE(torch::equal(q.exp_avg.reshape({-1}), codes));
+  EXPECT_TRUE(torch::equal(q.exp_avg_scales, scales));
+  quantize_blockwise(saved.load("adamw.exp_avg_sq.w").reshape({-1}), dynamic_quantization_map(false), 256, codes, scales);
+  EXPECT_TRUE(torch::equal(q.exp_avg_sq.reshape({-1}), codes));
+  EXPECT_EQ(q.step.item<float>(), 3.0f);
+  const auto& kept = eight.states()[1];  // 40 values: float32 under 8-bit AdamW too
+  ASSERT_FALSE(kept.quantized);
+  EXPECT_TRUE(torch::equal(kept.exp_avg, saved.load("adamw.exp_avg.b")));
+
+  // And back: AdamW takes 8-bit AdamW's moments dequantized.
+  save_safetensors(tmp.path() / "eight.safetensors", eight.checkpoint_state());
+  AdamW back(named(w.detach().clone().requires_grad_(true), b.detach().clone().requires_grad_(true)), AdamWOptions{});
+  back.restore_state(SafetensorsReader(tmp.path() / "eight.safetensors"));
+  const NamedTensors state = back.checkpoint_state();
+  const auto find = [&](const std::string& key) {
+    for (const auto& [k, t] : state) {
+      if (k == key) return t;
+    }
+    ADD_FAILURE() << "no " << key;
+    return torch::Tensor();
+  };
+  const torch::Tensor m = dequantize_blockwise(q.exp_avg.reshape({-1}), q.exp_avg_scales, dynamic_quantization_map(true));
+  EXPECT_TRUE(torch::equal(find("adamw.exp_avg.w").reshape({-1}), m));
+  EXPECT_TRUE(torch::equal(find("adamw.exp_avg.b"), saved.load("adamw.exp_avg.b")));
+  EXPECT_EQ(find("adamw.step.w").item<float>(), 3.0f);
+}
+
+}  // namespace
+}  // namespace gpt2ft

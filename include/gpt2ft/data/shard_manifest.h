@@ -42,6 +42,12 @@ int64_t vocab_for_data(const std::optional<ShardChat>& chat, int64_t model_vocab
 // the shards were made with. A folder that adds none is fine: training adds them.
 void check_added_tokens_match(const ShardChat& chat, const std::filesystem::path& model_dir, const std::string& what);
 
+// The folder holding a model folder's tokenizer files: the folder itself, or, for a training
+// checkpoint (trainer_state.json beside weights without tokenizer files), the model.init_from
+// of the run that wrote it, followed through checkpoints of checkpoints. model.init_from may
+// name a checkpoint: an out-of-memory exit's advice for a new run does.
+std::filesystem::path model_tokenizer_folder(const std::filesystem::path& model_dir);
+
 // The identity of the tokenizer files in a model folder, or nothing when it has none.
 std::optional<std::string> model_tokenizer_identity(const std::filesystem::path& model_dir);
 

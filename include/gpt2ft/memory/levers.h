@@ -18,9 +18,15 @@ namespace gpt2ft {
 
 struct MemoryLever {
   std::string name;                   // what it is, in words
-  std::vector<std::string> settings;  // --set overrides (and "--gpus N" for ZeRO-1)
+  std::vector<std::string> settings;  // --set overrides (and "--gpus N" for ZeRO-1); a run resumes with them
   std::string cost;                   // what it costs
   bool keeps_full_fine_tune = true;   // false: it changes what is trained
+  // false: it makes another run (other samples: data.seq_len; another trained set: LoRA), which
+  // cannot continue a checkpoint's state: a new run from its weights in another output_dir.
+  bool resumable = true;
+  // The combination's settings of the levers that are not resumable (its `settings` hold the
+  // rest); a single lever's all stay in `settings`.
+  std::vector<std::string> new_run_settings = {};
   int64_t world_size = 1;             // GPUs it assumes
   int64_t peak = 0;                   // predicted at the micro batch
   int64_t largest_micro_batch = 0;    // in the budget
@@ -35,6 +41,12 @@ struct MemoryAdvice {
 
   nlohmann::json to_json() const;
 };
+
+// "512 MiB" below 1 GiB, "13.6 GiB" from there: memory as plan and its advice print it.
+std::string format_memory(int64_t bytes);
+
+// settings, then new_run_settings: everything the lever sets.
+std::vector<std::string> all_settings(const MemoryLever& lever);
 
 // `config` on `world_size` GPUs does not reach `micro_batch` in `budget` bytes: the advice.
 MemoryAdvice memory_levers(const TrainConfig& config, int64_t world_size, int64_t micro_batch, int64_t budget);

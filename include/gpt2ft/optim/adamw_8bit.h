@@ -25,6 +25,7 @@
 // correctly rounded float32 powers, which ATen's float32 pow may miss by an ulp.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -47,6 +48,17 @@ int64_t adamw_8bit_state_bytes(const std::string& name, int64_t numel, bool quan
 
 // AdamW8bit's checkpoint entries for one parameter, empty (Optimizer::state_layout).
 NamedTensors adamw_8bit_state_layout(const std::string& name, const torch::Tensor& param, bool quantize_embeddings);
+
+// The moments and step count of the parameter `name` as a checkpoint holds them, in float32 on
+// the CPU, whichever optimizer wrote them: AdamW's ("adamw.*", as they are) or 8-bit AdamW's
+// ("adamw8bit.*", dequantized when in blocks). nullopt when neither holds it. For a resume that
+// changes train.optimizer or train.adamw_8bit.embeddings (an out-of-memory exit's advice).
+struct SavedMoments {
+  torch::Tensor exp_avg, exp_avg_sq;  // (n) float32
+  torch::Tensor step;                 // () float32
+  bool in_blocks = false;             // they were 8-bit blocks
+};
+std::optional<SavedMoments> saved_moments(const SafetensorsReader& state, const std::string& name);
 
 // The scalars of one tensor's fused step (float32, as the op path computes them).
 struct StepScalars {

@@ -40,6 +40,7 @@ struct TrainingState {
   int64_t evals_without_improvement = 0;   // early stopping's count
   std::filesystem::path source;  // the checkpoint it was read from (empty for a fresh run)
   nlohmann::json fingerprint;    // what defines the run (run_fingerprint); null in older checkpoints
+  std::vector<std::string> changed_settings;  // on resume: what this run changed (a memory lever's conversion)
 };
 
 // Writes a checkpoint of `state` under run_dir/checkpoints and prunes to keep_last.

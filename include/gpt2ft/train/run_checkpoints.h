@@ -5,6 +5,8 @@
 #pragma once
 
 #include <filesystem>
+#include <string>
+#include <vector>
 #include <optional>
 
 #include <c10/core/Device.h>
@@ -34,7 +36,9 @@ class RunCheckpoints {
                              const GradScaler* scaler);
 
  private:
-  void check_same_run(const std::filesystem::path& from, const nlohmann::json& now) const;
+  // The settings that changed in ways a resume converts (empty when none); throws when the
+  // checkpoint is of another run and checkpoint.resume is "auto".
+  std::vector<std::string> check_same_run(const std::filesystem::path& from, const nlohmann::json& now) const;
 
   const TrainConfig& config_;
   Communicator& comm_;

@@ -25,6 +25,19 @@ nlohmann::json run_fingerprint(const TrainConfig& cfg);
 // names, sizes and sampled contents. A glob that matches nothing gives "(no shards)".
 std::string shards_identity(const std::string& pattern, const std::string& what);
 
+// What differs between a checkpoint's fingerprint and this run's, in two parts. `resumable`:
+// the changes a resume converts or allows, the memory levers of an out-of-memory exit's advice
+// that change what the fingerprint records: amp.dtype (float16 then starts its loss scale
+// afresh), train.optimizer between AdamW and 8-bit AdamW and train.adamw_8bit.embeddings (the
+// moments converted at load), and more frozen blocks or frozen embeddings (their optimizer
+// state dropped, their weights kept); one line each for the log and the metrics' resumed row.
+// `other`: every other difference (fingerprint_differences' lines), which makes another run.
+struct FingerprintChanges {
+  std::vector<std::string> resumable;
+  std::vector<std::string> other;
+};
+FingerprintChanges classify_fingerprint_changes(const nlohmann::json& saved, const nlohmann::json& now);
+
 // One line per field that differs ("data.train shards: was ..., now ..."); empty when equal.
 // A field the saved fingerprint lacks is a difference, and so is a saved fingerprint that is
 // empty or not an object: a damaged fingerprint must not turn the check off.

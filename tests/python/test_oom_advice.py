@@ -1,0 +1,200 @@
+"""The out-of-memory advice, followed as printed. A run under cpu.memory_limit that cannot fit
+at micro batch 1 exits 77 with plan's advice; running the command it prints must resume from
+the checkpoint at the next sample and finish. Every lever plan names is followed the same way
+from one checkpoint: those that change only memory give the weights of a run without them;
+8-bit AdamW and autocast convert the state and follow a run that used them from the start;
+freezing drops the frozen parts' optimizer state and keeps their weights; the levers that make
+another run (shorter samples, LoRA) start a new run from the checkpoint's weights in another
+output_dir. Run by ctest (`oom_advice.*`), which sets GPT2FT_BIN."""
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+
+import torch
+from safetensors.torch import load_file
+
+import train_reference as ref
+from common import WorkDirTest
+from test_chat import write_tokenizer
+
+BIN = os.environ.get("GPT2FT_BIN", "")
+T = 64
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out):
+    """{step: loss} of the training rows."""
+    return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+class OomAdviceTest(WorkDirTest):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tok = os.path.join(cls.tmp, "tok")
+        write_tokenizer(cls.tok, ["alpha beta gamma delta river stone cloud paper green quiet seven"])
+        cls.model = ref.make_model(os.path.join(cls.tmp, "init"), n_layer=4, n_head=4, n_embd=128, vocab_size=512,
+                                   n_positions=T)
+        for name in os.listdir(cls.tok):  # the model's tokenizer: final/ folders must carry it on
+            if name != "config.json":
+                shutil.copy(os.path.join(cls.tok, name), cls.model)
+        ref.make_stream(os.path.join(cls.tmp, "train_000000.bin"), n=40 * (T + 1), vocab=512)
+
+    def config(self, out):
+        c = {"model": {"init_from": self.model, "dropout": 0.0},
+             "data": {"train": os.path.join(self.tmp, "train_*.bin"), "seq_len": T, "num_workers": 1},
+             "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 6, "lr": 1e-3,
+                       "warmup_steps": 0, "fused_adamw": "on", "deterministic": True},
+             "checkpoint": {"every_steps": 2},
+             "log": {"every_steps": 1, "progress": "lines", "tensorboard": False},
+             "output_dir": out, "device": "cpu"}
+        path = out + ".json"
+        with open(path, "w") as f:
+            json.dump(c, f)
+        return path
+
+    def run_cmd(self, args, env=None, expect=0):
+        r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=dict(os.environ, **(env or {})))
+        self.assertEqual(r.returncode, expect, f"{shlex.join(args)}\n{r.stderr[-3000:]}")
+        self.assertNotIn("terminate called", r.stderr)
+        return r
+
+    def checkpointed(self, name):
+        """A run of 6 steps stopped after step 2 with its checkpoint: (config path, folder)."""
+        out = os.path.join(self.tmp, name)
+        path = self.config(out)
+        self.run_cmd([BIN, "--config", path], env={"GPT2FT_FAULT_CRASH_AFTER_STEP": "2"}, expect=137)
+        return path, out
+
+    def resumed_at_the_next_sample(self, out, straight):
+        """The run resumed from step 2 and ended where the straight run did, sample for sample."""
+        resumed = [r["resumed"] for r in metrics(out) if "resumed" in r]
+        self.assertEqual(resumed[-1]["step"], 2)
+        end, want = [r for r in metrics(out) if "samples_in_epoch" in r][-1], \
+            [r for r in metrics(straight) if "samples_in_epoch" in r][-1]
+        self.assertEqual((end["step"], end["global_batch"], end["samples_in_epoch"], end["epoch"]),
+                         (want["step"], want["global_batch"], want["samples_in_epoch"], want["epoch"]))
+        return resumed[-1]
+
+    def test_every_lever_of_the_advice_resumes_or_starts_a_new_run(self):
+        straight = os.path.join(self.tmp, "straight")
+        self.run_cmd([BIN, "--config", self.config(straight)])
+        path, _ = self.checkpointed("base")
+        # Every lever plan names for this run when memory is short (on one process: ZeRO-1's
+        # other GPU counts are the distributed tests' business).
+        r = self.run_cmd([BIN, "plan", "--config", path, "--json", "--set", "cpu.memory_limit=1MB"])
+        advice = json.loads(r.stdout.strip().splitlines()[-1])["advice"]
+        levers = [lever for lever in advice["levers"] if lever["gpus"] == 1]
+        names = [lever["name"] for lever in levers]
+        print(f"[advice] plan's levers: {names}")
+        self.assertTrue(any("8-bit" in n for n in names) and any("freeze" in n for n in names), names)
+        self.assertTrue(any(not lever["resumable"] for lever in levers), "no lever that makes a new run")
+        # Two more levers users set by hand that change only memory.
+        levers += [{"name": "micro batch 1", "settings": ["train.micro_batch_size=1"], "resumable": True},
+                   {"name": "eager loss", "settings": ["train.chunked_loss=false"], "resumable": True},
+                   {"name": "optimizer offload", "settings": ["train.optimizer_offload=cpu"], "resumable": True},
+                   {"name": "bf16 autocast", "settings": ["amp.dtype=bfloat16"], "resumable": True}]
+        base_ckpt = os.path.join(self.tmp, "base", "checkpoints", "step_00000002")
+        at_2 = weights(base_ckpt)
+        final = weights(os.path.join(straight, "final"))
+        for i, lever in enumerate(levers):
+            sets = [a for s in lever["settings"] for a in ("--set", s)]
+            name = f"lever_{i}"
+            if not lever["resumable"]:
+                # A new run from the checkpoint's weights in another output_dir.
+                out = os.path.join(self.tmp, name)
+                self.run_cmd([BIN, "--config", path, "--set", f"model.init_from={base_ckpt}", "--set",
+                              f"output_dir={out}", *sets])
+                self.assertEqual(min(losses(out)), 1, "a new run counts its own steps")
+                first = metrics(out)
+                self.assertFalse(any("resumed" in r for r in first))
+                self.assertTrue(os.path.exists(os.path.join(out, "final", "vocab.json")),
+                                "the tokenizer of the run's model, found through the checkpoint")
+                print(f"[advice] {lever['name']}: a new run from the checkpoint's weights: losses "
+                      f"{[round(x, 4) for x in losses(out).values()]}")
+                continue
+            out = os.path.join(self.tmp, name)
+            shutil.copytree(os.path.join(self.tmp, "base"), out)
+            self.run_cmd([BIN, "--config", path, "--set", f"output_dir={out}", *sets])
+            resumed = self.resumed_at_the_next_sample(out, straight)
+            got = weights(os.path.join(out, "final"))
+            diff = max_diff(got, final)
+            settings = " ".join(lever["settings"])
+            if any(s.startswith(("train.optimizer=", "amp.dtype=", "model.freeze")) for s in lever["settings"]):
+                self.assertTrue(resumed.get("changed"), f"{settings}: no 'changed' in the resumed row {resumed}")
+            if "train.optimizer=adamw_8bit" in lever["settings"]:
+                # The moments were quantized at load: the run follows one that was 8-bit from the start.
+                from_start = os.path.join(self.tmp, name + "_from_start")
+                self.run_cmd([BIN, "--config", path, "--set", f"output_dir={from_start}", *sets])
+                a, b = losses(out), losses(from_start)
+                gap = max(abs(a[s] - b[s]) for s in range(3, 7))
+                moved = max_diff(got, at_2)
+                off = max_diff(got, weights(os.path.join(from_start, "final")))
+                print(f"[advice] {settings}: resumed with quantized moments; losses 3-6 within {gap:.2g} of a run "
+                      f"8-bit from the start, weights {off:.2g} apart (they moved {moved:.2g} since step 2)")
+                self.assertLess(gap, 0.02)
+                self.assertLess(off, 0.5 * moved)
+                state = load_file(os.path.join(out, "checkpoints", "step_00000006", "trainer_state.safetensors"))
+                self.assertTrue(any(k.startswith("adamw8bit.exp_avg.scales.") for k in state))
+            elif any(s.startswith("model.freeze") for s in lever["settings"]):
+                frozen = [k for k in got if torch.equal(got[k], at_2[k])]
+                trained = [k for k in got if not torch.equal(got[k], at_2[k])]
+                state = load_file(os.path.join(out, "checkpoints", "step_00000006", "trainer_state.safetensors"))
+                print(f"[advice] {settings}: {len(frozen)} tensors kept their step-2 weights, {len(trained)} trained on")
+                self.assertIn("transformer.h.0.attn.c_attn.weight", frozen)
+                self.assertIn("transformer.h.3.attn.c_attn.weight", trained)
+                self.assertFalse(any(k.endswith("transformer.h.0.attn.c_attn.weight") for k in state),
+                                 "the frozen parts' optimizer state is dropped")
+            elif "amp.dtype=bfloat16" in lever["settings"]:
+                a, b = losses(out), losses(straight)
+                gap = max(abs(a[s] - b[s]) for s in range(3, 7))
+                print(f"[advice] {settings}: resumed under bf16 autocast: losses 3-6 within {gap:.2g} of float32's")
+                self.assertLess(gap, 0.02)
+                self.assertNotEqual([a[s] for s in range(3, 7)], [b[s] for s in range(3, 7)])
+            else:  # memory only: the weights of the run without it
+                print(f"[advice] {settings}: resumed, weights {diff:.2g} from the run without it")
+                self.assertLess(diff, 1e-5, settings)
+
+    def test_the_printed_advice_of_exit_77_resumes_when_followed_verbatim(self):
+        """Caps from 14 to 24 MiB: the first that ends in exit 77 (the smallest micro batch does
+        not fit) prints a command; run as printed it resumes at the next sample and finishes."""
+        straight = os.path.join(self.tmp, "straight77")
+        self.run_cmd([BIN, "--config", self.config(straight)])
+        for mib in range(14, 25):
+            path, out = self.checkpointed(f"cap_{mib}")
+            cap = ["--set", f"cpu.memory_limit={mib}MiB"]
+            r = subprocess.run([BIN, "--config", path, *cap], capture_output=True, text=True, timeout=300)
+            if r.returncode == 77:
+                break
+        else:
+            self.fail("no cap from 14 to 24 MiB ended in exit 77")
+        last = r.stderr.strip().splitlines()[-1]
+        print(f"[advice] cap {mib} MiB: exit 77: {last[last.find('plan'):]}")
+        m = re.search(r"Run the same command again with((?: --set \S+)+): it resumes", last)
+        self.assertIsNotNone(m, last)
+        self.run_cmd([BIN, "--config", path, *cap, *shlex.split(m.group(1))])
+        resumed = self.resumed_at_the_next_sample(out, straight)
+        print(f"[advice] followed verbatim: resumed at step {resumed['step']}, changed {resumed.get('changed')}, "
+              f"finished at step {max(losses(out))}")
+        self.assertEqual(max(losses(out)), 6)
+
+
+if __name__ == "__main__":
+    import unittest
+    unittest.main()
