@@ -14,6 +14,7 @@ struct TrainArgs {
   std::string config;
   std::vector<std::string> overrides;
   bool print_config = false;
+  bool no_final_model = false;
 };
 
 void add_train_options(CLI::App& app, TrainArgs& args) {
@@ -22,6 +23,8 @@ void add_train_options(CLI::App& app, TrainArgs& args) {
       ->take_all();
   app.add_flag("--print-config", args.print_config,
                "Print the resolved config (defaults and --set applied) as JSON to stdout, and exit");
+  app.add_flag("--no-final-model", args.no_final_model,
+               "Save no final/ model folder at the end (a run that only measures, as plan --measure's)");
 }
 
 int run_train(const TrainArgs& args) {
@@ -31,7 +34,9 @@ int run_train(const TrainArgs& args) {
     std::printf("%s\n", config.to_json().dump(2).c_str());
     return kExitOk;
   }
-  run_training(config);
+  RunEnd end;
+  end.save_final_model = !args.no_final_model;
+  run_training(config, end);
   return kExitOk;
 }
 }  // namespace

@@ -2,11 +2,14 @@
 #include "gpt2ft/memory/counting_allocator.h"
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/alignment.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
 
@@ -39,7 +42,10 @@ std::string size_text(int64_t bytes) {
 
 class CountingAllocator final : public c10::Allocator {
  public:
-  explicit CountingAllocator(c10::Allocator* inner) : inner_(inner), inner_deleter_(inner->raw_deleter()) {}
+  // With c10's default allocator underneath, the memory is asked of the host here, as it would
+  // (posix_memalign, freed with free_cpu), so that a refusal is an error, not its abort.
+  explicit CountingAllocator(c10::Allocator* inner)
+      : inner_(inner), inner_deleter_(inner->raw_deleter()), own_memory_(inner == c10::GetDefaultCPUAllocator()) {}
 
   c10::DataPtr allocate(size_t n) override {
     Counters& c = counters();
@@ -59,11 +65,26 @@ class CountingAllocator final : public c10::Allocator {
     raise_to(c.peak, now);
     raise_to(c.phase_peak[static_cast<size_t>(c.phase.load(std::memory_order_relaxed))], now);
     void* base = nullptr;
-    try {
-      base = inner_->raw_allocate(n + kHeader);
-    } catch (...) {
-      c.live.fetch_sub(bytes, std::memory_order_relaxed);
-      throw;
+    if (own_memory_) {
+      // c10's own allocator aborts the process when the host refuses (its enforce logs FATAL):
+      // the same memory (posix_memalign, freed by free_cpu) asked for here fails as an
+      // out-of-memory error instead, which the trainer reports in one line.
+      const int err = posix_memalign(&base, c10::gAlignment, n + kHeader);
+      if (err != 0 || base == nullptr) {
+        c.live.fetch_sub(bytes, std::memory_order_relaxed);
+        TORCH_CHECK_WITH(OutOfMemoryError, false, "CPU out of memory (in ",
+                         memory_phase_name(static_cast<MemoryPhase>(c.phase.load(std::memory_order_relaxed))),
+                         "): the host refused ", size_text(bytes), " (", std::strerror(err),
+                         "): the machine's memory or the process's address-space limit (ulimit -v) is spent. ",
+                         size_text(now - bytes), " is allocated by tensors");
+      }
+    } else {
+      try {
+        base = inner_->raw_allocate(n + kHeader);
+      } catch (...) {
+        c.live.fetch_sub(bytes, std::memory_order_relaxed);
+        throw;
+      }
     }
     std::memcpy(base, &n, sizeof(n));
     void* data = static_cast<char*>(base) + kHeader;
@@ -84,11 +105,13 @@ class CountingAllocator final : public c10::Allocator {
     size_t n = 0;
     std::memcpy(&n, base, sizeof(n));
     counters().live.fetch_sub(static_cast<int64_t>(n), std::memory_order_relaxed);
-    instance->inner_deleter_(base);
+    if (instance->own_memory_) c10::free_cpu(base);
+    else instance->inner_deleter_(base);
   }
 
   c10::Allocator* inner_;
   c10::DeleterFnPtr inner_deleter_;
+  bool own_memory_;
 };
 CountingAllocator* CountingAllocator::instance = nullptr;
 

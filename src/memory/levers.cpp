@@ -9,6 +9,7 @@
 #include "gpt2ft/core/autocast.h"
 #include "gpt2ft/memory/planner.h"
 #include "gpt2ft/memory/run_memory.h"
+#include "gpt2ft/train/batch_split.h"
 
 namespace gpt2ft {
 namespace {
@@ -19,7 +20,8 @@ constexpr double kPcieBytesPerS = 20e9, kHostBytesPerS = 10e9;
 struct Candidate {
   MemoryLever lever;
   bool applies = true;
-  bool in_combination = true;  // false: a milder form of a lever the combination takes instead
+  bool in_combination = true;  // false: an alternative to the other levers, never combined
+  std::string group = {};      // a later lever of the same group replaces an earlier one in a combination
 };
 
 MemoryPlanInput with_8bit(MemoryPlanInput in, bool on) {
@@ -34,11 +36,15 @@ TrainConfig with(const TrainConfig& cfg, const std::vector<std::string>& setting
 
 void evaluate(MemoryLever& lever, const TrainConfig& cfg, int64_t micro, int64_t budget) {
   const MemoryPlan plan = plan_memory(memory_plan_input(with(cfg, all_settings(lever)), lever.world_size));
-  lever.peak = plan.peak(micro);
-  lever.largest_micro_batch = plan.largest_micro_batch(budget);
+  lever.peak = plan.peak(lever.micro_batch > 0 ? lever.micro_batch : micro);
+  // A lever that splits the batch holds the gradients between its micro batches.
+  lever.largest_micro_batch = lever.micro_batch > 0 ? plan.largest_accumulating_micro_batch(budget)
+                                                    : plan.largest_micro_batch(budget);
 }
 
-std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
+// The levers in order of cost: none first, then time, then memory traffic, then what trains.
+// `micro`: the micro batch that does not fit in `budget`.
+std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world, int64_t micro, int64_t budget) {
   const MemoryPlanInput in = memory_plan_input(cfg, world);
   const int64_t L = in.model.n_layer, T = cfg.data.seq_len;
   const auto params = static_cast<double>(in.model.num_parameters());
@@ -49,24 +55,39 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
   const bool autocast = in.amp != c10::kFloat;
   const int64_t every = cfg.checkpoint_every_n_blocks();
   std::vector<Candidate> out;
+  out.push_back({{"the chunked loss", {"train.chunked_loss=true"},
+                  "none: the same loss, its logits made a chunk of rows at a time"},
+                 !cfg.train.chunked_loss});
   out.push_back({{"bf16 autocast", {"amp.dtype=bfloat16"}, "none on Ampere and newer GPUs (usually faster)"},
                  !autocast && in.cuda});
+  // Smaller micro batches, the same global batch (the README's first lever): the largest that
+  // fits with the gradients held between them, and divides this rank's share of the batch.
+  const BatchSplit split = batch_split_of(cfg, world);
+  const int64_t fits = split.global > 0 ? plan_memory(in).largest_accumulating_micro_batch(budget) : 0;
+  const int64_t m = fits >= 1 ? largest_divisor_at_most(split.per_rank(), std::min(fits, micro)) : 0;
+  Candidate accumulate{{fmt::format("micro batch {} x accumulation {}", m, m > 0 ? split.per_rank() / m : 0),
+                        {fmt::format("train.micro_batch_size={}", m), fmt::format("train.global_batch_size={}", split.global)},
+                        fmt::format("none in the result: the same global batch of {} in {} micro batches a step; each "
+                                    "step slower (smaller matrix products)", split.global, m > 0 ? split.per_rank() / m : 0)},
+                       m >= 1 && m < micro,
+                       /*in_combination=*/false};
+  accumulate.lever.micro_batch = m;
+  out.push_back(accumulate);
   out.push_back({{"activation checkpointing, every 2nd block", {"model.activation_checkpointing=2"},
                   "about 17% more compute (half the blocks run forward twice)"},
-                 every == 0 || every > 2,
-                 /*in_combination=*/false});  // "all" follows if needed
+                 every == 0 || every > 2, true, "checkpointing"});  // "all" replaces it if needed
   out.push_back({{"activation checkpointing, all blocks", {"model.activation_checkpointing=all"},
                   "about 33% more compute (one extra forward pass)"},
-                 every != 1});
+                 every != 1, true, "checkpointing"});
   const int64_t trained = plan_memory(in).gradients / 4;
   // fused_adamw "on" names AdamW's kernel, which the trainer refuses beside 8-bit AdamW's own step.
   std::vector<std::string> eight_bit = {"train.optimizer=adamw_8bit"};
   if (cfg.train.fused_adamw == "on") eight_bit.push_back("train.fused_adamw=auto");
   out.push_back({{"8-bit AdamW", eight_bit,
-                  fmt::format("the moments in 8-bit blocks on the GPU: {:.2f} GiB of state instead of {:.2f} GiB; the "
-                              "step stays on the GPU (quantization noise in the moments, as torchao's AdamW8bit)",
-                              plan_memory(with_8bit(in, true)).optimizer / double(1ll << 30),
-                              plan_memory(with_8bit(in, false)).optimizer / double(1ll << 30))},
+                  fmt::format("the moments in 8-bit blocks on the device: {} of state instead of {}; the step stays "
+                              "there (quantization noise in the moments, as torchao's AdamW8bit)",
+                              format_memory(plan_memory(with_8bit(in, true)).optimizer),
+                              format_memory(plan_memory(with_8bit(in, false)).optimizer))},
                  cfg.train.optimizer != "adamw_8bit" && !cfg.lora() && trained > 0});
   out.push_back({{"AdamW state offloaded to the host", {"train.optimizer_offload=cpu"},
                   fmt::format("~{:.0f} ms a step for {:.2f}B parameters ({:.0f} bytes each over PCIe at 20 GB/s{}, the "
@@ -82,9 +103,10 @@ std::vector<Candidate> candidates(const TrainConfig& cfg, int64_t world) {
     c.lever.world_size = gpus;
     out.push_back(c);
   }
-  Candidate lora{{"LoRA rank 16 on c_attn, c_proj and c_fc, base in bfloat16",
+  const std::string base = in.amp == c10::kHalf ? "float16" : "bfloat16";  // the run's 16-bit dtype, if it has one
+  Candidate lora{{"LoRA rank 16 on c_attn, c_proj and c_fc, base in " + base,
                   {"model.lora.rank=16", "model.lora.targets=[\"c_attn\",\"c_proj\",\"c_fc\"]",
-                   "model.lora.base_dtype=bfloat16", "amp.dtype=bfloat16"},
+                   "model.lora.base_dtype=" + base, "amp.dtype=" + base},
                   "trains low-rank adapters only: less capacity than a full fine-tune"},
                  !cfg.lora() && in.cuda};
   lora.lever.keeps_full_fine_tune = false;
@@ -115,40 +137,82 @@ nlohmann::json lever_json(const MemoryLever& l) {
           {"keeps_full_fine_tune", l.keeps_full_fine_tune},
           {"gpus", l.world_size},
           {"peak", l.peak},
-          {"largest_micro_batch", l.largest_micro_batch}};
+          {"largest_micro_batch", l.largest_micro_batch},
+          {"micro_batch", l.micro_batch}};
 }
 
 }  // namespace
+
+bool lever_fits(const MemoryLever& lever, int64_t micro) {
+  return lever.largest_micro_batch >= (lever.micro_batch > 0 ? lever.micro_batch : micro);
+}
 
 MemoryAdvice memory_levers(const TrainConfig& cfg, int64_t world, int64_t micro, int64_t budget) {
   MemoryAdvice advice;
   advice.micro_batch = micro;
   advice.budget = budget;
-  std::vector<Candidate> all = candidates(cfg, world);
+  std::vector<Candidate> all = candidates(cfg, world, micro, budget);
   const int64_t now = plan_memory(memory_plan_input(cfg, world)).peak(micro);
+  std::vector<MemoryLever> fitting, helping;
   for (Candidate& c : all) {
     if (!c.applies) continue;
     evaluate(c.lever, cfg, micro, budget);
-    if (c.lever.peak < now) advice.single.push_back(c.lever);  // only what helps
+    if (lever_fits(c.lever, micro)) fitting.push_back(c.lever);
+    else if (c.lever.peak < now) helping.push_back(c.lever);  // only what helps
   }
-  // The combination: full-fine-tune levers in order of cost, then the others, until it fits.
+  // Every single lever that fits, cheapest first, then those that help without fitting.
+  advice.single = fitting;
+  advice.single.insert(advice.single.end(), helping.begin(), helping.end());
+  const auto recommend = [&](const MemoryLever& alone) {
+    advice.combined = alone;
+    if (!alone.resumable) {
+      advice.combined.new_run_settings = alone.settings;
+      advice.combined.settings.clear();
+    }
+    advice.combined_fits = true;
+    return advice;
+  };
+  // The recommendation keeps the full fine-tune when anything can: the cheapest such lever that
+  // fits alone, else such levers combined; only then what changes the training, alone (the
+  // cheapest that fits) or added to the combination.
+  for (const MemoryLever& l : fitting) {
+    if (l.keeps_full_fine_tune) return recommend(l);
+  }
+  // Levers in order of cost until it fits; a lever of the same group (checkpointing every 2nd
+  // block, then all) replaces the earlier.
+  std::vector<const Candidate*> chosen;
+  const auto combine = [&](const std::vector<const Candidate*>& levers) {
+    MemoryLever m;
+    m.world_size = world;
+    for (const Candidate* c : levers) {
+      m.name += (m.name.empty() ? "" : " + ") + c->lever.name;
+      auto& into = c->lever.resumable ? m.settings : m.new_run_settings;
+      into.insert(into.end(), c->lever.settings.begin(), c->lever.settings.end());
+      m.cost += (m.cost.empty() ? "" : "; ") + c->lever.cost;
+      m.world_size = std::max(m.world_size, c->lever.world_size);
+      m.keeps_full_fine_tune = m.keeps_full_fine_tune && c->lever.keeps_full_fine_tune;
+      m.resumable = m.resumable && c->lever.resumable;
+    }
+    evaluate(m, cfg, micro, budget);
+    return m;
+  };
   MemoryLever& combo = advice.combined;
   combo.world_size = world;
   for (const bool full : {true, false}) {
+    if (!full && !advice.combined_fits && !fitting.empty()) return recommend(fitting.front());
     for (const Candidate& c : all) {
       if (!c.applies || !c.in_combination || c.lever.keeps_full_fine_tune != full || advice.combined_fits) continue;
       if (c.lever.world_size > world && combo.world_size > world) continue;  // one GPU count (ZeRO-1) only
-      MemoryLever next = combo;
-      next.name += (next.name.empty() ? "" : " + ") + c.lever.name;
-      auto& into = c.lever.resumable ? next.settings : next.new_run_settings;
-      into.insert(into.end(), c.lever.settings.begin(), c.lever.settings.end());
-      next.cost += (next.cost.empty() ? "" : "; ") + c.lever.cost;
-      next.world_size = std::max(next.world_size, c.lever.world_size);
-      next.keeps_full_fine_tune = combo.keeps_full_fine_tune && c.lever.keeps_full_fine_tune;
-      evaluate(next, cfg, micro, budget);
-      if (next.peak >= combo.peak && !combo.name.empty()) continue;  // no help on top of the rest
-      combo = next;
-      advice.combined_fits = combo.largest_micro_batch >= micro;
+      std::vector<const Candidate*> next;
+      for (const Candidate* k : chosen) {
+        if (c.group.empty() || k->group != c.group) next.push_back(k);
+      }
+      next.push_back(&c);
+      MemoryLever m = combine(next);
+      if (m.peak >= combo.peak && !chosen.empty()) continue;  // no help on top of the rest
+      chosen = next;
+      combo = m;
+      advice.combined_fits = lever_fits(combo, micro);
     }
   }
   return advice;

@@ -373,18 +373,19 @@ int64_t MemoryPlan::per_sequence() const {
 }
 
 int64_t MemoryPlan::largest_accumulating_micro_batch(int64_t budget) const {
-  // The largest m with every phase (with held gradients) under the budget: each phase is a
-  // line a + m * s.
-  auto largest_under = [&](int64_t a, int64_t s) -> int64_t {
-    if (budget < a) return 0;
-    return s <= 0 ? std::numeric_limits<int64_t>::max() : (budget - a) / s;
-  };
-  const int64_t act = activations_per_sequence + logits_per_sequence;
-  const int64_t fits = std::min({largest_under(resident() + gradients + loss_workspace, act + reference_per_sequence),
-                                 largest_under(resident() + gradients + lm_head_gradient, act + backward_per_sequence),
-                                 largest_under(resident() - amp_copies + gradients + lm_head_gradient + embedding_gradient,
-                                               residual_gradient_per_sequence)});
-  return per_rank_batch > 0 ? std::min(fits, per_rank_batch - 1) : fits;
+  // The largest m whose peak, with the gradients held between micro batches, is under the
+  // budget. Every phase grows with m (the chunked loss's workspace too, up to its chunk), so
+  // the peak does: a binary search over peak() itself, which holds them for m below the
+  // per-rank batch.
+  const int64_t limit = per_rank_batch > 0 ? per_rank_batch - 1 : int64_t{1} << 24;
+  if (limit < 1 || peak(1) > budget) return 0;
+  int64_t low = 1, high = limit;  // peak(low) fits
+  while (low < high) {
+    const int64_t mid = low + (high - low + 1) / 2;
+    if (peak(mid) <= budget) low = mid;
+    else high = mid - 1;
+  }
+  return low;
 }
 
 int64_t MemoryPlan::largest_micro_batch(int64_t budget) const {

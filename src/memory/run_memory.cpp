@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <filesystem>
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include "gpt2ft/core/autocast.h"
@@ -13,6 +14,7 @@
 #include "gpt2ft/data/samples.h"
 #include "gpt2ft/data/shard.h"
 #include "gpt2ft/data/shard_manifest.h"
+#include "gpt2ft/memory/levers.h"
 
 namespace gpt2ft {
 
@@ -83,6 +85,25 @@ int64_t plannable_memory(const TrainConfig& cfg, c10::Device device) {
   int64_t total = cuda_memory(device).total;
   if (!cfg.cuda.memory_limit.empty()) total = std::min(total, parse_memory_size(cfg.cuda.memory_limit, "cuda.memory_limit"));
   return plannable_of(total);
+}
+
+std::string describe_plannable_memory(const TrainConfig& cfg, c10::Device device) {
+  const int64_t budget = plannable_memory(cfg, device);
+  if (!device.is_cuda()) {
+    if (!cfg.cpu.memory_limit.empty()) {
+      return fmt::format("cpu.memory_limit \"{}\" = {} of tensor bytes (on the CPU no context or allocator slack is "
+                         "set aside)", cfg.cpu.memory_limit, format_memory(budget));
+    }
+    return fmt::format("half of this machine's {} of memory, {} (no cpu.memory_limit set; the \"auto\" settings plan "
+                       "for the same)", format_memory(2 * budget), format_memory(budget));
+  }
+  const int64_t total = cuda_memory(device).total;
+  const bool capped = !cfg.cuda.memory_limit.empty() &&
+                      parse_memory_size(cfg.cuda.memory_limit, "cuda.memory_limit") < total;
+  return fmt::format("{} {}, less 1 GiB for the CUDA context and 5% for the allocator: {} usable",
+                     capped ? "cuda.memory_limit \"" + cfg.cuda.memory_limit + "\" =" : "the GPU's",
+                     format_memory(capped ? parse_memory_size(cfg.cuda.memory_limit, "cuda.memory_limit") : total),
+                     format_memory(budget));
 }
 
 int64_t plannable_of(int64_t device_bytes) {

@@ -306,8 +306,8 @@ class PlannerAgainstCountTest(WorkDirTest):
                         args += ["--set", s]
                 r = subprocess.run(args, capture_output=True, text=True, timeout=300)
                 self.assertEqual(r.returncode, 0, f"{name}: {r.stderr[-3000:]}")
-                # Three steps to measure, not a model: no final/ written (gpt2-medium's is 1.4 GB).
-                self.assertIn("no model saved", r.stderr)
+                # The measuring run's own log stays out of plan's report (it runs in a child process).
+                self.assertNotIn("| loss", r.stderr)
                 self.assertNotIn("model saved to", r.stderr)
                 out = json.loads(r.stdout.strip().splitlines()[-1])
                 predicted, measured = out["predicted_peak"], out["measured_peak_allocated"]

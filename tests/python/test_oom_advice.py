@@ -11,7 +11,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import tempfile
+import time
 
 import torch
 from safetensors.torch import load_file
@@ -193,6 +196,66 @@ class OomAdviceTest(WorkDirTest):
         print(f"[advice] followed verbatim: resumed at step {resumed['step']}, changed {resumed.get('changed')}, "
               f"finished at step {max(losses(out))}")
         self.assertEqual(max(losses(out)), 6)
+
+
+    def test_plan_measure_never_takes_the_machine_down(self):
+        """plan --measure refuses a peak beyond the machine's available memory, ends at once on
+        SIGTERM, leaves no scratch folder on any path and keeps the measuring run's log out of its
+        report; the measuring run saves no model (train --no-final-model); a host that refuses
+        memory (ulimit -v) ends a run in one error line, not an abort."""
+        path = self.config(os.path.join(self.tmp, "measure"))
+        scratch = lambda pid: os.path.join(tempfile.gettempdir(), f"gpt2ft-plan-{pid}")
+        # Far beyond any machine: gpt2-xl at T=1024, micro batch 32 (about 170 GiB predicted).
+        huge = ["--set", "model.init_from=", "--set", "model.preset=gpt2-xl", "--set", "data.seq_len=1024",
+                "--set", "train.micro_batch_size=32", "--set", "train.global_batch_size=32"]
+        r = self.run_cmd([BIN, "plan", "--config", path, "--measure", *huge], expect=1)
+        self.assertIn("more than this machine's available memory", r.stderr)
+        self.assertIn("--set cpu.memory_limit=", r.stderr)
+        # A long measurement stopped by SIGTERM: exit 76 within seconds, its folder gone.
+        slow = ["--set", "model.init_from=", "--set", "model.preset=gpt2", "--set", "data.seq_len=64",
+                "--set", "train.micro_batch_size=8"]
+        p = subprocess.Popen([BIN, "plan", "--config", path, "--measure", *slow], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not os.path.exists(os.path.join(scratch(p.pid), "train.log")):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        sent = time.time()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        took = time.time() - sent
+        print(f"[measure] SIGTERM: exit {p.returncode} after {took:.2f} s: {err.strip().splitlines()[-1]}")
+        self.assertEqual(p.returncode, 76, err[-2000:])
+        self.assertLess(took, 5)
+        self.assertFalse(os.path.exists(scratch(p.pid)))
+        # A measurement that fails (a cap the run cannot live in): one line naming the run's error, no folder left.
+        p = subprocess.run([BIN, "plan", "--config", path, "--measure", "--set", "cpu.memory_limit=1MB"],
+                           capture_output=True, text=True, timeout=300)
+        self.assertEqual(p.returncode, 1, p.stderr[-2000:])
+        self.assertIn("the measuring run (micro batch 4) failed", p.stderr)
+        self.assertNotIn("| loss", p.stderr)
+        leftovers = [d for d in os.listdir(tempfile.gettempdir()) if d.startswith("gpt2ft-plan-")]
+        self.assertFalse([d for d in leftovers if not os.path.exists(f"/proc/{d.rsplit('-', 1)[1]}")], leftovers)
+        # The measuring run's own flag: no final/.
+        out = os.path.join(self.tmp, "no_final")
+        r = self.run_cmd([BIN, "train", "--config", path, "--set", f"output_dir={out}", "--set", "train.max_steps=1",
+                          "--no-final-model"])
+        self.assertIn("no model saved", r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(out, "final")))
+        # The host refusing memory (an address-space limit) mid-run: one error line, exit 1, no abort.
+        refused = False
+        for limit_kb in (3000000, 3500000, 4000000):
+            r = subprocess.run(["bash", "-c", f"ulimit -v {limit_kb}; exec \"$0\" \"$@\"", BIN, "--config", path,
+                                "--set", f"output_dir={self.tmp}/ulimit_{limit_kb}", *slow],
+                               capture_output=True, text=True, timeout=300)
+            last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+            self.assertNotIn("enforce fail", r.stderr)
+            self.assertNotEqual(r.returncode, -6, "aborted")
+            if r.returncode == 1 and "the host refused" in last:
+                refused = True
+                print(f"[measure] ulimit -v {limit_kb}: {last}")
+                self.assertTrue(last.startswith("gpt2-finetune: error: CPU out of memory"), last)
+        self.assertTrue(refused, "no address-space limit reached an allocation (libraries need more here?)")
 
 
 if __name__ == "__main__":

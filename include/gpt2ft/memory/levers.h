@@ -1,9 +1,10 @@
 // What would make a run fit, for `gpt2-finetune plan`: the memory levers, each applied alone
-// to the config and planned, cheapest first, with the predicted peak at the micro batch, the
-// largest micro batch that fits and what the lever costs; then a combination of the levers
-// that keep the full fine-tune (autocast, checkpointing, optimizer offload, ZeRO-1), added in
-// that order until the target micro batch fits, and failing that, the ones that change what
-// is trained (LoRA, freezing, shorter samples).
+// to the config and planned, in order of cost (the chunked loss, autocast, smaller micro
+// batches with accumulation, checkpointing every 2nd block then all, 8-bit AdamW, optimizer
+// offload, ZeRO-1, then what changes the training: LoRA, freezing, shorter samples), with the
+// predicted peak, the largest micro batch that fits and what the lever costs. The cheapest
+// that fits alone is the recommendation; when none does, levers are combined in that order
+// until the micro batch fits.
 #pragma once
 
 #include <cstdint>
@@ -28,15 +29,18 @@ struct MemoryLever {
   // rest); a single lever's all stay in `settings`.
   std::vector<std::string> new_run_settings = {};
   int64_t world_size = 1;             // GPUs it assumes
-  int64_t peak = 0;                   // predicted at the micro batch
+  int64_t micro_batch = 0;            // the micro batch it runs at (a smaller one, with accumulation); 0: the advice's
+  int64_t peak = 0;                   // predicted at its micro batch
   int64_t largest_micro_batch = 0;    // in the budget
 };
 
 struct MemoryAdvice {
   int64_t micro_batch = 0;        // the one the levers are judged at
   int64_t budget = 0;
-  std::vector<MemoryLever> single;  // each alone, cheapest first
-  MemoryLever combined;             // the recommendation (its settings accumulate)
+  std::vector<MemoryLever> single;  // each alone: those that fit, cheapest first, then those that only help
+  // The recommendation: the cheapest single lever that fits, else levers added in order of
+  // cost until the micro batch fits (its settings accumulate).
+  MemoryLever combined;
   bool combined_fits = false;       // combined reaches the micro batch
 
   nlohmann::json to_json() const;
@@ -44,6 +48,9 @@ struct MemoryAdvice {
 
 // "512 MiB" below 1 GiB, "13.6 GiB" from there: memory as plan and its advice print it.
 std::string format_memory(int64_t bytes);
+
+// Whether the lever reaches `micro` (or its own smaller micro batch) in the budget.
+bool lever_fits(const MemoryLever& lever, int64_t micro);
 
 // settings, then new_run_settings: everything the lever sets.
 std::vector<std::string> all_settings(const MemoryLever& lever);

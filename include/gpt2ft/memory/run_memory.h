@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <optional>
 
 #include <c10/core/Device.h>
@@ -25,6 +26,9 @@ MemoryPlanInput memory_plan_input(const TrainConfig& config, int64_t world_size 
 int64_t plannable_memory(const TrainConfig& config, c10::Device device);
 // The same margins applied to a GPU of `device_bytes`.
 int64_t plannable_of(int64_t device_bytes);
+// Where plannable_memory() comes from, in words, with its figures ("cpu.memory_limit \"16MB\" =
+// 15.3 MiB of tensor bytes ...", "the GPU's 79.1 GiB, less 1 GiB ...: 74.2 GiB usable").
+std::string describe_plannable_memory(const TrainConfig& config, c10::Device device);
 
 // train.micro_batch_size "auto": the largest divisor of the per-rank batch whose planned peak
 // fits plannable_memory(). The out-of-memory back-off remains the safety net.
