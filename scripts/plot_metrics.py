@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Render a run's metrics.jsonl to a PNG: train/val loss, learning rate, throughput, memory.
+"""Render a run's metrics.jsonl to a PNG: train/val loss, learning rate, throughput, memory
+(the GPU's, or on the CPU the counting allocator's peaks), and for a DPO run its rewards and
+reward accuracies (train and val).
 
   .venv/bin/python scripts/plot_metrics.py runs/NAME/metrics.jsonl [-o out.png]
 """
@@ -36,7 +38,8 @@ def main():
     val = last_per_step("val_loss")
     if not train:
         raise SystemExit(f"{args.metrics}: no training rows")
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    dpo = any("rewards/accuracies" in r for r in train)
+    fig, axes = plt.subplots(3 if dpo else 2, 2, figsize=(11, 10.5 if dpo else 7))
     ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if val:
@@ -59,9 +62,34 @@ def main():
         ax.plot([r["step"] for r in train], [r.get("cuda_peak_reserved_gb", 0) for r in train], label="peak reserved")
         ax.legend()
         ax.set_title("CUDA memory (GB)")
+    elif any("cpu_peak_allocated_gb" in r for r in train):  # a CPU run: the counting allocator's peaks
+        steps = [r["step"] for r in train]
+        ax.plot(steps, [r.get("cpu_peak_allocated_gb", 0) for r in train], label="peak (all phases)")
+        phases = sorted({p for r in train for p in r.get("cpu_peak_by_phase_gb", {})})
+        for p in phases:
+            ax.plot(steps, [r.get("cpu_peak_by_phase_gb", {}).get(p, float("nan")) for r in train], "--", label=p)
+        ax.legend(fontsize=8)
+        ax.set_title("CPU tensor memory (GB), by phase")
     else:
         ax.plot([r["step"] for r in train], [r["grad_norm"] for r in train])
-        ax.set_title("gradient norm (no CUDA memory on this run)")
+        ax.set_title("gradient norm (no memory figures on this run)")
+    if dpo:
+        ax = axes[2][0]
+        steps = [r["step"] for r in train]
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            ax.plot(steps, [r.get(key, float("nan")) for r in train], label=key)
+        for key in ("val_rewards/chosen", "val_rewards/rejected", "val_rewards/margins"):
+            if any(key in r for r in val):
+                ax.plot([r["step"] for r in val], [r.get(key, float("nan")) for r in val], "o--", label=key)
+        ax.legend(fontsize=8)
+        ax.set_title("DPO rewards")
+        ax = axes[2][1]
+        ax.plot(steps, [r.get("rewards/accuracies", float("nan")) for r in train], label="train")
+        if any("val_rewards/accuracies" in r for r in val):
+            ax.plot([r["step"] for r in val], [r["val_rewards/accuracies"] for r in val], "o-", label="val")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        ax.set_title("DPO reward accuracy")
     for a in axes.flat:
         a.set_xlabel("step")
         a.grid(alpha=0.3)

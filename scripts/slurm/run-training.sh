@@ -12,6 +12,10 @@
 # A requeued job starts this script again; checkpoint.resume "auto" continues at the exact
 # next sample. GPT2FT_MAX_REQUEUES (default 20) bounds the loop.
 set -uo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the comment above is the help
+  sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 root="${GPT2FT_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}}"
 bin="${GPT2FT_BIN:-$root/build/gpt2-finetune}"
 config="${1:?usage: run-training.sh CONFIG [--set key=value ...]}"

@@ -27,8 +27,8 @@ void add_eval_command(CLI::App& app, Runner& run) {
   cmd->add_option("--model", args->model, "Hugging Face model folder")->required();
   cmd->add_option("--adapter", args->adapter, "A LoRA adapter folder (PEFT's format) to put on the model");
   cmd->add_option("--data", args->data, "Glob of token shards, e.g. 'data/val_*.bin'")->required();
-  cmd->add_option("--seq-len", args->options.seq_len, "Tokens predicted per window (T)")
-      ->capture_default_str()
+  args->options.seq_len = 0;  // the model's n_positions unless given
+  cmd->add_option("--seq-len", args->options.seq_len, "Tokens predicted per window (T); default: the model's n_positions")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   cmd->add_option("--batch-size", args->options.batch_size, "Windows per forward pass")
       ->capture_default_str()
@@ -53,6 +53,7 @@ void add_eval_command(CLI::App& app, Runner& run) {
       const c10::Device device = open_device(args->device);
       GPT2 model = load_model_folder(args->model, device);
       if (!args->adapter.empty()) attach_adapter_folder(model, args->adapter);
+      if (args->options.seq_len == 0) args->options.seq_len = model->config().n_positions;
       if (const auto chat = shard_chat(shards); chat && chat->vocab_size() > model->config().vocab_size) {
         throw Error("--data: the shards' chat template (" + chat->template_name + ") added the tokens " +
                     nlohmann::json(chat->added_tokens).dump() + " after the vocabulary, which " + args->model +

@@ -169,7 +169,8 @@ std::unique_ptr<Tokenizer> tokenizer_for(const fs::path& path, const TokenizeOpt
 }
 
 void log_summary(const TokenizeOptions& o, const TokenizeSummary& s) {
-  const char* unit = is_chat(o) ? "conversations" : is_preference(o) ? "preference examples" : is_pairs(o) ? "pairs" : "documents";
+  // Conversational preference data is chat and preference both: it counts preference pairs.
+  const char* unit = is_preference(o) ? "preference pairs" : is_chat(o) ? "conversations" : is_pairs(o) ? "pairs" : "documents";
   spdlog::info("{} {}, {} tokens in {} train shard(s); {} {}, {} tokens in {} val shard(s); "
                "{:.1f} MB in {:.1f}s ({:.1f} MB/s)",
                s.documents[0], unit, s.tokens[0], s.shards[0].size(), s.documents[1], unit, s.tokens[1],

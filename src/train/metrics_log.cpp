@@ -85,8 +85,13 @@ void MetricsLog::record_step(nlohmann::json row) {
   if (row.contains("loss_scale")) {
     extra += fmt::format(" | scale {:g} skipped {}", row["loss_scale"].get<double>(), row["skipped_steps"].get<int64_t>());
   }
-  spdlog::info("step {:>6}/{} | loss {:.4f} | lr {:.3e} | norm {:.3f} | {:.0f} tok/s | {:.0f} ms{}",
-               row["step"].get<int64_t>(), max_steps_, last_loss_, row["lr"].get<double>(),
+  // DPO: TRL's reward accuracy and margin beside the loss.
+  const std::string dpo = row.contains("rewards/accuracies")
+                              ? fmt::format(" | reward accuracy {:.3f} margin {:.4f}",
+                                            row["rewards/accuracies"].get<double>(), row["rewards/margins"].get<double>())
+                              : "";
+  spdlog::info("step {:>6}/{} | loss {:.4f}{} | lr {:.3e} | norm {:.3f} | {:.0f} tok/s | {:.0f} ms{}",
+               row["step"].get<int64_t>(), max_steps_, last_loss_, dpo, row["lr"].get<double>(),
                row["grad_norm"].get<double>(), tokens_per_s, row["step_ms"].get<double>(), extra);
 }
 

@@ -2,6 +2,7 @@
 #include "gpt2ft/train/preference_reference.h"
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <map>
 
@@ -17,6 +18,7 @@
 #include "gpt2ft/io/safetensors.h"
 #include "gpt2ft/model/lora.h"
 #include "gpt2ft/train/run_fingerprint.h"
+#include "gpt2ft/train/stop_signals.h"
 
 namespace gpt2ft {
 namespace fs = std::filesystem;
@@ -175,8 +177,8 @@ class PrecomputedReference final : public PreferenceReference {
       return;
     }
     const auto started = std::chrono::steady_clock::now();
-    train_ = score(cfg, *train, train->size(), per_pass, policy, amp, comm, device);
-    if (val) val_ = score(cfg, *val, val_rows, per_pass, policy, amp, comm, device);
+    train_ = score(cfg, *train, "training", train->size(), per_pass, policy, amp, comm, device);
+    if (val) val_ = score(cfg, *val, "validation", val_rows, per_pass, policy, amp, comm, device);
     unsaved_key_ = key_text;
     spdlog::info("DPO reference: the initial model scored {} training and {} validation examples in {:.1f} s "
                  "(eval mode, under the run's autocast); kept in {} for resumes",
@@ -229,15 +231,37 @@ class PrecomputedReference final : public PreferenceReference {
   }
 
   // (S, 2) log-prob sums of the first S examples of `samples`, rank r scoring examples r, r+W, ...
-  static torch::Tensor score(const TrainConfig& cfg, const Samples& samples, int64_t S, int64_t per_pass,
-                             GPT2& policy, c10::ScalarType amp, Communicator& comm, c10::Device device) {
+  // `label`: "training" or "validation", for the progress lines.
+  static torch::Tensor score(const TrainConfig& cfg, const Samples& samples, const char* label, int64_t S,
+                             int64_t per_pass, GPT2& policy, c10::ScalarType amp, Communicator& comm,
+                             c10::Device device) {
     std::vector<int64_t> mine;
     for (int64_t i = comm.rank(); i < S; i += comm.world_size()) mine.push_back(i);
     torch::Tensor table = torch::zeros({S, 2}, torch::TensorOptions().device(device));
     if (!mine.empty()) {
       AutocastGuard autocast(device.type(), amp);
+      // Progress every 10 s, and a stop signal honoured between passes (nothing is trained yet:
+      // nothing to save; the next start scores again).
+      const auto started = std::chrono::steady_clock::now();
+      auto last_report = started;
+      int64_t done = 0;
       const torch::Tensor scores = score_in_passes(samples, mine, per_pass, device, [&](const Batch& b) {
-        return reference_row_logprobs(policy, b, cfg.train.chunked_loss);
+        if (const int signum = StopSignals::requested()) {
+          throw ExitRequest(kExitStopped, std::string("stopped by signal ") + strsignal(signum) + " while scoring the "
+                                              "DPO reference (dpo.reference \"precomputed\"), before any step: nothing "
+                                              "to save. Run again to start over");
+        }
+        torch::Tensor out = reference_row_logprobs(policy, b, cfg.train.chunked_loss);
+        done += static_cast<int64_t>(b.samples.size());
+        const auto now = std::chrono::steady_clock::now();
+        if (now - last_report > std::chrono::seconds(10)) {
+          const double s = std::chrono::duration<double>(now - started).count();
+          spdlog::info("DPO reference: scored {} of {} {} examples ({:.0f} a second, about {:.0f} s left)", done,
+                       mine.size(), label, done / s,
+                       static_cast<double>(static_cast<int64_t>(mine.size()) - done) / std::max(done / s, 1e-9));
+          last_report = now;
+        }
+        return out;
       });  // (2n)
       table.index_copy_(0, torch::tensor(mine, torch::kLong).to(device), scores.view({-1, 2}));
     }

@@ -276,6 +276,7 @@ class Trainer {
   void start_every_rank_alike();
   std::unique_ptr<DataLoader> make_loader() const;
   int64_t steps_to_run() const;
+  void warn_if_the_schedule_moved() const;
   int64_t rows_per_sample() const { return loader_->holds_pairs() ? 2 : 1; }
   void log_run();
 
@@ -339,7 +340,10 @@ Trainer::Trainer(const TrainConfig& cfg, const RunEnd& end)
   }
   if (comm_.is_main()) lock_.emplace(cfg_.output_dir, "output_dir");  // one run per folder
   fs::create_directories(cfg_.output_dir);
-  spdlog::info("resolved config:\n{}", cfg_.to_json().dump(2));
+  // The whole resolved config goes to train_config.json (and --print-config prints it): the log
+  // names what matters and where the rest is.
+  spdlog::info("config: output_dir {}; the resolved options (defaults and --set applied) go to train_config.json",
+               cfg_.output_dir);
 
   // Every rank builds the same model from the same seed; rank 0's copy is broadcast anyway.
   torch::manual_seed(static_cast<uint64_t>(cfg_.train.seed));
@@ -353,6 +357,10 @@ Trainer::Trainer(const TrainConfig& cfg, const RunEnd& end)
   }
   if (cfg_.micro_batch_auto()) split_.micro = auto_micro_batch(cfg_, device_, split_);
   amp_ = resolve_amp_dtype(cfg_.amp.dtype, device_);
+  if (amp_ == c10::kHalf && !device_.is_cuda()) {
+    spdlog::warn("amp.dtype \"float16\" on the CPU: it runs, with a loss scale, but slower than float32 (few CPUs "
+                 "compute in float16); \"bfloat16\" is the CPU's 16-bit autocast (no loss scale needed)");
+  }
   if (cfg_.lora() && cfg_.model.lora.base_dtype != "float32" && amp_ == c10::kFloat) {
     throw Error("model.lora.base_dtype \"" + cfg_.model.lora.base_dtype + "\" computes in 16 bits and needs autocast: "
                 "set amp.dtype to \"bfloat16\" or \"float16\" (on the CPU \"auto\" means none)");
@@ -380,6 +388,7 @@ Trainer::Trainer(const TrainConfig& cfg, const RunEnd& end)
   stop_if_requested("opening the data");
   max_steps_ = steps_to_run();
   schedule_ = {cfg_.train.lr_schedule, cfg_.train.lr, cfg_.train.min_lr, cfg_.train.warmup_steps, max_steps_};
+  warn_if_the_schedule_moved();
   reducer_ = std::make_unique<GradReducer>(comm_, params_, static_cast<int64_t>(cfg_.distributed.bucket_mb * (1 << 20)));
   validation_ = std::make_unique<Validation>(cfg_, split_.micro, amp_, comm_, device_, reference_.get());
   MetricsLog::Rates rates;
@@ -459,6 +468,31 @@ std::unique_ptr<DataLoader> Trainer::make_loader() const {
 int64_t Trainer::steps_to_run() const {
   if (cfg_.train.max_steps > 0) return cfg_.train.max_steps;
   return static_cast<int64_t>(std::ceil(cfg_.train.epochs * loader_->samples_per_epoch() / split_.global));
+}
+
+// A resume whose max_steps (or epochs) differs from the checkpoint's run moves the learning
+// rate schedule, which ends at the run's last step: said, with the rate before and after.
+void Trainer::warn_if_the_schedule_moved() const {
+  if (state_.source.empty()) return;
+  try {
+    const nlohmann::json meta = read_json_file((state_.source / "trainer_state.json").string());
+    const nlohmann::json& train = meta.at("config").at("train");
+    const int64_t saved_max = train.value("max_steps", int64_t{0});
+    const double saved_epochs = train.value("epochs", 0.0);
+    const int64_t was = saved_max > 0 ? saved_max
+                                      : static_cast<int64_t>(std::ceil(saved_epochs * loader_->samples_per_epoch() /
+                                                                       static_cast<double>(split_.global)));
+    if (was <= 0 || was == max_steps_) return;
+    LrSchedule before = schedule_;
+    before.max_steps = was;
+    spdlog::warn("the run's length changed on resume: {} steps, the checkpoint's run {} ({}); the {} learning rate "
+                 "schedule now ends at step {}: at step {} it is {:.3e} (it would have been {:.3e})",
+                 max_steps_, was, saved_max > 0 || cfg_.train.max_steps > 0 ? "train.max_steps" : "train.epochs",
+                 cfg_.train.lr_schedule, max_steps_, state_.step + 1, schedule_.at(state_.step),
+                 before.at(state_.step));
+  } catch (const std::exception&) {
+    // an older checkpoint without its config: nothing to compare
+  }
 }
 
 void Trainer::log_run() {
@@ -1004,8 +1038,9 @@ TrainSummary Trainer::finish() {
                        there ? " in " + folder.string()
                              : cfg_.checkpoint.keep_best ? " (its folder best/ is missing or of another step)" : "");
   }
-  spdlog::info("done: {} steps in {:.1f}s{}; {}{}{}; {}", summary_.steps, summary_.seconds,
-               early_stopped_ ? " (stopped early)" : "", trained,
+  spdlog::info("done: the run is at step {} of {}{} ({} trained in this invocation, {:.1f}s); {}{}{}; {}", summary_.steps,
+               max_steps_, early_stopped_ ? " (stopped early)" : "", summary_.steps - first_step_, summary_.seconds,
+               trained,
                summary_.val_loss ? fmt::format("; val loss {:.4f}", *summary_.val_loss) : "", best,
                end_.save_final_model ? "model saved to " + summary_.final_model.string() : "no model saved");
   return summary_;

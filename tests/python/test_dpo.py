@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from test_instruction import WORDS, make_pairs, run, train_patched, train_splits
 
 BIN = os.environ.get("GPT2FT_BIN", "")
 T = 64
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = os.environ.get("GPT2FT_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared"))
 
 
@@ -286,6 +288,13 @@ class DpoTest(WorkDirTest):
             self.assertLess(abs(row["loss"] - np.log(2)), 1e-6, kind)
             self.assertLess(abs(row["rewards/chosen"]), 1e-6, kind)
             self.assertLess(abs(row["rewards/rejected"]), 1e-6, kind)
+        # The metrics plot of a DPO run adds its rewards and accuracies (a third row of panels).
+        import matplotlib.image
+        png = os.path.join(self.tmp, "dpo_metrics.png")
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_metrics.py"),
+                            os.path.join(out, "metrics.jsonl"), "-o", png], capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        self.assertEqual(matplotlib.image.imread(png).shape[0], 1050)  # 3 rows of panels, 100 dpi
 
     def test_every_split_of_the_global_batch_and_two_ranks_give_the_same_update(self):
         # eps 1: AdamW's update is then about lr * m, so the weights show the gradients' differences

@@ -258,6 +258,42 @@ class OomAdviceTest(WorkDirTest):
         self.assertTrue(refused, "no address-space limit reached an allocation (libraries need more here?)")
 
 
+    def test_a_newcomers_rough_edges(self):
+        """The start logs a summary, not ~110 lines of JSON; a resume with a new max_steps says how
+        the learning rate moved; the last line gives the run's step and this invocation's share;
+        float16 on the CPU warns and names bfloat16; eval's window defaults to the model's
+        n_positions (64 here, not 1024); the Slurm scripts have --help."""
+        path, out = self.checkpointed("edges")
+        r = self.run_cmd([BIN, "--config", path, "--set", "train.max_steps=10", "--set", "train.lr_schedule=cosine"])
+        before_first_step = r.stderr.split("step      3/")[0]
+        print(f"[edges] {len(before_first_step.splitlines())} log lines before the first step")
+        self.assertLess(len(before_first_step.splitlines()), 15)
+        self.assertNotIn('"micro_batch_size"', r.stderr)
+        self.assertTrue(os.path.exists(os.path.join(out, "train_config.json")))
+        moved = [line for line in r.stderr.splitlines() if "the run's length changed on resume" in line]
+        self.assertEqual(len(moved), 1, r.stderr[-2000:])
+        print(f"[edges] {moved[0][moved[0].find('the run'):]}")
+        self.assertIn("10 steps, the checkpoint's run 6 (train.max_steps)", moved[0])
+        done = [line for line in r.stderr.splitlines() if "done:" in line][-1]
+        print(f"[edges] {done[done.find('done'):]}")
+        self.assertIn("the run is at step 10 of 10 (8 trained in this invocation", done)
+        r = self.run_cmd([BIN, "--config", path, "--set", f"output_dir={out}_fp16", "--set", "amp.dtype=float16",
+                          "--set", "train.max_steps=1"])
+        self.assertIn('amp.dtype "float16" on the CPU', r.stderr)
+        self.assertIn('"bfloat16" is the CPU\'s 16-bit autocast', r.stderr)
+        r = self.run_cmd([BIN, "eval", "--model", os.path.join(out, "final"), "--data",
+                          os.path.join(self.tmp, "train_*.bin"), "--json"])
+        self.assertGreater(json.loads(r.stdout.strip().splitlines()[-1])["tokens"], 0)
+        # The Slurm scripts answer --help with their usage (not "... is not the checkout").
+        slurm = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "scripts", "slurm")
+        for script, expect in (("run-training.sh", "run-training.sh CONFIG"),
+                               ("train-1node.sbatch", "sbatch scripts/slurm/train-1node.sbatch"),
+                               ("train-multinode.sbatch", "sbatch scripts/slurm/train-multinode.sbatch")):
+            r = self.run_cmd(["bash", os.path.join(slurm, script), "--help"])
+            self.assertIn(expect, r.stdout, script)
+
+
 if __name__ == "__main__":
     import unittest
     unittest.main()
