@@ -86,7 +86,8 @@ EvalResult evaluate(GPT2& model, const std::vector<std::filesystem::path>& shard
   if (samples.packing() == Packing::kPairs) {
     throw Error(options.what + ": " + describe_files(shards) + " are preference shards (chosen/rejected pairs); this "
                 "evaluation is a language-model loss over documents. Their DPO loss and reward accuracy are what "
-                "train reports for data.val under train.objective \"dpo\"");
+                "`gpt2-finetune eval --reference BASE_MODEL` reports, and train for data.val under train.objective "
+                "\"dpo\"");
   }
   if (samples.size() == 0) {
     throw Error(describe_files(shards) + ": no sample of seq_len+1 = " + std::to_string(T + 1) +

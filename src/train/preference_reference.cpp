@@ -17,6 +17,7 @@
 #include "gpt2ft/data/shard.h"
 #include "gpt2ft/io/safetensors.h"
 #include "gpt2ft/model/lora.h"
+#include "gpt2ft/train/objective.h"
 #include "gpt2ft/train/run_fingerprint.h"
 #include "gpt2ft/train/stop_signals.h"
 
@@ -274,7 +275,45 @@ class PrecomputedReference final : public PreferenceReference {
   torch::Tensor train_, val_;  // (S, 2) on the device
 };
 
+// Another model, frozen: its log-probs in eval mode.
+class ModelReference final : public PreferenceReference {
+ public:
+  ModelReference(GPT2 model, bool chunked) : model_(std::move(model)), chunked_(chunked) {
+    for (auto& p : model_->parameters()) p.set_requires_grad(false);
+    model_->eval();
+  }
+  torch::Tensor logps(GPT2&, const Batch& batch, bool) override { return reference_row_logprobs(model_, batch, chunked_); }
+
+ private:
+  GPT2 model_;
+  bool chunked_;
+};
+
 }  // namespace
+
+std::unique_ptr<PreferenceReference> base_reference(bool chunked) { return std::make_unique<BaseReference>(chunked); }
+
+std::unique_ptr<PreferenceReference> model_reference(GPT2 model, bool chunked) {
+  return std::make_unique<ModelReference>(std::move(model), chunked);
+}
+
+torch::Tensor preference_sums(GPT2& policy, PreferenceReference& reference, const Samples& samples,
+                              const std::vector<int64_t>& ids, int64_t& per_pass, const PreferenceLossOptions& options,
+                              bool chunked, c10::ScalarType amp, c10::Device device, bool validation) {
+  torch::NoGradGuard no_grad;
+  AutocastGuard autocast(device.type(), amp);
+  const torch::Tensor scored = score_in_passes(samples, ids, per_pass, device, [&](const Batch& b) {
+    return torch::stack({reference_row_logprobs(policy, b, chunked), reference.logps(policy, b, validation).to(torch::kFloat),
+                         row_target_counts(b)},
+                        1);  // (2n, 3) policy, reference, targets
+  });
+  const PreferenceLoss l = preference_loss_of_rows(scored.select(1, 0), scored.select(1, 1), scored.select(1, 2), options);
+  const double n = static_cast<double>(ids.size());
+  return torch::stack({l.loss.to(torch::kDouble) * n, l.chosen_reward.to(torch::kDouble) * n,
+                       l.rejected_reward.to(torch::kDouble) * n, l.accuracy.to(torch::kDouble) * n,
+                       l.margin.to(torch::kDouble) * n, l.chosen_logp.to(torch::kDouble) * n,
+                       l.rejected_logp.to(torch::kDouble) * n, scored.select(1, 2).sum().to(torch::kDouble)});  // (8)
+}
 
 std::unique_ptr<PreferenceReference> make_preference_reference(const TrainConfig& cfg, GPT2& policy,
                                                                c10::ScalarType amp, Communicator& comm,

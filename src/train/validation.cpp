@@ -57,20 +57,9 @@ EvalResult Validation::run_pairs(GPT2& model) {
   const PreferenceLossOptions loss_options{config_.dpo.loss, config_.dpo.beta, config_.dpo.label_smoothing};
   std::vector<torch::Tensor> sums(8, torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device_)));
   if (!mine.empty()) {
-    torch::NoGradGuard no_grad;
-    AutocastGuard autocast(device_.type(), options_.amp_dtype);
-    const torch::Tensor scored = score_in_passes(*pairs_, mine, per_pass, device_, [&](const Batch& b) {
-      return torch::stack({reference_row_logprobs(model, b, config_.train.chunked_loss),
-                           reference_->logps(model, b, /*validation=*/true).to(torch::kFloat), row_target_counts(b)},
-                          1);  // (2n, 3) policy, reference, targets
-    });
-    const PreferenceLoss l =
-        preference_loss_of_rows(scored.select(1, 0), scored.select(1, 1), scored.select(1, 2), loss_options);
-    const double n = static_cast<double>(mine.size());
-    const torch::Tensor means[] = {l.loss, l.chosen_reward, l.rejected_reward, l.accuracy, l.margin, l.chosen_logp,
-                                   l.rejected_logp};
-    for (size_t i = 0; i < 7; ++i) sums[i] = means[i].to(torch::kDouble) * n;
-    sums[7] = scored.select(1, 2).sum().to(torch::kDouble);
+    const torch::Tensor s = preference_sums(model, *reference_, *pairs_, mine, per_pass, loss_options,
+                                            config_.train.chunked_loss, options_.amp_dtype, device_, /*validation=*/true);
+    for (size_t i = 0; i < sums.size(); ++i) sums[i] = s[static_cast<int64_t>(i)];
   }
   const std::vector<double> total = options_.comm->reduce_device_scalars(sums, HostReduce::sum, "validation");
   EvalResult r;

@@ -296,6 +296,37 @@ class DpoTest(WorkDirTest):
         self.assertEqual(r.returncode, 0, r.stderr[-2000:])
         self.assertEqual(matplotlib.image.imread(png).shape[0], 1050)  # 3 rows of panels, 100 dpi
 
+    def test_eval_of_preference_shards_equals_trl_formulas(self):
+        """`eval` on preference shards: the DPO loss, reward accuracy, margin and log-probs of a
+        trained model against its initial one (--reference), as TRL's formulas give them on
+        transformers' log-probs; without a reference (and no adapter) a clear error."""
+        c = self.config()
+        c["data"]["val"] = ""
+        ref.run_trainer(BIN, c, self.tmp, "eval_pairs")
+        final = os.path.join(self.tmp, "eval_pairs", "final")
+        r = run("eval", "--model", final, "--data", self.val_glob, "--reference", self.model_dir, "--seq-len", T,
+                "--json")
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        init = GPT2LMHeadModel.from_pretrained(self.model_dir).float().eval()
+        trained = GPT2LMHeadModel.from_pretrained(final).float().eval()
+        with torch.no_grad():
+            pol, _ = self.logps(trained, self.val_rows)
+            refl, _ = self.logps(init, self.val_rows)
+        losses, chosen, rejected = trl_dpo_loss(pol[:, 0], pol[:, 1], refl[:, 0], refl[:, 1], "sigmoid", 0.1, 0.0)
+        want = {"dpo_loss": losses.mean().item(), "rewards/accuracies": (chosen > rejected).double().mean().item(),
+                "rewards/margins": (chosen - rejected).mean().item(), "rewards/chosen": chosen.mean().item(),
+                "logps/chosen": pol[:, 0].mean().item(), "logps/rejected": pol[:, 1].mean().item()}
+        print(f"[dpo] eval of {got['pairs']} pairs: " +
+              ", ".join(f"{k} {got[k]:.6f} (transformers + TRL {v:.6f})" for k, v in want.items()))
+        self.assertEqual(got["pairs"], len(self.val_rows))
+        for k, v in want.items():
+            self.assertLess(abs(got[k] - v), 1e-4 * max(1.0, abs(v)), k)
+        r = run("eval", "--model", final, "--data", self.val_glob, "--seq-len", T)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("--reference", r.stderr)
+        self.assertNotIn("Traceback", r.stderr)
+
     def test_every_split_of_the_global_batch_and_two_ranks_give_the_same_update(self):
         # eps 1: AdamW's update is then about lr * m, so the weights show the gradients' differences
         # instead of sqrt(v) blowing up the rounding of near-zero gradients to a whole step.

@@ -32,6 +32,7 @@
 #include "gpt2ft/distributed/communicator.h"
 #include "gpt2ft/model/gpt2.h"
 #include "gpt2ft/train/config.h"
+#include "gpt2ft/train/preference_loss.h"
 
 namespace gpt2ft {
 
@@ -56,6 +57,20 @@ class PreferenceReference {
   // once output_dir is known to be this run's, so another run's files are never replaced.
   virtual void save(Communicator&) {}
 };
+
+// "base" on its own: the policy with its adapters off (AdaptersOff), e.g. for `eval --adapter`.
+std::unique_ptr<PreferenceReference> base_reference(bool chunked);
+// Another model as the reference (`eval --reference DIR`): its log-probs, in eval mode.
+std::unique_ptr<PreferenceReference> model_reference(GPT2 model, bool chunked);
+
+// DPO's loss and TRL's metrics over examples `ids` of pair `samples`: `policy` against
+// `reference` (`validation`: the ids are data.val's), without gradients, under autocast `amp`,
+// in passes of at most `per_pass` examples that halve on out of memory. Returns (8) float64 on
+// the device: the sums over the examples of the loss and of preference_metric_names()'s six
+// metrics (rewards, accuracy, margin, log-probs), then the target tokens.
+torch::Tensor preference_sums(GPT2& policy, PreferenceReference& reference, const Samples& samples,
+                              const std::vector<int64_t>& ids, int64_t& per_pass, const PreferenceLossOptions& options,
+                              bool chunked, c10::ScalarType amp, c10::Device device, bool validation);
 
 // The run's reference. "precomputed" scores the data here with `policy` as it is (the initial
 // model: call before a checkpoint's weights are loaded), collectively over the ranks, or reads
