@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -304,8 +305,10 @@ int run_plan(const PlanArgs& args) {
   }
   const MemoryPlanInput input = memory_plan_input(cfg, world);
   const MemoryPlan plan = plan_memory(input);
-  const int64_t micro = cfg.micro_batch_auto() ? std::max<int64_t>(1, plan.largest_micro_batch(budget))
-                                               : cfg.train.micro_batch_size;
+  const int64_t micro = !cfg.micro_batch_auto()  ? cfg.train.micro_batch_size
+                        : split.auto_accumulation ? std::clamp<int64_t>(plan.largest_accumulating_micro_batch(budget), 1,
+                                                                        kAutoMicroBatchCap)
+                                                  : std::max<int64_t>(1, plan.largest_micro_batch(budget));
   nlohmann::json out = plan.to_json(budget);
   out["world_size"] = input.world_size;
   out["micro_batch"] = micro;
@@ -314,7 +317,9 @@ int run_plan(const PlanArgs& args) {
   out["budget_source"] = budget_source;
   out["fits"] = budget > 0 && plan.peak(micro) <= budget;
   // Advice when the micro batch does not fit (for "auto": when fewer than 4 would).
-  const int64_t wanted = cfg.micro_batch_auto() ? std::min<int64_t>(4, split.per_rank()) : micro;
+  const int64_t wanted = !cfg.micro_batch_auto()  ? micro
+                         : split.auto_accumulation ? 1
+                                                   : std::min<int64_t>(4, split.per_rank());
   std::optional<MemoryAdvice> advice;
   if (budget > 0 && plan.largest_micro_batch(budget) < wanted) {
     advice = memory_levers(cfg, world, wanted, budget);

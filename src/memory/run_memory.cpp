@@ -113,6 +113,15 @@ int64_t plannable_of(int64_t device_bytes) {
 int64_t auto_micro_batch(const TrainConfig& cfg, c10::Device device, const BatchSplit& split) {
   const MemoryPlan plan = plan_memory(memory_plan_input(cfg, split.world));
   const int64_t budget = plannable_memory(cfg, device);
+  if (split.auto_accumulation > 0) {  // the global batch follows: the largest that fits, up to the cap
+    const int64_t micro = std::clamp<int64_t>(plan.largest_accumulating_micro_batch(budget), 1, kAutoMicroBatchCap);
+    spdlog::info("train.micro_batch_size \"auto\" with train.gradient_accumulation_steps {}: micro batch {} (the largest "
+                 "that fits {}, at most {}; peak {} predicted), so the global batch is {} x {} x {} rank(s) = {}",
+                 split.auto_accumulation, micro, format_memory(budget), kAutoMicroBatchCap,
+                 format_memory(plan.peak(micro)), micro, split.auto_accumulation, split.world,
+                 micro * split.auto_accumulation * split.world);
+    return micro;
+  }
   const int64_t fits = std::min(plan.largest_micro_batch(budget), split.per_rank());
   const int64_t micro = largest_divisor_at_most(split.per_rank(), fits);
   spdlog::info("train.micro_batch_size \"auto\": the planner predicts {:.2f} GiB fixed + {:.3f} GiB per sequence; "

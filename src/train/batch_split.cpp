@@ -14,6 +14,7 @@ BatchSplit batch_split_of(const TrainConfig& cfg, int64_t world) {
   split.micro = cfg.train.micro_batch_size;  // 0: "auto"
   const int64_t accum = cfg.train.gradient_accumulation_steps > 0 ? cfg.train.gradient_accumulation_steps : 1;
   split.global = cfg.train.global_batch_size > 0 ? cfg.train.global_batch_size : split.micro * accum * world;
+  if (cfg.micro_batch_auto() && cfg.train.global_batch_size == 0) split.auto_accumulation = accum;  // global: later
   if (split.global % world != 0) {
     throw Error("train.global_batch_size (" + std::to_string(split.global) +
                 ") is not divisible by the number of ranks (" + std::to_string(world) + "); choose a multiple of " +

@@ -492,8 +492,10 @@ TrainConfig TrainConfig::parse(const json& j, const std::vector<std::string>& ov
   }
   if (!c.cuda.memory_limit.empty()) parse_memory_size(c.cuda.memory_limit, where + ": cuda.memory_limit");
   if (!c.cpu.memory_limit.empty()) parse_memory_size(c.cpu.memory_limit, where + ": cpu.memory_limit");
-  if (c.micro_batch_auto() && c.train.global_batch_size == 0) {
-    throw Error(where + ": train.micro_batch_size \"auto\" needs train.global_batch_size");
+  if (c.micro_batch_auto() && c.train.global_batch_size == 0 && c.train.gradient_accumulation_steps == 0) {
+    throw Error(where + ": train.micro_batch_size \"auto\" needs train.global_batch_size (the micro batch then divides "
+                        "it), or train.gradient_accumulation_steps (the global batch is then the micro batch it picks "
+                        "x accumulation x ranks, as Hugging Face's)");
   }
   if (c.preference_training() && c.dpo.reference == "base" && !c.lora()) {
     throw Error(where + ": dpo.reference \"base\" is the base model with the LoRA adapters switched off, and this "

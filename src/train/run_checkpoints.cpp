@@ -64,6 +64,14 @@ TrainingState RunCheckpoints::resume(GPT2& model, Optimizer& optimizer, GradScal
     const std::vector<std::string> changed = check_same_run(*from, fingerprint);
     state = load_checkpoint(*from, model, optimizer, scaler, comm_.rank(), static_cast<int>(split.world));
     state.changed_settings = changed;
+    if (split.auto_accumulation > 0 && state.global_batch != split.global) {
+      // "auto" with accumulation: the run's global batch is the one it started with.
+      const int64_t picked = split.micro;
+      split.global = state.global_batch;
+      split.micro = largest_divisor_at_most(split.per_rank(), picked);
+      spdlog::info("train.micro_batch_size \"auto\": the run's global batch is the checkpoint's, {}; micro batch {} "
+                   "(this machine fits {})", split.global, split.micro, picked);
+    }
     if (state.global_batch != split.global) {
       throw Error("checkpoint " + from->string() + " was trained with a global batch of " +
                   std::to_string(state.global_batch) + " sequences but the config asks for " +

@@ -356,6 +356,7 @@ Trainer::Trainer(const TrainConfig& cfg, const RunEnd& end)
     model_->set_activation_checkpointing(every);
   }
   if (cfg_.micro_batch_auto()) split_.micro = auto_micro_batch(cfg_, device_, split_);
+  if (split_.auto_accumulation > 0) split_.global = split_.micro * split_.auto_accumulation * split_.world;
   amp_ = resolve_amp_dtype(cfg_.amp.dtype, device_);
   if (amp_ == c10::kHalf && !device_.is_cuda()) {
     spdlog::warn("amp.dtype \"float16\" on the CPU: it runs, with a loss scale, but slower than float32 (few CPUs "

@@ -284,6 +284,25 @@ class OomAdviceTest(WorkDirTest):
         r = self.run_cmd([BIN, "eval", "--model", os.path.join(out, "final"), "--data",
                           os.path.join(self.tmp, "train_*.bin"), "--json"])
         self.assertGreater(json.loads(r.stdout.strip().splitlines()[-1])["tokens"], 0)
+        # micro_batch_size "auto" with gradient_accumulation_steps, as Hugging Face users write it:
+        # the global batch is the micro batch it picks x 2; a resume on less memory keeps that
+        # global batch with a smaller micro batch.
+        auto = ["--set", "train.micro_batch_size=auto", "--set", "train.global_batch_size=0", "--set",
+                "train.gradient_accumulation_steps=2", "--set", f"output_dir={out}_auto"]
+        r = self.run_cmd([BIN, "--config", path, *auto, "--set", "cpu.memory_limit=40MB"],
+                         env={"GPT2FT_FAULT_CRASH_AFTER_STEP": "2"}, expect=137)
+        m = re.search(r"micro batch (\d+) \(the largest that fits .*so the global batch is \d+ x 2 x 1 rank\(s\) = (\d+)",
+                      r.stderr)
+        self.assertIsNotNone(m, r.stderr[-2000:])
+        micro, global_batch = int(m.group(1)), int(m.group(2))
+        self.assertEqual(global_batch, 2 * micro)
+        r = self.run_cmd([BIN, "--config", path, *auto, "--set", "cpu.memory_limit=30MB"])
+        self.assertIn(f"the run's global batch is the checkpoint's, {global_batch}", r.stderr)
+        split = re.search(r"micro batch \d+ x accumulation \d+ = global batch \d+", r.stderr)
+        self.assertIsNotNone(split, r.stderr[-2000:])
+        self.assertTrue(split.group(0).endswith(f"= global batch {global_batch}"), split.group(0))
+        print(f"[edges] auto with accumulation 2: micro {micro}, global {global_batch}; resumed on less memory: "
+              f"{split.group(0)}")
         # The Slurm scripts answer --help with their usage (not "... is not the checkout").
         slurm = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "scripts", "slurm")

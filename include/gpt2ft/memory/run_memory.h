@@ -32,6 +32,9 @@ std::string describe_plannable_memory(const TrainConfig& config, c10::Device dev
 
 // train.micro_batch_size "auto": the largest divisor of the per-rank batch whose planned peak
 // fits plannable_memory(). The out-of-memory back-off remains the safety net.
+// With gradient_accumulation_steps instead of a global batch (split.auto_accumulation), the
+// largest micro batch that fits, at most kAutoMicroBatchCap: the global batch follows from it.
+inline constexpr int64_t kAutoMicroBatchCap = 64;
 int64_t auto_micro_batch(const TrainConfig& config, c10::Device device, const BatchSplit& split);
 
 // The least activation checkpointing (none, then every N-th block for N = L, L-1, ... 2,

@@ -13,6 +13,10 @@ struct BatchSplit {
   int64_t global = 0;  // sequences per optimizer step, all ranks
   int64_t world = 1;   // data-parallel ranks
   int64_t micro = 0;   // sequences per forward/backward pass on one rank
+  // micro_batch_size "auto" with gradient_accumulation_steps (Hugging Face's way): the global
+  // batch follows the micro batch "auto" picks (micro x accumulation x ranks); a resume takes
+  // the checkpoint's instead.
+  int64_t auto_accumulation = 0;
 
   int64_t per_rank() const { return global / world; }
   int64_t accumulation() const { return per_rank() / micro; }
