@@ -769,6 +769,11 @@ void add_preference_counts(const TokenizeOptions& options, const TokenizeSummary
   m["kind"] = "preference";
   m["fields"] = {{"prompt", options.prompt_field}, {"chosen", options.chosen_field}, {"rejected", options.rejected_field}};
   m["examples"] = {{"train", summary.documents[0]}, {"val", summary.documents[1]}};
+  // Each example is two documents of the shard (prompt + chosen, prompt + rejected; with a
+  // template, two rendered conversations): the counts say what the shards hold.
+  const nlohmann::json documents = {{"train", 2 * summary.documents[0]}, {"val", 2 * summary.documents[1]}};
+  m["documents"] = documents;
+  if (m.contains("conversations")) m["conversations"] = documents;
   m["prompt_tokens"] = {{"train", summary.prompt_tokens[0]}, {"val", summary.prompt_tokens[1]}};
   m["target_tokens"] = {{"train", summary.target_tokens[0]}, {"val", summary.target_tokens[1]}};
   m["max_length"] = options.max_length;

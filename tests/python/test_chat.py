@@ -501,6 +501,7 @@ class ChatTest(WorkDirTest):
         targets the side's assistant mask; DPO trains on them and saves the template's tokenizer."""
         rows, out, manifest = self.preference_shards("prefs")
         self.assertEqual((manifest["kind"], manifest["examples"]["train"]), ("preference", len(rows)))
+        self.assertEqual(manifest["conversations"]["train"], 2 * len(rows))  # two rendered conversations an example
         self.assertEqual(manifest["tokenizer"]["added_tokens"], ["<|im_start|>", "<|im_end|>"])
         docs = documents(out)
         tok = self.reference(manifest)

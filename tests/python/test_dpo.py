@@ -149,6 +149,7 @@ class DpoTest(WorkDirTest):
         with open(os.path.join(os.path.dirname(self.train_glob), "manifest.json")) as f:
             m = json.load(f)
         self.assertEqual((m["kind"], m["examples"]["train"]), ("preference", len(self.rows)))
+        self.assertEqual(m["documents"]["train"], len(starts))  # two documents an example, as the shard holds
         # --max-length: the prompt's beginning goes first (its last token stays), then the continuations' ends.
         long_row = {"prompt": "Q: " + " ".join(WORDS) + "\nA:", "chosen": " alpha beta", "rejected": " gamma"}
         (c_ids, c_lab), (r_ids, _) = self.sides(long_row)
