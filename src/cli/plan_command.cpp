@@ -172,12 +172,16 @@ void print_verdict(const MemoryPlan& plan, int64_t micro, int64_t budget, const 
     return;
   }
   const int64_t peak = plan.peak(micro);
+  std::string need = mem(peak), have = mem(budget);
+  if (need == have) {  // close: enough digits to tell them apart
+    need = fmt::format("{:.3f} GiB", static_cast<double>(peak) / double(int64_t{1} << 30));
+    have = fmt::format("{:.3f} GiB", static_cast<double>(budget) / double(int64_t{1} << 30));
+  }
   if (peak <= budget) {
-    std::printf("fits: %s of %s at micro batch %lld\n", mem(peak).c_str(), mem(budget).c_str(),
-                static_cast<long long>(micro));
+    std::printf("fits: %s of %s at micro batch %lld\n", need.c_str(), have.c_str(), static_cast<long long>(micro));
   } else {
-    std::printf("does not fit: micro batch %lld needs %s of %s\n", static_cast<long long>(micro), mem(peak).c_str(),
-                mem(budget).c_str());
+    std::printf("does not fit: micro batch %lld needs %s of %s\n", static_cast<long long>(micro), need.c_str(),
+                have.c_str());
   }
   std::printf("budget: %s\n\n", budget_source.c_str());
 }
