@@ -417,6 +417,10 @@ Trainer::Trainer(const TrainConfig& cfg, const RunEnd& end)
 // Preference shards train (and validate) under DPO, and only they do: refused before anything
 // is scored, made or written.
 void Trainer::check_data_fits_objective() const {
+  // A damaged or empty first shard is said to be so (its header checked on opening), not taken
+  // for another kind of data.
+  ShardReader(expand_glob(cfg_.data.train, "data.train").front());
+  if (!cfg_.data.val.empty()) ShardReader(expand_glob(cfg_.data.val, "data.val").front());
   const bool pairs = shards_hold_pairs(cfg_.data.train);
   if (pairs != cfg_.preference_training()) {
     throw Error(cfg_.preference_training()

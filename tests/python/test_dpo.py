@@ -468,6 +468,20 @@ class DpoTest(WorkDirTest):
         self.assertIn("preference shard", r.stderr)
         self.assertIn("damaged", r.stderr)
         self.assertNotIn("Traceback", r.stderr)
+        # A garbage or empty file as data.train is said to be damaged, not taken for plain text.
+        for name, raw in (("garbage", bytes(range(256)) * 12), ("empty", b"")):
+            bad_shard = os.path.join(self.tmp, f"{name}_shard", "train_000000.bin")
+            os.makedirs(os.path.dirname(bad_shard), exist_ok=True)
+            with open(bad_shard, "wb") as f:
+                f.write(raw)
+            c = self.config()
+            c["data"]["train"] = bad_shard
+            path, _ = write_config(c, self.tmp, f"{name}_run")
+            r = subprocess.run([BIN, "--config", path], capture_output=True, text=True, timeout=600)
+            self.assertEqual(r.returncode, 1, r.stderr[-2000:])
+            self.assertIn(bad_shard, r.stderr)
+            self.assertIn("not a token shard", r.stderr)
+            self.assertNotIn("holds plain text", r.stderr)
         # Preference shards without "dpo", and "base" without LoRA.
         c = self.config()
         del c["train"]["objective"]
