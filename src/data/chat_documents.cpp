@@ -33,8 +33,9 @@ void read_messages(nlohmann::json& list, const std::string& what, const Conversa
     if (role == "human") role = "user";  // ShareGPT's names
     if (role == "gpt") role = "assistant";
     if (role != "system" && role != "user" && role != "assistant") {
-      throw Error(at + ": the role \"" + m[f.role].get<std::string>() + "\" is not one of system, user, assistant " +
-                  "(ShareGPT's human and gpt are read as user and assistant)");
+      // Echoed as JSON (a newline as \n): the error stays one line.
+      throw Error(at + ": the role " + m[f.role].dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) +
+                  " is not one of system, user, assistant (ShareGPT's human and gpt are read as user and assistant)");
     }
     if (!m.contains(f.content)) throw Error(at + ": no \"" + f.content + "\" field; name it with --content-field");
     if (!m[f.content].is_string()) {

@@ -377,6 +377,9 @@ class ChatTest(WorkDirTest):
                            "messages[0]: no \"content\" field"),
             "content_list": ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": '
                              '[{"type": "text", "text": "y"}]}]}', "messages[1]: \"content\" is array"),
+            # A role with a newline is echoed escaped: the error stays one line.
+            "role_newline": ('{"messages": [{"role": "us\\ner", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+                             "messages[0]: the role \"us\\ner\" is not one of"),
             "empty": ('{"messages": []}', "empty conversation"),
             "no_assistant": ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message"),
             "no_list": ('{"text": "hello"}', "expected an object with a \"messages\" list"),
@@ -393,7 +396,7 @@ class ChatTest(WorkDirTest):
                 self.assertEqual(r.returncode, 1, r.stderr)
                 self.assertIn(path + ":2", r.stderr)
                 self.assertIn(expected, r.stderr)
-                self.assertIn("--skip-bad-lines", r.stderr)
+                self.assertIn("--skip-bad-lines", r.stderr.strip().splitlines()[-1])  # one line, the hint included
                 self.assertFalse(os.path.exists(out))
         lines = [good] + [line for line, _ in cases.values()] + [good]
         path = write_jsonl(self.path("mixed.jsonl"), lines)
