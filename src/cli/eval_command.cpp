@@ -35,12 +35,8 @@ int evaluate_pairs(const Args& args, GPT2& model, const std::vector<std::filesys
                 "--reference BASE_MODEL_FOLDER (the model the DPO run started from), or --adapter for a LoRA run "
                 "(the base alone is then the reference)");
   }
-  SampleOptions so;
-  so.seq_len = args.options.seq_len;
-  so.too_long = args.options.too_long;
-  so.vocab_size = model->config().vocab_size;
-  so.what = "--data";
-  const Samples samples(shards, so);
+  const auto pairs = pair_samples(shards, args.options.seq_len, args.options.too_long, model->config().vocab_size, "--data");
+  const Samples& samples = *pairs;
   const int64_t n = args.options.max_sequences > 0 ? std::min(samples.size(), args.options.max_sequences) : samples.size();
   std::vector<int64_t> ids(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) ids[static_cast<size_t>(i)] = i;

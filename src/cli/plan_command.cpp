@@ -71,38 +71,11 @@ std::string last_line_of(const fs::path& file) {
   return last;
 }
 
-// Three real training steps at `micro` on the config's device, in a child process (this
-// executable's `train`, its log kept apart from plan's report): the peak memory they used (on
-// CUDA the caching allocator's, on the CPU the counting allocator's, with each phase's peak).
-// On the CPU without cpu.memory_limit a predicted peak beyond the machine's available memory
-// is refused: measuring it would take the machine down. SIGTERM or SIGINT ends the child at
-// once; the scratch folder goes on every path.
-nlohmann::json measure_peak(const TrainConfig& cfg, int64_t micro, int64_t predicted) {
-  const c10::Device device = parse_device(cfg.device, "device");
-  if (!device.is_cuda() && cfg.cpu.memory_limit.empty()) {
-    const int64_t available = host_available_bytes();
-    if (available > 0 && predicted > available) {
-      throw Error("plan --measure: the predicted peak at micro batch " + std::to_string(micro) + " is " +
-                  format_memory(predicted) + ", more than this machine's available memory (" +
-                  format_memory(available) + "); measuring it would take the machine down. Measure a micro batch "
-                  "that fits (--set train.micro_batch_size=N), or under a cap (--set cpu.memory_limit=" +
-                  fmt::format("{}MiB", available / 2 >> 20) + "), where running out ends in an error, not a crash");
-    }
-  }
-  const ScratchFolder dir(fs::temp_directory_path() / ("gpt2ft-plan-" + std::to_string(::getpid())));
-  TrainConfig m = TrainConfig::parse(
-      cfg.to_json(), {"train.max_steps=3", "train.micro_batch_size=" + std::to_string(micro), "checkpoint.resume=none",
-                      "checkpoint.at_end=false", "data.val=", "checkpoint.keep_best=false",
-                      "eval.early_stopping_patience=0", "log.every_steps=1", "log.progress=lines",
-                      "output_dir=" + (dir.path / "run").string()});
-  m.train.epochs = 0;
-  const fs::path config = dir.path / "run.json", log = dir.path / "train.log";
-  {
-    std::ofstream out(config);
-    out << m.to_json().dump(2) << "\n";
-  }
-  const std::string exe = fs::read_symlink("/proc/self/exe").string();
-  std::vector<std::string> argv_text = {exe, "train", "--config", config.string(), "--no-final-model"};
+// Runs argv_text (this executable's `train`) with its output in `log`, waiting for it; a
+// SIGTERM or SIGINT meanwhile kills it at once and ends plan with exit 76. A failed run is an
+// Error carrying its last log line.
+void run_measuring_child(std::vector<std::string> argv_text, const fs::path& log, int64_t micro) {
+  const std::string& exe = argv_text.front();
   std::vector<char*> argv;
   for (auto& a : argv_text) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -143,7 +116,12 @@ nlohmann::json measure_peak(const TrainConfig& cfg, int64_t micro, int64_t predi
                                    : " by signal " + std::to_string(WTERMSIG(status))) +
                 ": " + last_line_of(log));
   }
-  std::ifstream metrics(dir.path / "run" / "metrics.jsonl");
+}
+
+// The peak memory the measuring run logged last (metrics.jsonl `file`): on CUDA the caching
+// allocator's, on the CPU the counting allocator's with each phase's.
+nlohmann::json measured_peak(const fs::path& file, c10::Device device) {
+  std::ifstream metrics(file);
   std::string line, last;
   while (std::getline(metrics, line)) {
     if (line.find("peak_allocated_gb") != std::string::npos) last = line;
@@ -160,6 +138,42 @@ nlohmann::json measure_peak(const TrainConfig& cfg, int64_t micro, int64_t predi
   return {{"measured_peak_allocated", static_cast<int64_t>(row["cuda_peak_allocated_gb"].get<double>() * 1e9)},
           {"measured_peak_reserved", static_cast<int64_t>(row["cuda_peak_reserved_gb"].get<double>() * 1e9)},
           {"measured_on", "cuda (caching allocator)"}};
+}
+
+// Three real training steps at `micro` on the config's device, in a child process (this
+// executable's `train`, its log kept apart from plan's report): the peak memory they used (on
+// CUDA the caching allocator's, on the CPU the counting allocator's, with each phase's peak).
+// On the CPU without cpu.memory_limit a predicted peak beyond the machine's available memory
+// is refused: measuring it would take the machine down. SIGTERM or SIGINT ends the child at
+// once; the scratch folder goes on every path.
+nlohmann::json measure_peak(const TrainConfig& cfg, int64_t micro, int64_t predicted) {
+  const c10::Device device = parse_device(cfg.device, "device");
+  if (!device.is_cuda() && cfg.cpu.memory_limit.empty()) {
+    const int64_t available = host_available_bytes();
+    if (available > 0 && predicted > available) {
+      throw Error("plan --measure: the predicted peak at micro batch " + std::to_string(micro) + " is " +
+                  format_memory(predicted) + ", more than this machine's available memory (" +
+                  format_memory(available) + "); measuring it would take the machine down. Measure a micro batch "
+                  "that fits (--set train.micro_batch_size=N), or under a cap (--set cpu.memory_limit=" +
+                  fmt::format("{}MiB", available / 2 >> 20) + "), where running out ends in an error, not a crash");
+    }
+  }
+  const ScratchFolder dir(fs::temp_directory_path() / ("gpt2ft-plan-" + std::to_string(::getpid())));
+  TrainConfig m = TrainConfig::parse(
+      cfg.to_json(), {"train.max_steps=3", "train.micro_batch_size=" + std::to_string(micro), "checkpoint.resume=none",
+                      "checkpoint.at_end=false", "data.val=", "checkpoint.keep_best=false",
+                      "eval.early_stopping_patience=0", "log.every_steps=1", "log.progress=lines",
+                      "output_dir=" + (dir.path / "run").string()});
+  m.train.epochs = 0;
+  const fs::path config = dir.path / "run.json", log = dir.path / "train.log";
+  {
+    std::ofstream out(config);
+    out << m.to_json().dump(2) << "\n";
+  }
+  run_measuring_child({fs::read_symlink("/proc/self/exe").string(), "train", "--config", config.string(),
+                       "--no-final-model"},
+                      log, micro);
+  return measured_peak(dir.path / "run" / "metrics.jsonl", device);
 }
 
 std::string mem(int64_t bytes) { return format_memory(bytes); }
@@ -264,15 +278,10 @@ void print_advice(const MemoryAdvice& advice) {
                 l.cost.c_str());
   }
   const MemoryLever& c = advice.combined;
-  const auto sets = [](const std::vector<std::string>& settings) {
-    std::string out;
-    for (const auto& s : settings) out += " --set " + s;
-    return out;
-  };
-  std::string how = c.settings.empty() ? "" : "  resumes a run's checkpoint:" + sets(c.settings) + "\n";
+  std::string how = c.settings.empty() ? "" : "  resumes a run's checkpoint:" + set_flags(c.settings) + "\n";
   if (!c.new_run_settings.empty()) {
     how += "  a new run (other samples or another trained set; from a checkpoint's weights with --set "
-           "model.init_from=CHECKPOINT in another output_dir):" + sets(c.new_run_settings) + "\n";
+           "model.init_from=CHECKPOINT in another output_dir):" + set_flags(c.new_run_settings) + "\n";
   }
   if (c.world_size > 1) how += "  on " + std::to_string(c.world_size) + " GPUs\n";
   std::printf("recommended%s: %s\n  peak %s at micro batch %lld, largest micro batch %lld\n%s",

@@ -224,6 +224,12 @@ std::string format_memory(int64_t bytes) {
   return fmt::format("{:.1f} GiB", b / double(int64_t{1} << 30));
 }
 
+std::string set_flags(const std::vector<std::string>& settings) {
+  std::string out;
+  for (const auto& s : settings) out += " --set " + s;
+  return out;
+}
+
 std::vector<std::string> all_settings(const MemoryLever& lever) {
   std::vector<std::string> out = lever.settings;
   out.insert(out.end(), lever.new_run_settings.begin(), lever.new_run_settings.end());

@@ -24,6 +24,16 @@
 namespace gpt2ft {
 namespace fs = std::filesystem;
 
+std::unique_ptr<Samples> pair_samples(const std::vector<fs::path>& shards, int64_t seq_len, const std::string& too_long,
+                                      int64_t vocab_size, const std::string& what) {
+  SampleOptions so;
+  so.seq_len = seq_len;
+  so.too_long = too_long;
+  so.vocab_size = vocab_size;
+  so.what = what;
+  return std::make_unique<Samples>(shards, so);
+}
+
 Batch pair_batch(const Samples& samples, const std::vector<int64_t>& ids, c10::Device device) {
   const int64_t n = static_cast<int64_t>(ids.size()), T = samples.seq_len();
   torch::Tensor host = torch::empty({2 * n, 2, T}, torch::kLong);  // (2n, x|y, T)
@@ -143,12 +153,7 @@ class CopyReference final : public PreferenceReference {
 // The pair samples of a preference glob (the trainer checked their kind at its start).
 std::unique_ptr<Samples> open_pairs(const TrainConfig& cfg, const std::string& pattern, const std::string& what,
                                     int64_t vocab_size) {
-  SampleOptions so;
-  so.seq_len = cfg.data.seq_len;
-  so.too_long = cfg.data.too_long;
-  so.vocab_size = vocab_size;
-  so.what = what;
-  return std::make_unique<Samples>(expand_glob(pattern, what), so);
+  return pair_samples(expand_glob(pattern, what), cfg.data.seq_len, cfg.data.too_long, vocab_size, what);
 }
 
 // "precomputed": tables of the initial model's log-probs, by example. A table is reused only

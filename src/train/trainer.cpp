@@ -701,26 +701,21 @@ std::string Trainer::fit_advice(const fs::path& saved, int64_t step) const {
   try {
     const MemoryAdvice advice = memory_levers(cfg_, split_.world, split_.micro, plannable_memory(cfg_, device_));
     const MemoryLever& c = advice.combined;
-    const auto sets = [](const std::vector<std::string>& settings) {
-      std::string out;
-      for (const auto& s : settings) out += " --set " + s;
-      return out;
-    };
     const std::string gpus = c.world_size > split_.world ? fmt::format(" on {} GPUs", c.world_size) : "";
     std::string text = fmt::format("plan's advice for {}: {} (predicted peak {} at micro batch {}{})",
                                    format_memory(advice.budget), c.name, format_memory(c.peak), advice.micro_batch,
                                    advice.combined_fits ? "" : "; even that does not fit");
     if (c.new_run_settings.empty()) {
-      return text + ". Run the same command again" + gpus + " with" + sets(c.settings) +
+      return text + ". Run the same command again" + gpus + " with" + set_flags(c.settings) +
              ": it resumes from the checkpoint at the next sample, with the same global batch";
     }
     // A new run from the checkpoint's weights: the model folder, or with LoRA its adapter.
     const std::string init = (cfg_.lora() ? "model.lora.init_from=" : "model.init_from=") + saved.string();
     const std::string folder = fmt::format("{}-from-step-{}", fs::path(cfg_.output_dir).lexically_normal().string(), step);
-    return text + ". Part of it makes another run (" + sets(c.new_run_settings).substr(1) +
+    return text + ". Part of it makes another run (" + set_flags(c.new_run_settings).substr(1) +
            " changes the samples or what trains), which cannot continue this checkpoint: start a new run from its "
            "weights in another output_dir, with the same command" + gpus + " and --set " + init + " --set output_dir=" +
-           folder + sets(c.settings) + sets(c.new_run_settings);
+           folder + set_flags(c.settings) + set_flags(c.new_run_settings);
   } catch (const std::exception&) {
     return "";  // the advice is a courtesy: the exit and its message stand without it
   }

@@ -41,13 +41,8 @@ std::optional<EvalResult> Validation::run(GPT2& model) {
 // The DPO loss and TRL's metrics over data.val's first eval.max_sequences pairs (all by
 // default), rank r scoring pairs r, r+W, ... in passes that halve on out of memory.
 EvalResult Validation::run_pairs(GPT2& model) {
-  if (!pairs_) {
-    SampleOptions so;
-    so.seq_len = options_.seq_len;
-    so.too_long = options_.too_long;
-    so.vocab_size = model->config().vocab_size;
-    so.what = "data.val";
-    pairs_ = std::make_unique<Samples>(shards_, so);  // preference shards: the trainer checked
+  if (!pairs_) {  // preference shards: the trainer checked
+    pairs_ = pair_samples(shards_, options_.seq_len, options_.too_long, model->config().vocab_size, "data.val");
   }
   const int64_t N = options_.max_sequences > 0 ? std::min(pairs_->size(), options_.max_sequences) : pairs_->size();
   std::vector<int64_t> mine;

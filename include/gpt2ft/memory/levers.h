@@ -52,6 +52,9 @@ std::string format_memory(int64_t bytes);
 // Whether the lever reaches `micro` (or its own smaller micro batch) in the budget.
 bool lever_fits(const MemoryLever& lever, int64_t micro);
 
+// " --set a --set b": settings as a command line's flags.
+std::string set_flags(const std::vector<std::string>& settings);
+
 // settings, then new_run_settings: everything the lever sets.
 std::vector<std::string> all_settings(const MemoryLever& lever);
 

@@ -36,6 +36,11 @@
 
 namespace gpt2ft {
 
+// The pair samples of preference shards (`what` names them in messages), rows of `seq_len`
+// positions, ids checked against `vocab_size`.
+std::unique_ptr<Samples> pair_samples(const std::vector<std::filesystem::path>& shards, int64_t seq_len,
+                                      const std::string& too_long, int64_t vocab_size, const std::string& what);
+
 // Examples `ids` of pair samples as one batch on `device`: (2n, T) rows, targets and their rows.
 Batch pair_batch(const Samples& samples, const std::vector<int64_t>& ids, c10::Device device);
 
